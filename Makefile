@@ -1,0 +1,36 @@
+# Set-up and the everyday jobs. `make demo` and `make test` create .venv if it is missing.
+#
+# torch is installed first, pinned, so that no resolver pulls a multi-GB CUDA build where a CPU wheel
+# is wanted; an environment that already has torch keeps it (TORCH_SPEC= to skip, or set your own).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+DEMO_OUT ?= demo-out
+
+.PHONY: install test demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# pytest exits 5 when it collected no test: that is neither a pass nor an ordinary failure, and is
+# reported as such (and fails the target, since this project always has tests).
+test: install
+	@$(PY) -m pytest -q $(PYTEST_ARGS); status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests (exit 5) - the suite is missing"; fi; \
+	exit $$status
+
+demo: install
+	$(PY) -m fastdit demo --out $(DEMO_OUT)
+
+bench: install
+	$(PY) benchmarks/bench_train.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

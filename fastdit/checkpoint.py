@@ -1,0 +1,335 @@
+"""Reading and writing model weights in every format fastdit meets.
+
+Formats read by `load_model`:
+* an official DiT release (`DiT-XL-2-256x256.pt`): a plain state dict of EMA weights;
+* an official DiT training checkpoint: `{"model", "ema", "opt", "args"}`;
+* a fastdit training checkpoint (`fastdit.train`): full training state plus the run config;
+* a fastdit export (`.safetensors` of EMA weights, with the model config in its metadata);
+* any plain state dict in `.pt`/`.pth`/`.safetensors`.
+
+Every `.pt` is read with `torch.load(weights_only=True)`: no pickled code runs. Keys never carry
+`module.` (DDP) or `_orig_mod.` (torch.compile) prefixes when we write them, and are stripped when we
+read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .hub import OFFICIAL_CHECKPOINTS, OFFICIAL_DIT_URL, download
+from .io import atomic_path
+from .models import DiT, DiTConfig, config_from_name, preset_of
+from .models.presets import SIZES
+
+TRAIN_FORMAT = "fastdit.train"
+EXPORT_FORMAT = "fastdit.export"
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class LatentInfo:
+    """Which space a model's inputs live in: "vae" (SD VAE latents, 8x down) or "pixels"."""
+
+    kind: str = "vae"
+    vae: str | None = "mse"
+    scale_factor: float = 0.18215
+
+    @property
+    def downsample(self) -> int:
+        return 8 if self.kind == "vae" else 1
+
+
+@dataclass
+class ModelInfo:
+    config: DiTConfig
+    latent: LatentInfo = field(default_factory=LatentInfo)
+    source: str = ""
+    class_names: list[str] | None = None
+
+    @property
+    def image_size(self) -> int:
+        return self.config.input_size * self.latent.downsample
+
+    def to_dict(self) -> dict:
+        return {
+            "model": asdict(self.config),
+            "latent": asdict(self.latent),
+            "class_names": self.class_names,
+            "preset": preset_of(self.config),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "") -> "ModelInfo":
+        return cls(
+            config=DiTConfig(**data["model"]),
+            latent=LatentInfo(**data.get("latent", {})),
+            source=source,
+            class_names=data.get("class_names"),
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+# ----------------------------------------------------------------------------------------------
+
+
+def strip_wrapper_prefixes(state_dict: dict) -> dict:
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def read_checkpoint(path: str | os.PathLike, use_ema: bool = True) -> tuple[dict, dict | None]:
+    """(state dict of the weights to use, stored fastdit metadata or None); EMA weights by default."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {str(path)!r} does not exist; check the path (or pass an official name such as DiT-XL-2-256x256.pt)")
+    if path.is_dir():
+        raise UserError(f"checkpoint {str(path)!r} is a folder; pass a .pt or .safetensors file")
+    if path.suffix == ".safetensors" or _is_safetensors(path):
+        return _read_safetensors(path)
+    try:
+        # Official training checkpoints pickle their argparse Namespace: allow that one plain class.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - zip, pickle and EOF errors all mean "not a whole checkpoint"
+        raise UserError(
+            f"cannot read checkpoint {str(path)!r}: it is truncated, corrupt or not a PyTorch checkpoint ({type(err).__name__})"
+        ) from None
+    if not isinstance(data, dict):
+        raise UserError(f"checkpoint {str(path)!r} holds a {type(data).__name__}, not a state dict")
+    metadata = None
+    if data.get("format") == TRAIN_FORMAT:
+        metadata = data.get("model_info")
+        state = data["ema"] if use_ema else data["model"]
+    elif "ema" in data and isinstance(data["ema"], dict):  # official DiT train.py checkpoint
+        state = data["ema"] if use_ema else data["model"]
+    elif "model" in data and isinstance(data["model"], dict) and "pos_embed" not in data:
+        state = data["model"]
+    else:
+        state = data
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"checkpoint {str(path)!r} is not a model state dict (some entries are not tensors)")
+    return strip_wrapper_prefixes(state), metadata
+
+
+def _is_safetensors(path: Path) -> bool:
+    # safetensors: 8-byte little-endian header length, then a JSON header starting with '{'.
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict | None]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        state = load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as handle:
+            raw_meta = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"cannot read {str(path)!r}: truncated or not a safetensors file ({err})") from None
+    metadata = json.loads(raw_meta["model_info"]) if "model_info" in raw_meta else None
+    return strip_wrapper_prefixes(state), metadata
+
+
+def _shape_fields(state_dict: dict) -> dict:
+    """The config fields that weight shapes determine (everything but depth, width and heads)."""
+    try:
+        num_tokens, hidden = state_dict["pos_embed"].shape[1:]
+        proj = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
+        rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
+        final = state_dict["final_layer.linear.weight"].shape[0]
+        mlp_hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
+    except KeyError as err:
+        raise UserError(f"not a DiT state dict: key {err.args[0]!r} is missing") from None
+    patch, in_channels = proj.shape[-1], proj.shape[1]
+    # Without metadata we assume a null-class row is present (official releases: 1001 rows for 1000 classes).
+    return dict(
+        input_size=int(round(num_tokens**0.5)) * patch,
+        patch_size=patch,
+        in_channels=in_channels,
+        num_classes=rows - 1,
+        learn_sigma=final // (patch * patch) == 2 * in_channels,
+        mlp_ratio=mlp_hidden / hidden,
+    )
+
+
+def infer_config(state_dict: dict) -> DiTConfig:
+    """A `DiTConfig` from weight shapes; heads come from the preset with the same depth and width."""
+    fields = _shape_fields(state_dict)
+    hidden = state_dict["pos_embed"].shape[-1]
+    depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
+    heads = next((h for d, w, h in SIZES.values() if d == depth and w == hidden), None)
+    if heads is None:
+        raise UserError(
+            f"cannot tell the number of attention heads of a DiT with depth {depth} and width {hidden}; "
+            f"pass --model with a preset name, or use a checkpoint that records its config"
+        )
+    return DiTConfig(hidden_size=hidden, depth=depth, num_heads=heads, **fields)
+
+
+def describe_mismatch(model: torch.nn.Module, state_dict: dict, limit: int = 6) -> str | None:
+    """A readable list of missing, unexpected and mis-shaped keys, or None if they all match."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in state_dict.items()}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    reshaped = sorted(k for k in set(expected) & set(given) if expected[k] != given[k])
+    if not (missing or unexpected or reshaped):
+        return None
+
+    def show(keys, fmt):
+        text = ", ".join(fmt(k) for k in keys[:limit])
+        return text + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {show(missing, str)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {show(unexpected, str)}")
+    if reshaped:
+        parts.append(f"shape mismatches: {show(reshaped, lambda k: f'{k} {given[k]} vs model {expected[k]}')}")
+    return "; ".join(parts)
+
+
+def load_state_dict_strict(model: DiT, state_dict: dict, source: str) -> None:
+    problem = describe_mismatch(model, state_dict)
+    if problem:
+        summary = ""
+        try:
+            found = _shape_fields(state_dict)
+            depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
+            width = state_dict["pos_embed"].shape[-1]
+            c = model.config
+            summary = (
+                f"the file holds patch {found['patch_size']}, width {width}, depth {depth}; "
+                f"the model has patch {c.patch_size}, width {c.hidden_size}, depth {c.depth}. "
+            )
+        except UserError:
+            pass
+        raise UserError(
+            f"checkpoint {source!r} does not fit this model ({preset_of(model.config) or 'custom DiT'}): {summary}{problem}"
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# the one loader
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_official(name: str) -> Path | None:
+    """Path of an official release file, downloading it on first use; None if `name` is not one."""
+    if Path(name).name not in OFFICIAL_CHECKPOINTS or Path(name).exists():
+        return None
+    filename = Path(name).name
+    return download(
+        OFFICIAL_DIT_URL.format(name=filename), filename, subdir="dit", hint="pass --ckpt PATH to a local copy"
+    )
+
+
+def load_model(
+    source: str | os.PathLike,
+    *,
+    model_name: str | None = None,
+    image_size: int | None = None,
+    num_classes: int | None = None,
+    vae: str | None = None,
+    use_ema: bool = True,
+    device: str | torch.device = "cpu",
+) -> tuple[DiT, ModelInfo]:
+    """A ready (eval-mode) model and what it is, from an official name, a local file or a checkpoint.
+
+    `model_name`, `image_size` and `num_classes` are needed only for plain state dicts whose config
+    the file does not record (they are checked against the weights either way).
+    """
+    source = str(source)
+    official = resolve_official(source)
+    if official is not None:
+        model_name, official_size = OFFICIAL_CHECKPOINTS[Path(source).name]
+        if image_size not in (None, official_size):
+            raise UserError(f"{Path(source).name} is a {official_size}x{official_size} model; use --image-size {official_size}")
+        image_size = official_size
+        num_classes = num_classes or 1000
+        path = official
+    else:
+        path = Path(source)
+    state, metadata = read_checkpoint(path, use_ema=use_ema)
+
+    if metadata is not None:
+        info = ModelInfo.from_dict(metadata, source=source)
+        if model_name is not None:
+            wanted = config_from_name(model_name)  # also rejects unknown names
+            if preset_of(info.config) != preset_of(wanted):
+                raise UserError(
+                    f"checkpoint {source!r} holds a {preset_of(info.config) or 'custom DiT'}, not {model_name}; "
+                    f"drop --model (the checkpoint records its architecture)"
+                )
+    else:
+        latent = LatentInfo(kind="vae", vae=vae or "mse")
+        if model_name is None:
+            config = infer_config(state)
+        else:
+            fields = _shape_fields(state) if "pos_embed" in state else {}
+            fields.pop("patch_size", None)
+            fields.pop("mlp_ratio", None)
+            if image_size is not None:
+                fields["input_size"] = _input_size(image_size, latent)
+            if num_classes is not None:
+                fields["num_classes"] = num_classes
+            config = config_from_name(model_name, **fields)
+        info = ModelInfo(config=config, latent=latent, source=source)
+    if vae is not None and info.latent.kind == "vae":
+        info.latent.vae = vae
+    if image_size is not None and info.image_size != image_size:
+        raise UserError(
+            f"checkpoint {source!r} was trained at image size {info.image_size}; use --image-size {info.image_size}"
+        )
+    if num_classes is not None and num_classes != info.config.num_classes:
+        raise UserError(
+            f"checkpoint {source!r} has {info.config.num_classes} classes, not {num_classes}; "
+            f"use --num-classes {info.config.num_classes}"
+        )
+    model = DiT(info.config)
+    load_state_dict_strict(model, state, source)
+    return model.to(device).eval(), info
+
+
+def _input_size(image_size: int, latent: LatentInfo) -> int:
+    if image_size % latent.downsample:
+        raise UserError(
+            f"image size {image_size} is not divisible by {latent.downsample} (the VAE's downsampling); "
+            f"use a multiple of {latent.downsample}"
+        )
+    return image_size // latent.downsample
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------------
+
+
+def export_weights(model_or_state, info: ModelInfo, path: str | os.PathLike) -> Path:
+    """Write EMA (or any) weights as `.safetensors` with the model config in the metadata, atomically."""
+    from safetensors.torch import save_file
+
+    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
+    state = {k: v.detach().to("cpu").contiguous() for k, v in strip_wrapper_prefixes(state).items()}
+    metadata = {"format": EXPORT_FORMAT, "model_info": json.dumps(info.to_dict())}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+    return path

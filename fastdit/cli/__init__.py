@@ -1,0 +1,65 @@
+"""The `fastdit` command line: one subcommand per job, each in its own module.
+
+A subcommand module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int | None`.
+All parsing and user errors live at this edge: a `UserError` raised anywhere below is printed as one
+line (`fastdit sample: error: ...`) with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import UserError
+
+# subcommand name -> module under fastdit.cli
+SUBCOMMANDS = {
+    "sample": "sample",
+    "extract": "extract",
+    "train": "train",
+    "demo": "demo",
+    "sample-ddp": "sample_ddp",
+    "evaluate": "evaluate",
+}
+
+
+def _load(module_name: str):
+    try:
+        return importlib.import_module(f"{__name__}.{module_name}")
+    except ModuleNotFoundError as err:
+        if err.name == f"{__name__}.{module_name}":
+            return None  # not built yet
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastdit",
+        description="Diffusion Transformers (DiT): sample, train, and evaluate.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in SUBCOMMANDS.items():
+        module = _load(module_name)
+        if module is None:
+            continue
+        sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(sub)
+        sub.set_defaults(_module=module, _parser=sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        status = args._module.run(args)
+    except UserError as err:
+        args._parser.exit(2, f"fastdit {args.command}: error: {err}\n")
+    except KeyboardInterrupt:
+        print(f"fastdit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(status or 0)

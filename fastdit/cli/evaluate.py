@@ -1,0 +1,127 @@
+"""`fastdit evaluate SAMPLES REF`: FID, sFID, Inception Score, precision and recall, as ADM defines them.
+
+SAMPLES and REF are each an ADM `.npz` batch (uint8 `arr_0`, N x H x W x 3; precomputed `mu`,
+`sigma`, `mu_s`, `sigma_s` are used when present), an image folder, or a statistics file written by
+`fastdit evaluate --make-ref SOURCE OUT.npz`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import UserError
+
+HELP = "FID, sFID, Inception Score, precision and recall of samples against a reference (ADM evaluator definitions)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "paths",
+        nargs=2,
+        metavar=("SAMPLES", "REF"),
+        help="samples and reference: .npz batch, image folder or statistics file "
+        "(with --make-ref: SOURCE and the statistics file OUT.npz to write)",
+    )
+    parser.add_argument(
+        "--make-ref",
+        action="store_true",
+        help="write reference statistics of SOURCE (folder or .npz) to OUT.npz instead of comparing",
+    )
+    parser.add_argument("--out-json", metavar="PATH", help="also write the metrics as JSON")
+    parser.add_argument(
+        "--inception-weights",
+        metavar="PATH",
+        help="local Inception-v3 2015-12-05 weights (pytorch-fid's pt_inception-... or torch-fidelity's "
+        "weights-inception-... .pth); default: download once into the fastdit cache",
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="images per Inception forward pass (default 64)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    parser.add_argument(
+        "--pr-subset",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="images per side for precision/recall (default 10000, the size of ADM's reference batches; 0 = all)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} but no CUDA device is available; use --device cpu")
+    return device
+
+
+def format_table(metrics: dict) -> str:
+    rows = [
+        ("Inception Score", metrics.get("inception_score"), "{:.2f}"),
+        ("FID", metrics.get("fid"), "{:.4f}"),
+        ("sFID", metrics.get("sfid"), "{:.4f}"),
+        ("Precision", metrics.get("precision"), "{:.4f}"),
+        ("Recall", metrics.get("recall"), "{:.4f}"),
+    ]
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    for name, value, fmt in rows:
+        lines.append(f"{name:<{width}}  {'n/a' if value is None else fmt.format(value)}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int | None:
+    from pathlib import Path
+
+    from ..evaluate import IS_SPLIT_SIZE, InceptionFeatureExtractor, compare, save_statistics, statistics_for_path
+    from ..evaluate.sources import is_statistics_file
+    from ..io import atomic_write_json
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.pr_subset < 0:
+        raise UserError(f"--pr-subset must be >= 0 (0 = all images), got {args.pr_subset}")
+    pr_subset = args.pr_subset or None
+    device = _resolve_device(args.device)
+    progress = not args.no_progress
+    first, second = (Path(p).expanduser() for p in args.paths)
+
+    needs_network = args.make_ref or not (is_statistics_file(first) and is_statistics_file(second))
+    extractor = None
+    if needs_network:
+        extractor = InceptionFeatureExtractor(
+            args.inception_weights, device=device, batch_size=args.batch_size, progress=progress
+        )
+
+    if args.make_ref:
+        if is_statistics_file(first):
+            raise UserError(f"{str(first)!r} is already a statistics file; pass an image folder or .npz batch")
+        stats = statistics_for_path(first, extractor, pr_subset=pr_subset, progress=progress)
+        written = save_statistics(stats, second)
+        print(f"wrote reference statistics of {stats.num_images} images ({stats.image_size[0]}x{stats.image_size[1]}) to {written}")
+        return 0
+
+    sample_stats = statistics_for_path(first, extractor, pr_subset=pr_subset, progress=progress)
+    ref_stats = statistics_for_path(second, extractor, pr_subset=pr_subset, reference=True, progress=progress)
+    metrics = compare(sample_stats, ref_stats, device=str(device))
+    print(f"samples:   {first} ({sample_stats.num_images} images)")
+    print(f"reference: {second} ({ref_stats.num_images} images)")
+    print(format_table(metrics))
+    if args.out_json:
+        atomic_write_json(
+            {
+                **metrics,
+                "samples": str(first),
+                "reference": str(second),
+                "pr_subset": pr_subset,
+                "inception_split_size": IS_SPLIT_SIZE,
+                "device": str(device),
+            },
+            args.out_json,
+        )
+    return 0

@@ -1,0 +1,51 @@
+"""`fastdit sample`: a grid of class-conditional samples from a DiT, same seed, same picture."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import (
+    OFFICIAL_CLASS_LABELS,
+    add_model_arguments,
+    add_sampling_arguments,
+    check_output_file,
+    load_for_sampling,
+    sampling_options,
+)
+
+HELP = "sample a grid of images from a DiT (official weights or your checkpoint)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    add_sampling_arguments(parser)
+    parser.add_argument("--class-labels", type=int, nargs="+", default=None,
+                        help=f"labels to sample (default: {' '.join(map(str, OFFICIAL_CLASS_LABELS))} for 1000 classes, else 0..K-1)")
+    parser.add_argument("--out", default="sample.png", help="grid PNG to write (default: sample.png)")
+    parser.add_argument("--nrow", type=int, default=4, help="images per grid row (default: 4)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..image_grid import make_grid
+    from ..io import atomic_save_png
+    from ..sampling import check_labels, generate
+
+    out = check_output_file(args.out, (".png",))
+    options = sampling_options(args)
+    if args.nrow < 1:
+        from ..errors import UserError
+
+        raise UserError(f"--nrow must be >= 1, got {args.nrow}")
+    model, info, latent_space, device = load_for_sampling(args)
+    num_classes = info.config.num_classes
+    labels = args.class_labels
+    if labels is None:
+        labels = OFFICIAL_CLASS_LABELS if num_classes == 1000 else list(range(min(num_classes, 8)))
+    labels = check_labels(labels, num_classes)
+    images = generate(
+        model, latent_space, labels, options=options, seed=args.seed, device=device, progress=not args.no_progress
+    )
+    atomic_save_png(make_grid(images, nrow=args.nrow), out)
+    print(f"wrote {out} ({len(labels)} images, {info.image_size}x{info.image_size}, {options.sampler} {options.num_steps} steps, cfg {options.cfg_scale})")
+    return 0

@@ -1,0 +1,4 @@
+from .gaussian import GaussianDiffusion, VarianceType, create_diffusion
+from .schedule import linear_betas, respace_betas, space_timesteps
+
+__all__ = ["GaussianDiffusion", "VarianceType", "create_diffusion", "linear_betas", "respace_betas", "space_timesteps"]

@@ -1,0 +1,44 @@
+"""Built-in evaluation with the ADM suite's definitions: FID, sFID, Inception Score, precision, recall.
+
+The numbers are those of openai/guided-diffusion's `evaluations/evaluator.py` (the evaluator behind
+DiT's and most ImageNet papers' tables), computed in plain PyTorch with the TF-converted
+Inception-v3 of 2015-12-05:
+
+    from fastdit.evaluate import InceptionFeatureExtractor, compute_statistics, statistics_for_path, compare
+
+    extractor = InceptionFeatureExtractor(device="cuda")        # downloads the weights once
+    ref = statistics_for_path("VIRTUAL_imagenet256_labeled.npz", extractor, reference=True)
+    stats = compute_statistics(uint8_nhwc_batches, extractor)   # any iterable; nothing written
+    print(compare(stats, ref))  # {'fid': ..., 'sfid': ..., 'inception_score': ..., 'precision': ..., 'recall': ...}
+"""
+
+from .features import (
+    IS_SPLIT_SIZE,
+    PR_SUBSET,
+    InceptionFeatureExtractor,
+    compute_statistics,
+    float_images_to_uint8,
+    statistics_for_path,
+)
+from .inception import InceptionV3, load_inception, resize_bilinear_tf1
+from .metrics import frechet_distance, inception_score, precision_recall
+from .statistics import EvalStatistics, compare, load_statistics, save_statistics
+
+__all__ = [
+    "IS_SPLIT_SIZE",
+    "PR_SUBSET",
+    "EvalStatistics",
+    "InceptionFeatureExtractor",
+    "InceptionV3",
+    "compare",
+    "compute_statistics",
+    "float_images_to_uint8",
+    "frechet_distance",
+    "inception_score",
+    "load_inception",
+    "load_statistics",
+    "precision_recall",
+    "resize_bilinear_tf1",
+    "save_statistics",
+    "statistics_for_path",
+]

@@ -1,0 +1,180 @@
+"""From images to `EvalStatistics`: the Inception feature extractor and the streaming accumulation.
+
+Usable without files (training's `--eval-every` passes uint8 batches straight from the sampler):
+
+    extractor = InceptionFeatureExtractor(device="cuda")
+    stats = compute_statistics(batches_of_uint8_nhwc, extractor)
+    metrics = compare(stats, load_reference("VIRTUAL_imagenet256_labeled.npz", extractor))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .inception import POOL_DIM, SPATIAL_DIM, InceptionOutputs, InceptionV3, load_inception
+from .metrics import InceptionScoreAccumulator, RunningMoments
+from .sources import NpzImages, is_statistics_file, open_images, read_adm_statistics
+from .statistics import EvalStatistics, load_statistics
+
+PR_SUBSET = 10_000  # ADM's reference batches hold 10K images; precision/recall use at most this many per side
+IS_SPLIT_SIZE = 5_000  # ADM's `compute_inception_score(split_size=5000)`: 10 splits of the usual 50K samples
+
+
+def float_images_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) floats in [-1, 1] -> (N, H, W, 3) uint8, exactly as DiT's sample_ddp.py writes samples."""
+    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
+
+
+class InceptionFeatureExtractor:
+    """uint8 NHWC batches (numpy or torch) -> `InceptionOutputs` on the CPU.
+
+    Inputs larger than `batch_size` are split, so peak memory is bounded whatever the caller passes.
+    On CUDA, cuDNN's TF32 is switched off inside the call: TF32 convolutions move FID by more than the
+    differences between evaluators that people argue about.
+    """
+
+    def __init__(
+        self,
+        weights_path: str | os.PathLike | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+        model: InceptionV3 | None = None,
+        progress: bool = True,
+    ):
+        if batch_size < 1:
+            raise UserError(f"batch size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        model = model if model is not None else load_inception(weights_path, device=self.device, progress=progress)
+        self.model = model.eval().requires_grad_(False).to(self.device)
+
+    def _precision_context(self):
+        if self.device.type == "cuda":
+            return torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray | torch.Tensor) -> InceptionOutputs:
+        images = torch.as_tensor(images)
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise UserError(
+                f"the Inception extractor takes uint8 N x H x W x 3 images, got {images.dtype} of shape "
+                f"{tuple(images.shape)}; convert [-1, 1] tensors with float_images_to_uint8"
+            )
+        outputs = []
+        with self._precision_context():
+            for start in range(0, len(images), self.batch_size):
+                chunk = images[start : start + self.batch_size].to(self.device, non_blocking=True)
+                result = self.model(chunk.permute(0, 3, 1, 2))  # (B, 3, H, W)
+                outputs.append([t.float().cpu() for t in (result.pool, result.spatial, result.logits)])
+        pool, spatial, logits = (torch.cat(parts) for parts in zip(*outputs))
+        return InceptionOutputs(pool=pool, spatial=spatial, logits=logits)
+
+
+def compute_statistics(
+    batches: Iterable[np.ndarray | torch.Tensor],
+    extractor: InceptionFeatureExtractor,
+    *,
+    pr_subset: int | None = PR_SUBSET,
+    is_split_size: int = IS_SPLIT_SIZE,
+    progress_total: int | None = None,
+    source: str = "",
+) -> EvalStatistics:
+    """Stream uint8 NHWC batches through Inception into `EvalStatistics` (float64 moments).
+
+    Only the first `pr_subset` pool_3 vectors are kept (None keeps all), for precision/recall;
+    everything else is accumulated, so memory does not grow with the number of images.
+    `progress_total` (number of images) turns on a progress bar.
+    """
+    pool_moments, spatial_moments = RunningMoments(POOL_DIM), RunningMoments(SPATIAL_DIM)
+    inception_score = InceptionScoreAccumulator(is_split_size)
+    kept: list[np.ndarray] = []
+    num_kept, image_size = 0, None
+    bar = None
+    if progress_total is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=progress_total, unit="img", desc=f"Inception {Path(source).name or 'features'}")
+    try:
+        for batch in batches:
+            if len(batch) == 0:
+                continue
+            size = tuple(int(v) for v in batch.shape[1:3])
+            if image_size is not None and size != image_size:
+                raise UserError(f"image batches change size from {image_size} to {size}; evaluate one resolution at a time")
+            image_size = size
+            features = extractor(batch)
+            pool_moments.update(features.pool)
+            spatial_moments.update(features.spatial)
+            inception_score.update(features.logits)
+            if pr_subset is None or num_kept < pr_subset:
+                take = len(features.pool) if pr_subset is None else min(len(features.pool), pr_subset - num_kept)
+                kept.append(features.pool[:take].numpy())
+                num_kept += take
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+    if pool_moments.count == 0:
+        raise UserError(f"no images to evaluate{f' in {source!r}' if source else ''}")
+    return EvalStatistics(
+        mu=pool_moments.mean,
+        sigma=pool_moments.covariance(),
+        mu_s=spatial_moments.mean,
+        sigma_s=spatial_moments.covariance(),
+        num_images=pool_moments.count,
+        image_size=image_size,
+        pr_features=np.concatenate(kept) if kept else None,
+        inception_score=inception_score.score(),
+        source=source,
+    )
+
+
+def statistics_for_path(
+    path: str | os.PathLike,
+    extractor: InceptionFeatureExtractor | None,
+    *,
+    pr_subset: int | None = PR_SUBSET,
+    reference: bool = False,
+    progress: bool = True,
+) -> EvalStatistics:
+    """`EvalStatistics` of a statistics file, an ADM `.npz` batch or an image folder.
+
+    Precomputed `mu`, `sigma`, `mu_s`, `sigma_s` in an `.npz` are used as they are (as ADM's
+    `read_statistics` does). For a `reference`, its images are then only needed for precision/recall,
+    so only the first `pr_subset` of them go through Inception (and no IS is kept for it).
+    `extractor` may be None for statistics files.
+    """
+    path = Path(path).expanduser()
+    if is_statistics_file(path):
+        return load_statistics(path)
+    images = open_images(path)
+    if extractor is None:
+        raise ValueError("an InceptionFeatureExtractor is needed for images")
+    precomputed = read_adm_statistics(path) if isinstance(images, NpzImages) else None
+    limit = pr_subset if precomputed is not None and reference else None
+    count = images.num_images if limit is None else min(limit, images.num_images)
+    stats = compute_statistics(
+        images.batches(extractor.batch_size, limit=limit),
+        extractor,
+        pr_subset=pr_subset,
+        progress_total=count if progress else None,
+        source=str(path),
+    )
+    if precomputed is not None:
+        stats.mu, stats.sigma = precomputed["mu"], precomputed["sigma"]
+        stats.mu_s, stats.sigma_s = precomputed["mu_s"], precomputed["sigma_s"]
+        stats.num_images = images.num_images
+        if limit is not None:
+            stats.inception_score = None  # computed on a subset only
+        stats.check(f"the precomputed statistics in {str(path)!r}")
+    return stats

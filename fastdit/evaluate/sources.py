@@ -1,0 +1,179 @@
+"""Where evaluation images come from: ADM `.npz` batches, image folders, or our statistics files.
+
+Every image source yields uint8 (N, H, W, 3) numpy batches (ADM's `arr_0` layout) and checks its
+input once, at the edge, with a message that names the file and the fix. `.npz` batches are streamed
+straight out of the zip archive, so a 50K x 256 x 256 sample batch (9.8 GB) is never held in memory.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+ADM_STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+STATS_FORMAT_KEY = "fastdit_eval_stats"  # marks a statistics file written by `fastdit evaluate --make-ref`
+
+
+def _read_npy_header(handle) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the `.npy` stream, leaving `handle` at the first data byte."""
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(handle)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(handle)
+    raise ValueError(f"unsupported .npy format version {version}")
+
+
+class NpzImages:
+    """`arr_0` of an ADM `.npz` batch: uint8 N x H x W x 3, read batch by batch."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+                if "arr_0.npy" not in names:
+                    stored = ", ".join(n.removesuffix(".npy") for n in names) or "nothing"
+                    raise UserError(
+                        f"{str(path)!r} has no image array 'arr_0' (it holds {stored}); save samples with "
+                        "np.savez(path, images) where images is uint8 N x H x W x 3"
+                    )
+                with archive.open("arr_0.npy") as handle:
+                    shape, fortran_order, dtype = _read_npy_header(handle)
+        except (zipfile.BadZipFile, OSError, ValueError) as err:
+            if isinstance(err, UserError):
+                raise
+            raise UserError(f"cannot read {str(path)!r} as an .npz archive ({err})") from None
+        if len(shape) != 4 or shape[3] != 3:
+            raise UserError(
+                f"'arr_0' in {str(path)!r} has shape {shape}; expected N x H x W x 3 (NHWC RGB images, "
+                "as ADM's sample batches); transpose NCHW arrays with x.transpose(0, 2, 3, 1)"
+            )
+        if dtype.kind == "f":
+            raise UserError(
+                f"'arr_0' in {str(path)!r} holds {dtype} values; expected uint8 in [0, 255]: convert with "
+                "np.clip(np.round(x * 255), 0, 255).astype(np.uint8) for images in [0, 1]"
+            )
+        if dtype.kind not in "ui":
+            raise UserError(f"'arr_0' in {str(path)!r} has dtype {dtype}; expected uint8 images in [0, 255]")
+        if shape[0] == 0:
+            raise UserError(f"{str(path)!r} contains no images ('arr_0' has shape {shape})")
+        self.num_images = int(shape[0])
+        self.image_size = (int(shape[1]), int(shape[2]))
+        self._dtype = dtype
+        self._fortran_order = fortran_order
+
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
+        total = self.num_images if limit is None else min(limit, self.num_images)
+        image_bytes = int(np.prod(self.image_size)) * 3 * self._dtype.itemsize
+        with zipfile.ZipFile(self.path) as archive, archive.open("arr_0.npy") as handle:
+            _read_npy_header(handle)
+            if self._fortran_order:  # rare (np.asfortranarray); fall back to loading it whole
+                images = np.load(self.path)["arr_0"]
+                for start in range(0, total, batch_size):
+                    yield self._checked(np.ascontiguousarray(images[start : min(start + batch_size, total)]), start)
+                return
+            for start in range(0, total, batch_size):
+                count = min(batch_size, total - start)
+                data = handle.read(count * image_bytes)
+                if len(data) != count * image_bytes:
+                    raise UserError(f"{str(self.path)!r} is truncated: 'arr_0' ends before image {start + count}")
+                batch = np.frombuffer(data, dtype=self._dtype).reshape(count, *self.image_size, 3)
+                yield self._checked(batch, start)
+
+    def _checked(self, batch: np.ndarray, start: int) -> np.ndarray:
+        if batch.dtype == np.uint8:
+            return batch
+        low, high = int(batch.min()), int(batch.max())
+        if low < 0 or high > 255:
+            raise UserError(
+                f"'arr_0' in {str(self.path)!r} has values in [{low}, {high}] (images {start}..{start + len(batch) - 1}); "
+                "expected [0, 255]: save uint8 images"
+            )
+        return batch.astype(np.uint8)
+
+
+class FolderImages:
+    """Every image file under a folder (recursively, sorted by path), decoded to RGB."""
+
+    def __init__(self, path: Path, num_workers: int = 4):
+        self.path = path
+        self.files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not self.files:
+            raise UserError(
+                f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in folder {str(path)!r}; point to a folder of "
+                "samples or an .npz batch"
+            )
+        self.num_images = len(self.files)
+        self.image_size = self._read(self.files[0]).shape[:2]
+        self.num_workers = num_workers
+
+    def _read(self, file: Path) -> np.ndarray:
+        from PIL import Image
+
+        try:
+            with Image.open(file) as image:
+                return np.asarray(image.convert("RGB"))
+        except OSError as err:
+            raise UserError(f"cannot decode image {str(file)!r}: {err}") from None
+
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
+        files = self.files if limit is None else self.files[:limit]
+        # PIL decodes outside the GIL, so a few threads keep the network fed.
+        with ThreadPoolExecutor(self.num_workers) as pool:
+            for start in range(0, len(files), batch_size):
+                chunk = files[start : start + batch_size]
+                images = list(pool.map(self._read, chunk))
+                for file, image in zip(chunk, images):
+                    if image.shape[:2] != self.image_size:
+                        raise UserError(
+                            f"{str(file)!r} is {image.shape[1]}x{image.shape[0]} but {str(self.files[0])!r} is "
+                            f"{self.image_size[1]}x{self.image_size[0]}; all images in a folder must share one size"
+                        )
+                yield np.stack(images)
+
+
+def read_adm_statistics(path: Path) -> dict[str, np.ndarray] | None:
+    """ADM's precomputed `mu`, `sigma`, `mu_s`, `sigma_s` from an `.npz`, if it has them."""
+    try:
+        with np.load(path) as archive:
+            if "mu" not in archive.files:
+                return None
+            missing = [key for key in ADM_STAT_KEYS if key not in archive.files]
+            if missing:
+                raise UserError(f"{str(path)!r} has 'mu' but lacks {', '.join(missing)}; it is not an ADM reference batch")
+            return {key: archive[key].astype(np.float64) for key in ADM_STAT_KEYS}
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        if isinstance(err, UserError):
+            raise
+        raise UserError(f"cannot read {str(path)!r} as an .npz archive ({err})") from None
+
+
+def is_statistics_file(path: Path) -> bool:
+    """Whether `path` is a statistics file written by `fastdit evaluate --make-ref`."""
+    if path.suffix != ".npz" or not path.is_file():
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return f"{STATS_FORMAT_KEY}.npy" in archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def open_images(path: str | Path) -> NpzImages | FolderImages:
+    """An image folder or an ADM `.npz` batch."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return FolderImages(path)
+    if path.is_file() and path.suffix == ".npz":
+        return NpzImages(path)
+    if not path.exists():
+        raise UserError(f"{str(path)!r} does not exist; pass an image folder, an .npz batch or a statistics file")
+    raise UserError(f"{str(path)!r} is neither an image folder nor an .npz file")

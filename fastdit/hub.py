@@ -1,0 +1,132 @@
+"""Pretrained files: where they come from, where they are cached, and how they are fetched.
+
+Files are downloaded once into a cache folder (``$FASTDIT_CACHE``, else ``$XDG_CACHE_HOME/fastdit``,
+else ``~/.cache/fastdit``), with a progress bar, into a temporary ``.part`` file that is renamed only
+when the transfer is complete and has the announced length: a partial file never counts as a model.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .errors import DownloadError
+
+OFFICIAL_DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"
+
+# Official DiT releases (Peebles & Xie 2023): file name -> (model, image size). Both are
+# class-conditional ImageNet models in the SD-VAE latent space (8x downsampling, 4 channels).
+OFFICIAL_CHECKPOINTS = {
+    "DiT-XL-2-256x256.pt": ("DiT-XL/2", 256),
+    "DiT-XL-2-512x512.pt": ("DiT-XL/2", 512),
+}
+
+_CHUNK = 1 << 20
+
+
+def cache_dir() -> Path:
+    """The folder that holds downloaded files; `FASTDIT_CACHE` overrides it."""
+    if os.environ.get("FASTDIT_CACHE"):
+        return Path(os.environ["FASTDIT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "fastdit"
+
+
+def official_dit_name(model: str, image_size: int) -> str:
+    return f"{model.replace('/', '-')}-{image_size}x{image_size}.pt"
+
+
+def download(url: str, filename: str, *, subdir: str = "", progress: bool = True, hint: str = "") -> Path:
+    """Return the cached copy of `url`, downloading it first if it is not there yet.
+
+    `hint` is appended to the error message (e.g. which flag takes a local file instead).
+    """
+    folder = cache_dir() / subdir if subdir else cache_dir()
+    target = folder / filename
+    if target.is_file():
+        return target
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DownloadError(
+            f"cannot create the cache folder {str(folder)!r} ({err.strerror}); set FASTDIT_CACHE to a writable folder"
+        ) from None
+    part = target.with_name(target.name + ".part")
+
+    def fail(reason: str) -> DownloadError:
+        message = (
+            f"could not download {filename} from {url} ({reason}). "
+            f"Fetch it on a machine with internet access and put it at {target}"
+        )
+        return DownloadError(message + (f", or {hint}" if hint else ""))
+
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            total = response.headers.get("Content-Length")
+            total = int(total) if total is not None else None
+            received = 0
+            bar = _progress_bar(total, filename) if progress else None
+            try:
+                with open(part, "wb") as out:
+                    while True:
+                        chunk = response.read(_CHUNK)
+                        if not chunk:
+                            break
+                        out.write(chunk)
+                        received += len(chunk)
+                        if bar is not None:
+                            bar.update(len(chunk))
+                    out.flush()
+                    os.fsync(out.fileno())
+            finally:
+                if bar is not None:
+                    bar.close()
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        part.unlink(missing_ok=True)
+        reason = getattr(err, "reason", None) or err
+        raise fail(str(reason)) from None
+    if total is not None and received != total:
+        part.unlink(missing_ok=True)
+        raise fail(f"transfer interrupted after {received} of {total} bytes")
+    os.replace(part, target)
+    return target
+
+
+def resolve_file(name_or_path: str | os.PathLike, url: str | None = None, *, subdir: str = "", hint: str = "") -> Path:
+    """A local path if it exists, else the cached download of `url`."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if url is None:
+        raise DownloadError(f"file not found: {str(path)!r}")
+    return download(url, path.name, subdir=subdir, hint=hint)
+
+
+def _progress_bar(total: int | None, name: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"downloading {name}")
+
+
+def clear_partial_downloads() -> int:
+    """Delete leftover `.part` files in the cache; returns how many were removed."""
+    removed = 0
+    root = cache_dir()
+    if root.is_dir():
+        for part in root.rglob("*.part"):
+            part.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+__all__ = [
+    "OFFICIAL_CHECKPOINTS",
+    "OFFICIAL_DIT_URL",
+    "cache_dir",
+    "clear_partial_downloads",
+    "download",
+    "official_dit_name",
+    "resolve_file",
+]

@@ -1,0 +1,21 @@
+"""A picture grid from a batch of uint8 images (what `torchvision.utils.save_image` would do)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def make_grid(images: np.ndarray, nrow: int, padding: int = 2, pad_value: int = 0) -> Image.Image:
+    """(N, H, W, C) uint8 -> a PIL image with `nrow` images per row and `padding` pixels between."""
+    n, h, w, c = images.shape
+    ncol = min(nrow, n)
+    nrows = -(-n // ncol)
+    grid = np.full(
+        (nrows * (h + padding) + padding, ncol * (w + padding) + padding, c), pad_value, dtype=np.uint8
+    )
+    for k in range(n):
+        row, col = divmod(k, ncol)
+        top, left = padding + row * (h + padding), padding + col * (w + padding)
+        grid[top : top + h, left : left + w] = images[k]
+    return Image.fromarray(grid[..., 0] if c == 1 else grid, mode="L" if c == 1 else "RGB")

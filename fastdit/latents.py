@@ -1,0 +1,134 @@
+"""Latent spaces the diffusion model lives in.
+
+* `VAELatentSpace`: the Stable Diffusion VAE (`stabilityai/sd-vae-ft-mse` or `-ema`, or a local
+  diffusers folder) used by DiT: 8x spatial downsampling, 4 channels, latents multiplied by 0.18215
+  so that they have roughly unit variance (Rombach et al. 2022; DiT section 3).
+* `PixelSpace`: the identity, for small datasets trained directly on pixels (the digits demo).
+
+Both map images in [-1, 1] of shape (N, C, H, W) to model inputs and back. `diffusers` is imported
+only when a VAE is actually used.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+SD_VAE_SCALE = 0.18215
+OFFICIAL_VAES = {"mse": "stabilityai/sd-vae-ft-mse", "ema": "stabilityai/sd-vae-ft-ema"}
+
+
+@dataclass(frozen=True)
+class PixelSpace:
+    """Model directly on pixels in [-1, 1]."""
+
+    channels: int = 3
+    name: str = "pixels"
+    scale_factor: float = 1.0
+    downsample: int = 1
+
+    def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return images, torch.zeros_like(images)
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return images
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def latent_size(self, image_size: int) -> int:
+        return image_size
+
+    def to(self, device) -> "PixelSpace":
+        return self
+
+
+class VAELatentSpace:
+    """The SD VAE through `diffusers.AutoencoderKL`; `scale_factor` maps posterior samples to unit variance."""
+
+    downsample = 8
+
+    def __init__(self, vae, name: str, scale_factor: float = SD_VAE_SCALE):
+        self.vae = vae.eval().requires_grad_(False)
+        self.name = name
+        self.scale_factor = scale_factor
+        self.channels = int(vae.config.latent_channels)
+
+    def to(self, device) -> "VAELatentSpace":
+        self.vae.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and std of q(z | image), already multiplied by the scale factor."""
+        posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        return posterior.mean * self.scale_factor, posterior.std * self.scale_factor
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        mean, std = self.encode_moments(images)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + std * noise
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.to(self.vae.dtype) / self.scale_factor).sample.float()
+
+    def latent_size(self, image_size: int) -> int:
+        if image_size % self.downsample:
+            raise UserError(
+                f"image size {image_size} is not divisible by {self.downsample}, the VAE's downsampling factor; "
+                f"use a multiple of {self.downsample} such as {max(self.downsample, image_size // self.downsample * self.downsample)}"
+            )
+        return image_size // self.downsample
+
+
+def load_latent_space(name: str | None, *, channels: int = 3, device: str | torch.device = "cpu"):
+    """`None`/"pixels" -> PixelSpace; "mse"/"ema" -> the official SD VAEs; else a hub id or local folder."""
+    if name in (None, "", "pixels", "none"):
+        return PixelSpace(channels=channels)
+    repo = OFFICIAL_VAES.get(name, name)
+    return VAELatentSpace(load_vae(repo), name=repo).to(device)
+
+
+def load_vae(repo_or_folder: str):
+    """Load an `AutoencoderKL` from a local folder or the Hugging Face cache, with a clear offline error."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise UserError("the VAE needs the 'diffusers' package: pip install 'fastdit[vae]'") from None
+    if Path(repo_or_folder).is_dir():
+        try:
+            return AutoencoderKL.from_pretrained(repo_or_folder)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{repo_or_folder!r} is not a diffusers AutoencoderKL folder: {err}") from None
+    if os.path.exists(repo_or_folder):
+        raise UserError(f"VAE {repo_or_folder!r} is a file; pass a diffusers AutoencoderKL folder (config.json + weights)")
+    try:
+        return AutoencoderKL.from_pretrained(repo_or_folder)
+    except Exception as err:  # noqa: BLE001 - hub errors have many types (offline, 404, auth, HTTP)
+        raise UserError(
+            f"could not load the VAE {repo_or_folder!r} ({type(err).__name__}). Offline? Download it on a machine "
+            f"with internet access (huggingface-cli download {repo_or_folder}) into the Hugging Face cache, or pass "
+            f"--vae PATH to a local diffusers AutoencoderKL folder"
+        ) from None
+
+
+def tiny_vae_config() -> dict:
+    """A tiny AutoencoderKL config (8x downsampling, 4 latent channels) for tests and offline checks."""
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [8, 8, 8, 8],
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 4,
+        "sample_size": 32,
+    }

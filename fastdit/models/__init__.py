@@ -1,0 +1,12 @@
+from .dit import DiT, DiTConfig, get_2d_sincos_pos_embed
+from .presets import PRESETS, build_model, config_from_name, preset_of
+
+__all__ = [
+    "DiT",
+    "DiTConfig",
+    "PRESETS",
+    "build_model",
+    "config_from_name",
+    "get_2d_sincos_pos_embed",
+    "preset_of",
+]

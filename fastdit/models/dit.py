@@ -1,0 +1,304 @@
+"""The Diffusion Transformer (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers").
+
+One plain PyTorch module, read top to bottom. Parameter names follow the official release exactly
+(`x_embedder.proj`, `t_embedder.mlp.0`, `y_embedder.embedding_table`, `blocks.N.adaLN_modulation.1`,
+`final_layer.linear`, ...): they are an interface, since official checkpoints load with `strict=True`.
+
+Shapes: N batch, C latent channels, H/W latent height/width, p patch size, T = (H/p)(W/p) tokens,
+D hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import UserError
+
+
+@dataclass
+class DiTConfig:
+    input_size: int = 32  # latent side (image side / 8 for the SD VAE)
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1  # > 0 adds the null class used by classifier-free guidance
+    num_classes: int = 1000
+    learn_sigma: bool = True  # predict the variance interpolation too (Nichol & Dhariwal 2021)
+
+    def __post_init__(self) -> None:
+        if self.input_size <= 0 or self.input_size % self.patch_size:
+            raise UserError(
+                f"input size {self.input_size} is not divisible by the patch size {self.patch_size}; "
+                f"use a multiple of {self.patch_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise UserError(f"hidden size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_classes < 1:
+            raise UserError(f"num_classes must be >= 1, got {self.num_classes}")
+        if not 0 <= self.class_dropout_prob < 1:
+            raise UserError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.patch_size
+
+    @property
+    def null_class(self) -> int:
+        """Label of the unconditional ("null") class: one past the last real class."""
+        return self.num_classes
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # adaLN: per-sample shift/scale broadcast over tokens. (N, T, D), (N, D) -> (N, T, D)
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Embeddings
+# ----------------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """Cut the latent into p×p patches and project each to D (a strided convolution)."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, T, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of the (integer or real) timestep, then a 2-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        # Transformer-style frequencies exp(-ln(max_period) k / half), k = 0..half-1, computed in
+        # float32 as the official code does; the cosine half comes FIRST. (N,) -> (N, dim)
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels to vectors; in training, labels are replaced by the null class with probability
+    `dropout_prob`, which trains the unconditional model used by classifier-free guidance
+    (Ho & Salimans 2022)."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        has_null_class = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + int(has_null_class), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`force_drop_ids` (bool or 0/1 per label) replaces the random draw, so a training loop can
+        take the dropout decisions from its own seeded generator."""
+        if force_drop_ids is not None:
+            labels = torch.where(force_drop_ids.bool(), self.num_classes, labels)
+        elif train and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer
+# ----------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, hidden_size * 3, bias=True)
+        self.proj = nn.Linear(hidden_size, hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, T, D = x.shape
+        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (N, heads, T, D/heads)
+        # Fused attention (flash / memory-efficient kernels where available).
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, hidden_size: int, mlp_hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, mlp_hidden, bias=True)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(mlp_hidden, hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """A transformer block with adaLN-Zero conditioning (DiT section 3.2): the conditioning vector c
+    regresses shift, scale and a residual gate for both the attention and the MLP branch."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C_out)
+
+
+class DiT(nn.Module):
+    """forward(x, t, y): noisy latents (N, C, H, W), timesteps (N,) on the 0..999 scale, labels (N,)
+    -> (N, C_out, H, W): the ε prediction, followed (learn_sigma) by C variance-interpolation values."""
+
+    def __init__(self, config: DiTConfig | None = None, **overrides):
+        super().__init__()
+        config = config or DiTConfig()
+        if overrides:
+            config = DiTConfig(**{**config.__dict__, **overrides})
+        self.config = config
+        self.gradient_checkpointing = False  # switched by fastdit.train.setup, off for sampling
+        D = config.hidden_size
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
+        # Fixed sin-cos table; a frozen Parameter (not a buffer) because official checkpoints store it.
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.grid_size**2, D), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            DiTBlock(D, config.num_heads, mlp_ratio=config.mlp_ratio) for _ in range(config.depth)
+        )
+        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        def xavier_linear(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+        self.apply(xavier_linear)
+        pos = get_2d_sincos_pos_embed(self.config.hidden_size, self.config.grid_size)
+        self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+        # Patch projection initialised like a linear layer (as ViT/MAE do).
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every residual branch and the output start at zero, so each block starts as
+        # the identity (DiT section 3.2, "adaLN-Zero block").
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        # (N, T, p*p*C) -> (N, C, H, W); token n = i*G + j covers rows i*p.., columns j*p..
+        c, p, g = self.config.out_channels, self.config.patch_size, self.config.grid_size
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, g * p, g * p)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
+        use_checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:
+            if use_checkpointing:
+                # Recompute the block in backward instead of storing its activations.
+                x = checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)
+        x = self.final_layer(x, c)  # (N, T, p*p*C_out)
+        return self.unpatchify(x)
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        """The official doubled-batch guidance call, kept for drop-in compatibility with DiT sampling
+        code: the first half of `x` is run with `y`'s two halves (labels, then null labels) and only
+        the first three channels are guided. New code uses `fastdit.sampling.ClassifierFreeGuidance`."""
+        from ..sampling.guidance import guide
+
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half]), t, y)
+        cond, uncond = out.chunk(2)
+        guided_cond = guide(cond, uncond, cfg_scale, guided_channels=3)
+        guided_uncond = torch.cat([guided_cond[:, :3], uncond[:, 3:]], dim=1)
+        return torch.cat([guided_cond, guided_uncond])
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixed 2-D sin-cos position table (MAE, He et al. 2022), computed in float64
+# ----------------------------------------------------------------------------------------------
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+    """(G*G, D) table for a G×G grid, row-major tokens. The first D/2 dims encode the column index,
+    the last D/2 the row index (this is what the official numbers do)."""
+    coords = np.arange(grid_size, dtype=np.float32)
+    cols, rows = np.meshgrid(coords, coords)  # cols[i, j] = j, rows[i, j] = i
+    emb_cols = _1d_sincos(embed_dim // 2, cols.reshape(-1))
+    emb_rows = _1d_sincos(embed_dim // 2, rows.reshape(-1))
+    return np.concatenate([emb_cols, emb_rows], axis=1)
+
+
+def _1d_sincos(embed_dim: int, positions: np.ndarray) -> np.ndarray:
+    # omega_k = 1 / 10000^(k / (D/2)); the sine half comes FIRST (unlike the timestep embedding).
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
+    angles = np.einsum("m,d->md", positions.astype(np.float64), omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)

@@ -1,0 +1,200 @@
+"""Sample N images for FID with any number of processes; every image is a function of (seed, index).
+
+The steps, with the barriers that keep processes from racing on the work folder:
+
+1. rank 0 loads the model (downloading it once), checks or creates the work folder;   barrier
+2. the other ranks load the model (from the cache now); every rank lists the pending chunks; barrier
+3. rank r samples pending chunks r, r + W, ... (and fills missing PNGs of finished chunks the same way)
+4. barrier; rank 0 streams the chunks into the `.npz`, puts the settings beside it, drops the chunks.
+
+Image i always gets noise seeded by (seed, i) (`fastdit.sampling.noise`) and its label from
+`labels.labels_for`, and batches start at chunk boundaries, so 1 process and 8 write the same file.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .. import distributed as dist
+from ..errors import UserError
+from ..sampling import SamplingOptions, check_labels, generate
+from . import workdir
+from .labels import labels_for
+from .npz import write_adm_npz
+
+
+@dataclass
+class SampleJob:
+    out: Path  # the .npz to write
+    num_samples: int
+    options: SamplingOptions
+    seed: int = 0
+    batch_size: int = 32  # per process
+    chunk_size: int = 1000  # images per chunk file: the unit of resuming and of work sharing
+    class_labels: list[int] | None = None  # None: uniform over the classes; else cycled over the images
+    png_dir: Path | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        for flag, value in (("--num-fid-samples", self.num_samples), ("--batch-size", self.batch_size), ("--chunk-size", self.chunk_size)):
+            if value < 1:
+                raise UserError(f"{flag} must be a positive integer, got {value}")
+        if self.class_labels is not None and not self.class_labels:
+            raise UserError("--class-labels needs at least one label")
+        if self.png_dir is not None and Path(self.png_dir).exists() and not Path(self.png_dir).is_dir():
+            raise UserError(f"--png-dir {str(self.png_dir)!r} is a file; give a folder")
+        self.options.validate()
+
+    def settings(self, info, latent_space, fingerprint: str) -> dict:
+        """What decides the images (see `workdir`): recorded in the work folder and beside the result."""
+        return {
+            "model": {"config": asdict(info.config), "latent": latent_space.name, "weights_sha256": fingerprint},
+            "image_size": info.image_size,
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "sampling": asdict(self.options),
+            "labels": "uniform" if self.class_labels is None else list(self.class_labels),
+            "chunk_size": self.chunk_size,
+        }
+
+
+@dataclass
+class SampleReport:
+    out: Path
+    num_samples: int
+    image_size: int
+    sampled: int  # images sampled by this run, all processes together (0 if everything was on disk)
+    seconds: float  # time spent sampling them
+    world_size: int
+
+    @property
+    def images_per_second(self) -> float:
+        return self.sampled / self.seconds if self.seconds > 0 else 0.0
+
+
+def sample_ddp(job: SampleJob, load: Callable, info: dist.DistInfo) -> SampleReport | None:
+    """Run `job` on this process; `load()` returns (model, model_info, latent_space, device).
+
+    Returns a report on rank 0, None elsewhere. Leaves the process group to the caller.
+    """
+    job.validate()
+    paths = workdir.OutputPaths(Path(job.out))
+
+    # 1. rank 0 first: a download happens once, and the work folder exists before anyone lists it.
+    loaded = None
+    if info.is_main:
+        loaded = _load_checked(job, load)
+        settings = job.settings(loaded[1], loaded[2], workdir.weights_fingerprint(loaded[0]))
+        if not workdir.is_finished(paths, settings):
+            workdir.prepare(paths, settings)
+    dist.barrier()
+    if paths.npz.exists():  # rank 0 checked it was made with these settings
+        if not info.is_main:
+            return None
+        if paths.work_dir.exists():  # killed after the result was renamed in
+            workdir.finish(paths)
+        if job.png_dir is not None and not all(png_path(Path(job.png_dir), i).exists() for i in range(job.num_samples)):
+            print(f"warning: {str(paths.npz)!r} was finished before; PNGs missing from {str(job.png_dir)!r} are not written "
+                  f"(delete the .npz to sample again with --png-dir)", file=sys.stderr)
+        return _report(job, paths, loaded, sampled=0, seconds=0.0, info=info)
+
+    # 2. everyone lists before anyone writes, so every rank sees the same pending list.
+    if loaded is None:
+        loaded = _load_checked(job, load)
+    model, model_info, latent_space, device = loaded
+    chunks = workdir.plan_chunks(job.num_samples, job.chunk_size)
+    todo = workdir.pending(paths, chunks)
+    dist.barrier()
+
+    # 3. my share
+    start = time.perf_counter()
+    mine = todo[info.rank :: info.world_size]
+    if job.png_dir is not None:
+        waiting = set(todo)
+        done = [chunk for chunk in chunks if chunk not in waiting]
+        for chunk in done[info.rank :: info.world_size]:
+            _fill_missing_pngs(paths, chunk, Path(job.png_dir))
+    sampled = _sample_chunks(job, paths, mine, model, model_info, latent_space, device, info)
+    seconds = time.perf_counter() - start
+    totals = dist.all_reduce_sum(_as_tensor([sampled, seconds], device))  # images summed; seconds averaged below
+    dist.barrier()
+    if not info.is_main:
+        return None
+
+    # 4. assemble, streaming one chunk at a time
+    image_shape = (model_info.image_size, model_info.image_size, 3)
+    workdir.publish_settings(paths)
+    write_adm_npz(paths.npz, (workdir.read_chunk(paths, chunk) for chunk in chunks), count=job.num_samples, image_shape=image_shape)
+    workdir.finish(paths)
+    return _report(job, paths, loaded, sampled=int(totals[0]), seconds=float(totals[1]) / info.world_size, info=info)
+
+
+def _load_checked(job: SampleJob, load: Callable):
+    model, model_info, latent_space, device = load()
+    if job.class_labels is not None:
+        check_labels(job.class_labels, model_info.config.num_classes)
+    return model, model_info, latent_space, device
+
+
+def _sample_chunks(job, paths, chunks, model, model_info, latent_space, device, info) -> int:
+    from tqdm import tqdm
+
+    num_classes = model_info.config.num_classes
+    desc = "sample-ddp" if info.world_size == 1 else f"sample-ddp (rank 0 of {info.world_size})"
+    bar = tqdm(total=sum(len(chunk) for chunk in chunks), unit="img", desc=desc, dynamic_ncols=True,
+               disable=not (job.progress and info.is_main))
+    for chunk in chunks:
+        images, labels = [], []
+        # Batches start at the chunk's first image, whatever the process count (see the module doc).
+        for first in range(chunk.start, chunk.stop, job.batch_size):
+            indices = range(first, min(first + job.batch_size, chunk.stop))
+            batch_labels = labels_for(indices, seed=job.seed, num_classes=num_classes, class_labels=job.class_labels)
+            images.append(generate(model, latent_space, batch_labels, options=job.options, seed=job.seed, indices=indices, device=device))
+            labels.append(batch_labels)
+            bar.update(len(indices))
+        images, labels = np.concatenate(images), np.concatenate(labels)
+        if job.png_dir is not None:  # before the chunk file: a finished chunk always has its PNGs
+            _write_pngs(Path(job.png_dir), chunk.start, images)
+        workdir.write_chunk(paths, chunk, images, labels)
+    bar.close()
+    return sum(len(chunk) for chunk in chunks)
+
+
+def png_path(png_dir: Path, index: int) -> Path:
+    return png_dir / f"{index:06d}.png"
+
+
+def _write_pngs(png_dir: Path, first_index: int, images: np.ndarray, only_missing: bool = False) -> None:
+    from PIL import Image
+
+    from ..io import atomic_save_png
+
+    for offset, image in enumerate(images):
+        path = png_path(png_dir, first_index + offset)
+        if not (only_missing and path.exists()):
+            atomic_save_png(Image.fromarray(image), path)
+
+
+def _fill_missing_pngs(paths, chunk, png_dir: Path) -> None:
+    """A rerun that adds --png-dir: write the PNGs of chunks sampled before."""
+    if all(png_path(png_dir, index).exists() for index in range(chunk.start, chunk.stop)):
+        return
+    images, _ = workdir.read_chunk(paths, chunk)
+    _write_pngs(png_dir, chunk.start, images, only_missing=True)
+
+
+def _as_tensor(values, device):
+    import torch
+
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def _report(job, paths, loaded, *, sampled, seconds, info) -> SampleReport:
+    return SampleReport(out=paths.npz, num_samples=job.num_samples, image_size=loaded[1].image_size,
+                        sampled=sampled, seconds=seconds, world_size=info.world_size)

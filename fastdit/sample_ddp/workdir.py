@@ -1,0 +1,170 @@
+"""The work folder of a `sample-ddp` run: its settings, its chunk files, and how a rerun resumes.
+
+    samples.npz        the result (ADM format), written last and atomically
+    samples.json       the settings that made it (written just before the result)
+    samples.parts/     while the run is going: settings.json and chunk-<start>-<stop>.npz files
+
+A chunk is a fixed range of global image indices, written as one small `.npz` (images, labels) under
+a temporary name and renamed, so a chunk file is either complete or absent. A killed run leaves some
+chunk files; the same command finds them and samples only the rest. A rerun whose settings differ
+from the recorded ones is refused: mixing images from two settings would silently spoil the metric.
+The batch size, the number of processes and the device are not settings: they do not change the images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..io import atomic_path, atomic_write_json
+
+FORMAT = "fastdit.sample-ddp"
+_CHUNK_NAME = re.compile(r"chunk-(\d{8})-(\d{8})\.npz")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Global image indices [start, stop)."""
+
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"chunk-{self.start:08d}-{self.stop:08d}.npz"
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def plan_chunks(num_samples: int, chunk_size: int) -> list[Chunk]:
+    return [Chunk(start, min(start + chunk_size, num_samples)) for start in range(0, num_samples, chunk_size)]
+
+
+def weights_fingerprint(model) -> str:
+    """sha256 over the parameter names, shapes and bytes: the same weights read from any path match."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, whatever the dtype
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    npz: Path
+
+    @property
+    def settings(self) -> Path:  # beside the result, once it is finished
+        return self.npz.with_suffix(".json")
+
+    @property
+    def work_dir(self) -> Path:
+        return self.npz.with_suffix(".parts")
+
+    @property
+    def work_settings(self) -> Path:
+        return self.work_dir / "settings.json"
+
+
+def _normalized(settings: dict) -> dict:
+    return json.loads(json.dumps(settings, sort_keys=True))  # tuples -> lists, as they read back
+
+
+def _differences(recorded: dict, wanted: dict, prefix: str = "") -> list[str]:
+    found = []
+    for key in sorted(set(recorded) | set(wanted)):
+        old, new = recorded.get(key), wanted.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            found.append(f"{prefix}{key}: {_short(old)} -> {_short(new)}")
+    return found
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _read_settings(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+
+
+def _check_same(recorded: dict | None, wanted: dict, where: Path, what: str, fix: str) -> None:
+    if recorded is None:
+        raise UserError(f"{str(where)!r} exists but was not written by `fastdit sample-ddp`; choose another --out or remove it")
+    changed = _differences(recorded, wanted)
+    if changed:
+        listed = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise UserError(f"{what} with other settings ({listed}); {fix}")
+
+
+def is_finished(paths: OutputPaths, settings: dict) -> bool:
+    """True if the result exists and was made with `settings`; a UserError if it was made otherwise."""
+    settings = {"format": FORMAT, **_normalized(settings)}
+    if not paths.npz.exists():
+        return False
+    _check_same(
+        _read_settings(paths.settings), settings, paths.npz, f"{str(paths.npz)!r} was already written",
+        f"choose another --out, or delete {str(paths.npz)!r} to sample it again",
+    )
+    return True
+
+
+def prepare(paths: OutputPaths, settings: dict) -> None:
+    """Create the work folder with `settings`, or check that an existing one was started with them."""
+    settings = {"format": FORMAT, **_normalized(settings)}
+    if paths.work_dir.exists():
+        _check_same(
+            _read_settings(paths.work_settings), settings, paths.work_dir, f"{str(paths.work_dir)!r} was started",
+            f"rerun with the same flags to continue it, or choose another --out (or delete {str(paths.work_dir)!r}) to start over",
+        )
+        return
+    if paths.settings.exists() and _read_settings(paths.settings) is None:  # never overwrite a file we did not write
+        raise UserError(f"{str(paths.settings)!r} exists and is not a sample-ddp settings file; choose another --out")
+    paths.work_dir.mkdir(parents=True)
+    atomic_write_json(settings, paths.work_settings)
+
+
+def pending(paths: OutputPaths, chunks: list[Chunk]) -> list[Chunk]:
+    """Chunks without a finished file (temporary files of a killed run do not count)."""
+    done = {entry.name for entry in paths.work_dir.iterdir() if _CHUNK_NAME.fullmatch(entry.name)}
+    return [chunk for chunk in chunks if chunk.name not in done]
+
+
+def write_chunk(paths: OutputPaths, chunk: Chunk, images: np.ndarray, labels: np.ndarray) -> None:
+    with atomic_path(paths.work_dir / chunk.name) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, images=images, labels=labels)  # a handle: np.savez would append .npz to a name
+
+
+def read_chunk(paths: OutputPaths, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(paths.work_dir / chunk.name) as data:
+        images, labels = data["images"], data["labels"]
+    if len(images) != len(chunk) or len(labels) != len(chunk):
+        raise UserError(f"{str(paths.work_dir / chunk.name)!r} holds {len(images)} images, not {len(chunk)}; delete it and rerun")
+    return images, labels
+
+
+def finish(paths: OutputPaths) -> None:
+    """After the result is in place: keep the settings beside it and drop the chunk files."""
+    shutil.rmtree(paths.work_dir)
+
+
+def publish_settings(paths: OutputPaths) -> None:
+    """Copy the run's settings beside the result, before the result appears (see the module doc)."""
+    atomic_write_json(json.loads(paths.work_settings.read_text()), paths.settings)

@@ -1,0 +1,53 @@
+import math
+import os
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures" / "official-dit"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Never touch the user's cache (or the network) from a test."""
+    monkeypatch.setenv("FASTDIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES
+
+
+def load_fixture(name: str):
+    return torch.load(FIXTURES / name, weights_only=True)
+
+
+def recipe_state_dict(model: torch.nn.Module) -> dict:
+    """The fixtures' deterministic weights: per key, randn from a generator seeded with crc32(key),
+    scaled by 1/sqrt(fan-in) (>= 2 dims) or 0.02 (1 dim); pos_embed keeps its sin-cos value."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if key == "pos_embed":
+            state[key] = value.clone()
+            continue
+        generator = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")))
+        weight = torch.randn(value.shape, generator=generator, dtype=torch.float32)
+        if weight.ndim >= 2:
+            weight = weight * (1.0 / math.sqrt(value[0].numel()))
+        else:
+            weight = weight * 0.02
+        state[key] = weight
+    return state
+
+
+def pytest_collection_modifyitems(config, items):
+    has_cuda = torch.cuda.is_available()
+    network = os.environ.get("FASTDIT_NETWORK_TESTS") == "1"
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        if "network" in item.keywords and not network:
+            item.add_marker(pytest.mark.skip(reason="needs the network (set FASTDIT_NETWORK_TESTS=1)"))

@@ -1,0 +1,114 @@
+"""Every checkpoint format loads into the right model; broken or foreign files give clear errors."""
+
+import argparse
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fastdit.checkpoint import TRAIN_FORMAT, LatentInfo, ModelInfo, export_weights, load_model, read_checkpoint
+from fastdit.errors import UserError
+from fastdit.models import build_model
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    model = build_model("DiT-T/4", input_size=16, num_classes=10)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def same_weights(a, b):
+    return all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
+def test_plain_state_dict_with_model_name(tmp_path, tiny):
+    path = tmp_path / "plain.pt"
+    torch.save(tiny.state_dict(), path)
+    model, info = load_model(path, model_name="DiT-T/4", image_size=128)
+    assert same_weights(model, tiny) and not model.training
+    assert info.config.depth == 6 and info.config.input_size == 16 and info.config.num_classes == 10
+
+
+def test_plain_state_dict_inferred_from_shapes(tmp_path):
+    model = build_model("DiT-S/8", input_size=16, num_classes=10)
+    path = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), path)
+    loaded, info = load_model(path)
+    assert info.config.num_heads == 6 and info.config.depth == 12 and info.image_size == 128
+    assert same_weights(loaded, model)
+
+
+def test_official_training_checkpoint_with_namespace_args(tmp_path, tiny):
+    ema = build_model("DiT-T/4", input_size=16, num_classes=10)
+    path = tmp_path / "0000100.pt"
+    torch.save({"model": tiny.state_dict(), "ema": ema.state_dict(), "opt": {}, "args": argparse.Namespace(model="DiT-T/4")}, path)
+    model, _ = load_model(path, model_name="DiT-T/4", image_size=128)
+    assert same_weights(model, ema)
+    model, _ = load_model(path, model_name="DiT-T/4", image_size=128, use_ema=False)
+    assert same_weights(model, tiny)
+
+
+def test_our_training_checkpoint_and_prefixes(tmp_path, tiny):
+    info = ModelInfo(config=tiny.config, latent=LatentInfo(kind="pixels", vae=None))
+    wrapped = {f"module._orig_mod.{k}": v for k, v in tiny.state_dict().items()}
+    path = tmp_path / "train.pt"
+    torch.save({"format": TRAIN_FORMAT, "version": 1, "model_info": info.to_dict(), "model": wrapped, "ema": wrapped}, path)
+    model, loaded_info = load_model(path)
+    assert same_weights(model, tiny)
+    assert loaded_info.latent.kind == "pixels" and loaded_info.image_size == 16
+
+
+def test_export_round_trip_and_plain_safetensors(tmp_path, tiny):
+    info = ModelInfo(config=tiny.config, latent=LatentInfo(kind="vae", vae="ema"), class_names=[str(i) for i in range(10)])
+    path = export_weights(tiny, info, tmp_path / "ema.safetensors")
+    model, loaded = load_model(path)
+    assert same_weights(model, tiny) and loaded.latent.vae == "ema" and loaded.class_names[3] == "3"
+    plain = tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(plain))
+    model, _ = load_model(plain, model_name="DiT-T/4", image_size=128)
+    assert same_weights(model, tiny)
+
+
+def test_our_export_loads_into_official_key_layout(tmp_path, tiny):
+    """The exported keys are exactly the official names (no prefixes), so the official DiT code,
+    whose module tree we mirror, loads them with strict=True."""
+    path = export_weights(tiny, ModelInfo(config=tiny.config), tmp_path / "ema.safetensors")
+    state, _ = read_checkpoint(path)
+    assert set(state) == set(tiny.state_dict())
+    assert all(not k.startswith(("module.", "_orig_mod.")) for k in state)
+
+
+def test_missing_truncated_and_foreign_checkpoints(tmp_path, tiny):
+    with pytest.raises(UserError, match="does not exist"):
+        load_model(tmp_path / "nope.pt")
+    good = tmp_path / "good.pt"
+    torch.save(tiny.state_dict(), good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(UserError, match="truncated, corrupt or not a PyTorch checkpoint"):
+        load_model(truncated)
+    with pytest.raises(UserError, match="does not fit this model.*missing keys: blocks.10"):
+        load_model(good, model_name="DiT-S/4", image_size=128)
+
+
+def test_architecture_mismatch_names_the_keys(tmp_path):
+    other = build_model("DiT-T/8", input_size=16, num_classes=10)
+    path = tmp_path / "t8.pt"
+    torch.save(other.state_dict(), path)
+    with pytest.raises(UserError) as info:
+        load_model(path, model_name="DiT-T/4", image_size=128)
+    message = str(info.value)
+    assert "the file holds patch 8, width 128, depth 6; the model has patch 4, width 128, depth 6" in message
+    assert "shape mismatches: final_layer.linear.bias (512,) vs model (128,)" in message
+
+
+def test_wrong_size_or_classes_for_recorded_config(tmp_path, tiny):
+    path = export_weights(tiny, ModelInfo(config=tiny.config), tmp_path / "m.safetensors")
+    with pytest.raises(UserError, match="trained at image size 128; use --image-size 128"):
+        load_model(path, image_size=256)
+    with pytest.raises(UserError, match="has 10 classes, not 1000"):
+        load_model(path, num_classes=1000)

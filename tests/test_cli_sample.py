@@ -1,0 +1,141 @@
+"""`fastdit sample` end to end (tiny models, pixel space and a tiny VAE) and its error messages."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdit.checkpoint import LatentInfo, ModelInfo, export_weights
+from fastdit.cli import main
+from fastdit.latents import tiny_vae_config
+from fastdit.models import build_model
+
+
+def random_tiny(**fields):
+    torch.manual_seed(0)
+    model = build_model("DiT-T/2", **{"depth": 1, **fields})
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+@pytest.fixture
+def pixel_ckpt(tmp_path):
+    model = random_tiny(input_size=8, in_channels=3, num_classes=10)
+    info = ModelInfo(config=model.config, latent=LatentInfo(kind="pixels", vae=None))
+    return export_weights(model, info, tmp_path / "pixel.safetensors")
+
+
+@pytest.fixture
+def vae_setup(tmp_path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae_dir = tmp_path / "tiny-vae"
+    AutoencoderKL(**tiny_vae_config()).save_pretrained(vae_dir)
+    model = random_tiny(input_size=4, in_channels=4, num_classes=1000, depth=6)  # a plain preset
+    path = tmp_path / "latent.pt"
+    torch.save(model.state_dict(), path)
+    return path, vae_dir
+
+
+def run_cli(*args):
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def test_pixel_sample_ddpm_writes_reproducible_png(tmp_path, pixel_ckpt):
+    out1, out2 = tmp_path / "a.png", tmp_path / "b.png"
+    common = ["sample", "--ckpt", pixel_ckpt, "--num-sampling-steps", 5, "--class-labels", 1, 2, 3, "--no-progress"]
+    assert run_cli(*common, "--out", out1) == 0
+    assert run_cli(*common, "--out", out2) == 0
+    a, b = np.asarray(Image.open(out1)), np.asarray(Image.open(out2))
+    assert a.shape == (2 + 8 + 2, 2 + 3 * (8 + 2), 3)  # one row of three 8x8 images, padding 2
+    assert np.array_equal(a, b)
+    assert run_cli(*common, "--out", out2, "--seed", 1) == 0
+    assert not np.array_equal(a, np.asarray(Image.open(out2)))
+
+
+def test_vae_sample_ddim_with_official_guidance(tmp_path, vae_setup, capsys):
+    ckpt, vae_dir = vae_setup
+    out = tmp_path / "grid.png"
+    status = run_cli("sample", "--model", "DiT-T/2", "--ckpt", ckpt, "--image-size", 32, "--vae", vae_dir,
+                     "--sampler", "ddim", "--num-sampling-steps", 4, "--cfg-scale", 1.5, "--official-guidance",
+                     "--out", out, "--no-progress")
+    assert status == 0
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (2 + 2 * 34, 2 + 4 * 34, 3)  # the official eight labels, four per row
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--model", "DiT-Q/2"], "unknown model 'DiT-Q/2'"),
+        (["--class-labels", "3", "10"], "class label 10 is outside [0, 10)"),
+        (["--cfg-scale", "0.5"], "cfg scale 0.5 < 1"),
+        (["--sampler", "ddim", "--eta", "2"], "DDIM eta must be in [0, 1]"),
+        (["--num-sampling-steps", "0"], "number of sampling steps must be in [1, 1000]"),
+        (["--image-size", "16"], "trained at image size 8; use --image-size 8"),
+        (["--out", "/proc/forbidden/x.png"], "is not a writable folder"),
+        (["--out", "grid.jpg"], "should end in .png"),
+    ],
+)
+def test_bad_input_clear_message_nothing_written(tmp_path, pixel_ckpt, capsys, extra, message):
+    os.chdir(tmp_path)
+    before = set(os.listdir(tmp_path))
+    args = ["sample", "--ckpt", str(pixel_ckpt), "--num-sampling-steps", "2", "--no-progress", "--out", "grid.png"]
+    status = run_cli(*args, *extra)
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert message in err and "Traceback" not in err
+    assert set(os.listdir(tmp_path)) == before
+
+
+def test_vae_needs_image_size_divisible_by_8(tmp_path, vae_setup, capsys):
+    ckpt, vae_dir = vae_setup
+    status = run_cli("sample", "--model", "DiT-T/2", "--ckpt", ckpt, "--image-size", 30, "--vae", vae_dir)
+    assert status == 2 and "not divisible by 8" in capsys.readouterr().err
+
+
+def test_input_size_not_divisible_by_patch(tmp_path, vae_setup, capsys):
+    ckpt, vae_dir = vae_setup  # image 40 -> latent 5, not divisible by patch 2
+    status = run_cli("sample", "--model", "DiT-T/2", "--ckpt", ckpt, "--image-size", 40, "--vae", vae_dir)
+    assert status == 2 and "input size 5 is not divisible by the patch size 2" in capsys.readouterr().err
+
+
+def test_missing_truncated_and_foreign_checkpoints(tmp_path, pixel_ckpt, capsys):
+    assert run_cli("sample", "--ckpt", tmp_path / "none.pt") == 2
+    assert "does not exist" in capsys.readouterr().err
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(pixel_ckpt.read_bytes()[:200])
+    assert run_cli("sample", "--ckpt", broken) == 2
+    assert "truncated or not a safetensors file" in capsys.readouterr().err
+    assert run_cli("sample", "--ckpt", pixel_ckpt, "--num-classes", 5) == 2
+    assert "has 10 classes, not 5" in capsys.readouterr().err
+
+
+def test_offline_official_weights_give_one_clear_message(tmp_path, capsys, monkeypatch):
+    import fastdit.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "OFFICIAL_DIT_URL", "http://127.0.0.1:9/{name}")
+    assert run_cli("sample", "--out", tmp_path / "x.png") == 2
+    err = capsys.readouterr().err
+    assert "could not download DiT-XL-2-256x256.pt" in err and "--ckpt PATH" in err and "Traceback" not in err
+    assert run_cli("sample", "--model", "DiT-B/4") == 2
+    assert "no official weights for DiT-B/4" in capsys.readouterr().err
+
+
+def test_console_script_help():
+    result = subprocess.run([sys.executable, "-m", "fastdit", "sample", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for flag in ["--model", "--image-size", "--num-classes", "--ckpt", "--vae", "--cfg-scale",
+                 "--num-sampling-steps", "--sampler", "--seed", "--class-labels", "--out", "--device"]:
+        assert flag in result.stdout

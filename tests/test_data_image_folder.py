@@ -1,0 +1,124 @@
+"""Image folders: listing, the ADM centre crop, decoding errors and seeded flips."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdit.data import (
+    CorruptImageError,
+    ImageFolderDataset,
+    center_crop,
+    item_generator,
+    list_image_folder,
+    load_image,
+)
+from fastdit.errors import UserError
+
+
+def random_image(height, width, seed=0, mode="RGB"):
+    channels = {"RGB": 3, "RGBA": 4}.get(mode)
+    shape = (height, width, channels) if channels else (height, width)
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8), mode=mode)
+
+
+def test_center_crop_takes_the_middle_with_adm_offsets():
+    # No resizing (short side 8 = size, < 2x size): the crop alone shows the offsets (W - size) // 2.
+    pixels = np.asarray(random_image(8, 11))
+    cropped = np.asarray(center_crop(Image.fromarray(pixels), 8))
+    np.testing.assert_array_equal(cropped, pixels[:, 1:9])  # (11 - 8) // 2 = 1, not 2
+    tall = np.asarray(random_image(13, 8, seed=1))
+    np.testing.assert_array_equal(np.asarray(center_crop(Image.fromarray(tall), 8)), tall[2:10])
+
+
+def test_center_crop_halves_with_box_filter_then_bicubic():
+    # 64 -> 32 -> 16 by two BOX halvings (each a 2x2 average), then no BICUBIC change at size 16.
+    pixels = np.asarray(random_image(64, 64, seed=2)).astype(np.float64)
+    expected = pixels.reshape(16, 4, 16, 4, 3).mean(axis=(1, 3))
+    result = np.asarray(center_crop(Image.fromarray(pixels.astype(np.uint8)), 16)).astype(np.float64)
+    # Pillow's fixed-point 8-bit filters are off by up to 2; one BICUBIC 64 -> 16 resize is off by ~27.
+    assert np.abs(result - expected).max() <= 2.0
+    # A non-square image ends with short side = size and is cropped to a square.
+    assert center_crop(random_image(50, 37, seed=3), 16).size == (16, 16)
+    assert center_crop(random_image(5, 7, seed=4), 16).size == (16, 16)  # upscaled when smaller
+
+
+def test_load_image_converts_to_rgb_in_minus_one_one(tmp_path):
+    random_image(20, 24, mode="L").save(tmp_path / "gray.png")
+    random_image(20, 24, mode="RGBA").save(tmp_path / "alpha.png")
+    for name in ("gray.png", "alpha.png"):
+        image = load_image(tmp_path / name, 16)
+        assert image.shape == (3, 16, 16) and image.dtype == torch.float32
+        assert image.min() >= -1.0 and image.max() <= 1.0 and image.min() < 0 < image.max()
+
+
+def test_load_image_names_a_corrupt_file(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not a png at all")
+    buffer = tmp_path / "truncated.png"
+    random_image(32, 32).save(buffer)
+    buffer.write_bytes(buffer.read_bytes()[:200])
+    for name in ("bad.png", "truncated.png"):
+        with pytest.raises(CorruptImageError, match=name):
+            load_image(tmp_path / name, 16)
+
+
+def make_folder(root, counts):
+    for c, (name, count) in enumerate(counts.items()):
+        for i in range(count):
+            folder = root / name / ("nested" if i % 2 else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            random_image(12, 12, seed=10 * c + i).save(folder / f"{i}.png")
+    return root
+
+
+def test_list_image_folder_sorts_classes_and_files(tmp_path):
+    make_folder(tmp_path, {"zebra": 3, "ant": 2})
+    (tmp_path / "ant" / "notes.txt").write_text("ignored")
+    index = list_image_folder(tmp_path)
+    assert index.class_names == ["ant", "zebra"]
+    assert index.files == ["ant/0.png", "ant/nested/1.png", "zebra/0.png", "zebra/2.png", "zebra/nested/1.png"]
+    assert index.labels == [0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda root: root / "missing", "does not exist"),
+        (lambda root: (root / "file.png").write_bytes(b"x") and root / "file.png", "is a file"),
+        (lambda root: root, "no class subfolders"),
+        (lambda root: (root / "a").mkdir() or root, "no images"),
+        (lambda root: make_folder(root, {"a": 1}) and (root / "b").mkdir() or root, "'b'.*contain no images"),
+    ],
+    ids=["missing", "file", "no-subfolders", "no-images", "empty-class"],
+)
+def test_list_image_folder_rejects_bad_folders(tmp_path, setup, message):
+    with pytest.raises(UserError, match=message):
+        list_image_folder(setup(tmp_path))
+
+
+def test_item_generator_depends_on_seed_epoch_and_index():
+    draw = lambda *key: torch.randn(4, generator=item_generator(*key))  # noqa: E731
+    assert torch.equal(draw(0, 0, 5), draw(0, 0, 5))
+    assert not torch.equal(draw(0, 0, 5), draw(0, 0, 6))
+    assert not torch.equal(draw(0, 0, 5), draw(0, 1, 5))
+    assert not torch.equal(draw(0, 0, 5), draw(1, 0, 5))
+
+
+def test_image_folder_dataset_flips_reproducibly(tmp_path):
+    make_folder(tmp_path, {"a": 4, "b": 4})
+    dataset = ImageFolderDataset(tmp_path, 8, seed=3)
+    plain = ImageFolderDataset(tmp_path, 8, flip=False)
+    assert len(dataset) == 8 and dataset.num_classes == 2 and dataset.sample_shape == (3, 8, 8)
+    flips = {}
+    for epoch in range(4):
+        dataset.set_epoch(epoch)
+        for i in range(len(dataset)):
+            image, label = dataset[i]
+            original, original_label = plain[i]
+            assert label == original_label == (i >= 4)
+            flipped = torch.equal(image, original.flip(-1))
+            assert flipped or torch.equal(image, original)
+            flips[epoch, i] = flipped
+            assert torch.equal(dataset[i][0], image)  # same (seed, epoch, index) -> same image
+    assert 0 < sum(flips.values()) < len(flips)  # both orientations occur
+    assert any(flips[0, i] != flips[1, i] for i in range(8))  # fresh flips each epoch

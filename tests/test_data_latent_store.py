@@ -1,0 +1,170 @@
+"""The latent store on its own (no VAE): writing shards, reading them back, validation, sampling."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from fastdit.data import LatentStore, LatentStoreDataset, item_generator, open_dataset
+from fastdit.data.latent_store import StorePlan, finalize_store, open_for_writing, shard_name, write_shard
+from fastdit.errors import UserError
+
+LATENT_SHAPE = (4, 2, 2)
+
+
+def make_plan(num_sources=7, shard_size=3, dtype="float32", **changes):
+    settings = dict(
+        vae="stabilityai/sd-vae-ft-ema",
+        scale_factor=0.18215,
+        image_size=16,
+        latent_shape=LATENT_SHAPE,
+        dtype=dtype,
+        shard_size=shard_size,
+        num_sources=num_sources,
+        class_names=["a", "b", "c"],
+        files_digest="abc",
+    )
+    return StorePlan(**{**settings, **changes})
+
+
+def write_store(folder, plan, skip=()):
+    """Write random moments for every source except `skip`; returns the (mean, std, label) written."""
+    generator = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, plan.dtype)
+    everything = []
+    open_for_writing(folder, plan)
+    for shard in range(plan.num_shards):
+        sources = [s for s in plan.shard_sources(shard) if s not in skip]
+        n = len(sources)
+        mean = torch.randn(n, 2, *plan.latent_shape, generator=generator).to(dtype)
+        std = torch.rand(n, 2, *plan.latent_shape, generator=generator).to(dtype)
+        label = torch.tensor([s % 3 for s in sources])
+        write_shard(folder, shard, mean=mean, std=std, label=label, source=torch.tensor(sources, dtype=torch.int64),
+                    skipped=[f"img{s}.png" for s in plan.shard_sources(shard) if s in skip])
+        everything += list(zip(mean, std, label.tolist()))
+    return everything
+
+
+def test_round_trip(tmp_path):
+    plan = make_plan()
+    written = write_store(tmp_path, plan)
+    assert not (tmp_path / "meta.json").exists()
+    with pytest.raises(UserError, match="unfinished.*rerun the same fastdit extract"):
+        LatentStore(tmp_path)
+    meta = finalize_store(tmp_path, plan)
+    assert meta["count"] == 7 and [s["count"] for s in meta["shards"]] == [3, 3, 1]
+    store = LatentStore(tmp_path)
+    assert len(store) == 7 and store.class_names == ["a", "b", "c"] and store.latent_shape == LATENT_SHAPE
+    assert store.labels.tolist() == [s % 3 for s in range(7)]
+    for i, (mean, std, label) in enumerate(written):
+        got_mean, got_std, got_label = store.read(i)
+        assert torch.equal(got_mean, mean) and torch.equal(got_std, std) and got_label == label
+    with pytest.raises(IndexError):
+        store.read(7)
+
+
+def test_float16_store_and_skipped_items(tmp_path):
+    plan = make_plan(dtype="float16")
+    written = write_store(tmp_path, plan, skip={1, 3, 4, 5})  # shard 1 ends up empty
+    meta = finalize_store(tmp_path, plan)
+    assert meta["count"] == 3 and meta["skipped"] == ["img1.png", "img3.png", "img4.png", "img5.png"]
+    store = LatentStore(tmp_path)
+    assert store.read(2)[0].dtype == torch.float16
+    assert torch.equal(store.read(2)[0], written[2][0])  # item 2 is source 6, in shard 2 after an empty shard
+
+
+def test_dataset_samples_posterior_and_flip_from_seeded_generator(tmp_path):
+    plan = make_plan()
+    written = write_store(tmp_path, plan)
+    finalize_store(tmp_path, plan)
+    dataset = LatentStoreDataset(tmp_path, seed=5)
+    assert dataset.sample_shape == LATENT_SHAPE and dataset.num_classes == 3
+    sides = set()
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        for i, (mean, std, label) in enumerate(written):
+            generator = item_generator(5, epoch, i)
+            side = int(torch.randint(2, (), generator=generator))
+            expected = mean[side] + std[side] * torch.randn(LATENT_SHAPE, generator=generator)
+            latent, got_label = dataset[i]
+            assert latent.dtype == torch.float32 and got_label == label
+            torch.testing.assert_close(latent, expected, rtol=0, atol=0)
+            sides.add(side)
+    assert sides == {0, 1}
+    means = LatentStoreDataset(tmp_path, flip=False, sample_posterior=False)
+    assert torch.equal(means[3][0], written[3][0][0])
+    # Workers receive a pickled copy: open shard handles are dropped and reopened there.
+    dataset.set_epoch(0)
+    copy = pickle.loads(pickle.dumps(dataset))
+    assert torch.equal(copy[4][0], dataset[4][0])
+
+
+def test_open_dataset_recognises_a_store(tmp_path):
+    plan = make_plan()
+    write_store(tmp_path, plan)
+    finalize_store(tmp_path, plan)
+    assert isinstance(open_dataset(tmp_path, image_size=16, vae="ema"), LatentStoreDataset)
+    with pytest.raises(UserError, match="made with VAE 'stabilityai/sd-vae-ft-ema'.*uses 'stabilityai/sd-vae-ft-mse'"):
+        open_dataset(tmp_path, vae="mse")
+
+
+def test_check_compatible(tmp_path):
+    plan = make_plan()
+    write_store(tmp_path, plan)
+    finalize_store(tmp_path, plan)
+    store = LatentStore(tmp_path)
+    store.check_compatible(vae="ema", image_size=16)
+    store.check_compatible(vae="stabilityai/sd-vae-ft-ema")
+    with pytest.raises(UserError, match="16px images, but this run asks for 32px; pass --image-size 16"):
+        store.check_compatible(image_size=32)
+    with pytest.raises(UserError, match="made with VAE"):
+        store.check_compatible(vae=str(tmp_path))
+
+
+def finished_store(tmp_path):
+    plan = make_plan()
+    write_store(tmp_path, plan)
+    finalize_store(tmp_path, plan)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda root: (root / shard_name(1)).unlink(), "shard-00001.safetensors' is missing"),
+        (lambda root: (root / shard_name(0)).write_bytes((root / shard_name(0)).read_bytes()[:-10]), "is damaged"),
+        (
+            lambda root: (root / shard_name(2)).write_bytes((root / shard_name(0)).read_bytes()),
+            "holds 3 items but meta.json says 1",
+        ),
+        (lambda root: (root / "meta.json").write_text("{"), "cannot read"),
+        (lambda root: (root / "meta.json").write_text(json.dumps({"format_version": 99})), "format version 99"),
+    ],
+    ids=["missing-shard", "truncated-shard", "wrong-count", "bad-json", "version"],
+)
+def test_damaged_store_is_rejected(tmp_path, damage, message):
+    damage(finished_store(tmp_path))
+    with pytest.raises(UserError, match=message):
+        LatentStore(tmp_path)
+
+
+def test_not_a_store(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        LatentStore(tmp_path / "nope")
+    with pytest.raises(UserError, match="not a latent store"):
+        LatentStore(tmp_path)
+
+
+def test_writing_refuses_other_settings_and_foreign_folders(tmp_path):
+    plan = make_plan()
+    write_store(tmp_path / "store", plan)
+    (tmp_path / "store" / ".shard-00009.safetensors.x1.tmp").write_bytes(b"half")
+    assert open_for_writing(tmp_path / "store", plan) == []  # all written; stale temporary files removed
+    assert not list((tmp_path / "store").glob(".*.tmp"))
+    with pytest.raises(UserError, match=r"other settings.*image_size: 16 -> 32"):
+        open_for_writing(tmp_path / "store", make_plan(image_size=32))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty and holds no latent store"):
+        open_for_writing(tmp_path / "other", plan)

@@ -1,0 +1,213 @@
+"""The evaluation pipeline end to end, with a randomly initialised Inception saved in the published layout.
+
+The real weights are not downloaded here: the random ones exercise every layer, the resize, the
+batching, the streaming statistics, the file formats and the CLI; only the numbers differ.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fastdit.cli import main
+from fastdit.evaluate import (
+    InceptionFeatureExtractor,
+    compare,
+    compute_statistics,
+    float_images_to_uint8,
+    load_statistics,
+    resize_bilinear_tf1,
+    save_statistics,
+    statistics_for_path,
+)
+from fastdit.evaluate.inception import InceptionV3, load_inception_weights, random_inception_state_dict
+
+IMAGE_SIZE = 32  # small inputs; the resize to 299 makes every image cost the same anyway
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """A random Inception in pytorch-fid's layout: a plain state dict, no `num_batches_tracked`."""
+    path = tmp_path_factory.mktemp("weights") / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(random_inception_state_dict(seed=0), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def extractor(weights_file):
+    return InceptionFeatureExtractor(weights_file, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).integers(0, 256, (8, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+
+
+def test_both_published_layouts_load(weights_file):
+    state = torch.load(weights_file)
+    # torch-fidelity's file: the same torchvision names; BatchNorm bookkeeping may be present.
+    with_bookkeeping = dict(state)
+    for key in [k for k in state if k.endswith("bn.running_var")]:
+        with_bookkeeping[key.replace("running_var", "num_batches_tracked")] = torch.tensor(0)
+    for layout in (state, with_bookkeeping, {"state_dict": state}):
+        model = load_inception_weights(InceptionV3(), layout)
+        assert torch.equal(model.Mixed_6d.branch1x1.conv.weight, state["Mixed_6d.branch1x1.conv.weight"])
+
+
+def test_feature_shapes_and_unbiased_logits(extractor, images):
+    out = extractor(images[:3])
+    assert out.pool.shape == (3, 2048)
+    assert out.spatial.shape == (3, 7 * 17 * 17)  # sFID: mixed_6/conv[..., :7]
+    assert out.logits.shape == (3, 1008)
+    assert out.pool.std() > 0 and out.spatial.std() > 0  # informative, not all zero
+    # ADM's softmax graph multiplies pool_3 by the classifier weight without adding the bias.
+    weight = extractor.model.fc.weight
+    torch.testing.assert_close(out.logits, out.pool @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_spatial_features_are_mixed_6d_branch1x1_in_nhwc_order(extractor, images):
+    captured = []
+    hook = extractor.model.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: captured.append(o))
+    try:
+        out = extractor(images[:2])
+    finally:
+        hook.remove()
+    branch = captured[0]  # (N, 192, 17, 17), after the ReLU
+    expected = branch[:, :7].permute(0, 2, 3, 1).reshape(2, -1)  # TF: spatial[..., :7].reshape(N, -1)
+    torch.testing.assert_close(out.spatial, expected)
+
+
+def tf1_resize_reference(image, size):
+    """TF1 ResizeBilinear, pixel by pixel (align_corners=False, no half-pixel centres)."""
+    in_h, in_w = image.shape
+    out = np.zeros((size, size), np.float32)
+    for i in range(size):
+        for j in range(size):
+            y = np.float32(i) * (np.float32(in_h) / np.float32(size))
+            x = np.float32(j) * (np.float32(in_w) / np.float32(size))
+            y0, x0 = int(np.floor(y)), int(np.floor(x))
+            y1, x1 = min(y0 + 1, in_h - 1), min(x0 + 1, in_w - 1)
+            dy, dx = np.float32(y - y0), np.float32(x - x0)
+            top = image[y0, x0] + (image[y0, x1] - image[y0, x0]) * dx
+            bottom = image[y1, x0] + (image[y1, x1] - image[y1, x0]) * dx
+            out[i, j] = top + (bottom - top) * dy
+    return out
+
+
+def test_resize_has_tf1_semantics():
+    row = torch.tensor([[[[0.0, 10.0], [20.0, 30.0]]]])
+    # TF1 samples at i * in/out = 0, 0.5, 1, 1.5 and clamps the right neighbour.
+    expected = torch.tensor([0.0, 5.0, 10.0, 10.0])
+    torch.testing.assert_close(resize_bilinear_tf1(row, 4)[0, 0, 0], expected)
+    # ... which is not PyTorch's half-pixel bilinear.
+    assert not torch.allclose(F.interpolate(row, size=4, mode="bilinear", align_corners=False)[0, 0, 0], expected)
+
+    image = torch.rand(1, 1, 13, 9, generator=torch.Generator().manual_seed(0)) * 255
+    ours = resize_bilinear_tf1(image, 31)[0, 0].numpy()
+    np.testing.assert_allclose(ours, tf1_resize_reference(image[0, 0].numpy(), 31), rtol=0, atol=1e-4)
+    at_size = torch.rand(2, 3, 299, 299) * 255
+    assert torch.equal(resize_bilinear_tf1(at_size, 299), at_size)  # identity at 299
+
+
+def test_features_do_not_depend_on_batch_size(weights_file, images):
+    batch_of_8 = InceptionFeatureExtractor(weights_file, batch_size=8)(images)
+    batch_of_3 = InceptionFeatureExtractor(weights_file, batch_size=3)(images)
+    for a, b in [(batch_of_8.pool, batch_of_3.pool), (batch_of_8.spatial, batch_of_3.spatial)]:
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # and one image alone gives the same features as inside a batch
+    alone = InceptionFeatureExtractor(weights_file, batch_size=1)(images[5:6])
+    torch.testing.assert_close(alone.pool, batch_of_8.pool[5:6], rtol=1e-4, atol=1e-5)
+
+
+def test_streaming_statistics_equal_all_at_once(extractor, images):
+    features = extractor(images)
+    pool = features.pool.double().numpy()
+    chunks = [images[:1], images[1:4], images[4:]]  # uneven batches, as a sampler may yield
+    stats = compute_statistics(iter(chunks), extractor, pr_subset=5, is_split_size=3)
+    np.testing.assert_allclose(stats.mu, pool.mean(0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(stats.sigma, np.cov(pool, rowvar=False), rtol=1e-5, atol=1e-9)
+    spatial = features.spatial.double().numpy()
+    np.testing.assert_allclose(stats.sigma_s, np.cov(spatial, rowvar=False), rtol=1e-5, atol=1e-9)
+    assert stats.num_images == 8 and stats.image_size == (IMAGE_SIZE, IMAGE_SIZE)
+    np.testing.assert_allclose(stats.pr_features, features.pool[:5].numpy(), rtol=1e-5, atol=1e-6)
+    assert stats.inception_score >= 1.0
+
+
+def test_float_images_to_uint8_matches_dit_sampling():
+    x = torch.tensor([-1.5, -1.0, 0.0, 0.99, 1.0]).view(1, 1, 1, 5).expand(1, 3, 1, 5)
+    assert float_images_to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 128, 254, 255]
+
+
+def write_folder(folder, images):
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:06d}.png")
+    return folder
+
+
+def test_cli_npz_against_folder_of_the_same_images(tmp_path, weights_file, images, capsys):
+    np.savez(tmp_path / "samples.npz", images, np.arange(len(images)))  # arr_0 images, arr_1 labels
+    folder = write_folder(tmp_path / "ref", images)
+    out_json = tmp_path / "metrics.json"
+    argv = ["evaluate", str(tmp_path / "samples.npz"), str(folder), "--inception-weights", str(weights_file)]
+    assert main([*argv, "--out-json", str(out_json), "--no-progress", "--batch-size", "3"]) == 0
+    table = capsys.readouterr().out
+    for name in ("Inception Score", "FID", "sFID", "Precision", "Recall"):
+        assert name in table
+    metrics = json.loads(out_json.read_text())
+    # The same pixels through both readers: identical statistics.
+    assert metrics["fid"] == pytest.approx(0.0, abs=1e-3)
+    assert metrics["sfid"] == pytest.approx(0.0, abs=1e-3)
+    assert metrics["precision"] == 1.0 and metrics["recall"] == 1.0
+    assert metrics["num_samples"] == 8 and metrics["num_reference"] == 8
+
+
+def test_make_ref_then_compare_with_the_statistics_file(tmp_path, weights_file, extractor, images):
+    rng = np.random.default_rng(1)
+    ref_images = rng.integers(0, 128, (8, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)  # darker: a real gap
+    np.savez(tmp_path / "ref.npz", ref_images)
+    weights = ["--inception-weights", str(weights_file), "--no-progress"]
+    assert main(["evaluate", "--make-ref", str(tmp_path / "ref.npz"), str(tmp_path / "ref_stats"), *weights]) == 0
+    stats = load_statistics(tmp_path / "ref_stats.npz")
+    assert stats.num_images == 8 and stats.pr_features.shape == (8, 2048)
+
+    np.savez(tmp_path / "samples.npz", images)
+    for ref in ("ref.npz", "ref_stats.npz"):
+        out = tmp_path / f"{ref}.json"
+        assert main(["evaluate", str(tmp_path / "samples.npz"), str(tmp_path / ref), *weights, "--out-json", str(out)]) == 0
+    from_images, from_stats = (json.loads((tmp_path / f"{r}.json").read_text()) for r in ("ref.npz", "ref_stats.npz"))
+    assert from_images["fid"] > 1e-3
+    for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+        assert from_stats[key] == pytest.approx(from_images[key], rel=1e-6)
+
+
+def test_adm_reference_batch_statistics_are_used(tmp_path, extractor, images):
+    sample_stats = compute_statistics([images], extractor)
+    other = np.random.default_rng(2).integers(0, 256, (6, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    # An ADM reference batch: images plus precomputed moments (here: those of the samples).
+    np.savez(
+        tmp_path / "VIRTUAL_ref.npz",
+        arr_0=other,
+        mu=sample_stats.mu.astype(np.float32),
+        sigma=sample_stats.sigma,
+        mu_s=sample_stats.mu_s,
+        sigma_s=sample_stats.sigma_s,
+    )
+    ref = statistics_for_path(tmp_path / "VIRTUAL_ref.npz", extractor, reference=True, progress=False, pr_subset=4)
+    assert ref.num_images == 6 and ref.pr_features.shape == (4, 2048)  # only 4 images went through Inception
+    metrics = compare(sample_stats, ref)
+    assert metrics["fid"] == pytest.approx(0.0, abs=1e-3)  # precomputed moments, not those of `other`
+    assert metrics["sfid"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_statistics_file_round_trip(tmp_path, extractor, images):
+    stats = compute_statistics([images[:4], images[4:]], extractor)
+    path = save_statistics(stats, tmp_path / "stats.npz")
+    loaded = load_statistics(path)
+    for key in ("mu", "sigma", "mu_s", "sigma_s", "pr_features"):
+        np.testing.assert_array_equal(getattr(loaded, key), getattr(stats, key))
+    assert (loaded.num_images, loaded.image_size, loaded.inception_score) == (8, (32, 32), stats.inception_score)
+    assert not list(tmp_path.glob(".*tmp"))  # written atomically, nothing left behind

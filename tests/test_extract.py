@@ -1,0 +1,210 @@
+"""`fastdit extract` end to end with a tiny VAE: the store, resume, bad input, compatibility checks."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdit.cli import main
+from fastdit.data import LatentStore, LatentStoreDataset, list_image_folder, load_image
+from fastdit.data import latent_store
+from fastdit.data.latent_store import shard_name
+from fastdit.errors import UserError
+from fastdit.latents import load_latent_space, tiny_vae_config
+
+IMAGE_SIZE = 16
+
+
+def save_tiny_vae(folder, seed):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    AutoencoderKL(**tiny_vae_config()).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+    return save_tiny_vae(tmp_path_factory.mktemp("vae"), seed=0)
+
+
+def make_image_folder(root, classes=("cat", "dog", "eel"), per_class=4):
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            height, width = rng.integers(IMAGE_SIZE, 3 * IMAGE_SIZE, size=2)
+            Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def images(tmp_path):
+    return make_image_folder(tmp_path / "images")
+
+
+def extract(data, store, vae, *extra):
+    argv = ["extract", "--data-path", str(data), "--features-path", str(store), "--image-size", str(IMAGE_SIZE),
+            "--vae", vae, "--batch-size", "2", "--shard-size", "5", "--num-workers", "0", "--no-progress", *extra]
+    return main(argv)
+
+
+def read_all(store):
+    """meta.json and every tensor of every shard."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((store / "meta.json").read_text())
+    shards = [load_file(store / shard["file"]) for shard in meta["shards"]]
+    return meta, shards
+
+
+def assert_same_store(a, b, atol=0.0):
+    meta_a, shards_a = read_all(a)
+    meta_b, shards_b = read_all(b)
+    assert meta_a == meta_b
+    for shard_a, shard_b in zip(shards_a, shards_b, strict=True):
+        assert shard_a.keys() == shard_b.keys()
+        for key in shard_a:
+            torch.testing.assert_close(shard_a[key], shard_b[key], rtol=0, atol=atol)
+
+
+def test_extract_writes_moments_of_image_and_flip(images, tmp_path, tiny_vae, capsys):
+    store = tmp_path / "store"
+    assert extract(images, store, tiny_vae, "--dtype", "float32") == 0
+    assert "12 images in 3 shard(s)" in capsys.readouterr().out
+    loaded = LatentStore(store)
+    assert len(loaded) == 12 and loaded.class_names == ["cat", "dog", "eel"] and loaded.latent_shape == (4, 2, 2)
+    assert loaded.meta["vae"] == os.path.realpath(tiny_vae)
+    assert loaded.meta["scale_factor"] == 0.18215 and loaded.meta["dtype"] == "float32"
+    index = list_image_folder(images)
+    assert loaded.labels.tolist() == index.labels
+    # Item 7 against a direct encoding of the centre-cropped image and its mirror.
+    space = load_latent_space(tiny_vae)
+    image = load_image(images / index.files[7], IMAGE_SIZE)
+    mean, std = space.encode_moments(torch.stack([image, image.flip(-1)]))
+    got_mean, got_std, label = loaded.read(7)
+    torch.testing.assert_close(got_mean, mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_std, std, rtol=1e-4, atol=1e-5)
+    assert label == index.labels[7] == 1
+    latent, label = LatentStoreDataset(store)[0]
+    assert latent.shape == (4, 2, 2) and label == 0
+
+
+def test_killed_extraction_resumes_to_the_same_store(images, tmp_path, tiny_vae, monkeypatch, capsys):
+    extract(images, tmp_path / "reference", tiny_vae)
+
+    real_write = latent_store.write_shard
+    written = []
+
+    def write_then_die(folder, shard, **tensors):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # as if killed while encoding the third shard
+        written.append(shard)
+        return real_write(folder, shard, **tensors)
+
+    store = tmp_path / "store"
+    monkeypatch.setattr(latent_store, "write_shard", write_then_die)
+    assert extract(images, store, tiny_vae) == 130
+    assert sorted(p.name for p in store.iterdir()) == ["plan.json", *map(shard_name, (0, 1))]
+    with pytest.raises(UserError, match="unfinished"):
+        LatentStore(store)
+    (store / ".shard-00002.safetensors.abc123.tmp").write_bytes(b"half a shard")  # what SIGKILL leaves
+
+    written.clear()
+    def write_and_record(folder, shard, **tensors):
+        written.append(shard)
+        return real_write(folder, shard, **tensors)
+
+    monkeypatch.setattr(latent_store, "write_shard", write_and_record)
+    assert extract(images, store, tiny_vae) == 0
+    assert written == [2]  # only the missing shard is encoded again
+    assert not list(store.glob(".*.tmp"))
+    assert_same_store(store, tmp_path / "reference")
+
+    capsys.readouterr()
+    assert extract(images, store, tiny_vae) == 0  # a finished store: checked, nothing re-encoded
+    assert written == [2] and "nothing left to encode" in capsys.readouterr().out
+
+
+def cli_error(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_missing_or_empty_data_folder(tmp_path, tiny_vae, capsys):
+    store = tmp_path / "store"
+    args = ["extract", "--features-path", str(store), "--vae", tiny_vae, "--data-path"]
+    err = cli_error(capsys, *args, str(tmp_path / "nope"))
+    assert "fastdit extract: error: data folder" in err and "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    err = cli_error(capsys, *args, str(tmp_path / "empty"))
+    assert "no class subfolders" in err
+    assert not store.exists()
+
+
+def test_settings_that_cannot_work_are_refused(images, tmp_path, tiny_vae, capsys):
+    base = ["extract", "--data-path", str(images), "--features-path", str(tmp_path / "s"), "--vae", tiny_vae]
+    assert "not divisible by 8" in cli_error(capsys, *base, "--image-size", "12")
+    assert "--batch-size must be a positive integer, got 0" in cli_error(capsys, *base, "--batch-size", "0")
+    assert "is not a diffusers AutoencoderKL folder" in cli_error(capsys, *base[:-1], str(tmp_path))
+
+
+def test_rerun_with_other_settings_keeps_the_store(images, tmp_path, tiny_vae, capsys):
+    store = tmp_path / "store"
+    extract(images, store, tiny_vae)
+    before = read_all(store)
+    with pytest.raises(SystemExit):
+        main(["extract", "--data-path", str(images), "--features-path", str(store), "--vae", tiny_vae,
+              "--image-size", "32", "--shard-size", "5", "--no-progress", "--num-workers", "0"])
+    assert "image_size: 16 -> 32" in capsys.readouterr().err
+    (images / "cat" / "extra.png").write_bytes((images / "cat" / "0.png").read_bytes())
+    with pytest.raises(SystemExit):
+        extract(images, store, tiny_vae)
+    assert "files_digest" in capsys.readouterr().err
+    after = read_all(store)
+    assert before[0] == after[0] and all(torch.equal(a[k], b[k]) for a, b in zip(before[1], after[1]) for k in a)
+
+
+def test_corrupt_images_are_named_then_skipped_on_request(images, tmp_path, tiny_vae, capsys):
+    (images / "dog" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n but then garbage")
+    store = tmp_path / "store"
+    err = cli_error(capsys, "extract", "--data-path", str(images), "--features-path", str(store), "--vae", tiny_vae,
+                    "--image-size", str(IMAGE_SIZE), "--shard-size", "5", "--num-workers", "0", "--no-progress")
+    assert "1 image(s) could not be decoded: 'dog/2.png'" in err and "--skip-corrupt" in err
+    # dog/2.png is source 6, in shard 1; shards 0 and 2 are written and kept.
+    assert sorted(p.name for p in store.glob("shard-*")) == ["shard-00000.safetensors", "shard-00002.safetensors"]
+
+    assert extract(images, store, tiny_vae, "--skip-corrupt") == 0
+    assert "11 images in 3 shard(s), 1 corrupt image(s) skipped" in capsys.readouterr().out
+    loaded = LatentStore(store)
+    assert len(loaded) == 11 and loaded.meta["skipped"] == ["dog/2.png"]
+    from safetensors.torch import load_file
+
+    assert load_file(store / "shard-00001.safetensors")["source"].tolist() == [5, 7, 8, 9]
+
+
+def test_check_compatible_after_extraction(images, tmp_path, tiny_vae):
+    store = tmp_path / "store"
+    extract(images, store, tiny_vae)
+    other_vae = save_tiny_vae(tmp_path / "other-vae", seed=1)
+    loaded = LatentStore(store)
+    loaded.check_compatible(vae=tiny_vae, image_size=IMAGE_SIZE)
+    with pytest.raises(UserError, match="other-vae"):
+        loaded.check_compatible(vae=other_vae)
+    with pytest.raises(UserError, match="pass --image-size 16"):
+        LatentStoreDataset(store, vae=tiny_vae, image_size=256)
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["extract", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--data-path", "--features-path", "--image-size", "--vae", "--batch-size", "--shard-size",
+                 "--num-workers", "--dtype", "--skip-corrupt", "--device"):
+        assert flag in out

@@ -1,0 +1,35 @@
+"""Two processes under torchrun (gloo, CPU) write the same store as one process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from fastdit.cli import main
+from test_extract import IMAGE_SIZE, assert_same_store, make_image_folder, save_tiny_vae
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_two_processes_write_the_same_store_as_one(tmp_path):
+    images = make_image_folder(tmp_path / "images", per_class=5)  # 15 images: 4 shards of 4, the last of 3
+    vae = save_tiny_vae(tmp_path / "vae", seed=0)
+    common = ["--data-path", str(images), "--image-size", str(IMAGE_SIZE), "--vae", vae, "--batch-size", "3",
+              "--shard-size", "4", "--num-workers", "0", "--dtype", "float32", "--no-progress"]
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*torchrun, "-m", "fastdit", "extract", "--features-path", str(tmp_path / "two"), "--device", "cpu", *common],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Printed once, by rank 0, with the image count summed over both processes.
+    assert result.stdout.count("latent store") == 1 and "15 encoded" in result.stdout, result.stdout
+
+    assert main(["extract", "--features-path", str(tmp_path / "one"), *common]) == 0
+    # torchrun runs each process with one thread; a different thread count may reorder float sums.
+    assert_same_store(tmp_path / "one", tmp_path / "two", atol=1e-5)
+    assert load_file(tmp_path / "two" / "shard-00003.safetensors")["source"].tolist() == [12, 13, 14]

@@ -1,0 +1,216 @@
+"""`fastdit sample-ddp`: the same .npz from 1 or 2 processes, after a kill, and as ADM's evaluator reads it."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdit.checkpoint import LatentInfo, ModelInfo, export_weights
+from fastdit.cli import main
+from fastdit.models import build_model
+from fastdit.sample_ddp import labels_for, uniform_label, write_adm_npz
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_IMAGES, NUM_CLASSES = 10, 4
+# 10 images in chunks of 4 (the last one of 2); 3 DDPM steps with guidance: a second per run on a CPU.
+RUN = ["--num-fid-samples", str(NUM_IMAGES), "--chunk-size", "4", "--num-sampling-steps", "3", "--cfg-scale", "1.5",
+       "--seed", "7", "--device", "cpu", "--no-progress"]
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    model = build_model("DiT-T/2", input_size=8, in_channels=3, depth=1, num_classes=NUM_CLASSES)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    export_weights(model, ModelInfo(config=model.config, latent=LatentInfo(kind="pixels", vae=None)), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt, tmp_path_factory) -> Path:
+    """One process, in this process, batches of 3: the file every other way of running must reproduce."""
+    out = tmp_path_factory.mktemp("reference") / "samples.npz"
+    assert main(["sample-ddp", "--ckpt", tiny_ckpt, "--out", str(out), "--batch-size", "3", *RUN]) == 0
+    return out
+
+
+def torchrun_env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+# ------------------------------------------------------------------------------------------------
+# labels and the .npz writer
+# ------------------------------------------------------------------------------------------------
+
+
+def test_labels_depend_only_on_seed_and_index():
+    whole = labels_for(range(100), seed=3, num_classes=10)
+    pieces = np.concatenate([labels_for(range(a, min(a + 7, 100)), seed=3, num_classes=10) for a in range(0, 100, 7)])
+    assert np.array_equal(whole, pieces) and whole.dtype == np.int64
+    assert not np.array_equal(whole, labels_for(range(100), seed=4, num_classes=10))
+    # Pinned values: the rule is part of the output format, a change must be deliberate.
+    assert [uniform_label(0, i, 1000) for i in range(4)] == labels_for(range(4), seed=0, num_classes=1000).tolist()
+    assert labels_for(range(5), seed=0, num_classes=3, class_labels=[2, 0]).tolist() == [2, 0, 2, 0, 2]
+
+
+def test_labels_are_uniform_over_classes():
+    counts = np.bincount(labels_for(range(8000), seed=0, num_classes=8), minlength=8)
+    assert counts.min() > 850 and counts.max() < 1150, counts  # 1000 ± 4.5 sigma
+
+
+def test_streamed_npz_reads_like_np_savez(tmp_path):
+    rng = np.random.default_rng(0)
+    parts = [(rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8), np.arange(n) + 10 * k) for k, n in enumerate([3, 1, 2])]
+    write_adm_npz(tmp_path / "a.npz", iter(parts), count=6, image_shape=(4, 4, 3))
+    np.savez(tmp_path / "b.npz", np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert a.files == b.files == ["arr_0", "arr_1"]
+    for key in a.files:
+        assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key])
+    # The same parts give the same bytes (no timestamps in the file).
+    write_adm_npz(tmp_path / "c.npz", iter(parts), count=6, image_shape=(4, 4, 3))
+    assert sha256(tmp_path / "a.npz") == sha256(tmp_path / "c.npz")
+
+
+def test_streamed_npz_refuses_a_wrong_count_and_leaves_nothing(tmp_path):
+    parts = [(np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2))]
+    with pytest.raises(ValueError, match="2 rows"):
+        write_adm_npz(tmp_path / "a.npz", iter(parts), count=3, image_shape=(4, 4, 3))
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# the command
+# ------------------------------------------------------------------------------------------------
+
+
+def test_output_opens_as_the_adm_evaluator_reads_it(reference, tiny_ckpt):
+    images = np.load(reference)["arr_0"]  # how ADM's evaluator.py reads samples
+    labels = np.load(reference)["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (NUM_IMAGES, 8, 8, 3)
+    assert labels.dtype == np.int64 and labels.tolist() == labels_for(range(NUM_IMAGES), seed=7, num_classes=NUM_CLASSES).tolist()
+    assert images.std() > 0
+    assert not reference.with_suffix(".parts").exists()  # chunks are dropped once assembled
+    assert reference.with_suffix(".json").exists()
+
+
+def test_two_processes_write_the_same_file_as_one(reference, tiny_ckpt, tmp_path):
+    out = tmp_path / "two.npz"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*torchrun, "-m", "fastdit", "sample-ddp", "--ckpt", tiny_ckpt, "--out", str(out), "--batch-size", "2",
+         "--png-dir", str(tmp_path / "png"), *RUN],
+        env=torchrun_env(), cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote") == 1 and "on 2 process(es)" in result.stdout, result.stdout  # rank 0 only
+    # Other process count, other batch size, other thread count: byte for byte the same file.
+    assert sha256(out) == sha256(reference)
+    images = np.load(out)["arr_0"]
+    pngs = sorted((tmp_path / "png").iterdir())
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(NUM_IMAGES)]
+    assert all(np.array_equal(np.asarray(Image.open(p)), image) for p, image in zip(pngs, images))
+
+
+KILL_AFTER_FIRST_CHUNK = """
+import sys, time
+import fastdit.sample_ddp.workdir as workdir
+write_chunk = workdir.write_chunk
+def write_then_hang(*args, **kwargs):  # the first chunk lands on disk, then we wait for SIGKILL
+    write_chunk(*args, **kwargs)
+    time.sleep(600)
+workdir.write_chunk = write_then_hang
+from fastdit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_killed_run_continues_to_the_same_file(reference, tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "killed.npz"
+    command = ["sample-ddp", "--ckpt", tiny_ckpt, "--out", str(out), "--batch-size", "4", *RUN]
+    parts = out.with_suffix(".parts")
+    process = subprocess.Popen([sys.executable, "-c", KILL_AFTER_FIRST_CHUNK, *command], env=torchrun_env(), cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not (parts / "chunk-00000000-00000004.npz").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before writing a chunk"
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert not out.exists()
+    (parts / ".chunk-00000004-00000008.npz.abc123.tmp").write_bytes(b"PK\x03")  # as if killed mid-write
+
+    with pytest.raises(SystemExit) as exit_info:  # another seed must not be mixed in
+        main([*command, "--seed", "8"])
+    assert exit_info.value.code == 2
+    assert "was started with other settings (seed: 7 -> 8)" in capsys.readouterr().err
+
+    assert main(command) == 0
+    assert "sampled 6 now" in capsys.readouterr().out  # 10 images, 4 were on disk
+    assert sha256(out) == sha256(reference)
+    assert not parts.exists()
+
+
+def test_rerun_of_a_finished_output_does_nothing_and_other_settings_are_refused(reference, tiny_ckpt, capsys):
+    before = sha256(reference)
+    assert main(["sample-ddp", "--ckpt", tiny_ckpt, "--out", str(reference), "--batch-size", "5", *RUN]) == 0
+    assert "nothing to do" in capsys.readouterr().out and sha256(reference) == before
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample-ddp", "--ckpt", tiny_ckpt, "--out", str(reference), *RUN, "--num-fid-samples", "12"])
+    assert exit_info.value.code == 2
+    assert "already written with other settings (num_samples: 10 -> 12)" in capsys.readouterr().err
+    assert sha256(reference) == before
+
+
+def test_given_class_labels_are_cycled(tiny_ckpt, tmp_path):
+    out = tmp_path / "given.npz"
+    run = [a if a != str(NUM_IMAGES) else "5" for a in RUN]
+    assert main(["sample-ddp", "--ckpt", tiny_ckpt, "--out", str(out), "--class-labels", "3", "1", *run]) == 0
+    assert np.load(out)["arr_1"].tolist() == [3, 1, 3, 1, 3]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-fid-samples", "0"], "--num-fid-samples must be a positive integer, got 0"),
+        (["--num-fid-samples", "-5"], "--num-fid-samples must be a positive integer, got -5"),
+        (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+        (["--chunk-size", "-1"], "--chunk-size must be a positive integer, got -1"),
+        (["--out", "samples.png"], "should end in .npz"),
+        (["--class-labels", "4"], "class label 4 is outside [0, 4)"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(tiny_ckpt, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample-ddp", "--ckpt", tiny_ckpt, "--out", str(tmp_path / "s.npz"), *RUN, *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_output_that_is_not_ours_is_refused(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    np.savez(out, np.zeros((1, 8, 8, 3), np.uint8))
+    with pytest.raises(SystemExit):
+        main(["sample-ddp", "--ckpt", tiny_ckpt, "--out", str(out), *RUN])
+    assert "was not written by `fastdit sample-ddp`" in capsys.readouterr().err
+
+
+def test_help_works(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample-ddp", "--help"])
+    assert exit_info.value.code == 0 and "--num-fid-samples" in capsys.readouterr().out
