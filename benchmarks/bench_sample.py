@@ -57,25 +57,30 @@ def main(argv=None) -> int:
 
     info = dist.init_from_env(args.device)
     args.device = str(info.device)
-    loaded = load_for_sampling(args)  # once: every measurement samples from the same weights
+    # Once for every measurement; rank 0 first, so that official weights are downloaded only once.
+    loaded = load_for_sampling(args) if info.is_main else None
+    dist.barrier()
+    loaded = loaded or load_for_sampling(args)
     model, model_info, latent_space, device = loaded
-    # Under torchrun every process must use the same folder; the run id is shared by the processes of one job.
-    scratch = Path(args.scratch or Path(tempfile.gettempdir()) / f"fastdit-bench-sample-{os.environ.get('TORCHELASTIC_RUN_ID', os.getpid())}")
+    # Every process of one torchrun job must use the same folder: they share the run id.
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", str(os.getpid()))
+    scratch = Path(args.scratch or Path(tempfile.gettempdir()) / f"fastdit-bench-sample-{run_id}")
 
     rows = []
     for sampler, num_steps in zip(args.samplers, steps):
         options = SamplingOptions(sampler=sampler, num_steps=num_steps, cfg_scale=args.cfg_scale)
         for batch_size in args.batch_sizes:
-            # Warm-up (kernel selection, allocator) on one batch, untimed.
-            warm = range(batch_size)
-            generate(model, latent_space, labels_for(warm, seed=0, num_classes=model_info.config.num_classes),
-                     options=SamplingOptions(sampler=sampler, num_steps=2, cfg_scale=args.cfg_scale), indices=warm, device=device)
-            job = SampleJob(out=scratch / f"{sampler}-{num_steps}-{batch_size}.npz", num_samples=args.num_fid_samples,
-                            options=options, batch_size=batch_size,
-                            chunk_size=max(1, args.num_fid_samples // (4 * info.world_size)), progress=False)
-            if info.is_main:  # a leftover from an interrupted benchmark would be "resumed", not timed
-                for stale in (job.out, job.out.with_suffix(".json"), job.out.with_suffix(".parts")):
-                    shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+            warm_up(model, latent_space, model_info, options, batch_size, device)
+            job = SampleJob(
+                out=scratch / f"{sampler}-{num_steps}-{batch_size}.npz",
+                num_samples=args.num_fid_samples,
+                options=options,
+                batch_size=batch_size,
+                chunk_size=max(1, args.num_fid_samples // (4 * info.world_size)),  # 4 chunks per process
+                progress=False,
+            )
+            if info.is_main:  # a leftover of an interrupted benchmark would be resumed, not timed
+                shutil.rmtree(scratch, ignore_errors=True)
             dist.barrier()
             report = sample_ddp(job, lambda: loaded, info)
             if report is not None:
@@ -89,13 +94,24 @@ def main(argv=None) -> int:
     return 0
 
 
+def warm_up(model, latent_space, model_info, options: SamplingOptions, batch_size: int, device) -> None:
+    """One untimed batch of two steps: kernel selection and the allocator settle before the clock starts."""
+    indices = range(batch_size)
+    labels = labels_for(indices, seed=0, num_classes=model_info.config.num_classes)
+    short = SamplingOptions(sampler=options.sampler, num_steps=2, cfg_scale=options.cfg_scale)
+    generate(model, latent_space, labels, options=short, indices=indices, device=device)
+
+
 def print_table(rows, model_info, device: str) -> None:
     from fastdit.models import preset_of
 
     model = preset_of(model_info.config) or "custom DiT"
-    print(f"\nsample-ddp throughput: {model}, {model_info.image_size}x{model_info.image_size}, {model_info.config.num_classes} classes, on {device}")
+    size = f"{model_info.image_size}x{model_info.image_size}"
+    print(f"\nsample-ddp throughput: {model}, {size}, {model_info.config.num_classes} classes, on {device}")
     header = ("sampler", "steps", "cfg", "batch/proc", "procs", "images", "seconds", "images/s", "images/s/proc")
-    table = [header] + [(s, str(n), f"{c:g}", str(b), str(w), str(i), f"{t:.2f}", f"{r:.2f}", f"{p:.2f}") for s, n, c, b, w, i, t, r, p in rows]
+    table = [header] + [
+        (s, str(n), f"{c:g}", str(b), str(w), str(i), f"{t:.2f}", f"{r:.2f}", f"{p:.2f}") for s, n, c, b, w, i, t, r, p in rows
+    ]
     widths = [max(len(row[k]) for row in table) for k in range(len(header))]
     for k, row in enumerate(table):
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))

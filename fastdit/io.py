@@ -29,6 +29,25 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_can_create(path: str | os.PathLike) -> None:
+    """Raise a UserError unless `path` exists as a writable folder or could be created as one.
+    Creates nothing: it probes the nearest existing ancestor with a temporary file (a real probe,
+    since root passes os.access checks even on read-only or pseudo file systems)."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    ok = existing.is_dir()
+    if ok:
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError:
+            ok = False
+    if not ok:
+        raise UserError(f"cannot write into {str(path)!r}: {str(existing)!r} is not a writable folder; choose another location")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it to `path`, on error delete it."""

@@ -3,10 +3,13 @@ import os
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official-dit"
+IMAGE_SIZE = 16
 
 
 @pytest.fixture(autouse=True)
@@ -51,3 +54,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
         if "network" in item.keywords and not network:
             item.add_marker(pytest.mark.skip(reason="needs the network (set FASTDIT_NETWORK_TESTS=1)"))
+
+
+def save_tiny_vae(folder, seed):
+    from diffusers import AutoencoderKL
+
+    from fastdit.latents import tiny_vae_config
+
+    torch.manual_seed(seed)
+    AutoencoderKL(**tiny_vae_config()).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+    return save_tiny_vae(tmp_path_factory.mktemp("vae"), seed=0)
+
+
+def make_image_folder(root, classes=("cat", "dog", "eel"), per_class=4):
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            height, width = rng.integers(IMAGE_SIZE, 3 * IMAGE_SIZE, size=2)
+            Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root

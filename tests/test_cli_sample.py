@@ -82,7 +82,7 @@ def test_vae_sample_ddim_with_official_guidance(tmp_path, vae_setup, capsys):
         (["--class-labels", "3", "10"], "class label 10 is outside [0, 10)"),
         (["--cfg-scale", "0.5"], "cfg scale 0.5 < 1"),
         (["--sampler", "ddim", "--eta", "2"], "DDIM eta must be in [0, 1]"),
-        (["--num-sampling-steps", "0"], "number of sampling steps must be in [1, 1000]"),
+        (["--num-sampling-steps", "0"], "number of sampling steps must be in [2, 1000]"),
         (["--image-size", "16"], "trained at image size 8; use --image-size 8"),
         (["--out", "/proc/forbidden/x.png"], "is not a writable folder"),
         (["--out", "grid.jpg"], "should end in .png"),

@@ -14,10 +14,12 @@ from PIL import Image
 
 from fastdit.cli import main
 from fastdit.evaluate import (
+    EvalStatistics,
     InceptionFeatureExtractor,
     compare,
     compute_statistics,
     float_images_to_uint8,
+    inception_score,
     load_statistics,
     resize_bilinear_tf1,
     save_statistics,
@@ -43,7 +45,8 @@ def extractor(weights_file):
 
 @pytest.fixture(scope="module")
 def images():
-    return np.random.default_rng(0).integers(0, 256, (8, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    # 5 images: the fewest for which precision/recall with k=3 is defined on both sides.
+    return np.random.default_rng(0).integers(0, 256, (5, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
 
 
 def test_both_published_layouts_load(weights_file):
@@ -113,27 +116,28 @@ def test_resize_has_tf1_semantics():
 
 
 def test_features_do_not_depend_on_batch_size(weights_file, images):
-    batch_of_8 = InceptionFeatureExtractor(weights_file, batch_size=8)(images)
-    batch_of_3 = InceptionFeatureExtractor(weights_file, batch_size=3)(images)
-    for a, b in [(batch_of_8.pool, batch_of_3.pool), (batch_of_8.spatial, batch_of_3.spatial)]:
+    batch_of_5 = InceptionFeatureExtractor(weights_file, batch_size=5)(images)
+    batch_of_2 = InceptionFeatureExtractor(weights_file, batch_size=2)(images)  # 2 + 2 + 1
+    for a, b in [(batch_of_5.pool, batch_of_2.pool), (batch_of_5.spatial, batch_of_2.spatial)]:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     # and one image alone gives the same features as inside a batch
-    alone = InceptionFeatureExtractor(weights_file, batch_size=1)(images[5:6])
-    torch.testing.assert_close(alone.pool, batch_of_8.pool[5:6], rtol=1e-4, atol=1e-5)
+    alone = InceptionFeatureExtractor(weights_file, batch_size=1)(images[3:4])
+    torch.testing.assert_close(alone.logits, batch_of_5.logits[3:4], rtol=1e-4, atol=1e-5)
 
 
 def test_streaming_statistics_equal_all_at_once(extractor, images):
     features = extractor(images)
     pool = features.pool.double().numpy()
     chunks = [images[:1], images[1:4], images[4:]]  # uneven batches, as a sampler may yield
-    stats = compute_statistics(iter(chunks), extractor, pr_subset=5, is_split_size=3)
+    stats = compute_statistics(iter(chunks), extractor, pr_subset=3, is_split_size=2)
     np.testing.assert_allclose(stats.mu, pool.mean(0), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(stats.sigma, np.cov(pool, rowvar=False), rtol=1e-5, atol=1e-9)
     spatial = features.spatial.double().numpy()
     np.testing.assert_allclose(stats.sigma_s, np.cov(spatial, rowvar=False), rtol=1e-5, atol=1e-9)
-    assert stats.num_images == 8 and stats.image_size == (IMAGE_SIZE, IMAGE_SIZE)
-    np.testing.assert_allclose(stats.pr_features, features.pool[:5].numpy(), rtol=1e-5, atol=1e-6)
-    assert stats.inception_score >= 1.0
+    assert stats.num_images == 5 and stats.image_size == (IMAGE_SIZE, IMAGE_SIZE)
+    np.testing.assert_allclose(stats.pr_features, features.pool[:3].numpy(), rtol=1e-5, atol=1e-6)
+    expected_is = inception_score(features.logits, split_size=2)  # splits of 2, 2, 1 across the batches
+    assert stats.inception_score == pytest.approx(expected_is, rel=1e-6)
 
 
 def test_float_images_to_uint8_matches_dit_sampling():
@@ -162,52 +166,51 @@ def test_cli_npz_against_folder_of_the_same_images(tmp_path, weights_file, image
     assert metrics["fid"] == pytest.approx(0.0, abs=1e-3)
     assert metrics["sfid"] == pytest.approx(0.0, abs=1e-3)
     assert metrics["precision"] == 1.0 and metrics["recall"] == 1.0
-    assert metrics["num_samples"] == 8 and metrics["num_reference"] == 8
+    assert metrics["num_samples"] == 5 and metrics["num_reference"] == 5
 
 
-def test_make_ref_then_compare_with_the_statistics_file(tmp_path, weights_file, extractor, images):
-    rng = np.random.default_rng(1)
-    ref_images = rng.integers(0, 128, (8, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)  # darker: a real gap
+def assert_same_statistics(a, b, rtol=1e-6):
+    for key in ("mu", "sigma", "mu_s", "sigma_s", "pr_features"):
+        np.testing.assert_allclose(getattr(a, key), getattr(b, key), rtol=rtol, atol=1e-9)
+    assert (a.num_images, a.image_size) == (b.num_images, b.image_size)
+
+
+def test_make_ref_writes_what_the_images_give(tmp_path, weights_file, extractor):
+    ref_images = np.random.default_rng(1).integers(0, 128, (3, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     np.savez(tmp_path / "ref.npz", ref_images)
-    weights = ["--inception-weights", str(weights_file), "--no-progress"]
-    assert main(["evaluate", "--make-ref", str(tmp_path / "ref.npz"), str(tmp_path / "ref_stats"), *weights]) == 0
-    stats = load_statistics(tmp_path / "ref_stats.npz")
-    assert stats.num_images == 8 and stats.pr_features.shape == (8, 2048)
-
-    np.savez(tmp_path / "samples.npz", images)
-    for ref in ("ref.npz", "ref_stats.npz"):
-        out = tmp_path / f"{ref}.json"
-        assert main(["evaluate", str(tmp_path / "samples.npz"), str(tmp_path / ref), *weights, "--out-json", str(out)]) == 0
-    from_images, from_stats = (json.loads((tmp_path / f"{r}.json").read_text()) for r in ("ref.npz", "ref_stats.npz"))
-    assert from_images["fid"] > 1e-3
-    for key in ("fid", "sfid", "inception_score", "precision", "recall"):
-        assert from_stats[key] == pytest.approx(from_images[key], rel=1e-6)
+    argv = ["evaluate", "--make-ref", str(tmp_path / "ref.npz"), str(tmp_path / "ref_stats")]
+    assert main([*argv, "--inception-weights", str(weights_file), "--no-progress"]) == 0
+    from_file = statistics_for_path(tmp_path / "ref_stats.npz", extractor=None)  # no network needed
+    from_images = statistics_for_path(tmp_path / "ref.npz", extractor, progress=False)
+    assert_same_statistics(from_file, from_images)
+    assert from_file.pr_features.shape == (3, 2048)
 
 
 def test_adm_reference_batch_statistics_are_used(tmp_path, extractor, images):
-    sample_stats = compute_statistics([images], extractor)
-    other = np.random.default_rng(2).integers(0, 256, (6, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    # An ADM reference batch: images plus precomputed moments (here: those of the samples).
-    np.savez(
-        tmp_path / "VIRTUAL_ref.npz",
-        arr_0=other,
-        mu=sample_stats.mu.astype(np.float32),
-        sigma=sample_stats.sigma,
-        mu_s=sample_stats.mu_s,
-        sigma_s=sample_stats.sigma_s,
-    )
-    ref = statistics_for_path(tmp_path / "VIRTUAL_ref.npz", extractor, reference=True, progress=False, pr_subset=4)
-    assert ref.num_images == 6 and ref.pr_features.shape == (4, 2048)  # only 4 images went through Inception
-    metrics = compare(sample_stats, ref)
-    assert metrics["fid"] == pytest.approx(0.0, abs=1e-3)  # precomputed moments, not those of `other`
-    assert metrics["sfid"] == pytest.approx(0.0, abs=1e-3)
+    rng = np.random.default_rng(2)
+    mu, mu_s = rng.standard_normal(2048), rng.standard_normal(2023)
+    sigma, sigma_s = np.eye(2048) * 2.0, np.eye(2023) * 3.0
+    # An ADM reference batch: images plus precomputed moments (unrelated to the images here).
+    np.savez(tmp_path / "VIRTUAL_ref.npz", arr_0=images, mu=mu.astype(np.float32), sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    ref = statistics_for_path(tmp_path / "VIRTUAL_ref.npz", extractor, reference=True, progress=False, pr_subset=2)
+    np.testing.assert_allclose(ref.mu, mu.astype(np.float32))
+    np.testing.assert_array_equal(ref.sigma_s, sigma_s)
+    assert ref.num_images == 5 and ref.image_size == (IMAGE_SIZE, IMAGE_SIZE)
+    # Only the 2 images needed for precision/recall went through Inception.
+    np.testing.assert_allclose(ref.pr_features, extractor(images[:2]).pool.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_statistics_file_round_trip(tmp_path, extractor, images):
-    stats = compute_statistics([images[:4], images[4:]], extractor)
-    path = save_statistics(stats, tmp_path / "stats.npz")
+def test_statistics_file_round_trip(tmp_path):
+    rng = np.random.default_rng(3)
+    pool, spatial = rng.random((4, 2048)), rng.random((4, 2023))
+    stats = EvalStatistics(
+        mu=pool.mean(0), sigma=np.cov(pool, rowvar=False), mu_s=spatial.mean(0), sigma_s=np.cov(spatial, rowvar=False),
+        num_images=4, image_size=(32, 32), pr_features=pool.astype(np.float32), inception_score=1.5,
+    )  # fmt: skip
+    path = save_statistics(stats, tmp_path / "stats")
+    assert path.name == "stats.npz"
     loaded = load_statistics(path)
     for key in ("mu", "sigma", "mu_s", "sigma_s", "pr_features"):
         np.testing.assert_array_equal(getattr(loaded, key), getattr(stats, key))
-    assert (loaded.num_images, loaded.image_size, loaded.inception_score) == (8, (32, 32), stats.inception_score)
+    assert (loaded.num_images, loaded.image_size, loaded.inception_score) == (4, (32, 32), 1.5)
     assert not list(tmp_path.glob(".*tmp"))  # written atomically, nothing left behind

@@ -13,32 +13,11 @@ from fastdit.data import LatentStore, LatentStoreDataset, list_image_folder, loa
 from fastdit.data import latent_store
 from fastdit.data.latent_store import shard_name
 from fastdit.errors import UserError
-from fastdit.latents import load_latent_space, tiny_vae_config
+from fastdit.latents import load_latent_space
+
+from conftest import make_image_folder, save_tiny_vae
 
 IMAGE_SIZE = 16
-
-
-def save_tiny_vae(folder, seed):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    AutoencoderKL(**tiny_vae_config()).save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="session")
-def tiny_vae(tmp_path_factory):
-    return save_tiny_vae(tmp_path_factory.mktemp("vae"), seed=0)
-
-
-def make_image_folder(root, classes=("cat", "dog", "eel"), per_class=4):
-    rng = np.random.default_rng(0)
-    for name in classes:
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            height, width = rng.integers(IMAGE_SIZE, 3 * IMAGE_SIZE, size=2)
-            Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
-    return root
 
 
 @pytest.fixture

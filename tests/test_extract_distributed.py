@@ -8,7 +8,8 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from fastdit.cli import main
-from test_extract import IMAGE_SIZE, assert_same_store, make_image_folder, save_tiny_vae
+from conftest import make_image_folder, save_tiny_vae
+from test_extract import IMAGE_SIZE, assert_same_store
 
 REPO = Path(__file__).resolve().parents[1]
 

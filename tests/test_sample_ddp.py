@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,12 @@ def test_output_opens_as_the_adm_evaluator_reads_it(reference, tiny_ckpt):
     assert images.dtype == np.uint8 and images.shape == (NUM_IMAGES, 8, 8, 3)
     assert labels.dtype == np.int64 and labels.tolist() == labels_for(range(NUM_IMAGES), seed=7, num_classes=NUM_CLASSES).tolist()
     assert images.std() > 0
+    # ADM's evaluator can also stream arr_0 out of the zip: a plain .npy entry, C order, uint8.
+    with zipfile.ZipFile(reference) as archive, archive.open("arr_0.npy") as entry:
+        assert np.lib.format.read_magic(entry) == (1, 0)
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(entry)
+        assert (shape, fortran_order, dtype) == (images.shape, False, np.uint8)
+        assert entry.read() == images.tobytes()
     assert not reference.with_suffix(".parts").exists()  # chunks are dropped once assembled
     assert reference.with_suffix(".json").exists()
 
@@ -109,11 +116,9 @@ def test_output_opens_as_the_adm_evaluator_reads_it(reference, tiny_ckpt):
 def test_two_processes_write_the_same_file_as_one(reference, tiny_ckpt, tmp_path):
     out = tmp_path / "two.npz"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run(
-        [*torchrun, "-m", "fastdit", "sample-ddp", "--ckpt", tiny_ckpt, "--out", str(out), "--batch-size", "2",
-         "--png-dir", str(tmp_path / "png"), *RUN],
-        env=torchrun_env(), cwd=tmp_path, capture_output=True, text=True, timeout=180,
-    )
+    command = [*torchrun, "-m", "fastdit", "sample-ddp", "--ckpt", tiny_ckpt, "--out", str(out), "--batch-size", "2", *RUN]
+    result = subprocess.run([*command, "--png-dir", str(tmp_path / "png")],
+                            env=torchrun_env(), cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("wrote") == 1 and "on 2 process(es)" in result.stdout, result.stdout  # rank 0 only
     # Other process count, other batch size, other thread count: byte for byte the same file.
@@ -122,6 +127,13 @@ def test_two_processes_write_the_same_file_as_one(reference, tiny_ckpt, tmp_path
     pngs = sorted((tmp_path / "png").iterdir())
     assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(NUM_IMAGES)]
     assert all(np.array_equal(np.asarray(Image.open(p)), image) for p, image in zip(pngs, images))
+
+    # Other settings: one clean error line from rank 0, no traceback from rank 1, the file untouched.
+    result = subprocess.run([*command, "--seed", "8"], env=torchrun_env(), cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0
+    assert result.stderr.count("fastdit sample-ddp: error:") == 1 and "(seed: 7 -> 8)" in result.stderr, result.stderr[-3000:]
+    assert "[rank1]" not in result.stderr, result.stderr[-3000:]
+    assert sha256(out) == sha256(reference)
 
 
 KILL_AFTER_FIRST_CHUNK = """
@@ -158,10 +170,16 @@ def test_killed_run_continues_to_the_same_file(reference, tiny_ckpt, tmp_path, c
     assert exit_info.value.code == 2
     assert "was started with other settings (seed: 7 -> 8)" in capsys.readouterr().err
 
-    assert main(command) == 0
+    stale = tmp_path / ".killed.npz.x1y2z3.tmp"  # as if killed while assembling
+    stale.write_bytes(b"PK\x03")
+
+    # --png-dir is not a setting: the rerun also writes the PNGs of the chunk sampled before the kill.
+    assert main([*command, "--png-dir", str(tmp_path / "png")]) == 0
     assert "sampled 6 now" in capsys.readouterr().out  # 10 images, 4 were on disk
     assert sha256(out) == sha256(reference)
-    assert not parts.exists()
+    assert not parts.exists() and not stale.exists()
+    images = np.load(out)["arr_0"]
+    assert all(np.array_equal(np.asarray(Image.open(tmp_path / "png" / f"{i:06d}.png")), images[i]) for i in range(NUM_IMAGES))
 
 
 def test_rerun_of_a_finished_output_does_nothing_and_other_settings_are_refused(reference, tiny_ckpt, capsys):
@@ -214,3 +232,33 @@ def test_help_works(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["sample-ddp", "--help"])
     assert exit_info.value.code == 0 and "--num-fid-samples" in capsys.readouterr().out
+
+
+def test_gray_pixel_model_writes_rgb(tmp_path):
+    """ADM's evaluator takes RGB: a one-channel pixel model's images are repeated over three channels."""
+    model = build_model("DiT-T/2", input_size=8, in_channels=1, depth=1, num_classes=2)
+    ckpt = tmp_path / "gray.safetensors"
+    export_weights(model, ModelInfo(config=model.config, latent=LatentInfo(kind="pixels", vae=None)), ckpt)
+    out = tmp_path / "gray.npz"
+    assert main(["sample-ddp", "--ckpt", str(ckpt), "--out", str(out), *RUN, "--num-fid-samples", "2"]) == 0
+    images = np.load(out)["arr_0"]
+    assert images.shape == (2, 8, 8, 3) and (images == images[..., :1]).all()
+
+
+def test_run_stopped_while_assembling_only_assembles_again(reference, tiny_ckpt, tmp_path, monkeypatch, capsys):
+    import fastdit.sample_ddp.runner as runner
+
+    out = tmp_path / "late.npz"
+    command = ["sample-ddp", "--ckpt", tiny_ckpt, "--out", str(out), "--batch-size", "3", *RUN]
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("stopped while assembling")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "write_adm_npz", crash)
+        with pytest.raises(RuntimeError, match="assembling"):
+            main(command)
+    assert not out.exists() and len(list(out.with_suffix(".parts").glob("chunk-*.npz"))) == 3
+    assert main(command) == 0
+    assert "sampled 0 now (on 1 process(es))" in capsys.readouterr().out
+    assert sha256(out) == sha256(reference)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 from ..errors import UserError
+from ..io import check_can_create
 from ..sampling import SAMPLERS, SamplingOptions
 from ..sampling.guidance import OFFICIAL_GUIDED_CHANNELS
 
@@ -58,23 +58,8 @@ def check_output_file(path: str, suffixes: tuple[str, ...]) -> Path:
         raise UserError(f"output {path!r} should end in {' or '.join(suffixes)}")
     if out.is_dir():
         raise UserError(f"output {path!r} is a folder; give a file name")
-    folder = out.parent if str(out.parent) else Path(".")
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not _can_create_files_in(existing):
-        raise UserError(f"cannot write {path!r}: {str(existing)!r} is not a writable folder; choose another --out")
+    check_can_create(out.parent if str(out.parent) else Path("."))
     return out
-
-
-def _can_create_files_in(folder: Path) -> bool:
-    # A real probe rather than os.access: root passes every permission check, yet cannot write
-    # into read-only mounts or pseudo file systems.
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
 
 
 def load_for_sampling(args: argparse.Namespace):

@@ -16,16 +16,20 @@ HELP = "FID, sFID, Inception Score, precision and recall of samples against a re
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "paths",
-        nargs=2,
-        metavar=("SAMPLES", "REF"),
-        help="samples and reference: .npz batch, image folder or statistics file "
-        "(with --make-ref: SOURCE and the statistics file OUT.npz to write)",
+        "samples",
+        metavar="SAMPLES",
+        help="samples: .npz batch, image folder or statistics file (with --make-ref: the reference images)",
+    )
+    parser.add_argument(
+        "ref",
+        metavar="REF",
+        help="reference: .npz batch (e.g. VIRTUAL_imagenet256_labeled.npz), image folder or statistics file "
+        "(with --make-ref: the statistics file OUT.npz to write)",
     )
     parser.add_argument(
         "--make-ref",
         action="store_true",
-        help="write reference statistics of SOURCE (folder or .npz) to OUT.npz instead of comparing",
+        help="write reference statistics of SAMPLES (a folder or .npz) to REF (.npz) instead of comparing",
     )
     parser.add_argument("--out-json", metavar="PATH", help="also write the metrics as JSON")
     parser.add_argument(
@@ -89,7 +93,7 @@ def run(args: argparse.Namespace) -> int | None:
     pr_subset = args.pr_subset or None
     device = _resolve_device(args.device)
     progress = not args.no_progress
-    first, second = (Path(p).expanduser() for p in args.paths)
+    first, second = Path(args.samples).expanduser(), Path(args.ref).expanduser()
 
     needs_network = args.make_ref or not (is_statistics_file(first) and is_statistics_file(second))
     extractor = None

@@ -36,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import distributed as dist
+    from ..devices import resolve_device
     from ..sample_ddp import SampleJob, sample_ddp
 
-    # Every check that needs no model, on every process, before any process waits for another.
     job = SampleJob(
         out=check_output_file(args.out, (".npz",)),
         num_samples=args.num_fid_samples,
@@ -50,18 +50,19 @@ def run(args: argparse.Namespace) -> int:
         png_dir=Path(args.png_dir) if args.png_dir else None,
         progress=args.progress,
     )
-    job.validate()
+    resolve_device(args.device)  # a bad --device is a one-line error, before joining the process group
     info = dist.init_from_env(args.device)
     # One GPU per process: load onto this process's device, not the first GPU.
     per_process = argparse.Namespace(**{**vars(args), "device": str(info.device)})
-    # On an error, leave without the closing barrier: torchrun stops the other processes.
+    # On an error, leave without the closing barrier: the others stop too (see `_on_main_first`), or torchrun stops them.
     report = sample_ddp(job, lambda: load_for_sampling(per_process), info)
     dist.shutdown()
     if report is not None:
         size = f"{report.image_size}x{report.image_size}"
-        if report.sampled == 0:
+        if report.was_complete:
             print(f"{str(report.out)!r} is complete ({report.num_samples} images, {size}); nothing to do")
         else:
-            print(f"wrote {str(report.out)!r}: {report.num_samples} images, {size}; sampled {report.sampled} now in "
-                  f"{report.seconds:.1f} s ({report.images_per_second:.2f} images/s on {report.world_size} process(es))")
+            speed = f" in {report.seconds:.1f} s ({report.images_per_second:.2f} images/s on" if report.sampled else " (on"
+            print(f"wrote {str(report.out)!r}: {report.num_samples} images, {size}; sampled {report.sampled} now"
+                  f"{speed} {report.world_size} process(es))")
     return 0

@@ -33,7 +33,7 @@ def float_images_to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 class InceptionFeatureExtractor:
-    """uint8 NHWC batches (numpy or torch) -> `InceptionOutputs` on the CPU.
+    """uint8 NHWC batches (numpy or torch) -> `InceptionOutputs` (float32, on the extractor's device).
 
     Inputs larger than `batch_size` are split, so peak memory is bounded whatever the caller passes.
     On CUDA, cuDNN's TF32 is switched off inside the call: TF32 convolutions move FID by more than the
@@ -63,6 +63,8 @@ class InceptionFeatureExtractor:
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray | torch.Tensor) -> InceptionOutputs:
+        if isinstance(images, np.ndarray) and not images.flags.writeable:
+            images = images.copy()  # batches streamed from an .npz are read-only views
         images = torch.as_tensor(images)
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise UserError(
@@ -74,7 +76,7 @@ class InceptionFeatureExtractor:
             for start in range(0, len(images), self.batch_size):
                 chunk = images[start : start + self.batch_size].to(self.device, non_blocking=True)
                 result = self.model(chunk.permute(0, 3, 1, 2))  # (B, 3, H, W)
-                outputs.append([t.float().cpu() for t in (result.pool, result.spatial, result.logits)])
+                outputs.append([result.pool, result.spatial, result.logits])
         pool, spatial, logits = (torch.cat(parts) for parts in zip(*outputs))
         return InceptionOutputs(pool=pool, spatial=spatial, logits=logits)
 
@@ -94,7 +96,9 @@ def compute_statistics(
     everything else is accumulated, so memory does not grow with the number of images.
     `progress_total` (number of images) turns on a progress bar.
     """
-    pool_moments, spatial_moments = RunningMoments(POOL_DIM), RunningMoments(SPATIAL_DIM)
+    # The float64 moments live on the network's device: on a GPU, their updates are not a CPU bottleneck.
+    pool_moments = RunningMoments(POOL_DIM, device=extractor.device)
+    spatial_moments = RunningMoments(SPATIAL_DIM, device=extractor.device)
     inception_score = InceptionScoreAccumulator(is_split_size)
     kept: list[np.ndarray] = []
     num_kept, image_size = 0, None
@@ -117,7 +121,7 @@ def compute_statistics(
             inception_score.update(features.logits)
             if pr_subset is None or num_kept < pr_subset:
                 take = len(features.pool) if pr_subset is None else min(len(features.pool), pr_subset - num_kept)
-                kept.append(features.pool[:take].numpy())
+                kept.append(features.pool[:take].cpu().numpy())
                 num_kept += take
             if bar is not None:
                 bar.update(len(batch))

@@ -20,55 +20,57 @@ class RunningMoments:
     `np.mean` / `np.cov(rowvar=False)` (ADM's `compute_statistics`) whatever the batch size.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, device: str | torch.device = "cpu"):
         self.dim = dim
         self.count = 0
-        self.mean = np.zeros(dim, dtype=np.float64)
-        self.scatter = np.zeros((dim, dim), dtype=np.float64)  # sum of (x - mean)(x - mean)^T
+        self._mean = torch.zeros(dim, dtype=torch.float64, device=device)
+        self._scatter = torch.zeros(dim, dim, dtype=torch.float64, device=device)  # sum of (x - mean)(x - mean)^T
 
     def update(self, features: np.ndarray | torch.Tensor) -> None:
-        if isinstance(features, torch.Tensor):
-            features = features.detach().cpu().numpy()
-        batch = np.asarray(features, dtype=np.float64).reshape(len(features), -1)  # (B, D)
+        batch = torch.as_tensor(features).detach().to(self._mean.device, torch.float64).flatten(1)  # (B, D)
         if batch.shape[1] != self.dim:
             raise ValueError(f"expected features of dimension {self.dim}, got {batch.shape[1]}")
         n_batch = len(batch)
         if n_batch == 0:
             return
-        batch_mean = batch.mean(axis=0)
+        batch_mean = batch.mean(0)
         centred = batch - batch_mean
         total = self.count + n_batch
-        delta = batch_mean - self.mean
-        self.scatter += centred.T @ centred + np.outer(delta, delta) * (self.count * n_batch / total)
-        self.mean += delta * (n_batch / total)
+        delta = batch_mean - self._mean
+        self._scatter += centred.T @ centred + torch.outer(delta, delta) * (self.count * n_batch / total)
+        self._mean += delta * (n_batch / total)
         self.count = total
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self._mean.cpu().numpy().copy()
 
     def covariance(self) -> np.ndarray:
         """Unbiased (N - 1) covariance, as `np.cov`."""
         if self.count < 2:
             raise UserError(f"a covariance needs at least 2 images, got {self.count}; evaluate more images")
-        return self.scatter / (self.count - 1)
-
-
-def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric positive semi-definite matrix via its eigen-decomposition."""
-    eigenvalues, eigenvectors = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+        return (self._scatter / (self.count - 1)).cpu().numpy()
 
 
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     """tr( sqrtm(sigma1 @ sigma2) ) for covariance matrices, without scipy.
 
-    sigma1 @ sigma2 is similar to S = sqrt(sigma1) sigma2 sqrt(sigma1) (conjugate by sqrt(sigma1)),
-    which is symmetric PSD; so the eigenvalues of sigma1 @ sigma2 are those of S, real and >= 0, and
-    the trace of its principal square root is sum(sqrt(eig(S))). This is stable even when the
-    covariances are singular (fewer images than dimensions), where scipy's `sqrtm` (used by ADM and
-    TTUR) can return complex or non-finite values.
+    Write sigma1 = F F^T (Cholesky, or the eigen-decomposition when sigma1 is singular). Then
+    sigma1 @ sigma2 = F (F^T sigma2) has the eigenvalues of F^T sigma2 F, a symmetric PSD matrix:
+    real and >= 0, and the trace of the principal square root is the sum of their square roots.
+    This stays stable when the covariances are singular (fewer images than dimensions), where
+    scipy's `sqrtm` (used by ADM and TTUR) can return complex or non-finite values. Computed in
+    float64 with torch's LAPACK: one Cholesky and one symmetric eigensolve of a 2048 x 2048 matrix.
     """
-    sqrt_sigma1 = _psd_sqrt(np.asarray(sigma1, dtype=np.float64))
-    middle = sqrt_sigma1 @ np.asarray(sigma2, dtype=np.float64) @ sqrt_sigma1
-    eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
-    return float(np.sqrt(np.clip(eigenvalues, 0, None)).sum())
+    sigma1 = torch.as_tensor(np.asarray(sigma1), dtype=torch.float64)
+    sigma2 = torch.as_tensor(np.asarray(sigma2), dtype=torch.float64)
+    factor, info = torch.linalg.cholesky_ex(sigma1)
+    if info.item() != 0:  # singular: F = V diag(sqrt(w)) from the eigen-decomposition
+        eigenvalues, eigenvectors = torch.linalg.eigh((sigma1 + sigma1.T) / 2)
+        factor = eigenvectors * eigenvalues.clamp_min(0).sqrt()
+    middle = factor.T @ sigma2 @ factor
+    eigenvalues = torch.linalg.eigvalsh((middle + middle.T) / 2)
+    return float(eigenvalues.clamp_min(0).sqrt().sum())
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:

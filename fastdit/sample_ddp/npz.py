@@ -38,7 +38,9 @@ def write_npy_entry(archive: zipfile.ZipFile, name: str, blocks: Iterable[np.nda
         raise ValueError(f"{name}: {rows} rows were written for an array of {header['shape'][0]}")
 
 
-def write_adm_npz(path: str | os.PathLike, parts: Iterable[tuple[np.ndarray, np.ndarray]], *, count: int, image_shape: tuple[int, int, int]) -> None:
+def write_adm_npz(
+    path: str | os.PathLike, parts: Iterable[tuple[np.ndarray, np.ndarray]], *, count: int, image_shape: tuple[int, int, int]
+) -> None:
     """Write `path` atomically from `(images, labels)` parts in index order; holds one part's images at a time."""
     labels = []  # int64 labels are small (400 kB for 50,000 images): kept for the second entry
 

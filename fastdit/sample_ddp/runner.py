@@ -2,13 +2,14 @@
 
 The steps, with the barriers that keep processes from racing on the work folder:
 
-1. rank 0 loads the model (downloading it once), checks or creates the work folder;   barrier
+1. rank 0 loads the model (downloading it once), checks or creates the work folder;   broadcast
 2. the other ranks load the model (from the cache now); every rank lists the pending chunks; barrier
 3. rank r samples pending chunks r, r + W, ... (and fills missing PNGs of finished chunks the same way)
 4. barrier; rank 0 streams the chunks into the `.npz`, puts the settings beside it, drops the chunks.
 
 Image i always gets noise seeded by (seed, i) (`fastdit.sampling.noise`) and its label from
 `labels.labels_for`, and batches start at chunk boundaries, so 1 process and 8 write the same file.
+With several machines, the output folder must be on a filesystem that all of them see.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 
 from .. import distributed as dist
 from ..errors import UserError
+from ..io import ensure_writable_dir
 from ..sampling import SamplingOptions, check_labels, generate
 from . import workdir
 from .labels import labels_for
@@ -72,6 +74,7 @@ class SampleReport:
     sampled: int  # images sampled by this run, all processes together (0 if everything was on disk)
     seconds: float  # time spent sampling them
     world_size: int
+    was_complete: bool = False  # the .npz was there already: nothing was done
 
     @property
     def images_per_second(self) -> float:
@@ -83,17 +86,20 @@ def sample_ddp(job: SampleJob, load: Callable, info: dist.DistInfo) -> SampleRep
 
     Returns a report on rank 0, None elsewhere. Leaves the process group to the caller.
     """
-    job.validate()
+    job.validate()  # every check that needs no model, on every process, before any process waits for another
+    if job.png_dir is not None:
+        ensure_writable_dir(job.png_dir)  # now, not hours later in the middle of the run
     paths = workdir.OutputPaths(Path(job.out))
 
     # 1. rank 0 first: a download happens once, and the work folder exists before anyone lists it.
-    loaded = None
-    if info.is_main:
+    def load_and_check():
         loaded = _load_checked(job, load)
         settings = job.settings(loaded[1], loaded[2], workdir.weights_fingerprint(loaded[0]))
         if not workdir.is_finished(paths, settings):
             workdir.prepare(paths, settings)
-    dist.barrier()
+        return loaded
+
+    loaded = _on_main_first(info, load_and_check)  # None on the other ranks
     if paths.npz.exists():  # rank 0 checked it was made with these settings
         if not info.is_main:
             return None
@@ -102,7 +108,7 @@ def sample_ddp(job: SampleJob, load: Callable, info: dist.DistInfo) -> SampleRep
         if job.png_dir is not None and not all(png_path(Path(job.png_dir), i).exists() for i in range(job.num_samples)):
             print(f"warning: {str(paths.npz)!r} was finished before; PNGs missing from {str(job.png_dir)!r} are not written "
                   f"(delete the .npz to sample again with --png-dir)", file=sys.stderr)
-        return _report(job, paths, loaded, sampled=0, seconds=0.0, info=info)
+        return _report(job, paths, loaded, sampled=0, seconds=0.0, info=info, was_complete=True)
 
     # 2. everyone lists before anyone writes, so every rank sees the same pending list.
     if loaded is None:
@@ -129,17 +135,50 @@ def sample_ddp(job: SampleJob, load: Callable, info: dist.DistInfo) -> SampleRep
 
     # 4. assemble, streaming one chunk at a time
     image_shape = (model_info.image_size, model_info.image_size, 3)
+    workdir.remove_stale_temporaries(paths)
     workdir.publish_settings(paths)
     write_adm_npz(paths.npz, (workdir.read_chunk(paths, chunk) for chunk in chunks), count=job.num_samples, image_shape=image_shape)
     workdir.finish(paths)
     return _report(job, paths, loaded, sampled=int(totals[0]), seconds=float(totals[1]) / info.world_size, info=info)
 
 
+def _on_main_first(info: dist.DistInfo, step: Callable):
+    """Run `step` on rank 0 while the others wait; if it raises a UserError, every process stops.
+
+    Rank 0 prints the message; the others leave quietly with the same exit status, instead of each
+    crashing with a "connection closed by peer" traceback.
+    """
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = step()
+        except UserError as err:
+            error = err
+    if dist.is_initialized():
+        import torch.distributed
+
+        shared = [None if error is None else str(error)]
+        torch.distributed.broadcast_object_list(shared, src=0)  # doubles as the barrier
+        if shared[0] is not None and not info.is_main:
+            raise SystemExit(2)
+    if error is not None:
+        raise error
+    return result
+
+
 def _load_checked(job: SampleJob, load: Callable):
     model, model_info, latent_space, device = load()
     if job.class_labels is not None:
         check_labels(job.class_labels, model_info.config.num_classes)
+    if model_info.latent.kind == "pixels" and model_info.config.in_channels not in (1, 3):
+        raise UserError(f"a pixel-space model with {model_info.config.in_channels} channels does not make RGB images; "
+                        "sample-ddp writes images for FID (1 or 3 channels)")
     return model, model_info, latent_space, device
+
+
+def _as_rgb(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 1 or 3) -> (N, H, W, 3): ADM's evaluator and Inception take RGB; gray is repeated."""
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
 def _sample_chunks(job, paths, chunks, model, model_info, latent_space, device, info) -> int:
@@ -155,7 +194,8 @@ def _sample_chunks(job, paths, chunks, model, model_info, latent_space, device, 
         for first in range(chunk.start, chunk.stop, job.batch_size):
             indices = range(first, min(first + job.batch_size, chunk.stop))
             batch_labels = labels_for(indices, seed=job.seed, num_classes=num_classes, class_labels=job.class_labels)
-            images.append(generate(model, latent_space, batch_labels, options=job.options, seed=job.seed, indices=indices, device=device))
+            batch = generate(model, latent_space, batch_labels, options=job.options, seed=job.seed, indices=indices, device=device)
+            images.append(_as_rgb(batch))
             labels.append(batch_labels)
             bar.update(len(indices))
         images, labels = np.concatenate(images), np.concatenate(labels)
@@ -195,6 +235,6 @@ def _as_tensor(values, device):
     return torch.tensor(values, dtype=torch.float64, device=device)
 
 
-def _report(job, paths, loaded, *, sampled, seconds, info) -> SampleReport:
+def _report(job, paths, loaded, *, sampled, seconds, info, was_complete=False) -> SampleReport:
     return SampleReport(out=paths.npz, num_samples=job.num_samples, image_size=loaded[1].image_size,
-                        sampled=sampled, seconds=seconds, world_size=info.world_size)
+                        sampled=sampled, seconds=seconds, world_size=info.world_size, was_complete=was_complete)

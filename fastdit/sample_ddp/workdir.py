@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..io import atomic_path, atomic_write_json
 
 FORMAT = "fastdit.sample-ddp"
-_CHUNK_NAME = re.compile(r"chunk-(\d{8})-(\d{8})\.npz")
+_CHUNK_NAME = re.compile(r"chunk-\d{8,}-\d{8,}\.npz")
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,13 @@ def read_chunk(paths: OutputPaths, chunk: Chunk) -> tuple[np.ndarray, np.ndarray
     if len(images) != len(chunk) or len(labels) != len(chunk):
         raise UserError(f"{str(paths.work_dir / chunk.name)!r} holds {len(images)} images, not {len(chunk)}; delete it and rerun")
     return images, labels
+
+
+def remove_stale_temporaries(paths: OutputPaths) -> None:
+    """A SIGKILL during assembly leaves `.samples.npz.<random>.tmp` (see `fastdit.io.atomic_path`): up to
+    gigabytes, never to be used. Only the main process calls this, just before it writes a new one."""
+    for stale in paths.npz.parent.glob(f".{paths.npz.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def finish(paths: OutputPaths) -> None:

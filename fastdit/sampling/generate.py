@@ -25,8 +25,9 @@ class SamplingOptions:
 
     def validate(self) -> None:
         get_sampler(self.sampler)
-        if self.num_steps < 1 or self.num_steps > 1000:
-            raise UserError(f"number of sampling steps must be in [1, 1000], got {self.num_steps}")
+        # At least 2: the respaced process needs a step 1 to define the clipped posterior variance.
+        if self.num_steps < 2 or self.num_steps > 1000:
+            raise UserError(f"number of sampling steps must be in [2, 1000], got {self.num_steps}")
         if self.cfg_scale < 1.0:
             raise UserError(f"cfg scale {self.cfg_scale} < 1 makes no sense; use 1.0 for no guidance, or a value > 1")
         if not 0.0 <= self.eta <= 1.0:

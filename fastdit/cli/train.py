@@ -1,0 +1,61 @@
+"""`fastdit train`: train a DiT on a latent store, an image folder or the digits, on 1…N processes."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..train.config import TrainConfig
+from .dataclass_args import add_dataclass_arguments, dataclass_from_args
+
+HELP = "train a DiT (one process, or torchrun / accelerate launch for many GPUs and nodes)"
+
+HELP_TEXTS = {
+    "model": "preset name, e.g. DiT-XL/2, DiT-B/4, DiT-T/2",
+    "image_size": "image side in pixels",
+    "num_classes": "number of classes (1 with --class-dropout-prob 0 trains an unconditional model)",
+    "class_dropout_prob": "label dropout for classifier-free guidance",
+    "features_path": "latent store written by `fastdit extract` (fastest)",
+    "data_path": "image folder with one subfolder per class (encoded on the fly), or 'digits'",
+    "vae": "ema, mse, a diffusers AutoencoderKL folder, or pixels (default: the store's VAE; ema for images; pixels for digits)",
+    "global_batch_size": "images per optimizer step, over all processes",
+    "micro_batch_size": "images per forward pass on one process; smaller than the per-process batch -> gradient accumulation",
+    "lr": "AdamW learning rate (DiT: 1e-4)",
+    "warmup_steps": "linear learning-rate warm-up steps",
+    "grad_clip": "clip the gradient norm to this value",
+    "ema_decay": "EMA decay per step",
+    "epochs": "epochs to train (--max-steps wins when given)",
+    "max_steps": "optimizer steps to train",
+    "global_seed": "seed of everything random",
+    "precision": "fp32, bf16 or fp16 (with a gradient scaler)",
+    "gradient_checkpointing": "recompute block activations in backward to save memory",
+    "compile": "torch.compile the model",
+    "tf32": "TF32 matmuls on GPUs",
+    "results_dir": "folder of run folders",
+    "run_name": "run folder name (default: model, image size and data); the same command resumes it",
+    "log_every": "log every N steps",
+    "ckpt_every": "checkpoint every N steps (and at the end)",
+    "keep_last": "checkpoints to keep",
+    "sample_every": "write an EMA sample grid every N steps (0: never)",
+    "sample_steps": "DDPM steps for those grids",
+    "eval_every": "FID of the EMA model every N steps (0: never; needs --eval-ref)",
+    "eval_samples": "samples for that FID",
+    "eval_ref": "reference .npz / folder / statistics for that FID",
+    "inception_weights": "local Inception weights for --eval-every",
+    "depth": "override the preset's depth",
+    "hidden_size": "override the preset's width",
+    "num_heads": "override the preset's attention heads",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_arguments(parser, TrainConfig, HELP_TEXTS)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train.loop import train
+
+    config = dataclass_from_args(TrainConfig, args)
+    result = train(config)
+    if result.export is not None:
+        print(f"done: step {result.step}, run folder {result.run_dir}; sample with: fastdit sample --ckpt {result.export}")
+    return 0

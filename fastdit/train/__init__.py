@@ -1,0 +1,4 @@
+from .config import TrainConfig
+from .loop import NonFiniteLoss, TrainResult, train
+
+__all__ = ["NonFiniteLoss", "TrainConfig", "TrainResult", "train"]

@@ -1,0 +1,150 @@
+"""The training run's configuration: one typed dataclass, validated once, written as JSON into the run
+folder and into every checkpoint. The CLI flags are generated from its fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import UserError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+# Fields that may change between the first run and a resumed one: how long and how chatty the run is,
+# and purely mechanical settings. Everything else defines the run and must match to resume.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "epochs", "max_steps", "log_every", "ckpt_every", "keep_last", "sample_every", "num_workers",
+        "compile", "sample_steps", "tensorboard", "wandb", "device", "eval_every", "eval_samples", "eval_ref",
+        "eval_batch_size", "micro_batch_size", "gradient_checkpointing", "results_dir", "run_name",
+        "inception_weights", "progress",
+    }
+)
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = "DiT-XL/2"
+    image_size: int = 256
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance (0 for unconditional)
+    learn_sigma: bool = True
+    # data: a latent store (--features-path), an image folder (--data-path), or "digits"
+    features_path: str | None = None
+    data_path: str | None = None
+    # "ema"/"mse"/a folder: the SD VAE; "pixels": pixel space; None: the store's VAE for a latent
+    # store, pixels for the digits, "ema" (as DiT trains) for an image folder.
+    vae: str | None = None
+    num_workers: int = 4
+    # optimisation (DiT paper: AdamW, lr 1e-4, no weight decay, batch 256, EMA 0.9999)
+    global_batch_size: int = 256
+    micro_batch_size: int | None = None  # per process; gradient accumulation when < local batch
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    ema_decay: float = 0.9999
+    epochs: int = 1400
+    max_steps: int | None = None
+    global_seed: int = 0
+    # systems
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    tf32: bool = True
+    device: str = "auto"
+    # run folder, logging, checkpoints
+    results_dir: str = "results"
+    run_name: str | None = None
+    log_every: int = 100
+    ckpt_every: int = 50_000
+    keep_last: int = 3
+    sample_every: int = 0
+    sample_steps: int = 50
+    tensorboard: bool = True
+    wandb: bool = False
+    progress: bool = True
+    # evaluation during training (FID of the EMA model)
+    eval_every: int = 0
+    eval_samples: int = 1000
+    eval_ref: str | None = None
+    eval_batch_size: int = 32
+    inception_weights: str | None = None
+    # model-size overrides (the tiny demo model); None keeps the preset's value
+    depth: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def data_source(self) -> str:
+        return self.features_path or self.data_path or ""
+
+    @property
+    def pixel_space(self) -> bool:
+        if self.vae is None:
+            return self.data_path == "digits"
+        return self.vae in ("", "none", "pixels")
+
+    def resolved_run_name(self) -> str:
+        if self.run_name:
+            return self.run_name
+        data = Path(self.data_source.rstrip("/")).name or "data"
+        return f"{self.model.replace('/', '-')}-{self.image_size}px-{data}"
+
+    def run_dir(self) -> Path:
+        return Path(self.results_dir) / self.resolved_run_name()
+
+    def validate(self) -> "TrainConfig":
+        if not self.features_path and not self.data_path:
+            raise UserError("no training data: pass --features-path (a latent store from `fastdit extract`), "
+                            "--data-path (an image folder), or --data-path digits")
+        if self.features_path and self.data_path:
+            raise UserError("pass either --features-path or --data-path, not both")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        positive = {"image_size": self.image_size, "num_classes": self.num_classes,
+                    "global_batch_size": self.global_batch_size, "epochs": self.epochs,
+                    "log_every": self.log_every, "ckpt_every": self.ckpt_every, "keep_last": self.keep_last}
+        for name, value in positive.items():
+            if value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise UserError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.class_dropout_prob < 1:
+            raise UserError(f"--class-dropout-prob must be in [0, 1), got {self.class_dropout_prob}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise UserError(f"--grad-clip must be > 0, got {self.grad_clip}")
+        if self.eval_every and not self.eval_ref:
+            raise UserError("--eval-every needs --eval-ref (reference statistics or images to compare with)")
+        if not self.pixel_space and self.image_size % 8:
+            raise UserError(f"image size {self.image_size} is not divisible by 8, as the VAE requires; use a multiple of 8")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def differences(self, other: "TrainConfig") -> dict[str, tuple]:
+        """Fields that differ and matter for resuming: name -> (stored, requested)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {k: (mine[k], theirs[k]) for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs[k]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,47 @@
+"""Which items each process reads at each step: a pure function of (seed, epoch, step in epoch).
+
+Each epoch is one permutation of the dataset drawn from a generator seeded by (seed, epoch); step k
+of the epoch uses global positions [k·B, (k+1)·B) of it, and process r of W reads the r-th slice of
+B/W of those. The global batch at a step is therefore the same set of items for any number of
+processes, and resuming needs nothing but (epoch, step in epoch): the position is the state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+
+
+def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_items, generator=generator)
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Yields this process's list of indices for each step of one epoch, from `start_step` on."""
+
+    def __init__(self, num_items: int, global_batch: int, rank: int, world_size: int, seed: int, epoch: int, start_step: int = 0):
+        if num_items < global_batch:
+            raise UserError(
+                f"the dataset has {num_items} items, fewer than the global batch size {global_batch}; "
+                f"lower --global-batch-size"
+            )
+        self.local_batch = global_batch // world_size
+        self.global_batch = global_batch
+        self.rank = rank
+        self.permutation = epoch_permutation(num_items, seed, epoch)
+        self.steps = num_items // global_batch  # the last partial batch is dropped
+        self.start_step = start_step
+
+    def __len__(self) -> int:
+        return max(self.steps - self.start_step, 0)
+
+    def __iter__(self):
+        for step in range(self.start_step, self.steps):
+            start = step * self.global_batch + self.rank * self.local_batch
+            yield self.permutation[start : start + self.local_batch].tolist()
+
+
+def steps_per_epoch(num_items: int, global_batch: int) -> int:
+    return num_items // global_batch

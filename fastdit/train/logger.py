@@ -1,0 +1,76 @@
+"""Metrics to the console, to `metrics.jsonl` in the run folder, to TensorBoard event files, and
+optionally to Weights & Biases. Only the main process logs."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated by tensors, or the process's peak resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, wandb: bool, config: dict):
+        self.enabled = enabled
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            except ImportError:
+                self.info("tensorboard is not installed (pip install 'fastdit[train]'); logging to metrics.jsonl only")
+        if wandb:
+            try:
+                import wandb as wandb_module
+            except ImportError:
+                raise_missing_wandb()
+            self.wandb = wandb_module.init(project="fastdit", name=run_dir.name, config=config, dir=str(run_dir), resume="allow")
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            stamp = time.strftime("%H:%M:%S")
+            print(f"[{stamp}] {message}", file=sys.stdout, flush=True)
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(f"train/{key}", value, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def image(self, step: int, tag: str, image_hwc) -> None:
+        if self.enabled and self.tb is not None:
+            self.tb.add_image(tag, image_hwc, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def raise_missing_wandb():
+    from ..errors import UserError
+
+    raise UserError("--wandb needs the wandb package: pip install 'fastdit[wandb]'")

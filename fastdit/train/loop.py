@@ -1,0 +1,333 @@
+"""The training loop: one readable function, the same for 1 CPU process and N GPUs on M nodes.
+
+Launch with `python -m fastdit train ...` (one process), `torchrun --nproc_per_node N -m fastdit
+train ...` (one node or many: add --nnodes/--node-rank/--rdzv-endpoint), or `accelerate launch -m
+fastdit train ...`: each sets the same RANK/WORLD_SIZE/LOCAL_RANK variables, and DDP does the rest.
+
+Resume is the same command run again: the newest checkpoint in the run folder restores model, EMA,
+optimizer, grad scaler, step, data position and RNG states. Every random draw of a step is a pure
+function of (seed, step) and every item's augmentation of (seed, epoch, index), so a resumed run
+trains on exactly what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import distributed
+from ..checkpoint import LatentInfo, ModelInfo
+from ..diffusion import create_diffusion
+from ..errors import UserError
+from ..io import atomic_write_text, check_can_create, ensure_writable_dir
+from ..models import build_model
+from .config import TrainConfig
+from .data_order import StepBatchSampler, steps_per_epoch
+from .ema import make_ema, update_ema
+from .logger import RunLogger, peak_memory_gb
+from .setup import autocast, enable_tf32, make_grad_scaler, no_sync, prepare_model
+from .state import Position, list_checkpoints, load_training_state, save_training_state, set_rng_state
+from .step_noise import draw_step
+from .training_data import TrainingData, open_training_data
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path | None
+    export: Path | None
+    step: int
+    last_loss: float | None
+
+
+def train(config: TrainConfig) -> TrainResult:
+    config.validate()
+    dist = distributed.init_from_env(config.device)
+    try:
+        return _train(config, dist)
+    finally:
+        distributed.shutdown()
+
+
+def _check_run_folder(config: TrainConfig, run_dir: Path, requested: TrainConfig | None = None) -> None:
+    """Refuse to continue a run folder whose run differs from this command. `config` is the stored
+    config when given with `requested`; else it is the command's and the folder's config.json is read."""
+    if requested is not None:
+        stored = config
+        config = requested
+    else:
+        stored_path = run_dir / "config.json"
+        if not stored_path.is_file():
+            return
+        try:
+            stored = TrainConfig.from_dict(json.loads(stored_path.read_text()))
+        except (ValueError, TypeError) as err:
+            raise UserError(f"{stored_path} is not a readable run config ({err}); use another --run-name") from None
+    differences = stored.differences(config)
+    if differences:
+        listed = "; ".join(f"{k}: {old!r} in the run, {new!r} now" for k, (old, new) in sorted(differences.items()))
+        raise UserError(
+            f"the run folder {str(run_dir)!r} holds a run with a different config ({listed}). "
+            f"Run the same command to resume it, or pass another --run-name / --results-dir for a new run"
+        )
+
+
+def _train(config: TrainConfig, dist: distributed.DistInfo) -> TrainResult:
+    device = dist.device
+    run_dir = config.run_dir()
+    # Every check first: a bad command writes nothing, not even an empty run folder.
+    _check_run_folder(config, run_dir)
+    check_can_create(run_dir)
+    if config.global_batch_size % dist.world_size:
+        raise UserError(
+            f"global batch size {config.global_batch_size} is not divisible by the {dist.world_size} processes; "
+            f"use a multiple of {dist.world_size}"
+        )
+    local_batch = config.global_batch_size // dist.world_size
+    micro_batch = config.micro_batch_size or local_batch
+    if local_batch % micro_batch:
+        raise UserError(f"--micro-batch-size {micro_batch} does not divide the per-process batch {local_batch}")
+    enable_tf32(device, config.tf32)
+
+    data: TrainingData = open_training_data(config, device)
+    per_epoch = steps_per_epoch(len(data.dataset), config.global_batch_size)
+    if per_epoch == 0:
+        raise UserError(
+            f"the dataset has {len(data.dataset)} items, fewer than the global batch size "
+            f"{config.global_batch_size}; lower --global-batch-size"
+        )
+    torch.manual_seed(config.global_seed)  # the same initial weights on every process
+    overrides = {k: getattr(config, k) for k in ("depth", "hidden_size", "num_heads") if getattr(config, k) is not None}
+    model = build_model(
+        config.model,
+        input_size=data.latent_shape[1],
+        in_channels=data.latent_shape[0],
+        num_classes=config.num_classes,
+        class_dropout_prob=config.class_dropout_prob,
+        learn_sigma=config.learn_sigma,
+        **overrides,
+    ).to(device)
+    ema = make_ema(model)
+    model_info = ModelInfo(config=model.config, latent=data.latent_info, class_names=data.class_names)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay,
+    )
+    scaler = make_grad_scaler(device, config.precision)
+
+    position = Position()
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        state = load_training_state(checkpoints[-1])
+        _check_run_folder(TrainConfig.from_dict(state["config"]), run_dir, requested=config)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        position = Position(**state["position"])
+        set_rng_state(state["rng"])
+        del state
+    if dist.is_main:
+        ensure_writable_dir(run_dir)
+        atomic_write_text(config.to_json() + "\n", run_dir / "config.json")
+    distributed.barrier()
+    log = RunLogger(run_dir, enabled=dist.is_main, tensorboard=config.tensorboard, wandb=config.wandb, config=config.to_dict())
+    if checkpoints:
+        log.info(f"resuming from {checkpoints[-1]} (step {position.step})")
+
+    runnable = prepare_model(model, dist=dist, gradient_checkpointing=config.gradient_checkpointing, compile_model=config.compile)
+    model.train()
+    diffusion = create_diffusion("", learn_sigma=config.learn_sigma)
+    max_steps = config.max_steps or config.epochs * per_epoch
+    num_params = sum(p.numel() for p in model.parameters())
+    log.info(
+        f"{config.model} ({num_params:,} parameters) on {len(data.dataset):,} items of shape {tuple(data.latent_shape)}; "
+        f"{dist.world_size} process(es) on {device.type}, global batch {config.global_batch_size} "
+        f"(micro-batch {micro_batch}), {config.precision}, steps {position.step} -> {max_steps}, run folder {run_dir}"
+    )
+
+    last_saved, last_loss = None, None
+    running_loss, running_steps = torch.zeros((), dtype=torch.float64, device=device), 0
+    window_start = time.perf_counter()
+    progress = _progress_bar(config, dist, position.step, max_steps)
+    while position.step < max_steps:
+        data.dataset.set_epoch(position.epoch)
+        sampler = StepBatchSampler(len(data.dataset), config.global_batch_size, dist.rank, dist.world_size,
+                                   config.global_seed, position.epoch, position.step_in_epoch)
+        loader = torch.utils.data.DataLoader(
+            data.dataset, batch_sampler=sampler, num_workers=config.num_workers,
+            pin_memory=device.type == "cuda", persistent_workers=False,
+        )
+        for x, y in loader:
+            loss = _train_step(config, data, diffusion, runnable, model, ema, optimizer, scaler, x, y,
+                               position.step, dist, local_batch, micro_batch)
+            position.step += 1
+            position.step_in_epoch += 1
+            running_loss += loss
+            running_steps += 1
+            if progress is not None:
+                progress.update(1)
+            if position.step % config.log_every == 0 or position.step == max_steps:
+                last_loss = (running_loss / running_steps).item()
+                elapsed = time.perf_counter() - window_start
+                values = {
+                    "loss": last_loss,
+                    "steps_per_sec": running_steps / elapsed,
+                    "images_per_sec": running_steps * config.global_batch_size / elapsed,
+                    "peak_memory_gb": peak_memory_gb(device),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "epoch": position.epoch,
+                }
+                log.metrics(position.step, values)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{last_loss:.4f}")
+                else:
+                    log.info(
+                        f"step {position.step:07d}  loss {last_loss:.4f}  {values['steps_per_sec']:.2f} steps/s  "
+                        f"{values['images_per_sec']:.1f} img/s  peak mem {values['peak_memory_gb']:.2f} GB"
+                    )
+                running_loss.zero_()
+                running_steps = 0
+                window_start = time.perf_counter()
+            if position.step % config.ckpt_every == 0 or position.step == max_steps:
+                if position.step_in_epoch == per_epoch:  # store a finished epoch as the next one's start
+                    position = Position(position.step, position.epoch + 1, 0)
+                last_saved = _save(config, run_dir, dist, model, ema, optimizer, scaler, position, model_info, log)
+            if config.sample_every and position.step % config.sample_every == 0 and dist.is_main:
+                _sample_grid(config, run_dir, ema, data, position.step, log)
+            if config.eval_every and position.step % config.eval_every == 0:
+                _evaluate(config, ema, data, position.step, dist, log)
+            if position.step >= max_steps:
+                break
+        if position.step_in_epoch >= per_epoch:
+            position = Position(position.step, position.epoch + 1, 0)
+    if progress is not None:
+        progress.close()
+    log.close()
+    checkpoint = last_saved or (list_checkpoints(run_dir)[-1] if list_checkpoints(run_dir) else None)
+    export = checkpoint.with_name(f"{checkpoint.stem}-ema.safetensors") if checkpoint else None
+    return TrainResult(run_dir=run_dir, checkpoint=checkpoint, export=export, step=position.step, last_loss=last_loss)
+
+
+def _train_step(config, data, diffusion, runnable, model, ema, optimizer, scaler, x, y, step, dist, local_batch, micro_batch):
+    device = dist.device
+    x = x.to(device, non_blocking=True)
+    y = y.to(device, non_blocking=True)
+    draws = draw_step(
+        config.global_seed, step,
+        global_batch=config.global_batch_size, rank=dist.rank, local_batch=local_batch,
+        shape=data.latent_shape, num_timesteps=diffusion.num_timesteps,
+        dropout_prob=config.class_dropout_prob, with_latent_noise=data.encode_on_the_fly, device=device,
+    )
+    if data.encode_on_the_fly:
+        with torch.no_grad():
+            mean, std = data.latent_space.encode_moments(x)
+            x = mean + std * draws.latent_noise
+    _set_lr(optimizer, config, step)
+    optimizer.zero_grad(set_to_none=True)
+    num_micro = local_batch // micro_batch
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for k in range(num_micro):
+        part = slice(k * micro_batch, (k + 1) * micro_batch)
+        micro_draws = draws.micro(part.start, part.stop)
+        with no_sync(runnable, k < num_micro - 1), autocast(device, config.precision):
+            losses = diffusion.training_losses(
+                runnable, x[part], micro_draws.t,
+                model_kwargs={"y": y[part], "force_drop_ids": micro_draws.drop_labels}, noise=micro_draws.noise,
+            )
+            loss = losses["loss"].float().mean() / num_micro
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.detach().double()
+    # One scalar all-reduce a step: every process sees the same global loss, so all stop together
+    # if it is not finite.
+    distributed.all_reduce_mean(total)
+    if not torch.isfinite(total):
+        raise NonFiniteLoss(
+            f"the loss became {total.item()} at step {step + 1}; stopping. The last good checkpoint is intact. "
+            f"Try a lower --lr, --grad-clip 1.0, --warmup-steps, or --precision bf16 instead of fp16"
+        )
+    if config.grad_clip is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    update_ema(ema, model, config.ema_decay)
+    return total
+
+
+def _set_lr(optimizer, config: TrainConfig, step: int) -> None:
+    # Linear warm-up to the base rate, then constant (DiT trains at a constant 1e-4).
+    scale = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * scale
+
+
+def _save(config, run_dir, dist, model, ema, optimizer, scaler, position, model_info, log):
+    path = None
+    if dist.is_main:
+        try:
+            path = save_training_state(
+                run_dir, model=model, ema=ema, optimizer=optimizer, scaler=scaler, position=position,
+                config=config.to_dict(), model_info=model_info, keep_last=config.keep_last,
+            )
+        except OSError as err:
+            previous = list_checkpoints(run_dir)
+            kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+            raise UserError(
+                f"could not save the checkpoint of step {position.step} in {run_dir} ({err.strerror or err}); {kept}. "
+                f"Free disk space or choose another --results-dir, then run the same command to resume"
+            ) from None
+        log.info(f"saved {path}")
+    distributed.barrier()
+    return path if path is not None else checkpoint_path(run_dir, position.step)
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"{step:07d}.pt"
+
+
+def _sample_grid(config, run_dir, ema, data, step, log):
+    from ..image_grid import make_grid
+    from ..io import atomic_save_png
+    from ..sampling import SamplingOptions, generate
+
+    labels = [k % config.num_classes for k in range(min(config.num_classes, 10) * 4)]
+    guided = config.class_dropout_prob > 0
+    options = SamplingOptions(sampler="ddpm", num_steps=config.sample_steps, cfg_scale=2.0 if guided else 1.0)
+    images = generate(ema, data.decoder(), labels, options=options, seed=config.global_seed, device=next(ema.parameters()).device)
+    grid = make_grid(images, nrow=min(config.num_classes, 10))
+    atomic_save_png(grid, run_dir / "samples" / f"{step:07d}.png")
+    log.image(step, "samples/ema", __import__("numpy").asarray(grid.convert("RGB")))
+
+
+def _evaluate(config, ema, data, step, dist, log):
+    from .evaluation import fid_of_model
+
+    metrics = fid_of_model(config, ema, data, dist)
+    if metrics is not None:
+        log.metrics(step, {f"eval/{k}": v for k, v in metrics.items()})
+        log.info(f"step {step:07d}  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+
+
+def _progress_bar(config, dist, start, total):
+    if not (config.progress and dist.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True)
+
+
+__all__ = ["NonFiniteLoss", "TrainResult", "train"]

@@ -1,0 +1,73 @@
+"""What the loop trains on: a dataset of model inputs (or of images to encode on the fly), their
+shape, and which latent space they live in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..checkpoint import LatentInfo
+from ..data import LatentStoreDataset, open_dataset
+from ..errors import UserError
+from ..latents import SD_VAE_SCALE, PixelSpace, load_latent_space
+from .config import TrainConfig
+
+
+@dataclass
+class TrainingData:
+    dataset: torch.utils.data.Dataset
+    latent_shape: tuple[int, int, int]  # (C, h, w) of the model input
+    latent_info: LatentInfo
+    class_names: list[str] | None
+    encode_on_the_fly: bool = False
+    latent_space: object = None  # the VAE, when images are encoded during training
+    device: torch.device | None = None
+
+    def decoder(self):
+        """The latent space to decode samples with (loaded on first use: stores need no VAE to train)."""
+        if self.latent_space is None:
+            if self.latent_info.kind == "pixels":
+                self.latent_space = PixelSpace(channels=self.latent_shape[0])
+            else:
+                self.latent_space = load_latent_space(self.latent_info.vae, device=self.device)
+        return self.latent_space
+
+
+def open_training_data(config: TrainConfig, device: torch.device) -> TrainingData:
+    source = config.features_path or config.data_path
+    if config.features_path:
+        vae = None if config.vae is None else config.vae
+        dataset = open_dataset(source, image_size=config.image_size, vae=vae, seed=config.global_seed)
+        if not isinstance(dataset, LatentStoreDataset):
+            raise UserError(f"--features-path {source!r} is not a latent store; make one with `fastdit extract`, or use --data-path")
+        meta = dataset.store.meta
+        info = LatentInfo(kind="vae", vae=meta["vae"], scale_factor=float(meta.get("scale_factor", SD_VAE_SCALE)))
+        data = TrainingData(dataset, tuple(dataset.store.latent_shape), info, list(dataset.class_names), device=device)
+    elif config.pixel_space:
+        dataset = open_dataset(source, image_size=config.image_size, seed=config.global_seed)
+        shape = tuple(dataset.sample_shape)
+        data = TrainingData(dataset, shape, LatentInfo(kind="pixels", vae=None, scale_factor=1.0),
+                            list(dataset.class_names), device=device)
+    else:
+        if source == "digits":
+            raise UserError("the digits are 8x8 pixels: train them in pixel space (--vae pixels)")
+        dataset = open_dataset(source, image_size=config.image_size, seed=config.global_seed)
+        vae_name = config.vae or "ema"
+        latent_space = load_latent_space(vae_name, device=device)
+        size = latent_space.latent_size(config.image_size)
+        info = LatentInfo(kind="vae", vae=latent_space.name, scale_factor=latent_space.scale_factor)
+        data = TrainingData(dataset, (latent_space.channels, size, size), info, list(dataset.class_names),
+                            encode_on_the_fly=True, latent_space=latent_space, device=device)
+    if data.class_names is not None and len(data.class_names) > config.num_classes:
+        raise UserError(
+            f"the data has {len(data.class_names)} classes but --num-classes is {config.num_classes}; "
+            f"use --num-classes {len(data.class_names)}"
+        )
+    expected = config.image_size // (1 if data.latent_info.kind == "pixels" else 8)
+    if data.latent_shape[1] != expected:
+        raise UserError(
+            f"the data's samples are {data.latent_shape[1]}x{data.latent_shape[2]} model inputs, but --image-size "
+            f"{config.image_size} needs {expected}x{expected}; pass the image size the data was made at"
+        )
+    return data

@@ -1,0 +1,166 @@
+"""Bad input to `fastdit evaluate`: each case ends in one clear message naming the value and the fix."""
+
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdit.cli import main
+from fastdit.errors import DownloadError, UserError
+from fastdit.evaluate import EvalStatistics, compare, load_inception, save_statistics, statistics_for_path
+from fastdit.evaluate.inception import random_inception_state_dict
+from fastdit.evaluate.sources import open_images
+
+
+def fake_stats(image_size, dim=2048, spatial_dim=2023):
+    return EvalStatistics(
+        mu=np.zeros(dim), sigma=np.eye(dim), mu_s=np.zeros(spatial_dim), sigma_s=np.eye(spatial_dim),
+        num_images=10, image_size=image_size, source="fake",
+    )  # fmt: skip
+
+
+def run_cli(argv, capsys):
+    """Run the CLI expecting a user error; return its one-line message."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.random.rand(2, 8, 8, 3).astype(np.float32), r"float32 values; expected uint8 in \[0, 255\]"),
+        (np.zeros((2, 3, 8, 8), np.uint8), r"shape \(2, 3, 8, 8\); expected N x H x W x 3.*transpose"),
+        (np.zeros((8, 8, 3), np.uint8), r"shape \(8, 8, 3\)"),
+        (np.zeros((0, 8, 8, 3), np.uint8), "contains no images"),
+        (np.array(["a", "b"]).reshape(2, 1, 1, 1).repeat(3, axis=3), "dtype <U1; expected uint8"),
+    ],
+)
+def test_bad_npz_arrays_are_rejected(tmp_path, array, message):
+    np.savez(tmp_path / "samples.npz", array)
+    with pytest.raises(UserError, match=message):
+        open_images(tmp_path / "samples.npz")
+
+
+def test_npz_integer_values_out_of_range(tmp_path):
+    images = np.zeros((3, 4, 4, 3), np.int16)
+    images[2, 0, 0, 0] = 300
+    np.savez(tmp_path / "samples.npz", images)
+    source = open_images(tmp_path / "samples.npz")  # integer dtypes are fine while in [0, 255]
+    with pytest.raises(UserError, match=r"values in \[0, 300\].*expected \[0, 255\]"):
+        list(source.batches(2))
+
+
+def test_npz_without_images_and_not_an_archive(tmp_path):
+    np.savez(tmp_path / "labels.npz", labels=np.arange(3))
+    with pytest.raises(UserError, match="no image array 'arr_0' \\(it holds labels\\)"):
+        open_images(tmp_path / "labels.npz")
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="cannot read .* as an .npz archive"):
+        open_images(tmp_path / "broken.npz")
+
+
+def test_folders_empty_mixed_sizes_and_missing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(UserError, match="no images .* found in folder"):
+        open_images(tmp_path / "empty")
+    (tmp_path / "mixed").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "mixed" / "a.png")
+    Image.new("RGB", (16, 8)).save(tmp_path / "mixed" / "b.png")
+    with pytest.raises(UserError, match="b.png' is 16x8 but .*a.png' is 8x8"):
+        list(open_images(tmp_path / "mixed").batches(4))
+    with pytest.raises(UserError, match="does not exist"):
+        open_images(tmp_path / "nowhere")
+
+
+def test_reference_of_another_resolution():
+    with pytest.raises(UserError, match="samples are 256x256 but the reference fake is 512x512.*same resolution"):
+        compare(fake_stats((256, 256)), fake_stats((512, 512)))
+
+
+def test_reference_of_another_statistics_dimension(tmp_path):
+    np.savez(
+        tmp_path / "ref.npz",
+        arr_0=np.zeros((4, 8, 8, 3), np.uint8),
+        mu=np.zeros(64), sigma=np.eye(64), mu_s=np.zeros(2023), sigma_s=np.eye(2023),
+    )  # fmt: skip
+    with pytest.raises(UserError, match=r"'mu' of shape \(64,\), expected \(2048,\)"):
+        statistics_for_path(tmp_path / "ref.npz", extractor=_NoNetwork(), reference=True, progress=False)
+    bad = fake_stats((8, 8), dim=1008)
+    with pytest.raises(UserError, match="remake it with `fastdit evaluate --make-ref`"):
+        compare(fake_stats((8, 8)), bad)
+
+
+class _NoNetwork:
+    """Stands in for the extractor where the check must fire before any image is processed."""
+
+    batch_size = 4
+    device = torch.device("cpu")
+
+    def __call__(self, images):
+        from fastdit.evaluate.inception import InceptionOutputs
+
+        n = len(images)
+        return InceptionOutputs(pool=torch.rand(n, 2048), spatial=torch.rand(n, 2023), logits=torch.rand(n, 1008))
+
+
+def test_statistics_file_from_newer_version(tmp_path):
+    path = save_statistics(fake_stats((8, 8)), tmp_path / "stats.npz")
+    with np.load(path) as archive:
+        arrays = dict(archive)
+    arrays["fastdit_eval_stats"] = np.array(99)
+    np.savez(path, **arrays)
+    with pytest.raises(UserError, match="newer fastdit"):
+        statistics_for_path(path, extractor=None)
+
+
+def test_missing_weights_offline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FASTDIT_CACHE", str(tmp_path / "cache"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DownloadError, match="pt_inception-2015-12-05-6726825d.pth.*--inception-weights PATH"):
+        load_inception(progress=False)
+    np.savez(tmp_path / "s.npz", np.zeros((2, 8, 8, 3), np.uint8))
+    err = run_cli(["evaluate", str(tmp_path / "s.npz"), str(tmp_path / "s.npz"), "--no-progress"], capsys)
+    assert "could not download" in err and "--inception-weights PATH" in err
+    assert not list((tmp_path / "cache").rglob("*.part"))
+
+
+def test_bad_weights_files(tmp_path, capsys):
+    np.savez(tmp_path / "s.npz", np.zeros((2, 8, 8, 3), np.uint8))
+    samples = str(tmp_path / "s.npz")
+    err = run_cli(["evaluate", samples, samples, "--inception-weights", str(tmp_path / "missing.pth")], capsys)
+    assert "Inception weights not found" in err
+    state = random_inception_state_dict()
+    del state["Mixed_7c.branch_pool.conv.weight"]
+    torch.save(state, tmp_path / "partial.pth")
+    err = run_cli(["evaluate", samples, samples, "--inception-weights", str(tmp_path / "partial.pth")], capsys)
+    assert "not the FID Inception-v3" in err and "Mixed_7c.branch_pool.conv.weight" in err
+    (tmp_path / "garbage.pth").write_bytes(b"garbage")
+    err = run_cli(["evaluate", samples, samples, "--inception-weights", str(tmp_path / "garbage.pth")], capsys)
+    assert "cannot read Inception weights" in err
+
+
+def test_bad_flags(tmp_path, capsys):
+    np.savez(tmp_path / "s.npz", np.zeros((2, 8, 8, 3), np.uint8))
+    samples = str(tmp_path / "s.npz")
+    assert "--batch-size must be >= 1" in run_cli(["evaluate", samples, samples, "--batch-size", "0"], capsys)
+    assert "--pr-subset must be >= 0" in run_cli(["evaluate", samples, samples, "--pr-subset", "-1"], capsys)
+    assert "unknown device" in run_cli(["evaluate", samples, samples, "--device", "tpu9"], capsys)
+
+
+def test_cli_help_works(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--help"])
+    assert exit_info.value.code == 0
+    assert "--make-ref" in capsys.readouterr().out
