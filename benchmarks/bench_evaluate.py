@@ -12,6 +12,7 @@ Numbers are for the device printed in the table; a CPU row says nothing about a 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -44,7 +45,10 @@ def main() -> None:
     else:
         model = load_inception_weights(InceptionV3(), random_inception_state_dict()).to(device)
     rng = np.random.default_rng(0)
-    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'})")
+    if device.type == "cuda":
+        print(f"device: {device} ({torch.cuda.get_device_name(device)})")
+    else:
+        print(f"device: cpu ({torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f})")
     print(f"{'input':>9} {'batch':>6} {'images':>7} {'seconds':>8} {'images/s':>9} {'ms/image':>9}")
     for image_size in args.image_sizes:
         for batch_size in args.batch_sizes:
@@ -58,7 +62,8 @@ def main() -> None:
             synchronize(device)
             seconds = time.perf_counter() - start
             rate = args.num_images / seconds
-            print(f"{image_size:>4}x{image_size:<4} {batch_size:>6} {args.num_images:>7} {seconds:>8.2f} {rate:>9.1f} {1000 / rate:>9.1f}")
+            size = f"{image_size}x{image_size}"
+            print(f"{size:>9} {batch_size:>6} {args.num_images:>7} {seconds:>8.2f} {rate:>9.1f} {1000 / rate:>9.1f}")
 
     # The metric math at full size (2048-dim pool_3): independent of the number of images.
     features = rng.standard_normal((4096, 2048))

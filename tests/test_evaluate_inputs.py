@@ -85,6 +85,14 @@ def test_reference_of_another_resolution():
         compare(fake_stats((256, 256)), fake_stats((512, 512)))
 
 
+def test_cli_rejects_another_resolution_before_running_inception(tmp_path, monkeypatch, capsys):
+    np.savez(tmp_path / "s256.npz", np.zeros((4, 16, 16, 3), np.uint8))
+    np.savez(tmp_path / "r512.npz", np.zeros((4, 32, 32, 3), np.uint8))
+    monkeypatch.setenv("FASTDIT_CACHE", str(tmp_path / "no-cache"))  # no weights: must not get that far
+    err = run_cli(["evaluate", str(tmp_path / "s256.npz"), str(tmp_path / "r512.npz")], capsys)
+    assert "samples are 16x16 but the reference" in err and "is 32x32" in err
+
+
 def test_reference_of_another_statistics_dimension(tmp_path):
     np.savez(
         tmp_path / "ref.npz",

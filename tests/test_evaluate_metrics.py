@@ -29,10 +29,11 @@ def scipy_frechet(mu1, sigma1, mu2, sigma2):
     return diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
 
 
-@pytest.mark.parametrize("num_points", [200, 40])  # full rank, and rank-deficient (fewer points than dims)
+# full rank; one side rank-deficient (fewer points than dims); both rank-deficient
+@pytest.mark.parametrize("num_points", [(200, 200), (10, 200), (200, 10), (12, 16)])
 def test_trace_sqrt_product_matches_scipy_sqrtm(num_points):
     rng = np.random.default_rng(0)
-    sigma1, sigma2 = random_covariance(rng, 24, num_points), random_covariance(rng, 24, num_points)
+    sigma1, sigma2 = (random_covariance(rng, 24, n) for n in num_points)
     expected = np.trace(linalg.sqrtm(sigma1 @ sigma2).real)
     assert trace_sqrt_product(sigma1, sigma2) == pytest.approx(expected, rel=1e-6)
 

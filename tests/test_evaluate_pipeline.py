@@ -16,7 +16,6 @@ from fastdit.cli import main
 from fastdit.evaluate import (
     EvalStatistics,
     InceptionFeatureExtractor,
-    compare,
     compute_statistics,
     float_images_to_uint8,
     inception_score,
@@ -191,7 +190,8 @@ def test_adm_reference_batch_statistics_are_used(tmp_path, extractor, images):
     mu, mu_s = rng.standard_normal(2048), rng.standard_normal(2023)
     sigma, sigma_s = np.eye(2048) * 2.0, np.eye(2023) * 3.0
     # An ADM reference batch: images plus precomputed moments (unrelated to the images here).
-    np.savez(tmp_path / "VIRTUAL_ref.npz", arr_0=images, mu=mu.astype(np.float32), sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    precomputed = {"mu": mu.astype(np.float32), "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
+    np.savez(tmp_path / "VIRTUAL_ref.npz", arr_0=images, **precomputed)
     ref = statistics_for_path(tmp_path / "VIRTUAL_ref.npz", extractor, reference=True, progress=False, pr_subset=2)
     np.testing.assert_allclose(ref.mu, mu.astype(np.float32))
     np.testing.assert_array_equal(ref.sigma_s, sigma_s)

@@ -64,6 +64,14 @@ def _resolve_device(name: str):
     return device
 
 
+def _image_size(path) -> tuple[int, int] | None:
+    """The resolution of a statistics file, `.npz` batch or folder, read without running Inception."""
+    from ..evaluate import load_statistics
+    from ..evaluate.sources import is_statistics_file, open_images
+
+    return load_statistics(path).image_size if is_statistics_file(path) else open_images(path).image_size
+
+
 def format_table(metrics: dict) -> str:
     rows = [
         ("Inception Score", metrics.get("inception_score"), "{:.2f}"),
@@ -84,6 +92,7 @@ def run(args: argparse.Namespace) -> int | None:
 
     from ..evaluate import IS_SPLIT_SIZE, InceptionFeatureExtractor, compare, save_statistics, statistics_for_path
     from ..evaluate.sources import is_statistics_file
+    from ..evaluate.statistics import check_same_resolution
     from ..io import atomic_write_json
 
     if args.batch_size < 1:
@@ -95,6 +104,13 @@ def run(args: argparse.Namespace) -> int | None:
     progress = not args.no_progress
     first, second = Path(args.samples).expanduser(), Path(args.ref).expanduser()
 
+    # Check the inputs before loading the network and minutes of Inception, not after.
+    if args.make_ref:
+        if is_statistics_file(first):
+            raise UserError(f"{str(first)!r} is already a statistics file; pass an image folder or .npz batch")
+        _image_size(first)
+    else:
+        check_same_resolution(_image_size(first), _image_size(second), str(second))
     needs_network = args.make_ref or not (is_statistics_file(first) and is_statistics_file(second))
     extractor = None
     if needs_network:
@@ -103,11 +119,10 @@ def run(args: argparse.Namespace) -> int | None:
         )
 
     if args.make_ref:
-        if is_statistics_file(first):
-            raise UserError(f"{str(first)!r} is already a statistics file; pass an image folder or .npz batch")
         stats = statistics_for_path(first, extractor, pr_subset=pr_subset, progress=progress)
         written = save_statistics(stats, second)
-        print(f"wrote reference statistics of {stats.num_images} images ({stats.image_size[0]}x{stats.image_size[1]}) to {written}")
+        height, width = stats.image_size
+        print(f"wrote reference statistics of {stats.num_images} images ({height}x{width}) to {written}")
         return 0
 
     sample_stats = statistics_for_path(first, extractor, pr_subset=pr_subset, progress=progress)

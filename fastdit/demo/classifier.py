@@ -21,11 +21,11 @@ class DigitClassifier(nn.Module):
     def __init__(self, num_classes: int = 10, feature_dim: int = 64):
         super().__init__()
         self.conv = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),   # (N, 16, 8, 8)
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),  # (N, 32, 8, 8)
-            nn.MaxPool2d(2),                             # (N, 32, 4, 4)
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),   # (N, 32, 8, 8)
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),  # (N, 64, 8, 8)
+            nn.MaxPool2d(2),                             # (N, 64, 4, 4)
         )
-        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 4, feature_dim), nn.ReLU())  # (N, D)
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, feature_dim), nn.ReLU())  # (N, D)
         self.head = nn.Linear(feature_dim, num_classes)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,7 @@ class DigitClassifier(nn.Module):
 
 @dataclass
 class ClassifierOptions:
-    epochs: int = 60
+    epochs: int = 50
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 1e-4

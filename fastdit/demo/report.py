@@ -81,7 +81,8 @@ def format_report(report: dict) -> str:
         f"samples classified as their class: {report['class_match']:.2%} of {report['num_samples']} "
         f"(cfg {report['sampling']['cfg_scale']}, {report['sampling']['sampler']} {report['sampling']['num_steps']} steps)",
         f"Frechet distance in classifier features: samples vs real {fd['samples_vs_real']:.3f}, "
-        f"real vs real {fd['real_vs_real']:.3f} ({fd['num_samples']} vs {fd['num_reference']} images each)",
+        f"real vs real {fd['real_vs_real']:.3f} ({fd['num_samples']} samples and {fd['num_real_compared']} real digits, "
+        f"each against the same {fd['num_reference']} real digits)",
         "per class: " + "  ".join(
             f"{k}:{share:.0%}" for k, share in enumerate(report["class_match_per_class"]) if share is not None
         ),

@@ -3,8 +3,9 @@
 Usable without files (training's `--eval-every` passes uint8 batches straight from the sampler):
 
     extractor = InceptionFeatureExtractor(device="cuda")
+    ref = statistics_for_path("VIRTUAL_imagenet256_labeled.npz", extractor, reference=True)  # once
     stats = compute_statistics(batches_of_uint8_nhwc, extractor)
-    metrics = compare(stats, load_reference("VIRTUAL_imagenet256_labeled.npz", extractor))
+    metrics = compare(stats, ref)
 """
 
 from __future__ import annotations
@@ -113,7 +114,9 @@ def compute_statistics(
                 continue
             size = tuple(int(v) for v in batch.shape[1:3])
             if image_size is not None and size != image_size:
-                raise UserError(f"image batches change size from {image_size} to {size}; evaluate one resolution at a time")
+                raise UserError(
+                    f"image batches change size from {image_size} to {size}; evaluate one resolution at a time"
+                )
             image_size = size
             features = extractor(batch)
             pool_moments.update(features.pool)

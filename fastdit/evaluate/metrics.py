@@ -65,7 +65,10 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     sigma1 = torch.as_tensor(np.asarray(sigma1), dtype=torch.float64)
     sigma2 = torch.as_tensor(np.asarray(sigma2), dtype=torch.float64)
     factor, info = torch.linalg.cholesky_ex(sigma1)
-    if info.item() != 0:  # singular: F = V diag(sqrt(w)) from the eigen-decomposition
+    if info.item() != 0:  # tr sqrtm(s1 s2) = tr sqrtm(s2 s1): try factoring the other one
+        sigma1, sigma2 = sigma2, sigma1
+        factor, info = torch.linalg.cholesky_ex(sigma1)
+    if info.item() != 0:  # both singular (fewer images than dims): F = V diag(sqrt(w)), slower
         eigenvalues, eigenvectors = torch.linalg.eigh((sigma1 + sigma1.T) / 2)
         factor = eigenvectors * eigenvalues.clamp_min(0).sqrt()
     middle = factor.T @ sigma2 @ factor

@@ -94,8 +94,8 @@ class NpzImages:
         low, high = int(batch.min()), int(batch.max())
         if low < 0 or high > 255:
             raise UserError(
-                f"'arr_0' in {str(self.path)!r} has values in [{low}, {high}] (images {start}..{start + len(batch) - 1}); "
-                "expected [0, 255]: save uint8 images"
+                f"'arr_0' in {str(self.path)!r} has values in [{low}, {high}] "
+                f"(images {start}..{start + len(batch) - 1}); expected [0, 255]: save uint8 images"
             )
         return batch.astype(np.uint8)
 
@@ -148,7 +148,9 @@ def read_adm_statistics(path: Path) -> dict[str, np.ndarray] | None:
                 return None
             missing = [key for key in ADM_STAT_KEYS if key not in archive.files]
             if missing:
-                raise UserError(f"{str(path)!r} has 'mu' but lacks {', '.join(missing)}; it is not an ADM reference batch")
+                raise UserError(
+                    f"{str(path)!r} has 'mu' but lacks {', '.join(missing)}; it is not an ADM reference batch"
+                )
             return {key: archive[key].astype(np.float64) for key in ADM_STAT_KEYS}
     except (zipfile.BadZipFile, OSError, ValueError) as err:
         if isinstance(err, UserError):

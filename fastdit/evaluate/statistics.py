@@ -37,7 +37,12 @@ class EvalStatistics:
 
     def check(self, name: str) -> None:
         """Shapes and finiteness, with a message that says which file is wrong."""
-        expected = {"mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM), "mu_s": (SPATIAL_DIM,), "sigma_s": (SPATIAL_DIM,) * 2}
+        expected = {
+            "mu": (POOL_DIM,),
+            "sigma": (POOL_DIM, POOL_DIM),
+            "mu_s": (SPATIAL_DIM,),
+            "sigma_s": (SPATIAL_DIM, SPATIAL_DIM),
+        }
         for key, shape in expected.items():
             value = getattr(self, key)
             if value.shape != shape:
@@ -47,9 +52,13 @@ class EvalStatistics:
                     "`fastdit evaluate --make-ref`"
                 )
             if not np.isfinite(value).all():
-                raise UserError(f"{name} has non-finite values in '{key}'; remake it with `fastdit evaluate --make-ref`")
+                raise UserError(
+                    f"{name} has non-finite values in '{key}'; remake it with `fastdit evaluate --make-ref`"
+                )
         if self.pr_features is not None and (self.pr_features.ndim != 2 or self.pr_features.shape[1] != POOL_DIM):
-            raise UserError(f"{name} has precision/recall features of shape {self.pr_features.shape}, expected (N, {POOL_DIM})")
+            raise UserError(
+                f"{name} has precision/recall features of shape {self.pr_features.shape}, expected (N, {POOL_DIM})"
+            )
 
 
 def save_statistics(stats: EvalStatistics, path: str | Path) -> Path:
@@ -99,6 +108,16 @@ def load_statistics(path: str | Path) -> EvalStatistics:
     return stats
 
 
+def check_same_resolution(sample_size: tuple[int, int] | None, ref_size: tuple[int, int] | None, ref_name: str) -> None:
+    """Samples and reference must have one resolution (unknown sizes pass): FID across sizes means nothing."""
+    if sample_size and ref_size and tuple(sample_size) != tuple(ref_size):
+        (sh, sw), (rh, rw) = sample_size, ref_size
+        raise UserError(
+            f"samples are {sh}x{sw} but the reference {ref_name} is {rh}x{rw}; compare against the reference "
+            f"batch of the same resolution (e.g. VIRTUAL_imagenet{sh}_labeled.npz for ImageNet {sh}x{sw})"
+        )
+
+
 def compare(
     sample: EvalStatistics, ref: EvalStatistics, *, k: int = 3, device: str = "cpu"
 ) -> dict[str, float | int | None]:
@@ -111,12 +130,7 @@ def compare(
     """
     sample.check(f"the samples ({sample.source or 'in memory'})")
     ref.check(f"the reference ({ref.source or 'in memory'})")
-    if sample.image_size and ref.image_size and tuple(sample.image_size) != tuple(ref.image_size):
-        (sh, sw), (rh, rw) = sample.image_size, ref.image_size
-        raise UserError(
-            f"samples are {sh}x{sw} but the reference {ref.source or ''} is {rh}x{rw}; compare against the reference "
-            f"batch of the same resolution (e.g. VIRTUAL_imagenet{sh}_labeled.npz for ImageNet {sh}x{sw})"
-        )
+    check_same_resolution(sample.image_size, ref.image_size, ref.source)
     metrics: dict[str, float | int | None] = {
         "fid": frechet_distance(sample.mu, sample.sigma, ref.mu, ref.sigma),
         "sfid": frechet_distance(sample.mu_s, sample.sigma_s, ref.mu_s, ref.sigma_s),
@@ -127,5 +141,6 @@ def compare(
         "num_reference": ref.num_images,
     }
     if sample.pr_features is not None and ref.pr_features is not None:
-        metrics["precision"], metrics["recall"] = precision_recall(ref.pr_features, sample.pr_features, k, device=device)
+        precision, recall = precision_recall(ref.pr_features, sample.pr_features, k, device=device)
+        metrics["precision"], metrics["recall"] = precision, recall
     return metrics

@@ -51,10 +51,11 @@ class TrainResult:
 def train(config: TrainConfig) -> TrainResult:
     config.validate()
     dist = distributed.init_from_env(config.device)
-    try:
-        return _train(config, dist)
-    finally:
-        distributed.shutdown()
+    result = _train(config, dist)
+    # On an error we leave without the closing barrier: the other processes may never reach it, and
+    # torchrun stops the whole job when one process fails.
+    distributed.shutdown()
+    return result
 
 
 def _check_run_folder(config: TrainConfig, run_dir: Path, requested: TrainConfig | None = None) -> None:
@@ -168,7 +169,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo) -> TrainResult:
             pin_memory=device.type == "cuda", persistent_workers=False,
         )
         for x, y in loader:
-            loss = _train_step(config, data, diffusion, runnable, model, ema, optimizer, scaler, x, y,
+            loss = train_step(config, data, diffusion, runnable, model, ema, optimizer, scaler, x, y,
                                position.step, dist, local_batch, micro_batch)
             position.step += 1
             position.step_in_epoch += 1
@@ -218,7 +219,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo) -> TrainResult:
     return TrainResult(run_dir=run_dir, checkpoint=checkpoint, export=export, step=position.step, last_loss=last_loss)
 
 
-def _train_step(config, data, diffusion, runnable, model, ema, optimizer, scaler, x, y, step, dist, local_batch, micro_batch):
+def train_step(config, data, diffusion, runnable, model, ema, optimizer, scaler, x, y, step, dist, local_batch, micro_batch):
     device = dist.device
     x = x.to(device, non_blocking=True)
     y = y.to(device, non_blocking=True)

@@ -1,0 +1,53 @@
+"""`fastdit demo`: a class-conditional DiT trained and judged on scikit-learn's 8x8 digits, on a CPU."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..sampling import SAMPLERS
+
+HELP = "train a tiny DiT on the 8x8 digits (no download, minutes on a CPU), sample every class, and judge the samples"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..demo.run import DemoConfig
+
+    d = DemoConfig()
+    parser.add_argument("--out", default=d.out, help=f"output folder; running again with the same folder reuses its training (more --steps continue it) (default: {d.out})")
+    group = parser.add_argument_group("training")
+    group.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default: {d.steps})")
+    group.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step (default: {d.batch_size})")
+    group.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
+    group.add_argument("--ema-decay", type=float, default=d.ema_decay, help=f"EMA decay per step; the samples come from the EMA (default: {d.ema_decay})")
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--samples-per-class", type=int, default=d.samples_per_class, help=f"(default: {d.samples_per_class})")
+    group.add_argument("--sampler", choices=sorted(SAMPLERS), default=d.sampler, help=f"(default: {d.sampler})")
+    group.add_argument("--sampling-steps", type=int, default=d.sampling_steps, help=f"(default: {d.sampling_steps})")
+    group.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help=f"classifier-free guidance scale; 1 disables it (default: {d.cfg_scale})")
+    parser.add_argument("--classifier-epochs", type=int, default=d.classifier_epochs,
+                        help=f"epochs of the digit classifier that judges the samples (default: {d.classifier_epochs})")
+    parser.add_argument("--seed", type=int, default=d.seed, help=f"seed of the data split, training, sampling and the classifier (default: {d.seed})")
+    parser.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda, cuda:N (default: auto)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress, help="progress bars (default: on)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..demo.report import format_report
+    from ..demo.run import DemoConfig, run_demo
+
+    config = DemoConfig(
+        out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
+        samples_per_class=args.samples_per_class, sampler=args.sampler, sampling_steps=args.sampling_steps,
+        cfg_scale=args.cfg_scale, classifier_epochs=args.classifier_epochs, seed=args.seed, device=args.device, progress=args.progress,
+    )
+    result = run_demo(config)
+    print(format_report(result.report))
+    seconds = result.report["seconds"]
+    print(f"took {seconds['total']:.0f} s (training {seconds['train']:.0f} s, sampling {seconds['sampling']:.0f} s, "
+          f"evaluation {seconds['evaluation']:.0f} s)")
+    print(f"files in {result.out_dir}:")
+    for name, path in result.files.items():
+        print(f"  {name:<10} {path}")
+    print(f"sample more with: fastdit sample --ckpt {result.files['checkpoint']} --sampler {config.sampler} "
+          f"--num-sampling-steps {config.sampling_steps} --cfg-scale {config.cfg_scale} --nrow 10 --out digits.png")
+    return 0

@@ -1,0 +1,205 @@
+"""Encode an image folder with the VAE into a sharded latent store, on every process of a torchrun job.
+
+Every process encodes its share of the missing shards (r, r + W, ... of that list for rank r of W);
+shard contents depend only on the sorted file list, so any number of processes writes the same store.
+Running the same command again continues a killed extraction; a finished store is checked and left as
+it is. `fastdit.data.latent_store` describes the layout.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    data_path: str
+    features_path: str
+    image_size: int = 256
+    vae: str = "ema"  # "ema"/"mse" (the SD VAEs DiT uses), a hub id or a local diffusers folder
+    batch_size: int = 32  # images per VAE call and process; each is encoded together with its flip
+    shard_size: int = 10_000
+    num_workers: int = 4
+    dtype: str = "float16"
+    skip_corrupt: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        for flag, value in (("--image-size", self.image_size), ("--batch-size", self.batch_size),
+                            ("--shard-size", self.shard_size)):
+            if value < 1:
+                raise UserError(f"{flag} must be a positive integer, got {value}")
+        if self.num_workers < 0:
+            raise UserError(f"--num-workers must be 0 or more, got {self.num_workers}")
+        if self.dtype not in ("float16", "float32"):
+            raise UserError(f"--dtype must be float16 or float32, got {self.dtype!r}")
+
+
+
+def extract_latents(config: ExtractConfig) -> dict | None:
+    """Write (or finish) the latent store; returns its metadata on the main process, None elsewhere."""
+    from .. import distributed as dist
+
+    info = dist.init_from_env(config.device)
+    # On an error we leave without the closing barrier: the other processes may never reach it, and
+    # torchrun stops the whole job when one process fails.
+    meta = _extract(config, info)
+    dist.shutdown()
+    return meta
+
+
+def _extract(config: ExtractConfig, info) -> dict | None:
+    import torch
+
+    from .. import distributed as dist
+    from .image_folder import list_image_folder
+    from .latent_store import StorePlan, files_digest, finalize_store, normalize_vae_name, open_for_writing
+    from ..latents import load_latent_space
+
+    index = list_image_folder(config.data_path)
+    space = load_latent_space(config.vae, device=info.device)
+    latent_size = space.latent_size(config.image_size)
+    plan = StorePlan(
+        vae=normalize_vae_name(space.name),
+        scale_factor=float(space.scale_factor),
+        image_size=config.image_size,
+        latent_shape=(space.channels, latent_size, latent_size),
+        dtype=config.dtype,
+        shard_size=config.shard_size,
+        num_sources=len(index.files),
+        class_names=index.class_names,
+        files_digest=files_digest(index),
+    )
+    # The main process starts (or checks) the store first; then all list the missing shards before any
+    # writes one, so that every process sees the same list and splits it the same way.
+    if info.is_main:
+        pending = open_for_writing(config.features_path, plan)
+    dist.barrier()
+    if not info.is_main:
+        pending = open_for_writing(config.features_path, plan, is_main=False)
+    dist.barrier()
+
+    start = time.perf_counter()
+    encoded, corrupt = _encode_shards(config, info, index, plan, space, pending[info.rank :: info.world_size])
+    # Every process finishes its shards before any reports corrupt images, so no finished work is lost.
+    totals = dist.all_reduce_sum(torch.tensor([encoded, len(corrupt)], dtype=torch.float64, device=info.device))
+    if totals[1]:
+        raise _corrupt_images_error(corrupt, int(totals[1]))
+    elapsed = time.perf_counter() - start
+    dist.barrier()  # every shard is on disk before the main process checks them
+    if not info.is_main:
+        return None
+    meta = finalize_store(config.features_path, plan)
+    skipped = f", {len(meta['skipped'])} corrupt image(s) skipped" if meta["skipped"] else ""
+    total = int(totals[0])
+    speed = f"{total} encoded in {elapsed:.1f} s, {total / max(elapsed, 1e-9):.1f} images/s"
+    print(
+        f"latent store {config.features_path!r}: {meta['count']} images in {len(meta['shards'])} shard(s)"
+        f"{skipped} ({speed if total else 'nothing left to encode'})"
+    )
+    return meta
+
+
+def _corrupt_images_error(corrupt: list[str], total: int) -> UserError:
+    if not corrupt:
+        return UserError(f"{total} image(s) could not be decoded by other processes (named in their messages)")
+    listed = ", ".join(repr(path) for path in corrupt[:10])
+    listed += f" and {len(corrupt) - 10} more" if len(corrupt) > 10 else ""
+    return UserError(
+        f"{len(corrupt)} image(s) could not be decoded: {listed}; fix or remove them, or rerun with --skip-corrupt "
+        f"to leave them out (the shards without them are written and will be kept)"
+    )
+
+
+class _SourceImages:
+    """The sorted file list as a map-style dataset that reports corrupt files instead of raising."""
+
+    def __init__(self, index, image_size: int):
+        self.index = index
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.index.files)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        from .image_folder import CorruptImageError, load_image
+
+        try:
+            image, error = load_image(self.index.root / self.index.files[i], self.image_size), ""
+        except CorruptImageError as err:
+            image, error = torch.zeros(3, self.image_size, self.image_size), str(err)
+        return image, self.index.labels[i], i, error
+
+
+def _encode_shards(config: ExtractConfig, info, index, plan, space, shards: list[int]) -> tuple[int, list[str]]:
+    """Encode and write `shards`; returns (images encoded, corrupt files in shards left unwritten)."""
+    import torch
+    from tqdm import tqdm
+
+    from .latent_store import DTYPES, write_shard
+
+    # Batches never cross a shard boundary and start at its first image, so each image is encoded in
+    # the same batch whatever the number of processes.
+    batches, batch_shard = [], []
+    for shard in shards:
+        sources = list(plan.shard_sources(shard))
+        for start in range(0, len(sources), config.batch_size):
+            batches.append(sources[start : start + config.batch_size])
+            batch_shard.append(shard)
+    loader = torch.utils.data.DataLoader(
+        _SourceImages(index, plan.image_size),
+        batch_sampler=batches,
+        num_workers=config.num_workers,
+        pin_memory=info.device.type == "cuda",
+    )
+    bar = tqdm(
+        total=sum(len(batch) for batch in batches),
+        unit="img",
+        desc=f"extract (rank 0 of {info.world_size})" if info.is_distributed else "extract",
+        disable=not (config.progress and info.is_main),
+        dynamic_ncols=True,
+    )
+    dtype = DTYPES[plan.dtype]
+    encoded, unwritten_corrupt = 0, []
+    parts, corrupt = [], []  # of the shard being filled
+    for b, (images, labels, sources, errors) in enumerate(loader):
+        ok = torch.tensor([not error for error in errors], dtype=torch.bool)
+        corrupt += [index.files[int(source)] for source, error in zip(sources, errors) if error]
+        if ok.any():
+            x = images[ok].to(info.device, non_blocking=True)
+            n = len(x)
+            mean, std = space.encode_moments(torch.cat([x, x.flip(-1)]))  # (2n, C, h, w): originals, then flips
+            parts.append((
+                torch.stack([mean[:n], mean[n:]], dim=1).to("cpu", dtype),  # (n, 2, C, h, w)
+                torch.stack([std[:n], std[n:]], dim=1).to("cpu", dtype),
+                labels[ok],
+                sources[ok],
+            ))
+            encoded += n
+        bar.update(len(errors))
+        if b + 1 == len(batches) or batch_shard[b + 1] != batch_shard[b]:  # the shard is complete
+            if corrupt and not config.skip_corrupt:
+                unwritten_corrupt += corrupt
+            else:
+                write_shard(config.features_path, batch_shard[b], **_concat(parts, plan, dtype), skipped=corrupt)
+            parts, corrupt = [], []
+    bar.close()
+    return encoded, unwritten_corrupt
+
+
+def _concat(parts: list[tuple], plan, dtype) -> dict:
+    """One shard's tensors from its batches; empty tensors when every image of the shard was skipped."""
+    import torch
+
+    if not parts:
+        moments = torch.zeros(0, 2, *plan.latent_shape, dtype=dtype)
+        return {"mean": moments, "std": moments, "label": torch.zeros(0, dtype=torch.int64),
+                "source": torch.zeros(0, dtype=torch.int64)}
+    mean, std, label, source = (torch.cat(column) for column in zip(*parts))
+    return {"mean": mean, "std": std, "label": label, "source": source}

@@ -1,0 +1,89 @@
+"""`fastdit demo` end to end at a reduced size: every file is written, in the right format."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdit.checkpoint import load_model
+from fastdit.cli import main
+
+SAMPLES_PER_CLASS = 3
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    argv = ["demo", "--out", str(out), "--steps", "24", "--batch-size", "32", "--samples-per-class", str(SAMPLES_PER_CLASS),
+            "--sampling-steps", "4", "--classifier-epochs", "2", "--no-progress"]
+    capture = pytest.MonkeyPatch()  # module scope: capsys is per test, so read stdout through a file
+    printed = []
+    capture.setattr("builtins.print", lambda *a, **k: printed.append(" ".join(map(str, a))))
+    try:
+        status = main(argv)
+    finally:
+        capture.undo()
+    return out, status, "\n".join(printed)
+
+
+def test_demo_writes_samples_npz(demo_run):
+    out, status, _ = demo_run
+    assert status == 0
+    with np.load(out / "samples.npz") as data:
+        images, labels = data["arr_0"], data["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (10 * SAMPLES_PER_CLASS, 8, 8, 1)
+    assert labels.dtype == np.int64
+    np.testing.assert_array_equal(labels, np.repeat(np.arange(10), SAMPLES_PER_CLASS))
+
+
+def test_demo_writes_grid_with_one_row_per_digit_and_loss_plot(demo_run):
+    out, _, _ = demo_run
+    grid = Image.open(out / "grid.png")
+    cell, padding, scale = 8, 2, 4
+    assert grid.size == ((SAMPLES_PER_CLASS * (cell + padding) + padding) * scale, (10 * (cell + padding) + padding) * scale)
+    loss_plot = Image.open(out / "loss.png")
+    assert loss_plot.format == "PNG" and loss_plot.size[0] > 100
+
+
+def test_demo_checkpoint_loads_for_sampling(demo_run):
+    out, _, _ = demo_run
+    report = json.loads((out / "report.json").read_text())
+    model, info = load_model(report["files"]["checkpoint"])
+    assert info.latent.kind == "pixels" and model.config.num_classes == 10 and model.config.input_size == 8
+    assert report["train"]["steps"] == 24
+
+
+def test_demo_report_holds_the_evaluation(demo_run):
+    out, _, printed = demo_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_samples"] == 10 * SAMPLES_PER_CLASS
+    assert 0.0 <= report["class_match"] <= 1.0
+    assert len(report["class_match_per_class"]) == 10
+    judge = report["classifier"]
+    assert judge["num_train"] + judge["num_test"] == 1797 and judge["num_train"] == 359
+    assert 0.0 <= judge["test_accuracy"] <= 1.0
+    fd = report["frechet_distance"]
+    assert fd["samples_vs_real"] >= 0 and np.isfinite(fd["samples_vs_real"])
+    assert fd["real_vs_real"] >= 0 and fd["num_real_compared"] == 10 * SAMPLES_PER_CLASS
+    assert set(report["files"]) == {"samples", "grid", "loss_plot", "checkpoint", "report"}
+    # The console shows the figures and where the files are.
+    assert "samples classified as their class" in printed and f"files in {out}" in printed
+
+
+def test_demo_rejects_bad_flags(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--out", str(tmp_path / "x"), "--samples-per-class", "1"])
+    assert exit_info.value.code == 2
+    assert "--samples-per-class" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing is trained for a run that cannot finish
+
+
+def test_demo_refuses_a_folder_trained_with_other_settings(demo_run, capsys):
+    out, _, _ = demo_run
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--out", str(out), "--steps", "24", "--batch-size", "32", "--lr", "5e-4", "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "lr" in err and "another --out" in err
