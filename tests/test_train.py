@@ -208,3 +208,23 @@ def test_corrupt_image_named(tmp_path, capsys):
     with pytest.raises(UserError, match="broken.png"):
         train(tiny_config(tmp_path, data_path=str(images), vae="pixels", image_size=8, num_classes=3,
                           global_batch_size=13, max_steps=1))
+
+
+def test_fid_of_the_ema_model_during_training(tmp_path):
+    import numpy as np
+
+    from fastdit.data import DigitsDataset
+    from fastdit.evaluate.inception import random_inception_state_dict
+
+    weights = tmp_path / "inception.pth"
+    torch.save(random_inception_state_dict(seed=0), weights)
+    real = DigitsDataset("heldout").images[:6]  # (6, 1, 8, 8) in [-1, 1] -> uint8 RGB, as an ADM batch
+    pixels = ((real + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).repeat(1, 1, 1, 3)
+    reference = tmp_path / "ref.npz"
+    np.savez(reference, arr_0=pixels.numpy())
+    result = train(tiny_config(tmp_path, max_steps=2, eval_every=2, eval_samples=4, eval_sampling_steps=2,
+                               eval_ref=str(reference), inception_weights=str(weights), eval_batch_size=4))
+    metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [m for m in metrics if "eval/fid" in m]
+    assert len(evaluated) == 1 and evaluated[0]["step"] == 2
+    assert evaluated[0]["eval/fid"] > 0 and 0 <= evaluated[0]["eval/precision"] <= 1

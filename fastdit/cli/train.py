@@ -40,6 +40,8 @@ HELP_TEXTS = {
     "eval_every": "FID of the EMA model every N steps (0: never; needs --eval-ref)",
     "eval_samples": "samples for that FID",
     "eval_ref": "reference .npz / folder / statistics for that FID",
+    "eval_sampling_steps": "DDPM steps for that FID",
+    "eval_cfg_scale": "guidance scale for that FID (1: none, as the paper's training curves)",
     "inception_weights": "local Inception weights for --eval-every",
     "depth": "override the preset's depth",
     "hidden_size": "override the preset's width",

@@ -19,6 +19,7 @@ from .features import (
     compute_statistics,
     float_images_to_uint8,
     statistics_for_path,
+    statistics_from_features,
 )
 from .inception import InceptionV3, load_inception, resize_bilinear_tf1
 from .metrics import frechet_distance, inception_score, precision_recall
@@ -41,4 +42,5 @@ __all__ = [
     "resize_bilinear_tf1",
     "save_statistics",
     "statistics_for_path",
+    "statistics_from_features",
 ]

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..sampling.generate import to_uint8
 from .inception import POOL_DIM, SPATIAL_DIM, InceptionOutputs, InceptionV3, load_inception
 from .metrics import InceptionScoreAccumulator, RunningMoments
 from .sources import NpzImages, is_statistics_file, open_images, read_adm_statistics
@@ -30,7 +31,7 @@ IS_SPLIT_SIZE = 5_000  # ADM's `compute_inception_score(split_size=5000)`: 10 sp
 
 def float_images_to_uint8(images: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) floats in [-1, 1] -> (N, H, W, 3) uint8, exactly as DiT's sample_ddp.py writes samples."""
-    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
+    return torch.from_numpy(to_uint8(images))
 
 
 class InceptionFeatureExtractor:
@@ -97,40 +98,62 @@ def compute_statistics(
     everything else is accumulated, so memory does not grow with the number of images.
     `progress_total` (number of images) turns on a progress bar.
     """
-    # The float64 moments live on the network's device: on a GPU, their updates are not a CPU bottleneck.
-    pool_moments = RunningMoments(POOL_DIM, device=extractor.device)
-    spatial_moments = RunningMoments(SPATIAL_DIM, device=extractor.device)
-    inception_score = InceptionScoreAccumulator(is_split_size)
-    kept: list[np.ndarray] = []
-    num_kept, image_size = 0, None
+    image_size = []
     bar = None
     if progress_total is not None:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=progress_total, unit="img", desc=f"Inception {Path(source).name or 'features'}")
-    try:
+
+    def features():
         for batch in batches:
             if len(batch) == 0:
                 continue
             size = tuple(int(v) for v in batch.shape[1:3])
-            if image_size is not None and size != image_size:
+            if image_size and size != image_size[0]:
                 raise UserError(
-                    f"image batches change size from {image_size} to {size}; evaluate one resolution at a time"
+                    f"image batches change size from {image_size[0]} to {size}; evaluate one resolution at a time"
                 )
-            image_size = size
-            features = extractor(batch)
-            pool_moments.update(features.pool)
-            spatial_moments.update(features.spatial)
-            inception_score.update(features.logits)
-            if pr_subset is None or num_kept < pr_subset:
-                take = len(features.pool) if pr_subset is None else min(len(features.pool), pr_subset - num_kept)
-                kept.append(features.pool[:take].cpu().numpy())
-                num_kept += take
+            image_size[:] = [size]
+            yield extractor(batch)
             if bar is not None:
                 bar.update(len(batch))
+
+    try:
+        stats = statistics_from_features(
+            features(), device=extractor.device, pr_subset=pr_subset, is_split_size=is_split_size, source=source
+        )
     finally:
         if bar is not None:
             bar.close()
+    stats.image_size = image_size[0]
+    return stats
+
+
+def statistics_from_features(
+    outputs: Iterable[InceptionOutputs],
+    *,
+    device: str | torch.device = "cpu",
+    pr_subset: int | None = PR_SUBSET,
+    is_split_size: int = IS_SPLIT_SIZE,
+    image_size: tuple[int, int] | None = None,
+    source: str = "",
+) -> EvalStatistics:
+    """`EvalStatistics` from batches of Inception outputs (e.g. gathered from several processes)."""
+    # The float64 moments live on the network's device: on a GPU, their updates are not a CPU bottleneck.
+    pool_moments = RunningMoments(POOL_DIM, device=device)
+    spatial_moments = RunningMoments(SPATIAL_DIM, device=device)
+    inception_score = InceptionScoreAccumulator(is_split_size)
+    kept: list[np.ndarray] = []
+    num_kept = 0
+    for features in outputs:
+        pool_moments.update(features.pool)
+        spatial_moments.update(features.spatial)
+        inception_score.update(features.logits)
+        if pr_subset is None or num_kept < pr_subset:
+            take = len(features.pool) if pr_subset is None else min(len(features.pool), pr_subset - num_kept)
+            kept.append(torch.as_tensor(features.pool[:take]).cpu().numpy())
+            num_kept += take
     if pool_moments.count == 0:
         raise UserError(f"no images to evaluate{f' in {source!r}' if source else ''}")
     return EvalStatistics(

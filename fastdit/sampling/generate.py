@@ -47,8 +47,9 @@ def check_labels(labels, num_classes: int) -> torch.Tensor:
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, rounding like ADM's sampling scripts."""
-    images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 exactly as DiT's sample_ddp.py converts samples:
+    clamp(127.5 x + 128, 0, 255), then truncation (i.e. rounding half up of 127.5 (x + 1))."""
+    images = torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8)
     return images.permute(0, 2, 3, 1).cpu().numpy()
 
 

@@ -18,7 +18,7 @@ RESUMABLE_CHANGES = frozenset(
     {
         "epochs", "max_steps", "log_every", "ckpt_every", "keep_last", "sample_every", "num_workers",
         "compile", "sample_steps", "tensorboard", "wandb", "device", "eval_every", "eval_samples", "eval_ref",
-        "eval_batch_size", "micro_batch_size", "gradient_checkpointing", "results_dir", "run_name",
+        "eval_batch_size", "eval_sampling_steps", "eval_cfg_scale", "micro_batch_size", "gradient_checkpointing", "results_dir", "run_name",
         "inception_weights", "progress",
     }
 )
@@ -74,6 +74,8 @@ class TrainConfig:
     eval_samples: int = 1000
     eval_ref: str | None = None
     eval_batch_size: int = 32
+    eval_sampling_steps: int = 250
+    eval_cfg_scale: float = 1.0  # FID without guidance, as the DiT paper's training curves
     inception_weights: str | None = None
     # model-size overrides (the tiny demo model); None keeps the preset's value
     depth: int | None = None
@@ -127,6 +129,8 @@ class TrainConfig:
             raise UserError(f"--class-dropout-prob must be in [0, 1), got {self.class_dropout_prob}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise UserError(f"--grad-clip must be > 0, got {self.grad_clip}")
+        if self.eval_every and self.eval_samples < 2:
+            raise UserError(f"--eval-samples must be >= 2 for a covariance, got {self.eval_samples}")
         if self.eval_every and not self.eval_ref:
             raise UserError("--eval-every needs --eval-ref (reference statistics or images to compare with)")
         if not self.pixel_space and self.image_size % 8:

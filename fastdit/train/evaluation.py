@@ -1,0 +1,64 @@
+"""FID (and the other ADM metrics) of the EMA model during training, with the evaluation code of
+`fastdit evaluate`: every process samples its share of `eval_samples` images (image i seeded by
+(seed, i) and labelled uniformly by (seed, i), as `fastdit sample-ddp`), runs Inception on them, and
+the main process merges everyone's features into the statistics."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as torch_dist
+
+from .. import distributed
+from ..evaluate import InceptionFeatureExtractor, compare, statistics_for_path, statistics_from_features
+from ..evaluate.inception import InceptionOutputs
+from ..sample_ddp.labels import labels_for
+from ..sampling import SamplingOptions, generate
+
+_REFERENCE_CACHE: dict = {}
+
+
+def _extractor(config, device) -> InceptionFeatureExtractor:
+    key = ("extractor", config.inception_weights, str(device))
+    if key not in _REFERENCE_CACHE:
+        _REFERENCE_CACHE[key] = InceptionFeatureExtractor(
+            config.inception_weights, device=device, batch_size=config.eval_batch_size, progress=False
+        )
+    return _REFERENCE_CACHE[key]
+
+
+def _reference(config, extractor):
+    key = ("reference", config.eval_ref)
+    if key not in _REFERENCE_CACHE:
+        _REFERENCE_CACHE[key] = statistics_for_path(config.eval_ref, extractor, reference=True, progress=False)
+    return _REFERENCE_CACHE[key]
+
+
+@torch.no_grad()
+def fid_of_model(config, ema, data, dist) -> dict[str, float] | None:
+    """The metrics dict on the main process, None on the others."""
+    device = dist.device
+    extractor = _extractor(config, device)
+    reference = _reference(config, extractor) if dist.is_main else None
+    mine = list(range(dist.rank, config.eval_samples, dist.world_size))
+    options = SamplingOptions(sampler="ddpm", num_steps=config.eval_sampling_steps, cfg_scale=config.eval_cfg_scale)
+    outputs, image_size = [], None
+    for start in range(0, len(mine), config.eval_batch_size):
+        indices = mine[start : start + config.eval_batch_size]
+        labels = labels_for(indices, seed=config.global_seed, num_classes=config.num_classes)
+        images = generate(ema, data.decoder(), labels, options=options, seed=config.global_seed, indices=indices, device=device)
+        if images.shape[-1] == 1:  # gray pixel models: Inception takes RGB
+            images = images.repeat(3, axis=-1)
+        image_size = tuple(images.shape[1:3])
+        features = extractor(images)
+        outputs.append(InceptionOutputs(pool=features.pool.cpu(), spatial=features.spatial.cpu(), logits=features.logits.cpu()))
+    if dist.is_distributed:
+        gathered = [None] * dist.world_size if dist.is_main else None
+        torch_dist.gather_object(outputs, gathered, dst=0)
+        if dist.is_main:
+            outputs = [batch for rank_outputs in gathered for batch in rank_outputs]
+    distributed.barrier()
+    if not dist.is_main:
+        return None
+    stats = statistics_from_features(outputs, device=device, image_size=image_size, source="EMA samples")
+    metrics = compare(stats, reference)
+    return {k: float(v) for k, v in metrics.items() if k in ("fid", "sfid", "inception_score", "precision", "recall") and v is not None}
