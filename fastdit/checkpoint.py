@@ -25,6 +25,7 @@ import torch
 from .errors import UserError
 from .hub import OFFICIAL_CHECKPOINTS, OFFICIAL_DIT_URL, download
 from .io import atomic_path
+from .state_dicts import describe_mismatch
 from .models import DiT, DiTConfig, config_from_name, preset_of
 from .models.presets import SIZES
 
@@ -181,32 +182,8 @@ def infer_config(state_dict: dict) -> DiTConfig:
     return DiTConfig(hidden_size=hidden, depth=depth, num_heads=heads, **fields)
 
 
-def describe_mismatch(model: torch.nn.Module, state_dict: dict, limit: int = 6) -> str | None:
-    """A readable list of missing, unexpected and mis-shaped keys, or None if they all match."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    given = {k: tuple(v.shape) for k, v in state_dict.items()}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    reshaped = sorted(k for k in set(expected) & set(given) if expected[k] != given[k])
-    if not (missing or unexpected or reshaped):
-        return None
-
-    def show(keys, fmt):
-        text = ", ".join(fmt(k) for k in keys[:limit])
-        return text + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-    parts = []
-    if missing:
-        parts.append(f"missing keys: {show(missing, str)}")
-    if unexpected:
-        parts.append(f"unexpected keys: {show(unexpected, str)}")
-    if reshaped:
-        parts.append(f"shape mismatches: {show(reshaped, lambda k: f'{k} {given[k]} vs model {expected[k]}')}")
-    return "; ".join(parts)
-
-
 def load_state_dict_strict(model: DiT, state_dict: dict, source: str) -> None:
-    problem = describe_mismatch(model, state_dict)
+    problem = describe_mismatch(model.state_dict(), state_dict)
     if problem:
         summary = ""
         try:

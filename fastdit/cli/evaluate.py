@@ -50,20 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} but no CUDA device is available; use --device cpu")
-    return device
-
-
 def _image_size(path) -> tuple[int, int] | None:
     """The resolution of a statistics file, `.npz` batch or folder, read without running Inception."""
     from ..evaluate import load_statistics
@@ -100,7 +86,9 @@ def run(args: argparse.Namespace) -> int | None:
     if args.pr_subset < 0:
         raise UserError(f"--pr-subset must be >= 0 (0 = all images), got {args.pr_subset}")
     pr_subset = args.pr_subset or None
-    device = _resolve_device(args.device)
+    from ..devices import resolve_device
+
+    device = resolve_device(args.device)
     progress = not args.no_progress
     first, second = Path(args.samples).expanduser(), Path(args.ref).expanduser()
 

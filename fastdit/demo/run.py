@@ -44,13 +44,16 @@ class DemoConfig:
     batch_size: int = 128
     lr: float = 1e-3
     # A short run needs a short EMA: with 0.9999 the average would still be mostly the random
-    # initial weights after 1,000 steps (0.9999^1000 = 0.90).
-    ema_decay: float = 0.995
+    # initial weights after 1,000 steps (0.9999^1000 = 0.90). Measured at step 1,000 (cfg 2, DDPM-50,
+    # 200 samples): 0.99 -> 93.5% classified as their class, 0.995 -> 83%; the model still improves
+    # fast, so a ~100-step average lags it least.
+    ema_decay: float = 0.99
     # sampling
     samples_per_class: int = 50
     sampler: str = "ddpm"
     sampling_steps: int = 50
-    cfg_scale: float = 2.0
+    # DiT's sample.py default. At 1,000 steps (EMA 0.995, 200 samples): cfg 2 -> 83%, 3 -> 95%, 4 -> 96.5%.
+    cfg_scale: float = 4.0
     # the judge (a small CNN, see classifier.py)
     classifier_epochs: int = ClassifierOptions.epochs
     seed: int = 0

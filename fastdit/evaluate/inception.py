@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..state_dicts import describe_mismatch
 
 INPUT_SIZE = 299
 POOL_DIM = 2048
@@ -293,21 +294,9 @@ def load_inception_weights(model: InceptionV3, state: dict, source: str = "the w
     """Load either published layout into `model`; a missing or misshapen tensor is a UserError."""
     state = _normalise_state_dict(state, source)
     expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshapen = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or misshapen:
-        details = []
-        if missing:
-            details.append(f"{len(missing)} missing (e.g. {missing[0]!r})")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})")
-        if misshapen:
-            key = misshapen[0]
-            details.append(f"{key!r} has shape {tuple(state[key].shape)}, expected {tuple(expected[key].shape)}")
-        raise UserError(
-            f"{source} is not the FID Inception-v3 (2015-12-05): {'; '.join(details)}; {WEIGHTS_HINT}"
-        )
+    problem = describe_mismatch(expected, state, limit=2)
+    if problem:
+        raise UserError(f"{source} is not the FID Inception-v3 (2015-12-05): {problem}; {WEIGHTS_HINT}")
     model.load_state_dict(state, strict=False)
     return model
 
