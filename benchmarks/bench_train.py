@@ -27,7 +27,7 @@ from fastdit.models import build_model
 from fastdit.train.config import TrainConfig
 from fastdit.train.ema import make_ema
 from fastdit.train.logger import peak_memory_gb
-from fastdit.train.loop import train_step
+from fastdit.train.loop import make_optimizer, train_step
 from fastdit.train.setup import enable_tf32, make_grad_scaler, prepare_model
 from fastdit.train.training_data import TrainingData
 
@@ -73,7 +73,7 @@ def run_row(args, device, precision, checkpointing, source, vae_cache):
     ema = make_ema(model)
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     runnable = prepare_model(model, dist=dist, gradient_checkpointing=checkpointing, compile_model=args.compile)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0)
+    optimizer = make_optimizer(model, config)
     scaler = make_grad_scaler(device, precision)
     diffusion = create_diffusion("")
     on_the_fly = source == "images"

@@ -49,5 +49,6 @@ def run(args: argparse.Namespace) -> int:
     for name, path in result.files.items():
         print(f"  {name:<10} {path}")
     print(f"sample more with: fastdit sample --ckpt {result.files['checkpoint']} --sampler {config.sampler} "
-          f"--num-sampling-steps {config.sampling_steps} --cfg-scale {config.cfg_scale} --nrow 10 --out digits.png")
+          f"--num-sampling-steps {config.sampling_steps} --cfg-scale {config.cfg_scale} "
+          f"--class-labels 0 1 2 3 4 5 6 7 8 9 --nrow 10 --out digits.png")
     return 0

@@ -14,6 +14,8 @@ from ..errors import UserError
 
 DIGIT_CLASS_NAMES = [str(digit) for digit in range(10)]
 SPLITS = ("train", "heldout", "all")
+# The share of each digit held out of DiT training (the demo trains its judge on it).
+DIGITS_HELDOUT_FRACTION = 0.2
 
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,7 +30,7 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def split_digits(
-    labels: torch.Tensor, heldout_fraction: float = 0.2, seed: int = 0
+    labels: torch.Tensor, heldout_fraction: float = DIGITS_HELDOUT_FRACTION, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (train, heldout), sorted; each class contributes round(fraction * its size) held-out items."""
     if not 0.0 < heldout_fraction < 1.0:
@@ -55,7 +57,7 @@ class DigitsDataset(torch.utils.data.Dataset):
     num_classes = 10
     sample_shape = (1, 8, 8)
 
-    def __init__(self, split: str = "train", *, heldout_fraction: float = 0.2, seed: int = 0):
+    def __init__(self, split: str = "train", *, heldout_fraction: float = DIGITS_HELDOUT_FRACTION, seed: int = 0):
         if split not in SPLITS:
             raise UserError(f"unknown digits split {split!r}; choose one of {', '.join(SPLITS)}")
         images, labels = load_digits_tensors()

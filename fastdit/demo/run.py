@@ -1,7 +1,7 @@
 """`fastdit demo`: train a tiny class-conditional DiT on scikit-learn's 8x8 digits in pixel space, sample
 every class with guidance, and judge the samples with a digit classifier. Minutes on a 2-core CPU.
 
-Which real digits are used where (the split is `split_digits(labels, 0.2, seed)`, class-balanced):
+Which real digits are used where (the split is `split_digits(labels, DIGITS_HELDOUT_FRACTION = 0.2, seed)`, class-balanced):
 
 * the DiT trains on the "train" part (80%, 1,438 digits with seed 0), as `fastdit train --data-path
   digits` does;
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.digits import DIGITS_HELDOUT_FRACTION
 from ..errors import UserError
 from ..io import atomic_path, atomic_write_json, ensure_writable_dir
 from . import report as metrics
@@ -31,7 +32,6 @@ from .classifier import ClassifierOptions, classify, train_classifier, uint8_to_
 from .plots import read_loss_curve, save_class_grid, save_loss_plot
 
 NUM_CLASSES = 10
-HELDOUT_FRACTION = 0.2  # the trainer's digits split (fastdit.data.open_dataset: DigitsDataset("train"))
 GRID_COLUMNS = 20  # samples shown per class in grid.png (all of them are in samples.npz)
 
 
@@ -45,15 +45,19 @@ class DemoConfig:
     lr: float = 1e-3
     # A short run needs a short EMA: with 0.9999 the average would still be mostly the random
     # initial weights after 1,000 steps (0.9999^1000 = 0.90). Measured at step 1,000 (cfg 2, DDPM-50,
-    # 200 samples): 0.99 -> 93.5% classified as their class, 0.995 -> 83%; the model still improves
-    # fast, so a ~100-step average lags it least.
+    # 500 samples): 0.995 -> 82.8% classified as their class, 0.99 -> 94.8%. The model still improves
+    # fast at the end, so a ~100-step average lags it least.
     ema_decay: float = 0.99
     # sampling
     samples_per_class: int = 50
     sampler: str = "ddpm"
-    sampling_steps: int = 50
-    # DiT's sample.py default. At 1,000 steps (EMA 0.995, 200 samples): cfg 2 -> 83%, 3 -> 95%, 4 -> 96.5%.
-    cfg_scale: float = 4.0
+    # DDPM-25 vs DDPM-50 on the default model at cfg 3: 99.2% vs 99.8% classified as their class,
+    # Frechet distance 32.6 vs 36.1, in half the time (21 s vs 45 s for 500 samples on 2 cores).
+    sampling_steps: int = 25
+    # Guidance trades diversity for class fidelity. Measured on the default 1,000-step model (500 samples,
+    # DDPM-50, EMA 0.99): cfg 2 -> 94.8% classified as their class, Frechet distance 15.8; cfg 3 -> 99.8%, 36.1;
+    # cfg 4 -> 99.8%, 60.7 (real vs real: 7.4). 3 is the smallest scale with a margin over 95%.
+    cfg_scale: float = 3.0
     # the judge (a small CNN, see classifier.py)
     classifier_epochs: int = ClassifierOptions.epochs
     seed: int = 0
@@ -134,7 +138,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     evaluation_start = time.perf_counter()
     images, real_labels = load_digits_tensors()
     real = uint8_to_model_input(to_uint8(images))  # the same uint8 rounding as the samples
-    dit_train, heldout = split_digits(real_labels, HELDOUT_FRACTION, config.seed)
+    dit_train, heldout = split_digits(real_labels, DIGITS_HELDOUT_FRACTION, config.seed)
     result = evaluate_samples(samples, labels, real, real_labels.numpy(), judge_train=heldout.numpy(),
                               judge_test=dit_train.numpy(), seed=config.seed,
                               classifier_options=ClassifierOptions(epochs=config.classifier_epochs, seed=config.seed))

@@ -118,10 +118,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo) -> TrainResult:
     ).to(device)
     ema = make_ema(model)
     model_info = ModelInfo(config=model.config, latent=data.latent_info, class_names=data.class_names)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay,
-    )
+    optimizer = make_optimizer(model, config)
     scaler = make_grad_scaler(device, config.precision)
 
     position = Position()
@@ -267,6 +264,15 @@ def train_step(config, data, diffusion, runnable, model, ema, optimizer, scaler,
         optimizer.step()
     update_ema(ema, model, config.ema_decay)
     return total
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    # The fused kernel updates every tensor in one pass: the default per-tensor loop costs more
+    # than a whole forward pass of small models on a CPU.
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay, fused=True,
+    )
 
 
 def _set_lr(optimizer, config: TrainConfig, step: int) -> None:
