@@ -29,7 +29,7 @@ from .config import TrainConfig
 from .data_order import StepBatchSampler, steps_per_epoch
 from .ema import make_ema, update_ema
 from .logger import RunLogger, peak_memory_gb
-from .setup import autocast, enable_tf32, make_grad_scaler, no_sync, prepare_model
+from .setup import autocast, enable_tf32, make_grad_scaler, no_sync, precision_warning, prepare_model
 from .state import Position, list_checkpoints, load_training_state, save_training_state, set_rng_state
 from .step_noise import draw_step
 from .training_data import TrainingData, open_training_data
@@ -141,6 +141,9 @@ def _train(config: TrainConfig, dist: distributed.DistInfo) -> TrainResult:
     log = RunLogger(run_dir, enabled=dist.is_main, tensorboard=config.tensorboard, wandb=config.wandb, config=config.to_dict())
     if checkpoints:
         log.info(f"resuming from {checkpoints[-1]} (step {position.step})")
+    warning = precision_warning(device, config.precision)
+    if warning:
+        log.info(f"warning: {warning}")
 
     runnable = prepare_model(model, dist=dist, gradient_checkpointing=config.gradient_checkpointing, compile_model=config.compile)
     model.train()
