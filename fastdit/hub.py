@@ -94,39 +94,16 @@ def download(url: str, filename: str, *, subdir: str = "", progress: bool = True
     return target
 
 
-def resolve_file(name_or_path: str | os.PathLike, url: str | None = None, *, subdir: str = "", hint: str = "") -> Path:
-    """A local path if it exists, else the cached download of `url`."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    if url is None:
-        raise DownloadError(f"file not found: {str(path)!r}")
-    return download(url, path.name, subdir=subdir, hint=hint)
-
-
 def _progress_bar(total: int | None, name: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"downloading {name}")
 
 
-def clear_partial_downloads() -> int:
-    """Delete leftover `.part` files in the cache; returns how many were removed."""
-    removed = 0
-    root = cache_dir()
-    if root.is_dir():
-        for part in root.rglob("*.part"):
-            part.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
 __all__ = [
     "OFFICIAL_CHECKPOINTS",
     "OFFICIAL_DIT_URL",
     "cache_dir",
-    "clear_partial_downloads",
     "download",
     "official_dit_name",
-    "resolve_file",
 ]

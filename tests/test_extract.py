@@ -3,10 +3,8 @@
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from fastdit.cli import main
 from fastdit.data import LatentStore, LatentStoreDataset, list_image_folder, load_image

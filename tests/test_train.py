@@ -1,7 +1,6 @@
 """Training: resume after SIGKILL is bit-identical, options keep one code path, bad input is clear."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

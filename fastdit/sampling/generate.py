@@ -9,7 +9,7 @@ import torch
 
 from ..diffusion import create_diffusion
 from ..errors import UserError
-from .guidance import OFFICIAL_GUIDED_CHANNELS, ClassifierFreeGuidance
+from .guidance import ClassifierFreeGuidance
 from .noise import PerImageNoise
 from .samplers import get_sampler
 
@@ -32,10 +32,6 @@ class SamplingOptions:
             raise UserError(f"cfg scale {self.cfg_scale} < 1 makes no sense; use 1.0 for no guidance, or a value > 1")
         if not 0.0 <= self.eta <= 1.0:
             raise UserError(f"DDIM eta must be in [0, 1], got {self.eta}")
-
-
-def official_guidance(enabled: bool) -> int | None:
-    return OFFICIAL_GUIDED_CHANNELS if enabled else None
 
 
 def check_labels(labels, num_classes: int) -> torch.Tensor:

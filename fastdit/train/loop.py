@@ -17,10 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import distributed
-from ..checkpoint import LatentInfo, ModelInfo
+from ..checkpoint import ModelInfo
 from ..diffusion import create_diffusion
 from ..errors import UserError
 from ..io import atomic_write_text, check_can_create, ensure_writable_dir
@@ -58,21 +59,19 @@ def train(config: TrainConfig) -> TrainResult:
     return result
 
 
-def _check_run_folder(config: TrainConfig, run_dir: Path, requested: TrainConfig | None = None) -> None:
-    """Refuse to continue a run folder whose run differs from this command. `config` is the stored
-    config when given with `requested`; else it is the command's and the folder's config.json is read."""
-    if requested is not None:
-        stored = config
-        config = requested
-    else:
-        stored_path = run_dir / "config.json"
-        if not stored_path.is_file():
-            return
-        try:
-            stored = TrainConfig.from_dict(json.loads(stored_path.read_text()))
-        except (ValueError, TypeError) as err:
-            raise UserError(f"{stored_path} is not a readable run config ({err}); use another --run-name") from None
-    differences = stored.differences(config)
+def _stored_config(run_dir: Path) -> TrainConfig | None:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return TrainConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{path} is not a readable run config ({err}); use another --run-name") from None
+
+
+def _refuse_other_run(stored: TrainConfig | None, requested: TrainConfig, run_dir: Path) -> None:
+    """A run folder continues only the run it holds: settings that define the run must match."""
+    differences = stored.differences(requested) if stored is not None else {}
     if differences:
         listed = "; ".join(f"{k}: {old!r} in the run, {new!r} now" for k, (old, new) in sorted(differences.items()))
         raise UserError(
@@ -85,7 +84,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo) -> TrainResult:
     device = dist.device
     run_dir = config.run_dir()
     # Every check first: a bad command writes nothing, not even an empty run folder.
-    _check_run_folder(config, run_dir)
+    _refuse_other_run(_stored_config(run_dir), config, run_dir)
     check_can_create(run_dir)
     if config.global_batch_size % dist.world_size:
         raise UserError(
@@ -125,7 +124,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo) -> TrainResult:
     checkpoints = list_checkpoints(run_dir)
     if checkpoints:
         state = load_training_state(checkpoints[-1])
-        _check_run_folder(TrainConfig.from_dict(state["config"]), run_dir, requested=config)
+        _refuse_other_run(TrainConfig.from_dict(state["config"]), config, run_dir)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -320,7 +319,7 @@ def _sample_grid(config, run_dir, ema, data, step, log):
     images = generate(ema, data.decoder(), labels, options=options, seed=config.global_seed, device=next(ema.parameters()).device)
     grid = make_grid(images, nrow=min(config.num_classes, 10))
     atomic_save_png(grid, run_dir / "samples" / f"{step:07d}.png")
-    log.image(step, "samples/ema", __import__("numpy").asarray(grid.convert("RGB")))
+    log.image(step, "samples/ema", np.asarray(grid.convert("RGB")))
 
 
 def _evaluate(config, ema, data, step, dist, log):
