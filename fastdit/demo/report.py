@@ -2,12 +2,15 @@
 Frechet distance between Gaussians fitted to classifier features (FID's formula, Heusel et al. 2017,
 in a feature space made for 8x8 digits instead of Inception-v3's).
 
-Everything here is plain numpy in float64 on arrays, so it is tested on constructed inputs.
+Everything here works on float64 numpy arrays, so it is tested on constructed inputs.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+# The same Frechet distance as the Inception-based FID of `fastdit evaluate`.
+from ..evaluate.metrics import frechet_distance
 
 
 def accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
@@ -34,38 +37,6 @@ def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if features.ndim != 2 or len(features) < 2:
         raise ValueError(f"need (N, D) features with N >= 2, got shape {features.shape}")
     return features.mean(axis=0), np.cov(features, rowvar=False).reshape(features.shape[1], features.shape[1])
-
-
-def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric positive semi-definite matrix by its eigendecomposition.
-
-    Round-off can leave tiny negative eigenvalues in a covariance estimated from few samples; they are
-    clipped to 0 (the true matrix is PSD, so they carry no information).
-    """
-    symmetric = (matrix + matrix.T) / 2
-    eigenvalues, eigenvectors = np.linalg.eigh(symmetric)
-    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """d² = |μ1 − μ2|² + tr(Σ1) + tr(Σ2) − 2 tr((Σ1 Σ2)^½).
-
-    tr((Σ1 Σ2)^½) = tr((Σ1^½ Σ2 Σ1^½)^½): Σ1 Σ2 is not symmetric, but it is similar to the symmetric
-    PSD matrix Σ1^½ Σ2 Σ1^½, so both traces are the sum of square roots of the same non-negative
-    eigenvalues. That needs only symmetric eigendecompositions (no scipy.linalg.sqrtm, whose complex
-    round-off FID code has to discard), and is exact for singular covariances too.
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"mismatched statistics: means {mu1.shape}, {mu2.shape}; covariances {sigma1.shape}, {sigma2.shape}")
-    root1 = _psd_sqrt(sigma1)
-    middle = root1 @ sigma2 @ root1
-    eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
-    trace_sqrt = np.sqrt(np.clip(eigenvalues, 0.0, None)).sum()
-    diff = mu1 - mu2
-    distance = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt
-    return float(max(distance, 0.0))  # tiny negative values are round-off of a zero distance
 
 
 def frechet_distance_of_features(features1: np.ndarray, features2: np.ndarray) -> float:

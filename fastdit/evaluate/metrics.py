@@ -90,7 +90,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         )
     diff = mu1 - mu2
     distance = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2)
-    return float(distance)
+    # A distance is >= 0; a tiny negative value is round-off of a zero distance (square roots of
+    # near-zero eigenvalues of singular covariances amplify it to ~1e-7).
+    return float(max(distance, 0.0))
 
 
 class InceptionScoreAccumulator:
