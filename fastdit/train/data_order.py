@@ -22,16 +22,11 @@ class StepBatchSampler(torch.utils.data.Sampler):
     """Yields this process's list of indices for each step of one epoch, from `start_step` on."""
 
     def __init__(self, num_items: int, global_batch: int, rank: int, world_size: int, seed: int, epoch: int, start_step: int = 0):
-        if num_items < global_batch:
-            raise UserError(
-                f"the dataset has {num_items} items, fewer than the global batch size {global_batch}; "
-                f"lower --global-batch-size"
-            )
+        self.steps = steps_per_epoch(num_items, global_batch)  # the last partial batch is dropped
         self.local_batch = global_batch // world_size
         self.global_batch = global_batch
         self.rank = rank
         self.permutation = epoch_permutation(num_items, seed, epoch)
-        self.steps = num_items // global_batch  # the last partial batch is dropped
         self.start_step = start_step
 
     def __len__(self) -> int:
@@ -44,4 +39,10 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
 
 def steps_per_epoch(num_items: int, global_batch: int) -> int:
+    """Full global batches in one epoch; at least one, or the data cannot train at this batch size."""
+    if num_items < global_batch:
+        raise UserError(
+            f"the dataset has {num_items} items, fewer than the global batch size {global_batch}; "
+            f"lower --global-batch-size"
+        )
     return num_items // global_batch

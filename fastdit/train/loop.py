@@ -31,7 +31,15 @@ from .data_order import StepBatchSampler, steps_per_epoch
 from .ema import make_ema, update_ema
 from .logger import RunLogger, peak_memory_gb
 from .setup import autocast, enable_tf32, make_grad_scaler, no_sync, precision_warning, prepare_model
-from .state import Position, list_checkpoints, load_training_state, save_training_state, set_rng_state
+from .state import (
+    Position,
+    checkpoint_path,
+    export_path,
+    list_checkpoints,
+    load_training_state,
+    save_training_state,
+    set_rng_state,
+)
 from .step_noise import draw_step
 from .training_data import TrainingData, open_training_data
 
@@ -99,11 +107,6 @@ def _train(config: TrainConfig, dist: distributed.DistInfo) -> TrainResult:
 
     data: TrainingData = open_training_data(config, device)
     per_epoch = steps_per_epoch(len(data.dataset), config.global_batch_size)
-    if per_epoch == 0:
-        raise UserError(
-            f"the dataset has {len(data.dataset)} items, fewer than the global batch size "
-            f"{config.global_batch_size}; lower --global-batch-size"
-        )
     torch.manual_seed(config.global_seed)  # the same initial weights on every process
     overrides = {k: getattr(config, k) for k in ("depth", "hidden_size", "num_heads") if getattr(config, k) is not None}
     model = build_model(
@@ -213,8 +216,9 @@ def _train(config: TrainConfig, dist: distributed.DistInfo) -> TrainResult:
     if progress is not None:
         progress.close()
     log.close()
-    checkpoint = last_saved or (list_checkpoints(run_dir)[-1] if list_checkpoints(run_dir) else None)
-    export = checkpoint.with_name(f"{checkpoint.stem}-ema.safetensors") if checkpoint else None
+    # A run resumed at its last step trains and saves nothing: its newest checkpoint is the result.
+    checkpoint = last_saved or (checkpoints[-1] if checkpoints else None)
+    export = export_path(checkpoint) if checkpoint else None
     return TrainResult(run_dir=run_dir, checkpoint=checkpoint, export=export, step=position.step, last_loss=last_loss)
 
 
@@ -302,10 +306,6 @@ def _save(config, run_dir, dist, model, ema, optimizer, scaler, position, model_
         log.info(f"saved {path}")
     distributed.barrier()
     return path if path is not None else checkpoint_path(run_dir, position.step)
-
-
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"{step:07d}.pt"
 
 
 def _sample_grid(config, run_dir, ema, data, step, log):

@@ -34,6 +34,15 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"{step:07d}.pt"
+
+
+def export_path(checkpoint: Path) -> Path:
+    """The EMA-only export written beside a training checkpoint."""
+    return checkpoint.with_name(f"{checkpoint.stem}-ema.safetensors")
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
@@ -74,8 +83,7 @@ def save_training_state(
     model_info: ModelInfo,
     keep_last: int,
 ) -> Path:
-    folder = checkpoint_dir(run_dir)
-    path = folder / f"{position.step:07d}.pt"
+    path = checkpoint_path(run_dir, position.step)
     state = {
         "format": TRAIN_FORMAT,
         "version": 1,
@@ -89,11 +97,11 @@ def save_training_state(
         "config": config,
     }
     # The export first: a checkpoint that exists always has its export beside it.
-    export_weights(ema, model_info, folder / f"{position.step:07d}-ema.safetensors")
+    export_weights(ema, model_info, export_path(path))
     atomic_torch_save(state, path)
     for old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
-        (folder / f"{old.stem}-ema.safetensors").unlink(missing_ok=True)
+        export_path(old).unlink(missing_ok=True)
     return path
 
 
