@@ -25,6 +25,7 @@ import torch
 from .errors import UserError
 from .hub import OFFICIAL_CHECKPOINTS, OFFICIAL_DIT_URL, download
 from .io import atomic_path
+from .latents import latent_side
 from .state_dicts import describe_mismatch
 from .models import DiT, DiTConfig, config_from_name, preset_of
 from .models.presets import SIZES
@@ -264,7 +265,7 @@ def load_model(
             fields.pop("patch_size", None)
             fields.pop("mlp_ratio", None)
             if image_size is not None:
-                fields["input_size"] = _input_size(image_size, latent)
+                fields["input_size"] = latent_side(image_size, latent.downsample)
             if num_classes is not None:
                 fields["num_classes"] = num_classes
             config = config_from_name(model_name, **fields)
@@ -283,15 +284,6 @@ def load_model(
     model = DiT(info.config)
     load_state_dict_strict(model, state, source)
     return model.to(device).eval(), info
-
-
-def _input_size(image_size: int, latent: LatentInfo) -> int:
-    if image_size % latent.downsample:
-        raise UserError(
-            f"image size {image_size} is not divisible by {latent.downsample} (the VAE's downsampling); "
-            f"use a multiple of {latent.downsample}"
-        )
-    return image_size // latent.downsample
 
 
 # ----------------------------------------------------------------------------------------------

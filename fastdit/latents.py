@@ -20,7 +20,19 @@ import torch
 from .errors import UserError
 
 SD_VAE_SCALE = 0.18215
+VAE_DOWNSAMPLE = 8
 OFFICIAL_VAES = {"mse": "stabilityai/sd-vae-ft-mse", "ema": "stabilityai/sd-vae-ft-ema"}
+
+
+def latent_side(image_size: int, downsample: int = VAE_DOWNSAMPLE) -> int:
+    """The model-input side for an image side; a UserError unless the VAE's factor divides it."""
+    if image_size % downsample:
+        nearest = max(downsample, image_size // downsample * downsample)
+        raise UserError(
+            f"image size {image_size} is not divisible by {downsample}, the VAE's downsampling factor; "
+            f"use a multiple of {downsample} such as {nearest}"
+        )
+    return image_size // downsample
 
 
 @dataclass(frozen=True)
@@ -51,7 +63,7 @@ class PixelSpace:
 class VAELatentSpace:
     """The SD VAE through `diffusers.AutoencoderKL`; `scale_factor` maps posterior samples to unit variance."""
 
-    downsample = 8
+    downsample = VAE_DOWNSAMPLE
 
     def __init__(self, vae, name: str, scale_factor: float = SD_VAE_SCALE):
         self.vae = vae.eval().requires_grad_(False)
@@ -80,12 +92,7 @@ class VAELatentSpace:
         return self.vae.decode(latents.to(self.vae.dtype) / self.scale_factor).sample.float()
 
     def latent_size(self, image_size: int) -> int:
-        if image_size % self.downsample:
-            raise UserError(
-                f"image size {image_size} is not divisible by {self.downsample}, the VAE's downsampling factor; "
-                f"use a multiple of {self.downsample} such as {max(self.downsample, image_size // self.downsample * self.downsample)}"
-            )
-        return image_size // self.downsample
+        return latent_side(image_size, self.downsample)
 
 
 def load_latent_space(name: str | None, *, channels: int = 3, device: str | torch.device = "cpu"):

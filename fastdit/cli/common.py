@@ -67,7 +67,7 @@ def load_for_sampling(args: argparse.Namespace):
     from ..checkpoint import load_model
     from ..devices import resolve_device
     from ..hub import OFFICIAL_CHECKPOINTS, official_dit_name
-    from ..latents import PixelSpace, load_latent_space
+    from ..latents import PixelSpace, latent_side, load_latent_space
 
     device = resolve_device(args.device)
     if args.image_size is not None and args.image_size <= 0:
@@ -81,8 +81,8 @@ def load_for_sampling(args: argparse.Namespace):
         if ckpt not in OFFICIAL_CHECKPOINTS:
             official = ", ".join(f"{m} at {s}" for m, s in OFFICIAL_CHECKPOINTS.values())
             raise UserError(f"no official weights for {model} at {args.image_size or 256}px (released: {official}); pass --ckpt PATH")
-    if args.vae is not None and args.image_size is not None and args.image_size % 8:
-        raise UserError(f"image size {args.image_size} is not divisible by 8, as the VAE requires; use a multiple of 8")
+    if args.vae is not None and args.image_size is not None:
+        latent_side(args.image_size)
     model, info = load_model(
         ckpt, model_name=args.model, image_size=args.image_size, num_classes=args.num_classes,
         vae=args.vae, device=device,

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..latents import latent_side
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -133,8 +134,8 @@ class TrainConfig:
             raise UserError(f"--eval-samples must be >= 2 for a covariance, got {self.eval_samples}")
         if self.eval_every and not self.eval_ref:
             raise UserError("--eval-every needs --eval-ref (reference statistics or images to compare with)")
-        if not self.pixel_space and self.image_size % 8:
-            raise UserError(f"image size {self.image_size} is not divisible by 8, as the VAE requires; use a multiple of 8")
+        if not self.pixel_space:
+            latent_side(self.image_size)
         return self
 
     def to_dict(self) -> dict:
