@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
+from ..seeding import DIGITS_SPLIT, seeded_generator
 
 DIGIT_CLASS_NAMES = [str(digit) for digit in range(10)]
 SPLITS = ("train", "heldout", "all")
@@ -35,7 +36,7 @@ def split_digits(
     """Indices (train, heldout), sorted; each class contributes round(fraction * its size) held-out items."""
     if not 0.0 < heldout_fraction < 1.0:
         raise UserError(f"held-out fraction must be between 0 and 1 (exclusive), got {heldout_fraction}")
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded_generator(DIGITS_SPLIT, seed)
     train, heldout = [], []
     for digit in range(int(labels.max()) + 1):
         members = torch.nonzero(labels == digit).flatten()

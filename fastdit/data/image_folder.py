@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..seeding import DATA_ITEM, seeded_generator
 
 # Extensions Pillow can decode, as in torchvision's ImageFolder.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -26,10 +27,8 @@ def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
     Each item draws its own randomness (flip, posterior noise) from this, so a sample depends only on
     the three numbers: not on the number of workers or processes, nor on the order items are read.
-    SeedSequence mixes the three so that neighbouring indices or epochs give unrelated streams.
     """
-    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
+    return seeded_generator(DATA_ITEM, seed, epoch, index)
 
 
 @dataclass(frozen=True)

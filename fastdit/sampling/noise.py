@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import torch
 
-
-def image_seed(seed: int, index: int) -> int:
-    # A fixed mix of the two integers into 63 bits; distinct (seed, index) pairs give distinct streams.
-    return (seed * 1_000_003 + index) % (2**63 - 1)
+from ..seeding import IMAGE_NOISE, seeded_generator
 
 
 class PerImageNoise:
     """`noise(x)` draws one N(0, I) tensor per image from that image's generator."""
 
     def __init__(self, seed: int, indices, device: str | torch.device = "cpu"):
-        self.generators = [torch.Generator().manual_seed(image_seed(seed, int(i))) for i in indices]
+        self.generators = [seeded_generator(IMAGE_NOISE, seed, int(i)) for i in indices]
         self.device = torch.device(device)
 
     def draw(self, shape_per_image: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
+from ..seeding import EPOCH_ORDER, seeded_generator
 
 
 def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(num_items, generator=generator)
+    return torch.randperm(num_items, generator=seeded_generator(EPOCH_ORDER, seed, epoch))
 
 
 class StepBatchSampler(torch.utils.data.Sampler):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..seeding import TRAIN_STEP, seeded_generator
+
 
 @dataclass
 class StepDraws:
@@ -41,7 +43,7 @@ def draw_step(
     device: torch.device,
 ) -> StepDraws:
     # Drawn on the CPU: the same numbers on every device type (and cheap next to a DiT step).
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+    generator = seeded_generator(TRAIN_STEP, seed, step)
     t = torch.randint(0, num_timesteps, (global_batch,), generator=generator)
     noise = torch.randn((global_batch, *shape), generator=generator)
     drop = torch.rand(global_batch, generator=generator) < dropout_prob
