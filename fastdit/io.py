@@ -70,6 +70,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def is_temporary(path: str | os.PathLike) -> bool:
+    """True for the names `atomic_path` writes to before the rename (`.<name>.<random>.tmp`)."""
+    name = Path(path).name
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the temporaries a killed writer left in `folder` (call it only while no other writer of
+    this folder runs, e.g. under its run lock); returns how many were removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    stale = [path for path in folder.iterdir() if is_temporary(path) and path.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

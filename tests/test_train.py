@@ -198,7 +198,7 @@ def test_bad_input_messages(tmp_path, capsys):
     capsys.readouterr()
     assert cli("--run-name", "fixed", "--lr", "5e-4") == 2
     err = capsys.readouterr().err
-    assert "different config" in err and "lr: 0.001 in the run, 0.0005 now" in err
+    assert "with other settings" in err and "lr: 0.001 -> 0.0005" in err
 
 
 def test_corrupt_image_named(tmp_path, capsys):

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..io import atomic_path, atomic_write_json, ensure_writable_dir
+from ..io import atomic_path, atomic_write_json, ensure_writable_dir, is_temporary, remove_stale_temporaries
 from ..latents import OFFICIAL_VAES
+from ..run_folder import refuse_other_settings
 from .image_folder import ImageFolderIndex, item_generator
 
 FORMAT_VERSION = 1
@@ -117,9 +118,8 @@ def open_for_writing(folder: str | os.PathLike, plan: StorePlan, *, is_main: boo
         ensure_writable_dir(folder)
         if plan_path.exists():
             _check_same_plan(folder, StorePlan.from_json(_read_json(plan_path)), plan)
-            for stale in filter(_is_temporary, folder.iterdir()):
-                stale.unlink(missing_ok=True)  # left by a killed run; its shard is written again
-        elif any(not _is_temporary(path) for path in folder.iterdir()):
+            remove_stale_temporaries(folder)  # left by a killed run; its shard is written again
+        elif any(not is_temporary(path) for path in folder.iterdir()):
             raise UserError(
                 f"features folder {str(folder)!r} is not empty and holds no latent store ({PLAN_FILE} missing); "
                 f"choose a new or empty --features-path"
@@ -131,24 +131,15 @@ def open_for_writing(folder: str | os.PathLike, plan: StorePlan, *, is_main: boo
     return [shard for shard in range(plan.num_shards) if not (folder / shard_name(shard)).exists()]
 
 
-def _is_temporary(path: Path) -> bool:
-    return path.name.startswith(".") and path.name.endswith(".tmp")  # the names `atomic_path` writes to
-
-
 def _check_same_plan(folder: Path, old: StorePlan, new: StorePlan) -> None:
-    changed = [
-        f"{key}: {old_value!r} -> {getattr(new, key)!r}"
-        for key, old_value in asdict(old).items()
-        if key != "class_names" and old_value != getattr(new, key)
-    ]
-    if old.class_names != new.class_names:
-        changed.append("class names differ")
-    if changed:
-        what = "; ".join(item if len(item) < 200 else item[:200] + "..." for item in changed)
-        raise UserError(
-            f"features folder {str(folder)!r} holds a store started with other settings or images ({what}); "
-            f"rerun with the original settings to continue it, or choose a new --features-path"
-        )
+    # Class names can be long lists: compared as one value, named without their contents.
+    recorded, requested = asdict(old), asdict(new)
+    if recorded.pop("class_names") != requested.pop("class_names"):
+        recorded["class names"], requested["class names"] = "as recorded", "different"
+    refuse_other_settings(
+        f"features folder {str(folder)!r} holds a store started", recorded, requested,
+        "rerun with the original settings and images to continue it, or choose a new --features-path",
+    )
 
 
 def write_shard(

@@ -219,11 +219,10 @@ def _check_earlier_run(config: DemoConfig) -> None:
         stored = TrainConfig.from_dict(json.loads(stored_path.read_text()))
     except (ValueError, TypeError):
         return  # the trainer reports an unreadable run folder itself
-    differences = stored.differences(train_config(config))
-    if differences:
-        listed = "; ".join(f"{k} {old!r} there, {new!r} now" for k, (old, new) in sorted(differences.items()))
-        raise UserError(f"{config.out!r} holds a demo trained with other settings ({listed}); "
-                        f"choose another --out, or run with the same settings to reuse it")
+    stored.refuse_other_run(
+        train_config(config), f"{config.out!r} holds a demo trained",
+        "choose another --out, or run with the same settings to reuse it",
+    )
 
 
 def _median_steps_per_sec(metrics_path: Path) -> float | None:

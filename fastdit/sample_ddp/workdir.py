@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..io import atomic_path, atomic_write_json
+from ..run_folder import refuse_other_settings
 
 FORMAT = "fastdit.sample-ddp"
 _CHUNK_NAME = re.compile(r"chunk-\d{8,}-\d{8,}\.npz")
@@ -81,22 +82,6 @@ def _normalized(settings: dict) -> dict:
     return json.loads(json.dumps(settings, sort_keys=True))  # tuples -> lists, as they read back
 
 
-def _differences(recorded: dict, wanted: dict, prefix: str = "") -> list[str]:
-    found = []
-    for key in sorted(set(recorded) | set(wanted)):
-        old, new = recorded.get(key), wanted.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            found += _differences(old, new, f"{prefix}{key}.")
-        elif old != new:
-            found.append(f"{prefix}{key}: {_short(old)} -> {_short(new)}")
-    return found
-
-
-def _short(value) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def _read_settings(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
@@ -108,10 +93,7 @@ def _read_settings(path: Path) -> dict | None:
 def _check_same(recorded: dict | None, wanted: dict, where: Path, what: str, fix: str) -> None:
     if recorded is None:
         raise UserError(f"{str(where)!r} exists but was not written by `fastdit sample-ddp`; choose another --out or remove it")
-    changed = _differences(recorded, wanted)
-    if changed:
-        listed = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
-        raise UserError(f"{what} with other settings ({listed}); {fix}")
+    refuse_other_settings(what, recorded, wanted, fix)
 
 
 def is_finished(paths: OutputPaths, settings: dict) -> bool:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..latents import latent_side
+from ..run_folder import refuse_other_settings
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -146,10 +147,9 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
-    def differences(self, other: "TrainConfig") -> dict[str, tuple]:
-        """Fields that differ and matter for resuming: name -> (stored, requested)."""
-        mine, theirs = self.to_dict(), other.to_dict()
-        return {k: (mine[k], theirs[k]) for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs[k]}
+    def refuse_other_run(self, requested: "TrainConfig", what: str, fix: str) -> None:
+        """Raise a UserError naming the fields that define the run (not RESUMABLE_CHANGES) and differ."""
+        refuse_other_settings(what, self.to_dict(), requested.to_dict(), fix, ignore=RESUMABLE_CHANGES)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -79,12 +79,10 @@ def _stored_config(run_dir: Path) -> TrainConfig | None:
 
 def _refuse_other_run(stored: TrainConfig | None, requested: TrainConfig, run_dir: Path) -> None:
     """A run folder continues only the run it holds: settings that define the run must match."""
-    differences = stored.differences(requested) if stored is not None else {}
-    if differences:
-        listed = "; ".join(f"{k}: {old!r} in the run, {new!r} now" for k, (old, new) in sorted(differences.items()))
-        raise UserError(
-            f"the run folder {str(run_dir)!r} holds a run with a different config ({listed}). "
-            f"Run the same command to resume it, or pass another --run-name / --results-dir for a new run"
+    if stored is not None:
+        stored.refuse_other_run(
+            requested, f"the run folder {str(run_dir)!r} holds a run",
+            "run the same command to resume it, or pass another --run-name / --results-dir for a new run",
         )
 
 

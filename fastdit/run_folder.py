@@ -1,0 +1,86 @@
+"""Folders that hold one job (a training run, a sample-ddp work folder, a latent store, a demo).
+
+Two rules keep a user's work safe there:
+
+* a folder continues only the job it was started with: `refuse_other_settings` compares the recorded
+  settings with the requested ones and names what differs;
+* one process tree at a time: `exclusive_lock` takes an advisory `flock` on a lock file in the folder,
+  so a second `train` or `sample-ddp` on the same folder stops with a message instead of interleaving
+  its writes with the first. The kernel drops the lock when its holder dies (SIGKILL included), so a
+  killed run never leaves a stale lock behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from .errors import UserError
+
+LOCK_NAME = ".fastdit.lock"
+_MAX_LISTED = 5
+
+
+def setting_differences(recorded: Mapping, requested: Mapping, ignore=(), prefix: str = "") -> list[str]:
+    """`key: old -> new` for every key whose value differs (nested mappings compared key by key)."""
+    found = []
+    for key in sorted(set(recorded) | set(requested)):
+        if key in ignore:
+            continue
+        old, new = recorded.get(key), requested.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            found += setting_differences(old, new, prefix=f"{prefix}{key}.")
+        elif old != new:
+            found.append(f"{prefix}{key}: {_short(old)} -> {_short(new)}")
+    return found
+
+
+def refuse_other_settings(what: str, recorded: Mapping, requested: Mapping, fix: str, ignore=()) -> None:
+    """Raise `UserError("<what> with other settings (a: 1 -> 2; ...); <fix>")` if any setting differs."""
+    changed = setting_differences(recorded, requested, ignore)
+    if changed:
+        listed = "; ".join(changed[:_MAX_LISTED])
+        if len(changed) > _MAX_LISTED:
+            listed += f"; and {len(changed) - _MAX_LISTED} more"
+        raise UserError(f"{what} with other settings ({listed}); {fix}")
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@contextlib.contextmanager
+def exclusive_lock(folder: str | os.PathLike, job: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (created if missing) for the duration of the block.
+
+    `job` names the command in the message a second process gets (e.g. "fastdit train"). On systems
+    without `fcntl` (Windows) the block runs unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK_NAME, "a+")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(
+                f"{str(folder)!r} is in use by {holder}; wait for it to finish, or choose another folder"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{job} (pid {os.getpid()})")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing the descriptor releases the lock
