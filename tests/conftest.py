@@ -29,20 +29,19 @@ def load_fixture(name: str):
 
 
 def recipe_state_dict(model: torch.nn.Module) -> dict:
-    """The fixtures' deterministic weights: per key, randn from a generator seeded with crc32(key),
-    scaled by 1/sqrt(fan-in) (>= 2 dims) or 0.02 (1 dim); pos_embed keeps its sin-cos value."""
+    """The fixtures' portable weights (tests/fixtures/official-dit/README.md): per key, float64 standard
+    normals from numpy's PCG64 seeded with crc32(key), scaled by 1/sqrt(fan-in) (>= 2 dims) or 0.02
+    (1 dim), cast to float32; pos_embed keeps its sin-cos value. numpy's draws are the same on every
+    CPU, unlike torch.randn's float32 values, which depend on the kernels' vector width."""
     state = {}
     for key, value in model.state_dict().items():
         if key == "pos_embed":
             state[key] = value.clone()
             continue
-        generator = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")))
-        weight = torch.randn(value.shape, generator=generator, dtype=torch.float32)
-        if weight.ndim >= 2:
-            weight = weight * (1.0 / math.sqrt(value[0].numel()))
-        else:
-            weight = weight * 0.02
-        state[key] = weight
+        rng = np.random.Generator(np.random.PCG64(zlib.crc32(key.encode("utf-8"))))
+        weight = rng.standard_normal(tuple(value.shape))
+        weight = weight / math.sqrt(np.prod(value.shape[1:])) if weight.ndim >= 2 else weight * 0.02
+        state[key] = torch.from_numpy(weight).float()
     return state
 
 
