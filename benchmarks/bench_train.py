@@ -22,7 +22,7 @@ import torch
 from fastdit.checkpoint import LatentInfo
 from fastdit.diffusion import create_diffusion
 from fastdit.distributed import DistInfo
-from fastdit.latents import VAELatentSpace
+from fastdit.latents import VAELatentSpace, latent_side
 from fastdit.models import build_model
 from fastdit.train.config import TrainConfig
 from fastdit.train.ema import make_ema
@@ -66,7 +66,7 @@ def _row_worker(queue, args, precision, checkpointing, source):
 
 def run_row(args, device, precision, checkpointing, source, vae_cache):
     torch.manual_seed(0)
-    latent = args.image_size // 8
+    latent = latent_side(args.image_size)
     config = TrainConfig(model=args.model, image_size=args.image_size, data_path="bench", global_batch_size=args.batch,
                          precision=precision, gradient_checkpointing=checkpointing, compile=args.compile, progress=False)
     model = build_model(args.model, input_size=latent, num_classes=1000).to(device)

@@ -25,7 +25,7 @@ import torch
 from .errors import UserError
 from .hub import OFFICIAL_CHECKPOINTS, OFFICIAL_DIT_URL, download
 from .io import atomic_path
-from .latents import latent_side
+from .latents import SD_VAE_SCALE, VAE_DOWNSAMPLE, latent_side
 from .state_dicts import describe_mismatch
 from .models import DiT, DiTConfig, config_from_name, preset_of
 from .models.presets import SIZES
@@ -41,11 +41,11 @@ class LatentInfo:
 
     kind: str = "vae"
     vae: str | None = "mse"
-    scale_factor: float = 0.18215
+    scale_factor: float = SD_VAE_SCALE
 
     @property
     def downsample(self) -> int:
-        return 8 if self.kind == "vae" else 1
+        return VAE_DOWNSAMPLE if self.kind == "vae" else 1
 
 
 @dataclass

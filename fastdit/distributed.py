@@ -72,18 +72,6 @@ def is_initialized() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
 
 
-def rank() -> int:
-    return torch_dist.get_rank() if is_initialized() else 0
-
-
-def world_size() -> int:
-    return torch_dist.get_world_size() if is_initialized() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
 def barrier() -> None:
     if is_initialized():
         torch_dist.barrier()

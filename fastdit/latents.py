@@ -22,6 +22,7 @@ from .errors import UserError
 SD_VAE_SCALE = 0.18215
 VAE_DOWNSAMPLE = 8
 OFFICIAL_VAES = {"mse": "stabilityai/sd-vae-ft-mse", "ema": "stabilityai/sd-vae-ft-ema"}
+VAE_CHOICES = "'mse', 'ema', a Hugging Face hub id (namespace/name) or a local diffusers AutoencoderKL folder"
 
 
 def latent_side(image_size: int, downsample: int = VAE_DOWNSAMPLE) -> int:
@@ -46,9 +47,6 @@ class PixelSpace:
 
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return images, torch.zeros_like(images)
-
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return images
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents
@@ -82,12 +80,6 @@ class VAELatentSpace:
         return posterior.mean * self.scale_factor, posterior.std * self.scale_factor
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        mean, std = self.encode_moments(images)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return mean + std * noise
-
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents.to(self.vae.dtype) / self.scale_factor).sample.float()
 
@@ -113,17 +105,33 @@ def load_vae(repo_or_folder: str):
         try:
             return AutoencoderKL.from_pretrained(repo_or_folder)
         except (OSError, ValueError) as err:
-            raise UserError(f"{repo_or_folder!r} is not a diffusers AutoencoderKL folder: {err}") from None
+            raise UserError(
+                f"VAE folder {repo_or_folder!r} is not a diffusers AutoencoderKL folder ({err}); --vae takes "
+                f"{VAE_CHOICES}"
+            ) from None
     if os.path.exists(repo_or_folder):
-        raise UserError(f"VAE {repo_or_folder!r} is a file; pass a diffusers AutoencoderKL folder (config.json + weights)")
+        raise UserError(f"VAE {repo_or_folder!r} is a file; --vae takes {VAE_CHOICES}")
+    if not _is_hub_id(repo_or_folder):  # so it can only have meant a local folder
+        raise UserError(f"VAE folder {repo_or_folder!r} does not exist; --vae takes {VAE_CHOICES}")
     try:
         return AutoencoderKL.from_pretrained(repo_or_folder)
     except Exception as err:  # noqa: BLE001 - hub errors have many types (offline, 404, auth, HTTP)
         raise UserError(
-            f"could not load the VAE {repo_or_folder!r} ({type(err).__name__}). Offline? Download it on a machine "
-            f"with internet access (huggingface-cli download {repo_or_folder}) into the Hugging Face cache, or pass "
-            f"--vae PATH to a local diffusers AutoencoderKL folder"
+            f"could not load the VAE {repo_or_folder!r} from the Hugging Face hub ({type(err).__name__}), and no "
+            f"local folder of that name exists. Offline? Download it on a machine with internet access "
+            f"(huggingface-cli download {repo_or_folder}) into the Hugging Face cache; --vae takes {VAE_CHOICES}"
         ) from None
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether `name` is spelled like a hub repository id ("name" or "namespace/name")."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def tiny_vae_config() -> dict:

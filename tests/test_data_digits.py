@@ -7,11 +7,15 @@ from fastdit.data import DigitsDataset, load_digits_tensors, split_digits
 from fastdit.errors import UserError
 
 
-def test_digits_are_scaled_to_minus_one_one():
+def test_digits_are_the_scikit_learn_pixels_scaled_to_minus_one_one():
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
     images, labels = load_digits_tensors()
-    assert images.shape == (1797, 1, 8, 8) and images.dtype == torch.float32
-    assert images.min() == -1.0 and images.max() == 1.0
-    assert labels.dtype == torch.int64 and sorted(labels.unique().tolist()) == list(range(10))
+    # 0..16 -> k / 8 - 1: every step is exact in float32 (powers of two), so equality is exact.
+    expected = torch.from_numpy(raw.images).float().unsqueeze(1) / 8.0 - 1.0
+    assert torch.equal(images, expected) and images.dtype == torch.float32
+    assert torch.equal(labels, torch.from_numpy(raw.target).long())
 
 
 def test_split_is_deterministic_disjoint_and_stratified():
@@ -28,11 +32,14 @@ def test_split_is_deterministic_disjoint_and_stratified():
 
 
 def test_digits_dataset_splits():
+    images, labels = load_digits_tensors()
+    train_indices, heldout_indices = split_digits(labels)
     train, heldout, everything = DigitsDataset("train"), DigitsDataset("heldout"), DigitsDataset("all")
     assert len(train) + len(heldout) == len(everything) == 1797
-    image, label = heldout[0]
-    assert image.shape == DigitsDataset.sample_shape == (1, 8, 8) and isinstance(label, int)
-    assert train.class_names == [str(d) for d in range(10)] and train.num_classes == 10
+    for dataset, indices in ((train, train_indices), (heldout, heldout_indices)):
+        for item in (0, len(indices) // 2, len(indices) - 1):
+            image, label = dataset[item]
+            assert torch.equal(image, images[indices[item]]) and label == int(labels[indices[item]])
     with pytest.raises(UserError, match="unknown digits split 'test'"):
         DigitsDataset("test")
     with pytest.raises(UserError, match="between 0 and 1"):

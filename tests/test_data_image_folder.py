@@ -43,13 +43,63 @@ def test_center_crop_halves_with_box_filter_then_bicubic():
     assert center_crop(random_image(5, 7, seed=4), 16).size == (16, 16)  # upscaled when smaller
 
 
-def test_load_image_converts_to_rgb_in_minus_one_one(tmp_path):
-    random_image(20, 24, mode="L").save(tmp_path / "gray.png")
-    random_image(20, 24, mode="RGBA").save(tmp_path / "alpha.png")
-    for name in ("gray.png", "alpha.png"):
-        image = load_image(tmp_path / name, 16)
-        assert image.shape == (3, 16, 16) and image.dtype == torch.float32
-        assert image.min() >= -1.0 and image.max() <= 1.0 and image.min() < 0 < image.max()
+def as_model_input(rgb: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> (3, H, W) float32 in [-1, 1], the scaling `load_image` promises."""
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def test_load_image_converts_8_bit_modes_to_rgb(tmp_path):
+    # 16 x 16 at size 16: no resize and no crop, so the result is the file's own pixels, scaled.
+    gray, rgba = random_image(16, 16, mode="L"), random_image(16, 16, seed=1, mode="RGBA")
+    gray.save(tmp_path / "gray.png")
+    rgba.save(tmp_path / "alpha.png")
+    palette = random_image(16, 16, seed=2).quantize(colors=16)
+    palette.save(tmp_path / "palette.png")
+    expected = {
+        "gray.png": np.repeat(np.asarray(gray)[..., None], 3, axis=2),  # grey copied to R, G and B
+        "alpha.png": np.asarray(rgba)[..., :3],  # alpha dropped, as ADM's convert("RGB") does
+        "palette.png": np.asarray(palette.convert("RGB")),  # palette indices looked up
+    }
+    for name, rgb in expected.items():
+        # Same float32 operations on the same uint8 values on both sides: equal up to one rounding.
+        torch.testing.assert_close(load_image(tmp_path / name, 16), as_model_input(rgb), rtol=0, atol=1e-6)
+
+
+def write_pgm_16_bit(path, samples: np.ndarray):
+    """A binary PGM with maxval 65535 (big-endian samples), which Pillow opens in mode "I"."""
+    height, width = samples.shape
+    path.write_bytes(f"P5 {width} {height} 65535\n".encode() + samples.astype(">u2").tobytes())
+
+
+def test_16_bit_images_are_scaled_by_their_range_not_clipped(tmp_path):
+    # A full-range 16-bit ramp: Pillow's own convert("RGB") clips everything above 255, so ~99.6% of
+    # these pixels would come out white. Scaled by 1/257 they match the 8-bit image rint(value / 257).
+    samples = np.random.default_rng(5).integers(0, 65536, (16, 16), dtype=np.uint16)
+    samples[0, :2] = (0, 65535)  # both ends of the range: 0 -> -1 and 65535 -> +1 exactly
+    eight_bit = np.rint(samples / 257.0).astype(np.uint8)
+    Image.fromarray(samples).save(tmp_path / "png16.png")  # mode "I;16"
+    Image.fromarray(samples).save(tmp_path / "tiff16.tif")  # mode "I;16"
+    Image.fromarray(samples.astype(">u2")).save(tmp_path / "tiff16b.tif")  # mode "I;16B"
+    write_pgm_16_bit(tmp_path / "pgm16.pgm", samples)  # mode "I"
+    expected = as_model_input(np.repeat(eight_bit[..., None], 3, axis=2))
+    for name in ("png16.png", "tiff16.tif", "tiff16b.tif", "pgm16.pgm"):
+        torch.testing.assert_close(load_image(tmp_path / name, 16), expected, rtol=0, atol=1e-6, msg=name)
+
+    # The training dataset decodes through the same conversion.
+    (tmp_path / "set" / "a").mkdir(parents=True)
+    Image.fromarray(samples).save(tmp_path / "set" / "a" / "0.png")
+    image, _ = ImageFolderDataset(tmp_path / "set", 16, flip=False)[0]
+    torch.testing.assert_close(image, expected, rtol=0, atol=1e-6)
+
+
+def test_float_and_32_bit_integer_images_are_refused_naming_the_mode(tmp_path):
+    rng = np.random.default_rng(6)
+    Image.fromarray(rng.random((16, 16), dtype=np.float32)).save(tmp_path / "float.tif")  # in [0, 1]: would be black
+    Image.fromarray(rng.integers(0, 2**20, (16, 16), dtype=np.int32)).save(tmp_path / "int32.tif")
+    with pytest.raises(CorruptImageError, match=r"float\.tif.*mode 'F' \(32-bit float"):
+        load_image(tmp_path / "float.tif", 16)
+    with pytest.raises(CorruptImageError, match=r"int32\.tif.*mode 'I' \(32-bit integer"):
+        load_image(tmp_path / "int32.tif", 16)
 
 
 def test_load_image_names_a_corrupt_file(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from fastdit.data import LatentStore, LatentStoreDataset, item_generator, open_dataset
 from fastdit.data.latent_store import StorePlan, finalize_store, open_for_writing, shard_name, write_shard
 from fastdit.errors import UserError
+from fastdit.latents import SD_VAE_SCALE
 
 LATENT_SHAPE = (4, 2, 2)
 
@@ -16,7 +17,7 @@ LATENT_SHAPE = (4, 2, 2)
 def make_plan(num_sources=7, shard_size=3, dtype="float32", **changes):
     settings = dict(
         vae="stabilityai/sd-vae-ft-ema",
-        scale_factor=0.18215,
+        scale_factor=SD_VAE_SCALE,
         image_size=16,
         latent_shape=LATENT_SHAPE,
         dtype=dtype,
@@ -154,6 +155,28 @@ def test_not_a_store(tmp_path):
         LatentStore(tmp_path / "nope")
     with pytest.raises(UserError, match="not a latent store"):
         LatentStore(tmp_path)
+    (tmp_path / "store.safetensors").write_bytes(b"x")
+    with pytest.raises(UserError, match="is a file; pass the folder `fastdit extract` wrote"):
+        LatentStore(tmp_path / "store.safetensors")
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda root: root / "nope", "latent store '.*nope' does not exist; create it with `fastdit extract`"),
+        (lambda root: root, "is not a latent store .*; create one with `fastdit extract`, or pass a folder of images "
+                            "as --data-path"),
+    ],
+    ids=["missing", "empty-folder"],
+)
+def test_training_on_a_wrong_features_path_speaks_of_the_store(tmp_path, make, message):
+    # These used to fall through to the image-folder reader, whose messages tell the user to fix --data-path.
+    from fastdit.train.config import TrainConfig
+    from fastdit.train.training_data import open_training_data
+
+    config = TrainConfig(features_path=str(make(tmp_path)), image_size=16)
+    with pytest.raises(UserError, match=message):
+        open_training_data(config, torch.device("cpu"))
 
 
 def test_writing_refuses_other_settings_and_foreign_folders(tmp_path):

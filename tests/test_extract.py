@@ -3,15 +3,17 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fastdit.cli import main
 from fastdit.data import LatentStore, LatentStoreDataset, list_image_folder, load_image
 from fastdit.data import latent_store
 from fastdit.data.latent_store import shard_name
 from fastdit.errors import UserError
-from fastdit.latents import load_latent_space
+from fastdit.latents import SD_VAE_SCALE, load_latent_space
 
 from conftest import make_image_folder, save_tiny_vae
 
@@ -55,7 +57,7 @@ def test_extract_writes_moments_of_image_and_flip(images, tmp_path, tiny_vae, ca
     loaded = LatentStore(store)
     assert len(loaded) == 12 and loaded.class_names == ["cat", "dog", "eel"] and loaded.latent_shape == (4, 2, 2)
     assert loaded.meta["vae"] == os.path.realpath(tiny_vae)
-    assert loaded.meta["scale_factor"] == 0.18215 and loaded.meta["dtype"] == "float32"
+    assert loaded.meta["scale_factor"] == SD_VAE_SCALE and loaded.meta["dtype"] == "float32"
     index = list_image_folder(images)
     assert loaded.labels.tolist() == index.labels
     # Item 7 against a direct encoding of the centre-cropped image and its mirror.
@@ -152,7 +154,7 @@ def test_corrupt_images_are_named_then_skipped_on_request(images, tmp_path, tiny
     store = tmp_path / "store"
     err = cli_error(capsys, "extract", "--data-path", str(images), "--features-path", str(store), "--vae", tiny_vae,
                     "--image-size", str(IMAGE_SIZE), "--shard-size", "5", "--num-workers", "0", "--no-progress")
-    assert "1 image(s) could not be decoded: 'dog/2.png'" in err and "--skip-corrupt" in err
+    assert "1 image(s) could not be read: 'dog/2.png' (UnidentifiedImageError" in err and "--skip-corrupt" in err
     # dog/2.png is source 6, in shard 1; shards 0 and 2 are written and kept.
     assert sorted(p.name for p in store.glob("shard-*")) == ["shard-00000.safetensors", "shard-00002.safetensors"]
 
@@ -163,6 +165,23 @@ def test_corrupt_images_are_named_then_skipped_on_request(images, tmp_path, tiny
     from safetensors.torch import load_file
 
     assert load_file(store / "shard-00001.safetensors")["source"].tolist() == [5, 7, 8, 9]
+
+
+def test_images_without_a_fixed_range_are_refused_or_skipped(images, tmp_path, tiny_vae, capsys):
+    # A float TIFF (mode "F") has no white level: refused by name and mode, and left out with
+    # --skip-corrupt like an unreadable file. A 16-bit PNG is scaled, so it is neither refused nor skipped.
+    rng = np.random.default_rng(0)
+    (images / "dog" / "2.png").unlink()
+    Image.fromarray(rng.random((20, 20), dtype=np.float32)).save(images / "dog" / "2.tif")
+    Image.fromarray(rng.integers(0, 65536, (20, 20), dtype=np.uint16)).save(images / "eel" / "0.png")
+    store = tmp_path / "store"
+    err = cli_error(capsys, "extract", "--data-path", str(images), "--features-path", str(store), "--vae", tiny_vae,
+                    "--image-size", str(IMAGE_SIZE), "--shard-size", "5", "--num-workers", "0", "--no-progress")
+    assert "1 image(s) could not be read: 'dog/2.tif' (Pillow mode 'F' (32-bit float samples)" in err
+
+    assert extract(images, store, tiny_vae, "--skip-corrupt") == 0
+    assert "1 corrupt image(s) skipped" in capsys.readouterr().out
+    assert LatentStore(store).meta["skipped"] == ["dog/2.tif"]
 
 
 def test_check_compatible_after_extraction(images, tmp_path, tiny_vae):

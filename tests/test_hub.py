@@ -90,6 +90,7 @@ def test_official_name_resolves_through_the_download(server, monkeypatch):
     assert checkpoint.resolve_official("my-model.pt") is None
 
 
-def test_official_url_is_the_release_address():
-    assert hub.OFFICIAL_DIT_URL.format(name="DiT-XL-2-512x512.pt") == "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt"
-    assert hub.official_dit_name("DiT-XL/2", 256) == "DiT-XL-2-256x256.pt"
+def test_every_official_checkpoint_name_is_the_one_its_model_and_size_give():
+    # `official_dit_name` is how `sample --model DiT-XL/2 --image-size 256` finds the release file.
+    for filename, (model, image_size) in hub.OFFICIAL_CHECKPOINTS.items():
+        assert hub.official_dit_name(model, image_size) == filename

@@ -104,19 +104,21 @@ def _extract(config: ExtractConfig, info) -> dict | None:
     return meta
 
 
-def _corrupt_images_error(corrupt: list[str], total: int) -> UserError:
+def _corrupt_images_error(corrupt: list[tuple[str, str]], total: int) -> UserError:
+    """`corrupt` holds (file, reason) pairs: the reason tells a damaged file from a refused pixel mode."""
     if not corrupt:
-        return UserError(f"{total} image(s) could not be decoded by other processes (named in their messages)")
-    listed = ", ".join(repr(path) for path in corrupt[:10])
+        return UserError(f"{total} image(s) could not be read by other processes (named in their messages)")
+    listed = ", ".join(f"{path!r} ({reason})" for path, reason in corrupt[:10])
     listed += f" and {len(corrupt) - 10} more" if len(corrupt) > 10 else ""
     return UserError(
-        f"{len(corrupt)} image(s) could not be decoded: {listed}; fix or remove them, or rerun with --skip-corrupt "
+        f"{len(corrupt)} image(s) could not be read: {listed}; fix or remove them, or rerun with --skip-corrupt "
         f"to leave them out (the shards without them are written and will be kept)"
     )
 
 
 class _SourceImages:
-    """The sorted file list as a map-style dataset that reports corrupt files instead of raising."""
+    """The sorted file list as a map-style dataset that reports unreadable files (with the reason) instead
+    of raising; images of a refused pixel mode count as unreadable, so --skip-corrupt leaves them out too."""
 
     def __init__(self, index, image_size: int):
         self.index = index
@@ -133,12 +135,15 @@ class _SourceImages:
         try:
             image, error = load_image(self.index.root / self.index.files[i], self.image_size), ""
         except CorruptImageError as err:
-            image, error = torch.zeros(3, self.image_size, self.image_size), str(err)
+            image, error = torch.zeros(3, self.image_size, self.image_size), err.reason
         return image, self.index.labels[i], i, error
 
 
-def _encode_shards(config: ExtractConfig, info, index, plan, space, shards: list[int]) -> tuple[int, list[str]]:
-    """Encode and write `shards`; returns (images encoded, corrupt files in shards left unwritten)."""
+def _encode_shards(
+    config: ExtractConfig, info, index, plan, space, shards: list[int]
+) -> tuple[int, list[tuple[str, str]]]:
+    """Encode and write `shards`; returns (images encoded, (file, reason) of each unreadable image in the
+    shards left unwritten)."""
     import torch
     from tqdm import tqdm
 
@@ -170,7 +175,7 @@ def _encode_shards(config: ExtractConfig, info, index, plan, space, shards: list
     parts, corrupt = [], []  # of the shard being filled
     for b, (images, labels, sources, errors) in enumerate(loader):
         ok = torch.tensor([not error for error in errors], dtype=torch.bool)
-        corrupt += [index.files[int(source)] for source, error in zip(sources, errors) if error]
+        corrupt += [(index.files[int(source)], error) for source, error in zip(sources, errors) if error]
         if ok.any():
             x = images[ok].to(info.device, non_blocking=True)
             n = len(x)
@@ -187,7 +192,8 @@ def _encode_shards(config: ExtractConfig, info, index, plan, space, shards: list
             if corrupt and not config.skip_corrupt:
                 unwritten_corrupt += corrupt
             else:
-                write_shard(config.features_path, batch_shard[b], **_concat(parts, plan, dtype), skipped=corrupt)
+                write_shard(config.features_path, batch_shard[b], **_concat(parts, plan, dtype),
+                            skipped=[path for path, _ in corrupt])
             parts, corrupt = [], []
     bar.close()
     return encoded, unwritten_corrupt

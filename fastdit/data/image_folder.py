@@ -17,9 +17,7 @@ import torch
 
 from ..errors import UserError
 from ..seeding import DATA_ITEM, seeded_generator
-
-# Extensions Pillow can decode, as in torchvision's ImageFolder.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+from .images import IMAGE_EXTENSIONS, UnsupportedImageMode, to_rgb
 
 
 def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -90,13 +88,14 @@ def _short_list(names: list[str], limit: int = 10) -> str:
 def center_crop(image, image_size: int):
     """ADM centre crop (guided-diffusion `center_crop_arr`): returns an RGB PIL image of image_size^2.
 
+    The image is first made 8-bit RGB by its mode's real range (`fastdit.data.images.to_rgb`).
     Halving with a BOX filter while the short side is at least twice the target avoids aliasing that a
     single large BICUBIC downscale would cause; the BICUBIC resize then makes the short side exactly
     `image_size`, and the centre crop takes the middle of the long side.
     """
     from PIL import Image
 
-    image = image.convert("RGB")
+    image = to_rgb(image)
     while min(*image.size) >= 2 * image_size:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
     scale = image_size / min(*image.size)
@@ -108,10 +107,11 @@ def center_crop(image, image_size: int):
 
 
 class CorruptImageError(UserError):
-    """An image file that Pillow cannot decode."""
+    """An image file that Pillow cannot decode, or whose pixel mode we refuse (`images.to_rgb`)."""
 
     def __init__(self, path: str | os.PathLike, reason: str):
         self.path = str(path)
+        self.reason = reason
         super().__init__(f"cannot read image {self.path!r}: {reason}")
 
 
@@ -122,6 +122,8 @@ def load_image(path: str | os.PathLike, image_size: int) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             image = center_crop(image, image_size)  # decodes fully, so truncated files fail here
+    except UnsupportedImageMode as err:
+        raise CorruptImageError(path, str(err)) from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise CorruptImageError(path, f"{type(err).__name__}: {err}") from None
     pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) uint8
@@ -133,7 +135,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     With `flip=True` the image is mirrored with probability 1/2, drawn from `item_generator(seed,
     epoch, i)`: call `set_epoch(epoch)` every epoch (as with DistributedSampler) for fresh flips that
-    are still bit-reproducible. Corrupt files raise a `CorruptImageError` naming the file.
+    are still bit-reproducible. Corrupt files, and files of a mode `images.to_rgb` refuses, raise a
+    `CorruptImageError` naming the file.
     """
 
     def __init__(self, root: str | os.PathLike, image_size: int, *, flip: bool = True, seed: int = 0):

@@ -234,8 +234,10 @@ class LatentStore:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if self.path.is_file():
+            raise UserError(f"latent store {str(self.path)!r} is a file; pass the folder `fastdit extract` wrote")
         if not self.path.is_dir():
-            raise UserError(f"latent store {str(self.path)!r} does not exist; create it with fastdit extract")
+            raise UserError(f"latent store {str(self.path)!r} does not exist; create it with `fastdit extract`")
         meta_path = self.path / META_FILE
         if not meta_path.exists():
             if (self.path / PLAN_FILE).exists():
@@ -244,7 +246,8 @@ class LatentStore:
                     f"fastdit extract command to finish it"
                 )
             raise UserError(
-                f"{str(self.path)!r} is not a latent store ({META_FILE} missing); create one with fastdit extract"
+                f"{str(self.path)!r} is not a latent store ({META_FILE} missing); create one with `fastdit extract`, "
+                f"or pass a folder of images as --data-path"
             )
         self.meta = _read_json(meta_path)
         if self.meta.get("format_version") != FORMAT_VERSION:

@@ -14,9 +14,9 @@ from typing import Iterator
 
 import numpy as np
 
+from ..data.images import IMAGE_EXTENSIONS
 from ..errors import UserError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 ADM_STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 STATS_FORMAT_KEY = "fastdit_eval_stats"  # marks a statistics file written by `fastdit evaluate --make-ref`
 

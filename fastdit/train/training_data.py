@@ -37,10 +37,8 @@ class TrainingData:
 def open_training_data(config: TrainConfig, device: torch.device) -> TrainingData:
     source = config.features_path or config.data_path
     if config.features_path:
-        vae = None if config.vae is None else config.vae
-        dataset = open_dataset(source, image_size=config.image_size, vae=vae, seed=config.global_seed)
-        if not isinstance(dataset, LatentStoreDataset):
-            raise UserError(f"--features-path {source!r} is not a latent store; make one with `fastdit extract`, or use --data-path")
+        # Opened as a store whatever the folder holds, so that a wrong path is reported as a wrong store.
+        dataset = LatentStoreDataset(source, seed=config.global_seed, vae=config.vae, image_size=config.image_size)
         meta = dataset.store.meta
         info = LatentInfo(kind="vae", vae=meta["vae"], scale_factor=float(meta.get("scale_factor", SD_VAE_SCALE)))
         data = TrainingData(dataset, tuple(dataset.store.latent_shape), info, list(dataset.class_names), device=device)
@@ -64,7 +62,7 @@ def open_training_data(config: TrainConfig, device: torch.device) -> TrainingDat
             f"the data has {len(data.class_names)} classes but --num-classes is {config.num_classes}; "
             f"use --num-classes {len(data.class_names)}"
         )
-    expected = config.image_size // (1 if data.latent_info.kind == "pixels" else 8)
+    expected = config.image_size // data.latent_info.downsample
     if data.latent_shape[1] != expected:
         raise UserError(
             f"the data's samples are {data.latent_shape[1]}x{data.latent_shape[2]} model inputs, but --image-size "
