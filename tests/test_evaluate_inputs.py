@@ -172,3 +172,45 @@ def test_cli_help_works(capsys):
         main(["evaluate", "--help"])
     assert exit_info.value.code == 0
     assert "--make-ref" in capsys.readouterr().out
+
+
+def make_ref_refused(tmp_path, capsys, samples, ref):
+    """--make-ref must refuse before any network or Inception: no weights are available here."""
+    return run_cli(["evaluate", "--make-ref", str(samples), str(ref), "--no-progress"], capsys)
+
+
+def test_make_ref_never_overwrites_its_input_or_an_image_batch(tmp_path, capsys):
+    (tmp_path / "sub").mkdir()
+    samples, images = tmp_path / "s.npz", tmp_path / "images.npz"
+    np.savez(samples, np.zeros((4, 8, 8, 3), np.uint8))
+    np.savez(images, np.full((2, 8, 8, 3), 7, np.uint8))
+    (tmp_path / "link.npz").symlink_to(samples)
+    originals = {path: path.read_bytes() for path in (samples, images)}
+    own_input = "write over its own input"
+    assert own_input in make_ref_refused(tmp_path, capsys, samples, samples)
+    assert own_input in make_ref_refused(tmp_path, capsys, samples, tmp_path / "sub" / ".." / "s.npz")
+    assert own_input in make_ref_refused(tmp_path, capsys, samples, tmp_path / "link.npz")
+    assert own_input in make_ref_refused(tmp_path, capsys, samples, tmp_path / "s")  # ".npz" is appended
+    err = make_ref_refused(tmp_path, capsys, samples, images)
+    assert "refusing to overwrite" in err and "images.npz" in err and "not a statistics file written by fastdit" in err
+    (tmp_path / "folder.npz").mkdir()
+    assert "is a folder" in make_ref_refused(tmp_path, capsys, samples, tmp_path / "folder.npz")
+    assert {path: path.read_bytes() for path in originals} == originals
+
+
+def test_make_ref_output_in_an_unwritable_place(tmp_path, capsys):
+    np.savez(tmp_path / "s.npz", np.zeros((4, 8, 8, 3), np.uint8))
+    (tmp_path / "a_file").write_text("not a folder")
+    err = make_ref_refused(tmp_path, capsys, tmp_path / "s.npz", tmp_path / "a_file" / "ref.npz")
+    assert "cannot write into" in err
+
+
+def test_out_json_is_checked_before_inception(tmp_path, capsys):
+    # No weights in the cache: reaching the network would report a download error instead.
+    np.savez(tmp_path / "s.npz", np.zeros((4, 8, 8, 3), np.uint8))
+    (tmp_path / "a_file").write_text("not a folder")
+    samples = str(tmp_path / "s.npz")
+    err = run_cli(["evaluate", samples, samples, "--out-json", str(tmp_path / "a_file" / "m.json")], capsys)
+    assert "cannot write into" in err and "a_file" in err
+    (tmp_path / "m.json").mkdir()
+    assert "is a folder" in run_cli(["evaluate", samples, samples, "--out-json", str(tmp_path / "m.json")], capsys)

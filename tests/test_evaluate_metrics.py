@@ -12,6 +12,7 @@ from fastdit.evaluate.metrics import (
     RunningMoments,
     frechet_distance,
     inception_score,
+    pairwise_distances,
     precision_recall,
     trace_sqrt_product,
 )
@@ -45,6 +46,28 @@ def test_frechet_distance_matches_direct_computation():
     expected = scipy_frechet(mu1, sigma1, mu2, sigma2)
     assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-8)
     assert frechet_distance(mu1, sigma1, mu1, sigma1) == pytest.approx(0.0, abs=1e-7)
+
+
+def adm_frechet_with_offset(mu1, sigma1, mu2, sigma2, eps):
+    """ADM's fallback branch: eps on both diagonals inside sqrtm, the plain traces outside."""
+    offset = eps * np.eye(len(mu1))
+    covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset)).real
+    diff = mu1 - mu2
+    return diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+
+
+# One or both sides singular; with as many points as dimensions (rank 31 of 32) Cholesky may succeed.
+@pytest.mark.parametrize("num_points", [(10, 200), (200, 10), (12, 16), (32, 200), (200, 32)])
+def test_frechet_distance_of_a_singular_product_uses_adms_offset(num_points):
+    rng = np.random.default_rng(7)
+    mu1, mu2 = rng.standard_normal(32), rng.standard_normal(32)
+    sigma1, sigma2 = (random_covariance(rng, 32, n) for n in num_points)
+    expected = adm_frechet_with_offset(mu1, sigma1, mu2, sigma2, eps=1e-6)
+    without_offset = scipy_frechet(mu1, sigma1, mu2, sigma2)
+    # The offset moves the distance by ~2 * sqrt(eps * eigenvalue) per missing dimension, ~1e-2 here:
+    # far above the ~1e-10 float64 error of either square-root method.
+    assert abs(expected - without_offset) > 1e-4
+    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-8)
 
 
 def test_frechet_distance_closed_form_for_diagonal_gaussians():
@@ -148,14 +171,73 @@ def brute_force_precision_recall(ref, samples, k):
     return precision, recall
 
 
-def test_precision_recall_matches_brute_force_with_blocks():
+def test_precision_recall_matches_brute_force_in_bounded_blocks(monkeypatch):
     rng = np.random.default_rng(5)
     ref = rng.standard_normal((120, 16))
     samples = 0.8 * rng.standard_normal((90, 16)) + 0.3
     expected = brute_force_precision_recall(ref, samples, k=3)
-    got = precision_recall(ref, samples, k=3, row_block=32)  # several row blocks
+    block_shapes = []
+
+    def recording(u, v, arithmetic):
+        block_shapes.append((len(u), len(v)))
+        return pairwise_distances(u, v, arithmetic)
+
+    monkeypatch.setattr("fastdit.evaluate.metrics.pairwise_distances", recording)
+    # float32 distances of unit-scale Gaussians: the nearest float64 tie is far beyond float32 round-off.
+    got = precision_recall(ref, samples, k=3, distances="float32", block_size=32)
     assert got == pytest.approx(expected, abs=1e-12)
-    assert 0.0 < got[0] < 1.0 and 0.0 < got[1] < 1.0  # a non-trivial case
+    assert 0.0 < got[0] < 1.0 and 0.0 < got[1] < 1.0  # a case where both can be wrong
+    # Memory stays bounded: never more than one 32 x 32 block of distances (ADM: row batch x column batch).
+    assert max(block_shapes) == (32, 32) and len(block_shapes) > 3 * 4
+
+
+def adm_float16_distances(u, v):
+    """ADM's DistanceBlock in float16, step by step with numpy's float16 (each operation rounded to float16)."""
+    u16, v16 = np.asarray(u).astype(np.float16), np.asarray(v).astype(np.float16)
+    norm_u = (u16 * u16).astype(np.float64).sum(1).astype(np.float16)
+    norm_v = (v16 * v16).astype(np.float64).sum(1).astype(np.float16)
+    dots = (u16.astype(np.float64) @ v16.astype(np.float64).T).astype(np.float16)
+    return np.maximum((norm_u[:, None] - np.float16(2) * dots) + norm_v[None], np.float16(0))
+
+
+def test_float16_distances_round_every_step_as_adm():
+    # Small integers: every float32 sum below is exact (< 2^24), so the result does not depend on the
+    # summation order; norms and dot products up to 24 * 15^2 = 5400 are rounded to float16 (steps of 4).
+    rng = np.random.default_rng(6)
+    u, v = rng.integers(0, 16, (40, 24)).astype(np.float32), rng.integers(0, 16, (30, 24)).astype(np.float32)
+    ours = pairwise_distances(torch.from_numpy(u), torch.from_numpy(v), "float16")
+    expected = adm_float16_distances(u, v).astype(np.float32)
+    np.testing.assert_array_equal(ours.numpy(), expected)
+    exact = cdist(u, v, "sqeuclidean")
+    assert not np.array_equal(expected, exact)  # the float16 rounding shows on these inputs
+    np.testing.assert_array_equal(pairwise_distances(torch.from_numpy(u), torch.from_numpy(v), "float32"), exact)
+
+
+# Two references 20 apart (each is the other's nearest neighbour: squared radius 400), a sample just
+# outside the ball of the first one (squared distance 20.0025^2 = 400.1) and one far away. In float16,
+# 20.0025 is 20 (steps of 1/64 there): the first sample ties with the radius and counts as inside.
+TIE_REF = np.array([[0.0, 0.0], [20.0, 0.0]])
+TIE_SAMPLES = np.array([[-20.0025, 0.0], [100.0, 0.0]])
+
+
+def test_float16_ties_count_inside_as_in_adm():
+    assert precision_recall(TIE_REF, TIE_SAMPLES, k=1, distances="float16") == (0.5, 1.0)
+    assert precision_recall(TIE_REF, TIE_SAMPLES, k=1, distances="float32") == (0.0, 1.0)
+    assert precision_recall(TIE_REF, TIE_SAMPLES, k=1) == (0.5, 1.0)  # ADM's float16 is the default
+
+
+def test_float16_overflow_falls_back_to_float32():
+    # Scaled by 100, squared norms (up to 1e8) overflow float16 (max 65504): ADM recomputes the
+    # block in float32, where 2000.25^2 = 4001000.06 is clearly outside the radius 2000^2.
+    scaled_ref, scaled_samples = 100 * TIE_REF, 100 * TIE_SAMPLES
+    assert precision_recall(scaled_ref, scaled_samples, k=1, distances="float16") == (0.0, 1.0)
+    distances = pairwise_distances(torch.tensor(scaled_ref), torch.tensor(scaled_samples), "float16")
+    assert distances.dtype == torch.float32 and bool(torch.isfinite(distances).all())
+
+
+def test_unknown_distance_arithmetic():
+    with pytest.raises(UserError, match="unknown precision/recall distances 'float8'.*float16, float32"):
+        precision_recall(TIE_REF, TIE_SAMPLES, k=1, distances="float8")
 
 
 def test_precision_recall_needs_more_than_k_points():

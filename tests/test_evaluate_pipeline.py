@@ -23,8 +23,15 @@ from fastdit.evaluate import (
     resize_bilinear_tf1,
     save_statistics,
     statistics_for_path,
+    statistics_from_features,
 )
-from fastdit.evaluate.inception import InceptionV3, load_inception_weights, random_inception_state_dict
+from fastdit.evaluate import features as features_module
+from fastdit.evaluate.inception import (
+    InceptionOutputs,
+    InceptionV3,
+    load_inception_weights,
+    random_inception_state_dict,
+)
 
 IMAGE_SIZE = 32  # small inputs; the resize to 299 makes every image cost the same anyway
 
@@ -64,7 +71,6 @@ def test_feature_shapes_and_unbiased_logits(extractor, images):
     assert out.pool.shape == (3, 2048)
     assert out.spatial.shape == (3, 7 * 17 * 17)  # sFID: mixed_6/conv[..., :7]
     assert out.logits.shape == (3, 1008)
-    assert out.pool.std() > 0 and out.spatial.std() > 0  # informative, not all zero
     # ADM's softmax graph multiplies pool_3 by the classifier weight without adding the bias.
     weight = extractor.model.fc.weight
     torch.testing.assert_close(out.logits, out.pool @ weight.T, rtol=1e-5, atol=1e-5)
@@ -139,6 +145,66 @@ def test_streaming_statistics_equal_all_at_once(extractor, images):
     assert stats.inception_score == pytest.approx(expected_is, rel=1e-6)
 
 
+def fake_outputs(n, pool=None):
+    pool = torch.zeros(n, 2048) if pool is None else pool
+    return InceptionOutputs(pool=pool, spatial=torch.zeros(n, 2023), logits=torch.zeros(n, 1008))
+
+
+class _CheapMoments:
+    """Stands in for the float64 moments, whose 2048 x 2048 updates would dominate a 10K-image test."""
+
+    def __init__(self, dim, device="cpu"):
+        self.dim, self.count, self.mean = dim, 0, np.zeros(dim)
+
+    def update(self, features):
+        self.count += len(features)
+
+    def covariance(self):
+        return np.eye(self.dim)
+
+
+def test_precision_recall_keeps_every_image_by_default(monkeypatch):
+    # ADM computes precision/recall from all sample activations; the old default kept the first 10K.
+    monkeypatch.setattr(features_module, "RunningMoments", _CheapMoments)
+    num_images, batch = 10_050, 2_010
+    index = torch.arange(num_images, dtype=torch.float32)
+
+    def outputs():
+        for start in range(0, num_images, batch):
+            rows = index[start : start + batch, None]
+            yield fake_outputs(len(rows), pool=rows.expand(-1, 2048))
+
+    everything = statistics_from_features(outputs())
+    np.testing.assert_array_equal(everything.pr_features[:, 0], index.numpy())
+    subset = statistics_from_features(outputs(), pr_subset=3_000)  # the flag for a subset: the first N
+    np.testing.assert_array_equal(subset.pr_features[:, 0], index[:3_000].numpy())
+
+
+def test_extractor_runs_in_full_float32_and_restores_the_callers_settings(monkeypatch):
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, images):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            return fake_outputs(len(images))
+
+    # The caller (e.g. `train` with TF32 on) has both kinds of TF32 switched on.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    previous_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        InceptionFeatureExtractor(model=Spy(), batch_size=2)(np.zeros((3, 8, 8, 3), np.uint8))
+        after = (
+            torch.get_float32_matmul_precision(),
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+        )
+    finally:
+        torch.set_float32_matmul_precision(previous_precision)
+    assert seen == [(False, False), (False, False)]  # both batches, the logits matmul included
+    assert after == ("high", True, True)
+
+
 def test_float_images_to_uint8_matches_dit_sampling():
     x = torch.tensor([-1.5, -1.0, 0.0, 0.99, 1.0]).view(1, 1, 1, 5).expand(1, 3, 1, 5)
     assert float_images_to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 128, 254, 255]
@@ -166,6 +232,7 @@ def test_cli_npz_against_folder_of_the_same_images(tmp_path, weights_file, image
     assert metrics["sfid"] == pytest.approx(0.0, abs=1e-3)
     assert metrics["precision"] == 1.0 and metrics["recall"] == 1.0
     assert metrics["num_samples"] == 5 and metrics["num_reference"] == 5
+    assert (metrics["pr_subset"], metrics["pr_distances"]) == (None, "float16")  # ADM's: all images, float16
 
 
 def assert_same_statistics(a, b, rtol=1e-6):
@@ -178,6 +245,8 @@ def test_make_ref_writes_what_the_images_give(tmp_path, weights_file, extractor)
     ref_images = np.random.default_rng(1).integers(0, 128, (3, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     np.savez(tmp_path / "ref.npz", ref_images)
     argv = ["evaluate", "--make-ref", str(tmp_path / "ref.npz"), str(tmp_path / "ref_stats")]
+    assert main([*argv, "--inception-weights", str(weights_file), "--no-progress"]) == 0
+    # A statistics file written by fastdit may be remade in place (anything else is refused).
     assert main([*argv, "--inception-weights", str(weights_file), "--no-progress"]) == 0
     from_file = statistics_for_path(tmp_path / "ref_stats.npz", extractor=None)  # no network needed
     from_images = statistics_for_path(tmp_path / "ref.npz", extractor, progress=False)

@@ -8,8 +8,11 @@ SAMPLES and REF are each an ADM `.npz` batch (uint8 `arr_0`, N x H x W x 3; prec
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from ..errors import UserError
+from ..evaluate.metrics import PR_DISTANCES
 
 HELP = "FID, sFID, Inception Score, precision and recall of samples against a reference (ADM evaluator definitions)"
 
@@ -31,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write reference statistics of SAMPLES (a folder or .npz) to REF (.npz) instead of comparing",
     )
-    parser.add_argument("--out-json", metavar="PATH", help="also write the metrics as JSON")
+    parser.add_argument("--out-json", metavar="PATH.json", help="also write the metrics as JSON")
     parser.add_argument(
         "--inception-weights",
         metavar="PATH",
@@ -43,11 +46,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pr-subset",
         type=int,
-        default=10_000,
+        default=0,
         metavar="N",
-        help="images per side for precision/recall (default 10000, the size of ADM's reference batches; 0 = all)",
+        help="use only the first N images per side for precision/recall (default 0: all of them, as ADM)",
+    )
+    parser.add_argument(
+        "--pr-distances",
+        choices=PR_DISTANCES,
+        default="float16",
+        help="arithmetic of the precision/recall distances: float16 is ADM's and reproduces its published "
+        "numbers (default); float32 ties less often with the k-NN radii and gives slightly lower values",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _check_make_ref_output(source: Path, ref: str) -> Path:
+    """Where --make-ref writes; refuse its own input or any file that is not a fastdit statistics file."""
+    from ..evaluate.sources import is_statistics_file
+    from ..evaluate.statistics import statistics_file_name
+    from ..io import check_can_create
+
+    output = statistics_file_name(ref)
+    for target in (Path(ref).expanduser(), output):
+        if target.exists() and os.path.samefile(source, target):
+            raise UserError(
+                f"--make-ref would write over its own input {str(source)!r}; give REF a new name, e.g. ref_stats.npz"
+            )
+    if output.is_dir():
+        raise UserError(f"--make-ref output {str(output)!r} is a folder; give a file name such as ref_stats.npz")
+    if output.exists() and not is_statistics_file(output):
+        raise UserError(
+            f"refusing to overwrite {str(output)!r}: it is not a statistics file written by fastdit; "
+            "give REF a new name or delete that file yourself"
+        )
+    check_can_create(output.parent)
+    return output
 
 
 def _image_size(path) -> tuple[int, int] | None:
@@ -74,12 +107,11 @@ def format_table(metrics: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int | None:
-    from pathlib import Path
-
     from ..evaluate import IS_SPLIT_SIZE, InceptionFeatureExtractor, compare, save_statistics, statistics_for_path
     from ..evaluate.sources import is_statistics_file
     from ..evaluate.statistics import check_same_resolution
     from ..io import atomic_write_json
+    from .common import check_output_file
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -92,13 +124,16 @@ def run(args: argparse.Namespace) -> int | None:
     progress = not args.no_progress
     first, second = Path(args.samples).expanduser(), Path(args.ref).expanduser()
 
-    # Check the inputs before loading the network and minutes of Inception, not after.
+    # Check the inputs and outputs before loading the network and minutes of Inception, not after.
     if args.make_ref:
         if is_statistics_file(first):
             raise UserError(f"{str(first)!r} is already a statistics file; pass an image folder or .npz batch")
         _image_size(first)
+        output = _check_make_ref_output(first, args.ref)
     else:
         check_same_resolution(_image_size(first), _image_size(second), str(second))
+        if args.out_json:
+            check_output_file(args.out_json, (".json",))
     needs_network = args.make_ref or not (is_statistics_file(first) and is_statistics_file(second))
     extractor = None
     if needs_network:
@@ -108,14 +143,14 @@ def run(args: argparse.Namespace) -> int | None:
 
     if args.make_ref:
         stats = statistics_for_path(first, extractor, pr_subset=pr_subset, progress=progress)
-        written = save_statistics(stats, second)
+        written = save_statistics(stats, output)
         height, width = stats.image_size
         print(f"wrote reference statistics of {stats.num_images} images ({height}x{width}) to {written}")
         return 0
 
     sample_stats = statistics_for_path(first, extractor, pr_subset=pr_subset, progress=progress)
     ref_stats = statistics_for_path(second, extractor, pr_subset=pr_subset, reference=True, progress=progress)
-    metrics = compare(sample_stats, ref_stats, device=str(device))
+    metrics = compare(sample_stats, ref_stats, device=str(device), pr_distances=args.pr_distances)
     print(f"samples:   {first} ({sample_stats.num_images} images)")
     print(f"reference: {second} ({ref_stats.num_images} images)")
     print(format_table(metrics))
@@ -126,6 +161,7 @@ def run(args: argparse.Namespace) -> int | None:
                 "samples": str(first),
                 "reference": str(second),
                 "pr_subset": pr_subset,
+                "pr_distances": args.pr_distances,
                 "inception_split_size": IS_SPLIT_SIZE,
                 "device": str(device),
             },

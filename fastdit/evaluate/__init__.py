@@ -14,7 +14,6 @@ Inception-v3 of 2015-12-05:
 
 from .features import (
     IS_SPLIT_SIZE,
-    PR_SUBSET,
     InceptionFeatureExtractor,
     compute_statistics,
     float_images_to_uint8,
@@ -22,12 +21,12 @@ from .features import (
     statistics_from_features,
 )
 from .inception import InceptionV3, load_inception, resize_bilinear_tf1
-from .metrics import frechet_distance, inception_score, precision_recall
+from .metrics import PR_DISTANCES, frechet_distance, inception_score, precision_recall
 from .statistics import EvalStatistics, compare, load_statistics, save_statistics
 
 __all__ = [
     "IS_SPLIT_SIZE",
-    "PR_SUBSET",
+    "PR_DISTANCES",
     "EvalStatistics",
     "InceptionFeatureExtractor",
     "InceptionV3",

@@ -10,7 +10,6 @@ Usable without files (training's `--eval-every` passes uint8 batches straight fr
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Iterable
@@ -20,12 +19,12 @@ import torch
 
 from ..errors import UserError
 from ..sampling.generate import to_uint8
+from .float32 import full_float32
 from .inception import POOL_DIM, SPATIAL_DIM, InceptionOutputs, InceptionV3, load_inception
 from .metrics import InceptionScoreAccumulator, RunningMoments
 from .sources import NpzImages, is_statistics_file, open_images, read_adm_statistics
 from .statistics import EvalStatistics, load_statistics
 
-PR_SUBSET = 10_000  # ADM's reference batches hold 10K images; precision/recall use at most this many per side
 IS_SPLIT_SIZE = 5_000  # ADM's `compute_inception_score(split_size=5000)`: 10 splits of the usual 50K samples
 
 
@@ -38,8 +37,8 @@ class InceptionFeatureExtractor:
     """uint8 NHWC batches (numpy or torch) -> `InceptionOutputs` (float32, on the extractor's device).
 
     Inputs larger than `batch_size` are split, so peak memory is bounded whatever the caller passes.
-    On CUDA, cuDNN's TF32 is switched off inside the call: TF32 convolutions move FID by more than the
-    differences between evaluators that people argue about.
+    The whole network, the logits matmul included, runs in full float32 (`full_float32`: no TF32),
+    as the TF graph does.
     """
 
     def __init__(
@@ -58,11 +57,6 @@ class InceptionFeatureExtractor:
         model = model if model is not None else load_inception(weights_path, device=self.device, progress=progress)
         self.model = model.eval().requires_grad_(False).to(self.device)
 
-    def _precision_context(self):
-        if self.device.type == "cuda":
-            return torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False)
-        return contextlib.nullcontext()
-
     @torch.inference_mode()
     def __call__(self, images: np.ndarray | torch.Tensor) -> InceptionOutputs:
         if isinstance(images, np.ndarray) and not images.flags.writeable:
@@ -74,7 +68,7 @@ class InceptionFeatureExtractor:
                 f"{tuple(images.shape)}; convert [-1, 1] tensors with float_images_to_uint8"
             )
         outputs = []
-        with self._precision_context():
+        with full_float32():
             for start in range(0, len(images), self.batch_size):
                 chunk = images[start : start + self.batch_size].to(self.device, non_blocking=True)
                 result = self.model(chunk.permute(0, 3, 1, 2))  # (B, 3, H, W)
@@ -87,15 +81,16 @@ def compute_statistics(
     batches: Iterable[np.ndarray | torch.Tensor],
     extractor: InceptionFeatureExtractor,
     *,
-    pr_subset: int | None = PR_SUBSET,
+    pr_subset: int | None = None,
     is_split_size: int = IS_SPLIT_SIZE,
     progress_total: int | None = None,
     source: str = "",
 ) -> EvalStatistics:
     """Stream uint8 NHWC batches through Inception into `EvalStatistics` (float64 moments).
 
-    Only the first `pr_subset` pool_3 vectors are kept (None keeps all), for precision/recall;
-    everything else is accumulated, so memory does not grow with the number of images.
+    Every pool_3 vector is kept for precision/recall (as ADM, which feeds all sample activations:
+    8 KB per image), or only the first `pr_subset`; everything else is accumulated, so the rest of
+    memory does not grow with the number of images.
     `progress_total` (number of images) turns on a progress bar.
     """
     image_size = []
@@ -134,7 +129,7 @@ def statistics_from_features(
     outputs: Iterable[InceptionOutputs],
     *,
     device: str | torch.device = "cpu",
-    pr_subset: int | None = PR_SUBSET,
+    pr_subset: int | None = None,
     is_split_size: int = IS_SPLIT_SIZE,
     image_size: tuple[int, int] | None = None,
     source: str = "",
@@ -173,7 +168,7 @@ def statistics_for_path(
     path: str | os.PathLike,
     extractor: InceptionFeatureExtractor | None,
     *,
-    pr_subset: int | None = PR_SUBSET,
+    pr_subset: int | None = None,
     reference: bool = False,
     progress: bool = True,
 ) -> EvalStatistics:
@@ -181,7 +176,7 @@ def statistics_for_path(
 
     Precomputed `mu`, `sigma`, `mu_s`, `sigma_s` in an `.npz` are used as they are (as ADM's
     `read_statistics` does). For a `reference`, its images are then only needed for precision/recall,
-    so only the first `pr_subset` of them go through Inception (and no IS is kept for it).
+    so only those (all, or the first `pr_subset`) go through Inception; with a subset, no IS is kept.
     `extractor` may be None for statistics files.
     """
     path = Path(path).expanduser()

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .float32 import full_float32
 
 
 class RunningMoments:
@@ -76,10 +77,34 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     return float(eigenvalues.clamp_min(0).sqrt().sum())
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+ADM_SINGULAR_EPS = 1e-6  # ADM's `frechet_distance(..., eps=1e-6)`
+
+
+def is_singular(covariance: np.ndarray) -> bool:
+    """Not positive definite: Cholesky fails, or the rank is below full with numpy's `matrix_rank`
+    tolerance (max eigenvalue * dim * float64 eps).
+
+    A covariance of N images has rank <= N - 1, so this is what fewer images than feature dimensions
+    give (e.g. training-time evaluations of < 2048 images); a full-rank pool_3 covariance has its
+    smallest eigenvalues many orders of magnitude above that tolerance.
+    """
+    covariance = torch.as_tensor(np.asarray(covariance), dtype=torch.float64)
+    if torch.linalg.cholesky_ex(covariance).info.item() != 0:  # cheap, and decides most singular cases
+        return True
+    return int(torch.linalg.matrix_rank(covariance, hermitian=True)) < len(covariance)
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, *, eps: float = ADM_SINGULAR_EPS
+) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, FID):
 
         ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr( (sigma1 sigma2)^(1/2) )
+
+    with ADM's fallback for a singular product: ADM adds `eps` to the diagonals of both covariances
+    inside the square root (the traces keep the plain ones) when scipy's `sqrtm(sigma1 @ sigma2)` is
+    not finite, which is what a singular product gave with the scipy of its time. Here the trigger is
+    tested directly (`is_singular` on either factor), since newer scipy returns finite values there.
     """
     mu1, mu2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)
     sigma1, sigma2 = np.asarray(sigma1, dtype=np.float64), np.asarray(sigma2, dtype=np.float64)
@@ -89,9 +114,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
             f"covariance {sigma2.shape}; both must come from the same Inception features"
         )
     diff = mu1 - mu2
-    distance = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2)
-    # A distance is >= 0; a tiny negative value is round-off of a zero distance (square roots of
-    # near-zero eigenvalues of singular covariances amplify it to ~1e-7).
+    offset = eps * np.eye(len(mu1)) if is_singular(sigma1) or is_singular(sigma2) else 0.0
+    trace_sqrt = trace_sqrt_product(sigma1 + offset, sigma2 + offset)
+    distance = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt
+    # A distance is >= 0; a tiny negative value is round-off of a zero distance.
     return float(max(distance, 0.0))
 
 
@@ -130,18 +156,18 @@ class InceptionScoreAccumulator:
             if self._count == self.split_size:
                 self._close_split()
 
-    def _close_split(self) -> None:
+    def _split_score(self) -> float:
+        """exp(E_x KL) of the split being accumulated."""
         marginal = self._prob_sum / self._count
         marginal_term = float((marginal * np.log(np.clip(marginal, 1e-300, None))).sum())
-        self.split_scores.append(float(np.exp(self._neg_entropy_sum / self._count - marginal_term)))
+        return float(np.exp(self._neg_entropy_sum / self._count - marginal_term))
+
+    def _close_split(self) -> None:
+        self.split_scores.append(self._split_score())
         self._reset_split()
 
     def score(self) -> float:
-        scores = list(self.split_scores)
-        if self._count:
-            marginal = self._prob_sum / self._count
-            marginal_term = float((marginal * np.log(np.clip(marginal, 1e-300, None))).sum())
-            scores.append(float(np.exp(self._neg_entropy_sum / self._count - marginal_term)))
+        scores = self.split_scores + ([self._split_score()] if self._count else [])
         if not scores:
             raise UserError("the Inception Score needs at least one image")
         return float(np.mean(scores))
@@ -154,36 +180,69 @@ def inception_score(logits: np.ndarray | torch.Tensor, split_size: int = 5000) -
     return accumulator.score()
 
 
-def _squared_distances(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Pairwise squared Euclidean distances, clamped at 0 (ADM's `_batch_pairwise_distances`)."""
-    rows_sq = (rows * rows).sum(1, keepdim=True)
-    cols_sq = (cols * cols).sum(1)[None]
-    return (rows_sq - 2 * rows @ cols.T + cols_sq).clamp_min_(0)
+PR_DISTANCES = ("float16", "float32")  # the arithmetic of the pairwise distances; float16 is ADM's
+ADM_BLOCK_SIZE = 10_000  # ADM's ManifoldEstimator(row_batch_size=10000, col_batch_size=10000)
 
 
-def manifold_radii(features: torch.Tensor, k: int = 3, row_block: int = 2048) -> torch.Tensor:
+def _batch_pairwise_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """ADM's `_batch_pairwise_distances`: max(|u|^2 - 2 u v^T + |v|^2, 0), (B1, D) x (B2, D) -> (B1, B2).
+
+    Every step is rounded to the inputs' dtype, as TF does for a float16 graph: the squares, the row
+    norms, the dot products and each addition. Sums and dot products accumulate in float32, as TF's
+    float16 reductions and GPU matmuls do; products of two float16 numbers are exact in float32, so the
+    float32 matmul of float16 values below is a float16 GEMM with float32 accumulation on any device.
+    """
+    def squared_norms(x: torch.Tensor) -> torch.Tensor:
+        return x.square().float().sum(1).to(x.dtype)
+
+    dots = (u.float() @ v.float().T).to(u.dtype)
+    return ((squared_norms(u)[:, None] - 2 * dots) + squared_norms(v)[None]).clamp_min(0)
+
+
+def pairwise_distances(u: torch.Tensor, v: torch.Tensor, arithmetic: str = "float16") -> torch.Tensor:
+    """Squared Euclidean distances as ADM's `DistanceBlock` computes them (float32 result).
+
+    "float16" (ADM's evaluator, the default): the features are cast to float16 and the distances
+    computed in float16; only if some distance of the block is not finite (float16 overflows at
+    65504), the whole block is recomputed in float32 (ADM's `tf.cond(reduce_all(is_finite(...)))`).
+    The float16 distances are coarse (steps of 0.25 between 256 and 512, for instance), so many
+    of them tie with a k-NN radius and count as inside it (<=): this is why precision/recall computed
+    in float16 are slightly higher than in float32, and why only "float16" reproduces published ADM
+    numbers. "float32": the same formula in float32.
+    """
+    if arithmetic == "float16":
+        distances = _batch_pairwise_distances(u.half(), v.half())
+        if bool(torch.isfinite(distances).all()):
+            return distances.float()
+    return _batch_pairwise_distances(u.float(), v.float())
+
+
+def _blocks(features: torch.Tensor, block_size: int):
+    for start in range(0, len(features), block_size):
+        yield slice(start, start + block_size), features[start : start + block_size]
+
+
+def manifold_radii(
+    features: torch.Tensor, k: int = 3, *, arithmetic: str = "float16", block_size: int = ADM_BLOCK_SIZE
+) -> torch.Tensor:
     """Squared distance from each feature to its k-th nearest neighbour, itself excluded (N,).
 
     Kynkäänniemi et al. 2019: the union of these k-NN balls estimates the support of the
     distribution. ADM takes element k of the partially sorted distance row, where element 0 is the
-    point itself, i.e. the (k+1)-th smallest distance.
+    point itself, i.e. the (k+1)-th smallest distance. Distances are computed block by block
+    (block_size x block_size) and only the k+1 smallest per row are kept, so memory does not grow
+    with N^2.
     """
     if len(features) <= k:
         raise UserError(f"precision/recall with k={k} needs more than {k} images per side, got {len(features)}")
-    radii = [
-        torch.kthvalue(_squared_distances(features[i : i + row_block], features), k + 1, dim=1).values
-        for i in range(0, len(features), row_block)
-    ]
+    radii = []
+    for _, rows in _blocks(features, block_size):
+        nearest = rows.new_empty(len(rows), 0)  # the k+1 smallest distances so far, per row
+        for _, cols in _blocks(features, block_size):
+            candidates = torch.cat([nearest, pairwise_distances(rows, cols, arithmetic)], dim=1)
+            nearest = candidates.topk(min(k + 1, candidates.shape[1]), dim=1, largest=False).values
+        radii.append(nearest[:, k])
     return torch.cat(radii)
-
-
-def _fraction_inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, row_block: int) -> float:
-    """Fraction of `points` that fall inside at least one ball (centre, squared radius); ADM uses <=."""
-    inside = 0
-    for i in range(0, len(points), row_block):
-        distances = _squared_distances(points[i : i + row_block], centres)  # (B, M)
-        inside += int((distances <= radii[None]).any(dim=1).sum())
-    return inside / len(points)
 
 
 def precision_recall(
@@ -191,23 +250,37 @@ def precision_recall(
     sample_features: np.ndarray | torch.Tensor,
     k: int = 3,
     *,
+    distances: str = "float16",
     device: str | torch.device = "cpu",
-    row_block: int = 2048,
+    block_size: int = ADM_BLOCK_SIZE,
 ) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019), as ADM's `compute_prec_recall`.
 
     precision: fraction of samples inside the reference manifold (realism);
     recall:    fraction of references inside the sample manifold (coverage).
-    Distances are computed in float32 (ADM computes them in float16 and falls back to float32).
+    Every feature counts (ADM feeds all sample activations). `distances` is the arithmetic of the
+    pairwise distances, see `pairwise_distances`: "float16" (ADM's, reproduces its published numbers)
+    or "float32". Memory is bounded by block_size x block_size distances (ADM's ManifoldEstimator).
     """
+    if distances not in PR_DISTANCES:
+        raise UserError(f"unknown precision/recall distances {distances!r}; choose one of {', '.join(PR_DISTANCES)}")
+    if block_size < 1:
+        raise UserError(f"block size must be >= 1, got {block_size}")
     ref = torch.as_tensor(np.asarray(ref_features), dtype=torch.float32, device=device)
     sample = torch.as_tensor(np.asarray(sample_features), dtype=torch.float32, device=device)
     if ref.ndim != 2 or sample.ndim != 2 or ref.shape[1] != sample.shape[1]:
         raise UserError(
             f"precision/recall features do not match: reference {tuple(ref.shape)} vs samples {tuple(sample.shape)}"
         )
-    ref_radii = manifold_radii(ref, k, row_block)
-    sample_radii = manifold_radii(sample, k, row_block)
-    precision = _fraction_inside(sample, ref, ref_radii, row_block)
-    recall = _fraction_inside(ref, sample, sample_radii, row_block)
-    return precision, recall
+    with full_float32():  # the float32 dot products must not become TF32 on a GPU
+        ref_radii = manifold_radii(ref, k, arithmetic=distances, block_size=block_size)
+        sample_radii = manifold_radii(sample, k, arithmetic=distances, block_size=block_size)
+        # ADM's `evaluate_pr`: one distance block serves both directions; ties count as inside (<=).
+        ref_inside = torch.zeros(len(ref), dtype=torch.bool, device=ref.device)
+        sample_inside = torch.zeros(len(sample), dtype=torch.bool, device=ref.device)
+        for ref_slice, ref_block in _blocks(ref, block_size):
+            for sample_slice, sample_block in _blocks(sample, block_size):
+                block = pairwise_distances(ref_block, sample_block, distances)  # (refs, samples)
+                ref_inside[ref_slice] |= (block <= sample_radii[sample_slice][None]).any(dim=1)
+                sample_inside[sample_slice] |= (block <= ref_radii[ref_slice][:, None]).any(dim=0)
+    return float(sample_inside.double().mean()), float(ref_inside.double().mean())

@@ -1,9 +1,9 @@
 """What one side of an evaluation boils down to, how it is stored, and how two sides are compared.
 
 `EvalStatistics` holds everything the ADM metrics need from a set of images: the pool_3 and sFID
-moments (mean, covariance in float64), up to 10K pool_3 feature vectors for precision/recall, and the
-Inception Score of the images. A reference set is computed once and stored as an `.npz` whose
-`mu`, `sigma`, `mu_s`, `sigma_s` use ADM's names.
+moments (mean, covariance in float64), the pool_3 feature vectors for precision/recall (all of them
+unless a subset was asked for), and the Inception Score of the images. A reference set is computed
+once and stored as an `.npz` whose `mu`, `sigma`, `mu_s`, `sigma_s` use ADM's names.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class EvalStatistics:
     sigma_s: np.ndarray  # (2023, 2023) float64
     num_images: int
     image_size: tuple[int, int] | None = None  # (H, W) of the images; None when unknown
-    pr_features: np.ndarray | None = None  # (<=10K, 2048) float32 pool_3 features for precision/recall
+    pr_features: np.ndarray | None = None  # (N, 2048) float32 pool_3 features for precision/recall
     inception_score: float | None = None
     source: str = ""
 
@@ -61,11 +61,15 @@ class EvalStatistics:
             )
 
 
+def statistics_file_name(path: str | Path) -> Path:
+    """Where `save_statistics(stats, path)` writes: `path`, with `.npz` appended if it has another suffix."""
+    path = Path(path).expanduser()
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
 def save_statistics(stats: EvalStatistics, path: str | Path) -> Path:
-    """Write `stats` as an `.npz` (atomically); the name gets a `.npz` suffix if it has none."""
-    path = Path(path)
-    if path.suffix != ".npz":
-        path = path.with_name(path.name + ".npz")
+    """Write `stats` as an `.npz` (atomically) to `statistics_file_name(path)`."""
+    path = statistics_file_name(path)
     pr_features = stats.pr_features if stats.pr_features is not None else np.zeros((0, POOL_DIM), np.float32)
     arrays = {
         STATS_FORMAT_KEY: np.array(STATS_FORMAT_VERSION),
@@ -119,14 +123,15 @@ def check_same_resolution(sample_size: tuple[int, int] | None, ref_size: tuple[i
 
 
 def compare(
-    sample: EvalStatistics, ref: EvalStatistics, *, k: int = 3, device: str = "cpu"
+    sample: EvalStatistics, ref: EvalStatistics, *, k: int = 3, device: str = "cpu", pr_distances: str = "float16"
 ) -> dict[str, float | int | None]:
     """The ADM metrics of `sample` against `ref`: FID, sFID, IS (of the samples), precision, recall.
 
     FID (Heusel et al. 2017) on pool_3 moments; sFID (Nash et al. 2021) on the first 7 channels of
     mixed_6/conv; IS (Salimans et al. 2016) from the samples' logits; precision/recall
-    (Kynkäänniemi et al. 2019) on k-NN manifolds of pool_3 features. Precision and recall are None
-    when either side carries no features (e.g. a statistics file made without them).
+    (Kynkäänniemi et al. 2019) on k-NN manifolds of pool_3 features, with distances in `pr_distances`
+    arithmetic ("float16": ADM's, which reproduces its published numbers; see `pairwise_distances`).
+    Precision and recall are None when either side carries no features.
     """
     sample.check(f"the samples ({sample.source or 'in memory'})")
     ref.check(f"the reference ({ref.source or 'in memory'})")
@@ -141,6 +146,8 @@ def compare(
         "num_reference": ref.num_images,
     }
     if sample.pr_features is not None and ref.pr_features is not None:
-        precision, recall = precision_recall(ref.pr_features, sample.pr_features, k, device=device)
+        precision, recall = precision_recall(
+            ref.pr_features, sample.pr_features, k, distances=pr_distances, device=device
+        )
         metrics["precision"], metrics["recall"] = precision, recall
     return metrics

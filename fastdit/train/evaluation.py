@@ -60,5 +60,5 @@ def fid_of_model(config, ema, data, dist) -> dict[str, float] | None:
     if not dist.is_main:
         return None
     stats = statistics_from_features(outputs, device=device, image_size=image_size, source="EMA samples")
-    metrics = compare(stats, reference)
+    metrics = compare(stats, reference, device=str(device))
     return {k: float(v) for k, v in metrics.items() if k in ("fid", "sfid", "inception_score", "precision", "recall") and v is not None}
