@@ -80,6 +80,20 @@ def test_folders_empty_mixed_sizes_and_missing(tmp_path):
         open_images(tmp_path / "nowhere")
 
 
+def test_folder_images_use_their_real_range(tmp_path):
+    # A 16-bit sample folder is scaled by 1/257 like every other reader of images, not clipped at 255;
+    # a float TIFF has no range to scale by and is refused by name.
+    (tmp_path / "wide").mkdir()
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    Image.fromarray(ramp).save(tmp_path / "wide" / "a.png")
+    (batch,) = list(open_images(tmp_path / "wide").batches(4))
+    assert np.array_equal(batch[0, :, :, 0], np.rint(ramp / 257.0).astype(np.uint8))
+    (tmp_path / "float").mkdir()
+    Image.fromarray(np.ones((8, 8), np.float32)).save(tmp_path / "float" / "a.tif")
+    with pytest.raises(UserError, match="a.tif'.*mode 'F'"):
+        open_images(tmp_path / "float")
+
+
 def test_reference_of_another_resolution():
     with pytest.raises(UserError, match="samples are 256x256 but the reference fake is 512x512.*same resolution"):
         compare(fake_stats((256, 256)), fake_stats((512, 512)))

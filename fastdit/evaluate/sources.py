@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..data.images import IMAGE_EXTENSIONS
+from ..data.images import IMAGE_EXTENSIONS, UnsupportedImageMode, to_rgb
 from ..errors import UserError
 
 ADM_STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -120,9 +120,11 @@ class FolderImages:
 
         try:
             with Image.open(file) as image:
-                return np.asarray(image.convert("RGB"))
+                return np.asarray(to_rgb(image))  # by the image's real range: 16-bit is scaled, not clipped
         except OSError as err:
             raise UserError(f"cannot decode image {str(file)!r}: {err}") from None
+        except UnsupportedImageMode as err:
+            raise UserError(f"{str(file)!r}: {err}") from None
 
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
         files = self.files if limit is None else self.files[:limit]
