@@ -8,8 +8,11 @@ SIGKILL or full disk leaves either the old file or the new one, never a truncate
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -48,32 +51,102 @@ def check_can_create(path: str | os.PathLike) -> None:
         raise UserError(f"cannot write into {str(path)!r}: {str(existing)!r} is not a writable folder; choose another location")
 
 
+class NoSpaceError(UserError):
+    """A write failed because the disk (or the user's quota) is full; the file was not changed."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = path, reason
+        self.free = free_space_text(path.parent)
+        super().__init__(
+            f"cannot write {str(path)!r}: {reason} ({self.free}); free some space or choose another location, "
+            f"then run the same command again"
+        )
+
+
+# What a full disk or quota looks like: the OSError errno, or its text where a library wraps it in its
+# own exception (safetensors: "I/O error: No space left on device (os error 28)").
+_NO_SPACE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
+_NO_SPACE_TEXTS = {os.strerror(code).lower(): reason for code, reason in _NO_SPACE_ERRNOS.items()}
+
+
+def no_space_reason(error: BaseException) -> str | None:
+    """What is full (the device or the quota) if `error`, or an exception it was raised from or while
+    handling, says so; else None. torch.save reports a failed write of its file handle as a
+    RuntimeError ("unexpected pos ...") raised while handling the OSError."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _NO_SPACE_ERRNOS:
+            return _NO_SPACE_ERRNOS[error.errno]
+        text = str(error).lower()
+        for marker, reason in _NO_SPACE_TEXTS.items():
+            if marker in text:
+                return reason
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def free_space_text(folder: str | os.PathLike) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "free space unknown"
+    amount = f"{free / 1e9:.2f} GB" if free >= 1e9 else f"{free / 1e6:.1f} MB"
+    return f"{amount} free in {str(folder)!r}"
+
+
+@contextlib.contextmanager
+def full_disk_as_user_error(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk or quota while writing `path` into a `NoSpaceError` (one line at the CLI)."""
+    try:
+        yield
+    except BaseException as err:
+        reason = None if isinstance(err, NoSpaceError) else no_space_reason(err)
+        if reason is None:
+            raise
+        raise NoSpaceError(Path(path), reason) from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it to `path`, on error delete it."""
+    """Yield a temporary path beside `path`; on success rename it to `path`, on error delete it.
+    A full disk becomes a `NoSpaceError`, whichever library wrote the file."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     ensure_writable_dir(folder)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    with full_disk_as_user_error(path):
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            yield tmp
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+
+
+def append_text(text: str, path: str | os.PathLike) -> None:
+    """Append to a log file (a log grows line by line; a full disk still gives the one-line message)."""
+    with full_disk_as_user_error(path), open(path, "a") as handle:
+        handle.write(text)
+
+
+# safetensors writes through its own temporary, `.tmp` and 6 random characters (Rust's
+# tempfile crate), which a kill inside `save_file` leaves behind too.
+_LIBRARY_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 
 
 def is_temporary(path: str | os.PathLike) -> bool:
-    """True for the names `atomic_path` writes to before the rename (`.<name>.<random>.tmp`)."""
+    """True for the names `atomic_path` writes to before the rename (`.<name>.<random>.tmp`) and for
+    the temporaries of the libraries that write there."""
     name = Path(path).name
-    return name.startswith(".") and name.endswith(".tmp")
+    return (name.startswith(".") and name.endswith(".tmp")) or _LIBRARY_TEMPORARY.fullmatch(name) is not None
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
@@ -97,8 +170,10 @@ def _umask() -> int:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # Through a Python file handle: its OSError (e.g. ENOSPC) stays attached to the RuntimeError that
+    # torch raises; given a file name, torch's C++ writer reports only "unexpected pos".
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:

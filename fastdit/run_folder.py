@@ -7,7 +7,8 @@ Two rules keep a user's work safe there:
 * one process tree at a time: `exclusive_lock` takes an advisory `flock` on a lock file in the folder,
   so a second `train` or `sample-ddp` on the same folder stops with a message instead of interleaving
   its writes with the first. The kernel drops the lock when its holder dies (SIGKILL included), so a
-  killed run never leaves a stale lock behind.
+  killed run never leaves a stale lock behind. Under torchrun, `exclusive_lock_for_all_ranks` lets
+  rank 0 hold it for the whole job.
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Iterator, Mapping
 
+from . import distributed
+from .distributed import DistInfo
 from .errors import UserError
+from .io import ensure_writable_dir, full_disk_as_user_error
 
 LOCK_NAME = ".fastdit.lock"
 _MAX_LISTED = 5
@@ -65,9 +70,9 @@ def exclusive_lock(folder: str | os.PathLike, job: str) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / LOCK_NAME, "a+")
+    lock_path = ensure_writable_dir(folder) / LOCK_NAME
+    with full_disk_as_user_error(lock_path):
+        handle = open(lock_path, "a+")
     try:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -75,12 +80,40 @@ def exclusive_lock(folder: str | os.PathLike, job: str) -> Iterator[None]:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             raise UserError(
-                f"{str(folder)!r} is in use by {holder}; wait for it to finish, or choose another folder"
+                f"{str(folder)!r} is in use by {holder}; wait for it to finish (or stop it), or choose another folder"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{job} (pid {os.getpid()})")
-        handle.flush()
+        # Who holds it, for the message above (the host too: the folder may be on a shared filesystem).
+        with full_disk_as_user_error(lock_path):
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{job} (pid {os.getpid()} on {socket.gethostname()})")
+            handle.flush()
         yield
     finally:
         handle.close()  # closing the descriptor releases the lock
+
+
+@contextlib.contextmanager
+def exclusive_lock_for_all_ranks(folder: str | os.PathLike, job: str, dist: DistInfo) -> Iterator[None]:
+    """`exclusive_lock` for a job of one or many processes (torchrun): rank 0 takes it for all of them.
+
+    If it is refused, rank 0 raises the UserError (printed as one line by the CLI) and the other
+    ranks leave with exit status 2 too, instead of waiting for rank 0 at their next collective call.
+    """
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if dist.is_main:
+            try:
+                held.enter_context(exclusive_lock(folder, job))
+            except UserError as err:
+                refusal = err
+        if distributed.is_initialized():
+            import torch.distributed
+
+            refused = [refusal is not None]
+            torch.distributed.broadcast_object_list(refused, src=0)  # also keeps the others until rank 0 holds it
+            if refused[0] and not dist.is_main:
+                raise SystemExit(2)
+        if refusal is not None:
+            raise refusal
+        yield

@@ -45,3 +45,32 @@ def test_batch_not_divisible_by_processes(tmp_path):
     assert result.returncode != 0
     assert "global batch size 15 is not divisible by the 2 processes" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_folder_in_use_stops_every_process(tmp_path):
+    """Rank 0 is refused the run folder's lock; rank 1 must leave too (exit 2, no traceback), not wait
+    for rank 0 at its next collective call. The two processes are started by hand, as one per node
+    would be: no torchrun agent here stops a waiting rank 1 when rank 0 exits."""
+    import socket
+
+    from fastdit.run_folder import exclusive_lock
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "fastdit", "train", *TINY, "--max-steps", "1", "--device", "cpu",
+               "--results-dir", str(tmp_path / "runs"), "--run-name", "busy"]
+    base = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+            "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    with exclusive_lock(tmp_path / "runs" / "busy", "fastdit train"):
+        ranks = [subprocess.Popen(command, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=tmp_path,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+        try:
+            errors = [process.communicate(timeout=120)[1] for process in ranks]
+        finally:
+            for process in ranks:
+                process.kill()
+    assert [process.returncode for process in ranks] == [2, 2], errors
+    assert "is in use by fastdit train" in errors[0] and "Traceback" not in errors[0], errors[0]
+    assert "Traceback" not in errors[1], errors[1]
+    assert sorted(p.name for p in (tmp_path / "runs" / "busy").iterdir()) == [".fastdit.lock"]

@@ -210,12 +210,16 @@ class GaussianDiffusion:
         return terms
 
     def loss(
-        self, model, x_start: torch.Tensor, model_kwargs: dict | None = None, generator: torch.Generator | None = None
+        self, model, x_start: torch.Tensor, model_kwargs: dict | None = None, generator: torch.Generator | None = None,
+        *, t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-sample training loss with t ~ U{0..T−1} and ε ~ N(0, I) drawn from `generator`."""
+        """Per-sample training loss with t ~ U{0..T−1} and ε ~ N(0, I) drawn from `generator`, unless
+        given (the training loop draws them for the whole global batch, so every process count trains alike)."""
         n = x_start.shape[0]
-        t = torch.randint(0, self.num_timesteps, (n,), device=x_start.device, generator=generator)
-        noise = torch.randn(x_start.shape, device=x_start.device, dtype=x_start.dtype, generator=generator)
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (n,), device=x_start.device, generator=generator)
+        if noise is None:
+            noise = torch.randn(x_start.shape, device=x_start.device, dtype=x_start.dtype, generator=generator)
         return self.training_losses(model, x_start, t, model_kwargs, noise=noise)["loss"]
 
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import UserError
 from ..latents import latent_side
 from ..run_folder import refuse_other_settings
+from ..sampling import SamplingOptions
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -24,6 +28,28 @@ RESUMABLE_CHANGES = frozenset(
         "inception_weights", "progress",
     }
 )
+
+
+# The range of each number field (fields not listed may be any finite number).
+AT_LEAST = {
+    "image_size": 1, "num_classes": 1, "num_workers": 0, "global_batch_size": 1, "micro_batch_size": 1,
+    "epochs": 1, "max_steps": 1, "log_every": 1, "ckpt_every": 1, "keep_last": 1, "sample_every": 0,
+    "sample_steps": 1, "eval_every": 0, "eval_samples": 1, "eval_batch_size": 1, "eval_sampling_steps": 1,
+    "global_seed": 0, "depth": 1, "hidden_size": 1, "num_heads": 1, "warmup_steps": 0, "weight_decay": 0,
+}
+# AdamW (Loshchilov & Hutter 2019) needs a positive step size and betas in [0, 1); a gradient norm
+# to clip to must be positive (leave --grad-clip out for no clipping).
+POSITIVE = {"lr", "grad_clip"}
+HINTS = {"grad_clip": "; leave --grad-clip out for no clipping"}
+UNIT_INTERVAL = {"beta1", "beta2", "ema_decay", "class_dropout_prob"}  # [0, 1)
+
+
+def _check_sampling(flags: str, options) -> None:
+    """The grids' and FID's sampling settings, checked by the sampler's own rules before training."""
+    try:
+        options.validate()
+    except UserError as err:
+        raise UserError(f"{flags}: {err}") from None
 
 
 @dataclass
@@ -113,31 +139,39 @@ class TrainConfig:
             raise UserError("pass either --features-path or --data-path, not both")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
-        positive = {"image_size": self.image_size, "num_classes": self.num_classes,
-                    "global_batch_size": self.global_batch_size, "epochs": self.epochs,
-                    "log_every": self.log_every, "ckpt_every": self.ckpt_every, "keep_last": self.keep_last}
-        for name, value in positive.items():
-            if value < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise UserError(f"--max-steps must be >= 1, got {self.max_steps}")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise UserError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be > 0, got {self.lr}")
-        if not 0 <= self.ema_decay < 1:
-            raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if not 0 <= self.class_dropout_prob < 1:
-            raise UserError(f"--class-dropout-prob must be in [0, 1), got {self.class_dropout_prob}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise UserError(f"--grad-clip must be > 0, got {self.grad_clip}")
+        self._validate_numbers()
         if self.eval_every and self.eval_samples < 2:
             raise UserError(f"--eval-samples must be >= 2 for a covariance, got {self.eval_samples}")
         if self.eval_every and not self.eval_ref:
             raise UserError("--eval-every needs --eval-ref (reference statistics or images to compare with)")
+        if self.sample_every:
+            _check_sampling("--sample-steps", SamplingOptions(sampler="ddpm", num_steps=self.sample_steps, cfg_scale=1.0))
+        if self.eval_every:
+            _check_sampling("--eval-sampling-steps / --eval-cfg-scale", SamplingOptions(
+                sampler="ddpm", num_steps=self.eval_sampling_steps, cfg_scale=self.eval_cfg_scale))
         if not self.pixel_space:
             latent_side(self.image_size)
         return self
+
+    def _validate_numbers(self) -> None:
+        """Every number field: the right type, finite, and in its range. A NaN fails every comparison
+        (so `lr <= 0` lets it through): finiteness is checked first, on its own."""
+        hints = typing.get_type_hints(TrainConfig)
+        for field in dataclasses.fields(self):
+            value, kinds = getattr(self, field.name), typing.get_args(hints[field.name]) or (hints[field.name],)
+            flag = "--" + field.name.replace("_", "-")
+            if (int not in kinds and float not in kinds) or (value is None and type(None) in kinds):
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral if int in kinds else numbers.Real):
+                raise UserError(f"{flag} must be a {'whole ' if int in kinds else ''}number, got {value!r}")
+            if not math.isfinite(value):
+                raise UserError(f"{flag} must be a finite number, got {value}{HINTS.get(field.name, '')}")
+            if field.name in POSITIVE and not value > 0:
+                raise UserError(f"{flag} must be > 0, got {value}{HINTS.get(field.name, '')}")
+            if field.name in UNIT_INTERVAL and not 0 <= value < 1:
+                raise UserError(f"{flag} must be in [0, 1), got {value}")
+            if value < AT_LEAST.get(field.name, value):
+                raise UserError(f"{flag} must be >= {AT_LEAST[field.name]}, got {value}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ..io import append_text, atomic_write_text
+
 
 def peak_memory_gb(device: torch.device) -> float:
     """Peak GPU memory allocated by tensors, or the process's peak resident memory on a CPU."""
@@ -21,13 +23,14 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, wandb: bool, config: dict):
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, wandb: bool, config: dict, start_step: int = 0):
         self.enabled = enabled
         self.metrics_path = run_dir / "metrics.jsonl"
         self.tb = None
         self.wandb = None
         if not enabled:
             return
+        drop_metrics_after(self.metrics_path, start_step)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -50,8 +53,7 @@ class RunLogger:
     def metrics(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps({"step": step, **values}) + "\n")
+        append_text(json.dumps({"step": step, **values}) + "\n", self.metrics_path)
         if self.tb is not None:
             for key, value in values.items():
                 self.tb.add_scalar(f"train/{key}", value, step)
@@ -68,6 +70,22 @@ class RunLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """A run resumed from the checkpoint of `step` logs the steps after it again: drop the records a
+    killed run wrote past its last checkpoint (and a line it was killed while writing)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    atomic_write_text("".join(kept), path)
 
 
 def raise_missing_wandb():

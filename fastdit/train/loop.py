@@ -12,6 +12,7 @@ trains on exactly what an uninterrupted one would have.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -21,11 +22,12 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..checkpoint import ModelInfo
+from ..checkpoint import ModelInfo, export_weights
 from ..diffusion import create_diffusion
 from ..errors import UserError
-from ..io import atomic_write_text, check_can_create, ensure_writable_dir
+from ..io import NoSpaceError, atomic_write_text, check_can_create, ensure_writable_dir, remove_stale_temporaries
 from ..models import build_model
+from ..run_folder import exclusive_lock_for_all_ranks
 from .config import TrainConfig
 from .data_order import StepBatchSampler, steps_per_epoch
 from .ema import make_ema, update_ema
@@ -33,6 +35,7 @@ from .logger import RunLogger, peak_memory_gb
 from .setup import autocast, enable_tf32, make_grad_scaler, no_sync, precision_warning, prepare_model
 from .state import (
     Position,
+    checkpoint_dir,
     checkpoint_path,
     export_path,
     list_checkpoints,
@@ -60,7 +63,8 @@ class TrainResult:
 def train(config: TrainConfig) -> TrainResult:
     config.validate()
     dist = distributed.init_from_env(config.device)
-    result = _train(config, dist)
+    with contextlib.ExitStack() as run_lock:  # held from the first read of the run folder to the end
+        result = _train(config, dist, run_lock)
     # On an error we leave without the closing barrier: the other processes may never reach it, and
     # torchrun stops the whole job when one process fails.
     distributed.shutdown()
@@ -86,7 +90,7 @@ def _refuse_other_run(stored: TrainConfig | None, requested: TrainConfig, run_di
         )
 
 
-def _train(config: TrainConfig, dist: distributed.DistInfo) -> TrainResult:
+def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib.ExitStack) -> TrainResult:
     device = dist.device
     run_dir = config.run_dir()
     # Every check first: a bad command writes nothing, not even an empty run folder.
@@ -121,6 +125,12 @@ def _train(config: TrainConfig, dist: distributed.DistInfo) -> TrainResult:
     optimizer = make_optimizer(model, config)
     scaler = make_grad_scaler(device, config.precision)
 
+    # One run per folder: a second `train` on it stops here with a message instead of interleaving its
+    # metrics and checkpoints with ours. Taken after the checks, so a bad command creates no folder.
+    run_lock.enter_context(exclusive_lock_for_all_ranks(run_dir, "fastdit train", dist))
+    if dist.is_main:  # what a killed save left (gigabytes for DiT-XL); no writer of this run is alive
+        for folder in (run_dir, checkpoint_dir(run_dir), run_dir / "samples"):
+            remove_stale_temporaries(folder)
     position = Position()
     checkpoints = list_checkpoints(run_dir)
     if checkpoints:
@@ -137,8 +147,11 @@ def _train(config: TrainConfig, dist: distributed.DistInfo) -> TrainResult:
     if dist.is_main:
         ensure_writable_dir(run_dir)
         atomic_write_text(config.to_json() + "\n", run_dir / "config.json")
+        if checkpoints and not export_path(checkpoints[-1]).exists():  # killed between the two writes
+            export_weights(ema, model_info, export_path(checkpoints[-1]))
     distributed.barrier()
-    log = RunLogger(run_dir, enabled=dist.is_main, tensorboard=config.tensorboard, wandb=config.wandb, config=config.to_dict())
+    log = RunLogger(run_dir, enabled=dist.is_main, tensorboard=config.tensorboard, wandb=config.wandb,
+                    config=config.to_dict(), start_step=position.step)
     if checkpoints:
         log.info(f"resuming from {checkpoints[-1]} (step {position.step})")
     warning = precision_warning(device, config.precision)
@@ -242,11 +255,11 @@ def train_step(config, data, diffusion, runnable, model, ema, optimizer, scaler,
         part = slice(k * micro_batch, (k + 1) * micro_batch)
         micro_draws = draws.micro(part.start, part.stop)
         with no_sync(runnable, k < num_micro - 1), autocast(device, config.precision):
-            losses = diffusion.training_losses(
-                runnable, x[part], micro_draws.t,
-                model_kwargs={"y": y[part], "force_drop_ids": micro_draws.drop_labels}, noise=micro_draws.noise,
+            per_sample = diffusion.loss(
+                runnable, x[part], {"y": y[part], "force_drop_ids": micro_draws.drop_labels},
+                t=micro_draws.t, noise=micro_draws.noise,
             )
-            loss = losses["loss"].float().mean() / num_micro
+            loss = per_sample.float().mean() / num_micro
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach().double()
     # One scalar all-reduce a step: every process sees the same global loss, so all stop together
@@ -294,11 +307,12 @@ def _save(config, run_dir, dist, model, ema, optimizer, scaler, position, model_
                 run_dir, model=model, ema=ema, optimizer=optimizer, scaler=scaler, position=position,
                 config=config.to_dict(), model_info=model_info, keep_last=config.keep_last,
             )
-        except OSError as err:
+        except (NoSpaceError, OSError) as err:
             previous = list_checkpoints(run_dir)
             kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+            problem = f"{err.reason}, {err.free}" if isinstance(err, NoSpaceError) else err.strerror or err
             raise UserError(
-                f"could not save the checkpoint of step {position.step} in {run_dir} ({err.strerror or err}); {kept}. "
+                f"could not save the checkpoint of step {position.step} in {run_dir} ({problem}); {kept}. "
                 f"Free disk space or choose another --results-dir, then run the same command to resume"
             ) from None
         log.info(f"saved {path}")

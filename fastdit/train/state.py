@@ -96,9 +96,14 @@ def save_training_state(
         "rng": rng_state(),
         "config": config,
     }
-    # The export first: a checkpoint that exists always has its export beside it.
-    export_weights(ema, model_info, export_path(path))
+    # The checkpoint first, then its export; if the export fails, the new checkpoint goes too, so both
+    # are there or neither (a SIGKILL in between leaves the checkpoint; resuming writes its export).
     atomic_torch_save(state, path)
+    try:
+        export_weights(ema, model_info, export_path(path))
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
     for old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
         export_path(old).unlink(missing_ok=True)
