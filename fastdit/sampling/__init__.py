@@ -17,3 +17,35 @@ __all__ = [
     "guide",
     "to_uint8",
 ]
+
+from .flow import (  # noqa: E402  (appended: flow-matching samplers, SiT)
+    FLOW_SAMPLERS,
+    SIT_LAST_STEP_SIZE,
+    STOCHASTIC_FLOW_SAMPLERS,
+    GuidedVelocity,
+    VelocityModel,
+    get_flow_sampler,
+    ode_dopri5,
+    ode_euler,
+    ode_heun,
+    sde_euler,
+    sde_heun,
+    shift_times,
+    time_grid,
+)
+
+__all__ += [
+    "FLOW_SAMPLERS",
+    "SIT_LAST_STEP_SIZE",
+    "STOCHASTIC_FLOW_SAMPLERS",
+    "GuidedVelocity",
+    "VelocityModel",
+    "get_flow_sampler",
+    "ode_dopri5",
+    "ode_euler",
+    "ode_heun",
+    "sde_euler",
+    "sde_heun",
+    "shift_times",
+    "time_grid",
+]
