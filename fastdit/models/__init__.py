@@ -1,9 +1,10 @@
 from .dit import DiT, DiTConfig, get_2d_sincos_pos_embed
-from .presets import PRESETS, build_model, config_from_name, preset_of
+from .presets import LIGHTNINGDIT_BLOCKS, PRESETS, build_model, config_from_name, preset_of
 
 __all__ = [
     "DiT",
     "DiTConfig",
+    "LIGHTNINGDIT_BLOCKS",
     "PRESETS",
     "build_model",
     "config_from_name",

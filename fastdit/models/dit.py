@@ -4,8 +4,18 @@ One plain PyTorch module, read top to bottom. Parameter names follow the officia
 (`x_embedder.proj`, `t_embedder.mlp.0`, `y_embedder.embedding_table`, `blocks.N.adaLN_modulation.1`,
 `final_layer.linear`, ...): they are an interface, since official checkpoints load with `strict=True`.
 
+Optional block variants (LightningDiT, Yao et al. 2025, "Reconstruction vs. Generation"), each a
+`DiTConfig` field that is off by default; with all of them off the module is the official one, weight
+for weight and output for output:
+* `norm="rmsnorm"`: RMSNorm (Zhang & Sennrich 2019) instead of the affine-free LayerNorms (blocks and
+  final layer);
+* `mlp="swiglu"`: a SwiGLU MLP (Shazeer 2020) of 2/3 the width, so the parameter count matches;
+* `rope=True`: 2-D axial rotary position embedding on q and k (Su et al. 2021; axial as in EVA-02),
+  on top of the absolute sin-cos table, which stays (as in LightningDiT);
+* `qk_norm=True`: a learnable norm over each head's q and k before attention (Dehghani et al. 2023).
+
 Shapes: N batch, C latent channels, H/W latent height/width, p patch size, T = (H/p)(W/p) tokens,
-D hidden size.
+D hidden size, h heads, d = D/h head dimension, G = H/p grid side.
 """
 
 from __future__ import annotations
@@ -21,6 +31,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+
 
 @dataclass
 class DiTConfig:
@@ -34,6 +47,11 @@ class DiTConfig:
     class_dropout_prob: float = 0.1  # > 0 adds the null class used by classifier-free guidance
     num_classes: int = 1000
     learn_sigma: bool = True  # predict the variance interpolation too (Nichol & Dhariwal 2021)
+    # Block options (module docstring); the defaults are the official DiT.
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    mlp: str = "gelu"  # "gelu" | "swiglu"
+    rope: bool = False  # 2-D rotary position embedding on q and k
+    qk_norm: bool = False  # normalise each head's q and k (with the kind of `norm`)
 
     def __post_init__(self) -> None:
         if self.input_size <= 0 or self.input_size % self.patch_size:
@@ -47,6 +65,23 @@ class DiTConfig:
             raise UserError(f"num_classes must be >= 1, got {self.num_classes}")
         if not 0 <= self.class_dropout_prob < 1:
             raise UserError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        if self.norm not in NORMS:
+            raise UserError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.mlp not in MLPS:
+            raise UserError(f"mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}")
+        for name in ("rope", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.rope and self.head_dim % 4:
+            raise UserError(
+                f"rope needs a head dimension (hidden_size / num_heads = {self.hidden_size} / {self.num_heads} "
+                f"= {self.head_dim}) divisible by 4: rotary pairs need an even count, and 2-D RoPE gives half the "
+                f"pairs to rows and half to columns; change hidden_size or num_heads, or turn rope off"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
 
     @property
     def out_channels(self) -> int:
@@ -60,6 +95,13 @@ class DiTConfig:
     def null_class(self) -> int:
         """Label of the unconditional ("null") class: one past the last real class."""
         return self.num_classes
+
+
+def make_norm(kind: str, dim: int, affine: bool) -> nn.Module:
+    """LayerNorm or RMSNorm over the last `dim` features, eps 1e-6 as in the official blocks."""
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-6, elementwise_affine=affine)
+    return nn.LayerNorm(dim, eps=1e-6, elementwise_affine=affine)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -140,17 +182,47 @@ class LabelEmbedder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+def rope_2d_angles(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Rotation angles of 2-D axial RoPE, in float64: (T,) row and column indices -> (T, d/2), one angle
+    per pair of head dims. The first d/4 pairs (head dims 0..d/2-1) turn with the row index, the last
+    d/4 pairs with the column index; each axis uses the 1-D frequencies of RoFormer (Su et al. 2021, sec. 3.2.2),
+    theta_k = base^(-k / (d/4)), k = 0..d/4-1, over its d/2 dims."""
+    freqs = base ** (-torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 4))  # (d/4,)
+    return torch.cat([rows.double()[:, None] * freqs, cols.double()[:, None] * freqs], dim=1)  # (T, d/2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair of adjacent dims (2i, 2i+1) of x by its token's angle i: the elementwise form of
+    RoFormer's block-diagonal rotation matrix (Su et al. 2021, section 3.4.2).
+    x (..., T, d), cos/sin (T, d/2) -> (..., T, d). Because rotations compose, the score between a
+    query at position m and a key at n depends on m - n only: RoPE is a relative position code."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # each (..., T, d/2)
+    rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
 class Attention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int):
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: str | None = None):
+        """`qk_norm`: None (official), or the norm kind ("layernorm" | "rmsnorm") applied over each
+        head's q and k, with a learnable gain as in Dehghani et al. 2023 (ViT-22B, section 2)."""
         super().__init__()
         self.num_heads = num_heads
+        head_dim = hidden_size // num_heads
         self.qkv = nn.Linear(hidden_size, hidden_size * 3, bias=True)
+        if qk_norm is not None:
+            self.q_norm = make_norm(qk_norm, head_dim, affine=True)
+            self.k_norm = make_norm(qk_norm, head_dim, affine=True)
+        self.qk_norm = qk_norm is not None
         self.proj = nn.Linear(hidden_size, hidden_size, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         N, T, D = x.shape
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (N, heads, T, D/heads)
+        if self.qk_norm:  # bounds the attention logits, which otherwise can grow and diverge
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # rope = (cos, sin), each (T, d/2); v is not rotated
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # Fused attention (flash / memory-efficient kernels where available).
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
@@ -167,29 +239,64 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def swiglu_hidden(mlp_hidden: int) -> int:
+    """SwiGLU width that matches a GELU MLP of width `mlp_hidden` in parameters: three D×w matrices
+    instead of two D×mlp_hidden ones gives w = 2/3 mlp_hidden (Shazeer 2020, section 2), rounded to the
+    nearest multiple of 8 for matmul-friendly shapes (XL: 4608 -> 3072 exactly; T: 512 -> 344)."""
+    return max(8, 8 * round(2 * mlp_hidden / 3 / 8))
+
+
+class SwiGLUMlp(nn.Module):
+    """FFN_SwiGLU(x) = (Swish(x W) * x V) W_2 (Shazeer 2020, section 2), W and V fused into one `fc_in`.
+    Its names differ from the GELU MLP's (`fc1`, `fc2`) so that neither loads into the other."""
+
+    def __init__(self, hidden_size: int, mlp_hidden: int):
+        super().__init__()
+        width = swiglu_hidden(mlp_hidden)
+        self.fc_in = nn.Linear(hidden_size, 2 * width, bias=True)  # [gate | value]
+        self.fc_out = nn.Linear(width, hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.fc_in(x).chunk(2, dim=-1)  # each (N, T, width)
+        return self.fc_out(F.silu(gate) * value)
+
+
 class DiTBlock(nn.Module):
     """A transformer block with adaLN-Zero conditioning (DiT section 3.2): the conditioning vector c
     regresses shift, scale and a residual gate for both the attention and the MLP branch."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        *,
+        norm: str = "layernorm",
+        mlp: str = "gelu",
+        qk_norm: bool = False,
+    ):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        # Affine-free: adaLN's per-sample shift and scale take the place of a learned gain and bias.
+        self.norm1 = make_norm(norm, hidden_size, affine=False)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=norm if qk_norm else None)
+        self.norm2 = make_norm(norm, hidden_size, affine=False)
+        mlp_class = SwiGLUMlp if mlp == "swiglu" else Mlp
+        self.mlp = mlp_class(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str = "layernorm"):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = make_norm(norm, hidden_size, affine=False)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
@@ -215,10 +322,17 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
         # Fixed sin-cos table; a frozen Parameter (not a buffer) because official checkpoints store it.
         self.pos_embed = nn.Parameter(torch.zeros(1, config.grid_size**2, D), requires_grad=False)
+        if config.rope:
+            # cos/sin of the RoPE angles, one row per token, filled by initialize_weights. Buffers that
+            # are not saved (persistent=False): they follow the grid, so a state dict stays official.
+            table_shape = (config.grid_size**2, config.head_dim // 2)
+            self.register_buffer("rope_cos", torch.empty(table_shape), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(table_shape), persistent=False)
         self.blocks = nn.ModuleList(
-            DiTBlock(D, config.num_heads, mlp_ratio=config.mlp_ratio) for _ in range(config.depth)
+            DiTBlock(D, config.num_heads, config.mlp_ratio, norm=config.norm, mlp=config.mlp, qk_norm=config.qk_norm)
+            for _ in range(config.depth)
         )
-        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
+        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels, norm=config.norm)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -230,6 +344,13 @@ class DiT(nn.Module):
         self.apply(xavier_linear)
         pos = get_2d_sincos_pos_embed(self.config.hidden_size, self.config.grid_size)
         self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+        if self.config.rope:
+            # Tokens are row-major (token n = i*G + j covers row i, column j), as in PatchEmbed.
+            positions = torch.arange(self.config.grid_size)
+            rows, cols = torch.meshgrid(positions, positions, indexing="ij")  # each (G, G)
+            angles = rope_2d_angles(rows.flatten(), cols.flatten(), self.config.head_dim)
+            self.rope_cos.copy_(torch.cos(angles))
+            self.rope_sin.copy_(torch.sin(angles))
         # Patch projection initialised like a linear layer (as ViT/MAE do).
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -258,13 +379,14 @@ class DiT(nn.Module):
     ) -> torch.Tensor:
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
+        rope = (self.rope_cos, self.rope_sin) if self.config.rope else None
         use_checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             if use_checkpointing:
                 # Recompute the block in backward instead of storing its activations.
-                x = checkpoint(block, x, c, use_reentrant=False)
+                x = checkpoint(block, x, c, rope, use_reentrant=False)
             else:
-                x = block(x, c)
+                x = block(x, c, rope)
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
         return self.unpatchify(x)
 

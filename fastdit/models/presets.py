@@ -20,6 +20,8 @@ SIZES = {
 }
 PATCH_SIZES = (2, 4, 8)
 PRESETS = {f"DiT-{size}/{patch}": (size, patch) for size in SIZES for patch in PATCH_SIZES}
+# Every block option on, as in LightningDiT (Yao et al. 2025): build_model("DiT-T/2", **LIGHTNINGDIT_BLOCKS).
+LIGHTNINGDIT_BLOCKS = dict(norm="rmsnorm", mlp="swiglu", rope=True, qk_norm=True)
 
 
 def config_from_name(name: str, **overrides) -> DiTConfig:
