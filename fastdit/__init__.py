@@ -4,29 +4,33 @@ sampling and built-in evaluation.
     import fastdit
     model = fastdit.build_model("DiT-XL/2", input_size=32, num_classes=1000)
     model, info = fastdit.load_model("DiT-XL-2-256x256.pt")      # official weights, downloaded once
-    diffusion = fastdit.create_diffusion("250")
+    images = fastdit.generate(model, latent_space, labels, options=fastdit.SamplingOptions(), process=info.process)
+    diffusion = fastdit.create_diffusion("250")                   # DiT's process; FlowMatching() is SiT's
 """
 
 from .checkpoint import LatentInfo, ModelInfo, export_weights, load_model
-from .diffusion import GaussianDiffusion, create_diffusion
+from .diffusion import FlowMatching, GaussianDiffusion, create_diffusion
 from .errors import DownloadError, UserError
 from .latents import PixelSpace, VAELatentSpace, load_latent_space
 from .models import PRESETS, DiT, DiTConfig, build_model
-from .sampling import SAMPLERS, ClassifierFreeGuidance, SamplingOptions, generate, get_sampler
+from .process import ALL_SAMPLERS, ProcessSpec
+from .sampling import ClassifierFreeGuidance, SamplingOptions, generate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALL_SAMPLERS",
     "PRESETS",
-    "SAMPLERS",
     "ClassifierFreeGuidance",
     "DiT",
     "DiTConfig",
     "DownloadError",
+    "FlowMatching",
     "GaussianDiffusion",
     "LatentInfo",
     "ModelInfo",
     "PixelSpace",
+    "ProcessSpec",
     "SamplingOptions",
     "UserError",
     "VAELatentSpace",
@@ -34,7 +38,6 @@ __all__ = [
     "create_diffusion",
     "export_weights",
     "generate",
-    "get_sampler",
     "load_latent_space",
     "load_model",
 ]

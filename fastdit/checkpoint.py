@@ -29,6 +29,7 @@ from .latents import SD_VAE_SCALE, VAE_DOWNSAMPLE, latent_side
 from .state_dicts import describe_mismatch
 from .models import DiT, DiTConfig, config_from_name, preset_of
 from .models.presets import SIZES
+from .process import ProcessSpec
 
 TRAIN_FORMAT = "fastdit.train"
 EXPORT_FORMAT = "fastdit.export"
@@ -54,6 +55,8 @@ class ModelInfo:
     latent: LatentInfo = field(default_factory=LatentInfo)
     source: str = ""
     class_names: list[str] | None = None
+    # What the weights predict; files from before it was recorded hold DDPM (IDDPM ε) models.
+    process: ProcessSpec = field(default_factory=ProcessSpec)
 
     @property
     def image_size(self) -> int:
@@ -65,6 +68,7 @@ class ModelInfo:
             "latent": asdict(self.latent),
             "class_names": self.class_names,
             "preset": preset_of(self.config),
+            "process": self.process.to_dict(),
         }
 
     @classmethod
@@ -74,6 +78,7 @@ class ModelInfo:
             latent=LatentInfo(**data.get("latent", {})),
             source=source,
             class_names=data.get("class_names"),
+            process=ProcessSpec.from_dict(data.get("process")),
         )
 
 

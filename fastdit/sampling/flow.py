@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..diffusion.flow import velocity_channels
 from ..errors import UserError
-from .guidance import ClassifierFreeGuidance, guide
+from .guidance import ClassifierFreeGuidance
 
 VelocityFn = Callable[..., torch.Tensor]
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
@@ -46,11 +46,8 @@ class VelocityModel:
 class GuidedVelocity(ClassifierFreeGuidance):
     """Classifier-free guidance of the velocity, v = v(x, ∅) + s · (v(x, y) − v(x, ∅)), as SiT's
     `forward_with_cfg` (DiT's, so `guided_channels=3` is the official form; the default guides all).
-
-    `interval=(low, high)`: guide only where low <= t <= high (both ends included; the flow's time,
-    0 noise, 1 data); elsewhere the conditional model runs alone, one forward on the un-doubled rows
-    (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval improves sample and
-    distribution quality"). The default (0, 1) is plain guidance at every step.
+    `interval=(low, high)` is in flow time (0 noise, 1 data), both ends included; the default (0, 1)
+    is plain guidance at every step (see `ClassifierFreeGuidance` for how rows outside run).
     """
 
     def __init__(
@@ -62,26 +59,10 @@ class GuidedVelocity(ClassifierFreeGuidance):
         guided_channels: int | None = None,
         interval: tuple[float, float] = (0.0, 1.0),
     ):
-        super().__init__(velocity_fn, scale, null_class, in_channels, guided_channels)
         low, high = (float(v) for v in interval)
         if not 0.0 <= low <= high <= 1.0:
             raise UserError(f"guidance interval {interval} must satisfy 0 <= low <= high <= 1 (flow time, 0 = noise)")
-        self.interval = (low, high)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        low, high = self.interval
-        inside = (t >= low) & (t <= high)
-        if self.scale == 1.0 or not inside.any():
-            return self.model(x, t, y)
-        # One forward: every row with its label, then the rows inside the interval with the null label.
-        null = torch.full_like(y[inside], self.null_class)
-        out = self.model(torch.cat([x, x[inside]]), torch.cat([t, t[inside]]), torch.cat([y, null]))
-        cond, uncond = out[: len(x)], out[len(x) :]
-        if inside.all():
-            return guide(cond, uncond, self.scale, self.guided_channels)
-        guided = cond.clone()
-        guided[inside] = guide(cond[inside], uncond, self.scale, self.guided_channels)
-        return guided
+        super().__init__(velocity_fn, scale, null_class, in_channels, guided_channels, interval=(low, high))
 
 
 def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:

@@ -1,91 +1,145 @@
-"""Samplers over one contract: `model_fn(x, t, y) -> output`, with t on the original 0..999 scale and
-output = ε (C channels) followed, for learned variance, by C variance values.
+"""Samplers of the DDPM process and the grid samplers both processes share.
 
-Each sampler takes the (respaced) `GaussianDiffusion` for its schedule and steps, the starting noise
-x_T, labels and a `noise_fn(x) -> N(0, I) like x` for any fresh noise (so a caller can seed noise per
-image), and returns x_0. Faster samplers are plain functions with the same signature.
+* `ddpm_sample`: ancestral sampling with the learned variances (IDDPM), DiT's default. It belongs to
+  the Gaussian process and takes the respaced `GaussianDiffusion` and `model_fn(x, t, y)`, t on the
+  original 0..999 scale.
+* `ddim`, `dpm_solver_pp_2m`: pure functions over a grid, in the style of k-diffusion. They see the
+  model only through `denoise(x, k) -> (x̂0, ε̂)` at grid point k, and the grid through `alphas[k]`,
+  `sigmas[k]` with x_k = α_k x0 + σ_k ε; the last point is data (α = 1, σ = 0). Any process whose
+  states are such affine mixtures provides this: `gaussian_grid` (α = sqrt(ᾱ), σ = sqrt(1 − ᾱ)) and
+  `flow_grid` (α = t, σ = 1 − t on SiT's linear path).
+
+Every sampler takes its options as keywords and no others (an option a sampler does not take is a
+TypeError in Python and a one-line error at the CLI); fresh noise comes from `noise_fn(x)`, so callers
+can seed it per image.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from ..diffusion import GaussianDiffusion
-from ..errors import UserError
+from ..diffusion.flow import velocity_channels
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
+Denoiser = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
 
 
-def _steps(diffusion: GaussianDiffusion, progress: bool, desc: str):
-    indices = range(diffusion.num_timesteps - 1, -1, -1)
-    return tqdm(indices, desc=desc, leave=False) if progress else indices
+def _maybe_progress(steps, progress: bool, desc: str):
+    return tqdm(steps, desc=desc, leave=False) if progress else steps
 
 
 @torch.no_grad()
-def ddpm_sample(diffusion, model_fn: ModelFn, x_T, y, noise_fn: NoiseFn = torch.randn_like, progress=False, **_):
+def ddpm_sample(diffusion: GaussianDiffusion, model_fn: ModelFn, x_T, y, *, noise_fn: NoiseFn, progress: bool = False):
     """Ancestral sampling with the learned variances (IDDPM); DiT's default with 250 respaced steps."""
     x = x_T
-    for i in _steps(diffusion, progress, "DDPM"):
+    for i in _maybe_progress(range(diffusion.num_timesteps - 1, -1, -1), progress, "DDPM"):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         x = diffusion.p_sample(model_fn, x, t, model_kwargs={"y": y}, noise=noise_fn(x))["sample"]
     return x
 
 
+# ----------------------------------------------------------------------------------------------
+# The grid: what DDIM and DPM-Solver++ need of a process
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Grid:
+    """Grid points k = 0..K: x_k = alphas[k] x0 + sigmas[k] ε (float64 scalars), the model seen as
+    `denoise(x, k) -> (x̂0, ε̂)` at points 0..K−1; point K is data (alpha 1, sigma 0)."""
+
+    denoise: Denoiser
+    alphas: torch.Tensor
+    sigmas: torch.Tensor
+
+
+def gaussian_grid(diffusion: GaussianDiffusion, model_fn: ModelFn, y) -> Grid:
+    """The respaced DDPM process from noise (index T'−1) to data: ᾱ of the kept timesteps, then 1."""
+    alpha_bars = torch.cat([torch.from_numpy(diffusion.alphas_cumprod).flip(0), torch.ones(1, dtype=torch.float64)])
+    steps = list(range(diffusion.num_timesteps - 1, -1, -1))
+
+    def denoise(x, k):
+        t = torch.full((x.shape[0],), steps[k], device=x.device, dtype=torch.long)
+        output = model_fn(x, diffusion.original_timesteps(t), y)
+        x0 = diffusion.p_mean_variance_from_output(output, x, t)["pred_xstart"]
+        # ε re-derived from x̂0, as the official DDIM step does (the same as the model's ε without clipping).
+        return x0, diffusion.predict_eps_from_xstart(x, t, x0)
+
+    return Grid(denoise, alpha_bars.sqrt(), (1 - alpha_bars).sqrt())
+
+
+def flow_grid(model_fn: ModelFn, y, times: torch.Tensor) -> Grid:
+    """SiT's linear path x_t = t x1 + (1 − t) ε on increasing `times` ending at 1: from the velocity
+    v = x1 − ε, x̂1 = x + (1 − t) v and ε̂ = x − t v."""
+    times = times.to(torch.float64).cpu()
+    if float(times[-1]) != 1.0:
+        raise ValueError(f"a flow grid for DDIM/DPM-Solver++ must end at t = 1, got {float(times[-1])}")
+
+    def denoise(x, k):
+        t = times[k].to(device=x.device, dtype=x.dtype)
+        v = velocity_channels(model_fn(x, t.expand(x.shape[0]), y), x)
+        return x + (1 - t) * v, x - t * v
+
+    return Grid(denoise, times, 1 - times)
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers over a grid
+# ----------------------------------------------------------------------------------------------
+
+
 @torch.no_grad()
-def ddim_sample(diffusion, model_fn: ModelFn, x_T, y, noise_fn: NoiseFn = torch.randn_like, progress=False, eta=0.0, **_):
-    """DDIM (Song et al. 2021); deterministic for eta = 0, where no noise is drawn at all."""
-    x = x_T
-    for i in _steps(diffusion, progress, "DDIM"):
-        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        noise = noise_fn(x) if eta > 0 else torch.zeros_like(x)
-        x = diffusion.ddim_sample(model_fn, x, t, model_kwargs={"y": y}, eta=eta, noise=noise)["sample"]
+def ddim(grid: Grid, x, *, eta: float = 0.0, noise_fn: NoiseFn | None = None, progress: bool = False):
+    """DDIM (Song et al. 2021, eq. 12) for x = α x0 + σ ε:
+
+        x_next = α' x̂0 + sqrt(σ'² − s²) ε̂ + s z,   s = η σ' sqrt(1 − (α σ' / (α' σ))²)
+
+    which for α² + σ² = 1 is the paper's σ_t(η); η = 0 is the deterministic (ODE) sampler and draws
+    no noise, η = 1 is DDPM-like. The step onto the data point returns x̂0."""
+    if eta > 0 and noise_fn is None:
+        raise ValueError("DDIM with eta > 0 needs a noise_fn")
+    alphas, sigmas = grid.alphas, grid.sigmas
+    for k in _maybe_progress(range(len(alphas) - 1), progress, "DDIM"):
+        x0, eps = grid.denoise(x, k)
+        a, s, a_next, s_next = (float(v) for v in (alphas[k], sigmas[k], alphas[k + 1], sigmas[k + 1]))
+        if s_next == 0:
+            x = x0
+            continue
+        spread = eta * s_next * (max(0.0, 1 - (a * s_next / (a_next * s)) ** 2)) ** 0.5 if eta > 0 else 0.0
+        x = a_next * x0 + (s_next**2 - spread**2) ** 0.5 * eps
+        if spread > 0:
+            x = x + spread * noise_fn(x)
     return x
 
 
 @torch.no_grad()
-def dpm_solver_pp_2m_sample(diffusion, model_fn: ModelFn, x_T, y, progress=False, **_):
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) on the respaced timesteps, data prediction.
+def dpm_solver_pp_2m(grid: Grid, x, *, progress: bool = False):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), data prediction, multistep.
 
-    With λ = log(α/σ) and h_k = λ_{k} − λ_{k−1}: x_k = (σ_k/σ_{k−1}) x_{k−1} − α_k (e^{−h_k} − 1) D_k,
-    where D_k is x̂_0 for the first step and the second-order combination
-    (1 + 1/(2r)) x̂_0(k−1) − 1/(2r) x̂_0(k−2), r = h_{k−1}/h_k, afterwards. The last step lands on
-    the prediction x̂_0 at the smallest timestep.
-    """
-    alphas_cumprod = torch.from_numpy(diffusion.alphas_cumprod).to(x_T.device)
-    x = x_T
-    order = list(range(diffusion.num_timesteps - 1, -1, -1))
+    With λ = log(α/σ) and h = λ' − λ: x' = (σ'/σ) x − α' (e^{−h} − 1) D, where D is x̂0 on the first
+    step and (1 + 1/(2r)) x̂0 − 1/(2r) x̂0_prev after it, r = h_prev / h. The step onto the data point
+    returns x̂0. A grid that starts at pure noise (α = 0, the flow's t = 0) has h = ∞ there:
+    e^{−h} = 0 and the step is x' = σ' x + α' x̂0, and the next one is first order (r = ∞)."""
+    alphas, sigmas = grid.alphas, grid.sigmas
+    lambdas = torch.log(alphas) - torch.log(sigmas)
     previous_x0, previous_h = None, None
-    iterator = tqdm(order, desc="DPM-Solver++(2M)", leave=False) if progress else order
-    for position, i in enumerate(iterator):
-        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        output = model_fn(x, diffusion.original_timesteps(t), y)
-        x0 = diffusion.p_mean_variance_from_output(output, x, t)["pred_xstart"]
-        if position == len(order) - 1:
+    for k in _maybe_progress(range(len(alphas) - 1), progress, "DPM-Solver++(2M)"):
+        x0, _ = grid.denoise(x, k)
+        if float(sigmas[k + 1]) == 0:
             x = x0
-            break
-        j = order[position + 1]
-        a_now, a_next = alphas_cumprod[i], alphas_cumprod[j]
-        alpha_now, sigma_now = a_now.sqrt(), (1 - a_now).sqrt()
-        alpha_next, sigma_next = a_next.sqrt(), (1 - a_next).sqrt()
-        h = torch.log(alpha_next / sigma_next) - torch.log(alpha_now / sigma_now)
+            continue
+        h = lambdas[k + 1] - lambdas[k]
         if previous_x0 is None:
             denoised = x0
         else:
             r = previous_h / h
             denoised = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * previous_x0
-        x = ((sigma_next / sigma_now) * x - alpha_next * torch.expm1(-h) * denoised).to(x.dtype)
+        x = ((sigmas[k + 1] / sigmas[k]) * x - alphas[k + 1] * torch.expm1(-h) * denoised).to(x.dtype)
         previous_x0, previous_h = x0, h
     return x
-
-
-SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpm++2m": dpm_solver_pp_2m_sample}
-
-
-def get_sampler(name: str):
-    if name not in SAMPLERS:
-        raise UserError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
-    return SAMPLERS[name]

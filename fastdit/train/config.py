@@ -13,6 +13,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..latents import latent_side
+from ..models import config_from_name
+from ..process import ProcessSpec
 from ..run_folder import refuse_other_settings
 from ..sampling import SamplingOptions
 
@@ -44,10 +46,10 @@ HINTS = {"grad_clip": "; leave --grad-clip out for no clipping"}
 UNIT_INTERVAL = {"beta1", "beta2", "ema_decay", "class_dropout_prob"}  # [0, 1)
 
 
-def _check_sampling(flags: str, options) -> None:
+def _check_sampling(flags: str, options, process: ProcessSpec) -> None:
     """The grids' and FID's sampling settings, checked by the sampler's own rules before training."""
     try:
-        options.validate()
+        options.validate(process)
     except UserError as err:
         raise UserError(f"{flags}: {err}") from None
 
@@ -60,6 +62,16 @@ class TrainConfig:
     num_classes: int = 1000
     class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance (0 for unconditional)
     learn_sigma: bool = True
+    # the process, recorded in checkpoints: DiT's "ddpm" (IDDPM), or "flow" (SiT: linear path, velocity)
+    objective: str = "ddpm"
+    time_sampling: str = "uniform"  # flow: "uniform" (SiT) or "logit-normal" (SD3)
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    # block options (LightningDiT); the official DiT blocks when off
+    norm: str = "layernorm"
+    mlp: str = "gelu"
+    rope: bool = False
+    qk_norm: bool = False
     # data: a latent store (--features-path), an image folder (--data-path), or "digits"
     features_path: str | None = None
     data_path: str | None = None
@@ -131,6 +143,16 @@ class TrainConfig:
     def run_dir(self) -> Path:
         return Path(self.results_dir) / self.resolved_run_name()
 
+    def process_spec(self) -> ProcessSpec:
+        return ProcessSpec(self.objective, self.time_sampling, self.logit_normal_mean, self.logit_normal_std)
+
+    def model_options(self) -> dict:
+        """The DiTConfig fields this run sets beyond the preset (size overrides and block options)."""
+        overrides = {k: getattr(self, k) for k in ("depth", "hidden_size", "num_heads") if getattr(self, k) is not None}
+        blocks = {k: getattr(self, k) for k in ("norm", "mlp", "rope", "qk_norm")}
+        return {**overrides, **blocks, "num_classes": self.num_classes, "class_dropout_prob": self.class_dropout_prob,
+                "learn_sigma": self.learn_sigma}
+
     def validate(self) -> "TrainConfig":
         if not self.features_path and not self.data_path:
             raise UserError("no training data: pass --features-path (a latent store from `fastdit extract`), "
@@ -140,15 +162,17 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         self._validate_numbers()
+        process = self.process_spec()  # rejects an unknown objective or time sampling
+        config_from_name(self.model, **self.model_options())  # rejects options that do not fit the width
         if self.eval_every and self.eval_samples < 2:
             raise UserError(f"--eval-samples must be >= 2 for a covariance, got {self.eval_samples}")
         if self.eval_every and not self.eval_ref:
             raise UserError("--eval-every needs --eval-ref (reference statistics or images to compare with)")
         if self.sample_every:
-            _check_sampling("--sample-steps", SamplingOptions(sampler="ddpm", num_steps=self.sample_steps, cfg_scale=1.0))
+            _check_sampling("--sample-steps", SamplingOptions(num_steps=self.sample_steps, cfg_scale=1.0), process)
         if self.eval_every:
             _check_sampling("--eval-sampling-steps / --eval-cfg-scale", SamplingOptions(
-                sampler="ddpm", num_steps=self.eval_sampling_steps, cfg_scale=self.eval_cfg_scale))
+                num_steps=self.eval_sampling_steps, cfg_scale=self.eval_cfg_scale), process)
         if not self.pixel_space:
             latent_side(self.image_size)
         return self

@@ -40,12 +40,13 @@ def fid_of_model(config, ema, data, dist) -> dict[str, float] | None:
     extractor = _extractor(config, device)
     reference = _reference(config, extractor) if dist.is_main else None
     mine = list(range(dist.rank, config.eval_samples, dist.world_size))
-    options = SamplingOptions(sampler="ddpm", num_steps=config.eval_sampling_steps, cfg_scale=config.eval_cfg_scale)
+    options = SamplingOptions(num_steps=config.eval_sampling_steps, cfg_scale=config.eval_cfg_scale)
     outputs, image_size = [], None
     for start in range(0, len(mine), config.eval_batch_size):
         indices = mine[start : start + config.eval_batch_size]
         labels = labels_for(indices, seed=config.global_seed, num_classes=config.num_classes)
-        images = generate(ema, data.decoder(), labels, options=options, seed=config.global_seed, indices=indices, device=device)
+        images = generate(ema, data.decoder(), labels, options=options, process=config.process_spec(),
+                          seed=config.global_seed, indices=indices, device=device)
         if images.shape[-1] == 1:  # gray pixel models: Inception takes RGB
             images = images.repeat(3, axis=-1)
         image_size = tuple(images.shape[1:3])

@@ -23,7 +23,6 @@ import torch
 
 from .. import distributed
 from ..checkpoint import ModelInfo, export_weights
-from ..diffusion import create_diffusion
 from ..errors import UserError
 from ..io import NoSpaceError, atomic_write_text, check_can_create, ensure_writable_dir, remove_stale_temporaries
 from ..models import build_model
@@ -110,18 +109,12 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     data: TrainingData = open_training_data(config, device)
     per_epoch = steps_per_epoch(len(data.dataset), config.global_batch_size)
     torch.manual_seed(config.global_seed)  # the same initial weights on every process
-    overrides = {k: getattr(config, k) for k in ("depth", "hidden_size", "num_heads") if getattr(config, k) is not None}
     model = build_model(
-        config.model,
-        input_size=data.latent_shape[1],
-        in_channels=data.latent_shape[0],
-        num_classes=config.num_classes,
-        class_dropout_prob=config.class_dropout_prob,
-        learn_sigma=config.learn_sigma,
-        **overrides,
+        config.model, input_size=data.latent_shape[1], in_channels=data.latent_shape[0], **config.model_options()
     ).to(device)
     ema = make_ema(model)
-    model_info = ModelInfo(config=model.config, latent=data.latent_info, class_names=data.class_names)
+    model_info = ModelInfo(config=model.config, latent=data.latent_info, class_names=data.class_names,
+                           process=config.process_spec())
     optimizer = make_optimizer(model, config)
     scaler = make_grad_scaler(device, config.precision)
 
@@ -160,7 +153,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
 
     runnable = prepare_model(model, dist=dist, gradient_checkpointing=config.gradient_checkpointing, compile_model=config.compile)
     model.train()
-    diffusion = create_diffusion("", learn_sigma=config.learn_sigma)
+    process = config.process_spec().training_process(config.learn_sigma)
     max_steps = config.max_steps or config.epochs * per_epoch
     num_params = sum(p.numel() for p in model.parameters())
     log.info(
@@ -182,7 +175,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
             pin_memory=device.type == "cuda", persistent_workers=False,
         )
         for x, y in loader:
-            loss = train_step(config, data, diffusion, runnable, model, ema, optimizer, scaler, x, y,
+            loss = train_step(config, data, process, runnable, model, ema, optimizer, scaler, x, y,
                                position.step, dist, local_batch, micro_batch)
             position.step += 1
             position.step_in_epoch += 1
@@ -233,14 +226,14 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     return TrainResult(run_dir=run_dir, checkpoint=checkpoint, export=export, step=position.step, last_loss=last_loss)
 
 
-def train_step(config, data, diffusion, runnable, model, ema, optimizer, scaler, x, y, step, dist, local_batch, micro_batch):
+def train_step(config, data, process, runnable, model, ema, optimizer, scaler, x, y, step, dist, local_batch, micro_batch):
     device = dist.device
     x = x.to(device, non_blocking=True)
     y = y.to(device, non_blocking=True)
     draws = draw_step(
         config.global_seed, step,
         global_batch=config.global_batch_size, rank=dist.rank, local_batch=local_batch,
-        shape=data.latent_shape, num_timesteps=diffusion.num_timesteps,
+        shape=data.latent_shape, process=process,
         dropout_prob=config.class_dropout_prob, with_latent_noise=data.encode_on_the_fly, device=device,
     )
     if data.encode_on_the_fly:
@@ -255,7 +248,7 @@ def train_step(config, data, diffusion, runnable, model, ema, optimizer, scaler,
         part = slice(k * micro_batch, (k + 1) * micro_batch)
         micro_draws = draws.micro(part.start, part.stop)
         with no_sync(runnable, k < num_micro - 1), autocast(device, config.precision):
-            per_sample = diffusion.loss(
+            per_sample = process.loss(
                 runnable, x[part], {"y": y[part], "force_drop_ids": micro_draws.drop_labels},
                 t=micro_draws.t, noise=micro_draws.noise,
             )
@@ -327,8 +320,9 @@ def _sample_grid(config, run_dir, ema, data, step, log):
 
     labels = [k % config.num_classes for k in range(min(config.num_classes, 10) * 4)]
     guided = config.class_dropout_prob > 0
-    options = SamplingOptions(sampler="ddpm", num_steps=config.sample_steps, cfg_scale=2.0 if guided else 1.0)
-    images = generate(ema, data.decoder(), labels, options=options, seed=config.global_seed, device=next(ema.parameters()).device)
+    options = SamplingOptions(num_steps=config.sample_steps, cfg_scale=2.0 if guided else 1.0)
+    images = generate(ema, data.decoder(), labels, options=options, process=config.process_spec(),
+                      seed=config.global_seed, device=next(ema.parameters()).device)
     grid = make_grid(images, nrow=min(config.num_classes, 10))
     atomic_save_png(grid, run_dir / "samples" / f"{step:07d}.png")
     log.image(step, "samples/ema", np.asarray(grid.convert("RGB")))

@@ -37,14 +37,14 @@ def draw_step(
     rank: int,
     local_batch: int,
     shape: tuple[int, ...],
-    num_timesteps: int,
+    process,
     dropout_prob: float,
     with_latent_noise: bool,
     device: torch.device,
 ) -> StepDraws:
     # Drawn on the CPU: the same numbers on every device type (and cheap next to a DiT step).
     generator = seeded_generator(TRAIN_STEP, seed, step)
-    t = torch.randint(0, num_timesteps, (global_batch,), generator=generator)
+    t = process.sample_times(global_batch, generator=generator)  # int64 steps (DDPM) or real t (flow)
     noise = torch.randn((global_batch, *shape), generator=generator)
     drop = torch.rand(global_batch, generator=generator) < dropout_prob
     latent_noise = torch.randn((global_batch, *shape), generator=generator) if with_latent_noise else None
