@@ -25,7 +25,7 @@ import torch
 from .errors import UserError
 from .hub import OFFICIAL_CHECKPOINTS, OFFICIAL_DIT_URL, download
 from .io import atomic_path
-from .latents import SD_VAE_SCALE, VAE_DOWNSAMPLE, latent_side
+from .latents import PIXEL_SPACE_NAMES, SD_VAE_SCALE, VAE_DOWNSAMPLE, latent_side
 from .state_dicts import describe_mismatch
 from .models import DiT, DiTConfig, config_from_name, preset_of
 from .models.presets import SIZES
@@ -237,10 +237,15 @@ def load_model(
     """A ready (eval-mode) model and what it is, from an official name, a local file or a checkpoint.
 
     `model_name`, `image_size` and `num_classes` are needed only for plain state dicts whose config
-    the file does not record (they are checked against the weights either way).
+    the file does not record (they are checked against the weights either way). `vae` names the VAE
+    of a plain state dict, or is "pixels" for one trained on pixels (its channel count is read from the
+    patch embedding's weight).
     """
     source = str(source)
+    pixels = vae in PIXEL_SPACE_NAMES
     official = resolve_official(source)
+    if official is not None and pixels:
+        raise UserError(f"{Path(source).name} works on SD-VAE latents, not pixels; drop --vae {vae}")
     if official is not None:
         model_name, official_size = OFFICIAL_CHECKPOINTS[Path(source).name]
         if image_size not in (None, official_size):
@@ -254,6 +259,9 @@ def load_model(
 
     if metadata is not None:
         info = ModelInfo.from_dict(metadata, source=source)
+        if vae is not None and pixels != (info.latent.kind == "pixels"):
+            trained_on = "pixels" if info.latent.kind == "pixels" else f"the latents of the VAE {info.latent.vae!r}"
+            raise UserError(f"checkpoint {source!r} records that it works on {trained_on}; drop --vae {vae}")
         if model_name is not None:
             wanted = config_from_name(model_name)  # also rejects unknown names
             if preset_of(info.config) != preset_of(wanted):
@@ -262,7 +270,7 @@ def load_model(
                     f"drop --model (the checkpoint records its architecture)"
                 )
     else:
-        latent = LatentInfo(kind="vae", vae=vae or "mse")
+        latent = LatentInfo(kind="pixels", vae=None, scale_factor=1.0) if pixels else LatentInfo(kind="vae", vae=vae or "mse")
         if model_name is None:
             config = infer_config(state)
         else:

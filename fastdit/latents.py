@@ -23,6 +23,7 @@ SD_VAE_SCALE = 0.18215
 VAE_DOWNSAMPLE = 8
 OFFICIAL_VAES = {"mse": "stabilityai/sd-vae-ft-mse", "ema": "stabilityai/sd-vae-ft-ema"}
 VAE_CHOICES = "'mse', 'ema', a Hugging Face hub id (namespace/name) or a local diffusers AutoencoderKL folder"
+PIXEL_SPACE_NAMES = ("", "none", "pixels")  # --vae values that mean "no VAE: the model works on pixels"
 
 
 def latent_side(image_size: int, downsample: int = VAE_DOWNSAMPLE) -> int:
@@ -89,7 +90,7 @@ class VAELatentSpace:
 
 def load_latent_space(name: str | None, *, channels: int = 3, device: str | torch.device = "cpu"):
     """`None`/"pixels" -> PixelSpace; "mse"/"ema" -> the official SD VAEs; else a hub id or local folder."""
-    if name in (None, "", "pixels", "none"):
+    if name is None or name in PIXEL_SPACE_NAMES:
         return PixelSpace(channels=channels)
     repo = OFFICIAL_VAES.get(name, name)
     return VAELatentSpace(load_vae(repo), name=repo).to(device)

@@ -112,3 +112,31 @@ def test_wrong_size_or_classes_for_recorded_config(tmp_path, tiny):
         load_model(path, image_size=256)
     with pytest.raises(UserError, match="has 10 classes, not 1000"):
         load_model(path, num_classes=1000)
+
+
+# ----------------------------------------------------------------------------------------------
+# plain state dicts trained on pixels (`--vae pixels`)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("model_name", ["DiT-T/2", None])
+def test_plain_pixel_state_dict_loads_with_vae_pixels(tmp_path, channels, model_name):
+    trained = build_model("DiT-T/2", input_size=8, in_channels=channels, num_classes=10)
+    path = tmp_path / "ema.pt"
+    torch.save(trained.state_dict(), path)
+    model, info = load_model(path, model_name=model_name, image_size=8, num_classes=10, vae="pixels")
+    assert info.latent.kind == "pixels" and info.latent.downsample == 1 and info.image_size == 8
+    assert model.config.in_channels == channels and model.config.input_size == 8
+    assert same_weights(model, trained)
+
+
+def test_vae_pixels_must_match_what_a_checkpoint_records(tmp_path, tiny):
+    latent = export_weights(tiny, ModelInfo(config=tiny.config, latent=LatentInfo(kind="vae", vae="ema")), tmp_path / "latent.safetensors")
+    with pytest.raises(UserError, match="records that it works on the latents of the VAE 'ema'; drop --vae pixels"):
+        load_model(latent, vae="pixels")
+    pixels = export_weights(tiny, ModelInfo(config=tiny.config, latent=LatentInfo(kind="pixels", vae=None)), tmp_path / "pixels.safetensors")
+    with pytest.raises(UserError, match="records that it works on pixels; drop --vae mse"):
+        load_model(pixels, vae="mse")
+    _, info = load_model(pixels, vae="pixels")
+    assert info.latent.kind == "pixels"

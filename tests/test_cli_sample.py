@@ -86,6 +86,10 @@ def test_vae_sample_ddim_with_official_guidance(tmp_path, vae_setup, capsys):
         (["--image-size", "16"], "trained at image size 8; use --image-size 8"),
         (["--out", "/proc/forbidden/x.png"], "is not a writable folder"),
         (["--out", "grid.jpg"], "should end in .png"),
+        (["--cfg-scale", "nan"], "argument --cfg-scale: 'nan' is not a finite number"),
+        (["--cfg-scale=-inf"], "argument --cfg-scale: '-inf' is not a finite number"),
+        (["--sampler", "ddim", "--eta", "nan"], "argument --eta: 'nan' is not a finite number"),
+        (["--seed", "-2"], "argument --seed: -2 is negative; seeds are integers >= 0"),
     ],
 )
 def test_bad_input_clear_message_nothing_written(tmp_path, pixel_ckpt, capsys, extra, message):
@@ -139,3 +143,18 @@ def test_console_script_help():
     for flag in ["--model", "--image-size", "--num-classes", "--ckpt", "--vae", "--cfg-scale",
                  "--num-sampling-steps", "--sampler", "--seed", "--class-labels", "--out", "--device"]:
         assert flag in result.stdout
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_plain_pixel_state_dict_samples_with_vae_pixels(tmp_path, channels, capsys):
+    """The official code's format (a bare state dict), trained on pixels (CIFAR-10, digits): `--vae pixels`
+    means pixel space, and the channel count comes from the patch embedding's weight."""
+    model = random_tiny(input_size=8, in_channels=channels, num_classes=10, depth=6)  # the DiT-T/2 preset
+    ckpt = tmp_path / "ema.pt"
+    torch.save(model.state_dict(), ckpt)
+    out = tmp_path / "grid.png"
+    status = run_cli("sample", "--ckpt", ckpt, "--model", "DiT-T/2", "--image-size", 8, "--num-classes", 10, "--vae", "pixels",
+                     "--num-sampling-steps", 2, "--class-labels", 0, 1, "--out", out, "--no-progress")
+    assert status == 0, capsys.readouterr().err
+    grid = Image.open(out)
+    assert grid.size == (2 + 2 * (8 + 2), 2 + 8 + 2) and len(grid.getbands()) == channels

@@ -15,6 +15,8 @@ SAMPLES_PER_CLASS = 3
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
+    (out / "train").mkdir(parents=True)  # what a demo stopped before its training began leaves: taken as ours
+    (out / "train" / ".fastdit.lock").write_text("")
     argv = ["demo", "--out", str(out), "--steps", "24", "--batch-size", "32", "--samples-per-class", str(SAMPLES_PER_CLASS),
             "--sampling-steps", "4", "--classifier-epochs", "2", "--no-progress"]
     capture = pytest.MonkeyPatch()  # module scope: capsys is per test, so read stdout through a file
@@ -58,14 +60,17 @@ def test_demo_report_holds_the_evaluation(demo_run):
     out, _, printed = demo_run
     report = json.loads((out / "report.json").read_text())
     assert report["num_samples"] == 10 * SAMPLES_PER_CLASS
-    assert 0.0 <= report["class_match"] <= 1.0
-    assert len(report["class_match_per_class"]) == 10
+    # Every class has the same number of samples, so the overall match is the mean of the per-class ones,
+    # and each is a whole number of samples out of SAMPLES_PER_CLASS (float64 sums of 10 terms: 1e-12).
+    per_class = report["class_match_per_class"]
+    assert len(per_class) == 10 and report["class_match"] == pytest.approx(np.mean(per_class), abs=1e-12)
+    assert all(value * SAMPLES_PER_CLASS == pytest.approx(round(value * SAMPLES_PER_CLASS), abs=1e-9) for value in per_class)
     judge = report["classifier"]
     assert judge["num_train"] + judge["num_test"] == 1797 and judge["num_train"] == 359
-    assert 0.0 <= judge["test_accuracy"] <= 1.0
+    correct = judge["test_accuracy"] * judge["num_test"]  # a count of digits
+    assert correct == pytest.approx(round(correct), abs=1e-9)
     fd = report["frechet_distance"]
-    assert fd["samples_vs_real"] >= 0 and np.isfinite(fd["samples_vs_real"])
-    assert fd["real_vs_real"] >= 0 and fd["num_real_compared"] == 10 * SAMPLES_PER_CLASS
+    assert fd["num_real_compared"] == 10 * SAMPLES_PER_CLASS and fd["num_reference"] == judge["num_test"] - judge["num_test"] // 2
     assert set(report["files"]) == {"samples", "grid", "loss_plot", "checkpoint", "report"}
     # The console shows the figures and where the files are.
     assert "samples classified as their class" in printed and f"files in {out}" in printed
@@ -86,3 +91,14 @@ def test_demo_refuses_a_folder_trained_with_other_settings(demo_run, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "lr" in err and "another --out" in err
+
+
+def test_demo_refuses_a_folder_of_other_files(tmp_path, capsys):
+    theirs = tmp_path / "grid.png"  # a file of the user's that the demo would write over
+    theirs.write_bytes(b"not ours")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--out", str(tmp_path), "--steps", "1", "--no-progress"])
+    assert exit_info.value.code == 2
+    assert "holds other files (grid.png, notes.txt) and no earlier demo" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "notes.txt"] and theirs.read_bytes() == b"not ours"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..io import check_can_create
+from .arg_types import finite_float, seed
 from ..sampling import SAMPLERS, SamplingOptions
 from ..sampling.guidance import OFFICIAL_GUIDED_CHANNELS
 
@@ -22,7 +23,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-classes", type=int, default=None, help="number of classes (default: 1000, or what the checkpoint records)")
     group.add_argument("--ckpt", default=None,
                        help="a .pt/.safetensors file or training checkpoint; default: the official DiT-XL-2-<size>.pt, downloaded on first use")
-    group.add_argument("--vae", default=None, help="mse (default for official models), ema, or a local diffusers AutoencoderKL folder")
+    group.add_argument("--vae", default=None, help="mse (default for official models), ema, a local diffusers AutoencoderKL folder, "
+                            "or pixels for a model trained on pixels (needed only for plain state dicts)")
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
 
 
@@ -30,13 +32,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, cfg_default: float =
     group = parser.add_argument_group("sampling")
     group.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddpm", help="default: ddpm (ancestral, the official sampler)")
     group.add_argument("--num-sampling-steps", type=int, default=250, help="respaced steps (default: 250)")
-    group.add_argument("--cfg-scale", type=float, default=cfg_default,
+    group.add_argument("--cfg-scale", type=finite_float, default=cfg_default,
                        help=f"classifier-free guidance scale; 1 disables guidance (default: {cfg_default})")
     group.add_argument("--official-guidance", action="store_true",
                        help=f"guide only the first {OFFICIAL_GUIDED_CHANNELS} latent channels like the official DiT code "
                             "(use with --cfg-scale 1.5 to reproduce the paper's FID 2.27)")
-    group.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0, deterministic)")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--eta", type=finite_float, default=0.0, help="DDIM eta (default: 0, deterministic)")
+    group.add_argument("--seed", type=seed, default=0, help="seed of the noise (and of uniform labels); an integer >= 0 (default: 0)")
 
 
 def sampling_options(args: argparse.Namespace) -> SamplingOptions:
@@ -67,7 +69,7 @@ def load_for_sampling(args: argparse.Namespace):
     from ..checkpoint import load_model
     from ..devices import resolve_device
     from ..hub import OFFICIAL_CHECKPOINTS, official_dit_name
-    from ..latents import PixelSpace, latent_side, load_latent_space
+    from ..latents import PIXEL_SPACE_NAMES, PixelSpace, latent_side, load_latent_space
 
     device = resolve_device(args.device)
     if args.image_size is not None and args.image_size <= 0:
@@ -81,8 +83,8 @@ def load_for_sampling(args: argparse.Namespace):
         if ckpt not in OFFICIAL_CHECKPOINTS:
             official = ", ".join(f"{m} at {s}" for m, s in OFFICIAL_CHECKPOINTS.values())
             raise UserError(f"no official weights for {model} at {args.image_size or 256}px (released: {official}); pass --ckpt PATH")
-    if args.vae is not None and args.image_size is not None:
-        latent_side(args.image_size)
+    if args.vae is not None and args.vae not in PIXEL_SPACE_NAMES and args.image_size is not None:
+        latent_side(args.image_size)  # before loading anything: the VAE's factor must divide the size
     model, info = load_model(
         ckpt, model_name=args.model, image_size=args.image_size, num_classes=args.num_classes,
         vae=args.vae, device=device,

@@ -7,6 +7,8 @@ import argparse
 import dataclasses
 import typing
 
+from .arg_types import finite_float
+
 
 def _base_type(annotation):
     """`int | None` -> int; `str` -> str."""
@@ -28,7 +30,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, help_texts: di
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
                                 help=f"{text} {default_text}".strip())
         elif kind in (int, float, str):
-            parser.add_argument(flag, type=kind, default=field.default, metavar=field.name.upper(),
+            parser.add_argument(flag, type=finite_float if kind is float else kind, default=field.default, metavar=field.name.upper(),
                                 help=f"{text} {default_text}".strip())
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..sampling import SAMPLERS
+from .arg_types import finite_float, seed
 
 HELP = "train a tiny DiT on the 8x8 digits (no download, minutes on a CPU), sample every class, and judge the samples"
 
@@ -17,16 +18,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default: {d.steps})")
     group.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step (default: {d.batch_size})")
-    group.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
-    group.add_argument("--ema-decay", type=float, default=d.ema_decay, help=f"EMA decay per step; the samples come from the EMA (default: {d.ema_decay})")
+    group.add_argument("--lr", type=finite_float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
+    group.add_argument("--ema-decay", type=finite_float, default=d.ema_decay, help=f"EMA decay per step; the samples come from the EMA (default: {d.ema_decay})")
     group = parser.add_argument_group("sampling")
     group.add_argument("--samples-per-class", type=int, default=d.samples_per_class, help=f"(default: {d.samples_per_class})")
     group.add_argument("--sampler", choices=sorted(SAMPLERS), default=d.sampler, help=f"(default: {d.sampler})")
     group.add_argument("--sampling-steps", type=int, default=d.sampling_steps, help=f"(default: {d.sampling_steps})")
-    group.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help=f"classifier-free guidance scale; 1 disables it (default: {d.cfg_scale})")
+    group.add_argument("--cfg-scale", type=finite_float, default=d.cfg_scale, help=f"classifier-free guidance scale; 1 disables it (default: {d.cfg_scale})")
     parser.add_argument("--classifier-epochs", type=int, default=d.classifier_epochs,
                         help=f"epochs of the digit classifier that judges the samples (default: {d.classifier_epochs})")
-    parser.add_argument("--seed", type=int, default=d.seed, help=f"seed of the data split, training, sampling and the classifier (default: {d.seed})")
+    parser.add_argument("--seed", type=seed, default=d.seed, help=f"seed of the data split, training, sampling and the classifier (default: {d.seed})")
     parser.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda, cuda:N (default: auto)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress, help="progress bars (default: on)")
 

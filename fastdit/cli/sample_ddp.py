@@ -3,8 +3,10 @@
     fastdit sample-ddp --num-fid-samples 50000 --out samples/dit-xl2-256.npz
     torchrun --nproc_per_node 8 -m fastdit sample-ddp --num-fid-samples 50000 --out samples/dit-xl2-256.npz
 
-Any number of processes writes the same file: image i's noise and label depend only on --seed and i.
-Run the same command again to continue a killed run. See `fastdit.sample_ddp` for the design.
+Image i's noise and label depend only on --seed and i. On one machine, the same --batch-size and
+--chunk-size give the same bytes whatever the number of processes; another --batch-size may round the
+last bits differently (a pixel may move by one level). Run the same command again to continue a killed
+run; one run at a time per output. See `fastdit.sample_ddp.runner` for the design.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--class-labels", type=int, nargs="+", default=None,
                        help="labels to cycle over the images (default: uniform over all classes, drawn from --seed and the image index)")
     group.add_argument("--png-dir", default=None, help="also write every image as <png-dir>/<index:06d>.png")
-    group.add_argument("--batch-size", type=int, default=32, help="images per batch and process (default: 32); does not change the images")
+    group.add_argument("--batch-size", type=int, default=32,
+                       help="images per batch and process (default: 32). With the same batch and chunk size, any number of "
+                            "processes writes the same bytes; another batch size may round the last bits differently")
     group.add_argument("--chunk-size", type=int, default=1000,
                        help="images per chunk: the unit of work sharing and resuming (default: 1000)")
     group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -32,7 +32,7 @@ import torch
 
 from ..errors import UserError
 from ..io import atomic_path, atomic_write_json, ensure_writable_dir, is_temporary, remove_stale_temporaries
-from ..latents import OFFICIAL_VAES
+from ..latents import OFFICIAL_VAES, PIXEL_SPACE_NAMES
 from ..run_folder import refuse_other_settings
 from .image_folder import ImageFolderIndex, item_generator
 
@@ -49,7 +49,7 @@ def shard_name(shard: int) -> str:
 
 def normalize_vae_name(vae: str) -> str:
     """"ema"/"mse" -> the hub id; a local folder -> its absolute path; anything else unchanged."""
-    if vae in ("", "none", "pixels"):
+    if vae in PIXEL_SPACE_NAMES:
         return "pixels"  # as `load_latent_space` reads these names
     vae = OFFICIAL_VAES.get(vae, vae)
     return os.path.realpath(vae) if os.path.isdir(vae) else vae

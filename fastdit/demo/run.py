@@ -26,7 +26,8 @@ import torch
 
 from ..data.digits import DIGITS_HELDOUT_FRACTION
 from ..errors import UserError
-from ..io import atomic_path, atomic_write_json, ensure_writable_dir
+from ..io import atomic_path, atomic_write_json, ensure_writable_dir, is_temporary
+from ..run_folder import LOCK_NAME
 from . import report as metrics
 from .classifier import ClassifierOptions, classify, train_classifier, uint8_to_model_input
 from .plots import read_loss_curve, save_class_grid, save_loss_plot
@@ -110,6 +111,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     config.validate()
     options = SamplingOptions(sampler=config.sampler, num_steps=config.sampling_steps, cfg_scale=config.cfg_scale)
     options.validate()
+    _refuse_a_folder_of_other_files(Path(config.out))
     out = ensure_writable_dir(config.out)
     device = resolve_device(config.device)
     _check_earlier_run(config)
@@ -203,6 +205,25 @@ def evaluate_samples(samples: np.ndarray, sample_labels: np.ndarray, real: torch
             "num_reference": int(len(half_b)),
         },
     }
+
+
+def _refuse_a_folder_of_other_files(out: Path) -> None:
+    """The demo writes grid.png, report.json, ... into --out: only a new or empty folder, or one of an
+    earlier demo (its training's config.json is there), may take them. Our own leftovers do not count:
+    the training's lock file and temporaries, or its folder holding only those (a demo stopped early)."""
+    if not out.is_dir() or (out / "train" / "config.json").is_file():
+        return
+
+    def others(folder: Path) -> list[Path]:
+        return [entry for entry in folder.iterdir() if entry.name != LOCK_NAME and not is_temporary(entry)]
+
+    found = others(out)
+    if found == [out / "train"] and found[0].is_dir() and not others(found[0]):
+        return
+    if found:
+        names = ", ".join(sorted(entry.name for entry in found)[:3]) + (", ..." if len(found) > 3 else "")
+        raise UserError(f"--out {str(out)!r} holds other files ({names}) and no earlier demo; the demo would write "
+                        "over them: choose a new or empty folder")
 
 
 def _check_earlier_run(config: DemoConfig) -> None:

@@ -1,19 +1,30 @@
-"""Sample N images for FID with any number of processes; every image is a function of (seed, index).
+"""Sample N images for FID with any number of processes; image i's noise and label depend only on (seed, i).
 
 The steps, with the barriers that keep processes from racing on the work folder:
 
-1. rank 0 loads the model (downloading it once), checks or creates the work folder;   broadcast
+1. rank 0 locks the work folder, loads the model (downloading it once), checks or creates the work
+   folder and, when resuming, drops damaged chunk files;                                  broadcast
 2. the other ranks load the model (from the cache now); every rank lists the pending chunks; barrier
 3. rank r samples pending chunks r, r + W, ... (and fills missing PNGs of finished chunks the same way)
-4. barrier; rank 0 streams the chunks into the `.npz`, puts the settings beside it, drops the chunks.
+4. barrier; rank 0 streams the chunks into the `.npz`, puts the settings beside it, drops the chunks,
+   and lets go of the lock.
 
-Image i always gets noise seeded by (seed, i) (`fastdit.sampling.noise`) and its label from
-`labels.labels_for`, and batches start at chunk boundaries, so 1 process and 8 write the same file.
+What is reproducible:
+
+* the noise of image i (`fastdit.sampling.noise`) and its label (`labels.labels_for`) are a function
+  of (seed, i) only, on every machine;
+* on one machine, the same --batch-size (per process) and --chunk-size give the same bytes whatever
+  the number of processes: batches start at chunk boundaries, so every batch holds the same images;
+* another batch size may round differently in the last bits (a matrix product over 2 rows and over 4
+  rows may round differently on some CPUs and GPUs), which can move a pixel by one uint8 level; so can
+  another machine, or resuming a killed run with another --batch-size.
+
 With several machines, the output folder must be on a filesystem that all of them see.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -89,21 +100,32 @@ def sample_ddp(job: SampleJob, load: Callable, info: dist.DistInfo) -> SampleRep
     job.validate()  # every check that needs no model, on every process, before any process waits for another
     if job.png_dir is not None:
         ensure_writable_dir(job.png_dir)  # now, not hours later in the middle of the run
-    paths = workdir.OutputPaths(Path(job.out))
+    with contextlib.ExitStack() as held:  # rank 0's lock on the work folder, until the result is in place
+        return _run(job, load, info, held)
 
-    # 1. rank 0 first: a download happens once, and the work folder exists before anyone lists it.
-    def load_and_check():
+
+def _run(job: SampleJob, load: Callable, info: dist.DistInfo, held: contextlib.ExitStack) -> SampleReport | None:
+    paths = workdir.OutputPaths(Path(job.out))
+    chunks = workdir.plan_chunks(job.num_samples, job.chunk_size)
+
+    # 1. rank 0 first: a second run on this output stops before loading anything, a download happens
+    #    once, and the work folder holds only usable chunks before anyone lists it.
+    def lock_load_and_check():
+        held.enter_context(workdir.lock(paths))
         loaded = _load_checked(job, load)
         settings = job.settings(loaded[1], loaded[2], workdir.weights_fingerprint(loaded[0]))
         if not workdir.is_finished(paths, settings):
             workdir.prepare(paths, settings)
+            for path, problem in workdir.drop_damaged_chunks(paths, chunks, _image_shape(loaded[1])):
+                print(f"warning: chunk {str(path)!r} is damaged ({problem}); deleted it, its images are sampled again",
+                      file=sys.stderr)
         return loaded
 
-    loaded = _on_main_first(info, load_and_check)  # None on the other ranks
+    loaded = _on_main_first(info, lock_load_and_check)  # None on the other ranks
     if paths.npz.exists():  # rank 0 checked it was made with these settings
         if not info.is_main:
             return None
-        if paths.work_dir.exists():  # killed after the result was renamed in
+        if paths.work_dir.exists():  # chunks of a run killed after the result was renamed in, or just our lock
             workdir.finish(paths)
         if job.png_dir is not None and not all(png_path(Path(job.png_dir), i).exists() for i in range(job.num_samples)):
             print(f"warning: {str(paths.npz)!r} was finished before; PNGs missing from {str(job.png_dir)!r} are not written "
@@ -114,7 +136,6 @@ def sample_ddp(job: SampleJob, load: Callable, info: dist.DistInfo) -> SampleRep
     if loaded is None:
         loaded = _load_checked(job, load)
     model, model_info, latent_space, device = loaded
-    chunks = workdir.plan_chunks(job.num_samples, job.chunk_size)
     todo = workdir.pending(paths, chunks)
     dist.barrier()
 
@@ -134,10 +155,10 @@ def sample_ddp(job: SampleJob, load: Callable, info: dist.DistInfo) -> SampleRep
         return None
 
     # 4. assemble, streaming one chunk at a time
-    image_shape = (model_info.image_size, model_info.image_size, 3)
     workdir.remove_stale_temporaries(paths)
     workdir.publish_settings(paths)
-    write_adm_npz(paths.npz, (workdir.read_chunk(paths, chunk) for chunk in chunks), count=job.num_samples, image_shape=image_shape)
+    write_adm_npz(paths.npz, (workdir.read_chunk(paths, chunk) for chunk in chunks), count=job.num_samples,
+                  image_shape=_image_shape(model_info))
     workdir.finish(paths)
     return _report(job, paths, loaded, sampled=int(totals[0]), seconds=float(totals[1]) / info.world_size, info=info)
 
@@ -174,6 +195,11 @@ def _load_checked(job: SampleJob, load: Callable):
         raise UserError(f"a pixel-space model with {model_info.config.in_channels} channels does not make RGB images; "
                         "sample-ddp writes images for FID (1 or 3 channels)")
     return model, model_info, latent_space, device
+
+
+def _image_shape(model_info) -> tuple[int, int, int]:
+    """The shape of one image in the chunks and the `.npz`: always RGB (see `_as_rgb`)."""
+    return (model_info.image_size, model_info.image_size, 3)
 
 
 def _as_rgb(images: np.ndarray) -> np.ndarray:

@@ -6,25 +6,34 @@
 
 A chunk is a fixed range of global image indices, written as one small `.npz` (images, labels) under
 a temporary name and renamed, so a chunk file is either complete or absent. A killed run leaves some
-chunk files; the same command finds them and samples only the rest. A rerun whose settings differ
-from the recorded ones is refused: mixing images from two settings would silently spoil the metric.
-The batch size, the number of processes and the device are not settings: they do not change the images.
+chunk files; the same command finds them and samples only the rest. A chunk file damaged since (cut
+short by a copy, overwritten, holding other arrays) is found by reading every chunk when a run resumes,
+deleted with a warning, and sampled again. A rerun whose settings differ from the recorded ones is
+refused: mixing images from two settings would silently spoil the metric. The batch size, the number
+of processes and the device are not settings: they change at most the rounding of the last bits (see
+`fastdit.sample_ddp.runner`), so a run may be resumed with another batch size or on other GPUs.
+
+One run at a time: the main process holds an exclusive lock on the work folder (`lock`) from before
+it loads the model until the result is in place, so a second run on the same output stops at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from ..errors import UserError
 from ..io import atomic_path, atomic_write_json
-from ..run_folder import refuse_other_settings
+from ..run_folder import LOCK_NAME, exclusive_lock, refuse_other_settings
 
 FORMAT = "fastdit.sample-ddp"
 _CHUNK_NAME = re.compile(r"chunk-\d{8,}-\d{8,}\.npz")
@@ -108,10 +117,32 @@ def is_finished(paths: OutputPaths, settings: dict) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def lock(paths: OutputPaths) -> Iterator[None]:
+    """Hold this output's lock (a file in the work folder, which is created for it) for the block.
+
+    A second run on the same output gets a UserError naming the holder. A work folder that holds only
+    the lock when the block ends (the run was refused, or found the result already there) is removed.
+    """
+    if paths.work_dir.exists() and not paths.work_dir.is_dir():
+        raise UserError(f"{str(paths.work_dir)!r} is a file, not a sample-ddp work folder; choose another --out or remove it")
+    with exclusive_lock(paths.work_dir, "fastdit sample-ddp"):
+        try:
+            yield
+        finally:
+            if paths.work_dir.is_dir() and not _started(paths):
+                shutil.rmtree(paths.work_dir)
+
+
+def _started(paths: OutputPaths) -> bool:
+    """The work folder holds more than the lock file."""
+    return any(entry.name != LOCK_NAME for entry in paths.work_dir.iterdir())
+
+
 def prepare(paths: OutputPaths, settings: dict) -> None:
-    """Create the work folder with `settings`, or check that an existing one was started with them."""
+    """Record `settings` in the (locked, so existing) work folder, or check that the run there was started with them."""
     settings = {"format": FORMAT, **_normalized(settings)}
-    if paths.work_dir.exists():
+    if _started(paths):
         _check_same(
             _read_settings(paths.work_settings), settings, paths.work_dir, f"{str(paths.work_dir)!r} was started",
             f"rerun with the same flags to continue it, or choose another --out (or delete {str(paths.work_dir)!r}) to start over",
@@ -119,7 +150,6 @@ def prepare(paths: OutputPaths, settings: dict) -> None:
         return
     if paths.settings.exists() and _read_settings(paths.settings) is None:  # never overwrite a file we did not write
         raise UserError(f"{str(paths.settings)!r} exists and is not a sample-ddp settings file; choose another --out")
-    paths.work_dir.mkdir(parents=True)
     atomic_write_json(settings, paths.work_settings)
 
 
@@ -138,8 +168,42 @@ def read_chunk(paths: OutputPaths, chunk: Chunk) -> tuple[np.ndarray, np.ndarray
     with np.load(paths.work_dir / chunk.name) as data:
         images, labels = data["images"], data["labels"]
     if len(images) != len(chunk) or len(labels) != len(chunk):
-        raise UserError(f"{str(paths.work_dir / chunk.name)!r} holds {len(images)} images, not {len(chunk)}; delete it and rerun")
+        raise UserError(f"{str(paths.work_dir / chunk.name)!r} holds {len(images)} images, not {len(chunk)}; "
+                        "rerun the same command to sample it again")
     return images, labels
+
+
+def chunk_problem(path: Path, chunk: Chunk, image_shape: tuple[int, int, int]) -> str | None:
+    """Why the chunk file at `path` cannot be used, or None. Reads it whole: zip checks every entry's CRC."""
+    if not zipfile.is_zipfile(path):  # np.load would also take a lone .npy, or try a pickle
+        return "not a zip archive"
+    try:
+        with np.load(path) as data:
+            arrays = {name: data[name] for name in data.files}  # each entry read once, to its end
+    except Exception as err:  # noqa: BLE001 - zip, CRC, .npy header and EOF errors all mean "damaged"
+        return f"unreadable: {type(err).__name__}: {err}"
+    found = {name: (array.shape, array.dtype) for name, array in arrays.items()}
+    expected = {"images": ((len(chunk), *image_shape), np.dtype(np.uint8)), "labels": ((len(chunk),), np.dtype(np.int64))}
+    if found != expected:
+        return f"holds {_describe(found)}, not {_describe(expected)}"
+    return None
+
+
+def _describe(arrays: dict) -> str:
+    return ", ".join(f"{name} {dtype} {shape}" for name, (shape, dtype) in sorted(arrays.items())) or "no arrays"
+
+
+def drop_damaged_chunks(paths: OutputPaths, chunks: list[Chunk], image_shape: tuple[int, int, int]) -> list[tuple[Path, str]]:
+    """Delete the chunk files of a resumed run that cannot be used, so they are sampled again;
+    returns (path, why) for each. Main process only, before any process lists the pending chunks."""
+    dropped = []
+    for chunk in chunks:
+        path = paths.work_dir / chunk.name
+        problem = chunk_problem(path, chunk, image_shape) if path.exists() else None
+        if problem is not None:
+            path.unlink()
+            dropped.append((path, problem))
+    return dropped
 
 
 def remove_stale_temporaries(paths: OutputPaths) -> None:

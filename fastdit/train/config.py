@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..latents import latent_side
+from ..latents import PIXEL_SPACE_NAMES, latent_side
 from ..models import config_from_name
 from ..process import ProcessSpec
 from ..run_folder import refuse_other_settings
@@ -132,7 +132,7 @@ class TrainConfig:
     def pixel_space(self) -> bool:
         if self.vae is None:
             return self.data_path == "digits"
-        return self.vae in ("", "none", "pixels")
+        return self.vae in PIXEL_SPACE_NAMES
 
     def resolved_run_name(self) -> str:
         if self.run_name:
