@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .hub import OFFICIAL_CHECKPOINTS, OFFICIAL_DIT_URL, download
+from . import hub
+from .hub import OFFICIAL_CHECKPOINTS, download, official_objective
 from .io import atomic_path
 from .latents import PIXEL_SPACE_NAMES, SD_VAE_SCALE, VAE_DOWNSAMPLE, latent_side
 from .state_dicts import describe_mismatch
@@ -219,9 +220,8 @@ def resolve_official(name: str) -> Path | None:
     if Path(name).name not in OFFICIAL_CHECKPOINTS or Path(name).exists():
         return None
     filename = Path(name).name
-    return download(
-        OFFICIAL_DIT_URL.format(name=filename), filename, subdir="dit", hint="pass --ckpt PATH to a local copy"
-    )
+    subdir = "sit" if official_objective(OFFICIAL_CHECKPOINTS[filename][0]) == "flow" else "dit"
+    return download(hub.official_url(filename), filename, subdir=subdir, hint="pass --ckpt PATH to a local copy")
 
 
 def load_model(
@@ -231,6 +231,7 @@ def load_model(
     image_size: int | None = None,
     num_classes: int | None = None,
     vae: str | None = None,
+    objective: str | None = None,
     use_ema: bool = True,
     device: str | torch.device = "cpu",
 ) -> tuple[DiT, ModelInfo]:
@@ -239,7 +240,8 @@ def load_model(
     `model_name`, `image_size` and `num_classes` are needed only for plain state dicts whose config
     the file does not record (they are checked against the weights either way). `vae` names the VAE
     of a plain state dict, or is "pixels" for one trained on pixels (its channel count is read from the
-    patch embedding's weight).
+    patch embedding's weight). `objective` ("ddpm" or "flow") is what a plain state dict predicts:
+    files that record it, and the official releases, know it already (a different one is refused).
     """
     source = str(source)
     pixels = vae in PIXEL_SPACE_NAMES
@@ -256,9 +258,12 @@ def load_model(
     else:
         path = Path(source)
     state, metadata = read_checkpoint(path, use_ema=use_ema)
+    release = OFFICIAL_CHECKPOINTS.get(Path(source).name)  # also a local copy of a release
+    known_objective = official_objective(release[0]) if release else None
 
     if metadata is not None:
         info = ModelInfo.from_dict(metadata, source=source)
+        known_objective = info.process.objective
         if vae is not None and pixels != (info.latent.kind == "pixels"):
             trained_on = "pixels" if info.latent.kind == "pixels" else f"the latents of the VAE {info.latent.vae!r}"
             raise UserError(f"checkpoint {source!r} records that it works on {trained_on}; drop --vae {vae}")
@@ -282,7 +287,10 @@ def load_model(
             if num_classes is not None:
                 fields["num_classes"] = num_classes
             config = config_from_name(model_name, **fields)
-        info = ModelInfo(config=config, latent=latent, source=source)
+        process = ProcessSpec(objective=known_objective or objective or "ddpm")
+        info = ModelInfo(config=config, latent=latent, source=source, process=process)
+    if objective is not None and known_objective not in (None, objective):
+        raise UserError(f"{source!r} holds a {known_objective} model, not {objective}; drop --objective")
     if vae is not None and info.latent.kind == "vae":
         info.latent.vae = vae
     if image_size is not None and info.image_size != image_size:

@@ -15,13 +15,31 @@ from pathlib import Path
 from .errors import DownloadError
 
 OFFICIAL_DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"
+# SiT's release (Ma et al. 2024) is served from Dropbox under the name SiT-XL-2-256.pt; it is cached as
+# SiT-XL-2-256x256.pt, the name `--model SiT-XL/2 --image-size 256` gives.
+OFFICIAL_SIT_URL = (
+    "https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt"
+    "?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0"
+)
 
-# Official DiT releases (Peebles & Xie 2023): file name -> (model, image size). Both are
-# class-conditional ImageNet models in the SD-VAE latent space (8x downsampling, 4 channels).
+# Official releases: file name -> (model, image size). All are class-conditional ImageNet models in
+# the SD-VAE latent space (8x downsampling, 4 channels) with the DiT network; the DiT ones predict ε
+# (IDDPM), SiT-XL/2 the velocity of the linear flow (same parameters and names as DiT-XL/2).
 OFFICIAL_CHECKPOINTS = {
     "DiT-XL-2-256x256.pt": ("DiT-XL/2", 256),
     "DiT-XL-2-512x512.pt": ("DiT-XL/2", 512),
+    "SiT-XL-2-256x256.pt": ("SiT-XL/2", 256),
 }
+
+
+def official_objective(model: str) -> str:
+    """The process a released model was trained with: "flow" for SiT, "ddpm" for DiT."""
+    return "flow" if model.startswith("SiT-") else "ddpm"
+
+
+def official_url(filename: str) -> str:
+    model, _ = OFFICIAL_CHECKPOINTS[filename]
+    return OFFICIAL_SIT_URL if official_objective(model) == "flow" else OFFICIAL_DIT_URL.format(name=filename)
 
 _CHUNK = 1 << 20
 

@@ -127,9 +127,9 @@ def test_missing_truncated_and_foreign_checkpoints(tmp_path, pixel_ckpt, capsys)
 
 
 def test_offline_official_weights_give_one_clear_message(tmp_path, capsys, monkeypatch):
-    import fastdit.checkpoint as checkpoint
+    import fastdit.hub as hub
 
-    monkeypatch.setattr(checkpoint, "OFFICIAL_DIT_URL", "http://127.0.0.1:9/{name}")
+    monkeypatch.setattr(hub, "OFFICIAL_DIT_URL", "http://127.0.0.1:9/{name}")
     assert run_cli("sample", "--out", tmp_path / "x.png") == 2
     err = capsys.readouterr().err
     assert "could not download DiT-XL-2-256x256.pt" in err and "--ckpt PATH" in err and "Traceback" not in err

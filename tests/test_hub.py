@@ -83,7 +83,7 @@ def test_http_error_and_offline_messages(server):
 
 
 def test_official_name_resolves_through_the_download(server, monkeypatch):
-    monkeypatch.setattr(checkpoint, "OFFICIAL_DIT_URL", server + "/DiT/models/{name}")
+    monkeypatch.setattr(hub, "OFFICIAL_DIT_URL", server + "/DiT/models/{name}")
     path = checkpoint.resolve_official("DiT-XL-2-256x256.pt")
     assert path == hub.cache_dir() / "dit" / "DiT-XL-2-256x256.pt"
     assert Path(path).read_bytes() == PAYLOAD

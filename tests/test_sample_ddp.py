@@ -124,10 +124,10 @@ def test_output_opens_as_the_adm_evaluator_reads_it(reference, tiny_ckpt):
     assert labels.dtype == np.int64 and labels.tolist() == labels_for(range(NUM_IMAGES), seed=7, num_classes=NUM_CLASSES).tolist()
     # Image i is what `generate` gives for index i, in the batches sample-ddp uses (they start at chunk
     # boundaries: [0, 3) [3, 4) | [4, 7) [7, 8) | [8, 10)), so the same arithmetic: bit for bit.
-    model, _ = load_model(tiny_ckpt)
+    model, info = load_model(tiny_ckpt)
     options = SamplingOptions(num_steps=3, cfg_scale=1.5)
     batches = [range(0, 3), range(3, 4), range(4, 7), range(7, 8), range(8, 10)]
-    expected = np.concatenate([generate(model, PixelSpace(3), labels[b.start:b.stop], options=options, seed=7, indices=b)
+    expected = np.concatenate([generate(model, PixelSpace(3), labels[b.start:b.stop], options=options, process=info.process, seed=7, indices=b)
                                for b in batches])
     assert np.array_equal(images, expected)
     # ADM's evaluator can also stream arr_0 out of the zip: a plain .npy entry, C order, uint8.
@@ -230,7 +230,7 @@ def test_a_second_run_on_the_same_output_stops_and_a_damaged_chunk_is_sampled_ag
             main(command)
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
-        assert f"is in use by fastdit sample-ddp (pid {process.pid})" in err and "Traceback" not in err, err
+        assert f"is in use by fastdit sample-ddp (pid {process.pid} on " in err and "Traceback" not in err, err
 
     start_then_kill_after_first_chunk(command, tmp_path, second_run)
     first_chunk.write_bytes(first_chunk.read_bytes()[:300])  # cut short, e.g. by a copy

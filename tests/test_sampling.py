@@ -8,8 +8,19 @@ from fastdit.diffusion import create_diffusion
 from fastdit.errors import UserError
 from fastdit.latents import PixelSpace, VAELatentSpace, tiny_vae_config
 from fastdit.models import build_model
-from fastdit.sampling import ClassifierFreeGuidance, SamplingOptions, generate, get_sampler, guide
+from fastdit.process import ProcessSpec
+from fastdit.sampling import (
+    ClassifierFreeGuidance, SamplingOptions, ddim, dpm_solver_pp_2m, gaussian_grid, generate as generate_with, guide,
+)
 from fastdit.sampling.noise import PerImageNoise
+
+
+DDPM = ProcessSpec("ddpm")
+
+
+def generate(*args, **kwargs):
+    """`generate` for the DDPM models of this file (the process is a required argument)."""
+    return generate_with(*args, process=DDPM, **kwargs)
 
 
 def tiny_model(**overrides):
@@ -102,10 +113,26 @@ def test_ddim_eta0_is_deterministic_given_start():
     diffusion = create_diffusion("5")
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([1, 2])
-    ddim = get_sampler("ddim")
-    one = ddim(diffusion, model, x_T, y, noise_fn=lambda x: torch.randn_like(x))
-    two = ddim(diffusion, model, x_T, y, noise_fn=lambda x: torch.randn_like(x))
-    assert torch.equal(one, two)
+    drawn = []
+    one = ddim(gaussian_grid(diffusion, model, y), x_T, noise_fn=lambda x: drawn.append(1) or torch.randn_like(x))
+    two = ddim(gaussian_grid(diffusion, model, y), x_T)
+    assert torch.equal(one, two) and not drawn  # eta = 0 draws no noise at all
+
+
+def test_grid_ddim_matches_the_official_ddim_step():
+    # The grid sampler (α, σ as float64 scalars) against the official step (coefficients gathered in
+    # float64, cast to float32) run over the same respaced process: the same arithmetic up to float32
+    # rounding of the coefficients (~1e-7 relative per step; 5 steps of an O(1) map: 1e-5 of the scale).
+    model = tiny_model()
+    diffusion = create_diffusion("5")
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([1, 2])
+    official = x_T
+    for i in range(diffusion.num_timesteps - 1, -1, -1):
+        t = torch.full((2,), i, dtype=torch.long)
+        official = diffusion.ddim_sample(model, official, t, model_kwargs={"y": y}, eta=0.0, noise=torch.zeros_like(x_T))["sample"]
+    grid = ddim(gaussian_grid(diffusion, model, y), x_T)
+    assert (grid - official).abs().max() <= 1e-5 * official.abs().max()
 
 
 def test_dpm_solver_converges_to_ddim_ode_with_many_steps():
@@ -113,9 +140,9 @@ def test_dpm_solver_converges_to_ddim_ode_with_many_steps():
     model = tiny_model()
     y = torch.tensor([1, 2])
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    reference = get_sampler("ddim")(create_diffusion("250"), model, x_T, y)
-    coarse = get_sampler("dpm++2m")(create_diffusion("10"), model, x_T, y)
-    fine = get_sampler("dpm++2m")(create_diffusion("50"), model, x_T, y)
+    reference = ddim(gaussian_grid(create_diffusion("250"), model, y), x_T)
+    coarse = dpm_solver_pp_2m(gaussian_grid(create_diffusion("10"), model, y), x_T)
+    fine = dpm_solver_pp_2m(gaussian_grid(create_diffusion("50"), model, y), x_T)
     scale = reference.abs().mean()
     assert (fine - reference).abs().mean() < (coarse - reference).abs().mean()
     assert (fine - reference).abs().mean() < 0.01 * scale
@@ -137,8 +164,17 @@ def test_bad_sampling_arguments():
         generate(model, PixelSpace(3), [1, 10], options=SamplingOptions(num_steps=2))
     with pytest.raises(UserError, match="cfg scale 0.5"):
         generate(model, PixelSpace(3), [1], options=SamplingOptions(num_steps=2, cfg_scale=0.5))
-    with pytest.raises(UserError, match="unknown sampler"):
+    with pytest.raises(UserError, match="sampler 'euler' does not fit this ddpm model; use one of: ddpm, ddim, dpm"):
         generate(model, PixelSpace(3), [1], options=SamplingOptions(sampler="euler", num_steps=2))
+    with pytest.raises(UserError, match="eta is an option of the ddim sampler only"):
+        generate(model, PixelSpace(3), [1], options=SamplingOptions(sampler="ddpm", num_steps=2, eta=0.5))
+    with pytest.raises(UserError, match="time shift applies to flow models only"):
+        generate(model, PixelSpace(3), [1], options=SamplingOptions(num_steps=2, time_shift=3.0))
+    with pytest.raises(UserError, match=r"guidance interval \(500, 100\) must lie in .* \[0, 999\] with LOW <= HIGH"):
+        generate(model, PixelSpace(3), [1], options=SamplingOptions(num_steps=2, guidance_interval=(500, 100)))
+    with pytest.raises(UserError, match=r"guidance interval \(0, 2\) must lie in this flow model's time range \[0, 1\]"):
+        generate_with(model, PixelSpace(3), [1], options=SamplingOptions(num_steps=2, guidance_interval=(0, 2)),
+                      process=ProcessSpec("flow"))
     unconditional = tiny_model(in_channels=3, class_dropout_prob=0.0, num_classes=1)
     with pytest.raises(UserError, match="no null class"):
         generate(unconditional, PixelSpace(3), [0], options=SamplingOptions(num_steps=2, cfg_scale=2.0))

@@ -8,7 +8,8 @@ from pathlib import Path
 from ..errors import UserError
 from ..io import check_can_create
 from .arg_types import finite_float, seed
-from ..sampling import SAMPLERS, SamplingOptions
+from ..process import ALL_SAMPLERS, OBJECTIVES, SAMPLERS_BY_OBJECTIVE
+from ..sampling import SamplingOptions
 from ..sampling.guidance import OFFICIAL_GUIDED_CHANNELS
 
 OFFICIAL_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -17,7 +18,8 @@ OFFICIAL_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None,
-                       help="preset name, e.g. DiT-XL/2 (default for official weights), DiT-B/4; read from --ckpt when it records it")
+                       help="preset name, e.g. DiT-XL/2 (default for official weights), SiT-XL/2 (the official SiT weights), "
+                            "DiT-B/4; read from --ckpt when it records it")
     group.add_argument("--image-size", type=int, default=None,
                        help="image side in pixels (official models: 256 or 512; default: 256, or what the checkpoint records)")
     group.add_argument("--num-classes", type=int, default=None, help="number of classes (default: 1000, or what the checkpoint records)")
@@ -25,18 +27,28 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a .pt/.safetensors file or training checkpoint; default: the official DiT-XL-2-<size>.pt, downloaded on first use")
     group.add_argument("--vae", default=None, help="mse (default for official models), ema, a local diffusers AutoencoderKL folder, "
                             "or pixels for a model trained on pixels (needed only for plain state dicts)")
+    group.add_argument("--objective", choices=OBJECTIVES, default=None,
+                       help="what a plain state dict predicts: ddpm (DiT) or flow (SiT); checkpoints and official weights record it")
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, cfg_default: float = 4.0) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddpm", help="default: ddpm (ancestral, the official sampler)")
-    group.add_argument("--num-sampling-steps", type=int, default=250, help="respaced steps (default: 250)")
+    group.add_argument("--sampler", choices=ALL_SAMPLERS, default=None,
+                       help="default: the model's own (ddpm for DiT, sde-euler for SiT/flow); "
+                            + "; ".join(f"{k} models: {', '.join(v)}" for k, v in SAMPLERS_BY_OBJECTIVE.items()))
+    group.add_argument("--num-sampling-steps", type=int, default=250,
+                       help="DDPM: respaced steps; flow samplers: grid points, as SiT counts them (default: 250)")
     group.add_argument("--cfg-scale", type=finite_float, default=cfg_default,
                        help=f"classifier-free guidance scale; 1 disables guidance (default: {cfg_default})")
     group.add_argument("--official-guidance", action="store_true",
                        help=f"guide only the first {OFFICIAL_GUIDED_CHANNELS} latent channels like the official DiT code "
                             "(use with --cfg-scale 1.5 to reproduce the paper's FID 2.27)")
+    group.add_argument("--guidance-interval", type=finite_float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                       help="guide only where the process's time is in [LOW, HIGH] (DDPM timesteps 0..999, flow time "
+                            "0 noise..1 data); elsewhere one conditional forward (default: every step)")
+    group.add_argument("--time-shift", type=finite_float, default=1.0,
+                       help="flow models: warp the time grid toward the noise end, t' = t / (t + s (1 - t)) (default: 1, none)")
     group.add_argument("--eta", type=finite_float, default=0.0, help="DDIM eta (default: 0, deterministic)")
     group.add_argument("--seed", type=seed, default=0, help="seed of the noise (and of uniform labels); an integer >= 0 (default: 0)")
 
@@ -47,10 +59,11 @@ def sampling_options(args: argparse.Namespace) -> SamplingOptions:
         num_steps=args.num_sampling_steps,
         cfg_scale=args.cfg_scale,
         guided_channels=OFFICIAL_GUIDED_CHANNELS if args.official_guidance else None,
+        guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
         eta=args.eta,
+        time_shift=args.time_shift,
     )
-    options.validate()
-    return options
+    return options  # checked against the model's process once it is known (`load_for_sampling`)
 
 
 def check_output_file(path: str, suffixes: tuple[str, ...]) -> Path:
@@ -64,8 +77,9 @@ def check_output_file(path: str, suffixes: tuple[str, ...]) -> Path:
     return out
 
 
-def load_for_sampling(args: argparse.Namespace):
-    """(model, info, latent space) for the model flags, with every check done before heavy work."""
+def load_for_sampling(args: argparse.Namespace, options: SamplingOptions | None = None):
+    """(model, info, latent space, device) for the model flags, with every check done before heavy work;
+    `options` are checked against the model's process before the VAE is loaded."""
     from ..checkpoint import load_model
     from ..devices import resolve_device
     from ..hub import OFFICIAL_CHECKPOINTS, official_dit_name
@@ -79,7 +93,7 @@ def load_for_sampling(args: argparse.Namespace):
     ckpt = args.ckpt
     if ckpt is None:
         model = args.model or "DiT-XL/2"
-        ckpt = official_dit_name(model, args.image_size or 256)
+        ckpt = official_dit_name(model, args.image_size or 256)  # SiT-XL/2 -> SiT-XL-2-256x256.pt
         if ckpt not in OFFICIAL_CHECKPOINTS:
             official = ", ".join(f"{m} at {s}" for m, s in OFFICIAL_CHECKPOINTS.values())
             raise UserError(f"no official weights for {model} at {args.image_size or 256}px (released: {official}); pass --ckpt PATH")
@@ -87,8 +101,10 @@ def load_for_sampling(args: argparse.Namespace):
         latent_side(args.image_size)  # before loading anything: the VAE's factor must divide the size
     model, info = load_model(
         ckpt, model_name=args.model, image_size=args.image_size, num_classes=args.num_classes,
-        vae=args.vae, device=device,
+        vae=args.vae, objective=args.objective, device=device,
     )
+    if options is not None:
+        options.validate(info.process)
     if info.latent.kind == "pixels":
         latent_space = PixelSpace(channels=info.config.in_channels)
     else:

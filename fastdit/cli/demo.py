@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..sampling import SAMPLERS
+from ..process import ALL_SAMPLERS
 from .arg_types import finite_float, seed
 
 HELP = "train a tiny DiT on the 8x8 digits (no download, minutes on a CPU), sample every class, and judge the samples"
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ema-decay", type=finite_float, default=d.ema_decay, help=f"EMA decay per step; the samples come from the EMA (default: {d.ema_decay})")
     group = parser.add_argument_group("sampling")
     group.add_argument("--samples-per-class", type=int, default=d.samples_per_class, help=f"(default: {d.samples_per_class})")
-    group.add_argument("--sampler", choices=sorted(SAMPLERS), default=d.sampler, help=f"(default: {d.sampler})")
+    group.add_argument("--sampler", choices=ALL_SAMPLERS, default=d.sampler, help=f"(default: {d.sampler})")
     group.add_argument("--sampling-steps", type=int, default=d.sampling_steps, help=f"(default: {d.sampling_steps})")
     group.add_argument("--cfg-scale", type=finite_float, default=d.cfg_scale, help=f"classifier-free guidance scale; 1 disables it (default: {d.cfg_scale})")
     parser.add_argument("--classifier-epochs", type=int, default=d.classifier_epochs,

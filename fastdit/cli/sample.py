@@ -37,15 +37,16 @@ def run(args: argparse.Namespace) -> int:
         from ..errors import UserError
 
         raise UserError(f"--nrow must be >= 1, got {args.nrow}")
-    model, info, latent_space, device = load_for_sampling(args)
+    model, info, latent_space, device = load_for_sampling(args, options)
     num_classes = info.config.num_classes
     labels = args.class_labels
     if labels is None:
         labels = OFFICIAL_CLASS_LABELS if num_classes == 1000 else list(range(min(num_classes, 8)))
     labels = check_labels(labels, num_classes)
     images = generate(
-        model, latent_space, labels, options=options, seed=args.seed, device=device, progress=not args.no_progress
+        model, latent_space, labels, options=options, process=info.process, seed=args.seed, device=device,
+        progress=not args.no_progress,
     )
     atomic_save_png(make_grid(images, nrow=args.nrow), out)
-    print(f"wrote {out} ({len(labels)} images, {info.image_size}x{info.image_size}, {options.sampler} {options.num_steps} steps, cfg {options.cfg_scale})")
+    print(f"wrote {out} ({len(labels)} images, {info.image_size}x{info.image_size}, {options.resolved_sampler(info.process)} {options.num_steps} steps, cfg {options.cfg_scale})")
     return 0

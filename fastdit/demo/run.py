@@ -110,7 +110,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     config.validate()
     options = SamplingOptions(sampler=config.sampler, num_steps=config.sampling_steps, cfg_scale=config.cfg_scale)
-    options.validate()
+    options.validate(train_config(config).process_spec())
     _refuse_a_folder_of_other_files(Path(config.out))
     out = ensure_writable_dir(config.out)
     device = resolve_device(config.device)
@@ -120,11 +120,11 @@ def run_demo(config: DemoConfig) -> DemoResult:
     trained = train(train_config(config))
     train_seconds = time.perf_counter() - started
 
-    model, _ = load_model(trained.export, device=device)
+    model, info = load_model(trained.export, device=device)
     labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int64), config.samples_per_class)  # class-major
     print(f"sampling {len(labels)} images ({config.sampler}, {config.sampling_steps} steps, cfg {config.cfg_scale})", flush=True)
     sampling_start = time.perf_counter()
-    samples = generate(model, PixelSpace(channels=1), labels, options=options, seed=config.seed, device=device,
+    samples = generate(model, PixelSpace(channels=1), labels, options=options, process=info.process, seed=config.seed, device=device,
                        progress=config.progress)
     sampling_seconds = time.perf_counter() - sampling_start
 

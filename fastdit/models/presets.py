@@ -25,7 +25,10 @@ LIGHTNINGDIT_BLOCKS = dict(norm="rmsnorm", mlp="swiglu", rope=True, qk_norm=True
 
 
 def config_from_name(name: str, **overrides) -> DiTConfig:
-    """`DiTConfig` for a preset name (accepts `DiT-XL/2` and the file-name form `DiT-XL-2`)."""
+    """`DiTConfig` for a preset name (accepts `DiT-XL/2` and the file-name form `DiT-XL-2`; `SiT-XL/2`
+    names the same network, which SiT trains as a flow)."""
+    if name.startswith("SiT-"):
+        name = "DiT-" + name[len("SiT-"):]
     canonical = name.replace("DiT-", "").replace("-", "/")
     canonical = f"DiT-{canonical}"
     if canonical not in PRESETS:

@@ -62,16 +62,17 @@ class SampleJob:
             raise UserError("--class-labels needs at least one label")
         if self.png_dir is not None and Path(self.png_dir).exists() and not Path(self.png_dir).is_dir():
             raise UserError(f"--png-dir {str(self.png_dir)!r} is a file; give a folder")
-        self.options.validate()
+        # The sampling options are checked against the model's process once it is loaded (`_load_checked`).
 
     def settings(self, info, latent_space, fingerprint: str) -> dict:
         """What decides the images (see `workdir`): recorded in the work folder and beside the result."""
         return {
-            "model": {"config": asdict(info.config), "latent": latent_space.name, "weights_sha256": fingerprint},
+            "model": {"config": asdict(info.config), "latent": latent_space.name, "weights_sha256": fingerprint,
+                      "process": info.process.to_dict()},
             "image_size": info.image_size,
             "num_samples": self.num_samples,
             "seed": self.seed,
-            "sampling": asdict(self.options),
+            "sampling": {**asdict(self.options), "sampler": self.options.resolved_sampler(info.process)},
             "labels": "uniform" if self.class_labels is None else list(self.class_labels),
             "chunk_size": self.chunk_size,
         }
@@ -189,6 +190,7 @@ def _on_main_first(info: dist.DistInfo, step: Callable):
 
 def _load_checked(job: SampleJob, load: Callable):
     model, model_info, latent_space, device = load()
+    job.options.validate(model_info.process)
     if job.class_labels is not None:
         check_labels(job.class_labels, model_info.config.num_classes)
     if model_info.latent.kind == "pixels" and model_info.config.in_channels not in (1, 3):
@@ -220,7 +222,8 @@ def _sample_chunks(job, paths, chunks, model, model_info, latent_space, device, 
         for first in range(chunk.start, chunk.stop, job.batch_size):
             indices = range(first, min(first + job.batch_size, chunk.stop))
             batch_labels = labels_for(indices, seed=job.seed, num_classes=num_classes, class_labels=job.class_labels)
-            batch = generate(model, latent_space, batch_labels, options=job.options, seed=job.seed, indices=indices, device=device)
+            batch = generate(model, latent_space, batch_labels, options=job.options, process=model_info.process,
+                             seed=job.seed, indices=indices, device=device)
             images.append(_as_rgb(batch))
             labels.append(batch_labels)
             bar.update(len(indices))
