@@ -43,11 +43,17 @@ def assert_same_tensors(a: dict, b: dict):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_sigkill_and_rerun_gives_bit_identical_weights(tmp_path):
-    reference = train(tiny_config(tmp_path / "reference", max_steps=8, ckpt_every=2))
+# The process is part of what resumes: flow matching (logit-normal times, block options on) too.
+FLOW = ["--objective", "flow", "--time-sampling", "logit-normal", "--rope", "--qk-norm", "--norm", "rmsnorm", "--mlp", "swiglu"]
+FLOW_FIELDS = dict(objective="flow", time_sampling="logit-normal", rope=True, qk_norm=True, norm="rmsnorm", mlp="swiglu")
+
+
+@pytest.mark.parametrize("flags, fields", [([], {}), (FLOW, FLOW_FIELDS)], ids=["ddpm", "flow"])
+def test_sigkill_and_rerun_gives_bit_identical_weights(tmp_path, flags, fields):
+    reference = train(tiny_config(tmp_path / "reference", max_steps=8, ckpt_every=2, **fields))
     assert reference.step == 8
 
-    command = [sys.executable, "-m", "fastdit", "train", *TINY, "--max-steps", "8", "--ckpt-every", "2",
+    command = [sys.executable, "-m", "fastdit", "train", *TINY, *flags, "--max-steps", "8", "--ckpt-every", "2",
                "--results-dir", str(tmp_path / "killed")]
     run_dir = tmp_path / "killed" / reference.run_dir.name
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

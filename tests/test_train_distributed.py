@@ -5,10 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from fastdit.train.loop import train
-from test_train import TINY, final_state, tiny_config
+from test_train import FLOW, FLOW_FIELDS, TINY, final_state, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,8 +21,9 @@ def torchrun(tmp_path, *args):
     return subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 
-def test_two_processes_match_one_process(tmp_path):
-    result = torchrun(tmp_path, *TINY, "--max-steps", "4", "--ckpt-every", "4", "--device", "cpu",
+@pytest.mark.parametrize("flags, fields", [([], {}), (FLOW, FLOW_FIELDS)], ids=["ddpm", "flow"])
+def test_two_processes_match_one_process(tmp_path, flags, fields):
+    result = torchrun(tmp_path, *TINY, *flags, "--max-steps", "4", "--ckpt-every", "4", "--device", "cpu",
                       "--results-dir", str(tmp_path / "two"), "--micro-batch-size", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("saved") == 1  # only rank 0 writes and logs
@@ -29,7 +31,7 @@ def test_two_processes_match_one_process(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun runs each process: the same float summation order
     try:
-        one = train(tiny_config(tmp_path / "one", max_steps=4, ckpt_every=4))
+        one = train(tiny_config(tmp_path / "one", max_steps=4, ckpt_every=4, **fields))
     finally:
         torch.set_num_threads(threads)
     two_state, one_state = final_state(tmp_path / "two" / one.run_dir.name), final_state(one.run_dir)
