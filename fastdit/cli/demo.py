@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..process import ALL_SAMPLERS
+from ..process import ALL_SAMPLERS, OBJECTIVES, TIME_SAMPLINGS
 from .arg_types import finite_float, seed
 
 HELP = "train a tiny DiT on the 8x8 digits (no download, minutes on a CPU), sample every class, and judge the samples"
@@ -20,9 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step (default: {d.batch_size})")
     group.add_argument("--lr", type=finite_float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
     group.add_argument("--ema-decay", type=finite_float, default=d.ema_decay, help=f"EMA decay per step; the samples come from the EMA (default: {d.ema_decay})")
+    group.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
+                       help=f"ddpm (DiT's process) or flow (SiT's) (default: {d.objective})")
+    group.add_argument("--time-sampling", choices=TIME_SAMPLINGS, default=d.time_sampling,
+                       help=f"flow: how training draws t (default: {d.time_sampling})")
+    group.add_argument("--blocks", action=argparse.BooleanOptionalAction, default=d.blocks,
+                       help=f"LightningDiT blocks: RMSNorm, SwiGLU, 2-D RoPE, QK-norm (default: {'on' if d.blocks else 'off'})")
     group = parser.add_argument_group("sampling")
     group.add_argument("--samples-per-class", type=int, default=d.samples_per_class, help=f"(default: {d.samples_per_class})")
-    group.add_argument("--sampler", choices=ALL_SAMPLERS, default=d.sampler, help=f"(default: {d.sampler})")
+    group.add_argument("--sampler", choices=ALL_SAMPLERS, default=d.sampler, help=f"(default: {d.sampler or 'the process own'})")
     group.add_argument("--sampling-steps", type=int, default=d.sampling_steps, help=f"(default: {d.sampling_steps})")
     group.add_argument("--cfg-scale", type=finite_float, default=d.cfg_scale, help=f"classifier-free guidance scale; 1 disables it (default: {d.cfg_scale})")
     parser.add_argument("--classifier-epochs", type=int, default=d.classifier_epochs,
@@ -39,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     config = DemoConfig(
         out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
         samples_per_class=args.samples_per_class, sampler=args.sampler, sampling_steps=args.sampling_steps,
-        cfg_scale=args.cfg_scale, classifier_epochs=args.classifier_epochs, seed=args.seed, device=args.device, progress=args.progress,
+        cfg_scale=args.cfg_scale, objective=args.objective, time_sampling=args.time_sampling, blocks=args.blocks,
+        classifier_epochs=args.classifier_epochs, seed=args.seed, device=args.device, progress=args.progress,
     )
     result = run_demo(config)
     print(format_report(result.report))
@@ -49,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"files in {result.out_dir}:")
     for name, path in result.files.items():
         print(f"  {name:<10} {path}")
-    print(f"sample more with: fastdit sample --ckpt {result.files['checkpoint']} --sampler {config.sampler} "
+    print(f"sample more with: fastdit sample --ckpt {result.files['checkpoint']} --sampler {result.report['sampling']['sampler']} "
           f"--num-sampling-steps {config.sampling_steps} --cfg-scale {config.cfg_scale} "
           f"--class-labels 0 1 2 3 4 5 6 7 8 9 --nrow 10 --out digits.png")
     return 0

@@ -1,0 +1,149 @@
+"""How fast each training recipe gets the digits demo to good samples, on one machine in one run.
+
+    python benchmarks/bench_convergence.py                       # the four recipes, steps 250..1000
+    python benchmarks/bench_convergence.py --recipes dit flow-blocks --steps 400 800
+
+Every recipe trains the demo's model (DiT-T/2 on the 1,438 training digits, batch 128, lr 1e-3, EMA
+0.99, seed 0) in segments up to each step count (resuming is the same command, so the segments add up
+to one run), and after each segment samples 50 images per digit with guidance (cfg 3) from the EMA.
+One judge (the demo's CNN, trained on the 359 held-out digits) scores every sample set: the share
+classified as the digit it was conditioned on, and the Frechet distance of its features to real
+digits (with the real-vs-real floor for the same sample sizes). Then the number of model calls at
+sampling: the final checkpoints with DDPM-25 (DiT) and ODE Euler/Heun at 8, 16 and 32 calls (flow).
+
+Wall seconds count on an otherwise idle machine only: run nothing else meanwhile (`nice` does not help
+on 2 cores). The table names the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fastdit.checkpoint import load_model  # noqa: E402
+from fastdit.data import load_digits_tensors, split_digits  # noqa: E402
+from fastdit.data.digits import DIGITS_HELDOUT_FRACTION  # noqa: E402
+from fastdit.demo.classifier import ClassifierOptions, uint8_to_model_input  # noqa: E402
+from fastdit.demo.run import NUM_CLASSES, DemoConfig, Judge, train_config  # noqa: E402
+from fastdit.latents import PixelSpace  # noqa: E402
+from fastdit.sampling import SamplingOptions, generate, to_uint8  # noqa: E402
+from fastdit.train.loop import train  # noqa: E402
+
+# name -> (objective, time sampling, LightningDiT blocks, sampler, sampling steps). DiT samples as the
+# demo did (DDPM-25); the flow recipes with ODE Heun at 16 model calls (num_steps counts grid points).
+RECIPES = {
+    "dit": ("ddpm", "uniform", False, "ddpm", 25),
+    "flow": ("flow", "uniform", False, "heun", 9),
+    "flow-logitnormal": ("flow", "logit-normal", False, "heun", 9),
+    "flow-blocks": ("flow", "logit-normal", True, "heun", 9),
+}
+# NFE rows: sampler -> grid points for a number of model calls (Euler: one call per step; Heun: two).
+NFE_GRIDS = {"euler": lambda calls: calls + 1, "heun": lambda calls: calls // 2 + 1}
+
+
+@dataclass
+class Row:
+    recipe: str
+    steps: int
+    train_seconds: float
+    sampler: str
+    model_calls: int
+    sample_seconds: float
+    class_match: float
+    fd: float
+    fd_floor: float
+
+
+def model_calls(sampler: str, num_steps: int) -> int:
+    return {"ddpm": num_steps, "ddim": num_steps, "dpm++2m": num_steps, "euler": num_steps - 1,
+            "heun": 2 * (num_steps - 1), "sde-euler": num_steps, "sde-heun": 2 * (num_steps - 1) + 1}[sampler]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument("--steps", nargs="+", type=int, default=[250, 500, 750, 1000])
+    parser.add_argument("--samples-per-class", type=int, default=50)
+    parser.add_argument("--cfg-scale", type=float, default=3.0)
+    parser.add_argument("--nfe", nargs="*", type=int, default=[8, 16, 32], help="model calls for the NFE rows")
+    parser.add_argument("--out", default=None, help="work folder (default: a temporary one)")
+    return parser.parse_args(argv)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+        else:
+            name = platform.processor() or platform.machine()
+    except OSError:
+        name = platform.processor() or platform.machine()
+    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__} (ATen {torch.backends.cpu.get_cpu_capability()})"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    work = Path(args.out or tempfile.mkdtemp(prefix="fastdit-convergence-"))
+    images, real_labels = load_digits_tensors()
+    real = uint8_to_model_input(to_uint8(images))
+    dit_train, heldout = split_digits(real_labels, DIGITS_HELDOUT_FRACTION, 0)
+    judge = Judge(real, real_labels.numpy(), judge_train=heldout.numpy(), judge_test=dit_train.numpy(), seed=0,
+                  classifier_options=ClassifierOptions(seed=0))
+    labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int64), args.samples_per_class)
+
+    def score(recipe, steps, train_seconds, model, info, sampler, num_steps) -> Row:
+        options = SamplingOptions(sampler=sampler, num_steps=num_steps, cfg_scale=args.cfg_scale)
+        start = time.perf_counter()
+        samples = generate(model, PixelSpace(1), labels, options=options, process=info.process, seed=0)
+        seconds = time.perf_counter() - start
+        report = judge.report(samples, labels)
+        fd = report["frechet_distance"]
+        row = Row(recipe, steps, train_seconds, sampler, model_calls(sampler, num_steps), seconds,
+                  report["class_match"], fd["samples_vs_real"], fd["real_vs_real"])
+        print(f"  {row}", flush=True)
+        return row
+
+    rows, nfe_rows = [], []
+    for name in args.recipes:
+        objective, time_sampling, blocks, sampler, num_steps = RECIPES[name]
+        config = DemoConfig(out=str(work / name), objective=objective, time_sampling=time_sampling, blocks=blocks,
+                            progress=False)
+        elapsed = 0.0
+        for steps in sorted(args.steps):
+            start = time.perf_counter()
+            result = train(replace(train_config(replace(config, steps=steps)), log_every=max(steps, 1)))
+            elapsed += time.perf_counter() - start
+            model, info = load_model(result.export)
+            rows.append(score(name, steps, elapsed, model, info, sampler, num_steps))
+        if objective == "flow":
+            for calls in args.nfe:
+                for nfe_sampler, points in NFE_GRIDS.items():
+                    nfe_rows.append(score(name, steps, elapsed, model, info, nfe_sampler, points(calls)))
+        else:
+            nfe_rows.append(rows[-1])
+
+    print(f"\nConvergence on the digits demo ({cpu_name()}); {len(labels)} samples, cfg {args.cfg_scale}")
+    header = "| recipe | steps | train s | sampler | model calls | sample s | class match | Frechet (real floor) |"
+    rule = "|---|---|---|---|---|---|---|---|"
+    for title, table in (("training", rows), ("sampling cost (final checkpoints)", nfe_rows)):
+        print(f"\n{title}\n{header}\n{rule}")
+        for r in table:
+            print(f"| {r.recipe} | {r.steps} | {r.train_seconds:.0f} | {r.sampler} | {r.model_calls} | "
+                  f"{r.sample_seconds:.1f} | {r.class_match:.1%} | {r.fd:.1f} ({r.fd_floor:.1f}) |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
