@@ -28,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"LightningDiT blocks: RMSNorm, SwiGLU, 2-D RoPE, QK-norm (default: {'on' if d.blocks else 'off'})")
     group = parser.add_argument_group("sampling")
     group.add_argument("--samples-per-class", type=int, default=d.samples_per_class, help=f"(default: {d.samples_per_class})")
-    group.add_argument("--sampler", choices=ALL_SAMPLERS, default=d.sampler, help=f"(default: {d.sampler or 'the process own'})")
-    group.add_argument("--sampling-steps", type=int, default=d.sampling_steps, help=f"(default: {d.sampling_steps})")
+    group.add_argument("--sampler", choices=ALL_SAMPLERS, default=d.sampler, help="(default: heun for flow, ddpm for ddpm)")
+    group.add_argument("--sampling-steps", type=int, default=d.sampling_steps,
+                       help="model-call budget: DDPM steps, or flow grid points (default: 9 for flow, 25 for ddpm)")
     group.add_argument("--cfg-scale", type=finite_float, default=d.cfg_scale, help=f"classifier-free guidance scale; 1 disables it (default: {d.cfg_scale})")
     parser.add_argument("--classifier-epochs", type=int, default=d.classifier_epochs,
                         help=f"epochs of the digit classifier that judges the samples (default: {d.classifier_epochs})")
@@ -57,6 +58,6 @@ def run(args: argparse.Namespace) -> int:
     for name, path in result.files.items():
         print(f"  {name:<10} {path}")
     print(f"sample more with: fastdit sample --ckpt {result.files['checkpoint']} --sampler {result.report['sampling']['sampler']} "
-          f"--num-sampling-steps {config.sampling_steps} --cfg-scale {config.cfg_scale} "
+          f"--num-sampling-steps {result.report['sampling']['num_steps']} --cfg-scale {config.cfg_scale} "
           f"--class-labels 0 1 2 3 4 5 6 7 8 9 --nrow 10 --out digits.png")
     return 0
