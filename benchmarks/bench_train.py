@@ -26,6 +26,7 @@ from fastdit.latents import VAELatentSpace, latent_side
 from fastdit.models import build_model
 from fastdit.train.config import TrainConfig
 from fastdit.train.ema import make_ema
+from fastdit.train.state import TrainingState
 from fastdit.train.logger import peak_memory_gb
 from fastdit.train.loop import make_optimizer, train_step
 from fastdit.train.setup import enable_tf32, make_grad_scaler, prepare_model
@@ -73,8 +74,8 @@ def run_row(args, device, precision, checkpointing, source, vae_cache):
     ema = make_ema(model)
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     runnable = prepare_model(model, dist=dist, gradient_checkpointing=checkpointing, compile_model=args.compile)
-    optimizer = make_optimizer(model, config)
-    scaler = make_grad_scaler(device, precision)
+    state = TrainingState(model=model, runnable=runnable, ema=ema, optimizer=make_optimizer(model, config),
+                          scaler=make_grad_scaler(device, precision))
     diffusion = create_diffusion("")
     on_the_fly = source == "images"
     if on_the_fly and "vae" not in vae_cache:
@@ -88,7 +89,8 @@ def run_row(args, device, precision, checkpointing, source, vae_cache):
     y = torch.randint(0, 1000, (args.batch,), device=device)
 
     def step(k):
-        return train_step(config, data, diffusion, runnable, model, ema, optimizer, scaler, x, y, k, dist, args.batch, args.batch)
+        state.position.step = k
+        return train_step(config, data, diffusion, state, x, y, dist, args.batch, args.batch)
 
     for k in range(args.warmup):
         step(k)

@@ -311,3 +311,21 @@ def test_resume_removes_stale_temporaries_writes_a_missing_export_and_cuts_the_m
     load_model(run / "checkpoints" / "0000002-ema.safetensors")
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert resumed.step == 4
+
+
+def test_checkpoints_with_index_keyed_optimizer_state_still_resume(tmp_path):
+    """Checkpoints of version 1 (before FSDP) keyed the optimizer state by parameter index; version 2
+    keys it by parameter name. A version-1 run folder resumes to the same weights."""
+    reference = train(tiny_config(tmp_path / "a", max_steps=4, ckpt_every=2))
+    early = train(tiny_config(tmp_path / "b", max_steps=2, ckpt_every=2))
+    state = torch.load(early.checkpoint, weights_only=True)
+    names = state["optimizer"]["param_groups"][0]["params"]
+    state["optimizer"] = {
+        "state": {index: state["optimizer"]["state"][name] for index, name in enumerate(names)},
+        "param_groups": [{**state["optimizer"]["param_groups"][0], "params": list(range(len(names)))}],
+    }
+    state["version"] = 1
+    torch.save(state, early.checkpoint)
+    resumed = train(tiny_config(tmp_path / "b", max_steps=4, ckpt_every=2))
+    assert_same_tensors(final_state(resumed.run_dir)["model"], final_state(reference.run_dir)["model"])
+    assert_same_tensors(final_state(resumed.run_dir)["ema"], final_state(reference.run_dir)["ema"])

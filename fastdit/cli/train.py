@@ -28,6 +28,7 @@ HELP_TEXTS = {
     "global_seed": "seed of everything random",
     "precision": "fp32, bf16 or fp16 (with a gradient scaler)",
     "gradient_checkpointing": "recompute block activations in backward to save memory",
+    "fsdp": "shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP",
     "compile": "torch.compile the model",
     "tf32": "TF32 matmuls on GPUs",
     "results_dir": "folder of run folders",

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 
@@ -315,7 +314,6 @@ class DiT(nn.Module):
         if overrides:
             config = DiTConfig(**{**config.__dict__, **overrides})
         self.config = config
-        self.gradient_checkpointing = False  # switched by fastdit.train.setup, off for sampling
         D = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
@@ -380,13 +378,8 @@ class DiT(nn.Module):
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         rope = (self.rope_cos, self.rope_sin) if self.config.rope else None
-        use_checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
-        for block in self.blocks:
-            if use_checkpointing:
-                # Recompute the block in backward instead of storing its activations.
-                x = checkpoint(block, x, c, rope, use_reentrant=False)
-            else:
-                x = block(x, c, rope)
+        for block in self.blocks:  # (activation checkpointing wraps blocks from outside: fastdit.train.setup)
+            x = block(x, c, rope)
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
         return self.unpatchify(x)
 

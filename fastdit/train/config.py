@@ -95,6 +95,7 @@ class TrainConfig:
     # systems
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     compile: bool = False
     tf32: bool = True
     device: str = "auto"
@@ -162,6 +163,12 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         self._validate_numbers()
+        if self.fsdp and self.precision == "fp16":
+            raise UserError("--fsdp trains in fp32 or bf16 (fp16's gradient scaler is not supported on sharded "
+                            "gradients); use --precision bf16")
+        if self.fsdp and self.eval_every:
+            raise UserError("--fsdp does not yet compute FIDs during training; leave --eval-every at 0 and run "
+                            "`fastdit evaluate` on the exported EMA checkpoints")
         process = self.process_spec()  # rejects an unknown objective or time sampling
         config_from_name(self.model, **self.model_options())  # rejects options that do not fit the width
         if self.eval_every and self.eval_samples < 2:

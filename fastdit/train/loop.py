@@ -2,10 +2,10 @@
 
 Launch with `python -m fastdit train ...` (one process), `torchrun --nproc_per_node N -m fastdit
 train ...` (one node or many: add --nnodes/--node-rank/--rdzv-endpoint), or `accelerate launch -m
-fastdit train ...`: each sets the same RANK/WORLD_SIZE/LOCAL_RANK variables, and DDP does the rest.
+fastdit train ...`: each sets the same RANK/WORLD_SIZE/LOCAL_RANK variables, and DDP (or FSDP2, with --fsdp) does the rest.
 
 Resume is the same command run again: the newest checkpoint in the run folder restores model, EMA,
-optimizer, grad scaler, step, data position and RNG states. Every random draw of a step is a pure
+optimizer, grad scaler, step, data position and RNG states (`TrainingState`). Every random draw of a step is a pure
 function of (seed, step) and every item's augmentation of (seed, epoch, index), so a resumed run
 trains on exactly what an uninterrupted one would have.
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from .. import distributed
 from ..checkpoint import ModelInfo, export_weights
@@ -31,9 +32,10 @@ from .config import TrainConfig
 from .data_order import StepBatchSampler, steps_per_epoch
 from .ema import make_ema, update_ema
 from .logger import RunLogger, peak_memory_gb
-from .setup import autocast, enable_tf32, make_grad_scaler, no_sync, precision_warning, prepare_model
+from .setup import autocast, enable_tf32, make_grad_scaler, no_sync, precision_warning, prepare_model, shard_model
 from .state import (
     Position,
+    TrainingState,
     checkpoint_dir,
     checkpoint_path,
     export_path,
@@ -112,11 +114,10 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     model = build_model(
         config.model, input_size=data.latent_shape[1], in_channels=data.latent_shape[0], **config.model_options()
     ).to(device)
-    ema = make_ema(model)
+    ema = make_ema(model)  # copied before any wrapping
     model_info = ModelInfo(config=model.config, latent=data.latent_info, class_names=data.class_names,
                            process=config.process_spec())
-    optimizer = make_optimizer(model, config)
-    scaler = make_grad_scaler(device, config.precision)
+    state = _training_state(config, dist, model, ema)
 
     # One run per folder: a second `train` on it stops here with a message instead of interleaving its
     # metrics and checkpoints with ours. Taken after the checks, so a bad command creates no folder.
@@ -124,24 +125,19 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     if dist.is_main:  # what a killed save left (gigabytes for DiT-XL); no writer of this run is alive
         for folder in (run_dir, checkpoint_dir(run_dir), run_dir / "samples"):
             remove_stale_temporaries(folder)
-    position = Position()
     checkpoints = list_checkpoints(run_dir)
     if checkpoints:
-        state = load_training_state(checkpoints[-1])
-        _refuse_other_run(TrainConfig.from_dict(state["config"]), config, run_dir)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state["scaler"] is not None:
-            scaler.load_state_dict(state["scaler"])
-        position = Position(**state["position"])
-        set_rng_state(state["rng"])
-        del state
+        stored = load_training_state(checkpoints[-1])
+        _refuse_other_run(TrainConfig.from_dict(stored["config"]), config, run_dir)
+        state.load_state_dict(stored)
+        set_rng_state(stored["rng"])
+        if dist.is_main and not export_path(checkpoints[-1]).exists():  # killed between the two writes
+            export_weights(stored["ema"], model_info, export_path(checkpoints[-1]))
+        del stored
+    position = state.position
     if dist.is_main:
         ensure_writable_dir(run_dir)
         atomic_write_text(config.to_json() + "\n", run_dir / "config.json")
-        if checkpoints and not export_path(checkpoints[-1]).exists():  # killed between the two writes
-            export_weights(ema, model_info, export_path(checkpoints[-1]))
     distributed.barrier()
     log = RunLogger(run_dir, enabled=dist.is_main, tensorboard=config.tensorboard, wandb=config.wandb,
                     config=config.to_dict(), start_step=position.step)
@@ -151,14 +147,13 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     if warning:
         log.info(f"warning: {warning}")
 
-    runnable = prepare_model(model, dist=dist, gradient_checkpointing=config.gradient_checkpointing, compile_model=config.compile)
     model.train()
     process = config.process_spec().training_process(config.learn_sigma)
     max_steps = config.max_steps or config.epochs * per_epoch
     num_params = sum(p.numel() for p in model.parameters())
     log.info(
         f"{config.model} ({num_params:,} parameters) on {len(data.dataset):,} items of shape {tuple(data.latent_shape)}; "
-        f"{dist.world_size} process(es) on {device.type}, global batch {config.global_batch_size} "
+        f"{dist.world_size} process(es) on {device.type}{_parallelism(state)}, global batch {config.global_batch_size} "
         f"(micro-batch {micro_batch}), {config.precision}, steps {position.step} -> {max_steps}, run folder {run_dir}"
     )
 
@@ -175,8 +170,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
             pin_memory=device.type == "cuda", persistent_workers=False,
         )
         for x, y in loader:
-            loss = train_step(config, data, process, runnable, model, ema, optimizer, scaler, x, y,
-                               position.step, dist, local_batch, micro_batch)
+            loss = train_step(config, data, process, state, x, y, dist, local_batch, micro_batch)
             position.step += 1
             position.step_in_epoch += 1
             running_loss += loss
@@ -191,7 +185,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
                     "steps_per_sec": running_steps / elapsed,
                     "images_per_sec": running_steps * config.global_batch_size / elapsed,
                     "peak_memory_gb": peak_memory_gb(device),
-                    "lr": optimizer.param_groups[0]["lr"],
+                    "lr": state.optimizer.param_groups[0]["lr"],
                     "epoch": position.epoch,
                 }
                 log.metrics(position.step, values)
@@ -207,16 +201,18 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
                 window_start = time.perf_counter()
             if position.step % config.ckpt_every == 0 or position.step == max_steps:
                 if position.step_in_epoch == per_epoch:  # store a finished epoch as the next one's start
-                    position = Position(position.step, position.epoch + 1, 0)
-                last_saved = _save(config, run_dir, dist, model, ema, optimizer, scaler, position, model_info, log)
-            if config.sample_every and position.step % config.sample_every == 0 and dist.is_main:
-                _sample_grid(config, run_dir, ema, data, position.step, log)
+                    position = state.position = Position(position.step, position.epoch + 1, 0)
+                last_saved = _save(config, run_dir, dist, state, model_info, log)
+            if config.sample_every and position.step % config.sample_every == 0:
+                ema = state.gathered_ema()  # every process: FSDP gathers the EMA to rank 0
+                if dist.is_main:
+                    _sample_grid(config, run_dir, ema, data, position.step, log)
             if config.eval_every and position.step % config.eval_every == 0:
-                _evaluate(config, ema, data, position.step, dist, log)
+                _evaluate(config, state.ema, data, position.step, dist, log)
             if position.step >= max_steps:
                 break
         if position.step_in_epoch >= per_epoch:
-            position = Position(position.step, position.epoch + 1, 0)
+            position = state.position = Position(position.step, position.epoch + 1, 0)
     if progress is not None:
         progress.close()
     log.close()
@@ -226,8 +222,29 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     return TrainResult(run_dir=run_dir, checkpoint=checkpoint, export=export, step=position.step, last_loss=last_loss)
 
 
-def train_step(config, data, process, runnable, model, ema, optimizer, scaler, x, y, step, dist, local_batch, micro_batch):
-    device = dist.device
+def _training_state(config: TrainConfig, dist: distributed.DistInfo, model, ema) -> TrainingState:
+    """Wrap the model (checkpointing, compile, DDP or FSDP), shard the EMA like it, then build the
+    optimizer over the wrapped parameters: the order FSDP needs."""
+    fsdp = config.fsdp and dist.is_distributed
+    runnable = prepare_model(model, dist=dist, gradient_checkpointing=config.gradient_checkpointing,
+                             compile_model=config.compile, fsdp=fsdp, precision=config.precision)
+    if fsdp:  # each process keeps the EMA of its own shard: the update needs no communication
+        shard_model(ema, "fp32")
+    return TrainingState(model=model, runnable=runnable, ema=ema, optimizer=make_optimizer(model, config),
+                         scaler=make_grad_scaler(dist.device, config.precision))
+
+
+def _parallelism(state: TrainingState) -> str:
+    if isinstance(state.model, FSDPModule):
+        return " (FSDP2: parameters, gradients, optimizer state and EMA sharded)"
+    if isinstance(state.runnable, torch.nn.parallel.DistributedDataParallel):
+        return " (DDP)"
+    return ""
+
+
+def train_step(config, data, process, state: TrainingState, x, y, dist, local_batch, micro_batch):
+    """One optimizer step at `state.position.step` (the caller advances the position)."""
+    device, step, optimizer, scaler = dist.device, state.position.step, state.optimizer, state.scaler
     x = x.to(device, non_blocking=True)
     y = y.to(device, non_blocking=True)
     draws = draw_step(
@@ -247,13 +264,13 @@ def train_step(config, data, process, runnable, model, ema, optimizer, scaler, x
     for k in range(num_micro):
         part = slice(k * micro_batch, (k + 1) * micro_batch)
         micro_draws = draws.micro(part.start, part.stop)
-        with no_sync(runnable, k < num_micro - 1), autocast(device, config.precision):
+        with no_sync(state.runnable, k < num_micro - 1), autocast(device, config.precision):
             per_sample = process.loss(
-                runnable, x[part], {"y": y[part], "force_drop_ids": micro_draws.drop_labels},
+                state.runnable, x[part], {"y": y[part], "force_drop_ids": micro_draws.drop_labels},
                 t=micro_draws.t, noise=micro_draws.noise,
             )
             loss = per_sample.float().mean() / num_micro
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        scaler.scale(loss).backward()
         total += loss.detach().double()
     # One scalar all-reduce a step: every process sees the same global loss, so all stop together
     # if it is not finite.
@@ -264,15 +281,11 @@ def train_step(config, data, process, runnable, model, ema, optimizer, scaler, x
             f"Try a lower --lr, --grad-clip 1.0, --warmup-steps, or --precision bf16 instead of fp16"
         )
     if config.grad_clip is not None:
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    update_ema(ema, model, config.ema_decay)
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip)
+    scaler.step(optimizer)  # a disabled scaler (fp32, bf16) just steps
+    scaler.update()
+    update_ema(state.ema, state.model, config.ema_decay)
     return total
 
 
@@ -292,14 +305,13 @@ def _set_lr(optimizer, config: TrainConfig, step: int) -> None:
         group["lr"] = config.lr * scale
 
 
-def _save(config, run_dir, dist, model, ema, optimizer, scaler, position, model_info, log):
-    path = None
+def _save(config, run_dir, dist, state: TrainingState, model_info, log):
+    path, position = None, state.position
+    content = state.state_dict()  # every process: FSDP gathers the shards to rank 0
     if dist.is_main:
         try:
-            path = save_training_state(
-                run_dir, model=model, ema=ema, optimizer=optimizer, scaler=scaler, position=position,
-                config=config.to_dict(), model_info=model_info, keep_last=config.keep_last,
-            )
+            path = save_training_state(run_dir, content, config=config.to_dict(), model_info=model_info,
+                                       keep_last=config.keep_last)
         except (NoSpaceError, OSError) as err:
             previous = list_checkpoints(run_dir)
             kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"

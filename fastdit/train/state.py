@@ -1,7 +1,8 @@
 """Training checkpoints: everything needed to continue a run exactly, written atomically.
 
 `checkpoints/0001000.pt` holds model, EMA, optimizer, grad-scaler, step, data position (epoch, step
-in epoch), RNG states and the resolved config; `checkpoints/0001000-ema.safetensors` is the EMA-only
+in epoch), RNG states and the resolved config, as full (gathered) state dicts with plain parameter
+names: a run under DDP and one under FSDP write the same file; `checkpoints/0001000-ema.safetensors` is the EMA-only
 export that `fastdit sample --ckpt` loads. Both are written under temporary names and renamed, so a
 crash, SIGKILL or full disk never damages the previous checkpoint. Only the last K are kept.
 """
@@ -10,15 +11,26 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from torch.distributed.fsdp import FSDPModule
+
 from ..checkpoint import TRAIN_FORMAT, ModelInfo, export_weights
 from ..errors import UserError
 from ..io import atomic_torch_save
+from ..models import DiT
 
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")
 
@@ -28,6 +40,57 @@ class Position:
     step: int = 0  # optimizer steps taken
     epoch: int = 0
     step_in_epoch: int = 0
+
+
+@dataclass
+class TrainingState:
+    """What a training step changes and a checkpoint restores, in one object."""
+
+    model: torch.nn.Module  # the plain module (sharded in place under FSDP): official parameter names
+    runnable: torch.nn.Module  # what a step calls: `model` checkpointed, compiled, DDP-wrapped as asked
+    ema: torch.nn.Module  # sharded like `model` under FSDP
+    optimizer: torch.optim.Optimizer  # built over `model`'s parameters after the wrapping
+    scaler: torch.amp.GradScaler  # disabled unless fp16
+    position: Position = field(default_factory=Position)
+
+    def state_dict(self) -> dict:
+        """Full state dicts on the CPU, keyed by parameter name. Under FSDP every process must call this
+        (it gathers the shards) and only rank 0 receives the tensors."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model, optimizer = get_state_dict(self.model, self.optimizer, options=options)
+        return {
+            "model": model,
+            "ema": get_model_state_dict(self.ema, options=options),
+            "optimizer": optimizer,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "position": vars(self.position).copy(),
+        }
+
+    def gathered_ema(self) -> torch.nn.Module | None:
+        """The EMA as one plain module on rank 0 (None elsewhere) for sampling. Without FSDP it is the
+        EMA itself; under FSDP every process must call this (it gathers the shards)."""
+        if not isinstance(self.ema, FSDPModule):
+            return self.ema
+        weights = get_model_state_dict(self.ema, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not weights:  # not rank 0
+            return None
+        ema = DiT(self.ema.config)
+        ema.load_state_dict(weights)
+        return ema.to(next(self.model.parameters()).device).eval()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from a checkpoint's content (every process reads the whole file; FSDP keeps its shards)."""
+        options = StateDictOptions(full_state_dict=True)
+        if state.get("version", 1) == 1:  # optimizer state keyed by parameter index (unwrapped models only)
+            set_model_state_dict(self.model, state["model"], options=options)
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"], options=options)
+        set_model_state_dict(self.ema, state["ema"], options=options)
+        if self.scaler.is_enabled() and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.position = Position(**state["position"])
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -72,27 +135,16 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_training_state(
-    run_dir: Path,
-    *,
-    model: torch.nn.Module,
-    ema: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler,
-    position: Position,
-    config: dict,
-    model_info: ModelInfo,
-    keep_last: int,
+    run_dir: Path, training_state: dict, *, config: dict, model_info: ModelInfo, keep_last: int
 ) -> Path:
-    path = checkpoint_path(run_dir, position.step)
+    """Write `TrainingState.state_dict()` with this process's RNG states and the run config; then the
+    EMA export; then drop all but the last `keep_last` checkpoints."""
+    path = checkpoint_path(run_dir, training_state["position"]["step"])
     state = {
         "format": TRAIN_FORMAT,
-        "version": 1,
+        "version": 2,  # 2: optimizer state keyed by parameter name (1: by index)
         "model_info": model_info.to_dict(),
-        "model": model.state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "position": vars(position).copy(),
+        **training_state,
         "rng": rng_state(),
         "config": config,
     }
@@ -100,7 +152,7 @@ def save_training_state(
     # are there or neither (a SIGKILL in between leaves the checkpoint; resuming writes its export).
     atomic_torch_save(state, path)
     try:
-        export_weights(ema, model_info, export_path(path))
+        export_weights(training_state["ema"], model_info, export_path(path))
     except BaseException:
         path.unlink(missing_ok=True)
         raise
