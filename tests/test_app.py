@@ -116,3 +116,10 @@ def test_core_and_cli_do_not_import_gradio():
     code = "import sys, fastdit, fastdit.loading; from fastdit.cli import build_parser; build_parser(); print('gradio' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_page_turns_failures_into_messages():
+    page = pytest.importorskip("fastdit.app.page", reason="gradio is not installed (pip install 'fastdit[app]')")
+    assert page.error_message(UserError("bad value x; use y")) == "**Error:** bad value x; use y"
+    assert "out of memory; make fewer images" in page.error_message(torch.OutOfMemoryError("CUDA out of memory"))
+    assert page.error_message(KeyError("boom")).startswith("**Error:** unexpected KeyError")

@@ -73,7 +73,8 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None) 
             command = generate_grid(request, cache, out)
         except Exception as err:  # noqa: BLE001
             return None, None, "", error_message(err)
-        return str(out), str(out), command, f"Done: {len(request.all_labels)} images."
+        count = len(request.all_labels)
+        return str(out), str(out), command, f"Done: {count} image{'s' if count > 1 else ''}."
 
     with gr.Blocks(title="fastdit") as page:
         gr.Markdown("# fastdit\nClass-conditional samples from a Diffusion Transformer.")
