@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "demo": "demo",
     "sample-ddp": "sample_ddp",
     "evaluate": "evaluate",
+    "app": "app",
 }
 
 

@@ -78,35 +78,9 @@ def check_output_file(path: str, suffixes: tuple[str, ...]) -> Path:
 
 
 def load_for_sampling(args: argparse.Namespace, options: SamplingOptions | None = None):
-    """(model, info, latent space, device) for the model flags, with every check done before heavy work;
+    """(model, info, latent space, device) for the model flags (`fastdit.loading.load_for_sampling`);
     `options` are checked against the model's process before the VAE is loaded."""
-    from ..checkpoint import load_model
-    from ..devices import resolve_device
-    from ..hub import OFFICIAL_CHECKPOINTS, official_dit_name
-    from ..latents import PIXEL_SPACE_NAMES, PixelSpace, latent_side, load_latent_space
+    from ..loading import load_for_sampling as load
 
-    device = resolve_device(args.device)
-    if args.image_size is not None and args.image_size <= 0:
-        raise UserError(f"--image-size must be positive, got {args.image_size}")
-    if args.num_classes is not None and args.num_classes < 1:
-        raise UserError(f"--num-classes must be >= 1, got {args.num_classes}")
-    ckpt = args.ckpt
-    if ckpt is None:
-        model = args.model or "DiT-XL/2"
-        ckpt = official_dit_name(model, args.image_size or 256)  # SiT-XL/2 -> SiT-XL-2-256x256.pt
-        if ckpt not in OFFICIAL_CHECKPOINTS:
-            official = ", ".join(f"{m} at {s}" for m, s in OFFICIAL_CHECKPOINTS.values())
-            raise UserError(f"no official weights for {model} at {args.image_size or 256}px (released: {official}); pass --ckpt PATH")
-    if args.vae is not None and args.vae not in PIXEL_SPACE_NAMES and args.image_size is not None:
-        latent_side(args.image_size)  # before loading anything: the VAE's factor must divide the size
-    model, info = load_model(
-        ckpt, model_name=args.model, image_size=args.image_size, num_classes=args.num_classes,
-        vae=args.vae, objective=args.objective, device=device,
-    )
-    if options is not None:
-        options.validate(info.process)
-    if info.latent.kind == "pixels":
-        latent_space = PixelSpace(channels=info.config.in_channels)
-    else:
-        latent_space = load_latent_space(args.vae or info.latent.vae, device=device)
-    return model, info, latent_space, device
+    return load(args.ckpt, model_name=args.model, image_size=args.image_size, num_classes=args.num_classes,
+                vae=args.vae, objective=args.objective, device=args.device, options=options)

@@ -1,0 +1,65 @@
+"""Which model the page samples from: the digits demo, a local checkpoint, or an official release."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from ..hub import OFFICIAL_CHECKPOINTS, official_objective
+
+DIGITS = "digits demo (offline)"
+LOCAL = "local checkpoint"
+# Where `make demo` (demo-out) and a bare `fastdit demo` (fastdit-demo, DemoConfig.out) write their run.
+DEMO_FOLDERS = ("demo-out", "fastdit-demo")
+
+
+def official_choice(model_name: str, image_size: int) -> str:
+    return f"{model_name} {image_size}px (ImageNet, downloaded on first use)"
+
+
+OFFICIAL = {official_choice(m, s): (m, s) for m, s in OFFICIAL_CHECKPOINTS.values()}
+MODEL_CHOICES = [DIGITS, LOCAL, *OFFICIAL]
+
+
+def find_demo_checkpoint(folders) -> Path | None:
+    """The newest EMA weights a digits demo wrote (DIR/train/checkpoints/NNNNNNN-ema.safetensors) in the
+    first of `folders` that has one; None if none has."""
+    for folder in folders:
+        found = sorted(Path(folder).glob("train/checkpoints/*-ema.safetensors"))
+        if found:
+            return found[-1]
+    return None
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to load: a checkpoint path, or (path None) the official weights of model_name at image_size."""
+    path: str | None = None
+    model_name: str | None = None
+    image_size: int | None = None
+
+    @property
+    def official_objective(self) -> str | None:
+        return official_objective(self.model_name) if self.path is None else None
+
+
+def model_source(choice: str, path: str | None, demo_folders) -> ModelSource:
+    """The model behind a choice in the page; `path` is the text of the checkpoint box (the digits
+    demo uses it too when no demo run is found, so a run elsewhere can be given)."""
+    path = (path or "").strip()
+    if choice in OFFICIAL:
+        return ModelSource(None, *OFFICIAL[choice])
+    if choice == DIGITS and not path:
+        found = find_demo_checkpoint(demo_folders)
+        if found is None:
+            raise UserError(f"no digits demo found in {', '.join(map(str, demo_folders))}; run `make demo` "
+                            "(or `fastdit demo`), or give the path of its -ema.safetensors checkpoint")
+        return ModelSource(str(found))
+    if choice not in (DIGITS, LOCAL):
+        raise UserError(f"unknown model {choice!r}; pick one from the list")
+    if not path:
+        raise UserError("give the path of a checkpoint (.pt or .safetensors)")
+    if not Path(path).expanduser().is_file():
+        raise UserError(f"checkpoint {path!r} not found; give the path of a .pt or .safetensors file")
+    return ModelSource(str(Path(path).expanduser()))

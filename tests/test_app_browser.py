@@ -1,0 +1,105 @@
+"""`fastdit app` in a real browser: headless Chromium (Debian's package; nothing is downloaded) drives
+the page served by a `fastdit app` process on a free local port.
+
+The screenshots are test artifacts, written to $FASTDIT_TEST_ARTIFACTS (default: the test's tmp dir).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from test_app import tiny_digits_run
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install 'fastdit[app]')")
+pytest.importorskip("gradio", reason="gradio is not installed (pip install 'fastdit[app]')")
+
+pytestmark = pytest.mark.slow
+
+
+def chromium_executable() -> str | None:
+    # Debian's /usr/bin/chromium is a wrapper script; the browser itself is under /usr/lib/chromium.
+    for candidate in ("/usr/lib/chromium/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@pytest.fixture
+def app_url(tmp_path):
+    tiny_digits_run(tmp_path / "demo")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")])),
+           "GRADIO_ANALYTICS_ENABLED": "False"}
+    server = subprocess.Popen([sys.executable, "-m", "fastdit", "app", "--demo-out", str(tmp_path / "demo"), "--device", "cpu"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    try:
+        deadline, url = time.monotonic() + 120, None
+        while url is None and time.monotonic() < deadline:
+            line = server.stdout.readline()
+            if not line and server.poll() is not None:
+                break
+            if "serving on" in line:
+                url = line.split("serving on ", 1)[1].split()[0]
+        assert url, f"fastdit app did not start (exit {server.poll()})"
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_generate_digits_and_show_errors_in_the_page(app_url, tmp_path):
+    executable = chromium_executable()
+    if executable is None:
+        pytest.skip("no Chromium found (Debian: apt-get install chromium); the browser test needs one")
+    artifacts = Path(os.environ.get("FASTDIT_TEST_ARTIFACTS") or tmp_path)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(app_url)
+        status = page.locator("#status")
+        sync_api.expect(status).to_contain_text("Model:", timeout=60_000)  # the digits demo was found and read
+        page.locator("#classes input").click()
+        page.get_by_role("option", name="7", exact=True).click()
+        page.keyboard.press("Escape")
+        page.locator("#steps input").fill("4")
+        page.locator("#per-class input").fill("3")
+        page.locator("#generate").click()
+        sync_api.expect(status).to_contain_text("Done: 3 images", timeout=120_000)
+        page.screenshot(path=str(artifacts / "app-digits.png"), full_page=True)
+        print(f"screenshot: {artifacts / 'app-digits.png'}")
+
+        src = page.locator("#grid img").get_attribute("src")
+        png = page.request.get(src if src.startswith("http") else app_url.rstrip("/") + "/" + src.lstrip("/")).body()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        assert Image.open(BytesIO(png)).size == (2 + 3 * (8 + 2), 2 + 8 + 2)  # one class: a row of three 8x8 digits
+        assert "--class-labels 7 7 7" in page.locator("#command textarea").input_value()
+
+        # A bad value: a message in the page, and the server still serves the next request.
+        page.locator("#interval textarea").fill("abc")
+        page.locator("#generate").click()
+        sync_api.expect(status).to_contain_text("Error: guidance interval 'abc' should be two numbers", timeout=60_000)
+        page.screenshot(path=str(artifacts / "app-error.png"), full_page=True)
+        page.locator("#interval textarea").fill("")
+
+        # Two users at once: the queue serves both, each page gets its own picture and command.
+        other = browser.new_context().new_page()
+        other.goto(app_url)
+        sync_api.expect(other.locator("#status")).to_contain_text("Model:", timeout=60_000)
+        other.locator("#classes input").click()
+        other.get_by_role("option", name="3", exact=True).click()
+        other.keyboard.press("Escape")
+        other.locator("#steps input").fill("4")
+        page.locator("#generate").click()
+        other.locator("#generate").click()
+        sync_api.expect(status).to_contain_text("Done: 3 images", timeout=120_000)
+        sync_api.expect(other.locator("#status")).to_contain_text("Done: 1 image.", timeout=120_000)
+        assert "--class-labels 7 7 7 " in page.locator("#command textarea").input_value()
+        assert "--class-labels 3 " in other.locator("#command textarea").input_value()
+        browser.close()
