@@ -58,7 +58,8 @@ def _train_row(queue, args, row: str) -> None:
     from fastdit.models import build_model
     from fastdit.train.ema import make_ema, update_ema
     from fastdit.train.logger import peak_memory_gb
-    from fastdit.train.setup import autocast, checkpoint_blocks
+    from fastdit.precision import autocast
+    from fastdit.train.setup import checkpoint_blocks
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -94,7 +95,7 @@ def _sample_row(queue, args, row: str) -> None:
     from fastdit.models import build_model
     from fastdit.sampling import ClassifierFreeGuidance
     from fastdit.train.logger import peak_memory_gb
-    from fastdit.train.setup import autocast
+    from fastdit.precision import autocast
 
     device = torch.device(args.device)
     torch.manual_seed(0)

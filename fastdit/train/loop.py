@@ -32,7 +32,8 @@ from .config import TrainConfig
 from .data_order import StepBatchSampler, steps_per_epoch
 from .ema import make_ema, update_ema
 from .logger import RunLogger, peak_memory_gb
-from .setup import autocast, enable_tf32, make_grad_scaler, no_sync, precision_warning, prepare_model, shard_model
+from ..precision import autocast, precision_warning
+from .setup import enable_tf32, make_grad_scaler, no_sync, prepare_model, shard_model
 from .state import (
     Position,
     TrainingState,

@@ -15,9 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..distributed import DistInfo
-
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
+from ..precision import AUTOCAST_DTYPES
 
 def enable_tf32(device: torch.device, enabled: bool) -> None:
     """TF32 matmuls and convolutions on Ampere+ GPUs: ~2x faster fp32 training (DiT used it)."""
@@ -64,24 +62,6 @@ def prepare_model(model: torch.nn.Module, *, dist: DistInfo, gradient_checkpoint
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
         runnable = torch.nn.parallel.DistributedDataParallel(runnable, device_ids=device_ids)
     return runnable
-
-
-def precision_warning(device: torch.device, precision: str) -> str | None:
-    """A warning when mixed precision will be slower than fp32: CPUs without AVX-512 have no fast
-    half-precision matmul (measured on an AVX2 EPYC: bf16 matmul ~70x slower than fp32)."""
-    if device.type == "cpu" and precision != "fp32":
-        capability = torch.backends.cpu.get_cpu_capability()
-        if "AVX512" not in capability:
-            return (f"--precision {precision} on this CPU ({capability}, no native half-precision matmul) is far "
-                    f"slower than fp32; use --precision fp32 on it")
-    return None
-
-
-def autocast(device: torch.device, precision: str):
-    dtype = AUTOCAST_DTYPES[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def make_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
