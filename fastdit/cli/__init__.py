@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "sample-ddp": "sample_ddp",
     "evaluate": "evaluate",
     "app": "app",
+    "bench": "bench",
 }
 
 

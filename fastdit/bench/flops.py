@@ -1,0 +1,45 @@
+"""Model FLOPs of a DiT forward pass, for model FLOPs utilisation (MFU, Chowdhery et al. 2022, "PaLM",
+appendix B): the FLOPs the model needs, counted as 2 per multiply-add, over the hardware's peak.
+Recomputation under activation checkpointing is not counted, so MFU compares rows fairly."""
+
+from __future__ import annotations
+
+from ..models.dit import DiTConfig, swiglu_hidden
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, no sparsity), matched by name.
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+}
+
+
+def forward_flops_per_image(config: DiTConfig) -> float:
+    """FLOPs of one image through `DiT.forward`: every matmul and convolution, attention's two T×T
+    products included (what torch.utils.flop_counter counts); norms, activations and the label lookup
+    are not matmuls. DiT-XL/2 at 256 (T = 256, D = 1152, depth 28) gives 237 GFLOP: DiT's 118.6 Gflops
+    (Table 4) doubled, since the paper counts multiply-adds."""
+    D, T = config.hidden_size, config.grid_size**2
+    mlp_hidden = int(D * config.mlp_ratio)
+    if config.mlp == "swiglu":
+        mlp = 2 * T * D * 3 * swiglu_hidden(mlp_hidden)  # fc_in (2w wide) and fc_out (w)
+    else:
+        mlp = 2 * T * D * 2 * mlp_hidden  # fc1 and fc2
+    attention = 2 * T * D * 3 * D + 2 * 2 * T * T * D + 2 * T * D * D  # qkv, QK^T and AV, proj
+    modulation = 2 * D * 6 * D
+    block = attention + mlp + modulation
+    patch = config.patch_size**2
+    embed = 2 * T * patch * config.in_channels * D
+    final = 2 * T * D * patch * config.out_channels + 2 * D * 2 * D
+    timestep = 2 * 256 * D + 2 * D * D  # TimestepEmbedder's MLP on 256 frequencies
+    return float(config.depth * block + embed + final + timestep)
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for name, tflops in PEAK_BF16_TFLOPS.items():  # most specific names first ("H100 PCIe" before "H100")
+        if name in device_name:
+            return tflops
+    return None

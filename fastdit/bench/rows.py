@@ -1,0 +1,160 @@
+"""What one row of the benchmark runs, named by its options: `reference`, or `fastdit` followed by any of
+`+bf16`, `+fp16`, `+compile` and one checkpointing policy (`+ckpt` for every block, `+ckpt-mlp`,
+`+ckpt-every-K`). fastdit's training rows run the real training step (`fastdit.train.loop.train_step`:
+the setup `fastdit train` builds, its seeded draws, loss, fused AdamW and EMA); its sampling rows run the
+guided model as `fastdit sample` does, with one DDPM step."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+from ..precision import PRECISIONS
+
+CHECKPOINT_OPTION = re.compile(r"ckpt(-mlp|-every-[1-9][0-9]*)?")
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    reference: bool = False
+    precision: str = "fp32"
+    compile: bool = False
+    checkpointing: str = "off"  # fastdit train's policy: off | blocks | mlp | every-K
+
+
+def parse_row(name: str, *, training: bool) -> Row:
+    if name == "reference":
+        return Row(name, reference=True)
+    head, *options = name.split("+")
+    if head != "fastdit":
+        raise UserError(f"row {name!r} must be 'reference' or start with 'fastdit' (e.g. fastdit+bf16+ckpt)")
+    fields = {}
+    for option in options:
+        if option in PRECISIONS and option != "fp32":
+            fields["precision"] = option
+        elif option == "compile":
+            fields["compile"] = True
+        elif training and CHECKPOINT_OPTION.fullmatch(option):
+            fields["checkpointing"] = option.removeprefix("ckpt-") if "-" in option else "blocks"
+        else:
+            choices = "bf16, fp16, compile" + (", ckpt, ckpt-mlp, ckpt-every-K" if training else "")
+            raise UserError(f"row {name!r}: unknown option {option!r}; the options are {choices}")
+    return Row(name, **fields)
+
+
+@dataclass
+class Measurement:
+    steps_per_second: float
+    peak_gb: float
+    compile_seconds: float  # the untimed warm-up steps, compilation included
+
+
+def time_steps(step, *, warmup: int, steps: int, device: torch.device) -> tuple[float, float]:
+    """-> (seconds of the warm-up steps, steps per second of the timed ones)."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    _synchronize(device)
+    warm = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the warm-up's compile workspace is not a step's memory
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _synchronize(device)
+    return warm, steps / (time.perf_counter() - start)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_train_step(row: Row, model_name: str, batch: int, latent: int, device: torch.device):
+    """-> step(): one training step of `row` on a fixed random batch of latents."""
+    from ..checkpoint import LatentInfo
+    from ..diffusion import create_diffusion
+    from ..distributed import DistInfo
+    from ..models import build_model
+    from ..train.config import TrainConfig
+    from ..train.ema import make_ema
+    from ..train.loop import make_optimizer, train_step
+    from ..train.setup import enable_tf32, make_grad_scaler, prepare_model
+    from ..train.state import TrainingState
+    from ..train.training_data import TrainingData
+    from .reference import reference_train_step
+
+    torch.manual_seed(0)
+    enable_tf32(device, not row.reference)  # the official train.py turns TF32 on as well
+    model = build_model(model_name, input_size=latent, num_classes=1000).to(device).train()
+    ema = make_ema(model)
+    x = torch.randn(batch, model.config.in_channels, latent, latent, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    if row.reference:
+        return reference_train_step(model, ema, x, y)
+    config = TrainConfig(model=model_name, image_size=latent * 8, data_path="bench", global_batch_size=batch,
+                         precision=row.precision, gradient_checkpointing=row.checkpointing, compile=row.compile,
+                         progress=False)
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    runnable = prepare_model(model, dist=dist, gradient_checkpointing=row.checkpointing, compile_model=row.compile,
+                             precision=row.precision)
+    state = TrainingState(model=model, runnable=runnable, ema=ema, optimizer=make_optimizer(model, config),
+                          scaler=make_grad_scaler(device, row.precision))
+    data = TrainingData(dataset=None, latent_shape=tuple(x.shape[1:]), latent_info=LatentInfo(), class_names=None,
+                        device=device)
+    diffusion = create_diffusion("")
+
+    def step() -> torch.Tensor:
+        loss = train_step(config, data, diffusion, state, x, y, dist, batch, batch)
+        state.position.step += 1
+        return loss
+
+    return step
+
+
+def make_sample_step(row: Row, model_name: str, batch: int, latent: int, device: torch.device, cfg_scale: float):
+    """-> step(): one guided DDPM step of `row` (250 respaced steps, at the middle one)."""
+    from ..diffusion import create_diffusion
+    from ..models import build_model
+    from ..sampling import ClassifierFreeGuidance
+    from .reference import reference_sample_step
+
+    torch.manual_seed(0)
+    model = build_model(model_name, input_size=latent, num_classes=1000).to(device).eval()
+    x = torch.randn(batch, model.config.in_channels, latent, latent, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    t = torch.full((batch,), 125, device=device, dtype=torch.long)
+    if row.reference:
+        return reference_sample_step(model, x, t, y, cfg_scale)
+    runnable = precision_model(compiled_blocks(model, row.compile), row.precision, device)
+    # DiT's guidance (3 of 4 latent channels, as the official sampler does), at a step inside any interval.
+    guided = ClassifierFreeGuidance(runnable, cfg_scale, model.config.null_class, model.config.in_channels, 3)
+    diffusion = create_diffusion("250")
+
+    @torch.no_grad()
+    def step() -> torch.Tensor:
+        return diffusion.p_sample(guided, x, t, model_kwargs={"y": y})["sample"]
+
+    return step
+
+
+def compiled_blocks(model, enabled):  # TEMPORARY until the sampling helper lands
+    if enabled:
+        for block in model.blocks:
+            block.compile()
+    return model
+
+
+def precision_model(model, precision, device):  # TEMPORARY
+    from ..precision import autocast
+
+    def run(*args, **kwargs):
+        with autocast(device, precision):
+            return model(*args, **kwargs).float()
+    run.config = model.config
+    return run

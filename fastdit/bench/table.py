@@ -1,0 +1,115 @@
+"""Run each row in a fresh process (so its peak memory is its own and no row warms another's caches),
+then print the table: rates, peak memory, ratios to the reference row and, on a GPU, MFU."""
+
+from __future__ import annotations
+
+import multiprocessing
+import platform
+import queue as queue_module
+import sys
+from pathlib import Path
+
+import torch
+
+from ..train.logger import peak_memory_gb
+from .flops import forward_flops_per_image, peak_tflops
+from .rows import Measurement, Row, make_sample_step, make_train_step, time_steps
+
+
+def measure_row(job: str, row: Row, settings: dict) -> Measurement:
+    device = torch.device(settings["device"])
+    if job == "train":
+        step = make_train_step(row, settings["model"], settings["batch"], settings["latent"], device)
+    else:
+        step = make_sample_step(row, settings["model"], settings["batch"], settings["latent"], device,
+                                settings["cfg_scale"])
+    warm, rate = time_steps(step, warmup=settings["warmup"], steps=settings["steps"], device=device)
+    return Measurement(rate, peak_memory_gb(device), warm)
+
+
+def _worker(results, job: str, row: Row, settings: dict) -> None:
+    results.put(measure_row(job, row, settings))
+
+
+def measure_isolated(job: str, row: Row, settings: dict) -> Measurement | str:
+    """The row's measurement, or why it has none (out of memory, a crash)."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=_worker, args=(results, job, row, settings))
+    process.start()
+    while True:  # a row that dies must not leave the table waiting
+        try:
+            result = results.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not process.is_alive():
+                return f"failed (exit code {process.exitcode}; its traceback is above)"
+    process.join()
+    return result
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    flags = cpu_flags()
+    extras = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
+    isa = torch.backends.cpu.get_cpu_capability() + "".join(f", {flag}" for flag in extras)
+    return f"{name} ({torch.get_num_threads()} threads, {isa})"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+def images_per_step(job: str, batch: int) -> tuple[int, int]:
+    """-> (images a step advances, forward passes of one image a step costs in FLOPs): training is forward
+    plus backward (3 forwards' worth); a guided step runs the doubled batch."""
+    return (batch, 3 * batch) if job == "train" else (batch, 2 * batch)
+
+
+def run_table(job: str, rows: list[Row], settings: dict, *, peak: float | None, out=None) -> dict:
+    device = torch.device(settings["device"])
+    results = {}
+    for row in rows:
+        results[row.name] = measure_isolated(job, row, settings)
+        print(f"  {row.name}: done", file=sys.stderr, flush=True)
+    from ..models import config_from_name
+
+    config = config_from_name(settings["model"], input_size=settings["latent"], num_classes=1000)
+    flops_per_step = forward_flops_per_image(config) * images_per_step(job, settings["batch"])[1]
+    print_table(results, settings["batch"], flops_per_step, peak if device.type == "cuda" else None, out or sys.stdout)
+    return results
+
+
+def print_table(results: dict, batch: int, flops_per_step: float, peak: float | None, out) -> None:
+    reference = results.get("reference")
+    reference = reference if isinstance(reference, Measurement) else None
+    columns = ["row", "steps/s", "images/s", "peak GB", "speed vs reference", "memory vs reference"]
+    columns += ["MFU"] if peak else []
+    columns += ["warm-up s"]
+    print("| " + " | ".join(columns) + " |", file=out)
+    print("|" + "---|" * len(columns), file=out)
+    for name, result in results.items():
+        if not isinstance(result, Measurement):
+            print(f"| {name} | {result} |", file=out)
+            continue
+        speed = memory = ""
+        if reference is not None:
+            speed = f"{result.steps_per_second / reference.steps_per_second:.2f}x"
+            memory = f"{result.peak_gb / reference.peak_gb:.2f}x"
+        cells = [name, f"{result.steps_per_second:.3f}", f"{result.steps_per_second * batch:.2f}",
+                 f"{result.peak_gb:.2f}", speed, memory]
+        if peak:
+            cells.append(f"{100 * result.steps_per_second * flops_per_step / (peak * 1e12):.1f}%")
+        cells.append(f"{result.compile_seconds:.1f}")
+        print("| " + " | ".join(cells) + " |", file=out)

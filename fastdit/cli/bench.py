@@ -1,0 +1,74 @@
+"""`fastdit bench train|sample`: the speed and memory of one training step or one guided sampling step,
+each row in a fresh process, as ratios to a reference row that computes what the official DiT code
+computes. Speed figures need an otherwise idle machine: other jobs skew the rows unequally."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..errors import UserError
+
+HELP = "speed and memory of a training or guided sampling step, against a reference row (the official step)"
+
+TRAIN_ROWS = {
+    "cpu": ["reference", "fastdit", "fastdit+compile", "fastdit+ckpt-mlp", "fastdit+ckpt-every-2", "fastdit+ckpt",
+            "fastdit+bf16", "fastdit+bf16+ckpt-mlp", "fastdit+bf16+ckpt"],
+    "cuda": ["reference", "fastdit", "fastdit+compile", "fastdit+bf16", "fastdit+bf16+compile",
+             "fastdit+bf16+compile+ckpt-mlp", "fastdit+bf16+compile+ckpt"],
+}
+SAMPLE_ROWS = {
+    "cpu": ["reference", "fastdit", "fastdit+compile", "fastdit+bf16"],
+    "cuda": ["reference", "fastdit", "fastdit+compile", "fastdit+bf16", "fastdit+bf16+compile"],
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    jobs = parser.add_subparsers(dest="job", metavar="JOB", required=True)
+    for job, what in (("train", "one training step: forward, MSE + VLB, backward, AdamW, EMA"),
+                      ("sample", "one guided DDPM step: the doubled batch, guidance, p_sample")):
+        sub = jobs.add_parser(job, help=what, description=what)
+        sub.add_argument("--model", default=None, help="default: DiT-XL/2 on a GPU, DiT-S/2 on a CPU")
+        sub.add_argument("--image-size", type=int, default=256, help="image side; the latent is 1/8 of it (default 256)")
+        sub.add_argument("--batch", type=int, default=None, help="images per step (default: 32 on a GPU, 8 on a CPU)")
+        sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+        sub.add_argument("--rows", nargs="+", default=None, metavar="ROW",
+                         help="rows to run: reference, or fastdit with +bf16, +fp16, +compile"
+                         + (", +ckpt, +ckpt-mlp, +ckpt-every-K" if job == "train" else "") + " (default: a set for the device)")
+        sub.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+        sub.add_argument("--steps", type=int, default=3, help="timed steps")
+        sub.add_argument("--peak-tflops", type=float, default=None,
+                         help="the GPU's dense bf16 peak, for MFU (default: looked up by the GPU's name)")
+        if job == "sample":
+            sub.add_argument("--cfg-scale", type=float, default=4.0)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench.flops import peak_tflops
+    from ..bench.rows import parse_row
+    from ..bench.table import device_name, run_table
+    from ..devices import resolve_device
+
+    device = resolve_device(args.device)
+    gpu = device.type == "cuda"
+    model = args.model or ("DiT-XL/2" if gpu else "DiT-S/2")
+    batch = args.batch or (32 if gpu else 8)
+    if args.image_size % 8 or args.image_size <= 0:
+        raise UserError(f"--image-size {args.image_size} is not a positive multiple of 8 (the VAE's downsampling)")
+    if batch < 1 or args.steps < 1 or args.warmup < 0:
+        raise UserError("--batch and --steps must be at least 1, --warmup at least 0")
+    defaults = (TRAIN_ROWS if args.job == "train" else SAMPLE_ROWS)["cuda" if gpu else "cpu"]
+    rows = [parse_row(name, training=args.job == "train") for name in (args.rows or defaults)]
+    peak = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device)) if gpu else None)
+    settings = dict(device=str(device), model=model, batch=batch, latent=args.image_size // 8, warmup=args.warmup,
+                    steps=args.steps, cfg_scale=getattr(args, "cfg_scale", None))
+    what = "training step" if args.job == "train" else f"guided sampling step (cfg {args.cfg_scale})"
+    print(f"{what}: {model} at {args.image_size}px, batch {batch}, on {device_name(device)}, torch {torch.__version__}",
+          flush=True)
+    if gpu and peak is None:
+        print("(MFU left out: unknown GPU; pass --peak-tflops with its dense bf16 peak)")
+    elif gpu:
+        print(f"(MFU against {peak:g} TFLOP/s dense bf16; FLOPs of the model, recomputation not counted)")
+    run_table(args.job, rows, settings, peak=peak)
+    return 0

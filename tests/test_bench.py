@@ -1,0 +1,80 @@
+"""`fastdit bench`: row names, the FLOP count behind MFU, and the table on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastdit.bench.flops import forward_flops_per_image, peak_tflops
+from fastdit.bench.rows import Row, parse_row
+from fastdit.cli import main
+from fastdit.errors import UserError
+from fastdit.models import LIGHTNINGDIT_BLOCKS, build_model, config_from_name
+
+
+def test_row_names_become_options():
+    assert parse_row("reference", training=True) == Row("reference", reference=True)
+    assert parse_row("fastdit", training=True) == Row("fastdit")
+    assert parse_row("fastdit+bf16+compile+ckpt", training=True) == Row(
+        "fastdit+bf16+compile+ckpt", precision="bf16", compile=True, checkpointing="blocks")
+    assert parse_row("fastdit+ckpt-mlp", training=True).checkpointing == "mlp"
+    assert parse_row("fastdit+ckpt-every-3", training=True).checkpointing == "every-3"
+
+
+@pytest.mark.parametrize("name, training", [("fastdit+bf61", True), ("official", True), ("fastdit+ckpt", False),
+                                            ("fastdit+ckpt-every-0", True)])
+def test_unknown_rows_are_refused_with_the_options(name, training):
+    with pytest.raises(UserError, match="row"):
+        parse_row(name, training=training)
+
+
+@pytest.mark.parametrize("blocks", [{}, LIGHTNINGDIT_BLOCKS], ids=["official", "lightningdit"])
+def test_flop_formula_counts_what_torch_counts(blocks):
+    # The formula must equal torch's own count of the forward's matmuls, convolutions and attention.
+    # Attention runs through the math backend, whose two batched products torch counts (it does not
+    # count the CPU flash kernel).
+    model = build_model("DiT-T/2", input_size=8, num_classes=10, **blocks).eval()
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 1, 2])
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(x, t, y)
+    assert forward_flops_per_image(model.config) * 3 == counter.get_total_flops()
+
+
+def test_dit_xl_2_costs_the_papers_flops():
+    # DiT Table 4: DiT-XL/2 at 256 is 118.6 Gflops of multiply-adds, i.e. 237.2 GFLOP; the paper rounds to 0.1.
+    flops = forward_flops_per_image(config_from_name("DiT-XL/2", input_size=32))
+    assert abs(flops / 2e9 - 118.6) < 0.05
+
+
+def test_peak_is_looked_up_by_the_most_specific_name():
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA GeForce GTX 1080") is None
+
+
+def _table(output: str) -> dict[str, list[str]]:
+    rows = [line.strip("|").split("|") for line in output.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+
+
+@pytest.mark.parametrize("job, rows", [("train", ["reference", "fastdit", "fastdit+ckpt-mlp"]),
+                                       ("sample", ["reference", "fastdit"])])
+def test_bench_prints_each_row_against_the_reference(job, rows, capsys):
+    status = main(["bench", job, "--model", "DiT-T/2", "--image-size", "64", "--batch", "2", "--device", "cpu",
+                   "--warmup", "1", "--steps", "1", "--rows", *rows])
+    assert status == 0
+    table = _table(capsys.readouterr().out)
+    assert list(table) == rows
+    assert table["reference"][3:5] == ["1.00x", "1.00x"]
+    for cells in table.values():
+        rate, images, peak = (float(cell) for cell in cells[:3])
+        assert rate > 0 and images == pytest.approx(2 * rate, abs=0.01) and peak > 0
+
+
+def test_a_bad_row_is_one_line_with_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "train", "--rows", "fastdit+turbo", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "unknown option 'turbo'" in capsys.readouterr().err
