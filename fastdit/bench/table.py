@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import cpu_flags
 from ..train.logger import peak_memory_gb
 from .flops import forward_flops_per_image, peak_tflops
 from .rows import Measurement, Row, make_sample_step, make_train_step, time_steps
@@ -61,14 +62,6 @@ def device_name(device: torch.device) -> str:
     extras = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
     isa = torch.backends.cpu.get_cpu_capability() + "".join(f", {flag}" for flag in extras)
     return f"{name} ({torch.get_num_threads()} threads, {isa})"
-
-
-def cpu_flags() -> set[str]:
-    try:
-        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return set()
-    return set(line.split(":", 1)[1].split())
 
 
 def images_per_step(job: str, batch: int) -> tuple[int, int]:
