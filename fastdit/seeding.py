@@ -22,7 +22,7 @@ from .errors import UserError
 
 IMAGE_NOISE = "image-noise"  # sampling: all noise of image i (x_T and every step)
 IMAGE_LABEL = "image-label"  # sampling: the uniform class label of image i
-TRAIN_STEP = "train-step"  # training: timesteps, noise and label dropout of step s
+TRAIN_STEP = "train-step"  # training: timestep, noise and label dropout of global sample g in step s
 EPOCH_ORDER = "epoch-order"  # training: the permutation of the dataset in epoch e
 DATA_ITEM = "data-item"  # data: the flip and posterior noise of item i in epoch e
 DIGITS_SPLIT = "digits-split"  # the digits demo: which digits are held out
@@ -38,6 +38,8 @@ def derive_seed(stream: str, *keys: int) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
 
 
-def seeded_generator(stream: str, *keys: int) -> torch.Generator:
-    """A CPU `torch.Generator` seeded by `derive_seed(stream, *keys)`."""
-    return torch.Generator().manual_seed(derive_seed(stream, *keys))
+def seeded_generator(stream: str, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A `torch.Generator` on `device` (CPU by default) seeded by `derive_seed(stream, *keys)`. A
+    generator only draws tensors on its own device type, and CPU and CUDA generators turn one seed into
+    different numbers."""
+    return torch.Generator(device=device).manual_seed(derive_seed(stream, *keys))

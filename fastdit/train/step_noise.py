@@ -1,9 +1,19 @@
-"""The random draws of one training step, the same for any number of processes.
+"""The random draws of one training step: each process draws only its own samples, on its device.
 
-For step s, one generator seeded by (seed, s) draws the timesteps, the diffusion noise and the
-label-dropout decisions of the whole global batch; each process keeps its own slice. A 1-process and
-an N-process run thus train on identical (x_t, t, y) and differ only by floating-point summation
-order, and a resumed run draws exactly what the uninterrupted one drew.
+Global sample g of step s (g = rank · B_local + i) gets its timestep, diffusion noise, label-dropout
+decision and, when images are encoded on the fly, its posterior noise from a generator of its own,
+seeded by (seed, s, g) (`fastdit.seeding`, stream TRAIN_STEP). What sample g receives thus depends on
+nothing but (seed, s, g): not on the process count, the rank, the global or local batch size, or the
+micro-batch split. A 1-process and an N-process run train on identical (x_t, t, y) and differ only by
+floating-point summation order, and a resumed run draws exactly what the uninterrupted one drew.
+
+Why per sample rather than one generator per step: a generator seeded per step has to draw the whole
+global batch (256-1024 latents) for any process to find its slice, on every process, every step, on
+the CPU and then copy it over. Per-sample generators let each process draw its B_local samples where
+they are used; on CUDA that is a handful of tiny kernels per sample, nothing next to a DiT step.
+
+The promise holds per device type: a CUDA generator turns a seed into other numbers than a CPU one
+does, so a CPU run and a CUDA run with the same seed see different (equally distributed) draws.
 """
 
 from __future__ import annotations
@@ -29,6 +39,16 @@ class StepDraws:
         )
 
 
+def _draw_sample(seed, step, index, shape, process, dropout_prob, with_latent_noise, device) -> StepDraws:
+    """The draws of global sample `index`, each of batch size 1, in a fixed order from its own generator."""
+    generator = seeded_generator(TRAIN_STEP, seed, step, index, device=device)
+    t = process.sample_times(1, device=device, generator=generator)  # int64 step (DDPM) or real t (flow)
+    noise = torch.randn((1, *shape), generator=generator, device=device)
+    drop = torch.rand(1, generator=generator, device=device) < dropout_prob
+    latent_noise = torch.randn((1, *shape), generator=generator, device=device) if with_latent_noise else None
+    return StepDraws(t, noise, drop, latent_noise)
+
+
 def draw_step(
     seed: int,
     step: int,
@@ -42,16 +62,17 @@ def draw_step(
     with_latent_noise: bool,
     device: torch.device,
 ) -> StepDraws:
-    # Drawn on the CPU: the same numbers on every device type (and cheap next to a DiT step).
-    generator = seeded_generator(TRAIN_STEP, seed, step)
-    t = process.sample_times(global_batch, generator=generator)  # int64 steps (DDPM) or real t (flow)
-    noise = torch.randn((global_batch, *shape), generator=generator)
-    drop = torch.rand(global_batch, generator=generator) < dropout_prob
-    latent_noise = torch.randn((global_batch, *shape), generator=generator) if with_latent_noise else None
-    mine = slice(rank * local_batch, (rank + 1) * local_batch)
+    """This process's draws of step `step`: global samples rank · local_batch ... + local_batch − 1."""
+    first = rank * local_batch
+    if first < 0 or first + local_batch > global_batch:  # a caller's bug, not a user's input
+        raise ValueError(f"rank {rank} with {local_batch} samples each lies outside the global batch of {global_batch}")
+    samples = [
+        _draw_sample(seed, step, index, shape, process, dropout_prob, with_latent_noise, device)
+        for index in range(first, first + local_batch)
+    ]
     return StepDraws(
-        t[mine].to(device),
-        noise[mine].to(device),
-        drop[mine].to(device),
-        None if latent_noise is None else latent_noise[mine].to(device),
+        torch.cat([s.t for s in samples]),
+        torch.cat([s.noise for s in samples]),
+        torch.cat([s.drop_labels for s in samples]),
+        torch.cat([s.latent_noise for s in samples]) if with_latent_noise else None,
     )
