@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -112,8 +113,18 @@ def exclusive_lock_for_all_ranks(folder: str | os.PathLike, job: str, dist: Dist
 
             refused = [refusal is not None]
             torch.distributed.broadcast_object_list(refused, src=0)  # also keeps the others until rank 0 holds it
-            if refused[0] and not dist.is_main:
-                raise SystemExit(2)
+            if refused[0]:
+                # Every rank knows now, so all leave the group together (barrier, then destroy): a process
+                # that exits with the group alive, or before the others have read its last message, can
+                # abort in gloo's teardown ("terminate called without an active exception") or leave
+                # them waiting.
+                distributed.shutdown()
+                if not dist.is_main:
+                    # Leave at once: interpreter teardown after a gloo group can hang in torch 2.13 (seen
+                    # about 1 run in 40 under load), and this process has nothing to save or report.
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(2)
         if refusal is not None:
             raise refusal
         yield
