@@ -21,6 +21,7 @@ from ..precision import AUTOCAST_DTYPES
 
 CHECKPOINT_POLICIES = "off, blocks, mlp, every-K (K >= 1, e.g. every-2)"
 
+
 def enable_tf32(device: torch.device, enabled: bool) -> None:
     """TF32 matmuls and convolutions on Ampere+ GPUs: ~2x faster fp32 training (DiT used it)."""
     if device.type == "cuda":
@@ -41,7 +42,7 @@ def checkpoint_blocks(model: torch.nn.Module, policy: str = "blocks") -> None:
     """Recompute activations in backward instead of storing them: of every block ("blocks"), of blocks
     0, K, 2K, ... ("every-K": memory traded for less recomputation), or of each block's MLP only
     ("mlp": its fc1 and GELU outputs, 2 x 4D numbers per token, are the block's largest activations,
-    while attention, whose recomputation costs the most per byte, keeps its own).
+    while attention keeps its own, so backward does not repeat the attention kernel, quadratic in tokens).
 
     Each chosen module's class becomes a subclass whose forward runs the original one under
     `checkpoint`: in place, so parameter names (and state dicts) stay official, and a FSDP hook on a
