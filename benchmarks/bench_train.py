@@ -1,7 +1,7 @@
 """Training throughput and memory of `fastdit train`'s step for a table of options.
 
-Prints steps/s, images/s and peak memory for each (model, batch, precision, gradient checkpointing,
-input) row: "latents" trains on pre-extracted VAE latents (what `fastdit extract` produces),
+Prints steps/s, images/s and peak memory for each (model, batch, precision, activation checkpointing
+policy, input) row: "latents" trains on pre-extracted VAE latents (what `fastdit extract` produces),
 "images" encodes images with an SD-VAE-sized AutoencoderKL (random weights, the same compute) inside
 every step, as training from an image folder does. The step is the real one (`fastdit.train.loop.train_step`):
 timestep/noise draws, forward, MSE+VLB loss, backward, AdamW and EMA.
@@ -22,6 +22,7 @@ import torch
 from fastdit.checkpoint import LatentInfo
 from fastdit.diffusion import create_diffusion
 from fastdit.distributed import DistInfo
+from fastdit.errors import UserError
 from fastdit.latents import VAELatentSpace, latent_side
 from fastdit.models import build_model
 from fastdit.train.config import TrainConfig
@@ -29,7 +30,7 @@ from fastdit.train.ema import make_ema
 from fastdit.train.state import TrainingState
 from fastdit.train.logger import peak_memory_gb
 from fastdit.train.loop import make_optimizer, train_step
-from fastdit.train.setup import enable_tf32, make_grad_scaler, prepare_model
+from fastdit.train.setup import checkpoint_stride, enable_tf32, make_grad_scaler, prepare_model
 from fastdit.train.training_data import TrainingData
 
 SD_VAE_CONFIG = {
@@ -115,25 +116,30 @@ def main():
     parser.add_argument("--batch", type=int, default=None, help="default: 32 on a GPU, 8 on a CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
-    parser.add_argument("--checkpointing", nargs="+", default=["off", "on"])
+    parser.add_argument("--checkpointing", nargs="+", default=["off", "blocks"],
+                        help="activation checkpointing policies: off, blocks, mlp, every-K")
     parser.add_argument("--sources", nargs="+", default=["latents", "images"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
+    try:  # an unknown policy stops here, not in the first row's process
+        [checkpoint_stride(policy) for policy in args.checkpointing]
+    except UserError as err:
+        parser.error(str(err))
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     args.model = args.model or ("DiT-XL/2" if gpu else "DiT-S/2")
     args.batch = args.batch or (32 if gpu else 8)
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"fastdit training step: {args.model} at {args.image_size}px, batch {args.batch}, on {name}, torch {torch.__version__}")
-    print(f"{'precision':>9} {'ckpt':>5} {'input':>8} {'steps/s':>8} {'images/s':>9} {'peak GB':>8}")
+    print(f"{'precision':>9} {'ckpt':>8} {'input':>8} {'steps/s':>8} {'images/s':>9} {'peak GB':>8}")
     for precision, ckpt, source in itertools.product(args.precisions, args.checkpointing, args.sources):
-        row = run_row_isolated(args, precision, ckpt == "on", source)
+        row = run_row_isolated(args, precision, ckpt, source)
         if row is None:
-            print(f"{precision:>9} {ckpt:>5} {source:>8} {'out of memory':>27}", flush=True)
+            print(f"{precision:>9} {ckpt:>8} {source:>8} {'out of memory':>27}", flush=True)
         else:
-            print(f"{precision:>9} {ckpt:>5} {source:>8} {row['steps/s']:8.3f} {row['images/s']:9.1f} {row['peak GB']:8.2f}", flush=True)
+            print(f"{precision:>9} {ckpt:>8} {source:>8} {row['steps/s']:8.3f} {row['images/s']:9.1f} {row['peak GB']:8.2f}", flush=True)
 
 
 if __name__ == "__main__":

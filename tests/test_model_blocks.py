@@ -201,7 +201,8 @@ def test_metadata_from_before_the_options_means_the_official_blocks():
     assert ModelInfo.from_dict(recorded).config == tiny().config
 
 
-def test_gradient_checkpointing_with_every_option():
+@pytest.mark.parametrize("policy", ["blocks", "mlp"])  # "mlp" wraps the SwiGLU MLP here
+def test_gradient_checkpointing_with_every_option(policy):
     from fastdit.train.setup import checkpoint_blocks
 
     model = with_recipe_weights(tiny(**LIGHTNINGDIT_BLOCKS))
@@ -214,7 +215,7 @@ def test_gradient_checkpointing_with_every_option():
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     out_plain, grads_plain = run()
-    checkpoint_blocks(model)
+    checkpoint_blocks(model, policy)
     out_ckpt, grads_ckpt = run()
     assert torch.equal(out_plain, out_ckpt)  # the forward pass is the same computation
     assert grads_plain.keys() == grads_ckpt.keys() == {n for n, p in model.named_parameters() if p.requires_grad}

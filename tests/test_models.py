@@ -80,7 +80,8 @@ def test_label_dropout_only_in_training():
     assert no_null.y_embedder.embedding_table.num_embeddings == 1
 
 
-def test_gradient_checkpointing_changes_nothing():
+@pytest.mark.parametrize("policy", ["blocks", "every-2", "mlp"])
+def test_gradient_checkpointing_changes_nothing(policy):
     from fastdit.train.setup import checkpoint_blocks
 
     torch.manual_seed(0)
@@ -97,7 +98,7 @@ def test_gradient_checkpointing_changes_nothing():
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     out_plain, grads_plain = run()
-    checkpoint_blocks(model)
+    checkpoint_blocks(model, policy)
     out_ckpt, grads_ckpt = run()
     assert torch.equal(out_plain, out_ckpt)
     assert grads_plain.keys() == grads_ckpt.keys() and len(grads_plain) > 10

@@ -27,9 +27,10 @@ HELP_TEXTS = {
     "max_steps": "optimizer steps to train",
     "global_seed": "seed of everything random",
     "precision": "fp32, bf16 or fp16 (with a gradient scaler)",
-    "gradient_checkpointing": "recompute block activations in backward to save memory",
+    "gradient_checkpointing": "recompute activations in backward to save memory: off, blocks (every block; the "
+                              "flag alone), mlp (each block's MLP only) or every-K (blocks 0, K, 2K, ...)",
     "fsdp": "shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP",
-    "compile": "torch.compile the model",
+    "compile": "torch.compile each transformer block (regional: start-up compiles one block, not the model)",
     "tf32": "TF32 matmuls on GPUs",
     "results_dir": "folder of run folders",
     "run_name": "run folder name (default: model, image size and data); the same command resumes it",
@@ -59,7 +60,13 @@ HELP_TEXTS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_dataclass_arguments(parser, TrainConfig, HELP_TEXTS)
+    add_dataclass_arguments(parser, TrainConfig, HELP_TEXTS, skip=("gradient_checkpointing",))
+    # A policy string; the flag alone still means every block, as when it was an on/off switch.
+    parser.add_argument("--gradient-checkpointing", "--grad-checkpointing", nargs="?", const="blocks",
+                        default=TrainConfig.gradient_checkpointing, metavar="POLICY",
+                        help=f"{HELP_TEXTS['gradient_checkpointing']} (default: {TrainConfig.gradient_checkpointing})")
+    parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_const",
+                        const="off", help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:

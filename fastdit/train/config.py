@@ -17,6 +17,7 @@ from ..models import config_from_name
 from ..process import ProcessSpec
 from ..run_folder import refuse_other_settings
 from ..sampling import SamplingOptions
+from .setup import checkpoint_stride
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -94,7 +95,7 @@ class TrainConfig:
     global_seed: int = 0
     # systems
     precision: str = "fp32"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: str = "off"  # off, blocks, mlp or every-K (fastdit.train.setup.checkpoint_blocks)
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     compile: bool = False
     tf32: bool = True
@@ -124,6 +125,11 @@ class TrainConfig:
     num_heads: int | None = None
 
     # ------------------------------------------------------------------------------------------
+
+    def __post_init__(self):
+        # Run folders and checkpoints written before the policies record a bool: on meant every block.
+        if isinstance(self.gradient_checkpointing, bool):
+            self.gradient_checkpointing = "blocks" if self.gradient_checkpointing else "off"
 
     @property
     def data_source(self) -> str:
@@ -163,6 +169,7 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         self._validate_numbers()
+        checkpoint_stride(self.gradient_checkpointing)  # rejects an unknown checkpointing policy
         if self.fsdp and self.precision == "fp16":
             raise UserError("--fsdp trains in fp32 or bf16 (fp16's gradient scaler is not supported on sharded "
                             "gradients); use --precision bf16")

@@ -155,7 +155,8 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     log.info(
         f"{config.model} ({num_params:,} parameters) on {len(data.dataset):,} items of shape {tuple(data.latent_shape)}; "
         f"{dist.world_size} process(es) on {device.type}{_parallelism(state)}, global batch {config.global_batch_size} "
-        f"(micro-batch {micro_batch}), {config.precision}, steps {position.step} -> {max_steps}, run folder {run_dir}"
+        f"(micro-batch {micro_batch}), {config.precision}, activation checkpointing {config.gradient_checkpointing}"
+        f"{', blocks compiled' if config.compile else ''}, steps {position.step} -> {max_steps}, run folder {run_dir}"
     )
 
     last_saved, last_loss = None, None

@@ -1,7 +1,7 @@
 """Systems options applied to a plain model from outside (the model file knows none of them):
 activation checkpointing, torch.compile, DDP or FSDP2, TF32 and mixed precision.
 
-The order follows torchtitan: checkpoint blocks, compile, then shard or replicate; the optimizer is
+The order follows torchtitan: checkpoint, compile each block, then shard or replicate; the optimizer is
 built afterwards (by the caller) so that it holds the parameters as the wrapping left them (sharded
 DTensors under FSDP).
 """
@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..distributed import DistInfo
+from ..errors import UserError
 from ..precision import AUTOCAST_DTYPES
+
+CHECKPOINT_POLICIES = "off, blocks, mlp, every-K (K >= 1, e.g. every-2)"
+
 
 def enable_tf32(device: torch.device, enabled: bool) -> None:
     """TF32 matmuls and convolutions on Ampere+ GPUs: ~2x faster fp32 training (DiT used it)."""
@@ -24,14 +29,46 @@ def enable_tf32(device: torch.device, enabled: bool) -> None:
         torch.backends.cudnn.allow_tf32 = enabled
 
 
-def checkpoint_blocks(model: torch.nn.Module) -> None:
-    """Recompute each transformer block's activations in backward instead of storing them.
+def checkpoint_stride(policy: str) -> int:
+    """Every how many blocks `policy` recomputes a whole block (0: none, as for "off" and "mlp");
+    a UserError for a policy that is none of CHECKPOINT_POLICIES."""
+    every = re.fullmatch(r"every-([1-9][0-9]*)", str(policy))
+    if policy in ("off", "mlp", "blocks") or every:
+        return int(every[1]) if every else int(policy == "blocks")
+    raise UserError(f"unknown gradient checkpointing policy {policy!r}; choose one of {CHECKPOINT_POLICIES}")
 
-    The block's own forward is wrapped in place, so parameter names (and state dicts) stay official,
-    and a FSDP hook on the block still gathers its weights before the forward and the recomputation.
+
+def checkpoint_blocks(model: torch.nn.Module, policy: str = "blocks") -> None:
+    """Recompute activations in backward instead of storing them: of every block ("blocks"), of blocks
+    0, K, 2K, ... ("every-K": memory traded for less recomputation), or of each block's MLP only
+    ("mlp": its fc1 and GELU outputs, 2 x 4D numbers per token, are the block's largest activations,
+    while attention keeps its own, so backward does not repeat the attention kernel, quadratic in tokens).
+
+    Each chosen module's class becomes a subclass whose forward runs the original one under
+    `checkpoint`: in place, so parameter names (and state dicts) stay official, and a FSDP hook on a
+    block still gathers its weights before the forward and the recomputation.
     """
-    for block in model.blocks:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    stride = checkpoint_stride(policy)
+    if policy == "mlp":
+        modules = [block.mlp for block in model.blocks]
+    else:
+        modules = list(model.blocks)[::stride] if stride else []
+    for module in modules:
+        module.__class__ = _recomputed_in_backward(type(module))
+
+
+@functools.cache
+def _recomputed_in_backward(cls: type) -> type:
+    # A class-level forward (rather than a wrapper set on each instance) for torch.compile: dynamo
+    # guards on the identity of an instance's own `forward`, so 28 wrapped MLPs would compile 28
+    # graphs (and fall back to eager past its recompile limit of 8); one class compiles once. And the
+    # forward is a function of ours: dynamo skips torch's own files (nn.Module's call path,
+    # torch.utils.checkpoint) and turns `checkpoint` into a graph region that backward recomputes
+    # only when it meets it inside a traced frame.
+    def forward(self, *args, **kwargs):
+        return checkpoint(cls.forward, self, *args, use_reentrant=False, **kwargs)
+
+    return type(f"Recomputed{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
 
 
 def shard_model(model: torch.nn.Module, precision: str) -> None:
@@ -47,20 +84,30 @@ def shard_model(model: torch.nn.Module, precision: str) -> None:
     fully_shard(model, mp_policy=policy)
 
 
-def prepare_model(model: torch.nn.Module, *, dist: DistInfo, gradient_checkpointing: bool, compile_model: bool,
-                  fsdp: bool = False, precision: str = "fp32") -> torch.nn.Module:
-    """The module to call in training (checkpointed, compiled, sharded or DDP-wrapped as asked).
-    Weights are shared with `model`, which stays the module whose state dict has the official key
-    names (under FSDP it is sharded in place)."""
-    if gradient_checkpointing:
-        checkpoint_blocks(model)
-    sharded = fsdp and dist.is_distributed
-    if sharded:
+def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> None:
+    """Regional torch.compile: each transformer block in place (`nn.Module.compile`, so parameter names
+    stay official). The blocks share their code, so dynamo compiles one graph for all of them: start-up
+    costs one block's compile rather than the whole model's. A checkpoint-wrapped forward (set on the
+    instance by `checkpoint_blocks`) is what the compiled `_call_impl` calls, so the checkpoint is
+    traced into the graph and recomputation runs the compiled code too."""
+    for block in model.blocks:
+        block.compile(backend=backend)
+
+
+def prepare_model(model: torch.nn.Module, *, dist: DistInfo, gradient_checkpointing: str, compile_model: bool,
+                  fsdp: bool = False, precision: str = "fp32", compile_backend: str = "inductor") -> torch.nn.Module:
+    """The module to call in training (checkpointed per `gradient_checkpointing`'s policy, compiled
+    block by block, sharded or DDP-wrapped as asked). Weights are shared with `model`, which stays the
+    module whose state dict has the official key names (under FSDP it is sharded in place)."""
+    checkpoint_blocks(model, gradient_checkpointing)
+    if compile_model:
+        compile_blocks(model, compile_backend)
+    runnable = model
+    if fsdp and dist.is_distributed:
         shard_model(model, precision)
-    runnable = torch.compile(model) if compile_model else model
-    if dist.is_distributed and not sharded:
+    elif dist.is_distributed:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-        runnable = torch.nn.parallel.DistributedDataParallel(runnable, device_ids=device_ids)
+        runnable = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     return runnable
 
 
