@@ -198,6 +198,15 @@ def test_sample_ddp_in_bf16_records_it_and_differs_from_fp32(tiny_ckpt, tmp_path
         assert not np.array_equal(a["arr_0"], b["arr_0"])
 
 
+@pytest.mark.parametrize("command, out", [("sample", "grid.png"), ("sample-ddp", "samples.npz")])
+def test_compile_flag_compiles_the_blocks(tiny_ckpt, tmp_path, monkeypatch, command, out):
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(generate_module, "compile_blocks", functools.partial(compile_blocks, backend=counter))
+    flags = RUN if command == "sample-ddp" else [*SAMPLING, "--class-labels", "1", "2"]
+    assert main([command, "--ckpt", tiny_ckpt, "--out", str(tmp_path / out), *flags, "--compile"]) == 0
+    assert counter.frame_count == 1  # one graph for the model's block, the same batch shape in every call
+
+
 @pytest.mark.parametrize("capability, warned", [("AVX2", True), ("AVX512", False)])
 def test_sample_warns_in_one_line_when_bf16_is_slow_on_this_cpu(tiny_ckpt, tmp_path, monkeypatch, capsys, capability, warned):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
