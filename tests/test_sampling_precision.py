@@ -207,17 +207,19 @@ def test_compile_flag_compiles_the_blocks(tiny_ckpt, tmp_path, monkeypatch, comm
     assert counter.frame_count == 1  # one graph for the model's block, the same batch shape in every call
 
 
-@pytest.mark.parametrize("capability, warned", [("AVX2", True), ("AVX512", False)])
-def test_sample_warns_in_one_line_when_bf16_is_slow_on_this_cpu(tiny_ckpt, tmp_path, monkeypatch, capsys, capability, warned):
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    out = tmp_path / "grid.png"
-    assert main(["sample", "--ckpt", tiny_ckpt, "--out", str(out), *SAMPLING, "--class-labels", "1", "2",
-                 "--precision", "bf16"]) == 0
-    err = capsys.readouterr().err
-    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
-    assert warnings == ([f"warning: --precision bf16 on this CPU ({capability}, no native half-precision matmul) "
-                         "is far slower than fp32; use --precision fp32 on it"] if warned else [])
-    assert out.exists()
+@pytest.mark.parametrize("fast_bf16", [False, True])
+@pytest.mark.parametrize("command, out", [("sample", "grid.png"), ("sample-ddp", "samples.npz")])
+def test_bf16_on_a_slow_cpu_is_warned_in_one_line(tiny_ckpt, tmp_path, monkeypatch, capsys, command, out, fast_bf16):
+    import fastdit.precision
+
+    monkeypatch.setattr(fastdit.precision, "cpu_has_fast_bf16", lambda: fast_bf16)
+    flags = RUN if command == "sample-ddp" else [*SAMPLING, "--class-labels", "1", "2"]
+    assert main([command, "--ckpt", tiny_ckpt, "--out", str(tmp_path / out), *flags, "--precision", "bf16"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    expected = fastdit.precision.precision_warning(torch.device("cpu"), "bf16")
+    assert (expected is None) == fast_bf16
+    assert warnings == ([] if fast_bf16 else [f"warning: {expected}"])
+    assert (tmp_path / out).exists()
 
 
 @pytest.mark.parametrize("command", ["sample", "sample-ddp"])
