@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..errors import UserError
 from ..io import check_can_create
+from ..precision import PRECISIONS, precision_warning
 from .arg_types import finite_float, seed
 from ..process import ALL_SAMPLERS, OBJECTIVES, SAMPLERS_BY_OBJECTIVE
 from ..sampling import SamplingOptions
@@ -51,6 +53,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, cfg_default: float =
                        help="flow models: warp the time grid toward the noise end, t' = t / (t + s (1 - t)) (default: 1, none)")
     group.add_argument("--eta", type=finite_float, default=0.0, help="DDIM eta (default: 0, deterministic)")
     group.add_argument("--seed", type=seed, default=0, help="seed of the noise (and of uniform labels); an integer >= 0 (default: 0)")
+    group.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                       help="the model's forward under autocast (bf16, fp16: faster on GPUs, rounds differently); "
+                            "the sampler's arithmetic stays float32 (default: fp32)")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile each transformer block (the first batch pays the compilation)")
 
 
 def sampling_options(args: argparse.Namespace) -> SamplingOptions:
@@ -62,8 +69,16 @@ def sampling_options(args: argparse.Namespace) -> SamplingOptions:
         guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
         eta=args.eta,
         time_shift=args.time_shift,
+        precision=args.precision,
     )
     return options  # checked against the model's process once it is known (`load_for_sampling`)
+
+
+def warn_if_slow(device, precision: str) -> None:
+    """One line on stderr when `precision` is slower than fp32 on `device` (`fastdit.precision`)."""
+    warning = precision_warning(device, precision)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def check_output_file(path: str, suffixes: tuple[str, ...]) -> Path:

@@ -11,6 +11,7 @@ from .common import (
     check_output_file,
     load_for_sampling,
     sampling_options,
+    warn_if_slow,
 )
 
 HELP = "sample a grid of images from a DiT (official weights or your checkpoint)"
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
         raise UserError(f"--nrow must be >= 1, got {args.nrow}")
     model, info, latent_space, device = load_for_sampling(args, options)
+    warn_if_slow(device, options.precision)
     num_classes = info.config.num_classes
     labels = args.class_labels
     if labels is None:
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     labels = check_labels(labels, num_classes)
     images = generate(
         model, latent_space, labels, options=options, process=info.process, seed=args.seed, device=device,
-        progress=not args.no_progress,
+        progress=not args.no_progress, compile=args.compile,
     )
     atomic_save_png(make_grid(images, nrow=args.nrow), out)
     print(f"wrote {out} ({len(labels)} images, {info.image_size}x{info.image_size}, {options.resolved_sampler(info.process)} {options.num_steps} steps, cfg {options.cfg_scale})")

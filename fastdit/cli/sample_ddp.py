@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_model_arguments, add_sampling_arguments, check_output_file, load_for_sampling, sampling_options
+from .common import (
+    add_model_arguments, add_sampling_arguments, check_output_file, load_for_sampling, sampling_options, warn_if_slow,
+)
 
 HELP = "sample many images (e.g. 50,000 for FID) into an ADM .npz, with torchrun, resumable"
 
@@ -53,9 +55,12 @@ def run(args: argparse.Namespace) -> int:
         class_labels=args.class_labels,
         png_dir=Path(args.png_dir) if args.png_dir else None,
         progress=args.progress,
+        compile=args.compile,
     )
     resolve_device(args.device)  # a bad --device is a one-line error, before joining the process group
     info = dist.init_from_env(args.device)
+    if info.is_main:
+        warn_if_slow(info.device, job.options.precision)
     # One GPU per process: load onto this process's device, not the first GPU.
     per_process = argparse.Namespace(**{**vars(args), "device": str(info.device)})
     # On an error, leave without the closing barrier: the others stop too (see `_on_main_first`), or torchrun stops them.

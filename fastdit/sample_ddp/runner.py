@@ -53,6 +53,8 @@ class SampleJob:
     class_labels: list[int] | None = None  # None: uniform over the classes; else cycled over the images
     png_dir: Path | None = None
     progress: bool = True
+    # Not a setting (like the batch size): compiled blocks compute the same images up to rounding.
+    compile: bool = False
 
     def validate(self) -> None:
         for flag, value in (("--num-fid-samples", self.num_samples), ("--batch-size", self.batch_size), ("--chunk-size", self.chunk_size)):
@@ -223,7 +225,7 @@ def _sample_chunks(job, paths, chunks, model, model_info, latent_space, device, 
             indices = range(first, min(first + job.batch_size, chunk.stop))
             batch_labels = labels_for(indices, seed=job.seed, num_classes=num_classes, class_labels=job.class_labels)
             batch = generate(model, latent_space, batch_labels, options=job.options, process=model_info.process,
-                             seed=job.seed, indices=indices, device=device)
+                             seed=job.seed, indices=indices, device=device, compile=job.compile)
             images.append(_as_rgb(batch))
             labels.append(batch_labels)
             bar.update(len(indices))

@@ -10,8 +10,9 @@ chunk files; the same command finds them and samples only the rest. A chunk file
 short by a copy, overwritten, holding other arrays) is found by reading every chunk when a run resumes,
 deleted with a warning, and sampled again. A rerun whose settings differ from the recorded ones is
 refused: mixing images from two settings would silently spoil the metric. The batch size, the number
-of processes and the device are not settings: they change at most the rounding of the last bits (see
-`fastdit.sample_ddp.runner`), so a run may be resumed with another batch size or on other GPUs.
+of processes, the device and --compile are not settings: they change at most the rounding of the last
+bits (see `fastdit.sample_ddp.runner`), so a run may be resumed with another batch size or on other GPUs.
+--precision is one: bf16 images differ from fp32 ones by far more than rounding of the last bits.
 
 One run at a time: the main process holds an exclusive lock on the work folder (`lock`) from before
 it loads the model until the result is in place, so a second run on the same output stops at once.
@@ -25,7 +26,7 @@ import json
 import re
 import shutil
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -34,6 +35,7 @@ import numpy as np
 from ..errors import UserError
 from ..io import atomic_path, atomic_write_json
 from ..run_folder import LOCK_NAME, exclusive_lock, refuse_other_settings
+from ..sampling import SamplingOptions
 
 FORMAT = "fastdit.sample-ddp"
 _CHUNK_NAME = re.compile(r"chunk-\d{8,}-\d{8,}\.npz")
@@ -96,7 +98,16 @@ def _read_settings(path: Path) -> dict | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+    return _with_option_defaults(data) if isinstance(data, dict) and data.get("format") == FORMAT else None
+
+
+def _with_option_defaults(recorded: dict) -> dict:
+    """Settings written before a sampling option existed lack it; they were made with its default (a
+    new option's default keeps the images as they were, e.g. precision fp32), so they read as such
+    and a folder of an older version resumes."""
+    if not isinstance(recorded.get("sampling"), dict):
+        return recorded
+    return {**recorded, "sampling": {**_normalized(asdict(SamplingOptions())), **recorded["sampling"]}}
 
 
 def _check_same(recorded: dict | None, wanted: dict, where: Path, what: str, fix: str) -> None:

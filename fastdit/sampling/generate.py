@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 from ..diffusion import create_diffusion
+from ..compile import compile_blocks
 from ..errors import UserError
+from ..precision import PRECISIONS, autocast
 from ..process import ProcessSpec
 from .flow import FLOW_SAMPLERS, SIT_LAST_STEP_SIZE, STOCHASTIC_FLOW_SAMPLERS, VelocityModel, time_grid
 from .guidance import ClassifierFreeGuidance
@@ -30,6 +32,8 @@ class SamplingOptions:
     guidance_interval: tuple[float, float] | None = None
     eta: float = 0.0  # DDIM only
     time_shift: float = 1.0  # flow only: t' = t / (t + s (1 − t)); s > 1 spends more steps near the noise
+    # The model's forward under autocast ("bf16", "fp16"); the sampler's arithmetic stays float32.
+    precision: str = "fp32"
 
     def resolved_sampler(self, process: ProcessSpec) -> str:
         return self.sampler or process.default_sampler
@@ -55,6 +59,8 @@ class SamplingOptions:
         if not self.time_shift > 0:
             raise UserError(f"time shift must be > 0, got {self.time_shift}")
         process.check_guidance_interval(self.guidance_interval)
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
 
 
 def check_labels(labels, num_classes: int) -> torch.Tensor:
@@ -72,6 +78,21 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return images.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def in_precision(model, precision: str):
+    """`model(x, t, y)` with its forward under autocast and its output cast back to float32, so that
+    guidance and the sampler's updates of x_t (and the noise added to it) stay float32: the ε or
+    velocity is rounded once to half precision, the state is not rounded at every step."""
+    if precision == "fp32":
+        return model
+
+    def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast(x.device, precision):
+            output = model(x, t, y)
+        return output.float()
+
+    return forward
+
+
 @torch.no_grad()
 def sample_latents(
     model, labels: torch.Tensor, *, process: ProcessSpec, options: SamplingOptions, noise: PerImageNoise,
@@ -80,12 +101,12 @@ def sample_latents(
     """Run the process's sampler from noise to latents (N, C, H, W) for these labels."""
     config = model.config
     sampler = options.resolved_sampler(process)
-    model_fn = model
+    model_fn = in_precision(model, options.precision)
     if options.cfg_scale > 1.0:
         if config.class_dropout_prob <= 0:
             raise UserError("this model has no null class (trained without label dropout); use --cfg-scale 1")
         model_fn = ClassifierFreeGuidance(
-            model, options.cfg_scale, config.null_class, config.in_channels, options.guided_channels,
+            model_fn, options.cfg_scale, config.null_class, config.in_channels, options.guided_channels,
             interval=options.guidance_interval,
         )
     x = noise.draw((config.in_channels, config.input_size, config.input_size))
@@ -121,10 +142,14 @@ def generate(
     indices=None,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    compile: bool = False,
 ) -> np.ndarray:
     """Sample one image per label with the model's `process` (from `load_model`'s info, or the training
-    config); image k uses noise seeded by (seed, indices[k]) (default k)."""
+    config); image k uses noise seeded by (seed, indices[k]) (default k). `compile=True` compiles the
+    model's blocks in place (`fastdit.compile.compile_blocks`; the first call pays the compilation)."""
     options.validate(process)
+    if compile:
+        compile_blocks(model)
     labels = check_labels(labels, model.config.num_classes).to(device)
     indices = list(range(len(labels))) if indices is None else list(indices)
     noise = PerImageNoise(seed, indices, device)
