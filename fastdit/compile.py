@@ -13,7 +13,9 @@ import torch
 
 def compile_blocks(model: torch.nn.Module, backend="inductor") -> torch.nn.Module:
     """Compile every block of `model.blocks` in place with `backend`; blocks compiled before are left
-    as they are, so calling it again (e.g. once per sampled batch) compiles nothing new."""
+    as they are, so calling it again (e.g. once per sampled batch) compiles nothing new. Blocks that
+    `fastdit.train.setup.checkpoint_blocks` wrapped compile with their checkpoint traced in, so the
+    recomputation in backward runs the compiled code too."""
     for block in model.blocks:
         if block._compiled_call_impl is None:  # what `Module.compile` sets
             block.compile(backend=backend)

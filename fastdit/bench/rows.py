@@ -119,9 +119,11 @@ def make_train_step(row: Row, model_name: str, batch: int, latent: int, device: 
 
 def make_sample_step(row: Row, model_name: str, batch: int, latent: int, device: torch.device, cfg_scale: float):
     """-> step(): one guided DDPM step of `row` (250 respaced steps, at the middle one)."""
+    from ..compile import compile_blocks
     from ..diffusion import create_diffusion
     from ..models import build_model
     from ..sampling import ClassifierFreeGuidance
+    from ..sampling.generate import in_precision
     from .reference import reference_sample_step
 
     torch.manual_seed(0)
@@ -131,7 +133,9 @@ def make_sample_step(row: Row, model_name: str, batch: int, latent: int, device:
     t = torch.full((batch,), 125, device=device, dtype=torch.long)
     if row.reference:
         return reference_sample_step(model, x, t, y, cfg_scale)
-    runnable = precision_model(compiled_blocks(model, row.compile), row.precision, device)
+    if row.compile:
+        compile_blocks(model)
+    runnable = in_precision(model, row.precision)  # as generate() runs the model
     # DiT's guidance (3 of 4 latent channels, as the official sampler does), at a step inside any interval.
     guided = ClassifierFreeGuidance(runnable, cfg_scale, model.config.null_class, model.config.in_channels, 3)
     diffusion = create_diffusion("250")
@@ -142,19 +146,3 @@ def make_sample_step(row: Row, model_name: str, batch: int, latent: int, device:
 
     return step
 
-
-def compiled_blocks(model, enabled):  # TEMPORARY until the sampling helper lands
-    if enabled:
-        for block in model.blocks:
-            block.compile()
-    return model
-
-
-def precision_model(model, precision, device):  # TEMPORARY
-    from ..precision import autocast
-
-    def run(*args, **kwargs):
-        with autocast(device, precision):
-            return model(*args, **kwargs).float()
-    run.config = model.config
-    return run

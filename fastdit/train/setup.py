@@ -15,6 +15,7 @@ import re
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..compile import compile_blocks
 from ..distributed import DistInfo
 from ..errors import UserError
 from ..precision import AUTOCAST_DTYPES
@@ -82,16 +83,6 @@ def shard_model(model: torch.nn.Module, precision: str) -> None:
     for block in model.blocks:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
-
-
-def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> None:
-    """Regional torch.compile: each transformer block in place (`nn.Module.compile`, so parameter names
-    stay official). The blocks share their code, so dynamo compiles one graph for all of them: start-up
-    costs one block's compile rather than the whole model's. A checkpoint-wrapped forward (set on the
-    instance by `checkpoint_blocks`) is what the compiled `_call_impl` calls, so the checkpoint is
-    traced into the graph and recomputation runs the compiled code too."""
-    for block in model.blocks:
-        block.compile(backend=backend)
 
 
 def prepare_model(model: torch.nn.Module, *, dist: DistInfo, gradient_checkpointing: str, compile_model: bool,
