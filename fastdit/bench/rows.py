@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from ..host_memory import keep_freed_host_memory
 from ..precision import PRECISIONS
 
 CHECKPOINT_OPTION = re.compile(r"ckpt(-mlp|-every-[1-9][0-9]*)?")
@@ -91,6 +92,8 @@ def make_train_step(row: Row, model_name: str, batch: int, latent: int, device: 
 
     torch.manual_seed(0)
     enable_tf32(device, not row.reference)  # the official train.py turns TF32 on as well
+    if not row.reference:
+        keep_freed_host_memory()  # as `fastdit train` does; the reference runs with the allocator's defaults
     model = build_model(model_name, input_size=latent, num_classes=1000).to(device).train()
     ema = make_ema(model)
     x = torch.randn(batch, model.config.in_channels, latent, latent, device=device)
@@ -127,6 +130,8 @@ def make_sample_step(row: Row, model_name: str, batch: int, latent: int, device:
     from .reference import reference_sample_step
 
     torch.manual_seed(0)
+    if not row.reference:
+        keep_freed_host_memory()  # as `fastdit sample` does
     model = build_model(model_name, input_size=latent, num_classes=1000).to(device).eval()
     x = torch.randn(batch, model.config.in_channels, latent, latent, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)

@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from ..errors import UserError
+from ..host_memory import keep_freed_host_memory
 
 # subcommand name -> module under fastdit.cli
 SUBCOMMANDS = {
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    keep_freed_host_memory()  # every job repeats steps that free and take back the same memory
     try:
         status = args._module.run(args)
     except UserError as err:

@@ -19,7 +19,7 @@ TRAIN_ROWS = {
              "fastdit+bf16+compile+ckpt-mlp", "fastdit+bf16+compile+ckpt"],
 }
 SAMPLE_ROWS = {
-    "cpu": ["reference", "fastdit", "fastdit+compile", "fastdit+bf16"],
+    "cpu": ["reference", "fastdit", "fastdit+compile", "fastdit+bf16", "fastdit+bf16+compile"],
     "cuda": ["reference", "fastdit", "fastdit+compile", "fastdit+bf16", "fastdit+bf16+compile"],
 }
 

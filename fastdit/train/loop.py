@@ -25,14 +25,15 @@ from torch.distributed.fsdp import FSDPModule
 from .. import distributed
 from ..checkpoint import ModelInfo, export_weights
 from ..errors import UserError
+from ..host_memory import keep_freed_host_memory
 from ..io import NoSpaceError, atomic_write_text, check_can_create, ensure_writable_dir, remove_stale_temporaries
 from ..models import build_model
+from ..precision import autocast, precision_warning
 from ..run_folder import exclusive_lock_for_all_ranks
 from .config import TrainConfig
 from .data_order import StepBatchSampler, steps_per_epoch
 from .ema import make_ema, update_ema
 from .logger import RunLogger, peak_memory_gb
-from ..precision import autocast, precision_warning
 from .setup import enable_tf32, make_grad_scaler, no_sync, prepare_model, shard_model
 from .state import (
     Position,
@@ -64,6 +65,7 @@ class TrainResult:
 
 def train(config: TrainConfig) -> TrainResult:
     config.validate()
+    keep_freed_host_memory()
     dist = distributed.init_from_env(config.device)
     with contextlib.ExitStack() as run_lock:  # held from the first read of the run folder to the end
         result = _train(config, dist, run_lock)
