@@ -37,8 +37,22 @@ def test_two_processes_match_one_process(tmp_path, flags, fields):
     two_state, one_state = final_state(tmp_path / "two" / one.run_dir.name), final_state(one.run_dir)
     assert two_state["position"] == one_state["position"]
     for key in one_state["model"]:
-        torch.testing.assert_close(two_state["model"][key], one_state["model"][key], rtol=1e-5, atol=1e-6, msg=key)
-        torch.testing.assert_close(two_state["ema"][key], one_state["ema"][key], rtol=1e-5, atol=1e-6, msg=key)
+        assert_same_after_adam(two_state["model"][key], one_state["model"][key], key, steps=4)
+        assert_same_after_adam(two_state["ema"][key], one_state["ema"][key], key, steps=4)
+
+
+def assert_same_after_adam(two: torch.Tensor, one: torch.Tensor, key: str, *, steps: int, lr: float = 1e-3) -> None:
+    """Weights of 1 and 2 processes agree to 1e-5 relative (their gradients differ by summation order
+    only), except where Adam divides rounding by rounding: a coordinate whose gradient is ~0 (e.g. an
+    embedding entry whose contributions cancel) moves by up to lr a step in a direction the rounding
+    picks (seen: 1 of 704 entries under ATEN_CPU_CAPABILITY=default). Those must stay rare (a real
+    divergence moves many coordinates) and within twice the most Adam can move a weight in `steps` steps:
+    lr (1 − β1) / √(1 − β2) a step for the default betas (Kingma & Ba 2015, section 2.1); the EMA, an
+    average of weights, stays within the same bound."""
+    close = torch.isclose(two, one, rtol=1e-5, atol=1e-6)
+    assert close.float().mean() >= 0.995, f"{key}: {int((~close).sum())} of {one.numel()} entries differ"
+    most = 2 * steps * lr * (1 - 0.9) / (1 - 0.999) ** 0.5
+    assert ((two - one).abs() <= most).all(), f"{key}: entries differ by more than Adam can move them"
 
 
 def test_batch_not_divisible_by_processes(tmp_path):
