@@ -27,10 +27,9 @@ from fastdit.latents import VAELatentSpace, latent_side
 from fastdit.models import build_model
 from fastdit.train.config import TrainConfig
 from fastdit.train.ema import make_ema
-from fastdit.train.state import TrainingState
 from fastdit.train.logger import peak_memory_gb
-from fastdit.train.loop import make_optimizer, train_step
-from fastdit.train.setup import checkpoint_stride, enable_tf32, make_grad_scaler, prepare_model
+from fastdit.train.loop import build_training_state, train_step
+from fastdit.train.setup import checkpoint_stride, enable_tf32
 from fastdit.train.training_data import TrainingData
 
 SD_VAE_CONFIG = {
@@ -74,9 +73,7 @@ def run_row(args, device, precision, checkpointing, source, vae_cache):
     model = build_model(args.model, input_size=latent, num_classes=1000).to(device)
     ema = make_ema(model)
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    runnable = prepare_model(model, dist=dist, gradient_checkpointing=checkpointing, compile_model=args.compile)
-    state = TrainingState(model=model, runnable=runnable, ema=ema, optimizer=make_optimizer(model, config),
-                          scaler=make_grad_scaler(device, precision))
+    state = build_training_state(config, dist, model, ema)
     diffusion = create_diffusion("")
     on_the_fly = source == "images"
     if on_the_fly and "vae" not in vae_cache:

@@ -84,9 +84,8 @@ def make_train_step(row: Row, model_name: str, batch: int, latent: int, device: 
     from ..models import build_model
     from ..train.config import TrainConfig
     from ..train.ema import make_ema
-    from ..train.loop import make_optimizer, train_step
-    from ..train.setup import enable_tf32, make_grad_scaler, prepare_model
-    from ..train.state import TrainingState
+    from ..train.loop import build_training_state, train_step
+    from ..train.setup import enable_tf32
     from ..train.training_data import TrainingData
     from .reference import reference_train_step
 
@@ -104,10 +103,7 @@ def make_train_step(row: Row, model_name: str, batch: int, latent: int, device: 
                          precision=row.precision, gradient_checkpointing=row.checkpointing, compile=row.compile,
                          progress=False)
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    runnable = prepare_model(model, dist=dist, gradient_checkpointing=row.checkpointing, compile_model=row.compile,
-                             precision=row.precision)
-    state = TrainingState(model=model, runnable=runnable, ema=ema, optimizer=make_optimizer(model, config),
-                          scaler=make_grad_scaler(device, row.precision))
+    state = build_training_state(config, dist, model, ema)
     data = TrainingData(dataset=None, latent_shape=tuple(x.shape[1:]), latent_info=LatentInfo(), class_names=None,
                         device=device)
     diffusion = create_diffusion("")

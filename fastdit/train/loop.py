@@ -120,7 +120,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     ema = make_ema(model)  # copied before any wrapping
     model_info = ModelInfo(config=model.config, latent=data.latent_info, class_names=data.class_names,
                            process=config.process_spec())
-    state = _training_state(config, dist, model, ema)
+    state = build_training_state(config, dist, model, ema)
 
     # One run per folder: a second `train` on it stops here with a message instead of interleaving its
     # metrics and checkpoints with ours. Taken after the checks, so a bad command creates no folder.
@@ -226,7 +226,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     return TrainResult(run_dir=run_dir, checkpoint=checkpoint, export=export, step=position.step, last_loss=last_loss)
 
 
-def _training_state(config: TrainConfig, dist: distributed.DistInfo, model, ema) -> TrainingState:
+def build_training_state(config: TrainConfig, dist: distributed.DistInfo, model, ema) -> TrainingState:
     """Wrap the model (checkpointing, compile, DDP or FSDP), shard the EMA like it, then build the
     optimizer over the wrapped parameters: the order FSDP needs."""
     fsdp = config.fsdp and dist.is_distributed
