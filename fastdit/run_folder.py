@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import socket
-import sys
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -120,11 +119,7 @@ def exclusive_lock_for_all_ranks(folder: str | os.PathLike, job: str, dist: Dist
                 # them waiting.
                 distributed.shutdown()
                 if not dist.is_main:
-                    # Leave at once: interpreter teardown after a gloo group can hang in torch 2.13 (seen
-                    # about 1 run in 40 under load), and this process has nothing to save or report.
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(2)
+                    distributed.leave_job_now(2)  # rank 0 reports the refusal
         if refusal is not None:
             raise refusal
         yield

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from ..errors import UserError
@@ -64,14 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         status = args._module.run(args)
     except UserError as err:
         message = f"fastdit {args.command}: error: {err}\n"
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # One process of a distributed job: leave at once. Interpreter teardown after a gloo group
-            # can abort or hang in torch 2.13 ("terminate called without an active exception", about 1
-            # run in 40 here); every file is written atomically, so nothing is left to finish.
-            sys.stderr.write(message)
-            sys.stderr.flush()
-            sys.stdout.flush()
-            os._exit(2)
+        from .. import distributed
+
+        if distributed.in_multiprocess_job():
+            distributed.leave_job_now(2, message)
         args._parser.exit(2, message)
     except KeyboardInterrupt:
         print(f"fastdit {args.command}: interrupted", file=sys.stderr)
