@@ -18,7 +18,6 @@ on 2 cores). The table names the CPU.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from fastdit import devices  # noqa: E402
 from fastdit.checkpoint import load_model  # noqa: E402
 from fastdit.data import load_digits_tensors, split_digits  # noqa: E402
 from fastdit.data.digits import DIGITS_HELDOUT_FRACTION  # noqa: E402
@@ -81,16 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-        else:
-            name = platform.processor() or platform.machine()
-    except OSError:
-        name = platform.processor() or platform.machine()
-    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__} (ATen {torch.backends.cpu.get_cpu_capability()})"
+    return (f"{devices.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__} "
+            f"(ATen {torch.backends.cpu.get_cpu_capability()})")
 
 
 def main(argv=None) -> int:

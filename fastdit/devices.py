@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import torch
@@ -21,13 +22,23 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def _cpuinfo_field(name: str) -> str | None:
+    """The first `name : value` of Linux's /proc/cpuinfo, None where there is none."""
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(name))
+    except (OSError, StopIteration):
+        return None
+    return line.split(":", 1)[1].strip()
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo is missing)."""
-    try:
-        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return set()
-    return set(line.split(":", 1)[1].split())
+    return set((_cpuinfo_field("flags") or "").split())
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what the platform module knows."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def cpu_has_fast_bf16() -> bool | None:

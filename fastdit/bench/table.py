@@ -4,14 +4,12 @@ then print the table: rates, peak memory, ratios to the reference row and, on a 
 from __future__ import annotations
 
 import multiprocessing
-import platform
 import queue as queue_module
 import sys
-from pathlib import Path
 
 import torch
 
-from ..devices import cpu_flags
+from ..devices import cpu_flags, cpu_name
 from ..train.logger import peak_memory_gb
 from .flops import forward_flops_per_image, peak_tflops
 from .rows import Measurement, Row, make_sample_step, make_train_step, time_steps
@@ -52,22 +50,17 @@ def measure_isolated(job: str, row: Row, settings: dict) -> Measurement | str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    name = cpu_name()
     flags = cpu_flags()
     extras = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
     isa = torch.backends.cpu.get_cpu_capability() + "".join(f", {flag}" for flag in extras)
     return f"{name} ({torch.get_num_threads()} threads, {isa})"
 
 
-def images_per_step(job: str, batch: int) -> tuple[int, int]:
-    """-> (images a step advances, forward passes of one image a step costs in FLOPs): training is forward
-    plus backward (3 forwards' worth); a guided step runs the doubled batch."""
-    return (batch, 3 * batch) if job == "train" else (batch, 2 * batch)
+def image_forwards_per_step(job: str, batch: int) -> int:
+    """Forward passes of one image that a step costs in FLOPs: training is forward plus backward
+    (3 forwards' worth); a guided step runs the doubled batch."""
+    return 3 * batch if job == "train" else 2 * batch
 
 
 def run_table(job: str, rows: list[Row], settings: dict, *, peak: float | None, out=None) -> dict:
@@ -79,7 +72,7 @@ def run_table(job: str, rows: list[Row], settings: dict, *, peak: float | None, 
     from ..models import config_from_name
 
     config = config_from_name(settings["model"], input_size=settings["latent"], num_classes=1000)
-    flops_per_step = forward_flops_per_image(config) * images_per_step(job, settings["batch"])[1]
+    flops_per_step = forward_flops_per_image(config) * image_forwards_per_step(job, settings["batch"])
     print_table(results, settings["batch"], flops_per_step, peak if device.type == "cuda" else None, out or sys.stdout)
     return results
 
