@@ -199,29 +199,3 @@ def test_metadata_from_before_the_options_means_the_official_blocks():
     for name in LIGHTNINGDIT_BLOCKS:
         del recorded["model"][name]
     assert ModelInfo.from_dict(recorded).config == tiny().config
-
-
-@pytest.mark.parametrize("policy", ["blocks", "mlp"])  # "mlp" wraps the SwiGLU MLP here
-def test_gradient_checkpointing_with_every_option(policy):
-    from fastdit.train.setup import checkpoint_blocks
-
-    model = with_recipe_weights(tiny(**LIGHTNINGDIT_BLOCKS))
-    x, t, y = batch()
-
-    def run():
-        model.zero_grad()
-        out = model(x, t, y)
-        out.square().mean().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    out_plain, grads_plain = run()
-    checkpoint_blocks(model, policy)
-    out_ckpt, grads_ckpt = run()
-    assert torch.equal(out_plain, out_ckpt)  # the forward pass is the same computation
-    assert grads_plain.keys() == grads_ckpt.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
-    for name in grads_plain:
-        # Recomputation runs the same kernels on the same shapes; only the order in which autograd
-        # sums the contributions to shared inputs (c feeds every block) may differ: a few float32
-        # ulps (u = 6e-8) of the largest term, so 1e-6 of the gradient's scale.
-        scale = grads_plain[name].abs().max().item()
-        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], rtol=0, atol=1e-6 * scale, msg=name)

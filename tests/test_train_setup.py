@@ -17,7 +17,7 @@ from fastdit.cli.dataclass_args import dataclass_from_args
 from fastdit.cli.train import add_arguments
 from fastdit.distributed import DistInfo
 from fastdit.errors import UserError
-from fastdit.models import build_model
+from fastdit.models import LIGHTNINGDIT_BLOCKS, build_model
 from fastdit.train.config import TrainConfig
 from fastdit.train.setup import checkpoint_blocks, prepare_model
 
@@ -26,9 +26,10 @@ DEPTH = 3
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-def tiny_model():
+def tiny_model(**blocks):
     torch.manual_seed(0)
-    model = build_model("DiT-T/2", input_size=8, depth=DEPTH, num_classes=4, class_dropout_prob=0.0, learn_sigma=False)
+    model = build_model("DiT-T/2", input_size=8, depth=DEPTH, num_classes=4, class_dropout_prob=0.0, learn_sigma=False,
+                        **blocks)
     for p in model.parameters():  # break adaLN-Zero so that every parameter gets a gradient
         torch.nn.init.normal_(p, std=0.05)
     return model
@@ -78,16 +79,25 @@ def saved_activation_bytes(model, policy):
     return sum(saved)
 
 
+@pytest.mark.parametrize("blocks", [{}, LIGHTNINGDIT_BLOCKS], ids=["official", "lightningdit"])  # mlp: GELU, SwiGLU
 @pytest.mark.parametrize("policy", POLICIES[1:])
-def test_every_checkpointing_policy_trains_the_same_function(policy):
-    model = tiny_model()
+def test_every_checkpointing_policy_trains_the_same_function(policy, blocks):
+    model = tiny_model(**blocks)
+    with torch.no_grad():
+        out_plain = model(*batch())
     plain = loss_and_grads(model)
     checkpoint_blocks(model, policy)
+    with torch.no_grad():
+        assert torch.equal(model(*batch()), out_plain)  # the forward pass is the same computation
+    checkpointed = loss_and_grads(model)
     # Recomputation repeats the same kernels on the same shapes; only the order in which autograd sums
     # the contributions to shared inputs (c feeds every block) may differ: a few ulps of the largest
     # term. 16 ulps (1e-6 relative) leaves room for that and none for a different computation.
-    assert_same_training(plain, loss_and_grads(model), ulps=16)
-    assert list(model.state_dict()) == list(tiny_model().state_dict())  # official names
+    assert_same_training(plain, checkpointed, ulps=16)
+    assert checkpointed[1].keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, grad in checkpointed[1].items():  # and elementwise, as these tests have always asked
+        torch.testing.assert_close(grad, plain[1][name], rtol=1e-6, atol=1e-7, msg=name)
+    assert list(model.state_dict()) == list(tiny_model(**blocks).state_dict())  # official names
 
 
 def test_each_policy_recomputes_what_it_says():
