@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     def score(recipe, steps, train_seconds, model, info, sampler, num_steps) -> Row:
         options = SamplingOptions(sampler=sampler, num_steps=num_steps, cfg_scale=args.cfg_scale)
         start = time.perf_counter()
-        samples = generate(model, PixelSpace(1), labels, options=options, process=info.process, seed=0)
+        samples = generate(model, PixelSpace(1), labels, options=options, objective=info.objective, seed=0)
         seconds = time.perf_counter() - start
         report = judge.report(samples, labels)
         fd = report["frechet_distance"]

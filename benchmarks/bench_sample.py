@@ -25,14 +25,14 @@ from fastdit import distributed as dist  # noqa: E402
 from fastdit.cli.common import add_model_arguments, load_for_sampling  # noqa: E402
 from fastdit.errors import UserError  # noqa: E402
 from fastdit.sample_ddp import SampleJob, labels_for, sample_ddp  # noqa: E402
-from fastdit.process import ALL_SAMPLERS  # noqa: E402
+from fastdit.sampling import sampler_names  # noqa: E402
 from fastdit.sampling import SamplingOptions, generate  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
-    parser.add_argument("--samplers", nargs="+", choices=ALL_SAMPLERS, default=["ddpm"])
+    parser.add_argument("--samplers", nargs="+", choices=sampler_names(), default=["ddpm"])
     parser.add_argument("--num-sampling-steps", type=int, nargs="+", default=[250])
     parser.add_argument("--cfg-scale", type=float, default=1.5)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32], help="per process")
@@ -100,7 +100,7 @@ def warm_up(model, latent_space, model_info, options: SamplingOptions, batch_siz
     indices = range(batch_size)
     labels = labels_for(indices, seed=0, num_classes=model_info.config.num_classes)
     short = SamplingOptions(sampler=options.sampler, num_steps=2, cfg_scale=options.cfg_scale)
-    generate(model, latent_space, labels, options=short, process=model_info.process, indices=indices, device=device)
+    generate(model, latent_space, labels, options=short, objective=model_info.objective, indices=indices, device=device)
 
 
 def print_table(rows, model_info, device: str) -> None:

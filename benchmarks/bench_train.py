@@ -3,7 +3,7 @@
 Prints steps/s, images/s and peak memory for each (model, batch, precision, activation checkpointing
 policy, input) row: "latents" trains on pre-extracted VAE latents (what `fastdit extract` produces),
 "images" encodes images with an SD-VAE-sized AutoencoderKL (random weights, the same compute) inside
-every step, as training from an image folder does. The step is the real one (`fastdit.train.loop.train_step`):
+every step, as training from an image folder does. The step is the real one (`fastdit.train.step.train_step`):
 timestep/noise draws, forward, MSE+VLB loss, backward, AdamW and EMA.
 
     python benchmarks/bench_train.py                                  # GPU: DiT-XL/2, batch 32 per row
@@ -20,7 +20,6 @@ import time
 import torch
 
 from fastdit.checkpoint import LatentInfo
-from fastdit.diffusion import create_diffusion
 from fastdit.distributed import DistInfo
 from fastdit.errors import UserError
 from fastdit.latents import VAELatentSpace, latent_side
@@ -28,8 +27,9 @@ from fastdit.models import build_model
 from fastdit.train.config import TrainConfig
 from fastdit.train.ema import make_ema
 from fastdit.train.logger import peak_memory_gb
-from fastdit.train.loop import build_training_state, train_step
+from fastdit.train.loop import build_training_state
 from fastdit.train.setup import checkpoint_stride, enable_tf32
+from fastdit.train.step import train_step
 from fastdit.train.training_data import TrainingData
 
 SD_VAE_CONFIG = {
@@ -68,18 +68,18 @@ def _row_worker(queue, args, precision, checkpointing, source):
 def run_row(args, device, precision, checkpointing, source, vae_cache):
     torch.manual_seed(0)
     latent = latent_side(args.image_size)
-    config = TrainConfig(model=args.model, image_size=args.image_size, data_path="bench", global_batch_size=args.batch,
+    config = TrainConfig.create(model=args.model, image_size=args.image_size, data_path="bench", global_batch_size=args.batch,
                          precision=precision, gradient_checkpointing=checkpointing, compile=args.compile, progress=False)
     model = build_model(args.model, input_size=latent, num_classes=1000).to(device)
     ema = make_ema(model)
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    state = build_training_state(config, dist, model, ema)
-    diffusion = create_diffusion("")
     on_the_fly = source == "images"
     if on_the_fly and "vae" not in vae_cache:
         vae_cache["vae"] = sd_sized_vae(device)
     data = TrainingData(dataset=None, latent_shape=(4, latent, latent), latent_info=LatentInfo(),
                         class_names=None, encode_on_the_fly=on_the_fly, latent_space=vae_cache.get("vae"), device=device)
+    state = build_training_state(config, dist, model, ema, data)
+    objective = config.build_objective()
     if on_the_fly:
         x = torch.rand(args.batch, 3, args.image_size, args.image_size, device=device) * 2 - 1
     else:
@@ -88,7 +88,7 @@ def run_row(args, device, precision, checkpointing, source, vae_cache):
 
     def step(k):
         state.position.step = k
-        return train_step(config, data, diffusion, state, x, y, dist, args.batch, args.batch)
+        return train_step(state, (x, y), objective)["loss"]
 
     for k in range(args.warmup):
         step(k)

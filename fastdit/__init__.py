@@ -4,7 +4,7 @@ sampling and built-in evaluation.
     import fastdit
     model = fastdit.build_model("DiT-XL/2", input_size=32, num_classes=1000)
     model, info = fastdit.load_model("DiT-XL-2-256x256.pt")      # official weights, downloaded once
-    images = fastdit.generate(model, latent_space, labels, options=fastdit.SamplingOptions(), process=info.process)
+    images = fastdit.generate(model, latent_space, labels, options=fastdit.SamplingOptions(), objective=info.objective)
     diffusion = fastdit.create_diffusion("250")                   # DiT's process; FlowMatching() is SiT's
 """
 
@@ -13,14 +13,15 @@ from .diffusion import FlowMatching, GaussianDiffusion, create_diffusion
 from .errors import DownloadError, UserError
 from .latents import PixelSpace, VAELatentSpace, load_latent_space
 from .models import PRESETS, DiT, DiTConfig, build_model
-from .process import ALL_SAMPLERS, ProcessSpec
-from .sampling import ClassifierFreeGuidance, SamplingOptions, generate
+from .objectives import OBJECTIVES, Objective, build_objective, register_objective
+from .sampling import SAMPLERS, ClassifierFreeGuidance, SamplingOptions, generate, register_sampler
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ALL_SAMPLERS",
+    "OBJECTIVES",
     "PRESETS",
+    "SAMPLERS",
     "ClassifierFreeGuidance",
     "DiT",
     "DiTConfig",
@@ -30,14 +31,17 @@ __all__ = [
     "LatentInfo",
     "ModelInfo",
     "PixelSpace",
-    "ProcessSpec",
+    "Objective",
     "SamplingOptions",
     "UserError",
     "VAELatentSpace",
     "build_model",
+    "build_objective",
     "create_diffusion",
     "export_weights",
     "generate",
     "load_latent_space",
     "load_model",
+    "register_objective",
+    "register_sampler",
 ]

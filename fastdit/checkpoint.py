@@ -30,7 +30,7 @@ from .latents import PIXEL_SPACE_NAMES, SD_VAE_SCALE, VAE_DOWNSAMPLE, latent_sid
 from .state_dicts import describe_mismatch
 from .models import DiT, DiTConfig, config_from_name, preset_of
 from .models.presets import SIZES
-from .process import ProcessSpec
+from .objectives import Objective, build_objective, objective_from_dict
 
 TRAIN_FORMAT = "fastdit.train"
 EXPORT_FORMAT = "fastdit.export"
@@ -56,8 +56,8 @@ class ModelInfo:
     latent: LatentInfo = field(default_factory=LatentInfo)
     source: str = ""
     class_names: list[str] | None = None
-    # What the weights predict; files from before it was recorded hold DDPM (IDDPM ε) models.
-    process: ProcessSpec = field(default_factory=ProcessSpec)
+    # What the weights were trained for; files from before it was recorded hold DDPM (IDDPM ε) models.
+    objective: Objective = field(default_factory=lambda: build_objective("ddpm"))
 
     @property
     def image_size(self) -> int:
@@ -69,7 +69,7 @@ class ModelInfo:
             "latent": asdict(self.latent),
             "class_names": self.class_names,
             "preset": preset_of(self.config),
-            "process": self.process.to_dict(),
+            "objective": self.objective.to_dict(),
         }
 
     @classmethod
@@ -79,7 +79,8 @@ class ModelInfo:
             latent=LatentInfo(**data.get("latent", {})),
             source=source,
             class_names=data.get("class_names"),
-            process=ProcessSpec.from_dict(data.get("process")),
+            # Recorded as "process" before objectives were objects: the same fields.
+            objective=objective_from_dict(data.get("objective", data.get("process"))),
         )
 
 
@@ -240,7 +241,7 @@ def load_model(
     `model_name`, `image_size` and `num_classes` are needed only for plain state dicts whose config
     the file does not record (they are checked against the weights either way). `vae` names the VAE
     of a plain state dict, or is "pixels" for one trained on pixels (its channel count is read from the
-    patch embedding's weight). `objective` ("ddpm" or "flow") is what a plain state dict predicts:
+    patch embedding's weight). `objective` (a registered name: "ddpm", "flow", "x-pred") is what a plain state dict predicts:
     files that record it, and the official releases, know it already (a different one is refused).
     """
     source = str(source)
@@ -263,7 +264,7 @@ def load_model(
 
     if metadata is not None:
         info = ModelInfo.from_dict(metadata, source=source)
-        known_objective = info.process.objective
+        known_objective = info.objective.name
         if vae is not None and pixels != (info.latent.kind == "pixels"):
             trained_on = "pixels" if info.latent.kind == "pixels" else f"the latents of the VAE {info.latent.vae!r}"
             raise UserError(f"checkpoint {source!r} records that it works on {trained_on}; drop --vae {vae}")
@@ -287,8 +288,8 @@ def load_model(
             if num_classes is not None:
                 fields["num_classes"] = num_classes
             config = config_from_name(model_name, **fields)
-        process = ProcessSpec(objective=known_objective or objective or "ddpm")
-        info = ModelInfo(config=config, latent=latent, source=source, process=process)
+        info = ModelInfo(config=config, latent=latent, source=source,
+                         objective=build_objective(known_objective or objective or "ddpm"))
     if objective is not None and known_objective not in (None, objective):
         raise UserError(f"{source!r} holds a {known_objective} model, not {objective}; drop --objective")
     if vae is not None and info.latent.kind == "vae":

@@ -16,7 +16,7 @@ from .sampling import SamplingOptions
 
 class LoadedModel(NamedTuple):
     model: torch.nn.Module
-    info: object  # checkpoint.ModelInfo: config, latent space, process
+    info: object  # checkpoint.ModelInfo: config, latent space, objective
     latent_space: object  # decodes latents to pixels (latents.LatentSpace or PixelSpace)
     device: torch.device
 
@@ -48,7 +48,7 @@ def load_for_sampling(
 ) -> LoadedModel:
     """(model, info, latent space, device) for a checkpoint path, or, with `source=None`, the official
     weights of `model_name` at `image_size` (downloaded on first use). `options`, when given, are checked
-    against the model's process before the VAE is loaded. See `checkpoint.load_model` for the rest."""
+    against the model's objective before the VAE is loaded. See `checkpoint.load_model` for the rest."""
     from .checkpoint import load_model
     from .devices import resolve_device
     from .latents import PIXEL_SPACE_NAMES, PixelSpace, latent_side, load_latent_space
@@ -65,7 +65,7 @@ def load_for_sampling(
     model, info = load_model(source, model_name=model_name, image_size=image_size, num_classes=num_classes,
                              vae=vae, objective=objective, device=device)
     if options is not None:
-        options.validate(info.process)
+        options.validate(info.objective)
     if info.latent.kind == "pixels":
         latent_space = PixelSpace(channels=info.config.in_channels)
     else:

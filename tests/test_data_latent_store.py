@@ -174,7 +174,7 @@ def test_training_on_a_wrong_features_path_speaks_of_the_store(tmp_path, make, m
     from fastdit.train.config import TrainConfig
     from fastdit.train.training_data import open_training_data
 
-    config = TrainConfig(features_path=str(make(tmp_path)), image_size=16)
+    config = TrainConfig.create(features_path=str(make(tmp_path)), image_size=16)
     with pytest.raises(UserError, match=message):
         open_training_data(config, torch.device("cpu"))
 

@@ -8,12 +8,13 @@ import torch
 
 from fastdit.diffusion import FlowMatching
 from fastdit.errors import UserError
+from fastdit.objectives import build_objective
 from fastdit.models import DiT
 from fastdit.sampling import (
     ClassifierFreeGuidance,
     GuidedVelocity,
     VelocityModel,
-    get_flow_sampler,
+    get_sampler,
     ode_dopri5,
     ode_euler,
     ode_heun,
@@ -252,9 +253,12 @@ def test_sde_samplers_reach_the_data_distribution(sampler):
 
 
 def test_sampler_registry_and_options():
-    assert get_flow_sampler("sde-heun") is sde_heun
-    with pytest.raises(UserError, match="unknown flow sampler 'ddim'; choose one of: euler, heun, dopri5"):
-        get_flow_sampler("ddim")
+    flow, ddpm = build_objective("flow"), build_objective("ddpm")
+    assert get_sampler("sde-heun", flow).needs == "velocity"
+    with pytest.raises(UserError, match="unknown sampler 'rk4'; for this flow model use one of: sde-euler, sde-heun, euler"):
+        get_sampler("rk4", flow)
+    with pytest.raises(UserError, match="sampler 'euler' does not fit this ddpm model; use one of: ddpm, ddim, dpm"):
+        get_sampler("euler", ddpm)
     with pytest.raises(TypeError):  # an option a sampler does not take is an error, not ignored
         ode_euler(decay, torch.ones(1), time_grid(3), noise_fn=torch.randn_like)
 

@@ -127,7 +127,7 @@ def test_output_opens_as_the_adm_evaluator_reads_it(reference, tiny_ckpt):
     model, info = load_model(tiny_ckpt)
     options = SamplingOptions(num_steps=3, cfg_scale=1.5)
     batches = [range(0, 3), range(3, 4), range(4, 7), range(7, 8), range(8, 10)]
-    expected = np.concatenate([generate(model, PixelSpace(3), labels[b.start:b.stop], options=options, process=info.process, seed=7, indices=b)
+    expected = np.concatenate([generate(model, PixelSpace(3), labels[b.start:b.stop], options=options, objective=info.objective, seed=7, indices=b)
                                for b in batches])
     assert np.array_equal(images, expected)
     # ADM's evaluator can also stream arr_0 out of the zip: a plain .npy entry, C order, uint8.

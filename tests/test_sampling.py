@@ -8,19 +8,19 @@ from fastdit.diffusion import create_diffusion
 from fastdit.errors import UserError
 from fastdit.latents import PixelSpace, VAELatentSpace, tiny_vae_config
 from fastdit.models import build_model
-from fastdit.process import ProcessSpec
+from fastdit.objectives import build_objective
 from fastdit.sampling import (
     ClassifierFreeGuidance, SamplingOptions, ddim, dpm_solver_pp_2m, gaussian_grid, generate as generate_with, guide,
 )
 from fastdit.sampling.noise import PerImageNoise
 
 
-DDPM = ProcessSpec("ddpm")
+DDPM = build_objective("ddpm")
 
 
 def generate(*args, **kwargs):
     """`generate` for the DDPM models of this file (the process is a required argument)."""
-    return generate_with(*args, process=DDPM, **kwargs)
+    return generate_with(*args, objective=DDPM, **kwargs)
 
 
 def tiny_model(**overrides):
@@ -174,7 +174,7 @@ def test_bad_sampling_arguments():
         generate(model, PixelSpace(3), [1], options=SamplingOptions(num_steps=2, guidance_interval=(500, 100)))
     with pytest.raises(UserError, match=r"guidance interval \(0, 2\) must lie in this flow model's time range \[0, 1\]"):
         generate_with(model, PixelSpace(3), [1], options=SamplingOptions(num_steps=2, guidance_interval=(0, 2)),
-                      process=ProcessSpec("flow"))
+                      objective=build_objective("flow"))
     unconditional = tiny_model(in_channels=3, class_dropout_prob=0.0, num_classes=1)
     with pytest.raises(UserError, match="no null class"):
         generate(unconditional, PixelSpace(3), [0], options=SamplingOptions(num_steps=2, cfg_scale=2.0))

@@ -16,13 +16,13 @@ from fastdit.compile import compile_blocks
 from fastdit.errors import UserError
 from fastdit.latents import PixelSpace
 from fastdit.models import build_model
-from fastdit.process import ProcessSpec
+from fastdit.objectives import build_objective
 from fastdit.sampling import SamplingOptions, generate
 from fastdit.sampling.generate import in_precision
 
 generate_module = importlib.import_module("fastdit.sampling.generate")  # the attribute is the function `generate`
 
-FLOW = ProcessSpec("flow")
+FLOW = build_objective("flow")
 CFG_SCALE = 2.0
 # Euler on 3 grid points: 2 steps of Δt = 0.5 from noise (t = 0) to data (t = 1).
 EULER = dict(sampler="euler", num_steps=3, cfg_scale=CFG_SCALE)
@@ -55,7 +55,7 @@ def sample(model, **options):
     hook = model.register_forward_hook(lambda module, args, out: largest.append(out.abs().max().item()))
     space = KeepLatents(3)
     try:
-        generate(model, space, [1, 2, 3, 4], options=SamplingOptions(**{**EULER, **options}), process=FLOW)
+        generate(model, space, [1, 2, 3, 4], options=SamplingOptions(**{**EULER, **options}), objective=FLOW)
     finally:
         hook.remove()
     return space.latents, max(largest)
@@ -118,7 +118,7 @@ def test_compiled_blocks_sample_what_eager_samples(monkeypatch):
     monkeypatch.setattr(generate_module, "compile_blocks", functools.partial(compile_blocks, backend=counter))
     space = KeepLatents(3)
     for _ in range(2):  # the second call compiles nothing new
-        generate(model, space, [1, 2, 3, 4], options=SamplingOptions(**EULER), process=FLOW, compile=True)
+        generate(model, space, [1, 2, 3, 4], options=SamplingOptions(**EULER), objective=FLOW, compile=True)
     # One graph for both blocks (weights are its inputs), for the one batch shape of guided steps.
     assert counter.frame_count == 1
     assert all(block._compiled_call_impl is not None for block in model.blocks)
@@ -137,7 +137,7 @@ def test_compiled_blocks_sample_what_eager_samples(monkeypatch):
 def tiny_ckpt(tmp_path_factory) -> str:
     model = tiny_model(depth=1)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    export_weights(model, ModelInfo(config=model.config, latent=LatentInfo(kind="pixels", vae=None), process=FLOW), path)
+    export_weights(model, ModelInfo(config=model.config, latent=LatentInfo(kind="pixels", vae=None), objective=FLOW), path)
     return str(path)
 
 

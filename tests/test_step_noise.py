@@ -5,24 +5,25 @@ import math
 import pytest
 import torch
 
-from fastdit.diffusion import FlowMatching, create_diffusion
+from fastdit.objectives import build_objective
 from fastdit.train.step_noise import draw_step
 
 SHAPE = (4, 2, 2)
 GLOBAL_BATCH = 8
-PROCESSES = {"ddpm": create_diffusion(""), "flow": FlowMatching("logit-normal", 0.0, 1.0)}
+OBJECTIVES = {"ddpm": build_objective("ddpm"), "flow": build_objective("flow", time_sampling="logit-normal"),
+              "x-pred": build_objective("x-pred", time_sampling="logit-normal", logit_normal_mean=-0.8)}
 
 
-def draws_of(rank=0, world=1, *, seed=0, step=3, global_batch=GLOBAL_BATCH, process="ddpm", dropout_prob=0.5,
+def draws_of(rank=0, world=1, *, seed=0, step=3, global_batch=GLOBAL_BATCH, objective="ddpm", dropout_prob=0.5,
              device="cpu"):
     return draw_step(
         seed, step, global_batch=global_batch, rank=rank, local_batch=global_batch // world, shape=SHAPE,
-        process=PROCESSES[process], dropout_prob=dropout_prob, with_latent_noise=True, device=torch.device(device),
+        objective=OBJECTIVES[objective], dropout_prob=dropout_prob, with_latent_noise=True, device=torch.device(device),
     )
 
 
 def fields(draws):
-    return {"t": draws.t, "noise": draws.noise, "drop_labels": draws.drop_labels, "latent_noise": draws.latent_noise}
+    return {**draws.objective, "drop_labels": draws.drop_labels, "latent_noise": draws.latent_noise}
 
 
 def assert_same(a, b):
@@ -33,13 +34,13 @@ def assert_same(a, b):
 # Bitwise equality is justified here: sample g is always drawn by its own generator, seeded by
 # (seed, step, g), through the same calls with the same per-sample shapes, whatever the rank or world
 # size; slicing and concatenation only copy. No reduction or batch-shaped kernel is involved.
-@pytest.mark.parametrize("process", sorted(PROCESSES))
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_each_rank_draws_its_slice_of_the_one_process_draws(process, world):
-    whole = draws_of(process=process)
+def test_each_rank_draws_its_slice_of_the_one_process_draws(objective, world):
+    whole = draws_of(objective=objective)
     local = GLOBAL_BATCH // world
     for rank in range(world):
-        assert_same(draws_of(rank, world, process=process), whole.micro(rank * local, (rank + 1) * local))
+        assert_same(draws_of(rank, world, objective=objective), whole.micro(rank * local, (rank + 1) * local))
 
 
 def test_a_samples_draws_do_not_depend_on_the_global_batch():
@@ -51,13 +52,13 @@ def test_a_samples_draws_do_not_depend_on_the_global_batch():
 def test_steps_seeds_and_samples_differ():
     base = draws_of()
     for other in (draws_of(step=4), draws_of(seed=1)):
-        assert not torch.equal(other.noise, base.noise)
+        assert not torch.equal(other.objective["noise"], base.objective["noise"])
         assert not torch.equal(other.latent_noise, base.latent_noise)
-        assert not torch.equal(other.t, base.t)
+        assert not torch.equal(other.objective["t"], base.objective["t"])
     # Every sample has a generator of its own: no two samples of a step share their noise.
-    flat = base.noise.flatten(1)
+    flat = base.objective["noise"].flatten(1)
     assert len({tuple(row.tolist()) for row in flat}) == GLOBAL_BATCH
-    assert not torch.equal(base.noise, base.latent_noise)
+    assert not torch.equal(base.objective["noise"], base.latent_noise)
 
 
 def test_dropout_probability_decides_the_drops():
@@ -69,9 +70,10 @@ def check_device_and_shapes(device):
     draws = draws_of(1, 2, device=device)
     for name, value in fields(draws).items():
         assert value.device.type == torch.device(device).type, name
-    assert draws.t.shape == draws.drop_labels.shape == (GLOBAL_BATCH // 2,)
-    assert draws.noise.shape == draws.latent_noise.shape == (GLOBAL_BATCH // 2, *SHAPE)
-    assert draws.t.dtype == torch.int64 and draws.drop_labels.dtype == torch.bool
+    t, noise = draws.objective["t"], draws.objective["noise"]
+    assert t.shape == draws.drop_labels.shape == (GLOBAL_BATCH // 2,)
+    assert noise.shape == draws.latent_noise.shape == (GLOBAL_BATCH // 2, *SHAPE)
+    assert t.dtype == torch.int64 and draws.drop_labels.dtype == torch.bool
 
 
 def test_draws_are_made_on_the_cpu():
@@ -79,11 +81,11 @@ def test_draws_are_made_on_the_cpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("process", sorted(PROCESSES))
-def test_draws_are_made_on_cuda_and_split_alike(process):
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+def test_draws_are_made_on_cuda_and_split_alike(objective):
     check_device_and_shapes("cuda")
-    whole = draws_of(process=process, device="cuda")
-    assert_same(draws_of(1, 2, process=process, device="cuda"), whole.micro(GLOBAL_BATCH // 2, GLOBAL_BATCH))
+    whole = draws_of(objective=objective, device="cuda")
+    assert_same(draws_of(1, 2, objective=objective, device="cuda"), whole.micro(GLOBAL_BATCH // 2, GLOBAL_BATCH))
 
 
 def test_a_rank_never_draws_the_global_batch(monkeypatch):
@@ -98,7 +100,7 @@ def test_a_rank_never_draws_the_global_batch(monkeypatch):
         return value
 
     monkeypatch.setattr(torch, "randn", spy)
-    draws_of(rank=1, world=4, process="flow")  # logit-normal t: randn also draws the times
+    draws_of(rank=1, world=4, objective="flow")  # logit-normal t: randn also draws the times
     per_sample = math.prod(SHAPE)
     assert max(sizes) == per_sample
     assert sizes.count(per_sample) == 2 * (GLOBAL_BATCH // 4)

@@ -29,7 +29,7 @@ def tiny_config(results_dir, **overrides) -> TrainConfig:
                   num_heads=2, global_batch_size=16, lr=1e-3, ema_decay=0.9, num_workers=0, log_every=1,
                   progress=False, tensorboard=False, results_dir=str(results_dir), max_steps=6, ckpt_every=2)
     fields.update(overrides)
-    return TrainConfig(**fields)
+    return TrainConfig.create(**fields)
 
 
 def final_state(run_dir: Path) -> dict:
@@ -92,7 +92,7 @@ def test_resume_across_epoch_boundary_matches(tmp_path):
 def test_run_folder_contents_and_export_loads_in_sample(tmp_path):
     result = train(tiny_config(tmp_path, max_steps=4, ckpt_every=2, keep_last=1, tensorboard=True, sample_every=4, sample_steps=3))
     run = result.run_dir
-    assert json.loads((run / "config.json").read_text())["max_steps"] == 4
+    assert json.loads((run / "config.json").read_text())["optimisation"]["max_steps"] == 4
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["0000004-ema.safetensors", "0000004.pt"]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
@@ -159,14 +159,14 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     config = tiny_config(tmp_path, max_steps=2, ckpt_every=2)
     train(config)
     before = final_state(config.run_dir())
-    from fastdit.diffusion import GaussianDiffusion
+    from fastdit.objectives.ddpm import DDPM
 
-    original = GaussianDiffusion.loss
+    original = DDPM.losses
 
-    def poisoned(self, *args, **kwargs):  # the loop trains through the process's own `loss`
-        return original(self, *args, **kwargs) * float("nan")
+    def poisoned(self, *args, **kwargs):  # the loop trains through the objective's own `losses`
+        return {name: value * float("nan") for name, value in original(self, *args, **kwargs).items()}
 
-    monkeypatch.setattr(GaussianDiffusion, "loss", poisoned)
+    monkeypatch.setattr(DDPM, "losses", poisoned)
     with pytest.raises(NonFiniteLoss, match="loss became nan at step 3.*last good checkpoint is intact"):
         train(tiny_config(tmp_path, max_steps=4, ckpt_every=2))
     assert_same_tensors(final_state(config.run_dir())["model"], before["model"])
@@ -235,7 +235,7 @@ def test_fid_of_the_ema_model_during_training(tmp_path):
 
     ema, _ = load_model(result.export)
     cpu = init_from_env("cpu")
-    expected = fid_of_model(config, ema, open_training_data(config, cpu.device), cpu)
+    expected = fid_of_model(config, config.build_objective(), ema, open_training_data(config, cpu.device), cpu)
     assert {k.removeprefix("eval/"): v for k, v in evaluated[0].items() if k.startswith("eval/")} == pytest.approx(expected, rel=1e-9)
 
 

@@ -13,8 +13,7 @@ import torch
 import torch._inductor.config
 import torch._dynamo
 
-from fastdit.cli.dataclass_args import dataclass_from_args
-from fastdit.cli.train import add_arguments
+from fastdit.cli.train import add_arguments, config_from_args
 from fastdit.distributed import DistInfo
 from fastdit.errors import UserError
 from fastdit.models import LIGHTNINGDIT_BLOCKS, build_model
@@ -123,14 +122,14 @@ def test_an_unknown_policy_is_a_user_error(tmp_path, policy):
     with pytest.raises(UserError, match=f"{policy!r}.*off, blocks, mlp, every-K"):
         checkpoint_blocks(tiny_model(), policy)
     with pytest.raises(UserError, match=f"{policy!r}.*off, blocks, mlp, every-K"):
-        TrainConfig(data_path="digits", model="DiT-T/2", image_size=8, gradient_checkpointing=policy).validate()
+        TrainConfig.create(data_path="digits", model="DiT-T/2", image_size=8, gradient_checkpointing=policy).validate()
 
 
 def test_configs_of_older_runs_map_the_on_off_switch_to_a_policy():
     for recorded, policy in ((True, "blocks"), (False, "off")):
-        data = {**TrainConfig(data_path="digits").to_dict(), "gradient_checkpointing": recorded}
+        data = {**TrainConfig.create(data_path="digits").to_flat(), "gradient_checkpointing": recorded}
         config = TrainConfig.from_dict(json.loads(json.dumps(data)))
-        assert config.gradient_checkpointing == policy
+        assert config.run.gradient_checkpointing == policy
         config.validate()
 
 
@@ -141,8 +140,8 @@ def test_the_flag_alone_means_every_block():
                          (["--grad-checkpointing", "mlp"], "mlp"), (["--gradient-checkpointing", "every-2"], "every-2"),
                          (["--grad-checkpointing", "off"], "off"), (["--no-gradient-checkpointing"], "off")):
         args = parser.parse_args([*argv, "--compile"])  # a flag after the bare one is not taken as its value
-        config = dataclass_from_args(TrainConfig, args)
-        assert (config.gradient_checkpointing, config.compile) == (policy, True), argv
+        config = config_from_args(args)
+        assert (config.run.gradient_checkpointing, config.run.compile) == (policy, True), argv
 
 
 def test_an_older_run_folder_resumes(tmp_path):
@@ -150,16 +149,18 @@ def test_an_older_run_folder_resumes(tmp_path):
     from fastdit.train.loop import train
 
     first = train(tiny_config(tmp_path, max_steps=2, gradient_checkpointing="blocks"))
-    for path in first.run_dir.glob("checkpoints/*.pt"):  # as written before the policies
+    # As written before the policies (a bool) and before the config's sections (one flat dict).
+    flat = {**TrainConfig.from_dict(json.loads((first.run_dir / "config.json").read_text())).to_flat(),
+            "gradient_checkpointing": True}
+    for path in first.run_dir.glob("checkpoints/*.pt"):
         state = torch.load(path, map_location="cpu", weights_only=True)
-        state["config"]["gradient_checkpointing"] = True
+        state["config"] = flat
         torch.save(state, path)
     config_path = first.run_dir / "config.json"
-    config_path.write_text(config_path.read_text().replace('"gradient_checkpointing": "blocks"',
-                                                           '"gradient_checkpointing": true'))
+    config_path.write_text(json.dumps(flat))
     resumed = train(tiny_config(tmp_path, max_steps=4, gradient_checkpointing="mlp"))
     assert (resumed.run_dir, resumed.step) == (first.run_dir, 4)
-    assert json.loads(config_path.read_text())["gradient_checkpointing"] == "mlp"
+    assert json.loads(config_path.read_text())["run"]["gradient_checkpointing"] == "mlp"
 
 
 def compiled(policy, backend):

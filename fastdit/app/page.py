@@ -12,7 +12,7 @@ import gradio as gr
 import torch
 
 from ..errors import UserError
-from ..process import SAMPLERS_BY_OBJECTIVE
+from ..sampling import OFFICIAL_CFG_SCALE, OFFICIAL_NUM_STEPS, samplers_for
 from .classes import class_choices, label_of
 from .models import DIGITS, LOCAL, MODEL_CHOICES, model_source
 from .request import ModelCache, SampleRequest, generate_grid, parse_interval
@@ -22,7 +22,7 @@ DEFAULT_SAMPLER = "model default"
 # Defaults per model: the digits demo samples as `fastdit demo` does (DemoConfig: Heun, 9 steps, cfg 3);
 # the ImageNet models as `fastdit sample` does (250 steps, cfg 4).
 DIGITS_DEFAULTS = dict(sampler="heun", steps=9, cfg=3.0)
-IMAGENET_DEFAULTS = dict(sampler=DEFAULT_SAMPLER, steps=250, cfg=4.0)
+IMAGENET_DEFAULTS = dict(sampler=DEFAULT_SAMPLER, steps=OFFICIAL_NUM_STEPS, cfg=OFFICIAL_CFG_SCALE)
 # An 8x8 digit would be a speck: the grid fills its box, enlarged without smoothing.
 PAGE_CSS = "#grid img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
@@ -46,11 +46,11 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None) 
         try:
             source = model_source(choice, path, demo_folders)
             if source.path is None:
-                names, samplers = class_choices(1000), SAMPLERS_BY_OBJECTIVE[source.official_objective]
+                names, samplers = class_choices(1000), samplers_for(source.official_objective)
                 defaults, first = IMAGENET_DEFAULTS, [class_choices(1000)[207]]
             else:
                 info = cache.get(source, device).info
-                names, samplers = class_choices(info.config.num_classes, info.class_names), info.process.samplers
+                names, samplers = class_choices(info.config.num_classes, info.class_names), samplers_for(info.objective)
                 defaults = DIGITS_DEFAULTS if choice == DIGITS and "heun" in samplers else IMAGENET_DEFAULTS
                 first = []
             status = f"Model: `{source.path or source.model_name}`"
@@ -87,9 +87,9 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None) 
                 per_class = gr.Number(1, precision=0, minimum=1, label="Images per class", elem_id="per-class")
                 with gr.Row():
                     sampler = gr.Dropdown([DEFAULT_SAMPLER], value=DEFAULT_SAMPLER, label="Sampler", elem_id="sampler")
-                    steps = gr.Number(250, precision=0, label="Steps", elem_id="steps")
+                    steps = gr.Number(OFFICIAL_NUM_STEPS, precision=0, label="Steps", elem_id="steps")
                 with gr.Row():
-                    cfg = gr.Number(4.0, label="Guidance scale (1: none)", elem_id="cfg")
+                    cfg = gr.Number(OFFICIAL_CFG_SCALE, label="Guidance scale (1: none)", elem_id="cfg")
                     interval = gr.Textbox(label="Guidance interval LOW HIGH (empty: every step)", elem_id="interval")
                 seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="seed")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")

@@ -105,9 +105,9 @@ def generate_grid(request: SampleRequest, cache: ModelCache, out: Path, progress
     request.check()
     options = request.options()
     model, info, latent_space, device = cache.get(request.source, request.device)
-    options.validate(info.process)
+    options.validate(info.objective)
     labels = check_labels(request.all_labels, info.config.num_classes)
-    images = generate(model, latent_space, labels, options=options, process=info.process, seed=request.seed,
+    images = generate(model, latent_space, labels, options=options, objective=info.objective, seed=request.seed,
                       device=device, progress=progress)
     atomic_save_png(make_grid(images, nrow=request.nrow), out)
-    return request.command(options.resolved_sampler(info.process))
+    return request.command(options.resolved_sampler(info.objective))

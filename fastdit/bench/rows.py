@@ -1,6 +1,6 @@
 """What one row of the benchmark runs, named by its options: `reference`, or `fastdit` followed by any of
 `+bf16`, `+fp16`, `+compile` and one checkpointing policy (`+ckpt` for every block, `+ckpt-mlp`,
-`+ckpt-every-K`). fastdit's training rows run the real training step (`fastdit.train.loop.train_step`:
+`+ckpt-every-K`). fastdit's training rows run the real training step (`fastdit.train.step.train_step`:
 the setup `fastdit train` builds, its seeded draws, loss, fused AdamW and EMA); its sampling rows run the
 guided model as `fastdit sample` does, with one DDPM step."""
 
@@ -79,12 +79,12 @@ def _synchronize(device: torch.device) -> None:
 def make_train_step(row: Row, model_name: str, batch: int, latent: int, device: torch.device):
     """-> step(): one training step of `row` on a fixed random batch of latents."""
     from ..checkpoint import LatentInfo
-    from ..diffusion import create_diffusion
     from ..distributed import DistInfo
     from ..models import build_model
     from ..train.config import TrainConfig
     from ..train.ema import make_ema
-    from ..train.loop import build_training_state, train_step
+    from ..train.loop import build_training_state
+    from ..train.step import train_step
     from ..train.setup import enable_tf32
     from ..train.training_data import TrainingData
     from .reference import reference_train_step
@@ -99,17 +99,17 @@ def make_train_step(row: Row, model_name: str, batch: int, latent: int, device: 
     y = torch.randint(0, 1000, (batch,), device=device)
     if row.reference:
         return reference_train_step(model, ema, x, y)
-    config = TrainConfig(model=model_name, image_size=latent * 8, data_path="bench", global_batch_size=batch,
+    config = TrainConfig.create(model=model_name, image_size=latent * 8, data_path="bench", global_batch_size=batch,
                          precision=row.precision, gradient_checkpointing=row.checkpointing, compile=row.compile,
                          progress=False)
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    state = build_training_state(config, dist, model, ema)
     data = TrainingData(dataset=None, latent_shape=tuple(x.shape[1:]), latent_info=LatentInfo(), class_names=None,
                         device=device)
-    diffusion = create_diffusion("")
+    state = build_training_state(config, dist, model, ema, data)
+    objective = config.build_objective()
 
     def step() -> torch.Tensor:
-        loss = train_step(config, data, diffusion, state, x, y, dist, batch, batch)
+        loss = train_step(state, (x, y), objective)["loss"]
         state.position.step += 1
         return loss
 

@@ -10,8 +10,8 @@ from ..errors import UserError
 from ..io import check_can_create
 from ..precision import PRECISIONS, precision_warning
 from .arg_types import finite_float, seed
-from ..process import ALL_SAMPLERS, OBJECTIVES, SAMPLERS_BY_OBJECTIVE
-from ..sampling import SamplingOptions
+from ..objectives import objective_names
+from ..sampling import OFFICIAL_CFG_SCALE, OFFICIAL_NUM_STEPS, SamplingOptions, sampler_names, samplers_by_objective
 from ..sampling.guidance import OFFICIAL_GUIDED_CHANNELS
 
 OFFICIAL_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -29,25 +29,27 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a .pt/.safetensors file or training checkpoint; default: the official DiT-XL-2-<size>.pt, downloaded on first use")
     group.add_argument("--vae", default=None, help="mse (default for official models), ema, a local diffusers AutoencoderKL folder, "
                             "or pixels for a model trained on pixels (needed only for plain state dicts)")
-    group.add_argument("--objective", choices=OBJECTIVES, default=None,
-                       help="what a plain state dict predicts: ddpm (DiT) or flow (SiT); checkpoints and official weights record it")
+    group.add_argument("--objective", choices=objective_names(), default=None,
+                       help="what a plain state dict was trained for: ddpm (DiT), flow (SiT), ...; checkpoints and "
+                            "official weights record it")
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, cfg_default: float = 4.0) -> None:
+def add_sampling_arguments(parser: argparse.ArgumentParser, cfg_default: float = OFFICIAL_CFG_SCALE) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--sampler", choices=ALL_SAMPLERS, default=None,
+    group.add_argument("--sampler", choices=sampler_names(), default=None,
                        help="default: the model's own (ddpm for DiT, sde-euler for SiT/flow); "
-                            + "; ".join(f"{k} models: {', '.join(v)}" for k, v in SAMPLERS_BY_OBJECTIVE.items()))
-    group.add_argument("--num-sampling-steps", type=int, default=250,
-                       help="DDPM: respaced steps; flow samplers: grid points, as SiT counts them (default: 250)")
+                            + "; ".join(f"{k} models: {', '.join(v)}" for k, v in samplers_by_objective().items()))
+    group.add_argument("--num-sampling-steps", type=int, default=OFFICIAL_NUM_STEPS,
+                       help="DDPM and DDIM/DPM-Solver++: model calls; flow ODE/SDE samplers: grid points, as SiT counts "
+                            f"them (default: {OFFICIAL_NUM_STEPS})")
     group.add_argument("--cfg-scale", type=finite_float, default=cfg_default,
                        help=f"classifier-free guidance scale; 1 disables guidance (default: {cfg_default})")
     group.add_argument("--official-guidance", action="store_true",
                        help=f"guide only the first {OFFICIAL_GUIDED_CHANNELS} latent channels like the official DiT code "
                             "(use with --cfg-scale 1.5 to reproduce the paper's FID 2.27)")
     group.add_argument("--guidance-interval", type=finite_float, nargs=2, metavar=("LOW", "HIGH"), default=None,
-                       help="guide only where the process's time is in [LOW, HIGH] (DDPM timesteps 0..999, flow time "
+                       help="guide only where the model's time is in [LOW, HIGH] (DDPM timesteps 0..999, flow time "
                             "0 noise..1 data); elsewhere one conditional forward (default: every step)")
     group.add_argument("--time-shift", type=finite_float, default=1.0,
                        help="flow models: warp the time grid toward the noise end, t' = t / (t + s (1 - t)) (default: 1, none)")
@@ -71,7 +73,7 @@ def sampling_options(args: argparse.Namespace) -> SamplingOptions:
         time_shift=args.time_shift,
         precision=args.precision,
     )
-    return options  # checked against the model's process once it is known (`load_for_sampling`)
+    return options  # checked against the model's objective once it is known (`load_for_sampling`)
 
 
 def warn_if_slow(device, precision: str) -> None:
@@ -94,7 +96,7 @@ def check_output_file(path: str, suffixes: tuple[str, ...]) -> Path:
 
 def load_for_sampling(args: argparse.Namespace, options: SamplingOptions | None = None):
     """(model, info, latent space, device) for the model flags (`fastdit.loading.load_for_sampling`);
-    `options` are checked against the model's process before the VAE is loaded."""
+    `options` are checked against the model's objective before the VAE is loaded."""
     from ..loading import load_for_sampling as load
 
     return load(args.ckpt, model_name=args.model, image_size=args.image_size, num_classes=args.num_classes,

@@ -1,5 +1,6 @@
-"""CLI flags generated from a config dataclass's typed fields (one source of truth for names,
-types and defaults)."""
+"""CLI flags generated from config dataclasses' typed fields: one source of truth for names, types,
+defaults and help texts (each field's `help` metadata; `flag` metadata names a flag that differs from
+the field's name)."""
 
 from __future__ import annotations
 
@@ -18,22 +19,26 @@ def _base_type(annotation):
     return args[0] if args else annotation
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, help_texts: dict[str, str], skip=()) -> None:
+def flag_of(field: dataclasses.Field) -> str:
+    return field.metadata.get("flag") or field.name
+
+
+def add_dataclass_arguments(parser, cls, skip=()) -> list[str]:
+    """Add a flag for each field of `cls` (to a parser or an argument group); returns their dest names."""
+    added = []
     for field in dataclasses.fields(cls):
-        if field.name in skip or field.default is dataclasses.MISSING:
+        name = flag_of(field)
+        if name in skip or field.default is dataclasses.MISSING:
             continue
-        flag = "--" + field.name.replace("_", "-")
+        flag = "--" + name.replace("_", "-")
         kind = _base_type(field.type)
-        text = help_texts.get(field.name, "")
-        default_text = f"(default: {field.default})"
+        text = f"{field.metadata.get('help', '')} (default: {field.default})".strip()
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
-                                help=f"{text} {default_text}".strip())
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=field.default, help=text)
         elif kind in (int, float, str):
-            parser.add_argument(flag, type=finite_float if kind is float else kind, default=field.default, metavar=field.name.upper(),
-                                help=f"{text} {default_text}".strip())
-
-
-def dataclass_from_args(cls, args: argparse.Namespace, skip=()):
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in skip and hasattr(args, f.name)}
-    return cls(**values)
+            parser.add_argument(flag, dest=name, type=finite_float if kind is float else kind, default=field.default,
+                                metavar=name.upper(), help=text)
+        else:
+            raise TypeError(f"no flag type for {cls.__name__}.{field.name}: {field.type}")
+        added.append(name)
+    return added

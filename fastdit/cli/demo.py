@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..process import ALL_SAMPLERS, OBJECTIVES, TIME_SAMPLINGS
+from ..diffusion.flow import TIME_SAMPLINGS
+from ..objectives import objective_names
+from ..sampling import sampler_names
 from .arg_types import finite_float, seed
 
 HELP = "train a tiny DiT on the 8x8 digits (no download, minutes on a CPU), sample every class, and judge the samples"
@@ -20,17 +22,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step (default: {d.batch_size})")
     group.add_argument("--lr", type=finite_float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
     group.add_argument("--ema-decay", type=finite_float, default=d.ema_decay, help=f"EMA decay per step; the samples come from the EMA (default: {d.ema_decay})")
-    group.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
-                       help=f"ddpm (DiT's process) or flow (SiT's) (default: {d.objective})")
+    group.add_argument("--objective", choices=objective_names(), default=d.objective,
+                       help=f"ddpm (DiT's process), flow (SiT's) or x-pred (JiT's) (default: {d.objective})")
     group.add_argument("--time-sampling", choices=TIME_SAMPLINGS, default=d.time_sampling,
-                       help=f"flow: how training draws t (default: {d.time_sampling})")
+                       help=f"flow and x-pred: how training draws t (default: {d.time_sampling})")
     group.add_argument("--blocks", action=argparse.BooleanOptionalAction, default=d.blocks,
                        help=f"LightningDiT blocks: RMSNorm, SwiGLU, 2-D RoPE, QK-norm (default: {'on' if d.blocks else 'off'})")
     group = parser.add_argument_group("sampling")
     group.add_argument("--samples-per-class", type=int, default=d.samples_per_class, help=f"(default: {d.samples_per_class})")
-    group.add_argument("--sampler", choices=ALL_SAMPLERS, default=d.sampler, help="(default: heun for flow, ddpm for ddpm)")
+    group.add_argument("--sampler", choices=sampler_names(), default=d.sampler,
+                       help="(default: heun for flow and x-pred, ddpm for ddpm)")
     group.add_argument("--sampling-steps", type=int, default=d.sampling_steps,
-                       help="model-call budget: DDPM steps, or flow grid points (default: 9 for flow, 25 for ddpm)")
+                       help="model-call budget: DDPM steps, or flow grid points (default: 9 for flow and x-pred, 25 for ddpm)")
     group.add_argument("--cfg-scale", type=finite_float, default=d.cfg_scale, help=f"classifier-free guidance scale; 1 disables it (default: {d.cfg_scale})")
     parser.add_argument("--classifier-epochs", type=int, default=d.classifier_epochs,
                         help=f"epochs of the digit classifier that judges the samples (default: {d.classifier_epochs})")

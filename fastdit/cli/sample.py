@@ -46,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
         labels = OFFICIAL_CLASS_LABELS if num_classes == 1000 else list(range(min(num_classes, 8)))
     labels = check_labels(labels, num_classes)
     images = generate(
-        model, latent_space, labels, options=options, process=info.process, seed=args.seed, device=device,
+        model, latent_space, labels, options=options, objective=info.objective, seed=args.seed, device=device,
         progress=not args.no_progress, compile=args.compile,
     )
     atomic_save_png(make_grid(images, nrow=args.nrow), out)
-    print(f"wrote {out} ({len(labels)} images, {info.image_size}x{info.image_size}, {options.resolved_sampler(info.process)} {options.num_steps} steps, cfg {options.cfg_scale})")
+    print(f"wrote {out} ({len(labels)} images, {info.image_size}x{info.image_size}, {options.resolved_sampler(info.objective)} {options.num_steps} steps, cfg {options.cfg_scale})")
     return 0

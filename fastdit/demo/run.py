@@ -35,7 +35,7 @@ from .plots import read_loss_curve, save_class_grid, save_loss_plot
 NUM_CLASSES = 10
 GRID_COLUMNS = 20
 # The sampler and steps each objective's recipe samples with, unless --sampler / --sampling-steps say otherwise.
-RECIPE_SAMPLING = {"flow": ("heun", 9), "ddpm": ("ddpm", 25)}  # samples shown per class in grid.png (all of them are in samples.npz)
+RECIPE_SAMPLING = {"flow": ("heun", 9), "x-pred": ("heun", 9), "ddpm": ("ddpm", 25)}  # samples shown per class in grid.png (all of them are in samples.npz)
 
 
 @dataclass
@@ -109,7 +109,7 @@ def train_config(config: DemoConfig):
     from ..models import LIGHTNINGDIT_BLOCKS
     from ..train.config import TrainConfig
 
-    return TrainConfig(
+    return TrainConfig.create(
         objective=config.objective, time_sampling=config.time_sampling, **(LIGHTNINGDIT_BLOCKS if config.blocks else {}),
         model=config.model, image_size=8, num_classes=NUM_CLASSES, data_path="digits", vae="pixels",
         global_batch_size=config.batch_size, lr=config.lr, ema_decay=config.ema_decay, max_steps=config.steps,
@@ -131,7 +131,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     config.validate()
     sampler, sampling_steps = config.sampling()
     options = SamplingOptions(sampler=sampler, num_steps=sampling_steps, cfg_scale=config.cfg_scale)
-    options.validate(train_config(config).process_spec())
+    options.validate(train_config(config).build_objective())
     _refuse_a_folder_of_other_files(Path(config.out))
     out = ensure_writable_dir(config.out)
     device = resolve_device(config.device)
@@ -145,7 +145,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int64), config.samples_per_class)  # class-major
     print(f"sampling {len(labels)} images ({sampler}, {sampling_steps} steps, cfg {config.cfg_scale})", flush=True)
     sampling_start = time.perf_counter()
-    samples = generate(model, PixelSpace(channels=1), labels, options=options, process=info.process, seed=config.seed, device=device,
+    samples = generate(model, PixelSpace(channels=1), labels, options=options, objective=info.objective, seed=config.seed, device=device,
                        progress=config.progress)
     sampling_seconds = time.perf_counter() - sampling_start
 
@@ -169,7 +169,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     result.update(
         config=asdict(config),
-        sampling={**asdict(options), "sampler": options.resolved_sampler(info.process)},
+        sampling={**asdict(options), "sampler": options.resolved_sampler(info.objective)},
         seconds={"train": round(train_seconds, 1), "sampling": round(sampling_seconds, 1),
                  "evaluation": round(evaluation_seconds, 1),
                  "total": round(time.perf_counter() - started, 1),

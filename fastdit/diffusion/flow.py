@@ -33,6 +33,18 @@ def velocity_channels(output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return output[:, :C]
 
 
+class VelocityModel:
+    """A DiT (or SiT checkpoint) as a velocity function: `model(x, t, y)` with real t in [0, 1],
+    keeping the first C output channels, as SiT's forward does for learn_sigma=True. fastdit's DiT
+    embeds a real t exactly as SiT does (the sinusoidal features of t itself; no cast to integers)."""
+
+    def __init__(self, model: Callable):
+        self.model = model
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return velocity_channels(self.model(x, t, y), x)
+
+
 class FlowMatching:
     """The linear-path, velocity-prediction process: training loss and time sampling.
 

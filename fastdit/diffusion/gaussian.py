@@ -194,7 +194,10 @@ class GaussianDiffusion:
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise=noise)
-        model_output = self._call_model(model, x_t, t, model_kwargs)
+        return self.losses_from_output(self._call_model(model, x_t, t, model_kwargs), x_start, x_t, t, noise)
+
+    def losses_from_output(self, model_output, x_start, x_t, t, noise) -> dict[str, torch.Tensor]:
+        """The loss terms of `training_losses` from the model's output at (x_t, t)."""
         C = x_t.shape[1]
         terms = {}
         if self.learn_sigma:

@@ -70,11 +70,11 @@ class SampleJob:
         """What decides the images (see `workdir`): recorded in the work folder and beside the result."""
         return {
             "model": {"config": asdict(info.config), "latent": latent_space.name, "weights_sha256": fingerprint,
-                      "process": info.process.to_dict()},
+                      "process": info.objective.to_dict()},
             "image_size": info.image_size,
             "num_samples": self.num_samples,
             "seed": self.seed,
-            "sampling": {**asdict(self.options), "sampler": self.options.resolved_sampler(info.process)},
+            "sampling": {**asdict(self.options), "sampler": self.options.resolved_sampler(info.objective)},
             "labels": "uniform" if self.class_labels is None else list(self.class_labels),
             "chunk_size": self.chunk_size,
         }
@@ -192,7 +192,7 @@ def _on_main_first(info: dist.DistInfo, step: Callable):
 
 def _load_checked(job: SampleJob, load: Callable):
     model, model_info, latent_space, device = load()
-    job.options.validate(model_info.process)
+    job.options.validate(model_info.objective)
     if job.class_labels is not None:
         check_labels(job.class_labels, model_info.config.num_classes)
     if model_info.latent.kind == "pixels" and model_info.config.in_channels not in (1, 3):
@@ -224,7 +224,7 @@ def _sample_chunks(job, paths, chunks, model, model_info, latent_space, device, 
         for first in range(chunk.start, chunk.stop, job.batch_size):
             indices = range(first, min(first + job.batch_size, chunk.stop))
             batch_labels = labels_for(indices, seed=job.seed, num_classes=num_classes, class_labels=job.class_labels)
-            batch = generate(model, latent_space, batch_labels, options=job.options, process=model_info.process,
+            batch = generate(model, latent_space, batch_labels, options=job.options, objective=model_info.objective,
                              seed=job.seed, indices=indices, device=device, compile=job.compile)
             images.append(_as_rgb(batch))
             labels.append(batch_labels)

@@ -1,10 +1,7 @@
 from .flow import (
-    FLOW_SAMPLERS,
     SIT_LAST_STEP_SIZE,
-    STOCHASTIC_FLOW_SAMPLERS,
     GuidedVelocity,
     VelocityModel,
-    get_flow_sampler,
     ode_dopri5,
     ode_euler,
     ode_heun,
@@ -13,21 +10,27 @@ from .flow import (
     shift_times,
     time_grid,
 )
-from .generate import SamplingOptions, check_labels, generate, sample_latents, to_uint8
-from .guidance import ClassifierFreeGuidance, guide
+from .generate import OFFICIAL_CFG_SCALE, OFFICIAL_NUM_STEPS, SamplingOptions, check_labels, generate, sample_latents, to_uint8
+from .guidance import ClassifierFreeGuidance, check_cfg_scale, check_guidance_interval, guide
 from .noise import PerImageNoise
-from .samplers import Grid, ddim, ddpm_sample, dpm_solver_pp_2m, flow_grid, gaussian_grid
+from .registry import SAMPLERS, ModelView, get_sampler, register_sampler, sampler_names, samplers_by_objective, samplers_for
+from .samplers import ddim, ddpm_sample, dpm_solver_pp_2m
+from ..objectives.views import Grid, flow_grid, gaussian_grid
 
 __all__ = [
-    "FLOW_SAMPLERS",
+    "OFFICIAL_CFG_SCALE",
+    "OFFICIAL_NUM_STEPS",
+    "SAMPLERS",
     "SIT_LAST_STEP_SIZE",
-    "STOCHASTIC_FLOW_SAMPLERS",
     "ClassifierFreeGuidance",
     "Grid",
     "GuidedVelocity",
+    "ModelView",
     "PerImageNoise",
     "SamplingOptions",
     "VelocityModel",
+    "check_cfg_scale",
+    "check_guidance_interval",
     "check_labels",
     "ddim",
     "ddpm_sample",
@@ -35,12 +38,16 @@ __all__ = [
     "flow_grid",
     "gaussian_grid",
     "generate",
-    "get_flow_sampler",
+    "get_sampler",
     "guide",
     "ode_dopri5",
     "ode_euler",
     "ode_heun",
+    "register_sampler",
     "sample_latents",
+    "sampler_names",
+    "samplers_by_objective",
+    "samplers_for",
     "sde_euler",
     "sde_heun",
     "shift_times",

@@ -18,9 +18,10 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..diffusion.flow import velocity_channels
+from ..diffusion.flow import VelocityModel  # noqa: F401  (re-exported)
 from ..errors import UserError
-from .guidance import ClassifierFreeGuidance
+from ..objectives.views import shift_times, time_grid  # noqa: F401  (re-exported)
+from .guidance import ClassifierFreeGuidance, check_guidance_interval
 
 VelocityFn = Callable[..., torch.Tensor]
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
@@ -29,18 +30,6 @@ Callback = Callable[[int, torch.Tensor], None]
 # SiT's default SDE last step: the grid ends at 1 − 0.04 and the "Mean" step covers the rest.
 SIT_LAST_STEP_SIZE = 0.04
 LAST_STEPS = ("mean", None)
-
-
-class VelocityModel:
-    """A DiT (or SiT checkpoint) as a velocity function: `model(x, t, y)` with real t in [0, 1],
-    keeping the first C output channels, as SiT's forward does for learn_sigma=True. fastdit's DiT
-    embeds a real t exactly as SiT does (the sinusoidal features of t itself; no cast to integers)."""
-
-    def __init__(self, model: Callable):
-        self.model = model
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return velocity_channels(self.model(x, t, y), x)
 
 
 class GuidedVelocity(ClassifierFreeGuidance):
@@ -59,32 +48,8 @@ class GuidedVelocity(ClassifierFreeGuidance):
         guided_channels: int | None = None,
         interval: tuple[float, float] = (0.0, 1.0),
     ):
-        low, high = (float(v) for v in interval)
-        if not 0.0 <= low <= high <= 1.0:
-            raise UserError(f"guidance interval {interval} must satisfy 0 <= low <= high <= 1 (flow time, 0 = noise)")
-        super().__init__(velocity_fn, scale, null_class, in_channels, guided_channels, interval=(low, high))
-
-
-def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """Warp times toward the noise end: t' = t / (t + s (1 − t)), s > 1 spends more steps near noise.
-    This is the resolution-dependent shift of Esser et al. 2024 (SD3, eq. 23, σ' = sσ / (1 + (s − 1)σ))
-    written for σ = 1 − t; it keeps 0 and 1 fixed."""
-    return t / (t + shift * (1 - t))
-
-
-def time_grid(
-    num_points: int, *, end: float = 1.0, shift: float = 1.0, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """`num_points` float32 times from 0 (noise) to `end`, evenly spaced (SiT's `linspace`), then
-    shifted. ODEs use end = 1; SDEs end at 1 − last step size (SiT: `1 - SIT_LAST_STEP_SIZE`)."""
-    if num_points < 2:
-        raise UserError(f"a time grid needs at least 2 points, got {num_points}")
-    if not 0.0 < end <= 1.0:
-        raise UserError(f"the time grid must end in (0, 1], got {end}")
-    if not shift > 0:
-        raise UserError(f"time shift must be > 0, got {shift}")
-    times = torch.linspace(0.0, end, num_points, device=device)
-    return times if shift == 1.0 else shift_times(times, shift)
+        interval = check_guidance_interval(interval, (0.0, 1.0), "flow", "flow time, 0 = noise")
+        super().__init__(velocity_fn, scale, null_class, in_channels, guided_channels, interval=interval)
 
 
 def _steps(times: torch.Tensor, progress: bool, desc: str):
@@ -240,13 +205,3 @@ def sde_heun(
         if callback is not None:
             callback(len(times) - 1, x)
     return x
-
-
-FLOW_SAMPLERS = {"euler": ode_euler, "heun": ode_heun, "dopri5": ode_dopri5, "sde-euler": sde_euler, "sde-heun": sde_heun}
-STOCHASTIC_FLOW_SAMPLERS = ("sde-euler", "sde-heun")
-
-
-def get_flow_sampler(name: str):
-    if name not in FLOW_SAMPLERS:
-        raise UserError(f"unknown flow sampler {name!r}; choose one of: {', '.join(FLOW_SAMPLERS)}")
-    return FLOW_SAMPLERS[name]

@@ -8,11 +8,44 @@ The default guides every ε channel.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import UserError
 
 OFFICIAL_GUIDED_CHANNELS = 3
+
+
+def check_cfg_scale(scale: float) -> float:
+    """The one rule for a guidance scale: finite and >= 1 (1 is no guidance)."""
+    if not math.isfinite(scale):
+        raise UserError(f"cfg scale must be a finite number, got {scale}")
+    if scale < 1.0:
+        raise UserError(
+            f"cfg scale {scale} < 1 would push samples away from their class; use 1.0 for no guidance or a value > 1"
+        )
+    return float(scale)
+
+
+def check_guidance_interval(
+    interval, time_range: tuple[float, float] | None = None, objective: str = "", time_name: str = ""
+) -> tuple[float, float] | None:
+    """The one rule for a guidance interval (LOW, HIGH): finite, LOW <= HIGH and, when the model's
+    time range is known, inside it. None (guide every step) passes."""
+    if interval is None:
+        return None
+    low, high = (float(v) for v in interval)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise UserError(f"guidance interval ({low:g}, {high:g}) must be finite")
+    if time_range is not None and not time_range[0] <= low <= high <= time_range[1]:
+        raise UserError(
+            f"guidance interval ({low:g}, {high:g}) must lie in this {objective} model's time range "
+            f"[{time_range[0]:g}, {time_range[1]:g}] with LOW <= HIGH" + (f" ({time_name})" if time_name else "")
+        )
+    if low > high:
+        raise UserError(f"guidance interval ({low:g}, {high:g}) is reversed; give LOW <= HIGH")
+    return low, high
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, guided_channels: int) -> torch.Tensor:
@@ -43,19 +76,14 @@ class ClassifierFreeGuidance:
         guided_channels: int | None = None,
         interval: tuple[float, float] | None = None,
     ):
-        if scale < 1.0:
-            raise UserError(
-                f"cfg scale {scale} < 1 would push samples away from their class; use 1.0 for no guidance or a value > 1"
-            )
+        check_cfg_scale(scale)
         if guided_channels is not None and not 1 <= guided_channels <= in_channels:
             raise UserError(f"guided_channels must be in [1, {in_channels}], got {guided_channels}")
-        if interval is not None and not float(interval[0]) <= float(interval[1]):
-            raise UserError(f"guidance interval {tuple(interval)} is reversed; give LOW <= HIGH")
         self.model = model
         self.scale = float(scale)
         self.null_class = null_class
         self.guided_channels = guided_channels or in_channels
-        self.interval = None if interval is None else (float(interval[0]), float(interval[1]))
+        self.interval = check_guidance_interval(interval)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.scale == 1.0:

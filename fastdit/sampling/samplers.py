@@ -6,8 +6,7 @@
 * `ddim`, `dpm_solver_pp_2m`: pure functions over a grid, in the style of k-diffusion. They see the
   model only through `denoise(x, k) -> (x̂0, ε̂)` at grid point k, and the grid through `alphas[k]`,
   `sigmas[k]` with x_k = α_k x0 + σ_k ε; the last point is data (α = 1, σ = 0). Any process whose
-  states are such affine mixtures provides this: `gaussian_grid` (α = sqrt(ᾱ), σ = sqrt(1 − ᾱ)) and
-  `flow_grid` (α = t, σ = 1 − t on SiT's linear path).
+  states are such affine mixtures provides this as its "grid" view (`fastdit.objectives.views`).
 
 Every sampler takes its options as keywords and no others (an option a sampler does not take is a
 TypeError in Python and a one-line error at the CLI); fresh noise comes from `noise_fn(x)`, so callers
@@ -16,18 +15,16 @@ can seed it per image.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from ..diffusion import GaussianDiffusion
-from ..diffusion.flow import velocity_channels
+from ..objectives.views import Grid
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
-Denoiser = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
 
 
 def _maybe_progress(steps, progress: bool, desc: str):
@@ -42,51 +39,6 @@ def ddpm_sample(diffusion: GaussianDiffusion, model_fn: ModelFn, x_T, y, *, nois
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         x = diffusion.p_sample(model_fn, x, t, model_kwargs={"y": y}, noise=noise_fn(x))["sample"]
     return x
-
-
-# ----------------------------------------------------------------------------------------------
-# The grid: what DDIM and DPM-Solver++ need of a process
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Grid:
-    """Grid points k = 0..K: x_k = alphas[k] x0 + sigmas[k] ε (float64 scalars), the model seen as
-    `denoise(x, k) -> (x̂0, ε̂)` at points 0..K−1; point K is data (alpha 1, sigma 0)."""
-
-    denoise: Denoiser
-    alphas: torch.Tensor
-    sigmas: torch.Tensor
-
-
-def gaussian_grid(diffusion: GaussianDiffusion, model_fn: ModelFn, y) -> Grid:
-    """The respaced DDPM process from noise (index T'−1) to data: ᾱ of the kept timesteps, then 1."""
-    alpha_bars = torch.cat([torch.from_numpy(diffusion.alphas_cumprod).flip(0), torch.ones(1, dtype=torch.float64)])
-    steps = list(range(diffusion.num_timesteps - 1, -1, -1))
-
-    def denoise(x, k):
-        t = torch.full((x.shape[0],), steps[k], device=x.device, dtype=torch.long)
-        output = model_fn(x, diffusion.original_timesteps(t), y)
-        x0 = diffusion.p_mean_variance_from_output(output, x, t)["pred_xstart"]
-        # ε re-derived from x̂0, as the official DDIM step does (the same as the model's ε without clipping).
-        return x0, diffusion.predict_eps_from_xstart(x, t, x0)
-
-    return Grid(denoise, alpha_bars.sqrt(), (1 - alpha_bars).sqrt())
-
-
-def flow_grid(model_fn: ModelFn, y, times: torch.Tensor) -> Grid:
-    """SiT's linear path x_t = t x1 + (1 − t) ε on increasing `times` ending at 1: from the velocity
-    v = x1 − ε, x̂1 = x + (1 − t) v and ε̂ = x − t v."""
-    times = times.to(torch.float64).cpu()
-    if float(times[-1]) != 1.0:
-        raise ValueError(f"a flow grid for DDIM/DPM-Solver++ must end at t = 1, got {float(times[-1])}")
-
-    def denoise(x, k):
-        t = times[k].to(device=x.device, dtype=x.dtype)
-        v = velocity_channels(model_fn(x, t.expand(x.shape[0]), y), x)
-        return x + (1 - t) * v, x - t * v
-
-    return Grid(denoise, times, 1 - times)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,14 @@
-"""The training run's configuration: one typed dataclass, validated once, written as JSON into the run
-folder and into every checkpoint. The CLI flags are generated from its fields."""
+"""The training run's configuration: typed dataclasses in sections, validated once, written as JSON
+into the run folder and into every checkpoint.
+
+`TrainConfig` has six sections: `model` (the network), `objective` (what it is trained for: the
+registered objective and its settings, `fastdit.objectives`), `optimisation`, `data`, `run` (systems,
+run folder, logging) and `evaluation` (FIDs during training). Every field carries its flag's help
+text, and `fastdit train`'s flat flags (`--lr`, `--objective`, ...) are generated from these fields:
+each name, type, default and help is written once, here (or in the objective's module). Field names
+are unique over the sections, so a flat {flag name: value} dict (what run folders recorded before the
+sections, and what `refuse_other_run` compares) maps to the sections without ambiguity.
+"""
 
 from __future__ import annotations
 
@@ -8,131 +17,85 @@ import json
 import math
 import numbers
 import typing
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
 from ..latents import PIXEL_SPACE_NAMES, latent_side
 from ..models import config_from_name
-from ..process import ProcessSpec
+from ..objectives import Objective, all_settings, build_objective, objective_names
+from ..precision import PRECISIONS
 from ..run_folder import refuse_other_settings
 from ..sampling import SamplingOptions
 from .setup import checkpoint_stride
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 
-# Fields that may change between the first run and a resumed one: how long and how chatty the run is,
-# and purely mechanical settings. Everything else defines the run and must match to resume.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "epochs", "max_steps", "log_every", "ckpt_every", "keep_last", "sample_every", "num_workers",
-        "compile", "sample_steps", "tensorboard", "wandb", "device", "eval_every", "eval_samples", "eval_ref",
-        "eval_batch_size", "eval_sampling_steps", "eval_cfg_scale", "micro_batch_size", "gradient_checkpointing", "results_dir", "run_name",
-        "inception_weights", "progress",
-    }
-)
-
-
-# The range of each number field (fields not listed may be any finite number).
-AT_LEAST = {
-    "image_size": 1, "num_classes": 1, "num_workers": 0, "global_batch_size": 1, "micro_batch_size": 1,
-    "epochs": 1, "max_steps": 1, "log_every": 1, "ckpt_every": 1, "keep_last": 1, "sample_every": 0,
-    "sample_steps": 1, "eval_every": 0, "eval_samples": 1, "eval_batch_size": 1, "eval_sampling_steps": 1,
-    "global_seed": 0, "depth": 1, "hidden_size": 1, "num_heads": 1, "warmup_steps": 0, "weight_decay": 0,
-}
-# AdamW (Loshchilov & Hutter 2019) needs a positive step size and betas in [0, 1); a gradient norm
-# to clip to must be positive (leave --grad-clip out for no clipping).
-POSITIVE = {"lr", "grad_clip"}
-HINTS = {"grad_clip": "; leave --grad-clip out for no clipping"}
-UNIT_INTERVAL = {"beta1", "beta2", "ema_decay", "class_dropout_prob"}  # [0, 1)
-
-
-def _check_sampling(flags: str, options, process: ProcessSpec) -> None:
-    """The grids' and FID's sampling settings, checked by the sampler's own rules before training."""
-    try:
-        options.validate(process)
-    except UserError as err:
-        raise UserError(f"{flags}: {err}") from None
+def option(default, help: str, *, flag: str | None = None, at_least=None, positive: bool = False,
+           unit_interval: bool = False, hint: str = ""):
+    """A config field with its flag's help text and its range, written once. `flag` names the flag
+    (and the flat key) when it differs from the field name; `at_least`, `positive` (> 0) and
+    `unit_interval` ([0, 1)) bound a number."""
+    metadata = {"help": help, "flag": flag, "at_least": at_least, "positive": positive,
+                "unit_interval": unit_interval, "hint": hint}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
-class TrainConfig:
-    # model
-    model: str = "DiT-XL/2"
-    image_size: int = 256
-    num_classes: int = 1000
-    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance (0 for unconditional)
-    learn_sigma: bool = True
-    # the process, recorded in checkpoints: DiT's "ddpm" (IDDPM), or "flow" (SiT: linear path, velocity)
-    objective: str = "ddpm"
-    time_sampling: str = "uniform"  # flow: "uniform" (SiT) or "logit-normal" (SD3)
-    logit_normal_mean: float = 0.0
-    logit_normal_std: float = 1.0
+class ModelSection:
+    name: str = option("DiT-XL/2", "preset name, e.g. DiT-XL/2, DiT-B/4, DiT-T/2", flag="model")
+    image_size: int = option(256, "image side in pixels", at_least=1)
+    num_classes: int = option(1000, "number of classes (1 with --class-dropout-prob 0 trains an unconditional model)",
+                              at_least=1)
+    class_dropout_prob: float = option(0.1, "label dropout for classifier-free guidance (0: unconditional)",
+                                       unit_interval=True)
+    learn_sigma: bool = option(True, "predict the variance too (2C output channels; DiT's learned-range variance)")
     # block options (LightningDiT); the official DiT blocks when off
-    norm: str = "layernorm"
-    mlp: str = "gelu"
-    rope: bool = False
-    qk_norm: bool = False
-    # data: a latent store (--features-path), an image folder (--data-path), or "digits"
-    features_path: str | None = None
-    data_path: str | None = None
+    norm: str = option("layernorm", "layernorm (official) or rmsnorm")
+    mlp: str = option("gelu", "gelu (official) or swiglu (parameter-matched)")
+    rope: bool = option(False, "2-D rotary position embedding on q and k")
+    qk_norm: bool = option(False, "normalise q and k of every head")
+    # model-size overrides (the tiny demo model); None keeps the preset's value
+    depth: int | None = option(None, "override the preset's depth", at_least=1)
+    hidden_size: int | None = option(None, "override the preset's width", at_least=1)
+    num_heads: int | None = option(None, "override the preset's attention heads", at_least=1)
+
+    def options(self) -> dict:
+        """The DiTConfig fields this run sets beyond the preset (size overrides and block options)."""
+        overrides = {k: getattr(self, k) for k in ("depth", "hidden_size", "num_heads") if getattr(self, k) is not None}
+        blocks = {k: getattr(self, k) for k in ("norm", "mlp", "rope", "qk_norm")}
+        return {**overrides, **blocks, "num_classes": self.num_classes, "class_dropout_prob": self.class_dropout_prob,
+                "learn_sigma": self.learn_sigma}
+
+
+def _objective_section() -> type:
+    """The objective section: the objective's name and every registered objective's settings (one
+    flag each, with the objective module's own help text)."""
+    fields = [("name", str, option("ddpm", "what the network is trained for: " + ", ".join(objective_names())
+                                   + "; recorded in checkpoints", flag="objective"))]
+    for name, setting in all_settings().items():
+        fields.append((name, setting.type, option(setting.default, setting.metadata["help"])))
+
+    def build(self) -> Objective:
+        return build_objective(self.name, **{k: v for k, v in dataclasses.asdict(self).items() if k != "name"})
+
+    return dataclasses.make_dataclass("ObjectiveSection", fields, namespace={"build": build})
+
+
+ObjectiveSection = _objective_section()
+
+
+@dataclass
+class DataSection:
+    features_path: str | None = option(None, "latent store written by `fastdit extract` (fastest)")
+    data_path: str | None = option(None, "image folder with one subfolder per class (encoded on the fly), or 'digits'")
     # "ema"/"mse"/a folder: the SD VAE; "pixels": pixel space; None: the store's VAE for a latent
     # store, pixels for the digits, "ema" (as DiT trains) for an image folder.
-    vae: str | None = None
-    num_workers: int = 4
-    # optimisation (DiT paper: AdamW, lr 1e-4, no weight decay, batch 256, EMA 0.9999)
-    global_batch_size: int = 256
-    micro_batch_size: int | None = None  # per process; gradient accumulation when < local batch
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    warmup_steps: int = 0
-    grad_clip: float | None = None
-    ema_decay: float = 0.9999
-    epochs: int = 1400
-    max_steps: int | None = None
-    global_seed: int = 0
-    # systems
-    precision: str = "fp32"
-    gradient_checkpointing: str = "off"  # off, blocks, mlp or every-K (fastdit.train.setup.checkpoint_blocks)
-    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP
-    compile: bool = False
-    tf32: bool = True
-    device: str = "auto"
-    # run folder, logging, checkpoints
-    results_dir: str = "results"
-    run_name: str | None = None
-    log_every: int = 100
-    ckpt_every: int = 50_000
-    keep_last: int = 3
-    sample_every: int = 0
-    sample_steps: int = 50
-    tensorboard: bool = True
-    wandb: bool = False
-    progress: bool = True
-    # evaluation during training (FID of the EMA model)
-    eval_every: int = 0
-    eval_samples: int = 1000
-    eval_ref: str | None = None
-    eval_batch_size: int = 32
-    eval_sampling_steps: int = 250
-    eval_cfg_scale: float = 1.0  # FID without guidance, as the DiT paper's training curves
-    inception_weights: str | None = None
-    # model-size overrides (the tiny demo model); None keeps the preset's value
-    depth: int | None = None
-    hidden_size: int | None = None
-    num_heads: int | None = None
-
-    # ------------------------------------------------------------------------------------------
-
-    def __post_init__(self):
-        # Run folders and checkpoints written before the policies record a bool: on meant every block.
-        if isinstance(self.gradient_checkpointing, bool):
-            self.gradient_checkpointing = "blocks" if self.gradient_checkpointing else "off"
+    vae: str | None = option(None, "ema, mse, a diffusers AutoencoderKL folder, or pixels (default: the store's VAE; "
+                                   "ema for images; pixels for digits)")
+    num_workers: int = option(4, "data loader worker processes", at_least=0)
 
     @property
-    def data_source(self) -> str:
+    def source(self) -> str:
         return self.features_path or self.data_path or ""
 
     @property
@@ -141,87 +104,219 @@ class TrainConfig:
             return self.data_path == "digits"
         return self.vae in PIXEL_SPACE_NAMES
 
+
+@dataclass
+class OptimisationSection:
+    # DiT paper: AdamW, lr 1e-4, no weight decay, batch 256, EMA 0.9999
+    global_batch_size: int = option(256, "images per optimizer step, over all processes", at_least=1)
+    micro_batch_size: int | None = option(None, "images per forward pass on one process; smaller than the per-process "
+                                                "batch -> gradient accumulation", at_least=1)
+    lr: float = option(1e-4, "AdamW learning rate (DiT: 1e-4)", positive=True)
+    weight_decay: float = option(0.0, "AdamW weight decay", at_least=0)
+    # AdamW (Loshchilov & Hutter 2019) needs betas in [0, 1)
+    beta1: float = option(0.9, "AdamW beta1", unit_interval=True)
+    beta2: float = option(0.999, "AdamW beta2", unit_interval=True)
+    warmup_steps: int = option(0, "linear learning-rate warm-up steps", at_least=0)
+    grad_clip: float | None = option(None, "clip the gradient norm to this value", positive=True,
+                                     hint="; leave --grad-clip out for no clipping")
+    ema_decay: float = option(0.9999, "EMA decay per step", unit_interval=True)
+    epochs: int = option(1400, "epochs to train (--max-steps wins when given)", at_least=1)
+    max_steps: int | None = option(None, "optimizer steps to train", at_least=1)
+    global_seed: int = option(0, "seed of everything random", at_least=0)
+
+
+@dataclass
+class RunSection:
+    # systems
+    precision: str = option("fp32", "fp32, bf16 or fp16 (with a gradient scaler)")
+    gradient_checkpointing: str = option("off", "recompute activations in backward to save memory: off, blocks "
+                                                "(every block; the flag alone), mlp (each block's MLP only) or every-K "
+                                                "(blocks 0, K, 2K, ...)")
+    fsdp: bool = option(False, "shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP")
+    compile: bool = option(False, "torch.compile each transformer block (regional: start-up compiles one block, not the model)")
+    tf32: bool = option(True, "TF32 matmuls on GPUs")
+    device: str = option("auto", "auto (cuda if available), cpu, cuda")
+    # run folder, logging, checkpoints
+    results_dir: str = option("results", "folder of run folders")
+    run_name: str | None = option(None, "run folder name (default: model, image size and data); the same command resumes it")
+    log_every: int = option(100, "log every N steps", at_least=1)
+    ckpt_every: int = option(50_000, "checkpoint every N steps (and at the end)", at_least=1)
+    keep_last: int = option(3, "checkpoints to keep", at_least=1)
+    sample_every: int = option(0, "write an EMA sample grid every N steps (0: never)", at_least=0)
+    sample_steps: int = option(50, "sampling steps for those grids (the objective's own sampler)", at_least=1)
+    tensorboard: bool = option(True, "write TensorBoard event files")
+    wandb: bool = option(False, "log to Weights & Biases")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self):
+        # Run folders and checkpoints written before the policies record a bool: on meant every block.
+        if isinstance(self.gradient_checkpointing, bool):
+            self.gradient_checkpointing = "blocks" if self.gradient_checkpointing else "off"
+
+
+@dataclass
+class EvaluationSection:
+    eval_every: int = option(0, "FID of the EMA model every N steps (0: never; needs --eval-ref)", at_least=0)
+    eval_samples: int = option(1000, "samples for that FID", at_least=1)
+    eval_ref: str | None = option(None, "reference .npz / folder / statistics for that FID")
+    eval_batch_size: int = option(32, "images per sampling batch for that FID", at_least=1)
+    eval_sampling_steps: int = option(250, "sampling steps for that FID (the objective's own sampler)", at_least=1)
+    eval_cfg_scale: float = option(1.0, "guidance scale for that FID (1: none, as the paper's training curves)")
+    inception_weights: str | None = option(None, "local Inception weights for --eval-every")
+
+
+SECTIONS = {"model": ModelSection, "objective": ObjectiveSection, "optimisation": OptimisationSection,
+            "data": DataSection, "run": RunSection, "evaluation": EvaluationSection}
+
+
+def flag_name(field: dataclasses.Field) -> str:
+    """The flat key (and `--flag`) of a section field."""
+    return field.metadata.get("flag") or field.name
+
+
+def flat_fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    """{flat key: (section, field)} over every section."""
+    return {flag_name(f): (section, f) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+# Fields that may change between the first run and a resumed one: how long and how chatty the run is,
+# and purely mechanical settings. Everything else defines the run and must match to resume.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "epochs", "max_steps", "log_every", "ckpt_every", "keep_last", "sample_every", "num_workers",
+        "compile", "sample_steps", "tensorboard", "wandb", "device", "eval_every", "eval_samples", "eval_ref",
+        "eval_batch_size", "eval_sampling_steps", "eval_cfg_scale", "micro_batch_size", "gradient_checkpointing",
+        "results_dir", "run_name", "inception_weights", "progress",
+    }
+)
+
+
+def _check_sampling(flags: str, options, objective: Objective) -> None:
+    """The grids' and FID's sampling settings, checked by the sampler's own rules before training."""
+    try:
+        options.validate(objective)
+    except UserError as err:
+        raise UserError(f"{flags}: {err}") from None
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    optimisation: OptimisationSection = field(default_factory=OptimisationSection)
+    data: DataSection = field(default_factory=DataSection)
+    run: RunSection = field(default_factory=RunSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+
+    # ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, **flat) -> "TrainConfig":
+        """A config from flat {flag name: value} settings (`TrainConfig.create(model="DiT-B/2", lr=3e-4)`)."""
+        fields = flat_fields()
+        unknown = sorted(set(flat) - set(fields))
+        if unknown:
+            raise UserError(f"unknown training setting(s) {', '.join(unknown)}")
+        parts: dict[str, dict] = {section: {} for section in SECTIONS}
+        for key, value in flat.items():
+            section, f = fields[key]
+            parts[section][f.name] = value
+        return cls(**{section: SECTIONS[section](**values) for section, values in parts.items()})
+
+    def to_flat(self) -> dict:
+        """{flag name: value} over every section."""
+        return {flag_name(f): getattr(getattr(self, section), f.name)
+                for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+    def to_dict(self) -> dict:
+        return {section: {flag_name(f): getattr(getattr(self, section), f.name) for f in dataclasses.fields(cls)}
+                for section, cls in SECTIONS.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        """From `to_dict`'s sections, or the flat form run folders recorded before the sections.
+        Settings that are no longer known are dropped (they were recorded by another version)."""
+        if not isinstance(data, dict):
+            raise UserError(f"a run config must be a JSON object, got {type(data).__name__}")
+        if set(data) <= set(SECTIONS) and all(isinstance(v, dict) for v in data.values()):
+            flat = {k: v for part in data.values() for k, v in part.items()}
+        else:
+            flat = data
+        known = flat_fields()
+        return cls.create(**{k: v for k, v in flat.items() if k in known})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    # ------------------------------------------------------------------------------------------
+
     def resolved_run_name(self) -> str:
-        if self.run_name:
-            return self.run_name
-        data = Path(self.data_source.rstrip("/")).name or "data"
-        return f"{self.model.replace('/', '-')}-{self.image_size}px-{data}"
+        if self.run.run_name:
+            return self.run.run_name
+        data = Path(self.data.source.rstrip("/")).name or "data"
+        return f"{self.model.name.replace('/', '-')}-{self.model.image_size}px-{data}"
 
     def run_dir(self) -> Path:
-        return Path(self.results_dir) / self.resolved_run_name()
+        return Path(self.run.results_dir) / self.resolved_run_name()
 
-    def process_spec(self) -> ProcessSpec:
-        return ProcessSpec(self.objective, self.time_sampling, self.logit_normal_mean, self.logit_normal_std)
-
-    def model_options(self) -> dict:
-        """The DiTConfig fields this run sets beyond the preset (size overrides and block options)."""
-        overrides = {k: getattr(self, k) for k in ("depth", "hidden_size", "num_heads") if getattr(self, k) is not None}
-        blocks = {k: getattr(self, k) for k in ("norm", "mlp", "rope", "qk_norm")}
-        return {**overrides, **blocks, "num_classes": self.num_classes, "class_dropout_prob": self.class_dropout_prob,
-                "learn_sigma": self.learn_sigma}
+    def build_objective(self) -> Objective:
+        return self.objective.build()
 
     def validate(self) -> "TrainConfig":
-        if not self.features_path and not self.data_path:
+        data = self.data
+        if not data.features_path and not data.data_path:
             raise UserError("no training data: pass --features-path (a latent store from `fastdit extract`), "
                             "--data-path (an image folder), or --data-path digits")
-        if self.features_path and self.data_path:
+        if data.features_path and data.data_path:
             raise UserError("pass either --features-path or --data-path, not both")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.run.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {self.run.precision!r}; choose one of {', '.join(PRECISIONS)}")
         self._validate_numbers()
-        checkpoint_stride(self.gradient_checkpointing)  # rejects an unknown checkpointing policy
-        if self.fsdp and self.precision == "fp16":
+        checkpoint_stride(self.run.gradient_checkpointing)  # rejects an unknown checkpointing policy
+        if self.run.fsdp and self.run.precision == "fp16":
             raise UserError("--fsdp trains in fp32 or bf16 (fp16's gradient scaler is not supported on sharded "
                             "gradients); use --precision bf16")
-        if self.fsdp and self.eval_every:
+        if self.run.fsdp and self.evaluation.eval_every:
             raise UserError("--fsdp does not yet compute FIDs during training; leave --eval-every at 0 and run "
                             "`fastdit evaluate` on the exported EMA checkpoints")
-        process = self.process_spec()  # rejects an unknown objective or time sampling
-        config_from_name(self.model, **self.model_options())  # rejects options that do not fit the width
-        if self.eval_every and self.eval_samples < 2:
-            raise UserError(f"--eval-samples must be >= 2 for a covariance, got {self.eval_samples}")
-        if self.eval_every and not self.eval_ref:
+        objective = self.build_objective()  # rejects an unknown objective or a setting out of range
+        config_from_name(self.model.name, **self.model.options())  # rejects options that do not fit the width
+        evaluation = self.evaluation
+        if evaluation.eval_every and evaluation.eval_samples < 2:
+            raise UserError(f"--eval-samples must be >= 2 for a covariance, got {evaluation.eval_samples}")
+        if evaluation.eval_every and not evaluation.eval_ref:
             raise UserError("--eval-every needs --eval-ref (reference statistics or images to compare with)")
-        if self.sample_every:
-            _check_sampling("--sample-steps", SamplingOptions(num_steps=self.sample_steps, cfg_scale=1.0), process)
-        if self.eval_every:
+        if self.run.sample_every:
+            _check_sampling("--sample-steps", SamplingOptions(num_steps=self.run.sample_steps, cfg_scale=1.0), objective)
+        if evaluation.eval_every:
             _check_sampling("--eval-sampling-steps / --eval-cfg-scale", SamplingOptions(
-                num_steps=self.eval_sampling_steps, cfg_scale=self.eval_cfg_scale), process)
-        if not self.pixel_space:
-            latent_side(self.image_size)
+                num_steps=evaluation.eval_sampling_steps, cfg_scale=evaluation.eval_cfg_scale), objective)
+        if not data.pixel_space:
+            latent_side(self.model.image_size)
         return self
 
     def _validate_numbers(self) -> None:
         """Every number field: the right type, finite, and in its range. A NaN fails every comparison
         (so `lr <= 0` lets it through): finiteness is checked first, on its own."""
-        hints = typing.get_type_hints(TrainConfig)
-        for field in dataclasses.fields(self):
-            value, kinds = getattr(self, field.name), typing.get_args(hints[field.name]) or (hints[field.name],)
-            flag = "--" + field.name.replace("_", "-")
-            if (int not in kinds and float not in kinds) or (value is None and type(None) in kinds):
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral if int in kinds else numbers.Real):
-                raise UserError(f"{flag} must be a {'whole ' if int in kinds else ''}number, got {value!r}")
-            if not math.isfinite(value):
-                raise UserError(f"{flag} must be a finite number, got {value}{HINTS.get(field.name, '')}")
-            if field.name in POSITIVE and not value > 0:
-                raise UserError(f"{flag} must be > 0, got {value}{HINTS.get(field.name, '')}")
-            if field.name in UNIT_INTERVAL and not 0 <= value < 1:
-                raise UserError(f"{flag} must be in [0, 1), got {value}")
-            if value < AT_LEAST.get(field.name, value):
-                raise UserError(f"{flag} must be >= {AT_LEAST[field.name]}, got {value}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        for section, cls in SECTIONS.items():
+            hints = typing.get_type_hints(cls)
+            for f in dataclasses.fields(cls):
+                value, kinds = getattr(getattr(self, section), f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
+                flag, hint = "--" + flag_name(f).replace("_", "-"), f.metadata.get("hint", "")
+                if (int not in kinds and float not in kinds) or (value is None and type(None) in kinds):
+                    continue
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral if int in kinds else numbers.Real):
+                    raise UserError(f"{flag} must be a {'whole ' if int in kinds else ''}number, got {value!r}")
+                if not math.isfinite(value):
+                    raise UserError(f"{flag} must be a finite number, got {value}{hint}")
+                if f.metadata.get("positive") and not value > 0:
+                    raise UserError(f"{flag} must be > 0, got {value}{hint}")
+                if f.metadata.get("unit_interval") and not 0 <= value < 1:
+                    raise UserError(f"{flag} must be in [0, 1), got {value}")
+                at_least = f.metadata.get("at_least")
+                if at_least is not None and value < at_least:
+                    raise UserError(f"{flag} must be >= {at_least}, got {value}")
 
     def refuse_other_run(self, requested: "TrainConfig", what: str, fix: str) -> None:
         """Raise a UserError naming the fields that define the run (not RESUMABLE_CHANGES) and differ."""
-        refuse_other_settings(what, self.to_dict(), requested.to_dict(), fix, ignore=RESUMABLE_CHANGES)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        refuse_other_settings(what, self.to_flat(), requested.to_flat(), fix, ignore=RESUMABLE_CHANGES)

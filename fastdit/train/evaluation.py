@@ -18,35 +18,36 @@ _REFERENCE_CACHE: dict = {}
 
 
 def _extractor(config, device) -> InceptionFeatureExtractor:
-    key = ("extractor", config.inception_weights, str(device))
+    key = ("extractor", config.evaluation.inception_weights, str(device))
     if key not in _REFERENCE_CACHE:
         _REFERENCE_CACHE[key] = InceptionFeatureExtractor(
-            config.inception_weights, device=device, batch_size=config.eval_batch_size, progress=False
+            config.evaluation.inception_weights, device=device, batch_size=config.evaluation.eval_batch_size, progress=False
         )
     return _REFERENCE_CACHE[key]
 
 
 def _reference(config, extractor):
-    key = ("reference", config.eval_ref)
+    key = ("reference", config.evaluation.eval_ref)
     if key not in _REFERENCE_CACHE:
-        _REFERENCE_CACHE[key] = statistics_for_path(config.eval_ref, extractor, reference=True, progress=False)
+        _REFERENCE_CACHE[key] = statistics_for_path(config.evaluation.eval_ref, extractor, reference=True, progress=False)
     return _REFERENCE_CACHE[key]
 
 
 @torch.no_grad()
-def fid_of_model(config, ema, data, dist) -> dict[str, float] | None:
+def fid_of_model(config, objective, ema, data, dist) -> dict[str, float] | None:
     """The metrics dict on the main process, None on the others."""
     device = dist.device
     extractor = _extractor(config, device)
     reference = _reference(config, extractor) if dist.is_main else None
-    mine = list(range(dist.rank, config.eval_samples, dist.world_size))
-    options = SamplingOptions(num_steps=config.eval_sampling_steps, cfg_scale=config.eval_cfg_scale)
+    evaluation, seed = config.evaluation, config.optimisation.global_seed
+    mine = list(range(dist.rank, evaluation.eval_samples, dist.world_size))
+    options = SamplingOptions(num_steps=evaluation.eval_sampling_steps, cfg_scale=evaluation.eval_cfg_scale)
     outputs, image_size = [], None
-    for start in range(0, len(mine), config.eval_batch_size):
-        indices = mine[start : start + config.eval_batch_size]
-        labels = labels_for(indices, seed=config.global_seed, num_classes=config.num_classes)
-        images = generate(ema, data.decoder(), labels, options=options, process=config.process_spec(),
-                          seed=config.global_seed, indices=indices, device=device)
+    for start in range(0, len(mine), evaluation.eval_batch_size):
+        indices = mine[start : start + evaluation.eval_batch_size]
+        labels = labels_for(indices, seed=seed, num_classes=config.model.num_classes)
+        images = generate(ema, data.decoder(), labels, options=options, objective=objective,
+                          seed=seed, indices=indices, device=device)
         if images.shape[-1] == 1:  # gray pixel models: Inception takes RGB
             images = images.repeat(3, axis=-1)
         image_size = tuple(images.shape[1:3])

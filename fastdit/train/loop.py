@@ -28,13 +28,13 @@ from ..errors import UserError
 from ..host_memory import keep_freed_host_memory
 from ..io import NoSpaceError, atomic_write_text, check_can_create, ensure_writable_dir, remove_stale_temporaries
 from ..models import build_model
-from ..precision import autocast, precision_warning
+from ..precision import precision_warning
 from ..run_folder import exclusive_lock_for_all_ranks
 from .config import TrainConfig
 from .data_order import StepBatchSampler, steps_per_epoch
-from .ema import make_ema, update_ema
+from .ema import make_ema
 from .logger import RunLogger, peak_memory_gb
-from .setup import enable_tf32, make_grad_scaler, no_sync, prepare_model, shard_model
+from .setup import enable_tf32, make_grad_scaler, prepare_model, shard_model
 from .state import (
     Position,
     TrainingState,
@@ -46,12 +46,8 @@ from .state import (
     save_training_state,
     set_rng_state,
 )
-from .step_noise import draw_step
+from .step import NonFiniteLoss, StepSettings, train_step
 from .training_data import TrainingData, open_training_data
-
-
-class NonFiniteLoss(UserError):
-    pass
 
 
 @dataclass
@@ -66,7 +62,7 @@ class TrainResult:
 def train(config: TrainConfig) -> TrainResult:
     config.validate()
     keep_freed_host_memory()
-    dist = distributed.init_from_env(config.device)
+    dist = distributed.init_from_env(config.run.device)
     with contextlib.ExitStack() as run_lock:  # held from the first read of the run folder to the end
         result = _train(config, dist, run_lock)
     # On an error we leave without the closing barrier: the other processes may never reach it, and
@@ -100,27 +96,29 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     # Every check first: a bad command writes nothing, not even an empty run folder.
     _refuse_other_run(_stored_config(run_dir), config, run_dir)
     check_can_create(run_dir)
-    if config.global_batch_size % dist.world_size:
+    optim, run = config.optimisation, config.run
+    if optim.global_batch_size % dist.world_size:
         raise UserError(
-            f"global batch size {config.global_batch_size} is not divisible by the {dist.world_size} processes; "
+            f"global batch size {optim.global_batch_size} is not divisible by the {dist.world_size} processes; "
             f"use a multiple of {dist.world_size}"
         )
-    local_batch = config.global_batch_size // dist.world_size
-    micro_batch = config.micro_batch_size or local_batch
+    local_batch = optim.global_batch_size // dist.world_size
+    micro_batch = optim.micro_batch_size or local_batch
     if local_batch % micro_batch:
         raise UserError(f"--micro-batch-size {micro_batch} does not divide the per-process batch {local_batch}")
-    enable_tf32(device, config.tf32)
+    enable_tf32(device, run.tf32)
 
+    objective = config.build_objective()
     data: TrainingData = open_training_data(config, device)
-    per_epoch = steps_per_epoch(len(data.dataset), config.global_batch_size)
-    torch.manual_seed(config.global_seed)  # the same initial weights on every process
+    per_epoch = steps_per_epoch(len(data.dataset), optim.global_batch_size)
+    torch.manual_seed(optim.global_seed)  # the same initial weights on every process
     model = build_model(
-        config.model, input_size=data.latent_shape[1], in_channels=data.latent_shape[0], **config.model_options()
+        config.model.name, input_size=data.latent_shape[1], in_channels=data.latent_shape[0], **config.model.options()
     ).to(device)
     ema = make_ema(model)  # copied before any wrapping
     model_info = ModelInfo(config=model.config, latent=data.latent_info, class_names=data.class_names,
-                           process=config.process_spec())
-    state = build_training_state(config, dist, model, ema)
+                           objective=objective)
+    state = build_training_state(config, dist, model, ema, data)
 
     # One run per folder: a second `train` on it stops here with a message instead of interleaving its
     # metrics and checkpoints with ours. Taken after the checks, so a bad command creates no folder.
@@ -142,77 +140,79 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
         ensure_writable_dir(run_dir)
         atomic_write_text(config.to_json() + "\n", run_dir / "config.json")
     distributed.barrier()
-    log = RunLogger(run_dir, enabled=dist.is_main, tensorboard=config.tensorboard, wandb=config.wandb,
-                    config=config.to_dict(), start_step=position.step)
+    log = RunLogger(run_dir, enabled=dist.is_main, tensorboard=run.tensorboard, wandb=run.wandb,
+                    config=config.to_flat(), start_step=position.step)
     if checkpoints:
         log.info(f"resuming from {checkpoints[-1]} (step {position.step})")
-    warning = precision_warning(device, config.precision)
+    warning = precision_warning(device, run.precision)
     if warning:
         log.info(f"warning: {warning}")
 
     model.train()
-    process = config.process_spec().training_process(config.learn_sigma)
-    max_steps = config.max_steps or config.epochs * per_epoch
+    max_steps = optim.max_steps or optim.epochs * per_epoch
     num_params = sum(p.numel() for p in model.parameters())
     log.info(
-        f"{config.model} ({num_params:,} parameters) on {len(data.dataset):,} items of shape {tuple(data.latent_shape)}; "
-        f"{dist.world_size} process(es) on {device.type}{_parallelism(state)}, global batch {config.global_batch_size} "
-        f"(micro-batch {micro_batch}), {config.precision}, activation checkpointing {config.gradient_checkpointing}"
-        f"{', blocks compiled' if config.compile else ''}, steps {position.step} -> {max_steps}, run folder {run_dir}"
+        f"{config.model.name} ({num_params:,} parameters), objective {objective.name}, on {len(data.dataset):,} items "
+        f"of shape {tuple(data.latent_shape)}; {dist.world_size} process(es) on {device.type}{_parallelism(state)}, "
+        f"global batch {optim.global_batch_size} (micro-batch {micro_batch}), {run.precision}, activation "
+        f"checkpointing {run.gradient_checkpointing}{', blocks compiled' if run.compile else ''}, "
+        f"steps {position.step} -> {max_steps}, run folder {run_dir}"
     )
 
     last_saved, last_loss = None, None
-    running_loss, running_steps = torch.zeros((), dtype=torch.float64, device=device), 0
+    running, running_steps = None, 0  # the loss terms summed over the steps of the log window
     window_start = time.perf_counter()
     progress = _progress_bar(config, dist, position.step, max_steps)
     while position.step < max_steps:
         data.dataset.set_epoch(position.epoch)
-        sampler = StepBatchSampler(len(data.dataset), config.global_batch_size, dist.rank, dist.world_size,
-                                   config.global_seed, position.epoch, position.step_in_epoch)
+        sampler = StepBatchSampler(len(data.dataset), optim.global_batch_size, dist.rank, dist.world_size,
+                                   optim.global_seed, position.epoch, position.step_in_epoch)
         loader = torch.utils.data.DataLoader(
-            data.dataset, batch_sampler=sampler, num_workers=config.num_workers,
+            data.dataset, batch_sampler=sampler, num_workers=config.data.num_workers,
             pin_memory=device.type == "cuda", persistent_workers=False,
         )
-        for x, y in loader:
-            loss = train_step(config, data, process, state, x, y, dist, local_batch, micro_batch)
+        for batch in loader:
+            terms = train_step(state, batch, objective)
             position.step += 1
             position.step_in_epoch += 1
-            running_loss += loss
+            running = terms if running is None else {name: running[name] + value for name, value in terms.items()}
             running_steps += 1
             if progress is not None:
                 progress.update(1)
-            if position.step % config.log_every == 0 or position.step == max_steps:
-                last_loss = (running_loss / running_steps).item()
+            if position.step % run.log_every == 0 or position.step == max_steps:
+                means = {name: (value / running_steps).item() for name, value in running.items()}
+                last_loss = means["loss"]
                 elapsed = time.perf_counter() - window_start
                 values = {
-                    "loss": last_loss,
+                    **means,  # "loss" and the objective's other terms ("mse", "vb", ...)
                     "steps_per_sec": running_steps / elapsed,
-                    "images_per_sec": running_steps * config.global_batch_size / elapsed,
+                    "images_per_sec": running_steps * optim.global_batch_size / elapsed,
                     "peak_memory_gb": peak_memory_gb(device),
                     "lr": state.optimizer.param_groups[0]["lr"],
                     "epoch": position.epoch,
                 }
                 log.metrics(position.step, values)
+                terms_text = "".join(f" {name} {value:.4f}" for name, value in means.items() if name != "loss")
                 if progress is not None:
-                    progress.set_postfix(loss=f"{last_loss:.4f}")
+                    progress.set_postfix(loss=f"{last_loss:.4f}", **{name: f"{v:.4f}" for name, v in means.items() if name != "loss"})
                 else:
                     log.info(
-                        f"step {position.step:07d}  loss {last_loss:.4f}  {values['steps_per_sec']:.2f} steps/s  "
-                        f"{values['images_per_sec']:.1f} img/s  peak mem {values['peak_memory_gb']:.2f} GB"
+                        f"step {position.step:07d}  loss {last_loss:.4f}{' (' + terms_text.strip() + ')' if terms_text else ''}  "
+                        f"{values['steps_per_sec']:.2f} steps/s  {values['images_per_sec']:.1f} img/s  "
+                        f"peak mem {values['peak_memory_gb']:.2f} GB"
                     )
-                running_loss.zero_()
-                running_steps = 0
+                running, running_steps = None, 0
                 window_start = time.perf_counter()
-            if position.step % config.ckpt_every == 0 or position.step == max_steps:
+            if position.step % run.ckpt_every == 0 or position.step == max_steps:
                 if position.step_in_epoch == per_epoch:  # store a finished epoch as the next one's start
                     position = state.position = Position(position.step, position.epoch + 1, 0)
                 last_saved = _save(config, run_dir, dist, state, model_info, log)
-            if config.sample_every and position.step % config.sample_every == 0:
+            if run.sample_every and position.step % run.sample_every == 0:
                 ema = state.gathered_ema()  # every process: FSDP gathers the EMA to rank 0
                 if dist.is_main:
-                    _sample_grid(config, run_dir, ema, data, position.step, log)
-            if config.eval_every and position.step % config.eval_every == 0:
-                _evaluate(config, state.ema, data, position.step, dist, log)
+                    _sample_grid(config, objective, run_dir, ema, data, position.step, log)
+            if config.evaluation.eval_every and position.step % config.evaluation.eval_every == 0:
+                _evaluate(config, objective, state.ema, data, position.step, dist, log)
             if position.step >= max_steps:
                 break
         if position.step_in_epoch >= per_epoch:
@@ -226,16 +226,25 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     return TrainResult(run_dir=run_dir, checkpoint=checkpoint, export=export, step=position.step, last_loss=last_loss)
 
 
-def build_training_state(config: TrainConfig, dist: distributed.DistInfo, model, ema) -> TrainingState:
+def build_training_state(config: TrainConfig, dist: distributed.DistInfo, model, ema, data: TrainingData) -> TrainingState:
     """Wrap the model (checkpointing, compile, DDP or FSDP), shard the EMA like it, then build the
     optimizer over the wrapped parameters: the order FSDP needs."""
-    fsdp = config.fsdp and dist.is_distributed
-    runnable = prepare_model(model, dist=dist, gradient_checkpointing=config.gradient_checkpointing,
-                             compile_model=config.compile, fsdp=fsdp, precision=config.precision)
+    run, optim = config.run, config.optimisation
+    fsdp = run.fsdp and dist.is_distributed
+    runnable = prepare_model(model, dist=dist, gradient_checkpointing=run.gradient_checkpointing,
+                             compile_model=run.compile, fsdp=fsdp, precision=run.precision)
     if fsdp:  # each process keeps the EMA of its own shard: the update needs no communication
         shard_model(ema, "fp32")
-    return TrainingState(model=model, runnable=runnable, ema=ema, optimizer=make_optimizer(model, config),
-                         scaler=make_grad_scaler(dist.device, config.precision))
+    local_batch = optim.global_batch_size // dist.world_size
+    settings = StepSettings(
+        seed=optim.global_seed, global_batch=optim.global_batch_size, local_batch=local_batch,
+        micro_batch=optim.micro_batch_size or local_batch, rank=dist.rank, device=dist.device,
+        input_shape=tuple(data.latent_shape), class_dropout_prob=config.model.class_dropout_prob,
+        precision=run.precision, lr=optim.lr, warmup_steps=optim.warmup_steps, grad_clip=optim.grad_clip,
+        ema_decay=optim.ema_decay, encode=data.latent_space.encode_moments if data.encode_on_the_fly else None,
+    )
+    return TrainingState(model=model, runnable=runnable, ema=ema, optimizer=make_optimizer(model, optim),
+                         scaler=make_grad_scaler(dist.device, run.precision), settings=settings)
 
 
 def _parallelism(state: TrainingState) -> str:
@@ -246,67 +255,13 @@ def _parallelism(state: TrainingState) -> str:
     return ""
 
 
-def train_step(config, data, process, state: TrainingState, x, y, dist, local_batch, micro_batch):
-    """One optimizer step at `state.position.step` (the caller advances the position)."""
-    device, step, optimizer, scaler = dist.device, state.position.step, state.optimizer, state.scaler
-    x = x.to(device, non_blocking=True)
-    y = y.to(device, non_blocking=True)
-    draws = draw_step(
-        config.global_seed, step,
-        global_batch=config.global_batch_size, rank=dist.rank, local_batch=local_batch,
-        shape=data.latent_shape, process=process,
-        dropout_prob=config.class_dropout_prob, with_latent_noise=data.encode_on_the_fly, device=device,
-    )
-    if data.encode_on_the_fly:
-        with torch.no_grad():
-            mean, std = data.latent_space.encode_moments(x)
-            x = mean + std * draws.latent_noise
-    _set_lr(optimizer, config, step)
-    optimizer.zero_grad(set_to_none=True)
-    num_micro = local_batch // micro_batch
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for k in range(num_micro):
-        part = slice(k * micro_batch, (k + 1) * micro_batch)
-        micro_draws = draws.micro(part.start, part.stop)
-        with no_sync(state.runnable, k < num_micro - 1), autocast(device, config.precision):
-            per_sample = process.loss(
-                state.runnable, x[part], {"y": y[part], "force_drop_ids": micro_draws.drop_labels},
-                t=micro_draws.t, noise=micro_draws.noise,
-            )
-            loss = per_sample.float().mean() / num_micro
-        scaler.scale(loss).backward()
-        total += loss.detach().double()
-    # One scalar all-reduce a step: every process sees the same global loss, so all stop together
-    # if it is not finite.
-    distributed.all_reduce_mean(total)
-    if not torch.isfinite(total):
-        raise NonFiniteLoss(
-            f"the loss became {total.item()} at step {step + 1}; stopping. The last good checkpoint is intact. "
-            f"Try a lower --lr, --grad-clip 1.0, --warmup-steps, or --precision bf16 instead of fp16"
-        )
-    if config.grad_clip is not None:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip)
-    scaler.step(optimizer)  # a disabled scaler (fp32, bf16) just steps
-    scaler.update()
-    update_ema(state.ema, state.model, config.ema_decay)
-    return total
-
-
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, optim) -> torch.optim.AdamW:
     # The fused kernel updates every tensor in one pass: the default per-tensor loop costs more
     # than a whole forward pass of small models on a CPU.
     return torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
-        lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay, fused=True,
+        lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay, fused=True,
     )
-
-
-def _set_lr(optimizer, config: TrainConfig, step: int) -> None:
-    # Linear warm-up to the base rate, then constant (DiT trains at a constant 1e-4).
-    scale = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
-    for group in optimizer.param_groups:
-        group["lr"] = config.lr * scale
 
 
 def _save(config, run_dir, dist, state: TrainingState, model_info, log):
@@ -315,7 +270,7 @@ def _save(config, run_dir, dist, state: TrainingState, model_info, log):
     if dist.is_main:
         try:
             path = save_training_state(run_dir, content, config=config.to_dict(), model_info=model_info,
-                                       keep_last=config.keep_last)
+                                       keep_last=config.run.keep_last)
         except (NoSpaceError, OSError) as err:
             previous = list_checkpoints(run_dir)
             kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
@@ -329,32 +284,33 @@ def _save(config, run_dir, dist, state: TrainingState, model_info, log):
     return path if path is not None else checkpoint_path(run_dir, position.step)
 
 
-def _sample_grid(config, run_dir, ema, data, step, log):
+def _sample_grid(config, objective, run_dir, ema, data, step, log):
     from ..image_grid import make_grid
     from ..io import atomic_save_png
     from ..sampling import SamplingOptions, generate
 
-    labels = [k % config.num_classes for k in range(min(config.num_classes, 10) * 4)]
-    guided = config.class_dropout_prob > 0
-    options = SamplingOptions(num_steps=config.sample_steps, cfg_scale=2.0 if guided else 1.0)
-    images = generate(ema, data.decoder(), labels, options=options, process=config.process_spec(),
-                      seed=config.global_seed, device=next(ema.parameters()).device)
-    grid = make_grid(images, nrow=min(config.num_classes, 10))
+    num_classes = config.model.num_classes
+    labels = [k % num_classes for k in range(min(num_classes, 10) * 4)]
+    guided = config.model.class_dropout_prob > 0
+    options = SamplingOptions(num_steps=config.run.sample_steps, cfg_scale=2.0 if guided else 1.0)
+    images = generate(ema, data.decoder(), labels, options=options, objective=objective,
+                      seed=config.optimisation.global_seed, device=next(ema.parameters()).device)
+    grid = make_grid(images, nrow=min(num_classes, 10))
     atomic_save_png(grid, run_dir / "samples" / f"{step:07d}.png")
     log.image(step, "samples/ema", np.asarray(grid.convert("RGB")))
 
 
-def _evaluate(config, ema, data, step, dist, log):
+def _evaluate(config, objective, ema, data, step, dist, log):
     from .evaluation import fid_of_model
 
-    metrics = fid_of_model(config, ema, data, dist)
+    metrics = fid_of_model(config, objective, ema, data, dist)
     if metrics is not None:
         log.metrics(step, {f"eval/{k}": v for k, v in metrics.items()})
         log.info(f"step {step:07d}  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
 
 def _progress_bar(config, dist, start, total):
-    if not (config.progress and dist.is_main):
+    if not (config.run.progress and dist.is_main):
         return None
     from tqdm.auto import tqdm
 

@@ -13,6 +13,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from ..checkpoint import TRAIN_FORMAT, ModelInfo, export_weights
 from ..errors import UserError
 from ..io import atomic_torch_save
 from ..models import DiT
+
+if TYPE_CHECKING:
+    from .step import StepSettings
 
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")
 
@@ -52,6 +56,7 @@ class TrainingState:
     optimizer: torch.optim.Optimizer  # built over `model`'s parameters after the wrapping
     scaler: torch.amp.GradScaler  # disabled unless fp16
     position: Position = field(default_factory=Position)
+    settings: StepSettings | None = None  # the run's fixed step settings (not saved: the config holds them)
 
     def state_dict(self) -> dict:
         """Full state dicts on the CPU, keyed by parameter name. Under FSDP every process must call this

@@ -1,7 +1,8 @@
 """The random draws of one training step: each process draws only its own samples, on its device.
 
-Global sample g of step s (g = rank · B_local + i) gets its timestep, diffusion noise, label-dropout
-decision and, when images are encoded on the fly, its posterior noise from a generator of its own,
+Global sample g of step s (g = rank · B_local + i) gets its objective's draws (`Objective.draw`: a
+timestep and the diffusion noise for DDPM, ...), its label-dropout decision and, when images are
+encoded on the fly, its posterior noise, in that order, from a generator of its own,
 seeded by (seed, s, g) (`fastdit.seeding`, stream TRAIN_STEP). What sample g receives thus depends on
 nothing but (seed, s, g): not on the process count, the rank, the global or local batch size, or the
 micro-batch split. A 1-process and an N-process run train on identical (x_t, t, y) and differ only by
@@ -27,26 +28,24 @@ from ..seeding import TRAIN_STEP, seeded_generator
 
 @dataclass
 class StepDraws:
-    t: torch.Tensor  # (B_local,) int64
-    noise: torch.Tensor  # (B_local, C, H, W)
+    objective: dict[str, torch.Tensor]  # the objective's draws, each (B_local, ...)
     drop_labels: torch.Tensor  # (B_local,) bool
     latent_noise: torch.Tensor | None  # (B_local, C, H, W) posterior sample for on-the-fly VAE encoding
 
     def micro(self, start: int, stop: int) -> "StepDraws":
         return StepDraws(
-            self.t[start:stop], self.noise[start:stop], self.drop_labels[start:stop],
+            {name: value[start:stop] for name, value in self.objective.items()}, self.drop_labels[start:stop],
             None if self.latent_noise is None else self.latent_noise[start:stop],
         )
 
 
-def _draw_sample(seed, step, index, shape, process, dropout_prob, with_latent_noise, device) -> StepDraws:
+def _draw_sample(seed, step, index, shape, objective, dropout_prob, with_latent_noise, device) -> StepDraws:
     """The draws of global sample `index`, each of batch size 1, in a fixed order from its own generator."""
     generator = seeded_generator(TRAIN_STEP, seed, step, index, device=device)
-    t = process.sample_times(1, device=device, generator=generator)  # int64 step (DDPM) or real t (flow)
-    noise = torch.randn((1, *shape), generator=generator, device=device)
+    drawn = objective.draw(shape, generator, device)
     drop = torch.rand(1, generator=generator, device=device) < dropout_prob
     latent_noise = torch.randn((1, *shape), generator=generator, device=device) if with_latent_noise else None
-    return StepDraws(t, noise, drop, latent_noise)
+    return StepDraws(drawn, drop, latent_noise)
 
 
 def draw_step(
@@ -57,7 +56,7 @@ def draw_step(
     rank: int,
     local_batch: int,
     shape: tuple[int, ...],
-    process,
+    objective,
     dropout_prob: float,
     with_latent_noise: bool,
     device: torch.device,
@@ -67,12 +66,11 @@ def draw_step(
     if first < 0 or first + local_batch > global_batch:  # a caller's bug, not a user's input
         raise ValueError(f"rank {rank} with {local_batch} samples each lies outside the global batch of {global_batch}")
     samples = [
-        _draw_sample(seed, step, index, shape, process, dropout_prob, with_latent_noise, device)
+        _draw_sample(seed, step, index, shape, objective, dropout_prob, with_latent_noise, device)
         for index in range(first, first + local_batch)
     ]
     return StepDraws(
-        torch.cat([s.t for s in samples]),
-        torch.cat([s.noise for s in samples]),
+        {name: torch.cat([s.objective[name] for s in samples]) for name in samples[0].objective},
         torch.cat([s.drop_labels for s in samples]),
         torch.cat([s.latent_noise for s in samples]) if with_latent_noise else None,
     )

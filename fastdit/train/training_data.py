@@ -35,37 +35,39 @@ class TrainingData:
 
 
 def open_training_data(config: TrainConfig, device: torch.device) -> TrainingData:
-    source = config.features_path or config.data_path
-    if config.features_path:
+    data_config, image_size, seed = config.data, config.model.image_size, config.optimisation.global_seed
+    source = data_config.source
+    if data_config.features_path:
         # Opened as a store whatever the folder holds, so that a wrong path is reported as a wrong store.
-        dataset = LatentStoreDataset(source, seed=config.global_seed, vae=config.vae, image_size=config.image_size)
+        dataset = LatentStoreDataset(source, seed=seed, vae=data_config.vae, image_size=image_size)
         meta = dataset.store.meta
         info = LatentInfo(kind="vae", vae=meta["vae"], scale_factor=float(meta.get("scale_factor", SD_VAE_SCALE)))
         data = TrainingData(dataset, tuple(dataset.store.latent_shape), info, list(dataset.class_names), device=device)
-    elif config.pixel_space:
-        dataset = open_dataset(source, image_size=config.image_size, seed=config.global_seed)
+    elif data_config.pixel_space:
+        dataset = open_dataset(source, image_size=image_size, seed=seed)
         shape = tuple(dataset.sample_shape)
         data = TrainingData(dataset, shape, LatentInfo(kind="pixels", vae=None, scale_factor=1.0),
                             list(dataset.class_names), device=device)
     else:
         if source == "digits":
             raise UserError("the digits are 8x8 pixels: train them in pixel space (--vae pixels)")
-        dataset = open_dataset(source, image_size=config.image_size, seed=config.global_seed)
-        vae_name = config.vae or "ema"
+        dataset = open_dataset(source, image_size=image_size, seed=seed)
+        vae_name = data_config.vae or "ema"
         latent_space = load_latent_space(vae_name, device=device)
-        size = latent_space.latent_size(config.image_size)
+        size = latent_space.latent_size(image_size)
         info = LatentInfo(kind="vae", vae=latent_space.name, scale_factor=latent_space.scale_factor)
         data = TrainingData(dataset, (latent_space.channels, size, size), info, list(dataset.class_names),
                             encode_on_the_fly=True, latent_space=latent_space, device=device)
-    if data.class_names is not None and len(data.class_names) > config.num_classes:
+    num_classes = config.model.num_classes
+    if data.class_names is not None and len(data.class_names) > num_classes:
         raise UserError(
-            f"the data has {len(data.class_names)} classes but --num-classes is {config.num_classes}; "
+            f"the data has {len(data.class_names)} classes but --num-classes is {num_classes}; "
             f"use --num-classes {len(data.class_names)}"
         )
-    expected = config.image_size // data.latent_info.downsample
+    expected = image_size // data.latent_info.downsample
     if data.latent_shape[1] != expected:
         raise UserError(
             f"the data's samples are {data.latent_shape[1]}x{data.latent_shape[2]} model inputs, but --image-size "
-            f"{config.image_size} needs {expected}x{expected}; pass the image size the data was made at"
+            f"{image_size} needs {expected}x{expected}; pass the image size the data was made at"
         )
     return data

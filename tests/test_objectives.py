@@ -1,5 +1,5 @@
-"""The process is a recorded choice: training writes it, loading reads it, sampling rebuilds it; a sampler
-that does not fit is refused; guidance intervals behave the same for both processes."""
+"""The objective is a recorded choice: training writes it, loading reads it, sampling rebuilds it; a sampler
+that does not fit is refused; guidance intervals behave the same for every objective."""
 
 import numpy as np
 import pytest
@@ -12,7 +12,7 @@ from fastdit.cli import main
 from fastdit.errors import UserError
 from fastdit.latents import PixelSpace
 from fastdit.models import build_model
-from fastdit.process import ProcessSpec
+from fastdit.objectives import build_objective, objective_from_dict
 from fastdit.sampling import SamplingOptions, generate
 from fastdit.train.loop import train
 from test_train import FLOW_FIELDS, tiny_config
@@ -33,11 +33,11 @@ def flow_export(tmp_path_factory):
 
 def test_training_records_the_process_and_the_blocks(flow_export):
     model, info = load_model(flow_export.export)
-    assert info.process == ProcessSpec("flow", "logit-normal")
+    assert info.objective == build_objective("flow", time_sampling="logit-normal")
     assert (model.config.norm, model.config.mlp, model.config.rope, model.config.qk_norm) == ("rmsnorm", "swiglu", True, True)
     # The full training checkpoint records the same, and so does the export's metadata itself.
     _, from_checkpoint = load_model(flow_export.checkpoint)
-    assert from_checkpoint.process == info.process
+    assert from_checkpoint.objective == info.objective
     with safe_open(str(flow_export.export), framework="pt") as handle:
         assert '"objective": "flow"' in handle.metadata()["model_info"]
 
@@ -60,9 +60,9 @@ def test_sampling_rebuilds_the_process_from_the_checkpoint(flow_export, tmp_path
 def test_every_flow_sampler_runs_from_a_checkpoint(flow_export, sampler):
     model, info = load_model(flow_export.export)
     options = SamplingOptions(sampler=sampler, num_steps=4, cfg_scale=2.0, time_shift=2.0)
-    images = generate(model, PixelSpace(1), [0, 5], options=options, process=info.process, seed=3)
+    images = generate(model, PixelSpace(1), [0, 5], options=options, objective=info.objective, seed=3)
     assert images.shape == (2, 8, 8, 1)
-    again = generate(model, PixelSpace(1), [0, 5], options=options, process=info.process, seed=3)
+    again = generate(model, PixelSpace(1), [0, 5], options=options, objective=info.objective, seed=3)
     assert np.array_equal(images, again)
 
 
@@ -78,12 +78,12 @@ def tiny_ddpm():
 def test_guidance_interval_full_is_plain_guidance_and_empty_is_none(objective, full, empty):
     # DDPM-5 visits timesteps 999, 749, 500, 250, 0 (none in [400, 410]); a flow ODE Euler grid of 5
     # points visits t = 0, .25, .5, .75 (none in [0.3, 0.31]).
-    model, process = tiny_ddpm(), ProcessSpec(objective)
+    model, trained_for = tiny_ddpm(), build_objective(objective)
     sampler = "ddpm" if objective == "ddpm" else "euler"
 
     def run(**options):
         options = SamplingOptions(sampler=sampler, num_steps=5, **options)
-        return generate(model, PixelSpace(3), [1, 4], options=options, process=process, seed=0)
+        return generate(model, PixelSpace(3), [1, 4], options=options, objective=trained_for, seed=0)
 
     guided, unguided = run(cfg_scale=3.0), run(cfg_scale=1.0)
     assert not np.array_equal(guided, unguided)
@@ -100,26 +100,34 @@ def test_outside_the_interval_the_model_runs_once_on_the_plain_batch():
 
     counting.config = model.config
     options = SamplingOptions(sampler="ddpm", num_steps=5, cfg_scale=3.0, guidance_interval=(600, 999))
-    generate(counting, PixelSpace(3), [1, 4], options=options, process=ProcessSpec("ddpm"), seed=0)
+    generate(counting, PixelSpace(3), [1, 4], options=options, objective=build_objective("ddpm"), seed=0)
     # Timesteps 999 and 749 are guided (a doubled batch of 4), 500, 250 and 0 are not (2 rows, one call).
     assert calls == [(4, 999), (4, 749), (2, 500), (2, 250), (2, 0)]
 
 
-def test_bad_process_settings_are_user_errors():
-    with pytest.raises(UserError, match="unknown objective 'score'; choose one of: ddpm, flow"):
-        ProcessSpec("score")
+def test_bad_objective_settings_are_user_errors():
+    with pytest.raises(UserError, match="unknown objective 'score'; choose one of: ddpm, flow, x-pred"):
+        build_objective("score")
     with pytest.raises(UserError, match="unknown time sampling 'beta'"):
-        ProcessSpec("flow", "beta")
+        build_objective("flow", time_sampling="beta")
+    with pytest.raises(UserError, match="--time-sampling applies to the flow and x-pred objective"):
+        build_objective("ddpm", time_sampling="logit-normal")
     with pytest.raises(UserError, match="sampler 'euler' does not fit this ddpm model"):
-        ProcessSpec("ddpm").check_sampler("euler")
+        SamplingOptions(sampler="euler").validate(build_objective("ddpm"))
     with pytest.raises(UserError, match="guidance interval .* is reversed"):
         from fastdit.sampling import ClassifierFreeGuidance
 
         ClassifierFreeGuidance(tiny_ddpm(), 2.0, 10, 3, interval=(5, 1))
 
 
-def test_checkpoints_from_before_the_process_was_recorded_are_ddpm():
-    assert ProcessSpec.from_dict(None) == ProcessSpec("ddpm")
+def test_checkpoints_from_before_the_objective_was_recorded_are_ddpm():
+    assert objective_from_dict(None) == build_objective("ddpm")
+    # What files recorded as their "process" before objectives were objects: the flow's settings at their
+    # defaults on a DDPM model too.
+    recorded = {"objective": "ddpm", "time_sampling": "uniform", "logit_normal_mean": 0.0, "logit_normal_std": 1.0}
+    assert objective_from_dict(recorded) == build_objective("ddpm")
+    flow = {"objective": "flow", "time_sampling": "logit-normal", "logit_normal_mean": 0.5, "logit_normal_std": 1.0}
+    assert objective_from_dict(flow) == build_objective("flow", time_sampling="logit-normal", logit_normal_mean=0.5)
 
 
 def test_official_sit_name_downloads_into_its_own_cache_and_loads_as_a_flow(tmp_path, monkeypatch):
@@ -153,11 +161,11 @@ def test_official_sit_name_downloads_into_its_own_cache_and_loads_as_a_flow(tmp_
         httpd.shutdown()
         httpd.server_close()
     assert (hub.cache_dir() / "sit" / "SiT-XL-2-256x256.pt").read_bytes() == payload
-    assert info.process.objective == "flow" and info.process.default_sampler == "sde-euler"
+    assert info.objective.name == "flow" and info.objective.default_sampler == "sde-euler"
     assert info.config.num_classes == 1000 and info.image_size == 256
 
 
-def test_official_names_know_their_process():
+def test_official_names_know_their_objective():
     assert hub.official_objective("SiT-XL/2") == "flow" and hub.official_objective("DiT-XL/2") == "ddpm"
     assert hub.official_url("SiT-XL-2-256x256.pt") == hub.OFFICIAL_SIT_URL
     assert hub.official_url("DiT-XL-2-512x512.pt").endswith("/DiT-XL-2-512x512.pt")

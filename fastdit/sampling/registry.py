@@ -1,0 +1,183 @@
+"""The sampler registry: each sampler is one function, registered with its name, the view of the model
+it needs and the options it takes.
+
+A sampler is `run(view, x, *, num_steps, noise_fn, progress, **options) -> x at data`, where `view` is
+a `ModelView` (the model as its objective presents it, with the labels and the time shift) and
+`num_steps` is the sampler's own count (model calls for DDPM and the grid samplers, grid points as SiT
+counts them for the flow ODE/SDE samplers). `needs` names the view ("velocity", "grid" or "gaussian",
+`fastdit.objectives.base`): an objective is offered every sampler whose view it provides. `options`
+are the `SamplingOptions` fields beyond the common ones that the sampler reads (DDIM's eta); any other
+set to a non-default value is an error naming the samplers that take it.
+
+To add a sampler: write the integrator as a plain function of (view's callable, x, grid, ...) and
+register a small adapter with `@register_sampler("name", needs=...)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import UserError
+from ..objectives import Objective, objective_names, objective_class, time_grid
+from .flow import SIT_LAST_STEP_SIZE, ode_dopri5, ode_euler, ode_heun, sde_euler, sde_heun
+from .samplers import ddim, ddpm_sample, dpm_solver_pp_2m
+
+# Options a sampler may take beyond the common ones, with the value that means "not set".
+SAMPLER_OPTIONS = {"eta": 0.0}
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str
+    needs: str  # the objective's view it consumes
+    run: Callable
+    options: tuple[str, ...]
+    summary: str
+
+
+SAMPLERS: dict[str, Sampler] = {}
+
+
+def register_sampler(name: str, *, needs: str, options: tuple[str, ...] = (), summary: str = ""):
+    """Decorator: register `run` as sampler `name` that consumes the `needs` view."""
+    unknown = set(options) - set(SAMPLER_OPTIONS)
+    if unknown:
+        raise ValueError(f"sampler {name!r} names unknown options {sorted(unknown)}; known: {sorted(SAMPLER_OPTIONS)}")
+
+    def register(run: Callable) -> Callable:
+        if name in SAMPLERS:
+            raise ValueError(f"a sampler named {name!r} is registered already")
+        SAMPLERS[name] = Sampler(name, needs, run, tuple(options), summary or (run.__doc__ or "").strip())
+        return run
+
+    return register
+
+
+def sampler_names() -> tuple[str, ...]:
+    return tuple(SAMPLERS)
+
+
+def samplers_for(objective: Objective | str) -> tuple[str, ...]:
+    """The samplers whose view the objective provides, in registration order."""
+    views = (objective_class(objective) if isinstance(objective, str) else objective).views
+    return tuple(name for name, sampler in SAMPLERS.items() if sampler.needs in views)
+
+
+def samplers_by_objective() -> dict[str, tuple[str, ...]]:
+    return {name: samplers_for(name) for name in objective_names()}
+
+
+def get_sampler(name: str, objective: Objective) -> Sampler:
+    """The sampler `name` for `objective`; an unknown name or one that does not fit is a UserError
+    naming the samplers that exist for it."""
+    fitting = samplers_for(objective)
+    if name not in SAMPLERS:
+        raise UserError(f"unknown sampler {name!r}; for this {objective.name} model use one of: {', '.join(fitting)}")
+    if name not in fitting:
+        raise UserError(f"sampler {name!r} does not fit this {objective.name} model; use one of: {', '.join(fitting)}")
+    return SAMPLERS[name]
+
+
+def check_sampler_options(sampler: Sampler, options: dict) -> None:
+    """An option set to anything but its 'not set' value must be one the sampler takes."""
+    for key, value in options.items():
+        if key not in SAMPLER_OPTIONS:
+            raise UserError(f"unknown sampler option {key!r}; known: {', '.join(SAMPLER_OPTIONS)}")
+        if key not in sampler.options and value != SAMPLER_OPTIONS[key]:
+            takers = [n for n, s in SAMPLERS.items() if key in s.options]
+            raise UserError(f"{key} is an option of the {' and '.join(takers)} sampler{'s' if len(takers) > 1 else ''} "
+                            f"only, not of {sampler.name!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# What samplers see of a model
+# ----------------------------------------------------------------------------------------------
+
+
+class ModelView:
+    """`model_fn(x, t, y)` (guided, in its precision) as `objective` presents it to samplers, for the
+    labels `y`; `time_shift` warps flow-time grids."""
+
+    def __init__(self, objective: Objective, model_fn: Callable, y: torch.Tensor, *, learn_sigma: bool,
+                 time_shift: float = 1.0):
+        self.objective, self.model_fn, self.y = objective, model_fn, y
+        self.learn_sigma, self.time_shift = learn_sigma, time_shift
+        self.cond = {"y": y}
+
+    @property
+    def velocity(self) -> Callable:
+        return self.objective.velocity(self.model_fn)
+
+    def times(self, num_points: int, end: float = 1.0) -> torch.Tensor:
+        """Flow times from 0 (noise) to `end`, shifted by the view's time shift."""
+        return time_grid(num_points, end=end, shift=self.time_shift, device=self.y.device)
+
+    def grid(self, num_calls: int):
+        return self.objective.grid(self.model_fn, self.y, num_calls, learn_sigma=self.learn_sigma,
+                                   time_shift=self.time_shift)
+
+    def gaussian(self, num_steps: int):
+        return self.objective.gaussian(num_steps, learn_sigma=self.learn_sigma)
+
+
+# ----------------------------------------------------------------------------------------------
+# The built-in samplers
+# ----------------------------------------------------------------------------------------------
+
+
+@register_sampler("ddpm", needs="gaussian")
+def _ddpm(view, x, *, num_steps, noise_fn, progress):
+    """ancestral sampling with the learned variances (IDDPM; DiT's default), num_steps respaced steps"""
+    return ddpm_sample(view.gaussian(num_steps), view.model_fn, x, view.y, noise_fn=noise_fn, progress=progress)
+
+
+@register_sampler("sde-euler", needs="velocity")
+def _sde_euler(view, x, *, num_steps, noise_fn, progress):
+    """SiT's SDE, Euler–Maruyama (SiT's default), num_steps grid points"""
+    return sde_euler(view.velocity, x, view.times(num_steps, end=1 - SIT_LAST_STEP_SIZE), noise_fn=noise_fn,
+                     cond=view.cond, progress=progress)
+
+
+@register_sampler("sde-heun", needs="velocity")
+def _sde_heun(view, x, *, num_steps, noise_fn, progress):
+    """SiT's SDE, stochastic Heun, num_steps grid points"""
+    return sde_heun(view.velocity, x, view.times(num_steps, end=1 - SIT_LAST_STEP_SIZE), noise_fn=noise_fn,
+                    cond=view.cond, progress=progress)
+
+
+@register_sampler("euler", needs="velocity")
+def _euler(view, x, *, num_steps, noise_fn, progress):
+    """the probability-flow ODE, Euler, num_steps grid points"""
+    return ode_euler(view.velocity, x, view.times(num_steps), cond=view.cond, progress=progress)
+
+
+@register_sampler("heun", needs="velocity")
+def _heun(view, x, *, num_steps, noise_fn, progress):
+    """the probability-flow ODE, Heun (2 calls a step), num_steps grid points"""
+    return ode_heun(view.velocity, x, view.times(num_steps), cond=view.cond, progress=progress)
+
+
+@register_sampler("dopri5", needs="velocity")
+def _dopri5(view, x, *, num_steps, noise_fn, progress):
+    """the probability-flow ODE, adaptive Dormand–Prince (SiT's ODE default); num_steps report points"""
+    return ode_dopri5(view.velocity, x, view.times(num_steps), cond=view.cond)
+
+
+@register_sampler("ddim", needs="grid", options=("eta",))
+def _ddim(view, x, *, num_steps, noise_fn, progress, eta):
+    """DDIM on the objective's (α, σ) grid, num_steps model calls; eta 0 is deterministic"""
+    if eta == 0 and "velocity" in view.objective.views:
+        # On the linear flow path DDIM(η = 0) IS Euler's method: with α = t, σ = 1 − t, x̂1 = x + (1 − t) v
+        # and ε̂ = x − t v, the DDIM update t' x̂1 + (1 − t') ε̂ equals x + (t' − t) v. One implementation
+        # serves both: Euler on the grid of num_steps + 1 points (num_steps model calls, as DDIM counts).
+        return ode_euler(view.velocity, x, view.times(num_steps + 1), cond=view.cond, progress=progress)
+    return ddim(view.grid(num_steps), x, eta=eta, noise_fn=noise_fn, progress=progress)
+
+
+@register_sampler("dpm++2m", needs="grid")
+def _dpm_solver(view, x, *, num_steps, noise_fn, progress):
+    """DPM-Solver++(2M) on the objective's (α, σ) grid, num_steps model calls"""
+    return dpm_solver_pp_2m(view.grid(num_steps), x, progress=progress)

@@ -1,0 +1,105 @@
+"""One optimizer step: `train_step(state, batch, objective)`.
+
+The step knows nothing of the method it trains: the objective draws each sample's randomness
+(`Objective.draw`, seeded per global sample by `step_noise`) and returns its loss as named per-sample
+terms (`Objective.losses`); the step optimises "loss" and reports every term's batch mean, averaged
+over the processes, for the log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import distributed
+from ..errors import UserError
+from ..objectives import Objective
+from ..precision import autocast
+from .ema import update_ema
+from .setup import no_sync
+from .state import TrainingState
+from .step_noise import draw_step
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What a step needs beyond the state, the batch and the objective: fixed for the whole run."""
+
+    seed: int
+    global_batch: int
+    local_batch: int  # this process's share of the global batch
+    micro_batch: int  # per forward; gradient accumulation when smaller than local_batch
+    rank: int
+    device: torch.device
+    input_shape: tuple[int, ...]  # (C, H, W) of the model input
+    class_dropout_prob: float
+    precision: str
+    lr: float
+    warmup_steps: int
+    grad_clip: float | None
+    ema_decay: float
+    # images -> (mean, std) of the VAE posterior, when the data are images encoded during training
+    encode: Callable | None = None
+
+
+def train_step(state: TrainingState, batch, objective: Objective) -> dict[str, torch.Tensor]:
+    """One optimizer step at `state.position.step` (the caller advances the position) on `batch`
+    = (inputs, labels) of this process. Returns each loss term's mean over the global batch (float64
+    scalars, "loss" first), the same on every process."""
+    settings, step = state.settings, state.position.step
+    optimizer, scaler, device = state.optimizer, state.scaler, settings.device
+    x, y = (part.to(device, non_blocking=True) for part in batch)
+    draws = draw_step(
+        settings.seed, step,
+        global_batch=settings.global_batch, rank=settings.rank, local_batch=settings.local_batch,
+        shape=settings.input_shape, objective=objective, dropout_prob=settings.class_dropout_prob,
+        with_latent_noise=settings.encode is not None, device=device,
+    )
+    if settings.encode is not None:
+        with torch.no_grad():
+            mean, std = settings.encode(x)
+            x = mean + std * draws.latent_noise
+    _set_lr(optimizer, settings, step)
+    optimizer.zero_grad(set_to_none=True)
+    num_micro = settings.local_batch // settings.micro_batch
+    names, totals = None, None
+    for k in range(num_micro):
+        part = slice(k * settings.micro_batch, (k + 1) * settings.micro_batch)
+        micro = draws.micro(part.start, part.stop)
+        with no_sync(state.runnable, k < num_micro - 1), autocast(device, settings.precision):
+            terms = objective.losses(state.runnable, x[part], micro.objective,
+                                     {"y": y[part], "force_drop_ids": micro.drop_labels})
+            means = {name: value.float().mean() / num_micro for name, value in terms.items()}
+        scaler.scale(means["loss"]).backward()
+        if names is None:
+            names = ["loss", *sorted(name for name in means if name != "loss")]
+            totals = torch.zeros(len(names), dtype=torch.float64, device=device)
+        totals += torch.stack([means[name].detach() for name in names]).double()
+    # One all-reduce a step: every process sees the same global terms, so all stop together if the
+    # loss is not finite.
+    distributed.all_reduce_mean(totals)
+    if not torch.isfinite(totals[0]):
+        raise NonFiniteLoss(
+            f"the loss became {totals[0].item()} at step {step + 1}; stopping. The last good checkpoint is intact. "
+            f"Try a lower --lr, --grad-clip 1.0, --warmup-steps, or --precision bf16 instead of fp16"
+        )
+    if settings.grad_clip is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), settings.grad_clip)
+    scaler.step(optimizer)  # a disabled scaler (fp32, bf16) just steps
+    scaler.update()
+    update_ema(state.ema, state.model, settings.ema_decay)
+    return dict(zip(names, totals))
+
+
+def _set_lr(optimizer, settings: StepSettings, step: int) -> None:
+    # Linear warm-up to the base rate, then constant (DiT trains at a constant 1e-4).
+    scale = min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0
+    for group in optimizer.param_groups:
+        group["lr"] = settings.lr * scale
