@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 import fastdit.sample_ddp.labels as label_rule
-from fastdit.checkpoint import LatentInfo, ModelInfo, export_weights, load_model
+from fastdit.checkpoint import export_weights, load_model
+from fastdit.model_info import LatentInfo, ModelInfo
 from fastdit.cli import main
 from fastdit.latents import PixelSpace
 from fastdit.models import build_model
