@@ -60,3 +60,12 @@ def test_models_import_no_higher_layer(path, higher):
     assert MODEL_FILES, "no model files found: the package moved"
     bad = sorted(m for m in imported_modules(path) if offending(m, higher))
     assert not bad, f"{module_name(path)} imports {bad}: nothing under fastdit/models may depend on {higher}"
+
+
+def test_training_evaluation_samples_with_the_sampling_layer_not_sample_ddp():
+    # The FID of a training run and `fastdit sample-ddp` share one loop in fastdit.sampling.indexed;
+    # sample_ddp/ is a command's machinery (work folders, chunks, the .npz), not a library for train/.
+    path = PACKAGE / "train" / "evaluation.py"
+    imports = imported_modules(path)
+    assert not sorted(m for m in imports if offending(m, "fastdit.sample_ddp"))
+    assert "fastdit.sampling.indexed.sample_by_index" in imports

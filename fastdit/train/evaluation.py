@@ -1,7 +1,7 @@
 """FID (and the other ADM metrics) of the EMA model during training, with the evaluation code of
-`fastdit evaluate`: every process samples its share of `eval_samples` images (image i seeded by
-(seed, i) and labelled uniformly by (seed, i), as `fastdit sample-ddp`), runs Inception on them, and
-the main process merges everyone's features into the statistics."""
+`fastdit evaluate`: every process samples its share of `eval_samples` images with the loop of
+`fastdit sample-ddp` (`fastdit.sampling.indexed`: image i seeded and labelled uniformly by (seed, i)),
+runs Inception on them, and the main process merges everyone's features into the statistics."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch.distributed as torch_dist
 from .. import distributed
 from ..evaluate import InceptionFeatureExtractor, compare, statistics_for_path, statistics_from_features
 from ..evaluate.inception import InceptionOutputs
-from ..sample_ddp.labels import labels_for
-from ..sampling import SamplingOptions, generate
+from ..sampling import SamplingOptions
+from ..sampling.indexed import sample_by_index
 
 _REFERENCE_CACHE: dict = {}
 
@@ -42,13 +42,9 @@ def fid_of_model(config, ema, data, dist) -> dict[str, float] | None:
     mine = list(range(dist.rank, config.eval_samples, dist.world_size))
     options = SamplingOptions(num_steps=config.eval_sampling_steps, cfg_scale=config.eval_cfg_scale)
     outputs, image_size = [], None
-    for start in range(0, len(mine), config.eval_batch_size):
-        indices = mine[start : start + config.eval_batch_size]
-        labels = labels_for(indices, seed=config.global_seed, num_classes=config.num_classes)
-        images = generate(ema, data.decoder(), labels, options=options, process=config.process_spec(),
-                          seed=config.global_seed, indices=indices, device=device)
-        if images.shape[-1] == 1:  # gray pixel models: Inception takes RGB
-            images = images.repeat(3, axis=-1)
+    batches = sample_by_index(ema, data.decoder(), mine, seed=config.global_seed, batch_size=config.eval_batch_size,
+                              options=options, process=config.process_spec(), device=device)
+    for _, _, images in batches:
         image_size = tuple(images.shape[1:3])
         features = extractor(images)
         outputs.append(InceptionOutputs(pool=features.pool.cpu(), spatial=features.spatial.cpu(), logits=features.logits.cpu()))
