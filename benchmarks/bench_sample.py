@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from fastdit import distributed as dist  # noqa: E402
 from fastdit.cli.common import add_model_arguments, load_for_sampling  # noqa: E402
 from fastdit.errors import UserError  # noqa: E402
-from fastdit.sample_ddp import SampleJob, labels_for, sample_ddp  # noqa: E402
+from fastdit.sample_ddp import SampleJob, sample_ddp  # noqa: E402
 from fastdit.sampling import sampler_names  # noqa: E402
 from fastdit.sampling import SamplingOptions, generate  # noqa: E402
+from fastdit.sampling.indexed import labels_for  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from fastdit.checkpoint import LatentInfo
+from fastdit.model_info import LatentInfo
 from fastdit.distributed import DistInfo
 from fastdit.errors import UserError
 from fastdit.latents import VAELatentSpace, latent_side

@@ -8,10 +8,11 @@ sampling and built-in evaluation.
     diffusion = fastdit.create_diffusion("250")                   # DiT's process; FlowMatching() is SiT's
 """
 
-from .checkpoint import LatentInfo, ModelInfo, export_weights, load_model
+from .checkpoint import export_weights, load_model
 from .diffusion import FlowMatching, GaussianDiffusion, create_diffusion
 from .errors import DownloadError, UserError
 from .latents import PixelSpace, VAELatentSpace, load_latent_space
+from .model_info import LatentInfo, ModelInfo
 from .models import PRESETS, DiT, DiTConfig, build_model
 from .objectives import OBJECTIVES, Objective, build_objective, register_objective
 from .sampling import SAMPLERS, ClassifierFreeGuidance, SamplingOptions, generate, register_sampler

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,62 +25,16 @@ from .errors import UserError
 from . import hub
 from .hub import OFFICIAL_CHECKPOINTS, download, official_objective
 from .io import atomic_path
-from .latents import PIXEL_SPACE_NAMES, SD_VAE_SCALE, VAE_DOWNSAMPLE, latent_side
+from .latents import PIXEL_SPACE_NAMES, latent_side
 from .state_dicts import describe_mismatch
+from .model_info import LatentInfo, ModelInfo
 from .models import DiT, DiTConfig, config_from_name, preset_of
 from .models.presets import SIZES
-from .objectives import Objective, build_objective, objective_from_dict
+from .objectives import build_objective
 
 TRAIN_FORMAT = "fastdit.train"
 EXPORT_FORMAT = "fastdit.export"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-@dataclass
-class LatentInfo:
-    """Which space a model's inputs live in: "vae" (SD VAE latents, 8x down) or "pixels"."""
-
-    kind: str = "vae"
-    vae: str | None = "mse"
-    scale_factor: float = SD_VAE_SCALE
-
-    @property
-    def downsample(self) -> int:
-        return VAE_DOWNSAMPLE if self.kind == "vae" else 1
-
-
-@dataclass
-class ModelInfo:
-    config: DiTConfig
-    latent: LatentInfo = field(default_factory=LatentInfo)
-    source: str = ""
-    class_names: list[str] | None = None
-    # What the weights were trained for; files from before it was recorded hold DDPM (IDDPM ε) models.
-    objective: Objective = field(default_factory=lambda: build_objective("ddpm"))
-
-    @property
-    def image_size(self) -> int:
-        return self.config.input_size * self.latent.downsample
-
-    def to_dict(self) -> dict:
-        return {
-            "model": asdict(self.config),
-            "latent": asdict(self.latent),
-            "class_names": self.class_names,
-            "preset": preset_of(self.config),
-            "objective": self.objective.to_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "") -> "ModelInfo":
-        return cls(
-            config=DiTConfig(**data["model"]),
-            latent=LatentInfo(**data.get("latent", {})),
-            source=source,
-            class_names=data.get("class_names"),
-            # Recorded as "process" before objectives were objects: the same fields.
-            objective=objective_from_dict(data.get("objective", data.get("process"))),
-        )
 
 
 # ----------------------------------------------------------------------------------------------

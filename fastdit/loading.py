@@ -16,7 +16,7 @@ from .sampling import SamplingOptions
 
 class LoadedModel(NamedTuple):
     model: torch.nn.Module
-    info: object  # checkpoint.ModelInfo: config, latent space, objective
+    info: object  # model_info.ModelInfo: config, latent space, objective
     latent_space: object  # decodes latents to pixels (latents.LatentSpace or PixelSpace)
     device: torch.device
 

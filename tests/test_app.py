@@ -14,7 +14,8 @@ from PIL import Image
 from fastdit.app.classes import class_choices, imagenet_class_names, label_of
 from fastdit.app.models import DIGITS, LOCAL, OFFICIAL, ModelSource, model_source
 from fastdit.app.request import ModelCache, SampleRequest, generate_grid, parse_interval
-from fastdit.checkpoint import LatentInfo, ModelInfo, export_weights
+from fastdit.checkpoint import export_weights
+from fastdit.model_info import LatentInfo, ModelInfo
 from fastdit.cli import main
 from fastdit.errors import UserError
 from fastdit.loading import LoadedModel, load_for_sampling

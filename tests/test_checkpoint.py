@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastdit.checkpoint import TRAIN_FORMAT, LatentInfo, ModelInfo, export_weights, load_model, read_checkpoint
+from fastdit.checkpoint import TRAIN_FORMAT, export_weights, load_model, read_checkpoint
+from fastdit.model_info import LatentInfo, ModelInfo
 from fastdit.errors import UserError
 from fastdit.models import build_model
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fastdit.checkpoint import LatentInfo, ModelInfo, export_weights
+from fastdit.checkpoint import export_weights
+from fastdit.model_info import LatentInfo, ModelInfo
 from fastdit.cli import main
 from fastdit.latents import tiny_vae_config
 from fastdit.models import build_model

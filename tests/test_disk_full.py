@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import make_image_folder
-from fastdit.checkpoint import LatentInfo, ModelInfo, export_weights
+from fastdit.checkpoint import export_weights
+from fastdit.model_info import LatentInfo, ModelInfo
 from fastdit.cli import main
 from fastdit.io import is_temporary
 from fastdit.models import build_model

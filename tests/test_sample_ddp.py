@@ -16,14 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-import fastdit.sample_ddp.labels as label_rule
-from fastdit.checkpoint import LatentInfo, ModelInfo, export_weights, load_model
+import fastdit.sampling.indexed as label_rule
+from fastdit.checkpoint import export_weights, load_model
+from fastdit.model_info import LatentInfo, ModelInfo
 from fastdit.cli import main
 from fastdit.latents import PixelSpace
 from fastdit.models import build_model
 from fastdit.run_folder import exclusive_lock
-from fastdit.sample_ddp import labels_for, write_adm_npz
+from fastdit.sample_ddp import write_adm_npz
 from fastdit.sampling import SamplingOptions, generate
+from fastdit.sampling.indexed import labels_for
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_IMAGES, NUM_CLASSES = 10, 4
@@ -72,7 +74,7 @@ def test_labels_depend_only_on_seed_and_index():
 
 
 def test_labels_follow_the_documented_rule():
-    """The rule is part of the output format: recomputed here from the labels module's docstring
+    """The rule is part of the output format: recomputed here from the docstring of `fastdit.sampling.indexed`
     (numpy's SeedSequence over crc32 of the stream name, seed and index; Lemire's multiply-shift), and pinned."""
     def documented(seed, index, classes):
         h = int(np.random.SeedSequence([zlib.crc32(b"image-label"), seed, index]).generate_state(1, np.uint64)[0])

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from fastdit.checkpoint import LatentInfo, ModelInfo, export_weights
+from fastdit.checkpoint import export_weights
+from fastdit.model_info import LatentInfo, ModelInfo
 from fastdit.cli import main
 from fastdit.compile import compile_blocks
 from fastdit.errors import UserError

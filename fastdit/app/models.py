@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..demo.run import TRAIN_RUN, DemoConfig
 from ..errors import UserError
 from ..hub import OFFICIAL_CHECKPOINTS, official_objective
+from ..train.state import checkpoint_dir
 
 DIGITS = "digits demo (offline)"
 LOCAL = "local checkpoint"
-# Where `make demo` (demo-out) and a bare `fastdit demo` (fastdit-demo, DemoConfig.out) write their run.
-DEMO_FOLDERS = ("demo-out", "fastdit-demo")
+# Where `make demo` (the Makefile's DEMO_OUT) and a bare `fastdit demo` (DemoConfig.out) write their run.
+DEMO_FOLDERS = ("demo-out", DemoConfig.out)
 
 
 def official_choice(model_name: str, image_size: int) -> str:
@@ -26,7 +28,7 @@ def find_demo_checkpoint(folders) -> Path | None:
     """The newest EMA weights a digits demo wrote (DIR/train/checkpoints/NNNNNNN-ema.safetensors) in the
     first of `folders` that has one; None if none has."""
     for folder in folders:
-        found = sorted(Path(folder).glob("train/checkpoints/*-ema.safetensors"))
+        found = sorted(checkpoint_dir(Path(folder) / TRAIN_RUN).glob("*-ema.safetensors"))
         if found:
             return found[-1]
     return None

@@ -11,17 +11,23 @@ from pathlib import Path
 import gradio as gr
 import torch
 
+from ..demo.run import TRAIN_RUN, DemoConfig
 from ..errors import UserError
 from ..sampling import OFFICIAL_CFG_SCALE, OFFICIAL_NUM_STEPS, samplers_for
+from ..train.state import checkpoint_path, export_path
 from .classes import class_choices, label_of
-from .models import DIGITS, LOCAL, MODEL_CHOICES, model_source
+from .models import DEMO_FOLDERS, DIGITS, LOCAL, MODEL_CHOICES, model_source
 from .request import ModelCache, SampleRequest, generate_grid, parse_interval
 
 log = logging.getLogger(__name__)
 DEFAULT_SAMPLER = "model default"
-# Defaults per model: the digits demo samples as `fastdit demo` does (DemoConfig: Heun, 9 steps, cfg 3);
+# Defaults per model: the digits demo samples as `fastdit demo` does (read from its recipe, DemoConfig);
 # the ImageNet models as `fastdit sample` does (250 steps, cfg 4).
-DIGITS_DEFAULTS = dict(sampler="heun", steps=9, cfg=3.0)
+DIGITS_RECIPE = DemoConfig()
+DIGITS_SAMPLER, DIGITS_STEPS = DIGITS_RECIPE.sampling()
+DIGITS_DEFAULTS = dict(sampler=DIGITS_SAMPLER, steps=DIGITS_STEPS, cfg=DIGITS_RECIPE.cfg_scale)
+# What `make demo` leaves after its last training step: the example in the checkpoint box.
+DIGITS_EXAMPLE = export_path(checkpoint_path(Path(DEMO_FOLDERS[0]) / TRAIN_RUN, DIGITS_RECIPE.steps))
 IMAGENET_DEFAULTS = dict(sampler=DEFAULT_SAMPLER, steps=OFFICIAL_NUM_STEPS, cfg=OFFICIAL_CFG_SCALE)
 # An 8x8 digit would be a speck: the grid fills its box, enlarged without smoothing.
 PAGE_CSS = "#grid img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
@@ -51,7 +57,9 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None) 
             else:
                 info = cache.get(source, device).info
                 names, samplers = class_choices(info.config.num_classes, info.class_names), samplers_for(info.objective)
-                defaults = DIGITS_DEFAULTS if choice == DIGITS and "heun" in samplers else IMAGENET_DEFAULTS
+                # A digits run of another objective (`fastdit demo --objective ddpm`) may not offer the
+                # recipe's sampler: it gets the general defaults.
+                defaults = DIGITS_DEFAULTS if choice == DIGITS and DIGITS_SAMPLER in samplers else IMAGENET_DEFAULTS
                 first = []
             status = f"Model: `{source.path or source.model_name}`"
         except Exception as err:  # noqa: BLE001 - every failure becomes a message in the page
@@ -82,7 +90,7 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None) 
             with gr.Column():
                 model = gr.Dropdown(MODEL_CHOICES, value=DIGITS, label="Model", elem_id="model")
                 path = gr.Textbox(label="Checkpoint path (local checkpoint; or a digits demo run elsewhere)",
-                                  placeholder="demo-out/train/checkpoints/0000500-ema.safetensors", elem_id="path")
+                                  placeholder=str(DIGITS_EXAMPLE), elem_id="path")
                 classes = gr.Dropdown([], multiselect=True, label="Classes (type to search)", elem_id="classes")
                 per_class = gr.Number(1, precision=0, minimum=1, label="Images per class", elem_id="per-class")
                 with gr.Row():

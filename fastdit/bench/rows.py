@@ -78,8 +78,8 @@ def _synchronize(device: torch.device) -> None:
 
 def make_train_step(row: Row, model_name: str, batch: int, latent: int, device: torch.device):
     """-> step(): one training step of `row` on a fixed random batch of latents."""
-    from ..checkpoint import LatentInfo
     from ..distributed import DistInfo
+    from ..model_info import LatentInfo
     from ..models import build_model
     from ..train.config import TrainConfig
     from ..train.ema import make_ema

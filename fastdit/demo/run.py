@@ -34,6 +34,7 @@ from .plots import read_loss_curve, save_class_grid, save_loss_plot
 
 NUM_CLASSES = 10
 GRID_COLUMNS = 20
+TRAIN_RUN = "train"  # the training's run folder inside --out (`fastdit app` looks for the weights there)
 # The sampler and steps each objective's recipe samples with, unless --sampler / --sampling-steps say otherwise.
 RECIPE_SAMPLING = {"flow": ("heun", 9), "x-pred": ("heun", 9), "ddpm": ("ddpm", 25)}  # samples shown per class in grid.png (all of them are in samples.npz)
 
@@ -114,7 +115,7 @@ def train_config(config: DemoConfig):
         model=config.model, image_size=8, num_classes=NUM_CLASSES, data_path="digits", vae="pixels",
         global_batch_size=config.batch_size, lr=config.lr, ema_decay=config.ema_decay, max_steps=config.steps,
         global_seed=config.seed, num_workers=0, device=config.device,
-        results_dir=str(config.out), run_name="train",
+        results_dir=str(config.out), run_name=TRAIN_RUN,
         log_every=max(1, min(10, config.steps // 20)), ckpt_every=config.steps, keep_last=1,
         tensorboard=False, progress=config.progress,
     )
@@ -247,14 +248,14 @@ def _refuse_a_folder_of_other_files(out: Path) -> None:
     """The demo writes grid.png, report.json, ... into --out: only a new or empty folder, or one of an
     earlier demo (its training's config.json is there), may take them. Our own leftovers do not count:
     the training's lock file and temporaries, or its folder holding only those (a demo stopped early)."""
-    if not out.is_dir() or (out / "train" / "config.json").is_file():
+    if not out.is_dir() or (out / TRAIN_RUN / "config.json").is_file():
         return
 
     def others(folder: Path) -> list[Path]:
         return [entry for entry in folder.iterdir() if entry.name != LOCK_NAME and not is_temporary(entry)]
 
     found = others(out)
-    if found == [out / "train"] and found[0].is_dir() and not others(found[0]):
+    if found == [out / TRAIN_RUN] and found[0].is_dir() and not others(found[0]):
         return
     if found:
         names = ", ".join(sorted(entry.name for entry in found)[:3]) + (", ..." if len(found) > 3 else "")
@@ -269,7 +270,7 @@ def _check_earlier_run(config: DemoConfig) -> None:
 
     from ..train.config import TrainConfig
 
-    stored_path = Path(config.out) / "train" / "config.json"
+    stored_path = Path(config.out) / TRAIN_RUN / "config.json"
     if not stored_path.is_file():
         return
     try:

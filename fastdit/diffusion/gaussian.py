@@ -163,19 +163,6 @@ class GaussianDiffusion:
         sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def ddim_sample(self, model, x, t, clip_denoised: bool = False, model_kwargs: dict | None = None, eta: float = 0.0, noise=None):
-        """One DDIM step (Song et al. 2021, eq. 12); eta = 0 is deterministic, eta = 1 is DDPM-like."""
-        out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
-        eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = self._extract(self.alphas_cumprod, t, x.shape, x.dtype)
-        alpha_bar_prev = self._extract(self.alphas_cumprod_prev, t, x.shape, x.dtype)
-        sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
-        if noise is None:
-            noise = torch.randn_like(x)
-        mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
-        nonzero = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        return {"sample": mean_pred + nonzero * sigma * noise, "pred_xstart": out["pred_xstart"]}
-
     # ------------------------------------------------------------------------------------------
     # training
     # ------------------------------------------------------------------------------------------

@@ -386,15 +386,16 @@ class DiT(nn.Module):
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
         """The official doubled-batch guidance call, kept for drop-in compatibility with DiT sampling
         code: the first half of `x` is run with `y`'s two halves (labels, then null labels) and only
-        the first three channels are guided. New code uses `fastdit.sampling.ClassifierFreeGuidance`."""
-        from ..sampling.guidance import guide
+        the first three channels are guided. New code uses `fastdit.sampling.ClassifierFreeGuidance`.
 
+        Written out here, as in the official models.py, rather than calling the sampling layer's
+        guidance: nothing under models/ depends on sampling."""
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half]), t, y)
-        cond, uncond = out.chunk(2)
-        guided_cond = guide(cond, uncond, cfg_scale, guided_channels=3)
-        guided_uncond = torch.cat([guided_cond[:, :3], uncond[:, 3:]], dim=1)
-        return torch.cat([guided_cond, guided_uncond])
+        eps, rest = out[:, :3], out[:, 3:]  # the official three guided channels; the rest pass through
+        cond_eps, uncond_eps = eps.chunk(2)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return torch.cat([torch.cat([half_eps, half_eps]), rest], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------

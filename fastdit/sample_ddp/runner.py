@@ -11,8 +11,8 @@ The steps, with the barriers that keep processes from racing on the work folder:
 
 What is reproducible:
 
-* the noise of image i (`fastdit.sampling.noise`) and its label (`labels.labels_for`) are a function
-  of (seed, i) only, on every machine;
+* the noise of image i and its label (`fastdit.sampling.indexed`, the loop the FID of a training run
+  samples with too) are a function of (seed, i) only, on every machine;
 * on one machine, the same --batch-size (per process) and --chunk-size give the same bytes whatever
   the number of processes: batches start at chunk boundaries, so every batch holds the same images;
 * another batch size may round differently in the last bits (a matrix product over 2 rows and over 4
@@ -36,9 +36,9 @@ import numpy as np
 from .. import distributed as dist
 from ..errors import UserError
 from ..io import ensure_writable_dir
-from ..sampling import SamplingOptions, check_labels, generate
+from ..sampling import SamplingOptions, check_labels
+from ..sampling.indexed import sample_by_index
 from . import workdir
-from .labels import labels_for
 from .npz import write_adm_npz
 
 
@@ -202,31 +202,24 @@ def _load_checked(job: SampleJob, load: Callable):
 
 
 def _image_shape(model_info) -> tuple[int, int, int]:
-    """The shape of one image in the chunks and the `.npz`: always RGB (see `_as_rgb`)."""
+    """The shape of one image in the chunks and the `.npz`: always RGB (`sampling.indexed.as_rgb`)."""
     return (model_info.image_size, model_info.image_size, 3)
-
-
-def _as_rgb(images: np.ndarray) -> np.ndarray:
-    """(N, H, W, 1 or 3) -> (N, H, W, 3): ADM's evaluator and Inception take RGB; gray is repeated."""
-    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
 def _sample_chunks(job, paths, chunks, model, model_info, latent_space, device, info) -> int:
     from tqdm import tqdm
 
-    num_classes = model_info.config.num_classes
     desc = "sample-ddp" if info.world_size == 1 else f"sample-ddp (rank 0 of {info.world_size})"
     bar = tqdm(total=sum(len(chunk) for chunk in chunks), unit="img", desc=desc, dynamic_ncols=True,
                disable=not (job.progress and info.is_main))
     for chunk in chunks:
         images, labels = [], []
         # Batches start at the chunk's first image, whatever the process count (see the module doc).
-        for first in range(chunk.start, chunk.stop, job.batch_size):
-            indices = range(first, min(first + job.batch_size, chunk.stop))
-            batch_labels = labels_for(indices, seed=job.seed, num_classes=num_classes, class_labels=job.class_labels)
-            batch = generate(model, latent_space, batch_labels, options=job.options, objective=model_info.objective,
-                             seed=job.seed, indices=indices, device=device, compile=job.compile)
-            images.append(_as_rgb(batch))
+        batches = sample_by_index(model, latent_space, range(chunk.start, chunk.stop), seed=job.seed,
+                                  batch_size=job.batch_size, options=job.options, objective=model_info.objective,
+                                  class_labels=job.class_labels, device=device, compile=job.compile)
+        for indices, batch_labels, batch in batches:
+            images.append(batch)
             labels.append(batch_labels)
             bar.update(len(indices))
         images, labels = np.concatenate(images), np.concatenate(labels)

@@ -1,7 +1,7 @@
 """FID (and the other ADM metrics) of the EMA model during training, with the evaluation code of
-`fastdit evaluate`: every process samples its share of `eval_samples` images (image i seeded by
-(seed, i) and labelled uniformly by (seed, i), as `fastdit sample-ddp`), runs Inception on them, and
-the main process merges everyone's features into the statistics."""
+`fastdit evaluate`: every process samples its share of `eval_samples` images with the loop of
+`fastdit sample-ddp` (`fastdit.sampling.indexed`: image i seeded and labelled uniformly by (seed, i)),
+runs Inception on them, and the main process merges everyone's features into the statistics."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch.distributed as torch_dist
 from .. import distributed
 from ..evaluate import InceptionFeatureExtractor, compare, statistics_for_path, statistics_from_features
 from ..evaluate.inception import InceptionOutputs
-from ..sample_ddp.labels import labels_for
-from ..sampling import SamplingOptions, generate
+from ..sampling import SamplingOptions
+from ..sampling.indexed import sample_by_index
 
 _REFERENCE_CACHE: dict = {}
 
@@ -43,13 +43,9 @@ def fid_of_model(config, objective, ema, data, dist) -> dict[str, float] | None:
     mine = list(range(dist.rank, evaluation.eval_samples, dist.world_size))
     options = SamplingOptions(num_steps=evaluation.eval_sampling_steps, cfg_scale=evaluation.eval_cfg_scale)
     outputs, image_size = [], None
-    for start in range(0, len(mine), evaluation.eval_batch_size):
-        indices = mine[start : start + evaluation.eval_batch_size]
-        labels = labels_for(indices, seed=seed, num_classes=config.model.num_classes)
-        images = generate(ema, data.decoder(), labels, options=options, objective=objective,
-                          seed=seed, indices=indices, device=device)
-        if images.shape[-1] == 1:  # gray pixel models: Inception takes RGB
-            images = images.repeat(3, axis=-1)
+    batches = sample_by_index(ema, data.decoder(), mine, seed=seed, batch_size=evaluation.eval_batch_size,
+                              options=options, objective=objective, device=device)
+    for _, _, images in batches:
         image_size = tuple(images.shape[1:3])
         features = extractor(images)
         outputs.append(InceptionOutputs(pool=features.pool.cpu(), spatial=features.spatial.cpu(), logits=features.logits.cpu()))

@@ -23,7 +23,8 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from .. import distributed
-from ..checkpoint import ModelInfo, export_weights
+from ..checkpoint import export_weights
+from ..model_info import ModelInfo
 from ..errors import UserError
 from ..host_memory import keep_freed_host_memory
 from ..io import NoSpaceError, atomic_write_text, check_can_create, ensure_writable_dir, remove_stale_temporaries

@@ -28,7 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from torch.distributed.fsdp import FSDPModule
 
-from ..checkpoint import TRAIN_FORMAT, ModelInfo, export_weights
+from ..checkpoint import TRAIN_FORMAT, export_weights
+from ..model_info import ModelInfo
 from ..errors import UserError
 from ..io import atomic_torch_save
 from ..models import DiT

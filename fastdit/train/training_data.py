@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint import LatentInfo
+from ..model_info import LatentInfo
 from ..data import LatentStoreDataset, open_dataset
 from ..errors import UserError
 from ..latents import SD_VAE_SCALE, PixelSpace, load_latent_space

@@ -1,0 +1,71 @@
+"""The package's layering, read from the source: data flows cli → (models, sampling, ...) → checkpoint,
+and a lower layer never imports a higher one. Imports are parsed (ast), not executed, so an import
+hidden inside a function counts as much as one at the top of a file."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "fastdit"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path) -> set[str]:
+    return imports_of(path.read_text(), module_name(path), is_package=path.name == "__init__.py")
+
+
+def imports_of(source: str, module: str, is_package: bool = False) -> set[str]:
+    """Every absolute module name `source` imports; `from .x import y` also yields `x.y`, since y may be a module."""
+    package = module.split(".") if is_package else module.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = ".".join(package[: len(package) - (node.level - 1)] + ([node.module] if node.module else []))
+            else:
+                base = node.module
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def offending(module: str, forbidden: str) -> bool:
+    return module == forbidden or module.startswith(forbidden + ".")
+
+
+def test_import_resolution_reads_relative_and_nested_imports():
+    # The checks below are only as good as this resolution: the import models/dit.py once hid inside
+    # forward_with_cfg, and the other spellings of the same dependency, must all be caught.
+    nested = "def f():\n    from ..sampling.guidance import guide\n"
+    assert "fastdit.sampling.guidance" in imports_of(nested, "fastdit.models.dit")
+    assert "fastdit.sampling" in imports_of("from .. import sampling", "fastdit.models.dit")
+    assert "fastdit.sampling" in imports_of("from ... import sampling", "fastdit.models.sub", is_package=True)
+    assert "fastdit.sampling.generate" in imports_of("import fastdit.sampling.generate", "fastdit.models.dit")
+    assert imported_modules(PACKAGE / "models" / "__init__.py") >= {"fastdit.models.dit", "fastdit.models.presets"}
+
+
+MODEL_FILES = sorted((PACKAGE / "models").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODEL_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("higher", ["fastdit.sampling", "fastdit.train", "fastdit.cli"])
+def test_models_import_no_higher_layer(path, higher):
+    assert MODEL_FILES, "no model files found: the package moved"
+    bad = sorted(m for m in imported_modules(path) if offending(m, higher))
+    assert not bad, f"{module_name(path)} imports {bad}: nothing under fastdit/models may depend on {higher}"
+
+
+def test_training_evaluation_samples_with_the_sampling_layer_not_sample_ddp():
+    # The FID of a training run and `fastdit sample-ddp` share one loop in fastdit.sampling.indexed;
+    # sample_ddp/ is a command's machinery (work folders, chunks, the .npz), not a library for train/.
+    path = PACKAGE / "train" / "evaluation.py"
+    imports = imported_modules(path)
+    assert not sorted(m for m in imports if offending(m, "fastdit.sample_ddp"))
+    assert "fastdit.sampling.indexed.sample_by_index" in imports
