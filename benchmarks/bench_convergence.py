@@ -1,6 +1,6 @@
 """How fast each training recipe gets the digits demo to good samples, on one machine in one run.
 
-    python benchmarks/bench_convergence.py                       # the four recipes, steps 250..1000
+    python benchmarks/bench_convergence.py                       # every recipe, steps 250..1000
     python benchmarks/bench_convergence.py --recipes dit flow-blocks --steps 400 800
 
 Every recipe trains the demo's model (DiT-T/2 on the 1,438 training digits, batch 128, lr 1e-3, EMA
@@ -39,13 +39,17 @@ from fastdit.latents import PixelSpace  # noqa: E402
 from fastdit.sampling import SamplingOptions, generate, to_uint8  # noqa: E402
 from fastdit.train.loop import train  # noqa: E402
 
-# name -> (objective, time sampling, LightningDiT blocks, sampler, sampling steps). DiT samples as the
-# demo did (DDPM-25); the flow recipes with ODE Heun at 16 model calls (num_steps counts grid points).
+# name -> (objective, time sampling, LightningDiT blocks, sampler, sampling steps, other objective
+# settings). DiT samples as the demo did (DDPM-25); the flow-path recipes (flow, x-pred) with ODE Heun at
+# 16 model calls (num_steps counts grid points). "x-pred-blocks" differs from "flow-blocks" only in what
+# the network predicts; "x-pred-jit" uses JiT's time sampling (logit-normal, mean -0.8, std 0.8).
 RECIPES = {
-    "dit": ("ddpm", "uniform", False, "ddpm", 25),
-    "flow": ("flow", "uniform", False, "heun", 9),
-    "flow-logitnormal": ("flow", "logit-normal", False, "heun", 9),
-    "flow-blocks": ("flow", "logit-normal", True, "heun", 9),
+    "dit": ("ddpm", "uniform", False, "ddpm", 25, {}),
+    "flow": ("flow", "uniform", False, "heun", 9, {}),
+    "flow-logitnormal": ("flow", "logit-normal", False, "heun", 9, {}),
+    "flow-blocks": ("flow", "logit-normal", True, "heun", 9, {}),
+    "x-pred-blocks": ("x-pred", "logit-normal", True, "heun", 9, {}),
+    "x-pred-jit": ("x-pred", "logit-normal", True, "heun", 9, {"logit_normal_mean": -0.8, "logit_normal_std": 0.8}),
 }
 # NFE rows: sampler -> grid points for a number of model calls (Euler: one call per step; Heun: two).
 NFE_GRIDS = {"euler": lambda calls: calls + 1, "heun": lambda calls: calls // 2 + 1}
@@ -109,17 +113,21 @@ def main(argv=None) -> int:
 
     rows, nfe_rows = [], []
     for name in args.recipes:
-        objective, time_sampling, blocks, sampler, num_steps = RECIPES[name]
+        objective, time_sampling, blocks, sampler, num_steps, settings = RECIPES[name]
         config = DemoConfig(out=str(work / name), objective=objective, time_sampling=time_sampling, blocks=blocks,
                             progress=False)
         elapsed = 0.0
         for steps in sorted(args.steps):
             start = time.perf_counter()
-            result = train(replace(train_config(replace(config, steps=steps)), log_every=max(steps, 1)))
+            run = train_config(replace(config, steps=steps))
+            run.run.log_every = max(steps, 1)
+            for key, value in settings.items():
+                setattr(run.objective, key, value)
+            result = train(run)
             elapsed += time.perf_counter() - start
             model, info = load_model(result.export)
             rows.append(score(name, steps, elapsed, model, info, sampler, num_steps))
-        if objective == "flow":
+        if objective != "ddpm":
             for calls in args.nfe:
                 for nfe_sampler, points in NFE_GRIDS.items():
                     nfe_rows.append(score(name, steps, elapsed, model, info, nfe_sampler, points(calls)))

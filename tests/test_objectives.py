@@ -169,3 +169,137 @@ def test_official_names_know_their_objective():
     assert hub.official_objective("SiT-XL/2") == "flow" and hub.official_objective("DiT-XL/2") == "ddpm"
     assert hub.official_url("SiT-XL-2-256x256.pt") == hub.OFFICIAL_SIT_URL
     assert hub.official_url("DiT-XL-2-512x512.pt").endswith("/DiT-XL-2-512x512.pt")
+
+
+# ----------------------------------------------------------------------------------------------
+# x-prediction (JiT): the derived velocity and the loss against float64
+# ----------------------------------------------------------------------------------------------
+
+
+def test_x_prediction_loss_and_velocity_match_a_direct_float64_computation():
+    from fastdit.objectives import OBJECTIVES
+
+    objective = build_objective("x-pred")
+    generator = torch.Generator().manual_seed(0)
+    x1 = torch.randn(4, 3, 4, 4, generator=generator)
+    noise = torch.randn(4, 3, 4, 4, generator=generator)
+    # 0.99 and 1.0 lie past 1 − t_eps = 0.95: there the gap is clipped to t_eps, as JiT does.
+    t = torch.tensor([0.0, 0.3, 0.99, 1.0])
+    # A fixed "network": the clean-image guess plus 3 variance channels that must be ignored.
+    output = torch.randn(4, 6, 4, 4, generator=generator)
+
+    def network(x_t, time, y):
+        return output.to(x_t.dtype)
+
+    loss = objective.losses(network, x1, {"t": t, "noise": noise}, {"y": None})["loss"]
+    x1_, noise_, t_, out_ = x1.double(), noise.double(), t.double(), output.double()[:, :3]
+    x_t = t_.view(-1, 1, 1, 1) * x1_ + (1 - t_.view(-1, 1, 1, 1)) * noise_
+    gap = torch.clamp(1 - t_, min=0.05).view(-1, 1, 1, 1)
+    velocity = (out_ - x_t) / gap
+    expected = ((velocity - (x1_ - noise_)) ** 2).mean(dim=(1, 2, 3))
+    # float32 rounds x_t and the difference x̂1 − x_t by about 3u of their size (u = 2^-24 ≈ 6e-8, sizes
+    # ≤ 5 here), and dividing by the gap (≥ 0.05) scales that by ≤ 20: per element ≤ 3u·5·20 ≈ 2e-5 of
+    # error against velocity differences of size ~10, so the mean square moves by ≤ 2·2e-5/10 ≈ 4e-6
+    # relative. rtol 2e-5 keeps a factor 5 above that; a wrong clip (0.01 instead of 0.05) or a loss on
+    # x̂1 instead of the velocity changes the result by far more.
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-5, atol=0)
+    # The view samplers integrate is the same derived velocity.
+    view = objective.velocity(network)(x_t.float(), t, None)
+    torch.testing.assert_close(view.double(), velocity, rtol=2e-5, atol=2e-5 * velocity.abs().max().item())
+    assert "x-pred" in OBJECTIVES and objective.default_sampler == "heun"
+
+
+def test_x_prediction_offers_every_flow_sampler_and_records_its_settings():
+    from fastdit.sampling import samplers_for
+
+    assert samplers_for("x-pred") == samplers_for("flow")
+    jit = build_objective("x-pred", time_sampling="logit-normal", logit_normal_mean=-0.8, logit_normal_std=0.8)
+    assert objective_from_dict(jit.to_dict()) == jit
+    assert jit.to_dict() == {"objective": "x-pred", "time_sampling": "logit-normal", "logit_normal_mean": -0.8,
+                             "logit_normal_std": 0.8, "x_pred_t_eps": 0.05}
+    with pytest.raises(UserError, match="--x-pred-t-eps must be in \\(0, 1\\], got 0"):
+        build_objective("x-pred", x_pred_t_eps=0.0)
+    with pytest.raises(UserError, match="--x-pred-t-eps applies to the x-pred objective"):
+        build_objective("flow", x_pred_t_eps=0.1)
+
+
+@pytest.fixture(scope="module")
+def x_pred_export(tmp_path_factory):
+    fields = dict(objective="x-pred", time_sampling="logit-normal", logit_normal_mean=-0.8, logit_normal_std=0.8)
+    return train(tiny_config(tmp_path_factory.mktemp("xpred"), max_steps=2, ckpt_every=2, **fields))
+
+
+@pytest.mark.parametrize("sampler", ["sde-euler", "sde-heun", "euler", "heun", "ddim", "dpm++2m"])
+def test_every_flow_sampler_samples_an_x_prediction_model(x_pred_export, sampler):
+    model, info = load_model(x_pred_export.export)
+    assert info.objective.name == "x-pred"
+    options = SamplingOptions(sampler=sampler, num_steps=4, cfg_scale=2.0, time_shift=2.0)
+    images = generate(model, PixelSpace(1), [0, 5], options=options, objective=info.objective, seed=3)
+    assert images.shape == (2, 8, 8, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler registry
+# ----------------------------------------------------------------------------------------------
+
+
+def test_ddim_without_noise_on_the_flow_path_is_euler():
+    # The registry runs DDIM(η = 0) of a flow-time objective as Euler's method (one implementation):
+    # DDIM with K model calls is Euler on the grid of K + 1 points.
+    from fastdit.sampling import ddim, flow_grid, ode_euler, time_grid
+
+    model, flow, labels = tiny_ddpm(), build_objective("flow"), torch.tensor([1, 4])
+
+    def run(sampler, num_steps):
+        options = SamplingOptions(sampler=sampler, num_steps=num_steps, cfg_scale=1.0)
+        return generate(model, PixelSpace(3), labels, options=options, objective=flow, seed=0)
+
+    assert np.array_equal(run("ddim", 8), run("euler", 9))
+    # The generic grid DDIM agrees: the same algebra, with float64 coefficients instead of float32 steps.
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    velocity = flow.velocity(model)
+    with torch.no_grad():
+        euler = ode_euler(velocity, noise, time_grid(9), cond={"y": labels})
+        grid = ddim(flow_grid(velocity, labels, time_grid(9)), noise)
+    # 8 steps, each rounding x + dt·v to ~2u of max|x| in float32 against float64 coefficients (u ≈ 6e-8),
+    # carried through a model whose Lipschitz constant is O(1): ≤ 8·2u·e ≈ 3e-6 of max|x|; 1e-5 keeps a margin.
+    torch.testing.assert_close(euler, grid, rtol=0, atol=1e-5 * grid.abs().max().item())
+
+
+def test_sampler_options_are_checked_by_the_registry():
+    with pytest.raises(UserError, match="eta is an option of the ddim sampler only, not of 'euler'"):
+        SamplingOptions(sampler="euler", eta=0.5).validate(build_objective("flow"))
+    with pytest.raises(UserError, match="unknown sampler 'rk45'; for this x-pred model use one of: sde-euler"):
+        SamplingOptions(sampler="rk45").validate(build_objective("x-pred"))
+
+
+def test_an_objective_registers_with_its_settings_and_gets_the_samplers_of_its_views():
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from fastdit.objectives import OBJECTIVES, register_objective, setting
+    from fastdit.objectives.flow import Flow
+    from fastdit.sampling import samplers_for
+
+    @dataclass
+    class Clipped(Flow):
+        name: ClassVar[str] = "clipped-flow"
+        velocity_clip: float = setting(10.0, "clip the velocity to this size")
+
+    try:
+        register_objective(Clipped)
+        assert samplers_for("clipped-flow") == samplers_for("flow")
+        assert build_objective("clipped-flow", velocity_clip=3.0).to_dict()["velocity_clip"] == 3.0
+        with pytest.raises(ValueError, match="registered already"):
+            register_objective(Clipped)
+    finally:
+        OBJECTIVES.pop("clipped-flow", None)
+
+    @dataclass
+    class Conflicting(Flow):
+        name: ClassVar[str] = "conflicting"
+        time_sampling: str = setting("logit-normal", "another default for a shared flag")
+
+    with pytest.raises(ValueError, match="differs from another objective's setting"):
+        register_objective(Conflicting)
+    assert "conflicting" not in OBJECTIVES

@@ -46,9 +46,15 @@ def assert_same_tensors(a: dict, b: dict):
 # The process is part of what resumes: flow matching (logit-normal times, block options on) too.
 FLOW = ["--objective", "flow", "--time-sampling", "logit-normal", "--rope", "--qk-norm", "--norm", "rmsnorm", "--mlp", "swiglu"]
 FLOW_FIELDS = dict(objective="flow", time_sampling="logit-normal", rope=True, qk_norm=True, norm="rmsnorm", mlp="swiglu")
+# x-prediction (JiT) with JiT's time sampling, on the official blocks.
+X_PRED = ["--objective", "x-pred", "--time-sampling", "logit-normal", "--logit-normal-mean", "-0.8",
+          "--logit-normal-std", "0.8"]
+X_PRED_FIELDS = dict(objective="x-pred", time_sampling="logit-normal", logit_normal_mean=-0.8, logit_normal_std=0.8)
+OBJECTIVE_RUNS = pytest.mark.parametrize("flags, fields", [([], {}), (FLOW, FLOW_FIELDS), (X_PRED, X_PRED_FIELDS)],
+                                         ids=["ddpm", "flow", "x-pred"])
 
 
-@pytest.mark.parametrize("flags, fields", [([], {}), (FLOW, FLOW_FIELDS)], ids=["ddpm", "flow"])
+@OBJECTIVE_RUNS
 def test_sigkill_and_rerun_gives_bit_identical_weights(tmp_path, flags, fields):
     reference = train(tiny_config(tmp_path / "reference", max_steps=8, ckpt_every=2, **fields))
     assert reference.step == 8
@@ -96,7 +102,9 @@ def test_run_folder_contents_and_export_loads_in_sample(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["0000004-ema.safetensors", "0000004.pt"]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
-    assert {"loss", "steps_per_sec", "images_per_sec", "peak_memory_gb"} <= metrics[0].keys()
+    # DDPM's loss terms are logged by name beside their sum: MSE(ε) and the VLB.
+    assert {"loss", "mse", "vb", "steps_per_sec", "images_per_sec", "peak_memory_gb"} <= metrics[0].keys()
+    assert metrics[0]["loss"] == pytest.approx(metrics[0]["mse"] + metrics[0]["vb"], rel=1e-6)
     assert list((run / "tensorboard").iterdir())
     assert (run / "samples" / "0000004.png").is_file()
     model, info = load_model(result.export)

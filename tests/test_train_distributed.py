@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastdit.train.loop import train
-from test_train import FLOW, FLOW_FIELDS, TINY, final_state, tiny_config
+from test_train import OBJECTIVE_RUNS, TINY, final_state, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ def torchrun(tmp_path, *args):
     return subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("flags, fields", [([], {}), (FLOW, FLOW_FIELDS)], ids=["ddpm", "flow"])
+@OBJECTIVE_RUNS
 def test_two_processes_match_one_process(tmp_path, flags, fields):
     result = torchrun(tmp_path, *TINY, *flags, "--max-steps", "4", "--ckpt-every", "4", "--device", "cpu",
                       "--results-dir", str(tmp_path / "two"), "--micro-batch-size", "4")
