@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..sampling import SamplingOptions
+from ..sampling import OFFICIAL_CFG_SCALE, OFFICIAL_NUM_STEPS, SamplingOptions
 from .models import ModelSource
 
 
@@ -18,9 +18,9 @@ class SampleRequest:
     source: ModelSource
     labels: tuple[int, ...]  # each class once; every class gets images_per_class images, one grid row each
     images_per_class: int = 1
-    sampler: str | None = None  # None: the process's own
-    num_steps: int = 250
-    cfg_scale: float = 4.0
+    sampler: str | None = None  # None: the objective's own
+    num_steps: int = OFFICIAL_NUM_STEPS
+    cfg_scale: float = OFFICIAL_CFG_SCALE
     guidance_interval: tuple[float, float] | None = None
     seed: int = 0
     device: str = "auto"

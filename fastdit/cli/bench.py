@@ -9,6 +9,7 @@ import argparse
 import torch
 
 from ..errors import UserError
+from ..sampling.generate import OFFICIAL_CFG_SCALE
 
 HELP = "speed and memory of a training or guided sampling step, against a reference row (the official step)"
 
@@ -41,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--peak-tflops", type=float, default=None,
                          help="the GPU's dense bf16 peak, for MFU (default: looked up by the GPU's name)")
         if job == "sample":
-            sub.add_argument("--cfg-scale", type=float, default=4.0)
+            sub.add_argument("--cfg-scale", type=float, default=OFFICIAL_CFG_SCALE,
+                             help=f"guidance scale of the sampling step (default: {OFFICIAL_CFG_SCALE}, DiT's)")
 
 
 def run(args: argparse.Namespace) -> int:

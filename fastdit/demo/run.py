@@ -28,6 +28,7 @@ from ..data.digits import DIGITS_HELDOUT_FRACTION
 from ..errors import UserError
 from ..io import atomic_path, atomic_write_json, ensure_writable_dir, is_temporary
 from ..run_folder import LOCK_NAME
+from ..sampling.guidance import check_cfg_scale
 from . import report as metrics
 from .classifier import ClassifierOptions, classify, train_classifier, uint8_to_model_input
 from .plots import read_loss_curve, save_class_grid, save_loss_plot
@@ -94,8 +95,7 @@ class DemoConfig:
             raise UserError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if self.cfg_scale < 1:
-            raise UserError(f"--cfg-scale must be >= 1 (1: no guidance), got {self.cfg_scale}")
+        check_cfg_scale(self.cfg_scale)
         return self
 
 
