@@ -11,14 +11,15 @@ HELP = "train a DiT (one process, or torchrun / accelerate launch for many GPUs 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    groups = {section: parser.add_argument_group(section) for section in SECTIONS}
     for section, cls in SECTIONS.items():
-        add_dataclass_arguments(parser.add_argument_group(section), cls, skip=("gradient_checkpointing",))
+        add_dataclass_arguments(groups[section], cls, skip=("gradient_checkpointing",))
     # A policy string; the flag alone still means every block, as when it was an on/off switch.
     checkpointing = RunSection.__dataclass_fields__["gradient_checkpointing"]
-    parser.add_argument("--gradient-checkpointing", "--grad-checkpointing", nargs="?", const="blocks",
+    groups["run"].add_argument("--gradient-checkpointing", "--grad-checkpointing", nargs="?", const="blocks",
                         default=checkpointing.default, metavar="POLICY",
                         help=f"{checkpointing.metadata['help']} (default: {checkpointing.default})")
-    parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_const",
+    groups["run"].add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_const",
                         const="off", help=argparse.SUPPRESS)
 
 

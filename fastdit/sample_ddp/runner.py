@@ -64,12 +64,13 @@ class SampleJob:
             raise UserError("--class-labels needs at least one label")
         if self.png_dir is not None and Path(self.png_dir).exists() and not Path(self.png_dir).is_dir():
             raise UserError(f"--png-dir {str(self.png_dir)!r} is a file; give a folder")
-        # The sampling options are checked against the model's process once it is loaded (`_load_checked`).
+        # The sampling options are checked against the model's objective once it is loaded (`_load_checked`).
 
     def settings(self, info, latent_space, fingerprint: str) -> dict:
         """What decides the images (see `workdir`): recorded in the work folder and beside the result."""
         return {
             "model": {"config": asdict(info.config), "latent": latent_space.name, "weights_sha256": fingerprint,
+                      # under the key it had before objectives were objects (`workdir` reads old records)
                       "process": info.objective.to_dict()},
             "image_size": info.image_size,
             "num_samples": self.num_samples,

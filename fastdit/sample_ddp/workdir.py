@@ -34,6 +34,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..io import atomic_path, atomic_write_json
+from ..objectives import objective_from_dict
 from ..run_folder import LOCK_NAME, exclusive_lock, refuse_other_settings
 from ..sampling import SamplingOptions
 
@@ -104,7 +105,15 @@ def _read_settings(path: Path) -> dict | None:
 def _with_option_defaults(recorded: dict) -> dict:
     """Settings written before a sampling option existed lack it; they were made with its default (a
     new option's default keeps the images as they were, e.g. precision fp32), so they read as such
-    and a folder of an older version resumes."""
+    and a folder of an older version resumes. Likewise the objective: a DDPM model's record once
+    carried the flow's settings at their defaults, and reads as the objective it names."""
+    model = recorded.get("model")
+    if isinstance(model, dict) and isinstance(model.get("process"), dict):
+        try:
+            model = {**model, "process": objective_from_dict(model["process"]).to_dict()}
+        except UserError:
+            pass  # not an objective this version knows: compared as written, so it is refused
+        recorded = {**recorded, "model": model}
     if not isinstance(recorded.get("sampling"), dict):
         return recorded
     return {**recorded, "sampling": {**_normalized(asdict(SamplingOptions())), **recorded["sampling"]}}
