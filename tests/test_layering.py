@@ -69,3 +69,19 @@ def test_training_evaluation_samples_with_the_sampling_layer_not_sample_ddp():
     imports = imported_modules(path)
     assert not sorted(m for m in imports if offending(m, "fastdit.sample_ddp"))
     assert "fastdit.sampling.indexed.sample_by_index" in imports
+
+
+# Objectives sit between the processes and the samplers: samplers consume their views, so an objective
+# must not depend on a sampler (or on training or the CLI); the diffusion processes depend on neither.
+LOWER_LAYERS = {
+    "objectives": ["fastdit.sampling", "fastdit.train", "fastdit.cli", "fastdit.sample_ddp"],
+    "diffusion": ["fastdit.objectives", "fastdit.sampling", "fastdit.train", "fastdit.cli"],
+}
+
+
+@pytest.mark.parametrize("layer, path", [(layer, path) for layer in LOWER_LAYERS
+                                         for path in sorted((PACKAGE / layer).rglob("*.py"))],
+                         ids=lambda value: value if isinstance(value, str) else value.name)
+def test_objectives_and_processes_import_no_higher_layer(layer, path):
+    bad = sorted(m for m in imported_modules(path) for higher in LOWER_LAYERS[layer] if offending(m, higher))
+    assert not bad, f"{module_name(path)} imports {bad}: fastdit/{layer} may not depend on {LOWER_LAYERS[layer]}"

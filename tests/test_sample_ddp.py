@@ -391,3 +391,43 @@ def test_run_stopped_while_assembling_only_assembles_again(reference, tiny_ckpt,
     assert main(command) == 0
     assert "sampled 0 now (on 1 process(es))" in capsys.readouterr().out
     assert sha256(out) == sha256(reference)
+
+
+def test_a_work_folder_of_a_ddpm_model_from_before_objectives_resumes(reference, tiny_ckpt, tmp_path, monkeypatch,
+                                                                        capsys):
+    # Before objectives were objects, a DDPM model's settings recorded the flow's settings at their
+    # defaults beside its name; such a folder holds the same images and resumes.
+    import json
+
+    import fastdit.sample_ddp.runner as runner
+
+    out = tmp_path / "old.npz"
+    command = ["sample-ddp", "--ckpt", tiny_ckpt, "--out", str(out), "--batch-size", str(BATCH), *RUN]
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "write_adm_npz", lambda *args, **kwargs: sys.exit(1))
+        with pytest.raises(SystemExit):
+            main(command)
+    settings_path = out.with_suffix(".parts") / "settings.json"
+    settings = json.loads(settings_path.read_text())
+    assert settings["model"]["process"] == {"objective": "ddpm"}
+    settings["model"]["process"] = {"objective": "ddpm", "time_sampling": "uniform", "logit_normal_mean": 0.0,
+                                    "logit_normal_std": 1.0}
+    settings_path.write_text(json.dumps(settings))
+    capsys.readouterr()
+    assert main(command) == 0
+    assert "sampled 0 now (on 1 process(es))" in capsys.readouterr().out
+    assert sha256(out) == sha256(reference)
+    # A record of another objective is not the same model: refused, as before.
+    settings["model"]["process"] = {"objective": "flow"}
+    out.unlink()
+    (out.with_suffix(".json")).unlink()
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "write_adm_npz", lambda *args, **kwargs: sys.exit(1))
+        with pytest.raises(SystemExit):
+            main(command)
+    settings_path.write_text(json.dumps(settings))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(command)
+    assert exit_.value.code == 2
+    assert 'model.process.objective: "flow" -> "ddpm"' in capsys.readouterr().err

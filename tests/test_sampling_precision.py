@@ -154,13 +154,9 @@ def exit_code(args) -> int:
 
 
 def without_precision(settings_path):
-    """Settings as written before --precision existed (and before objectives were objects: a DDPM
-    model's record then carried the flow's settings at their defaults)."""
+    """Settings as written before --precision existed."""
     settings = json.loads(settings_path.read_text())
     settings["sampling"].pop("precision", None)
-    assert settings["model"]["process"] == {"objective": "ddpm"}
-    settings["model"]["process"] = {"objective": "ddpm", "time_sampling": "uniform", "logit_normal_mean": 0.0,
-                                    "logit_normal_std": 1.0}
     settings_path.write_text(json.dumps(settings))
 
 

@@ -98,15 +98,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     _refuse_other_run(_stored_config(run_dir), config, run_dir)
     check_can_create(run_dir)
     optim, run = config.optimisation, config.run
-    if optim.global_batch_size % dist.world_size:
-        raise UserError(
-            f"global batch size {optim.global_batch_size} is not divisible by the {dist.world_size} processes; "
-            f"use a multiple of {dist.world_size}"
-        )
-    local_batch = optim.global_batch_size // dist.world_size
-    micro_batch = optim.micro_batch_size or local_batch
-    if local_batch % micro_batch:
-        raise UserError(f"--micro-batch-size {micro_batch} does not divide the per-process batch {local_batch}")
+    _, micro_batch = batch_split(config, dist.world_size)
     enable_tf32(device, run.tf32)
 
     objective = config.build_objective()
@@ -236,16 +228,31 @@ def build_training_state(config: TrainConfig, dist: distributed.DistInfo, model,
                              compile_model=run.compile, fsdp=fsdp, precision=run.precision)
     if fsdp:  # each process keeps the EMA of its own shard: the update needs no communication
         shard_model(ema, "fp32")
-    local_batch = optim.global_batch_size // dist.world_size
+    local_batch, micro_batch = batch_split(config, dist.world_size)
     settings = StepSettings(
         seed=optim.global_seed, global_batch=optim.global_batch_size, local_batch=local_batch,
-        micro_batch=optim.micro_batch_size or local_batch, rank=dist.rank, device=dist.device,
+        micro_batch=micro_batch, rank=dist.rank, device=dist.device,
         input_shape=tuple(data.latent_shape), class_dropout_prob=config.model.class_dropout_prob,
         precision=run.precision, lr=optim.lr, warmup_steps=optim.warmup_steps, grad_clip=optim.grad_clip,
         ema_decay=optim.ema_decay, encode=data.latent_space.encode_moments if data.encode_on_the_fly else None,
     )
     return TrainingState(model=model, runnable=runnable, ema=ema, optimizer=make_optimizer(model, optim),
                          scaler=make_grad_scaler(dist.device, run.precision), settings=settings)
+
+
+def batch_split(config: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(images per process, images per forward) of a step; a UserError if they do not divide."""
+    optim = config.optimisation
+    if optim.global_batch_size % world_size:
+        raise UserError(
+            f"global batch size {optim.global_batch_size} is not divisible by the {world_size} processes; "
+            f"use a multiple of {world_size}"
+        )
+    local_batch = optim.global_batch_size // world_size
+    micro_batch = optim.micro_batch_size or local_batch
+    if local_batch % micro_batch:
+        raise UserError(f"--micro-batch-size {micro_batch} does not divide the per-process batch {local_batch}")
+    return local_batch, micro_batch
 
 
 def _parallelism(state: TrainingState) -> str:
