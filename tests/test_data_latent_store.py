@@ -1,5 +1,6 @@
 """The latent store on its own (no VAE): writing shards, reading them back, validation, sampling."""
 
+import dataclasses
 import json
 import pickle
 
@@ -191,3 +192,85 @@ def test_writing_refuses_other_settings_and_foreign_folders(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty and holds no latent store"):
         open_for_writing(tmp_path / "other", plan)
+
+
+def write_images(folder, plan, generator):
+    """Random crops for every item of every shard of `plan` (no skips); returns them, (3, S, S) uint8."""
+    from fastdit.data.latent_store import encode_png
+
+    crops = []
+    open_for_writing(folder, plan)
+    for shard in range(plan.num_shards):
+        sources = list(plan.shard_sources(shard))
+        shard_crops = [torch.randint(0, 256, (3, plan.image_size, plan.image_size), generator=generator,
+                                     dtype=torch.uint8) for _ in sources]
+        write_shard(folder, shard, mean=torch.randn(len(sources), 2, *plan.latent_shape, generator=generator),
+                    std=torch.rand(len(sources), 2, *plan.latent_shape, generator=generator),
+                    label=torch.tensor([s % 3 for s in sources]), source=torch.tensor(sources), skipped=[],
+                    images=[encode_png(crop) for crop in shard_crops])
+        crops += shard_crops
+    return crops
+
+
+def test_images_round_trip_and_follow_the_flip(tmp_path):
+    plan = make_plan(with_images=True)
+    crops = write_images(tmp_path, plan, torch.Generator().manual_seed(0))
+    meta = finalize_store(tmp_path, plan)
+    assert meta["with_images"] is True
+    store = LatentStore(tmp_path)
+    assert store.has_images and all(torch.equal(store.read_image(i), crops[i]) for i in range(7))
+    dataset = LatentStoreDataset(tmp_path, seed=2, with_images=True)
+    for i in range(7):
+        side = int(torch.randint(2, (), generator=item_generator(2, 0, i)))
+        image = crops[i].float() / 127.5 - 1
+        assert torch.equal(dataset[i][2], image.flip(-1) if side else image)
+    unflipped = LatentStoreDataset(tmp_path, flip=False, with_images=True)
+    assert torch.equal(unflipped[5][2], crops[5].float() / 127.5 - 1)
+
+
+def test_a_store_with_images_refuses_a_shard_without_them(tmp_path):
+    write_store(tmp_path, make_plan())
+    finalize_store(tmp_path, make_plan())
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "with_images": True}))
+    with pytest.raises(UserError, match=r"shard-00000.safetensors' does not match the store: holds no images"):
+        LatentStore(tmp_path)
+
+
+def test_images_asked_of_a_store_without_them(tmp_path):
+    finished_store(tmp_path)  # written before data_path was recorded: the message leaves a placeholder
+    for make in (lambda: LatentStoreDataset(tmp_path, with_images=True), lambda: LatentStore(tmp_path).read_image(0)):
+        with pytest.raises(UserError) as refusal:
+            make()
+        assert str(refusal.value) == (
+            f"latent store {str(tmp_path)!r} holds no images (it was extracted without --with-images); add them "
+            f"with `fastdit extract --data-path <the image folder> --features-path {tmp_path} --image-size 16 "
+            f"--vae ema --shard-size 3 --dtype float32 --with-images`, which encodes the store again with each "
+            f"image beside its latents"
+        )
+    finalize_store(tmp_path, make_plan(), data_path=tmp_path / "my images")
+    with pytest.raises(UserError, match=f"--data-path '{tmp_path}/my images' --features-path"):
+        LatentStoreDataset(tmp_path, with_images=True)
+
+
+def test_asking_for_images_reopens_a_store_made_without_them(tmp_path):
+    plan = make_plan()
+    finished_store(tmp_path)
+    with_images = dataclasses.replace(plan, with_images=True)
+    # Every shard is encoded again (with its images); until then the store is unfinished.
+    assert open_for_writing(tmp_path, with_images) == [0, 1, 2]
+    assert not (tmp_path / "meta.json").exists()
+    assert json.loads((tmp_path / "plan.json").read_text())["with_images"] is True
+    write_images(tmp_path, with_images, torch.Generator().manual_seed(1))
+    assert open_for_writing(tmp_path, with_images) == []
+    # Back to no images would leave shards of both kinds.
+    with pytest.raises(UserError, match=r"with_images: true -> false"):
+        open_for_writing(tmp_path, plan)
+
+
+def test_format_size():
+    from fastdit.data.latent_store import format_size
+
+    assert format_size(0) == "0 bytes" and format_size(999) == "999 bytes"
+    assert format_size(1234) == "1.23 kB" and format_size(1_230_000_000) == "1.23 GB"
+    assert format_size(5 * 10**15) == "5000.00 TB"

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from fastdit.cli import main
-from fastdit.data import LatentStore, LatentStoreDataset, list_image_folder, load_image
+from fastdit.data import LatentStore, LatentStoreDataset, item_generator, list_image_folder, load_image
 from fastdit.data import latent_store
 from fastdit.data.latent_store import shard_name
 from fastdit.errors import UserError
@@ -204,3 +204,143 @@ def test_help(capsys):
     for flag in ("--data-path", "--features-path", "--image-size", "--vae", "--batch-size", "--shard-size",
                  "--num-workers", "--dtype", "--skip-corrupt", "--device"):
         assert flag in out
+    assert "--with-images" in out
+
+
+# ----------------------------------------------------------------------------------------------------
+# --with-images: the crop the VAE encoded, stored beside its latents
+
+
+class HalvingSpace:
+    """A stand-in VAE whose "latent" is the image averaged over 2x2 blocks, with no posterior noise:
+    a latent then shows which image, and which side of it, it was made from."""
+
+    channels, name, scale_factor, downsample = 3, "halving-stand-in", 1.0, 2
+
+    def encode_moments(self, images):
+        mean = torch.nn.functional.avg_pool2d(images, 2)
+        return mean, torch.zeros_like(mean)
+
+    def latent_size(self, image_size):
+        return image_size // 2
+
+    def to(self, device):
+        return self
+
+
+def test_images_are_flipped_exactly_with_their_latents(images, tmp_path, monkeypatch, capsys):
+    from fastdit import latents
+
+    monkeypatch.setattr(latents, "load_latent_space", lambda name, **_: HalvingSpace())
+    store = tmp_path / "store"
+    assert extract(images, store, "halving", "--dtype", "float32", "--with-images") == 0
+    assert LatentStore(store).meta["with_images"] is True
+    index = list_image_folder(images)
+    dataset = LatentStoreDataset(store, seed=3, with_images=True)
+    without = LatentStoreDataset(store, seed=3)
+    sides = set()
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        without.set_epoch(epoch)
+        for i in range(len(dataset)):
+            latent, label, image = dataset[i]
+            assert image.dtype == torch.float32 and image.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+            assert label == index.labels[i]
+            assert image.min() >= -1 and image.max() <= 1
+            # The latent is the halved image it came with (so both are flipped, or neither)...
+            torch.testing.assert_close(latent, torch.nn.functional.avg_pool2d(image[None], 2)[0], rtol=0, atol=1e-6)
+            # ...the image is the crop of the file, mirrored by the draw that picks the latent's side...
+            side = int(torch.randint(2, (), generator=item_generator(3, epoch, i)))
+            crop = load_image(images / index.files[i], IMAGE_SIZE)
+            assert torch.equal(image, crop.flip(-1) if side else crop)
+            sides.add(side)
+            # ...and asking for images changes no latent.
+            assert torch.equal(without[i][0], latent) and without[i][1] == label
+    assert sides == {0, 1}
+
+
+def test_killed_extraction_with_images_resumes_to_the_same_store(images, tmp_path, tiny_vae, monkeypatch, capsys):
+    extract(images, tmp_path / "reference", tiny_vae, "--with-images")
+
+    real_write = latent_store.write_shard
+    written = []
+
+    def write_then_die(folder, shard, **tensors):
+        if len(written) == 1:
+            raise KeyboardInterrupt  # as if killed while encoding the second shard
+        written.append(shard)
+        return real_write(folder, shard, **tensors)
+
+    store = tmp_path / "store"
+    monkeypatch.setattr(latent_store, "write_shard", write_then_die)
+    assert extract(images, store, tiny_vae, "--with-images") == 130
+    assert sorted(p.name for p in store.iterdir()) == ["plan.json", shard_name(0)]
+    (store / ".shard-00001.safetensors.abc123.tmp").write_bytes(b"half a shard")  # what SIGKILL leaves
+
+    written.clear()
+    monkeypatch.setattr(latent_store, "write_shard", lambda folder, shard, **tensors: (
+        written.append(shard), real_write(folder, shard, **tensors))[1])
+    assert extract(images, store, tiny_vae, "--with-images") == 0
+    assert written == [1, 2]
+    assert not list(store.glob(".*.tmp"))
+    assert_same_store(store, tmp_path / "reference")
+    # Resuming without the flag would write shards without images into a store that has them.
+    with pytest.raises(SystemExit):
+        extract(images, store, tiny_vae)
+    assert "with_images: true -> false" in capsys.readouterr().err
+
+
+def test_with_images_on_a_store_without_them_gives_the_command_that_adds_them(
+    images, tmp_path, tiny_vae, monkeypatch, capsys
+):
+    import shlex
+
+    extract(images, tmp_path / "reference", tiny_vae, "--with-images")
+    store = tmp_path / "store"
+    extract(images, store, tiny_vae)
+    latents_before = [LatentStore(store).read(i)[0] for i in range(12)]
+    with pytest.raises(UserError) as refusal:
+        LatentStoreDataset(store, with_images=True)
+    command = (f"fastdit extract --data-path {images} --features-path {store} --image-size 16 --vae {tiny_vae} "
+               f"--shard-size 5 --with-images")
+    assert str(refusal.value) == (
+        f"latent store {str(store)!r} holds no images (it was extracted without --with-images); add them with "
+        f"`{command}`, which encodes the store again with each image beside its latents"
+    )
+
+    # The command works, and is resumable too: killed after one shard, then run again.
+    argv = shlex.split(command)[1:] + ["--batch-size", "2", "--num-workers", "0", "--no-progress"]
+    real_write = latent_store.write_shard
+    calls = []
+
+    def write_then_die(folder, shard, **tensors):
+        calls.append(shard)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write(folder, shard, **tensors)
+
+    monkeypatch.setattr(latent_store, "write_shard", write_then_die)
+    assert main(argv) == 130
+    with pytest.raises(UserError, match="unfinished"):  # meta.json no longer claims a finished store
+        LatentStore(store)
+    monkeypatch.setattr(latent_store, "write_shard", real_write)
+    assert main(argv) == 0
+    assert_same_store(store, tmp_path / "reference")
+    dataset = LatentStoreDataset(store, with_images=True)
+    assert len(dataset[0]) == 3
+    assert all(torch.equal(LatentStore(store).read(i)[0], latents_before[i]) for i in range(12))
+
+
+def test_every_extraction_prints_the_size_on_disk(images, tmp_path, tiny_vae, capsys):
+    cases = [(tmp_path / "plain", (), ""), (tmp_path / "with-images", ("--with-images",), ", crops stored")]
+    for store, extra, what in cases:
+        assert extract(images, store, tiny_vae, *extra) == 0
+        size = latent_store.size_on_disk(store)
+        assert size == sum(path.stat().st_size for path in store.iterdir())
+        out = capsys.readouterr().out
+        assert f"12 images in 3 shard(s){what}, {latent_store.format_size(size)} on disk (12 encoded in" in out
+        assert extract(images, store, tiny_vae, *extra) == 0  # and when there is nothing left to encode
+        assert f", {latent_store.format_size(size)} on disk (nothing left to encode)" in capsys.readouterr().out
+    # Crops of 16px noise do not compress: the images add about their raw size, 3 x 16 x 16 bytes each.
+    added = latent_store.size_on_disk(tmp_path / "with-images") - latent_store.size_on_disk(tmp_path / "plain")
+    assert added > 12 * 768

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from safetensors.torch import load_file
 
 from fastdit.cli import main
@@ -14,11 +16,12 @@ from test_extract import IMAGE_SIZE, assert_same_store
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_two_processes_write_the_same_store_as_one(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--with-images"]], ids=["latents", "with-images"])
+def test_two_processes_write_the_same_store_as_one(tmp_path, extra):
     images = make_image_folder(tmp_path / "images", per_class=5)  # 15 images: 4 shards of 4, the last of 3
     vae = save_tiny_vae(tmp_path / "vae", seed=0)
     common = ["--data-path", str(images), "--image-size", str(IMAGE_SIZE), "--vae", vae, "--batch-size", "3",
-              "--shard-size", "4", "--num-workers", "0", "--dtype", "float32", "--no-progress"]
+              "--shard-size", "4", "--num-workers", "0", "--dtype", "float32", "--no-progress", *extra]
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -34,3 +37,7 @@ def test_two_processes_write_the_same_store_as_one(tmp_path):
     # torchrun runs each process with one thread; a different thread count may reorder float sums.
     assert_same_store(tmp_path / "one", tmp_path / "two", atol=1e-5)
     assert load_file(tmp_path / "two" / "shard-00003.safetensors")["source"].tolist() == [12, 13, 14]
+    if extra:  # the crops are bytes: equal exactly, whichever process wrote them
+        for shard in range(4):
+            one, two = (load_file(tmp_path / name / f"shard-{shard:05d}.safetensors") for name in ("one", "two"))
+            assert torch.equal(one["image_png"], two["image_png"])

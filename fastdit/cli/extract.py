@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="storage dtype of the posterior mean and std (default float16)")
     parser.add_argument("--skip-corrupt", action="store_true",
                         help="leave out images that cannot be decoded (counted, and listed in meta.json)")
+    parser.add_argument("--with-images", action="store_true",
+                        help="also store each image's centre crop (PNG, lossless) for encoders that must see the "
+                             "trained image (REPA); 60-75%% of the raw pixels' size. On a store without images, "
+                             "encodes it again with them")
     parser.add_argument("--device", default="auto",
                         help="auto (this process's GPU if any, else the CPU), cpu, cuda or cuda:N")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -2,6 +2,7 @@
 
 Every dataset yields (x, label) with x float32 of shape `sample_shape`, and has `class_names`,
 `num_classes` and `set_epoch(epoch)` (per-item randomness is seeded by (seed, epoch, index)).
+`LatentStoreDataset(..., with_images=True)` adds the image each latent was encoded from.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ class ExtractConfig:
     num_workers: int = 4
     dtype: str = "float16"
     skip_corrupt: bool = False
+    with_images: bool = False  # also store each crop the VAE encoded (PNG), for REPA-style encoders
     device: str = "auto"
     progress: bool = True
 
@@ -57,7 +58,15 @@ def _extract(config: ExtractConfig, info) -> dict | None:
 
     from .. import distributed as dist
     from .image_folder import list_image_folder
-    from .latent_store import StorePlan, files_digest, finalize_store, normalize_vae_name, open_for_writing
+    from .latent_store import (
+        StorePlan,
+        files_digest,
+        finalize_store,
+        format_size,
+        normalize_vae_name,
+        open_for_writing,
+        size_on_disk,
+    )
     from ..latents import load_latent_space
 
     index = list_image_folder(config.data_path)
@@ -73,6 +82,7 @@ def _extract(config: ExtractConfig, info) -> dict | None:
         num_sources=len(index.files),
         class_names=index.class_names,
         files_digest=files_digest(index),
+        with_images=config.with_images,
     )
     # The main process starts (or checks) the store first; then all list the missing shards before any
     # writes one, so that every process sees the same list and splits it the same way.
@@ -93,13 +103,15 @@ def _extract(config: ExtractConfig, info) -> dict | None:
     dist.barrier()  # every shard is on disk before the main process checks them
     if not info.is_main:
         return None
-    meta = finalize_store(config.features_path, plan)
+    meta = finalize_store(config.features_path, plan, data_path=config.data_path)
     skipped = f", {len(meta['skipped'])} corrupt image(s) skipped" if meta["skipped"] else ""
+    images = ", crops stored" if plan.with_images else ""
     total = int(totals[0])
     speed = f"{total} encoded in {elapsed:.1f} s, {total / max(elapsed, 1e-9):.1f} images/s"
     print(
         f"latent store {config.features_path!r}: {meta['count']} images in {len(meta['shards'])} shard(s)"
-        f"{skipped} ({speed if total else 'nothing left to encode'})"
+        f"{skipped}{images}, {format_size(size_on_disk(config.features_path))} on disk "
+        f"({speed if total else 'nothing left to encode'})"
     )
     return meta
 
@@ -118,11 +130,15 @@ def _corrupt_images_error(corrupt: list[tuple[str, str]], total: int) -> UserErr
 
 class _SourceImages:
     """The sorted file list as a map-style dataset that reports unreadable files (with the reason) instead
-    of raising; images of a refused pixel mode count as unreadable, so --skip-corrupt leaves them out too."""
+    of raising; images of a refused pixel mode count as unreadable, so --skip-corrupt leaves them out too.
 
-    def __init__(self, index, image_size: int):
+    Item i is (image (3, S, S) in [-1, 1], label, i, error, png): `png` holds the crop's PNG file when
+    `with_images` (b"" otherwise), compressed here in the loader's workers, beside the decoding."""
+
+    def __init__(self, index, image_size: int, with_images: bool = False):
         self.index = index
         self.image_size = image_size
+        self.with_images = with_images
 
     def __len__(self) -> int:
         return len(self.index.files)
@@ -130,13 +146,15 @@ class _SourceImages:
     def __getitem__(self, i: int):
         import torch
 
-        from .image_folder import CorruptImageError, load_image
+        from .image_folder import CorruptImageError, load_crop, pixels_to_unit_range
+        from .latent_store import encode_png
 
         try:
-            image, error = load_image(self.index.root / self.index.files[i], self.image_size), ""
+            pixels, error = load_crop(self.index.root / self.index.files[i], self.image_size), ""
         except CorruptImageError as err:
-            image, error = torch.zeros(3, self.image_size, self.image_size), err.reason
-        return image, self.index.labels[i], i, error
+            pixels, error = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), err.reason
+        png = encode_png(pixels) if self.with_images and not error else b""
+        return pixels_to_unit_range(pixels), self.index.labels[i], i, error, png
 
 
 def _encode_shards(
@@ -158,7 +176,7 @@ def _encode_shards(
             batches.append(sources[start : start + config.batch_size])
             batch_shard.append(shard)
     loader = torch.utils.data.DataLoader(
-        _SourceImages(index, plan.image_size),
+        _SourceImages(index, plan.image_size, plan.with_images),
         batch_sampler=batches,
         num_workers=config.num_workers,
         pin_memory=info.device.type == "cuda",
@@ -173,7 +191,7 @@ def _encode_shards(
     dtype = DTYPES[plan.dtype]
     encoded, unwritten_corrupt = 0, []
     parts, corrupt = [], []  # of the shard being filled
-    for b, (images, labels, sources, errors) in enumerate(loader):
+    for b, (images, labels, sources, errors, pngs) in enumerate(loader):
         ok = torch.tensor([not error for error in errors], dtype=torch.bool)
         corrupt += [(index.files[int(source)], error) for source, error in zip(sources, errors) if error]
         if ok.any():
@@ -185,6 +203,7 @@ def _encode_shards(
                 torch.stack([std[:n], std[n:]], dim=1).to("cpu", dtype),
                 labels[ok],
                 sources[ok],
+                [png for png, good in zip(pngs, ok.tolist()) if good],
             ))
             encoded += n
         bar.update(len(errors))
@@ -200,12 +219,14 @@ def _encode_shards(
 
 
 def _concat(parts: list[tuple], plan, dtype) -> dict:
-    """One shard's tensors from its batches; empty tensors when every image of the shard was skipped."""
+    """One shard's tensors (and PNG files, in a store with images) from its batches; empty when every
+    image of the shard was skipped."""
     import torch
 
+    images = [png for part in parts for png in part[4]] if plan.with_images else None
     if not parts:
         moments = torch.zeros(0, 2, *plan.latent_shape, dtype=dtype)
         return {"mean": moments, "std": moments, "label": torch.zeros(0, dtype=torch.int64),
-                "source": torch.zeros(0, dtype=torch.int64)}
-    mean, std, label, source = (torch.cat(column) for column in zip(*parts))
-    return {"mean": mean, "std": std, "label": label, "source": source}
+                "source": torch.zeros(0, dtype=torch.int64), "images": images}
+    mean, std, label, source = (torch.cat(column) for column in list(zip(*parts))[:4])
+    return {"mean": mean, "std": std, "label": label, "source": source, "images": images}

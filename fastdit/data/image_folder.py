@@ -117,6 +117,17 @@ class CorruptImageError(UserError):
 
 def load_image(path: str | os.PathLike, image_size: int) -> torch.Tensor:
     """Decode, centre-crop and scale an image to a (3, image_size, image_size) float tensor in [-1, 1]."""
+    return pixels_to_unit_range(load_crop(path, image_size))
+
+
+def pixels_to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (..., 3, H, W) -> float32 in [-1, 1]: the one conversion every reader of a crop uses,
+    so a crop stored as bytes gives back exactly the floats the VAE encoded."""
+    return pixels.float().div_(127.5).sub_(1.0)
+
+
+def load_crop(path: str | os.PathLike, image_size: int) -> torch.Tensor:
+    """Decode and centre-crop an image to (3, image_size, image_size) uint8 RGB pixels."""
     from PIL import Image
 
     try:
@@ -126,8 +137,7 @@ def load_image(path: str | os.PathLike, image_size: int) -> torch.Tensor:
         raise CorruptImageError(path, str(err)) from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise CorruptImageError(path, f"{type(err).__name__}: {err}") from None
-    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) uint8
-    return pixels.float().div_(127.5).sub_(1.0)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) uint8
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):

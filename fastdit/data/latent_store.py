@@ -9,38 +9,58 @@ Layout of a store folder:
         std    (n, 2, C, h, w)  posterior std, same layout
         label  (n,)             class index
         source (n,)             index of the image in the sorted file list (gaps = skipped images)
-    meta.json                  written last, when every shard exists: the plan plus count, shards and
-                               skipped files. A store without it is unfinished.
+      and, in a store extracted with --with-images (plan key "with_images": true):
+        image_png     (bytes,)  uint8: the PNG files of the n crops, one after the other
+        image_offsets (n + 1,)  int64: crop j is image_png[offsets[j] : offsets[j + 1]]
+    meta.json                  written last, when every shard exists: the plan plus count, shards,
+                               skipped files and the data folder. A store without it is unfinished.
 
 Storing the mean and std of both orientations (rather than one sample) lets training draw a fresh
 posterior sample and a fresh flip every time it reads an item (EDM2 does the same), so augmentation
 is not frozen at extraction time. Shard i always holds the same images whatever the number of
 processes, and is written under a temporary name and renamed, so a killed extraction leaves only whole
 shards and the same command continues it.
+
+The crops (the exact RGB image the VAE encoded, unflipped: the flip is `crop.flip(-1)`, as extraction
+makes it) live in the shard of their latents rather than in shards of their own, so one rename still
+publishes a whole shard: a shard is never missing its images, resume needs no second bookkeeping, and
+an image can never be paired with a latent of another run. Reading stays fast because safetensors
+reads by byte range through a memory map: latent-only training never touches the image bytes, and an
+item's image is one slice of `image_png`. PNG, not JPEG, because a representation encoder must see the
+very pixels whose latent is trained; at compression level 1 (a 256px photo: 120-150 kB, 60-75% of raw
+uint8, encoded in ~5 ms and decoded in ~2 ms on one core) rather than Pillow's default 6, which saves
+only ~5% more but encodes ~3x slower, in the decoding workers that must keep up with the VAE.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import io
+import itertools
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import shlex
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import UserError
 from ..io import atomic_path, atomic_write_json, ensure_writable_dir, is_temporary, remove_stale_temporaries
 from ..latents import OFFICIAL_VAES, PIXEL_SPACE_NAMES
 from ..run_folder import refuse_other_settings
-from .image_folder import ImageFolderIndex, item_generator
+from .image_folder import ImageFolderIndex, item_generator, pixels_to_unit_range
 
 FORMAT_VERSION = 1
 PLAN_FILE = "plan.json"
 META_FILE = "meta.json"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 _SAFETENSORS_DTYPES = {"float16": "F16", "float32": "F32"}
+IMAGE_BYTES = "image_png"
+IMAGE_OFFSETS = "image_offsets"
+PNG_COMPRESS_LEVEL = 1  # why 1: the module docstring
 
 
 def shard_name(shard: int) -> str:
@@ -76,6 +96,8 @@ class StorePlan:
     num_sources: int
     class_names: list[str] = field(default_factory=list)
     files_digest: str = ""
+    # Plans written before images could be stored have no such key and read as False.
+    with_images: bool = False
 
     @property
     def num_shards(self) -> int:
@@ -111,13 +133,24 @@ def open_for_writing(folder: str | os.PathLike, plan: StorePlan, *, is_main: boo
 
     The main process writes plan.json (or checks it against an earlier run) and removes temporary files
     a killed run left behind; call it there first, then on the other processes after a barrier.
+    Asking for images on a store extracted without them is allowed: every shard without images is
+    encoded again, so each crop and its latents come from one decode of the file (adding crops to the
+    old latents would pair them wrongly had a file changed since).
     """
     folder = Path(folder)
     plan_path = folder / PLAN_FILE
     if is_main:
         ensure_writable_dir(folder)
         if plan_path.exists():
-            _check_same_plan(folder, StorePlan.from_json(_read_json(plan_path)), plan)
+            recorded = StorePlan.from_json(_read_json(plan_path))
+            if plan.with_images and not recorded.with_images:
+                _check_same_plan(folder, replace(recorded, with_images=True), plan)
+                # meta.json goes first: until every shard holds images the store is unfinished, and a
+                # kill between the two steps leaves an unfinished store that either command finishes.
+                (folder / META_FILE).unlink(missing_ok=True)
+                atomic_write_json(plan.to_json(), plan_path)
+            else:
+                _check_same_plan(folder, recorded, plan)
             remove_stale_temporaries(folder)  # left by a killed run; its shard is written again
         elif any(not is_temporary(path) for path in folder.iterdir()):
             raise UserError(
@@ -128,7 +161,21 @@ def open_for_writing(folder: str | os.PathLike, plan: StorePlan, *, is_main: boo
             atomic_write_json(plan.to_json(), plan_path)
     elif not plan_path.exists():
         raise UserError(f"{str(plan_path)!r} is missing on this process: is --features-path on a shared filesystem?")
-    return [shard for shard in range(plan.num_shards) if not (folder / shard_name(shard)).exists()]
+    return [shard for shard in range(plan.num_shards) if not _shard_is_written(folder / shard_name(shard), plan)]
+
+
+def _shard_is_written(path: Path, plan: StorePlan) -> bool:
+    if not path.exists():
+        return False
+    if not plan.with_images:
+        return True
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return IMAGE_BYTES in handle.keys()
+    except Exception:  # noqa: BLE001 - a damaged shard: written again rather than refused at the end
+        return False
 
 
 def _check_same_plan(folder: Path, old: StorePlan, new: StorePlan) -> None:
@@ -151,6 +198,7 @@ def write_shard(
     label: torch.Tensor,  # (n,)
     source: torch.Tensor,  # (n,)
     skipped: list[str],
+    images: list[bytes] | None = None,  # n PNG files (`encode_png`), for a store with images
 ) -> Path:
     """Write one shard atomically: a crash leaves the whole shard or nothing."""
     from safetensors.torch import save_file
@@ -161,14 +209,55 @@ def write_shard(
         "label": label.to(torch.int64).contiguous(),
         "source": source.to(torch.int64).contiguous(),
     }
+    if images is not None:
+        if len(images) != len(label):
+            raise ValueError(f"{len(images)} images for {len(label)} items")
+        tensors[IMAGE_OFFSETS] = torch.tensor([0, *itertools.accumulate(map(len, images))], dtype=torch.int64)
+        # numpy, not torch.frombuffer: an empty shard has no bytes, which torch.frombuffer refuses.
+        tensors[IMAGE_BYTES] = torch.from_numpy(np.frombuffer(b"".join(images), dtype=np.uint8).copy())
     path = Path(folder) / shard_name(shard)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"count": str(len(label)), "skipped": json.dumps(skipped)})
     return path
 
 
-def finalize_store(folder: str | os.PathLike, plan: StorePlan) -> dict:
-    """Check every shard against the plan and write meta.json; returns the metadata."""
+def encode_png(pixels: torch.Tensor) -> bytes:
+    """(3, H, W) uint8 RGB -> the bytes of a PNG file (lossless: decoding gives the same pixels back)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> torch.Tensor:
+    """The bytes of a PNG file -> (3, H, W) uint8 RGB."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+
+def size_on_disk(folder: str | os.PathLike) -> int:
+    """Bytes of the store's files (shards and JSON), leaving out temporaries of a running writer."""
+    return sum(path.stat().st_size for path in Path(folder).iterdir() if path.is_file() and not is_temporary(path))
+
+
+def format_size(num_bytes: int) -> str:
+    """1234567 -> "1.23 MB" (decimal units, as disks are sold and `df -H` shows them)."""
+    value, unit = num_bytes, "bytes"
+    for larger in ("kB", "MB", "GB", "TB"):
+        if value < 1000:
+            break
+        value, unit = value / 1000, larger
+    return f"{value} bytes" if unit == "bytes" else f"{value:.2f} {unit}"
+
+
+def finalize_store(folder: str | os.PathLike, plan: StorePlan, *, data_path: str | os.PathLike | None = None) -> dict:
+    """Check every shard against the plan and write meta.json; returns the metadata.
+
+    `data_path`, the image folder, is recorded so that a message can give the command that extracts
+    this store again (e.g. with images)."""
     folder = Path(folder)
     shards, skipped, count = [], [], 0
     for shard in range(plan.num_shards):
@@ -180,6 +269,8 @@ def finalize_store(folder: str | os.PathLike, plan: StorePlan) -> dict:
         raise UserError(f"every image of the data folder was skipped as corrupt; {str(folder)!r} would be empty")
     meta = {**plan.to_json(), "count": count, "num_classes": len(plan.class_names), "shards": shards}
     meta["skipped"] = skipped
+    if data_path is not None:
+        meta["data_path"] = os.path.abspath(data_path)
     atomic_write_json(meta, folder / META_FILE)
     return meta
 
@@ -212,6 +303,14 @@ def _read_shard_header(path: Path, plan: StorePlan) -> dict:
         for key in ("mean", "std")
         if key in dtypes and dtypes[key] != _SAFETENSORS_DTYPES[plan.dtype]
     ]
+    if plan.with_images:
+        if IMAGE_BYTES not in shapes or IMAGE_OFFSETS not in shapes:
+            problems.append(f"holds no images ({IMAGE_BYTES} or {IMAGE_OFFSETS} missing)")
+        elif shapes[IMAGE_OFFSETS] != [count + 1] or len(shapes[IMAGE_BYTES]) != 1 or dtypes[IMAGE_BYTES] != "U8":
+            problems.append(
+                f"{IMAGE_OFFSETS} has shape {shapes[IMAGE_OFFSETS]}, expected {[count + 1]}, and {IMAGE_BYTES} "
+                f"is {dtypes[IMAGE_BYTES]} of shape {shapes[IMAGE_BYTES]}, expected U8 of one dimension"
+            )
     if count > plan.shard_size:
         problems.append(f"holds {count} items, more than the shard size {plan.shard_size}")
     if problems:
@@ -309,6 +408,37 @@ class LatentStore:
                 f"{image_size}px; pass --image-size {self.meta['image_size']} or extract again at {image_size}px"
             )
 
+    @property
+    def has_images(self) -> bool:
+        """True for a store extracted with --with-images (`read_image` works)."""
+        return bool(self.meta.get("with_images", False))
+
+    def extract_command(self, *, with_images: bool) -> str:
+        """The `fastdit extract` command line of this store's recorded settings (so that it continues this
+        store rather than being refused), with --with-images if asked."""
+        from .extract import ExtractConfig
+
+        vae = {repo: name for name, repo in OFFICIAL_VAES.items()}.get(self.meta["vae"], self.meta["vae"])
+        data_path = self.meta.get("data_path")  # stores written before it was recorded lack it
+        argv = ["fastdit", "extract", "--data-path", shlex.quote(data_path) if data_path else "<the image folder>",
+                "--features-path", shlex.quote(str(self.path)), "--image-size", str(self.plan.image_size),
+                "--vae", shlex.quote(vae)]
+        # The plan must match for the command to continue this store; flags at their defaults are left out.
+        defaults = ExtractConfig.__dataclass_fields__
+        for name in ("shard_size", "dtype"):
+            if getattr(self.plan, name) != defaults[name].default:
+                argv += [f"--{name.replace('_', '-')}", str(getattr(self.plan, name))]
+        return " ".join(argv + ["--with-images"] * with_images)
+
+    def require_images(self) -> None:
+        """Raise a UserError, giving the command that adds them, unless the store holds images."""
+        if not self.has_images:
+            raise UserError(
+                f"latent store {str(self.path)!r} holds no images (it was extracted without --with-images); add "
+                f"them with `{self.extract_command(with_images=True)}`, which encodes the store again with each "
+                f"image beside its latents"
+            )
+
     def _handle(self, shard: int):
         from safetensors import safe_open
 
@@ -316,14 +446,26 @@ class LatentStore:
             self._handles[shard] = safe_open(str(self.path / shard_name(shard)), framework="pt")
         return self._handles[shard]
 
-    def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Item i: (mean (2, C, h, w), std (2, C, h, w), label), in the store's dtype."""
+    def _locate(self, i: int) -> tuple[int, int]:
+        """(shard, position in the shard) of item i."""
         if not 0 <= i < len(self):
             raise IndexError(f"item {i} is out of range for a store of {len(self)}")
         shard = bisect.bisect_right(self._offsets, i) - 1
-        j = i - self._offsets[shard]
+        return shard, i - self._offsets[shard]
+
+    def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Item i: (mean (2, C, h, w), std (2, C, h, w), label), in the store's dtype."""
+        shard, j = self._locate(i)
         handle = self._handle(shard)
         return handle.get_slice("mean")[j : j + 1][0], handle.get_slice("std")[j : j + 1][0], int(self.labels[i])
+
+    def read_image(self, i: int) -> torch.Tensor:
+        """Item i's crop, unflipped: (3, S, S) uint8 RGB, the exact pixels the VAE encoded as mean[0]."""
+        self.require_images()
+        shard, j = self._locate(i)
+        handle = self._handle(shard)
+        start, end = handle.get_slice(IMAGE_OFFSETS)[j : j + 2].tolist()
+        return decode_png(handle.get_slice(IMAGE_BYTES)[start:end].numpy().tobytes())
 
     def __getstate__(self) -> dict:
         # Open handles are per process: DataLoader workers reopen the shards they read.
@@ -331,13 +473,19 @@ class LatentStore:
 
 
 class LatentStoreDataset(torch.utils.data.Dataset):
-    """Training items from a latent store: item i is (latent (C, h, w) float32, label).
+    """Training items from a latent store: item i is (latent (C, h, w) float32, label), or with
+    `with_images=True` (latent, label, image (3, S, S) float32 in [-1, 1]).
 
     latent = mean[flip] + std[flip] * noise, where the flip (probability 1/2 when `flip=True`) and the
     Gaussian noise come from `item_generator(seed, epoch, i)`. Call `set_epoch(epoch)` each epoch: the
     same (seed, epoch, i) always gives the same latent, whatever the number of workers or processes,
     so training can be bit-reproducible while augmentation stays fresh every epoch.
     `sample_posterior=False` returns the posterior mean (no noise).
+
+    The image is the crop the VAE encoded, mirrored exactly when the latent is the mirrored one (the
+    same draw decides both), so an encoder that sees it (REPA) sees the image whose latent is trained.
+    It costs no random draw: the latents are the same with or without it. `with_images=True` needs a
+    store extracted with `--with-images`; on another store it raises a UserError giving that command.
     """
 
     def __init__(
@@ -349,9 +497,13 @@ class LatentStoreDataset(torch.utils.data.Dataset):
         sample_posterior: bool = True,
         vae: str | None = None,
         image_size: int | None = None,
+        with_images: bool = False,
     ):
         self.store = LatentStore(path)
         self.store.check_compatible(vae=vae, image_size=image_size)
+        if with_images:
+            self.store.require_images()
+        self.with_images = with_images
         self.seed = seed
         self.flip = flip
         self.sample_posterior = sample_posterior
@@ -375,11 +527,14 @@ class LatentStoreDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.store)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, torch.Tensor]:
         mean, std, label = self.store.read(i)
         generator = item_generator(self.seed, self.epoch, i)
-        side = int(torch.randint(2, (), generator=generator)) if self.flip else 0
+        side = int(torch.randint(2, (), generator=generator)) if self.flip else 0  # 1: the mirrored image
         latent = mean[side].float()
         if self.sample_posterior:
             latent = latent + std[side].float() * torch.randn(latent.shape, generator=generator)
-        return latent, label
+        if not self.with_images:
+            return latent, label
+        image = pixels_to_unit_range(self.store.read_image(i))  # (3, S, S), as extraction fed the VAE
+        return latent, label, image.flip(-1) if side else image
