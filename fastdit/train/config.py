@@ -1,9 +1,10 @@
 """The training run's configuration: typed dataclasses in sections, validated once, written as JSON
 into the run folder and into every checkpoint.
 
-`TrainConfig` has six sections: `model` (the network), `objective` (what it is trained for: the
-registered objective and its settings, `fastdit.objectives`), `optimisation`, `data`, `run` (systems,
-run folder, logging) and `evaluation` (FIDs during training). Every field carries its flag's help
+`TrainConfig` has seven sections: `model` (the network), `objective` (what it is trained for: the
+registered objective and its settings, `fastdit.objectives`), `alignment` (representation alignment
+with a frozen encoder, REPA, on top of any objective), `optimisation`, `data`, `run` (systems, run
+folder, logging) and `evaluation` (FIDs during training). Every field carries its flag's help
 text, and `fastdit train`'s flat flags (`--lr`, `--objective`, ...) are generated from these fields:
 each name, type, default and help is written once, here (or in the objective's module). Field names
 are unique over the sections, so a flat {flag name: value} dict (what run folders recorded before the
@@ -82,6 +83,17 @@ def _objective_section() -> type:
 
 
 ObjectiveSection = _objective_section()
+
+
+@dataclass
+class AlignmentSection:
+    # REPA (Yu et al. 2024): defaults from the paper (λ 0.5, projector width 2048, block 8 of SiT-XL)
+    repa: str | None = option(None, "align block --repa-depth's tokens with this frozen encoder (REPA): dinov2-vitb14 "
+                                    "(REPA's), another DINOv2/DINOv3 size, timm:NAME, or a local file (default: off)")
+    repa_depth: int = option(8, "the block whose output tokens are aligned, counted from 1 (REPA: 8 for XL, 4 for B)",
+                             at_least=1)
+    repa_weight: float = option(0.5, "weight λ of the alignment term in the loss", at_least=0)
+    repa_projector_dim: int = option(2048, "hidden width of the 3-layer projector", at_least=1)
 
 
 @dataclass
@@ -165,8 +177,9 @@ class EvaluationSection:
     inception_weights: str | None = option(None, "local Inception weights for --eval-every")
 
 
-SECTIONS = {"model": ModelSection, "objective": ObjectiveSection, "optimisation": OptimisationSection,
-            "data": DataSection, "run": RunSection, "evaluation": EvaluationSection}
+SECTIONS = {"model": ModelSection, "objective": ObjectiveSection, "alignment": AlignmentSection,
+            "optimisation": OptimisationSection, "data": DataSection, "run": RunSection,
+            "evaluation": EvaluationSection}
 
 
 def flag_name(field: dataclasses.Field) -> str:
@@ -203,6 +216,7 @@ def _check_sampling(flags: str, options, objective: Objective) -> None:
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    alignment: AlignmentSection = field(default_factory=AlignmentSection)
     optimisation: OptimisationSection = field(default_factory=OptimisationSection)
     data: DataSection = field(default_factory=DataSection)
     run: RunSection = field(default_factory=RunSection)
@@ -280,7 +294,10 @@ class TrainConfig:
             raise UserError("--fsdp does not yet compute FIDs during training; leave --eval-every at 0 and run "
                             "`fastdit evaluate` on the exported EMA checkpoints")
         objective = self.build_objective()  # rejects an unknown objective or a setting out of range
-        config_from_name(self.model.name, **self.model.options())  # rejects options that do not fit the width
+        architecture = config_from_name(self.model.name, **self.model.options())  # rejects options that do not fit
+        if self.alignment.repa and not 1 <= self.alignment.repa_depth <= architecture.depth:
+            raise UserError(f"--repa-depth {self.alignment.repa_depth} is not a block of {self.model.name} "
+                            f"(blocks 1..{architecture.depth}); REPA aligns block 8 of XL, 4 of B")
         evaluation = self.evaluation
         if evaluation.eval_every and evaluation.eval_samples < 2:
             raise UserError(f"--eval-samples must be >= 2 for a covariance, got {evaluation.eval_samples}")

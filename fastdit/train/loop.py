@@ -149,6 +149,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
         f"of shape {tuple(data.latent_shape)}; {dist.world_size} process(es) on {device.type}{_parallelism(state)}, "
         f"global batch {optim.global_batch_size} (micro-batch {micro_batch}), {run.precision}, activation "
         f"checkpointing {run.gradient_checkpointing}{', blocks compiled' if run.compile else ''}, "
+        f"{_alignment_text(config) if state.alignment is not None else ''}"
         f"steps {position.step} -> {max_steps}, run folder {run_dir}"
     )
 
@@ -229,6 +230,7 @@ def build_training_state(config: TrainConfig, dist: distributed.DistInfo, model,
     if fsdp:  # each process keeps the EMA of its own shard: the update needs no communication
         shard_model(ema, "fp32")
     local_batch, micro_batch = batch_split(config, dist.world_size)
+    alignment = build_alignment(config, model, dist.device) if config.alignment.repa else None
     settings = StepSettings(
         seed=optim.global_seed, global_batch=optim.global_batch_size, local_batch=local_batch,
         micro_batch=micro_batch, rank=dist.rank, device=dist.device,
@@ -237,7 +239,21 @@ def build_training_state(config: TrainConfig, dist: distributed.DistInfo, model,
         ema_decay=optim.ema_decay, encode=data.latent_space.encode_moments if data.encode_on_the_fly else None,
     )
     return TrainingState(model=model, runnable=runnable, ema=ema, optimizer=make_optimizer(model, optim),
-                         scaler=make_grad_scaler(dist.device, run.precision), settings=settings)
+                         scaler=make_grad_scaler(dist.device, run.precision), settings=settings, alignment=alignment)
+
+
+def build_alignment(config: TrainConfig, model, device):
+    """REPA's frozen encoder (`fastdit.encoders`) and a fresh projector from the DiT's width to the
+    encoder's, with its own AdamW. Built after the DiT from the same seeded stream, so every process
+    starts from the same projector."""
+    from ..encoders import load_encoder
+    from .alignment import Alignment, Projector
+
+    settings = config.alignment
+    encoder = load_encoder(settings.repa, device=device)
+    projector = Projector(model.config.hidden_size, settings.repa_projector_dim, encoder.dim).to(device)
+    return Alignment(encoder, projector, settings.repa_depth, settings.repa_weight,
+                     optimizer=make_optimizer(projector, config.optimisation))
 
 
 def batch_split(config: TrainConfig, world_size: int) -> tuple[int, int]:
@@ -253,6 +269,11 @@ def batch_split(config: TrainConfig, world_size: int) -> tuple[int, int]:
     if local_batch % micro_batch:
         raise UserError(f"--micro-batch-size {micro_batch} does not divide the per-process batch {local_batch}")
     return local_batch, micro_batch
+
+
+def _alignment_text(config: TrainConfig) -> str:
+    settings = config.alignment
+    return f"REPA with {settings.repa} at block {settings.repa_depth} (weight {settings.repa_weight:g}), "
 
 
 def _parallelism(state: TrainingState) -> str:

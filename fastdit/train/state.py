@@ -35,6 +35,7 @@ from ..io import atomic_torch_save
 from ..models import DiT
 
 if TYPE_CHECKING:
+    from .alignment import Alignment
     from .step import StepSettings
 
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")
@@ -58,6 +59,7 @@ class TrainingState:
     scaler: torch.amp.GradScaler  # disabled unless fp16
     position: Position = field(default_factory=Position)
     settings: StepSettings | None = None  # the run's fixed step settings (not saved: the config holds them)
+    alignment: Alignment | None = None  # REPA's projector and its optimizer (its encoder is frozen), or None
 
     def state_dict(self) -> dict:
         """Full state dicts on the CPU, keyed by parameter name. Under FSDP every process must call this
@@ -70,6 +72,8 @@ class TrainingState:
             "optimizer": optimizer,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "position": vars(self.position).copy(),
+            # the projector is replicated on every process: any process's copy is the whole of it
+            **({"alignment": self.alignment.state_dict()} if self.alignment is not None else {}),
         }
 
     def gathered_ema(self) -> torch.nn.Module | None:
@@ -97,6 +101,8 @@ class TrainingState:
         if self.scaler.is_enabled() and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.position = Position(**state["position"])
+        if self.alignment is not None:
+            self.alignment.load_state_dict(state["alignment"])
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

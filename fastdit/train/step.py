@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import contextlib
+import math
+
 import torch
 
 from .. import distributed
@@ -50,11 +53,18 @@ class StepSettings:
 
 def train_step(state: TrainingState, batch, objective: Objective) -> dict[str, torch.Tensor]:
     """One optimizer step at `state.position.step` (the caller advances the position) on `batch`
-    = (inputs, labels) of this process. Returns each loss term's mean over the global batch (float64
-    scalars, "loss" first), the same on every process."""
-    settings, step = state.settings, state.position.step
+    = (inputs, labels) of this process, or (inputs, labels, images) where a latent store hands the
+    images its latents were encoded from. Returns each loss term's mean over the global batch (float64
+    scalars, "loss" first), the same on every process.
+
+    With representation alignment (`state.alignment`, REPA) the "repa" term of block K's tokens joins
+    the objective's terms, and "loss" includes it with its weight."""
+    settings, step, alignment = state.settings, state.position.step, state.alignment
     optimizer, scaler, device = state.optimizer, state.scaler, settings.device
-    x, y = (part.to(device, non_blocking=True) for part in batch)
+    x, y = (part.to(device, non_blocking=True) for part in batch[:2])
+    # The images the encoder sees: those a store kept, else the inputs themselves (pixels, or images
+    # that are encoded below).
+    images = None if alignment is None else (batch[2].to(device, non_blocking=True) if len(batch) > 2 else x)
     draws = draw_step(
         settings.seed, step,
         global_batch=settings.global_batch, rank=settings.rank, local_batch=settings.local_batch,
@@ -65,16 +75,25 @@ def train_step(state: TrainingState, batch, objective: Objective) -> dict[str, t
         with torch.no_grad():
             mean, std = settings.encode(x)
             x = mean + std * draws.latent_noise
-    _set_lr(optimizer, settings, step)
-    optimizer.zero_grad(set_to_none=True)
+    optimizers = [optimizer] if alignment is None else [optimizer, alignment.optimizer]
+    for opt in optimizers:
+        _set_lr(opt, settings, step)
+        opt.zero_grad(set_to_none=True)
     num_micro = settings.local_batch // settings.micro_batch
     names, totals = None, None
     for k in range(num_micro):
         part = slice(k * settings.micro_batch, (k + 1) * settings.micro_batch)
         micro = draws.micro(part.start, part.stop)
         with no_sync(state.runnable, k < num_micro - 1), autocast(device, settings.precision):
-            terms = objective.losses(state.runnable, x[part], micro.objective,
-                                     {"y": y[part], "force_drop_ids": micro.drop_labels})
+            capture = alignment.hidden_tokens(state.model) if alignment else contextlib.nullcontext()
+            with capture as hidden:
+                terms = objective.losses(state.runnable, x[part], micro.objective,
+                                         {"y": y[part], "force_drop_ids": micro.drop_labels})
+            if alignment is not None:
+                tokens = hidden["tokens"]
+                targets = alignment.targets(images[part], math.isqrt(tokens.shape[1]))
+                terms["repa"] = alignment.loss(tokens, targets)
+                terms["loss"] = terms["loss"] + alignment.weight * terms["repa"]
             means = {name: value.float().mean() / num_micro for name, value in terms.items()}
         scaler.scale(means["loss"]).backward()
         if names is None:
@@ -89,10 +108,17 @@ def train_step(state: TrainingState, batch, objective: Objective) -> dict[str, t
             f"the loss became {totals[0].item()} at step {step + 1}; stopping. The last good checkpoint is intact. "
             f"Try a lower --lr, --grad-clip 1.0, --warmup-steps, or --precision bf16 instead of fp16"
         )
+    if alignment is not None:
+        alignment.average_gradients()  # replicated, outside DDP/FSDP: averaged here
     if settings.grad_clip is not None:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(state.model.parameters(), settings.grad_clip)
-    scaler.step(optimizer)  # a disabled scaler (fp32, bf16) just steps
+        parameters = list(state.model.parameters())
+        for opt in optimizers:
+            scaler.unscale_(opt)
+        if alignment is not None:  # REPA clips the DiT and its projectors together
+            parameters += list(alignment.projector.parameters())
+        torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
+    for opt in optimizers:
+        scaler.step(opt)  # a disabled scaler (fp32, bf16) just steps
     scaler.update()
     update_ema(state.ema, state.model, settings.ema_decay)
     return dict(zip(names, totals))

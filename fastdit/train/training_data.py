@@ -39,7 +39,10 @@ def open_training_data(config: TrainConfig, device: torch.device) -> TrainingDat
     source = data_config.source
     if data_config.features_path:
         # Opened as a store whatever the folder holds, so that a wrong path is reported as a wrong store.
-        dataset = LatentStoreDataset(source, seed=seed, vae=data_config.vae, image_size=image_size)
+        # REPA's encoder must see the image each latent was encoded from: the store keeps it (flipped
+        # with the latent) when extracted with --with-images, and is refused otherwise.
+        dataset = LatentStoreDataset(source, seed=seed, vae=data_config.vae, image_size=image_size,
+                                     with_images=bool(config.alignment.repa))
         meta = dataset.store.meta
         info = LatentInfo(kind="vae", vae=meta["vae"], scale_factor=float(meta.get("scale_factor", SD_VAE_SCALE)))
         data = TrainingData(dataset, tuple(dataset.store.latent_shape), info, list(dataset.class_names), device=device)
