@@ -160,22 +160,7 @@ class FrozenEncoder(nn.Module):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) in [-1, 1], C = 1 or 3 -> (N, 3, R, R) normalised with `mean` / `std`."""
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise UserError(
-                f"{self.name} takes images (N, C, H, W) with C = 1 or 3, got shape {tuple(images.shape)}; "
-                "pass RGB or gray images in [-1, 1]"
-            )
-        x = images.float()
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)  # a gray image is the RGB image with three equal channels
-        # REPA (sihyun-yu/REPA train.py, preprocess_raw_image, "dinov2" branch): x / 255 on uint8
-        # images, i.e. [0, 1], then Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), then
-        # F.interpolate(x, 224, mode="bicubic") - PyTorch's default antialias=False, kept here so the
-        # targets are REPA's. (Bicubic weights sum to one, so normalising first or last is the same.)
-        x = ((x + 1) / 2 - self.mean) / self.std
-        if x.shape[-2:] != (self.resolution, self.resolution):
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False)
-        return x.to(self._dtype)
+        return encoder_input(images, self.resolution, self.mean, self.std, name=self.name).to(self._dtype)
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone(x)
@@ -190,6 +175,29 @@ class FrozenEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, resolution={self.resolution}, tokens={self.grid}x{self.grid}, dim={self.dim}"
+
+
+def encoder_input(images: torch.Tensor, resolution: int, mean: torch.Tensor, std: torch.Tensor,
+                  name: str = "the encoder") -> torch.Tensor:
+    """What an encoder sees of images in [-1, 1], (N, C, H, W) with C = 1 or 3: (N, 3, R, R) float32
+    normalised with `mean` / `std` (tensors of shape (1, 3, 1, 1)). Also what an encoder trained here
+    (the digits demo's) trains on, so that it is used as it was trained."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise UserError(
+            f"{name} takes images (N, C, H, W) with C = 1 or 3, got shape {tuple(images.shape)}; "
+            "pass RGB or gray images in [-1, 1]"
+        )
+    x = images.float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)  # a gray image is the RGB image with three equal channels
+    # REPA (sihyun-yu/REPA train.py, preprocess_raw_image, "dinov2" branch): x / 255 on uint8
+    # images, i.e. [0, 1], then Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), then
+    # F.interpolate(x, 224, mode="bicubic") - PyTorch's default antialias=False, kept here so the
+    # targets are REPA's. (Bicubic weights sum to one, so normalising first or last is the same.)
+    x = ((x + 1) / 2 - mean.to(x.device)) / std.to(x.device)
+    if x.shape[-2:] != (resolution, resolution):
+        x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False)
+    return x
 
 
 def tokens_to_grid(features: torch.Tensor, side: int) -> torch.Tensor:
@@ -399,7 +407,11 @@ def _torchscript_encoder(path: Path, device, resolution: int | None) -> FrozenEn
             f"{str(path)!r} is not a TorchScript file ({type(err).__name__}); save the encoder with "
             "torch.jit.script(model).save(PATH), or pass a state dict as NAME=FILE.safetensors"
         ) from None
-    return FrozenEncoder(module, resolution=resolution or TORCHSCRIPT_RESOLUTION, name=os.fspath(path))
+    # A scripted module may carry its input side as an int attribute `resolution` (the digits demo's
+    # encoder does: 8 px); else 224, DINOv2's at 256 px.
+    recorded = getattr(module, "resolution", None)
+    resolution = resolution or (recorded if isinstance(recorded, int) else None) or TORCHSCRIPT_RESOLUTION
+    return FrozenEncoder(module, resolution=resolution, name=os.fspath(path))
 
 
 __all__ = [

@@ -27,6 +27,7 @@ EPOCH_ORDER = "epoch-order"  # training: the permutation of the dataset in epoch
 DATA_ITEM = "data-item"  # data: the flip and posterior noise of item i in epoch e
 DIGITS_SPLIT = "digits-split"  # the digits demo: which digits are held out
 DEMO_JUDGE = "demo-judge"  # the digits demo: the judge classifier's batches
+DEMO_ENCODER = "demo-encoder"  # the digits demo: the frozen encoder REPA aligns with (its batches)
 
 
 def derive_seed(stream: str, *keys: int) -> int:

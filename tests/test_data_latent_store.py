@@ -274,3 +274,19 @@ def test_format_size():
     assert format_size(0) == "0 bytes" and format_size(999) == "999 bytes"
     assert format_size(1234) == "1.23 kB" and format_size(1_230_000_000) == "1.23 GB"
     assert format_size(5 * 10**15) == "5000.00 TB"
+
+
+def test_alignment_on_a_store_without_images_gives_the_command_that_adds_them(tmp_path):
+    # REPA's encoder must see the image of each latent: a store extracted without them is refused at
+    # the start of training, with the extract command to run.
+    from fastdit.train.config import TrainConfig
+    from fastdit.train.training_data import open_training_data
+
+    plan = make_plan()
+    write_store(tmp_path / "store", plan)
+    finalize_store(tmp_path / "store", plan)
+    config = TrainConfig.create(features_path=str(tmp_path / "store"), image_size=16, repa="dinov2-vitb14")
+    with pytest.raises(UserError, match="holds no images .*fastdit extract .*--with-images"):
+        open_training_data(config, torch.device("cpu"))
+    assert len(open_training_data(TrainConfig.create(features_path=str(tmp_path / "store"), image_size=16),
+                                  torch.device("cpu")).dataset) == plan.num_sources

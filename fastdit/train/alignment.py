@@ -21,13 +21,13 @@ its gradients are averaged by one all-reduce per step (it is small: 2 × 2048² 
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import distributed
+from ..encoders import tokens_to_grid
 
 
 class Projector(nn.Sequential):
@@ -39,19 +39,6 @@ class Projector(nn.Sequential):
             nn.Linear(projector_dim, projector_dim), nn.SiLU(),
             nn.Linear(projector_dim, encoder_dim),
         )
-
-
-def tokens_to_grid(tokens: torch.Tensor, side: int) -> torch.Tensor:
-    """(N, T, D) tokens of a square grid -> (N, side², D), bilinear on the grid (REPA's resize)."""
-    n, count, dim = tokens.shape
-    source = math.isqrt(count)
-    if source * source != count:
-        raise ValueError(f"{count} encoder tokens do not form a square grid")
-    if source == side:
-        return tokens
-    grid = tokens.transpose(1, 2).reshape(n, dim, source, source)
-    grid = F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False)
-    return grid.reshape(n, dim, side * side).transpose(1, 2)
 
 
 def alignment_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

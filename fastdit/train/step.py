@@ -111,17 +111,33 @@ def train_step(state: TrainingState, batch, objective: Objective) -> dict[str, t
     if alignment is not None:
         alignment.average_gradients()  # replicated, outside DDP/FSDP: averaged here
     if settings.grad_clip is not None:
-        parameters = list(state.model.parameters())
         for opt in optimizers:
             scaler.unscale_(opt)
-        if alignment is not None:  # REPA clips the DiT and its projectors together
-            parameters += list(alignment.projector.parameters())
-        torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
+        if alignment is None:
+            torch.nn.utils.clip_grad_norm_(state.model.parameters(), settings.grad_clip)
+        else:  # REPA clips the DiT and its projector together, by their joint norm
+            _clip_jointly([state.model.parameters(), alignment.projector.parameters()], settings.grad_clip)
     for opt in optimizers:
         scaler.step(opt)  # a disabled scaler (fp32, bf16) just steps
     scaler.update()
     update_ema(state.ema, state.model, settings.ema_decay)
     return dict(zip(names, totals))
+
+
+def _clip_jointly(groups, max_norm: float) -> None:
+    """`clip_grad_norm_` over several groups of parameters at once. Its one call cannot take them
+    together when one group is sharded (FSDP2's DTensor gradients) and another replicated (plain
+    tensors), so each group's norm is taken apart, made whole, and combined: ‖g‖ = sqrt(Σ ‖g_i‖²)."""
+    grads = [[p.grad for p in group if p.grad is not None] for group in groups]
+    norms = []
+    for part in grads:
+        norm = torch.nn.utils.get_total_norm(part) if part else torch.zeros(())
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    total = torch.linalg.vector_norm(torch.stack([n.float().cpu() for n in norms]))
+    scale = min(1.0, max_norm / (float(total) + 1e-6))  # as clip_grad_norm_ computes it
+    if scale < 1.0:
+        for part in grads:
+            torch._foreach_mul_(part, scale)
 
 
 def _set_lr(optimizer, settings: StepSettings, step: int) -> None:
