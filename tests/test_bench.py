@@ -21,6 +21,23 @@ def test_row_names_become_options():
         "fastdit+bf16+compile+ckpt", precision="bf16", compile=True, checkpointing="blocks")
     assert parse_row("fastdit+ckpt-mlp", training=True).checkpointing == "mlp"
     assert parse_row("fastdit+ckpt-every-3", training=True).checkpointing == "every-3"
+    assert parse_row("fastdit+bf16+repa", training=True) == Row("fastdit+bf16+repa", precision="bf16", repa=True)
+
+
+def test_the_repa_row_aligns_with_an_encoder_of_dinov2_b14s_cost():
+    import torch
+
+    from fastdit.bench.rows import dinov2_sized_alignment
+    from fastdit.models import build_model
+    from fastdit.train.config import TrainConfig
+
+    model = build_model("DiT-S/2", input_size=4, num_classes=10)
+    alignment = dinov2_sized_alignment(model, TrainConfig.create(), torch.device("cpu"))
+    encoder = alignment.encoder
+    # DINOv2-B/14 at 224 px: 16x16 patch tokens of width 768 (the class token dropped), about 86M weights.
+    assert (encoder.resolution, encoder.grid, encoder.dim) == (224, 16, 768)
+    assert 85e6 < sum(p.numel() for p in encoder.parameters()) < 88e6
+    assert alignment.depth == 4 and alignment.weight == 0.5  # REPA's for models of B's depth
 
 
 @pytest.mark.parametrize("name, training", [("fastdit+bf61", True), ("official", True), ("fastdit+ckpt", False),

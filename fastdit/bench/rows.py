@@ -1,6 +1,8 @@
 """What one row of the benchmark runs, named by its options: `reference`, or `fastdit` followed by any of
 `+bf16`, `+fp16`, `+compile` and one checkpointing policy (`+ckpt` for every block, `+ckpt-mlp`,
-`+ckpt-every-K`). fastdit's training rows run the real training step (`fastdit.train.step.train_step`:
+`+ckpt-every-K`), and for training `+repa` (representation alignment with an encoder of DINOv2-B/14's
+size, randomly initialised: the row measures its cost, not its benefit). fastdit's training rows run
+the real training step (`fastdit.train.step.train_step`:
 the setup `fastdit train` builds, its seeded draws, loss, fused AdamW and EMA); its sampling rows run the
 guided model as `fastdit sample` does, with one DDPM step."""
 
@@ -26,6 +28,7 @@ class Row:
     precision: str = "fp32"
     compile: bool = False
     checkpointing: str = "off"  # fastdit train's policy: off | blocks | mlp | every-K
+    repa: bool = False  # REPA's alignment term with a DINOv2-B/14-sized encoder on 224-px images
 
 
 def parse_row(name: str, *, training: bool) -> Row:
@@ -42,8 +45,10 @@ def parse_row(name: str, *, training: bool) -> Row:
             fields["compile"] = True
         elif training and CHECKPOINT_OPTION.fullmatch(option):
             fields["checkpointing"] = option.removeprefix("ckpt-") if "-" in option else "blocks"
+        elif training and option == "repa":
+            fields["repa"] = True
         else:
-            choices = "bf16, fp16, compile" + (", ckpt, ckpt-mlp, ckpt-every-K" if training else "")
+            choices = "bf16, fp16, compile" + (", ckpt, ckpt-mlp, ckpt-every-K, repa" if training else "")
             raise UserError(f"row {name!r}: unknown option {option!r}; the options are {choices}")
     return Row(name, **fields)
 
@@ -107,13 +112,46 @@ def make_train_step(row: Row, model_name: str, batch: int, latent: int, device: 
                         device=device)
     state = build_training_state(config, dist, model, ema, data)
     objective = config.build_objective()
+    batch_of = (x, y)
+    if row.repa:
+        state.alignment = dinov2_sized_alignment(model, config, device)
+        images = torch.rand(batch, 3, latent * 8, latent * 8, device=device) * 2 - 1  # what the latents encode
+        batch_of = (x, y, images)
 
     def step() -> torch.Tensor:
-        loss = train_step(state, (x, y), objective)["loss"]
+        loss = train_step(state, batch_of, objective)["loss"]
         state.position.step += 1
         return loss
 
     return step
+
+
+def dinov2_sized_alignment(model, config, device: torch.device):
+    """REPA's alignment as `fastdit train --repa dinov2-vitb14` sets it up (block 8, or 4 for models of
+    12 blocks or fewer as REPA does for B/2; projector 2048), with an encoder of DINOv2-B/14's shape at
+    224 px (patch 14, 12 layers of width 768, 12 heads, MLP 3072: 257 tokens) built from torch's own
+    layers with random weights: its cost per step is DINOv2-B's, with no download and no timm."""
+    from ..encoders import FrozenEncoder
+    from ..train.alignment import Alignment, Projector
+    from ..train.loop import make_optimizer
+
+    class ViTB14(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patches = torch.nn.Conv2d(3, 768, kernel_size=14, stride=14)
+            self.cls = torch.nn.Parameter(torch.zeros(1, 1, 768))
+            self.pos = torch.nn.Parameter(torch.zeros(1, 257, 768))
+            layer = torch.nn.TransformerEncoderLayer(768, 12, 3072, activation="gelu", batch_first=True, norm_first=True)
+            self.blocks = torch.nn.TransformerEncoder(layer, 12, enable_nested_tensor=False)
+
+        def forward(self, x):
+            tokens = self.patches(x).flatten(2).transpose(1, 2)  # (N, 256, 768)
+            return self.blocks(torch.cat([self.cls.expand(len(x), -1, -1), tokens], dim=1) + self.pos)
+
+    encoder = FrozenEncoder(ViTB14().to(device), resolution=224, num_prefix_tokens=1, name="DINOv2-B/14-sized")
+    projector = Projector(model.config.hidden_size, 2048, encoder.dim).to(device)
+    depth = 4 if model.config.depth <= 12 else 8
+    return Alignment(encoder, projector, depth, 0.5, optimizer=make_optimizer(projector, config.optimisation))
 
 
 def make_sample_step(row: Row, model_name: str, batch: int, latent: int, device: torch.device, cfg_scale: float):
