@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"ddpm (DiT's process), flow (SiT's) or x-pred (JiT's) (default: {d.objective})")
     group.add_argument("--time-sampling", choices=TIME_SAMPLINGS, default=d.time_sampling,
                        help=f"flow and x-pred: how training draws t (default: {d.time_sampling})")
+    group.add_argument("--repa", action=argparse.BooleanOptionalAction, default=d.repa,
+                       help="representation alignment (REPA) with a frozen digit encoder the demo trains in seconds "
+                            f"(default: {'on' if d.repa else 'off'})")
     group.add_argument("--blocks", action=argparse.BooleanOptionalAction, default=d.blocks,
                        help=f"LightningDiT blocks: RMSNorm, SwiGLU, 2-D RoPE, QK-norm (default: {'on' if d.blocks else 'off'})")
     group = parser.add_argument_group("sampling")
@@ -50,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
         samples_per_class=args.samples_per_class, sampler=args.sampler, sampling_steps=args.sampling_steps,
         cfg_scale=args.cfg_scale, objective=args.objective, time_sampling=args.time_sampling, blocks=args.blocks,
+        repa=args.repa,
         classifier_epochs=args.classifier_epochs, seed=args.seed, device=args.device, progress=args.progress,
     )
     result = run_demo(config)

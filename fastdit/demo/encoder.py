@@ -82,12 +82,17 @@ def save_digit_encoder(encoder: DigitTokens, path: str | Path) -> Path:
     return path
 
 
+def digit_encoder_path(folder: str | Path, seed: int = 0) -> Path:
+    """Where the demo keeps its digit encoder in `folder`."""
+    return Path(folder) / f"digit-encoder-seed{seed}.ts"
+
+
 def digit_encoder_file(folder: str | Path, seed: int = 0) -> Path:
     """The demo's digit encoder in `folder`, trained on the DiT's training split the first time."""
     from ..data import load_digits_tensors, split_digits
     from ..data.digits import DIGITS_HELDOUT_FRACTION
 
-    path = Path(folder) / f"digit-encoder-seed{seed}.ts"
+    path = digit_encoder_path(folder, seed)
     if not path.exists():
         images, labels = load_digits_tensors()
         train_indices, _ = split_digits(labels, DIGITS_HELDOUT_FRACTION, seed)

@@ -46,7 +46,7 @@ def save_loss_plot(steps: np.ndarray, losses: np.ndarray, path: Path, title: str
     figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
     axes.plot(steps, losses, linewidth=1.0)
     axes.set_xlabel("step")
-    axes.set_ylabel("loss (MSE + VLB, mean over the logging window)")
+    axes.set_ylabel("training loss (mean over the logging window)")
     axes.set_title(title)
     # The loss falls by orders of magnitude early on; a log scale keeps the later part readable.
     if len(losses) and np.all(losses > 0):
