@@ -1,5 +1,7 @@
+import http.server
 import math
 import os
+import threading
 import zlib
 from pathlib import Path
 
@@ -78,3 +80,36 @@ def make_image_folder(root, classes=("cat", "dog", "eel"), per_class=4):
             height, width = rng.integers(IMAGE_SIZE, 3 * IMAGE_SIZE, size=2)
             Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
     return root
+
+
+class _FileServer(http.server.ThreadingHTTPServer):
+    files: dict[str, bytes]
+    requests: list[str]
+
+
+class _FileHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - the http.server API
+        self.server.requests.append(self.path)
+        body = self.server.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def file_server():
+    """An HTTP server on 127.0.0.1 serving `file_server.files` ({path: bytes}; others are 404) and
+    recording `file_server.requests`: the stand-in for the hosts weights are downloaded from."""
+    httpd = _FileServer(("127.0.0.1", 0), _FileHandler)
+    httpd.files, httpd.requests = {}, []
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()

@@ -5,7 +5,6 @@ HTTP server on 127.0.0.1 (as in tests/test_hub.py) or passed as local files. Tes
 models skip where timm cannot be imported; the rest use a plain stand-in backbone.
 """
 
-import http.server
 import math
 import threading
 
@@ -248,60 +247,20 @@ def test_every_registered_encoder_is_a_timm_model_with_imagenet_statistics_and_1
         assert f"patch{patch}" in entry.timm_name and entry.resolution // patch == 16, name
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    files: dict
-    requests: list
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 - the http.server API
-        self.server.requests.append(self.path)
-        body = self.server.files.get(self.path)
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server():
-    httpd = _Server(("127.0.0.1", 0), _Handler)
-    httpd.files, httpd.requests = {}, []
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def _save_tiny(timm, path, architecture, seed=0, **kwargs):
-    torch.manual_seed(seed)
-    model = timm.create_model(architecture, pretrained=False, **kwargs)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
-    return state
-
-
-def test_registered_encoder_downloads_once_and_drops_register_tokens(timm, server, monkeypatch, tmp_path):
+def test_registered_encoder_downloads_once_and_drops_register_tokens(timm, file_server, monkeypatch, tmp_path):
     # A DINOv2-with-registers stand-in saved at 56 px (4x4 patches of 14), used at 28 px (2x2).
     state = _save_tiny(timm, tmp_path / "model.safetensors", "vit_small_patch14_reg4_dinov2",
                        img_size=56, num_classes=0, **TINY_VIT)
     timm_name = "vit_small_patch14_reg4_dinov2.lvd142m"
-    server.files[f"/timm/{timm_name}/resolve/main/model.safetensors"] = (tmp_path / "model.safetensors").read_bytes()
+    file_server.files[f"/timm/{timm_name}/resolve/main/model.safetensors"] = (tmp_path / "model.safetensors").read_bytes()
     monkeypatch.setitem(encoders.ENCODERS, "test-dinov2-reg", EncoderEntry(timm_name, 28, TINY_VIT))
-    port = server.server_address[1]
+    port = file_server.server_address[1]
     monkeypatch.setattr(encoders, "HF_HUB_URL", f"http://127.0.0.1:{port}/{{repo}}/resolve/main/{{filename}}")
 
     encoder = load_encoder("test-dinov2-reg", progress=False)
     cached = hub.cache_dir() / "encoders" / f"{timm_name}.safetensors"
     assert cached.read_bytes() == (tmp_path / "model.safetensors").read_bytes()
-    assert server.requests == [f"/timm/{timm_name}/resolve/main/model.safetensors"]
+    assert file_server.requests == [f"/timm/{timm_name}/resolve/main/model.safetensors"]
     assert (encoder.resolution, encoder.grid, encoder.dim, encoder.num_prefix_tokens) == (28, 2, 48, 5)
     model = encoder.backbone.model
     # Registers (no_embed_class): the 4x4 position grid is resampled to 2x2 as REPA does.
@@ -341,13 +300,13 @@ def test_local_safetensors_for_a_registered_name_resamples_like_repa(timm, monke
     assert "\n" not in str(info.value)
 
 
-def test_timm_prefix_downloads_from_the_model_hub_id_and_uses_its_statistics(timm, server, monkeypatch, tmp_path):
+def test_timm_prefix_downloads_from_the_model_hub_id_and_uses_its_statistics(timm, file_server, monkeypatch, tmp_path):
     # timm's own test model (371k parameters, mean/std 0.5): weights saved with their classifier head.
     _save_tiny(timm, tmp_path / "model.safetensors", "test_vit")
-    server.files["/timm/test_vit.r160_in1k/resolve/main/model.safetensors"] = (
+    file_server.files["/timm/test_vit.r160_in1k/resolve/main/model.safetensors"] = (
         tmp_path / "model.safetensors"
     ).read_bytes()
-    port = server.server_address[1]
+    port = file_server.server_address[1]
     monkeypatch.setattr(encoders, "HF_HUB_URL", f"http://127.0.0.1:{port}/{{repo}}/resolve/main/{{filename}}")
     encoder = load_encoder("timm:test_vit", progress=False)  # no tag: timm's default one
     assert (hub.cache_dir() / "encoders" / "test_vit.r160_in1k.safetensors").is_file()

@@ -130,36 +130,18 @@ def test_checkpoints_from_before_the_objective_was_recorded_are_ddpm():
     assert objective_from_dict(flow) == build_objective("flow", time_sampling="logit-normal", logit_normal_mean=0.5)
 
 
-def test_official_sit_name_downloads_into_its_own_cache_and_loads_as_a_flow(tmp_path, monkeypatch):
+def test_official_sit_name_downloads_into_its_own_cache_and_loads_as_a_flow(tmp_path, monkeypatch, file_server):
     # The release is XL (2.7 GB); the same path is exercised with a tiny network registered under its name.
-    import http.server
     import io
-    import threading
 
     model = build_model("DiT-T/2", input_size=32, num_classes=1000)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)  # the released file: a plain state dict
     payload = buffer.getvalue()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setattr(hub, "OFFICIAL_SIT_URL", f"http://127.0.0.1:{httpd.server_address[1]}/SiT-XL-2-256.pt")
-        monkeypatch.setitem(hub.OFFICIAL_CHECKPOINTS, "SiT-XL-2-256x256.pt", ("SiT-T/2", 256))
-        loaded, info = load_model("SiT-XL-2-256x256.pt")
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    file_server.files["/SiT-XL-2-256.pt"] = payload
+    monkeypatch.setattr(hub, "OFFICIAL_SIT_URL", f"http://127.0.0.1:{file_server.server_address[1]}/SiT-XL-2-256.pt")
+    monkeypatch.setitem(hub.OFFICIAL_CHECKPOINTS, "SiT-XL-2-256x256.pt", ("SiT-T/2", 256))
+    loaded, info = load_model("SiT-XL-2-256x256.pt")
     assert (hub.cache_dir() / "sit" / "SiT-XL-2-256x256.pt").read_bytes() == payload
     assert info.objective.name == "flow" and info.objective.default_sampler == "sde-euler"
     assert info.config.num_classes == 1000 and info.image_size == 256
