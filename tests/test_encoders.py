@@ -6,7 +6,6 @@ models skip where timm cannot be imported; the rest use a plain stand-in backbon
 """
 
 import math
-import threading
 
 import pytest
 import torch
@@ -245,6 +244,14 @@ def test_every_registered_encoder_is_a_timm_model_with_imagenet_statistics_and_1
         assert tuple(cfg.mean) == encoders.IMAGENET_MEAN and tuple(cfg.std) == encoders.IMAGENET_STD, name
         patch = 14 if name.startswith("dinov2") else 16
         assert f"patch{patch}" in entry.timm_name and entry.resolution // patch == 16, name
+
+
+def _save_tiny(timm, path, architecture, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = timm.create_model(architecture, pretrained=False, **kwargs)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+    return state
 
 
 def test_registered_encoder_downloads_once_and_drops_register_tokens(timm, file_server, monkeypatch, tmp_path):
