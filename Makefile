@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 # pytest exits 5 when it collected no test: that is neither a pass nor an ordinary failure, and is
 # reported as such (and fails the target, since this project always has tests).
 test: install
-	@$(PY) -m pytest -q $(PYTEST_ARGS); status=$$?; \
+	@$(PY) -m pytest -q -rs $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests (exit 5) - the suite is missing"; fi; \
 	exit $$status
 	@$(MAKE) --no-print-directory test-kernels
