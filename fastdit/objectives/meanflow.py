@@ -8,15 +8,15 @@ fastdit's time: the network is a DiT with a second time input (`DiTConfig.time_g
 
     network(z, s, y, gap=h) = the average of dz/ds over [s, s + h]  (h >= 0, toward data),
 
-so at h = 0 it is SiT's velocity x − ε, and a flow checkpoint is a valid start; the sampler's view
-(`average_velocity`) is that network as it is. Training is written in the paper's convention, equation
+so at h = 0 it is the velocity x − ε that SiT's network predicts; the sampler's view (`average_velocity`)
+is that network as it is. Training is written in the paper's convention, equation
 for equation, through ONE map, `paper_u`: the paper's u(z, r, t) (r <= t, pointing from data to noise) is
 
     u(z, r, t) = −network(z, s = 1 − t, gap = t − r),
 
 since z_r = z_t − (t − r) u(z_t, r, t) (the paper's definition of u, section 4.1) is the step from
-s = 1 − t to s + h = 1 − r. The draws (t, r) and the settings that shape them are in the paper's time too, so its
-numbers are used as printed.
+s = 1 − t to s + h = 1 − r. The draws (t, r) and the settings that shape them are in the paper's time
+too, so its numbers are used as printed.
 
 **The target** (section 4.1). The average velocity u(z_t, r, t) = 1/(t − r) ∫_r^t v(z_τ, τ) dτ
 satisfies the MeanFlow identity u = v − (t − r) du/dt, with the total derivative along the flow
@@ -25,8 +25,7 @@ du/dt = v ∂_z u + ∂_t u (∂_r u gets weight dr/dt = 0). Training regresses 
     u_tgt = v − (t − r) · jvp(u_θ, (z, r, t), tangent (v, 0, 1)),       loss = sg(w) ‖u_θ(z, r, t) − sg(u_tgt)‖²,
 
 with the adaptive weight w = 1 / (‖Δ‖² + c)^p (section 4.3, Table 1e; p = 1, c = 10⁻³), ‖Δ‖² summed
-over the whole sample as the released code does. At r = t the target is
-v itself: plain flow matching.
+over the whole sample as the released code does. At r = t the target is v itself: flow matching.
 
 **Guidance trained in** (section 4.2, and the mixed form with κ of the appendix). The labelled
 samples regress on the guided field: v is replaced, in the target and in the JVP's tangent, by
@@ -41,9 +40,10 @@ again (`trained_guidance`).
 DiT (`DistributedDataParallel.module`; the weights are shared), and the trained u is one ordinary
 forward through the step's runnable, whose backward DDP reduces. Per step that is the JVP (a primal
 and a tangent pass, no activations kept: about 2 forwards' work) on top of a flow step's forward and
-backward (about 3 forwards), plus one no-grad forward when ω ≠ 1 (two when κ ≠ 0); the released code
-instead differentiates the JVP's primal output and saves one forward, which a DDP wrapper's hooks do not
-allow. Scaled-dot-product attention has no forward-mode rule in any of its fused kernels (PyTorch 2.13:
+backward (about 3 forwards), plus one no-grad forward when ω ≠ 1 (two when κ ≠ 0). The released code
+instead backpropagates through the JVP's primal output and saves that forward; a forward-mode transform
+through DDP's hooks (gradient-reduction bookkeeping, buffer broadcasts) is not something this code relies
+on. Scaled-dot-product attention has no forward-mode rule in any of its fused kernels (PyTorch 2.13:
 the CPU's flash kernel and CUDA's flash, memory-efficient and cuDNN kernels all raise "Trying to use
 forward AD with ... that does not support it"), so the JVP runs attention on SDPA's math path, which
 differentiates op by op; the trained forward keeps the fused kernels.
