@@ -29,7 +29,7 @@ test: install
 
 # The numerics tests again with PyTorch's scalar and AVX2 kernels forced (on x86; elsewhere the setting
 # falls back to what the CPU has): a tolerance that only this machine's vector width meets fails here.
-NUMERICS_TESTS := tests/test_model_parity.py tests/test_diffusion_parity.py tests/test_sampling.py tests/test_inception_parity.py tests/test_sit_parity.py tests/test_flow.py tests/test_objectives.py
+NUMERICS_TESTS := tests/test_model_parity.py tests/test_diffusion_parity.py tests/test_sampling.py tests/test_inception_parity.py tests/test_sit_parity.py tests/test_flow.py tests/test_objectives.py tests/test_meanflow.py
 test-kernels: install
 	@for capability in default avx2; do \
 	  echo "make test-kernels: ATEN_CPU_CAPABILITY=$$capability"; \

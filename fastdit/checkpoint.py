@@ -30,7 +30,7 @@ from .state_dicts import describe_mismatch
 from .model_info import LatentInfo, ModelInfo
 from .models import DiT, DiTConfig, config_from_name, preset_of
 from .models.presets import SIZES
-from .objectives import build_objective
+from .objectives import OBJECTIVES, build_objective
 
 TRAIN_FORMAT = "fastdit.train"
 EXPORT_FORMAT = "fastdit.export"
@@ -126,6 +126,7 @@ def _shape_fields(state_dict: dict) -> dict:
         num_classes=rows - 1,
         learn_sigma=final // (patch * patch) == 2 * in_channels,
         mlp_ratio=mlp_hidden / hidden,
+        time_gap_embedding="gap_embedder.mlp.0.weight" in state_dict,  # MeanFlow's second time input
     )
 
 
@@ -256,9 +257,24 @@ def load_model(
             f"checkpoint {source!r} has {info.config.num_classes} classes, not {num_classes}; "
             f"use --num-classes {info.config.num_classes}"
         )
+    check_network_fits(info, source)
     model = DiT(info.config)
     load_state_dict_strict(model, state, source)
     return model.to(device).eval(), info
+
+
+def check_network_fits(info: ModelInfo, source: str) -> None:
+    """The network has what its objective needs (`Objective.network_options`) and nothing another
+    objective needs that this one would not feed (a MeanFlow network's gap, read as a flow model)."""
+    fields = {name for cls in OBJECTIVES.values() for name in cls.network_options}
+    for name in sorted(fields):
+        wanted = info.objective.network_options.get(name, DiTConfig.__dataclass_fields__[name].default)
+        found = getattr(info.config, name)
+        if found != wanted:
+            users = [n for n, cls in OBJECTIVES.items() if cls.network_options.get(name) == found]
+            hint = f"pass --objective {users[0]}" if users else f"it is no {info.objective.name} network"
+            raise UserError(f"{source!r} holds a network with {name}={found}, which a {info.objective.name} model "
+                            f"does not have ({name}={wanted}); {hint}")
 
 
 # ----------------------------------------------------------------------------------------------

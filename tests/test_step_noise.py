@@ -11,7 +11,8 @@ from fastdit.train.step_noise import draw_step
 SHAPE = (4, 2, 2)
 GLOBAL_BATCH = 8
 OBJECTIVES = {"ddpm": build_objective("ddpm"), "flow": build_objective("flow", time_sampling="logit-normal"),
-              "x-pred": build_objective("x-pred", time_sampling="logit-normal", logit_normal_mean=-0.8)}
+              "x-pred": build_objective("x-pred", time_sampling="logit-normal", logit_normal_mean=-0.8),
+              "meanflow": build_objective("meanflow")}
 
 
 def draws_of(rank=0, world=1, *, seed=0, step=3, global_batch=GLOBAL_BATCH, objective="ddpm", dropout_prob=0.5,

@@ -50,8 +50,12 @@ FLOW_FIELDS = dict(objective="flow", time_sampling="logit-normal", rope=True, qk
 X_PRED = ["--objective", "x-pred", "--time-sampling", "logit-normal", "--logit-normal-mean", "-0.8",
           "--logit-normal-std", "0.8"]
 X_PRED_FIELDS = dict(objective="x-pred", time_sampling="logit-normal", logit_normal_mean=-0.8, logit_normal_std=0.8)
-OBJECTIVE_RUNS = pytest.mark.parametrize("flags, fields", [([], {}), (FLOW, FLOW_FIELDS), (X_PRED, X_PRED_FIELDS)],
-                                         ids=["ddpm", "flow", "x-pred"])
+# MeanFlow (its JVP target) with guidance trained in (the extra no-grad forwards of both guided fields).
+MEANFLOW = ["--objective", "meanflow", "--meanflow-omega", "2.0", "--meanflow-kappa", "0.25", "--meanflow-ratio", "0.5"]
+MEANFLOW_FIELDS = dict(objective="meanflow", meanflow_omega=2.0, meanflow_kappa=0.25, meanflow_ratio=0.5)
+OBJECTIVE_RUNS = pytest.mark.parametrize(
+    "flags, fields", [([], {}), (FLOW, FLOW_FIELDS), (X_PRED, X_PRED_FIELDS), (MEANFLOW, MEANFLOW_FIELDS)],
+    ids=["ddpm", "flow", "x-pred", "meanflow"])
 
 
 @OBJECTIVE_RUNS

@@ -38,11 +38,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_sampling_arguments(parser: argparse.ArgumentParser, cfg_default: float = OFFICIAL_CFG_SCALE) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument("--sampler", choices=sampler_names(), default=None,
-                       help="default: the model's own (ddpm for DiT, sde-euler for SiT/flow); "
+                       help="default: the model's own (ddpm for DiT, sde-euler for SiT/flow, meanflow for MeanFlow); "
                             + "; ".join(f"{k} models: {', '.join(v)}" for k, v in samplers_by_objective().items()))
     group.add_argument("--num-sampling-steps", type=int, default=OFFICIAL_NUM_STEPS,
                        help="DDPM and DDIM/DPM-Solver++: model calls; flow ODE/SDE samplers: grid points, as SiT counts "
-                            f"them (default: {OFFICIAL_NUM_STEPS})")
+                            f"them; meanflow: steps of one call each, 1 the least (default: {OFFICIAL_NUM_STEPS})")
     group.add_argument("--cfg-scale", type=finite_float, default=cfg_default,
                        help=f"classifier-free guidance scale; 1 disables guidance (default: {cfg_default})")
     group.add_argument("--official-guidance", action="store_true",

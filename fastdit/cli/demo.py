@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr", type=finite_float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
     group.add_argument("--ema-decay", type=finite_float, default=d.ema_decay, help=f"EMA decay per step; the samples come from the EMA (default: {d.ema_decay})")
     group.add_argument("--objective", choices=objective_names(), default=d.objective,
-                       help=f"ddpm (DiT's process), flow (SiT's) or x-pred (JiT's) (default: {d.objective})")
+                       help=f"ddpm (DiT's process), flow (SiT's), x-pred (JiT's) or meanflow (one-step, Geng et al. "
+                            f"2025) (default: {d.objective})")
     group.add_argument("--time-sampling", choices=TIME_SAMPLINGS, default=d.time_sampling,
                        help=f"flow and x-pred: how training draws t (default: {d.time_sampling})")
     group.add_argument("--repa", action=argparse.BooleanOptionalAction, default=d.repa,
@@ -34,10 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument("--samples-per-class", type=int, default=d.samples_per_class, help=f"(default: {d.samples_per_class})")
     group.add_argument("--sampler", choices=sampler_names(), default=d.sampler,
-                       help="(default: heun for flow and x-pred, ddpm for ddpm)")
+                       help="(default: heun for flow and x-pred, ddpm for ddpm, meanflow for meanflow)")
     group.add_argument("--sampling-steps", type=int, default=d.sampling_steps,
-                       help="model-call budget: DDPM steps, or flow grid points (default: 9 for flow and x-pred, 25 for ddpm)")
-    group.add_argument("--cfg-scale", type=finite_float, default=d.cfg_scale, help=f"classifier-free guidance scale; 1 disables it (default: {d.cfg_scale})")
+                       help="model-call budget: DDPM steps, flow grid points, or MeanFlow steps (default: 9 for flow "
+                            "and x-pred, 25 for ddpm, 1 for meanflow)")
+    group.add_argument("--cfg-scale", type=finite_float, default=d.cfg_scale,
+                       help=f"classifier-free guidance scale; 1 disables it; meanflow trains it in (its omega) and "
+                            f"samples with one call (default: {d.cfg_scale})")
     parser.add_argument("--classifier-epochs", type=int, default=d.classifier_epochs,
                         help=f"epochs of the digit classifier that judges the samples (default: {d.classifier_epochs})")
     parser.add_argument("--seed", type=seed, default=d.seed, help=f"seed of the data split, training, sampling and the classifier (default: {d.seed})")
@@ -65,6 +69,6 @@ def run(args: argparse.Namespace) -> int:
     for name, path in result.files.items():
         print(f"  {name:<10} {path}")
     print(f"sample more with: fastdit sample --ckpt {result.files['checkpoint']} --sampler {result.report['sampling']['sampler']} "
-          f"--num-sampling-steps {result.report['sampling']['num_steps']} --cfg-scale {config.cfg_scale} "
+          f"--num-sampling-steps {result.report['sampling']['num_steps']} --cfg-scale {result.report['sampling']['cfg_scale']} "
           f"--class-labels 0 1 2 3 4 5 6 7 8 9 --nrow 10 --out digits.png")
     return 0

@@ -30,7 +30,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     from ..train.loop import train
 
-    result = train(config_from_args(args))
+    config = config_from_args(args)
+    result = train(config)
     if result.export is not None:
-        print(f"done: step {result.step}, run folder {result.run_dir}; sample with: fastdit sample --ckpt {result.export}")
+        # A model with its guidance trained in (MeanFlow) samples unguided; the default --cfg-scale would be refused.
+        unguided = " --cfg-scale 1" if config.build_objective().trained_guidance is not None else ""
+        print(f"done: step {result.step}, run folder {result.run_dir}; sample with: fastdit sample --ckpt {result.export}{unguided}")
     return 0

@@ -46,11 +46,13 @@ def frechet_distance_of_features(features1: np.ndarray, features2: np.ndarray) -
 def format_report(report: dict) -> str:
     """The few lines the demo prints at the end."""
     fd = report["frechet_distance"]
+    trained_in = report["sampling"].get("trained_guidance")  # MeanFlow's guidance, trained in
+    guidance = f"cfg {report['sampling']['cfg_scale']}" if trained_in is None else f"guidance {trained_in:g} trained in"
     lines = [
         f"classifier (judge): {report['classifier']['test_accuracy']:.2%} accuracy on "
         f"{report['classifier']['num_test']} real test digits (trained on {report['classifier']['num_train']} others)",
         f"samples classified as their class: {report['class_match']:.2%} of {report['num_samples']} "
-        f"(cfg {report['sampling']['cfg_scale']}, {report['sampling']['sampler']} {report['sampling']['num_steps']} steps)",
+        f"({guidance}, {report['sampling']['sampler']} {report['sampling']['num_steps']} steps)",
         f"Frechet distance in classifier features: samples vs real {fd['samples_vs_real']:.3f}, "
         f"real vs real {fd['real_vs_real']:.3f} ({fd['num_samples']} samples and {fd['num_real_compared']} real digits, "
         f"each against the same {fd['num_reference']} real digits)",

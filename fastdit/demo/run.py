@@ -37,7 +37,8 @@ NUM_CLASSES = 10
 GRID_COLUMNS = 20
 TRAIN_RUN = "train"  # the training's run folder inside --out (`fastdit app` looks for the weights there)
 # The sampler and steps each objective's recipe samples with, unless --sampler / --sampling-steps say otherwise.
-RECIPE_SAMPLING = {"flow": ("heun", 9), "x-pred": ("heun", 9), "ddpm": ("ddpm", 25)}  # samples shown per class in grid.png (all of them are in samples.npz)
+# MeanFlow samples in one step: one model call, its guidance trained in (`train_config`).
+RECIPE_SAMPLING = {"flow": ("heun", 9), "x-pred": ("heun", 9), "ddpm": ("ddpm", 25), "meanflow": ("meanflow", 1)}
 
 
 @dataclass
@@ -80,6 +81,8 @@ class DemoConfig:
     # Guidance trades diversity for class fidelity. Measured with the earlier DiT recipe (1,000 steps,
     # 500 samples, DDPM-50, EMA 0.99, on an AMD EPYC): cfg 2 -> 94.8% classified as their class, Frechet
     # distance 15.8; cfg 3 -> 99.8%, 36.1; cfg 4 -> 99.8%, 60.7 (real vs real: 7.4). Kept at 3 for both recipes.
+    # MeanFlow trains it in instead, as its ω (Geng et al. 2025, section 4.2; their Table 1f's best is 3.0
+    # too), and samples unguided.
     cfg_scale: float = 3.0
     # the judge (a small CNN, see classifier.py)
     classifier_epochs: int = ClassifierOptions.epochs
@@ -118,7 +121,10 @@ class DemoResult:
 def train_config(config: DemoConfig):
     """The `fastdit train` run of the demo (with REPA, the digit encoder it names is made by
     `run_demo` before training)."""
+    import dataclasses
+
     from ..models import LIGHTNINGDIT_BLOCKS
+    from ..objectives import objective_class
     from ..train.config import TrainConfig
     from .encoder import digit_encoder_path
 
@@ -126,8 +132,13 @@ def train_config(config: DemoConfig):
     if config.repa:
         alignment = dict(repa=str(digit_encoder_path(config.out, config.seed)), repa_depth=config.repa_depth,
                          repa_weight=config.repa_weight, repa_projector_dim=config.repa_projector_dim)
-    return TrainConfig.create(**alignment,
-        objective=config.objective, time_sampling=config.time_sampling, **(LIGHTNINGDIT_BLOCKS if config.blocks else {}),
+    # The recipe's objective settings, each passed only to an objective that has it (the others refuse
+    # a setting of another objective): the time sampling of flow and x-pred, MeanFlow's trained-in guidance.
+    own = {field.name for field in dataclasses.fields(objective_class(config.objective))}
+    recipe = {"time_sampling": config.time_sampling, "meanflow_omega": config.cfg_scale}
+    settings = {name: value for name, value in recipe.items() if name in own}
+    return TrainConfig.create(**alignment, **settings,
+        objective=config.objective, **(LIGHTNINGDIT_BLOCKS if config.blocks else {}),
         model=config.model, image_size=8, num_classes=NUM_CLASSES, data_path="digits", vae="pixels",
         global_batch_size=config.batch_size, lr=config.lr, ema_decay=config.ema_decay, max_steps=config.steps,
         global_seed=config.seed, num_workers=0, device=config.device,
@@ -147,8 +158,10 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     config.validate()
     sampler, sampling_steps = config.sampling()
-    options = SamplingOptions(sampler=sampler, num_steps=sampling_steps, cfg_scale=config.cfg_scale)
-    options.validate(train_config(config).build_objective())
+    objective = train_config(config).build_objective()
+    cfg_scale = config.cfg_scale if objective.trained_guidance is None else 1.0  # else trained in: MeanFlow
+    options = SamplingOptions(sampler=sampler, num_steps=sampling_steps, cfg_scale=cfg_scale)
+    options.validate(objective)
     _refuse_a_folder_of_other_files(Path(config.out))
     out = ensure_writable_dir(config.out)
     device = resolve_device(config.device)
@@ -164,7 +177,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     model, info = load_model(trained.export, device=device)
     labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int64), config.samples_per_class)  # class-major
-    print(f"sampling {len(labels)} images ({sampler}, {sampling_steps} steps, cfg {config.cfg_scale})", flush=True)
+    guidance = f"cfg {options.cfg_scale}" if objective.trained_guidance is None else f"guidance {config.cfg_scale} trained in"
+    print(f"sampling {len(labels)} images ({sampler}, {sampling_steps} steps, {guidance})", flush=True)
     sampling_start = time.perf_counter()
     samples = generate(model, PixelSpace(channels=1), labels, options=options, objective=info.objective, seed=config.seed, device=device,
                        progress=config.progress)
@@ -190,7 +204,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     result.update(
         config=asdict(config),
-        sampling={**asdict(options), "sampler": options.resolved_sampler(info.objective)},
+        sampling={**asdict(options), "sampler": options.resolved_sampler(info.objective),
+                  "trained_guidance": objective.trained_guidance},
         seconds={"train": round(train_seconds, 1), "sampling": round(sampling_seconds, 1),
                  "evaluation": round(evaluation_seconds, 1),
                  "total": round(time.perf_counter() - started, 1),

@@ -14,6 +14,12 @@ for weight and output for output:
   on top of the absolute sin-cos table, which stays (as in LightningDiT);
 * `qk_norm=True`: a learnable norm over each head's q and k before attention (Dehghani et al. 2023).
 
+One optional input (off by default, and then absent: no parameter, no operation):
+* `time_gap_embedding=True`: a second time input, the gap h = t − r of MeanFlow's average velocity
+  u(z, r, t) (Geng et al. 2025, "Mean Flows for One-step Generative Modeling"). A second
+  `TimestepEmbedder` (`gap_embedder`) embeds h and its embedding is added to t's, the paper's (t, t − r)
+  conditioning (its Table 1c); `forward` then takes `gap=`.
+
 Shapes: N batch, C latent channels, H/W latent height/width, p patch size, T = (H/p)(W/p) tokens,
 D hidden size, h heads, d = D/h head dimension, G = H/p grid side.
 """
@@ -51,6 +57,8 @@ class DiTConfig:
     mlp: str = "gelu"  # "gelu" | "swiglu"
     rope: bool = False  # 2-D rotary position embedding on q and k
     qk_norm: bool = False  # normalise each head's q and k (with the kind of `norm`)
+    # MeanFlow's second time input: embed the gap t − r too (module docstring); off is the official DiT.
+    time_gap_embedding: bool = False
 
     def __post_init__(self) -> None:
         if self.input_size <= 0 or self.input_size % self.patch_size:
@@ -68,7 +76,7 @@ class DiTConfig:
             raise UserError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         if self.mlp not in MLPS:
             raise UserError(f"mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}")
-        for name in ("rope", "qk_norm"):
+        for name in ("rope", "qk_norm", "time_gap_embedding"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.rope and self.head_dim % 4:
@@ -137,19 +145,25 @@ class TimestepEmbedder(nn.Module):
         )
 
     @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    def timestep_embedding(
+        t: torch.Tensor, dim: int, max_period: float = 10000.0, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         # Transformer-style frequencies exp(-ln(max_period) k / half), k = 0..half-1, computed in
         # float32 as the official code does; the cosine half comes FIRST. (N,) -> (N, dim)
         half = dim // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs[None]
+        args = t[:, None].to(dtype) * freqs[None].to(dtype)  # float32: the official t.float() * freqs
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
             embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
         return embedding
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        # A float64 module (the finite-difference tests of MeanFlow's derivatives in t) takes the
+        # features in float64 as well: rounding t to float32 would make f(t ± h) a staircase of
+        # float32 steps. Every float32/half module computes them exactly as the official code does.
+        dtype = torch.float64 if self.mlp[0].weight.dtype == torch.float64 else torch.float32
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size, dtype=dtype)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 
@@ -306,7 +320,9 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     """forward(x, t, y): noisy latents (N, C, H, W), timesteps (N,) on the 0..999 scale, labels (N,)
-    -> (N, C_out, H, W): the ε prediction, followed (learn_sigma) by C variance-interpolation values."""
+    -> (N, C_out, H, W): the ε prediction, followed (learn_sigma) by C variance-interpolation values.
+    (Other objectives give t on their own scale and read the output as theirs: `fastdit.objectives`.)
+    With `time_gap_embedding`, forward(x, t, y, gap=h) also takes the gap h (N,) of MeanFlow."""
 
     def __init__(self, config: DiTConfig | None = None, **overrides):
         super().__init__()
@@ -317,6 +333,8 @@ class DiT(nn.Module):
         D = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
+        if config.time_gap_embedding:
+            self.gap_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
         # Fixed sin-cos table; a frozen Parameter (not a buffer) because official checkpoints store it.
         self.pos_embed = nn.Parameter(torch.zeros(1, config.grid_size**2, D), requires_grad=False)
@@ -356,6 +374,9 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.config.time_gap_embedding:  # initialised as t's embedder is
+            nn.init.normal_(self.gap_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.gap_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every residual branch and the output start at zero, so each block starts as
         # the identity (DiT section 3.2, "adaLN-Zero block").
         for block in self.blocks:
@@ -373,10 +394,23 @@ class DiT(nn.Module):
         return x.reshape(x.shape[0], c, g * p, g * p)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        force_drop_ids: torch.Tensor | None = None,
+        gap: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
+        c = self.t_embedder(t)  # (N, D)
+        if self.config.time_gap_embedding:
+            if gap is None:
+                raise ValueError("this DiT embeds a time gap (time_gap_embedding): pass gap=t - r, shape (N,)")
+            # MeanFlow's (t, t − r) conditioning: the gap's embedding is added to t's (Geng et al. 2025, Table 1c).
+            c = c + self.gap_embedder(gap)
+        elif gap is not None:
+            raise ValueError("this DiT has no time-gap embedding (time_gap_embedding=False); call it without gap")
+        c = c + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         rope = (self.rope_cos, self.rope_sin) if self.config.rope else None
         for block in self.blocks:  # (activation checkpointing wraps blocks from outside: fastdit.train.setup)
             x = block(x, c, rope)

@@ -3,6 +3,7 @@
 * `ddpm`   DiT's IDDPM process (ε and learned variance, MSE + VLB)       `ddpm.py`
 * `flow`   SiT's flow matching (velocity on the linear path)            `flow.py`
 * `x-pred` JiT's x-prediction (clean image, loss on the velocity)        `x_pred.py`
+* `meanflow` MeanFlow's average velocity (one-step sampling)             `meanflow.py`
 
 Adding one is a module with a registered `Objective` dataclass and one import line below.
 """
@@ -21,7 +22,7 @@ from .base import (
 from .views import Grid, flow_grid, gaussian_grid, shift_times, time_grid
 
 # The built-in objectives: importing a module registers it.
-from . import ddpm, flow, x_pred  # noqa: E402,F401  isort: skip
+from . import ddpm, flow, x_pred, meanflow  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "OBJECTIVES",

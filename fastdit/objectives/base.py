@@ -11,8 +11,12 @@ An objective owns
 * its **time** (`time_range`, and `flow_time` when the time is flow matching's 0 = noise ... 1 = data,
   where a time shift of the sampling grid applies), its **default sampler**, and
 * the **denoiser views** samplers consume (`views`): "velocity" (dx/dt on the flow path), "grid"
-  (x̂0 and ε̂ on a grid of (α, σ)), "gaussian" (the respaced IDDPM process with its learned variances).
-  `fastdit.sampling.registry` offers an objective every sampler whose view it provides.
+  (x̂0 and ε̂ on a grid of (α, σ)), "gaussian" (the respaced IDDPM process with its learned variances),
+  "average-velocity" (MeanFlow's u: the mean of dx/dt over an interval, for jumps in one call).
+  `fastdit.sampling.registry` offers an objective every sampler whose view it provides;
+* what it needs of the **network** beyond the DiT's defaults (`network_options`, `DiTConfig` fields:
+  MeanFlow's second time input), and whether guidance is **trained in** (`trained_guidance`), in
+  which case sampling must not guide again.
 
 An objective is registered by name with `register_objective`; `fastdit.objectives` imports every
 built-in one. The network contract is DiT's: `model(x, t, **model_kwargs) -> (N, C or 2C, H, W)`.
@@ -30,7 +34,7 @@ from ..errors import UserError
 from .views import Grid
 
 ModelFn = Callable[..., torch.Tensor]
-VIEWS = ("velocity", "grid", "gaussian")
+VIEWS = ("velocity", "grid", "gaussian", "average-velocity")
 
 
 def setting(default, help: str, **kwargs):
@@ -47,6 +51,8 @@ class Objective(ABC):
     views: ClassVar[frozenset[str]]
     # Shown in `--help` and in errors: what the network predicts.
     summary: ClassVar[str]
+    # `DiTConfig` fields the objective's network must have (the training builds it so; loading checks).
+    network_options: ClassVar[dict] = {}
 
     # ------------------------------------------------------------------------------------------
     # recorded settings
@@ -60,6 +66,12 @@ class Objective(ABC):
 
     def to_dict(self) -> dict:
         return {"objective": self.name, **dataclasses.asdict(self)}
+
+    @property
+    def trained_guidance(self) -> float | None:
+        """The classifier-free guidance scale trained into the network, None when sampling guides (a
+        network trained guided must be sampled with --cfg-scale 1, or it would be guided twice)."""
+        return None
 
     # ------------------------------------------------------------------------------------------
     # training
@@ -92,6 +104,11 @@ class Objective(ABC):
     def gaussian(self, num_steps: int, *, learn_sigma: bool):
         """The IDDPM process respaced to `num_steps` steps (ancestral sampling with learned variances)."""
         raise self._no_view("gaussian")
+
+    def average_velocity(self, model_fn: ModelFn) -> ModelFn:
+        """`u(x, t, t_next, y)`: the average of dx/dt over [t, t_next] in flow time (0 = noise), so that
+        x(t_next) = x + (t_next − t) u exactly for the true u (MeanFlow)."""
+        raise self._no_view("average-velocity")
 
     def _no_view(self, view: str) -> Exception:
         return NotImplementedError(f"the {self.name} objective provides no {view} view (it provides: {', '.join(sorted(self.views))})")

@@ -4,7 +4,8 @@ Contract: `velocity_fn(x, t, **cond) -> v` with t of shape (N,) in [0, 1], t = 0
 (`fastdit.diffusion.flow`). Every sampler takes the start noise `x` (at times[0]) and an increasing
 `times` grid (`time_grid`), and returns the state at times[-1] (after the SDE's last step, at 1).
 `callback(i, x)` receives the state after step i. Fresh noise comes from `noise_fn(x)`, so that the
-caller can seed it per image (`fastdit.sampling.noise.PerImageNoise`).
+caller can seed it per image (`fastdit.sampling.noise.PerImageNoise`). `mean_flow_steps` takes
+MeanFlow's average velocity `u(x, t, t', **cond)` instead of v.
 
 The conventions are those of SiT's `transport` package (Ma et al. 2024): ODE grids are
 `linspace(0, 1, num_points)` (SiT's `num_steps` is the number of points); SDE grids stop at
@@ -59,6 +60,27 @@ def _steps(times: torch.Tensor, progress: bool, desc: str):
 
 def _batch(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(1).expand(x.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Average velocity (MeanFlow): jumps over whole intervals
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def mean_flow_steps(
+    average_velocity_fn: Callable[..., torch.Tensor], x: torch.Tensor, times: torch.Tensor, *,
+    cond: dict | None = None, callback: Callback | None = None, progress: bool = False,
+) -> torch.Tensor:
+    """x ← x + (t' − t) u(x, t, t') with u the average velocity over [t, t'] (Geng et al. 2025, section
+    4.1, z_r = z_t − (t − r) u in the paper's reversed time): exact for the true u whatever the step, so
+    `times` = (0, 1) is one-step generation. One model call per step."""
+    cond = cond or {}
+    for i, (t, t_next) in _steps(times, progress, "MeanFlow"):
+        x = x + (t_next - t) * average_velocity_fn(x, _batch(t, x), _batch(t_next, x), **cond)
+        if callback is not None:
+            callback(i, x)
+    return x
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,14 +46,15 @@ class SamplingOptions:
 
     def validate(self, objective: Objective) -> None:
         sampler = get_sampler(self.resolved_sampler(objective), objective)
-        # At least 2: the respaced process needs a step 1 to define the clipped posterior variance, and
-        # a flow grid needs two points.
-        if self.num_steps < 2 or self.num_steps > 1000:
-            raise UserError(f"number of sampling steps must be in [2, 1000], got {self.num_steps}")
+        if self.num_steps < sampler.min_steps or self.num_steps > 1000:
+            raise UserError(f"number of sampling steps must be in [{sampler.min_steps}, 1000], got {self.num_steps}")
         for name in ("eta", "time_shift"):
             if not math.isfinite(getattr(self, name)):
                 raise UserError(f"{name.replace('_', ' ')} must be a finite number, got {getattr(self, name)}")
         check_cfg_scale(self.cfg_scale)
+        if objective.trained_guidance is not None and self.cfg_scale != 1.0:
+            raise UserError(f"this {objective.name} model has its guidance trained in (scale {objective.trained_guidance:g}): "
+                            f"sample it with --cfg-scale 1, not {self.cfg_scale:g}")
         check_sampler_options(sampler, self.sampler_options())
         if not 0.0 <= self.eta <= 1.0:
             raise UserError(f"DDIM eta must be in [0, 1], got {self.eta}")
@@ -89,9 +90,9 @@ def in_precision(model, precision: str):
     if precision == "fp32":
         return model
 
-    def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **rows) -> torch.Tensor:
         with autocast(x.device, precision):
-            output = model(x, t, y)
+            output = model(x, t, y, **rows)  # rows: MeanFlow's gap
         return output.float()
 
     return forward

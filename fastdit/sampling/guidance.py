@@ -85,22 +85,25 @@ class ClassifierFreeGuidance:
         self.guided_channels = guided_channels or in_channels
         self.interval = check_guidance_interval(interval)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **rows) -> torch.Tensor:
+        """`rows`: further per-row model inputs (N, ...) (MeanFlow's `gap`), passed with their rows."""
         if self.scale == 1.0:
-            return self.model(x, t, y)
+            return self.model(x, t, y, **rows)
         if self.interval is None:
             inside = torch.ones_like(y, dtype=torch.bool)
         else:
             inside = (t >= self.interval[0]) & (t <= self.interval[1])
             if not inside.any():
-                return self.model(x, t, y)
+                return self.model(x, t, y, **rows)
         if inside.all():
             null = torch.full_like(y, self.null_class)
-            cond, uncond = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+            doubled = {name: torch.cat([value, value]) for name, value in rows.items()}
+            cond, uncond = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), **doubled).chunk(2)
             return guide(cond, uncond, self.scale, self.guided_channels)
         # Rows at different times: every row with its label, then only the rows inside with the null label.
         null = torch.full_like(y[inside], self.null_class)
-        out = self.model(torch.cat([x, x[inside]]), torch.cat([t, t[inside]]), torch.cat([y, null]))
+        extended = {name: torch.cat([value, value[inside]]) for name, value in rows.items()}
+        out = self.model(torch.cat([x, x[inside]]), torch.cat([t, t[inside]]), torch.cat([y, null]), **extended)
         cond, uncond = out[: len(x)], out[len(x):]
         guided = cond.clone()
         guided[inside] = guide(cond[inside], uncond, self.scale, self.guided_channels)

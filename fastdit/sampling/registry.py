@@ -4,8 +4,9 @@ it needs and the options it takes.
 A sampler is `run(view, x, *, num_steps, noise_fn, progress, **options) -> x at data`, where `view` is
 a `ModelView` (the model as its objective presents it, with the labels and the time shift) and
 `num_steps` is the sampler's own count (model calls for DDPM and the grid samplers, grid points as SiT
-counts them for the flow ODE/SDE samplers). `needs` names the view ("velocity", "grid" or "gaussian",
-`fastdit.objectives.base`): an objective is offered every sampler whose view it provides. `options`
+counts them for the flow ODE/SDE samplers, steps for MeanFlow's). `needs` names the view ("velocity",
+"grid", "gaussian" or "average-velocity", `fastdit.objectives.base`): an objective is offered every
+sampler whose view it provides, and `min_steps` is the fewest steps it can take. `options`
 are the `SamplingOptions` fields beyond the common ones that the sampler reads (DDIM's eta); any other
 set to a non-default value is an error naming the samplers that take it.
 
@@ -22,7 +23,7 @@ import torch
 
 from ..errors import UserError
 from ..objectives import Objective, objective_names, objective_class, time_grid
-from .flow import SIT_LAST_STEP_SIZE, ode_dopri5, ode_euler, ode_heun, sde_euler, sde_heun
+from .flow import SIT_LAST_STEP_SIZE, mean_flow_steps, ode_dopri5, ode_euler, ode_heun, sde_euler, sde_heun
 from .samplers import ddim, ddpm_sample, dpm_solver_pp_2m
 
 # Options a sampler may take beyond the common ones, with the value that means "not set".
@@ -36,12 +37,15 @@ class Sampler:
     run: Callable
     options: tuple[str, ...]
     summary: str
+    # At least 2: the respaced process needs a step 1 to define the clipped posterior variance, and a
+    # grid of points needs two. A sampler counting steps of one call each may go down to 1.
+    min_steps: int = 2
 
 
 SAMPLERS: dict[str, Sampler] = {}
 
 
-def register_sampler(name: str, *, needs: str, options: tuple[str, ...] = (), summary: str = ""):
+def register_sampler(name: str, *, needs: str, options: tuple[str, ...] = (), summary: str = "", min_steps: int = 2):
     """Decorator: register `run` as sampler `name` that consumes the `needs` view."""
     unknown = set(options) - set(SAMPLER_OPTIONS)
     if unknown:
@@ -50,7 +54,7 @@ def register_sampler(name: str, *, needs: str, options: tuple[str, ...] = (), su
     def register(run: Callable) -> Callable:
         if name in SAMPLERS:
             raise ValueError(f"a sampler named {name!r} is registered already")
-        SAMPLERS[name] = Sampler(name, needs, run, tuple(options), summary or (run.__doc__ or "").strip())
+        SAMPLERS[name] = Sampler(name, needs, run, tuple(options), summary or (run.__doc__ or "").strip(), min_steps)
         return run
 
     return register
@@ -110,6 +114,10 @@ class ModelView:
     @property
     def velocity(self) -> Callable:
         return self.objective.velocity(self.model_fn)
+
+    @property
+    def average_velocity(self) -> Callable:
+        return self.objective.average_velocity(self.model_fn)
 
     def times(self, num_points: int, end: float = 1.0) -> torch.Tensor:
         """Flow times from 0 (noise) to `end`, shifted by the view's time shift."""
@@ -181,3 +189,9 @@ def _ddim(view, x, *, num_steps, noise_fn, progress, eta):
 def _dpm_solver(view, x, *, num_steps, noise_fn, progress):
     """DPM-Solver++(2M) on the objective's (α, σ) grid, num_steps model calls"""
     return dpm_solver_pp_2m(view.grid(num_steps), x, progress=progress)
+
+
+@register_sampler("meanflow", needs="average-velocity", min_steps=1)
+def _meanflow(view, x, *, num_steps, noise_fn, progress):
+    """MeanFlow's sampler: x <- x + (t' - t) u(x, t, t') over num_steps steps; 1 step = one model call"""
+    return mean_flow_steps(view.average_velocity, x, view.times(num_steps + 1), cond=view.cond, progress=progress)

@@ -276,6 +276,11 @@ class TrainConfig:
     def build_objective(self) -> Objective:
         return self.objective.build()
 
+    def model_options(self) -> dict:
+        """The DiTConfig fields beyond the preset: the model section's, and what the objective's network
+        needs (MeanFlow's time-gap embedding)."""
+        return {**self.model.options(), **self.build_objective().network_options}
+
     def validate(self) -> "TrainConfig":
         data = self.data
         if not data.features_path and not data.data_path:
@@ -294,7 +299,10 @@ class TrainConfig:
             raise UserError("--fsdp does not yet compute FIDs during training; leave --eval-every at 0 and run "
                             "`fastdit evaluate` on the exported EMA checkpoints")
         objective = self.build_objective()  # rejects an unknown objective or a setting out of range
-        architecture = config_from_name(self.model.name, **self.model.options())  # rejects options that do not fit
+        architecture = config_from_name(self.model.name, **self.model_options())  # rejects options that do not fit
+        if objective.trained_guidance is not None and self.model.class_dropout_prob <= 0:
+            raise UserError(f"the {objective.name} objective trains guidance in (scale {objective.trained_guidance:g}), "
+                            f"which needs the null class: set --class-dropout-prob > 0 (the paper: 0.1)")
         if self.alignment.repa and not 1 <= self.alignment.repa_depth <= architecture.depth:
             raise UserError(f"--repa-depth {self.alignment.repa_depth} is not a block of {self.model.name} "
                             f"(blocks 1..{architecture.depth}); REPA aligns block 8 of XL, 4 of B")

@@ -106,7 +106,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     per_epoch = steps_per_epoch(len(data.dataset), optim.global_batch_size)
     torch.manual_seed(optim.global_seed)  # the same initial weights on every process
     model = build_model(
-        config.model.name, input_size=data.latent_shape[1], in_channels=data.latent_shape[0], **config.model.options()
+        config.model.name, input_size=data.latent_shape[1], in_channels=data.latent_shape[0], **config.model_options()
     ).to(device)
     ema = make_ema(model)  # copied before any wrapping
     model_info = ModelInfo(config=model.config, latent=data.latent_info, class_names=data.class_names,
@@ -320,7 +320,7 @@ def _sample_grid(config, objective, run_dir, ema, data, step, log):
 
     num_classes = config.model.num_classes
     labels = [k % num_classes for k in range(min(num_classes, 10) * 4)]
-    guided = config.model.class_dropout_prob > 0
+    guided = config.model.class_dropout_prob > 0 and objective.trained_guidance is None  # else trained in
     options = SamplingOptions(num_steps=config.run.sample_steps, cfg_scale=2.0 if guided else 1.0)
     images = generate(ema, data.decoder(), labels, options=options, objective=objective,
                       seed=config.optimisation.global_seed, device=next(ema.parameters()).device)
