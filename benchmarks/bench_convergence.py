@@ -58,7 +58,11 @@ RECIPES = {
     "flow-blocks-repa-k2": ("flow", "logit-normal", True, "heun", 9, {"repa_depth": 2, "repa_weight": 0.5}),
     "flow-blocks-repa-k2-w1": ("flow", "logit-normal", True, "heun", 9, {"repa_depth": 2, "repa_weight": 1.0}),
     "flow-blocks-repa-k3": ("flow", "logit-normal", True, "heun", 9, {"repa_depth": 3, "repa_weight": 0.5}),
+    # MeanFlow with the blocks, guidance trained in (ω = the run's cfg scale), sampled with one model call;
+    # its own time sampling (the paper's defaults), so the time sampling named here is not used.
+    "meanflow-blocks": ("meanflow", "logit-normal", True, "meanflow", 1, {}),
 }
+MEANFLOW_CALLS = (1, 2, 4)  # the NFE rows of a MeanFlow model: one model call a step
 # NFE rows: sampler -> grid points for a number of model calls (Euler: one call per step; Heun: two).
 NFE_GRIDS = {"euler": lambda calls: calls + 1, "heun": lambda calls: calls // 2 + 1}
 
@@ -77,7 +81,7 @@ class Row:
 
 
 def model_calls(sampler: str, num_steps: int) -> int:
-    return {"ddpm": num_steps, "ddim": num_steps, "dpm++2m": num_steps, "euler": num_steps - 1,
+    return {"ddpm": num_steps, "ddim": num_steps, "dpm++2m": num_steps, "meanflow": num_steps, "euler": num_steps - 1,
             "heun": 2 * (num_steps - 1), "sde-euler": num_steps, "sde-heun": 2 * (num_steps - 1) + 1}[sampler]
 
 
@@ -108,7 +112,9 @@ def main(argv=None) -> int:
     labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int64), args.samples_per_class)
 
     def score(recipe, steps, train_seconds, model, info, sampler, num_steps) -> Row:
-        options = SamplingOptions(sampler=sampler, num_steps=num_steps, cfg_scale=args.cfg_scale)
+        # A model with guidance trained in (MeanFlow: ω = --cfg-scale at training) samples without more.
+        cfg_scale = args.cfg_scale if info.objective.trained_guidance is None else 1.0
+        options = SamplingOptions(sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale)
         start = time.perf_counter()
         samples = generate(model, PixelSpace(1), labels, options=options, objective=info.objective, seed=0)
         seconds = time.perf_counter() - start
@@ -139,7 +145,10 @@ def main(argv=None) -> int:
             elapsed += time.perf_counter() - start
             model, info = load_model(result.export)
             rows.append(score(name, steps, elapsed, model, info, sampler, num_steps))
-        if objective != "ddpm":
+        if objective == "meanflow":
+            for calls in MEANFLOW_CALLS:
+                nfe_rows.append(score(name, steps, elapsed, model, info, "meanflow", calls))
+        elif objective != "ddpm":
             for calls in args.nfe:
                 for nfe_sampler, points in NFE_GRIDS.items():
                     nfe_rows.append(score(name, steps, elapsed, model, info, nfe_sampler, points(calls)))

@@ -22,6 +22,7 @@ def test_row_names_become_options():
     assert parse_row("fastdit+ckpt-mlp", training=True).checkpointing == "mlp"
     assert parse_row("fastdit+ckpt-every-3", training=True).checkpointing == "every-3"
     assert parse_row("fastdit+bf16+repa", training=True) == Row("fastdit+bf16+repa", precision="bf16", repa=True)
+    assert parse_row("fastdit+meanflow", training=True).objective == "meanflow"
 
 
 def test_the_repa_row_aligns_with_an_encoder_of_dinov2_b14s_cost():
@@ -76,7 +77,7 @@ def _table(output: str) -> dict[str, list[str]]:
     return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
 
 
-@pytest.mark.parametrize("job, rows", [("train", ["reference", "fastdit", "fastdit+ckpt-mlp"]),
+@pytest.mark.parametrize("job, rows", [("train", ["reference", "fastdit", "fastdit+ckpt-mlp", "fastdit+meanflow"]),
                                        ("sample", ["reference", "fastdit"])])
 def test_bench_prints_each_row_against_the_reference(job, rows, capsys):
     status = main(["bench", job, "--model", "DiT-T/2", "--image-size", "64", "--batch", "2", "--device", "cpu",

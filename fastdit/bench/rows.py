@@ -1,7 +1,8 @@
 """What one row of the benchmark runs, named by its options: `reference`, or `fastdit` followed by any of
 `+bf16`, `+fp16`, `+compile` and one checkpointing policy (`+ckpt` for every block, `+ckpt-mlp`,
 `+ckpt-every-K`), and for training `+repa` (representation alignment with an encoder of DINOv2-B/14's
-size, randomly initialised: the row measures its cost, not its benefit). fastdit's training rows run
+size, randomly initialised: the row measures its cost, not its benefit) and an objective other than
+DiT's (`+flow`, `+x-pred`, `+meanflow`: what its loss costs, e.g. MeanFlow's JVP against a flow step). fastdit's training rows run
 the real training step (`fastdit.train.step.train_step`:
 the setup `fastdit train` builds, its seeded draws, loss, fused AdamW and EMA); its sampling rows run the
 guided model as `fastdit sample` does, with one DDPM step."""
@@ -16,6 +17,7 @@ import torch
 
 from ..errors import UserError
 from ..host_memory import keep_freed_host_memory
+from ..objectives import build_objective, objective_names
 from ..precision import PRECISIONS
 
 CHECKPOINT_OPTION = re.compile(r"ckpt(-mlp|-every-[1-9][0-9]*)?")
@@ -29,6 +31,7 @@ class Row:
     compile: bool = False
     checkpointing: str = "off"  # fastdit train's policy: off | blocks | mlp | every-K
     repa: bool = False  # REPA's alignment term with a DINOv2-B/14-sized encoder on 224-px images
+    objective: str = "ddpm"  # the training objective (fastdit.objectives)
 
 
 def parse_row(name: str, *, training: bool) -> Row:
@@ -47,8 +50,11 @@ def parse_row(name: str, *, training: bool) -> Row:
             fields["checkpointing"] = option.removeprefix("ckpt-") if "-" in option else "blocks"
         elif training and option == "repa":
             fields["repa"] = True
+        elif training and option in objective_names() and option != "ddpm":
+            fields["objective"] = option
         else:
-            choices = "bf16, fp16, compile" + (", ckpt, ckpt-mlp, ckpt-every-K, repa" if training else "")
+            others = ", ".join(name for name in objective_names() if name != "ddpm")
+            choices = "bf16, fp16, compile" + (f", ckpt, ckpt-mlp, ckpt-every-K, repa, {others}" if training else "")
             raise UserError(f"row {name!r}: unknown option {option!r}; the options are {choices}")
     return Row(name, **fields)
 
@@ -98,7 +104,8 @@ def make_train_step(row: Row, model_name: str, batch: int, latent: int, device: 
     enable_tf32(device, not row.reference)  # the official train.py turns TF32 on as well
     if not row.reference:
         keep_freed_host_memory()  # as `fastdit train` does; the reference runs with the allocator's defaults
-    model = build_model(model_name, input_size=latent, num_classes=1000).to(device).train()
+    network = build_objective(row.objective).network_options  # e.g. MeanFlow's second time input
+    model = build_model(model_name, input_size=latent, num_classes=1000, **network).to(device).train()
     ema = make_ema(model)
     x = torch.randn(batch, model.config.in_channels, latent, latent, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
@@ -106,7 +113,7 @@ def make_train_step(row: Row, model_name: str, batch: int, latent: int, device: 
         return reference_train_step(model, ema, x, y)
     config = TrainConfig.create(model=model_name, image_size=latent * 8, data_path="bench", global_batch_size=batch,
                          precision=row.precision, gradient_checkpointing=row.checkpointing, compile=row.compile,
-                         progress=False)
+                         progress=False, objective=row.objective)
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     data = TrainingData(dataset=None, latent_shape=tuple(x.shape[1:]), latent_info=LatentInfo(), class_names=None,
                         device=device)

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
         sub.add_argument("--rows", nargs="+", default=None, metavar="ROW",
                          help="rows to run: reference, or fastdit with +bf16, +fp16, +compile"
-                         + (", +ckpt, +ckpt-mlp, +ckpt-every-K, +repa (REPA's alignment with a DINOv2-B/14-sized encoder)"
+                         + (", +ckpt, +ckpt-mlp, +ckpt-every-K, +repa (REPA's alignment with a DINOv2-B/14-sized encoder), +flow, +x-pred, +meanflow (the objective)"
                             if job == "train" else "") + " (default: a set for the device)")
         sub.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
         sub.add_argument("--steps", type=int, default=3, help="timed steps")
