@@ -87,9 +87,14 @@ def test_page_grid_is_what_its_command_writes(tmp_path):
     out = tmp_path / "page.png"
     command = generate_grid(request, ModelCache(), out, progress=False)
     words = shlex.split(command)
-    assert words[:2] == ["fastdit", "sample"] and words[words.index("--class-labels") + 1:][:4] == ["3", "3", "1", "1"]
+    # The program as it runs from here (`fastdit`, or this environment's script when that is not on PATH).
+    from fastdit.program import program_words
+
+    program = program_words()
+    assert words[:len(program) + 1] == [*program, "sample"]
+    assert words[words.index("--class-labels") + 1:][:4] == ["3", "3", "1", "1"]
     words[words.index("--out") + 1] = str(tmp_path / "cli.png")
-    assert run_cli(*words[1:]) == 0
+    assert run_cli(*words[len(program):]) == 0
     page, cli = np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "cli.png"))
     assert page.shape == (2 + 2 * (8 + 2), 2 + 2 * (8 + 2))  # two classes, one row each of two 8x8 images
     # the same computation on the same shapes in the same process: identical pixels

@@ -159,3 +159,43 @@ def test_plain_pixel_state_dict_samples_with_vae_pixels(tmp_path, channels, caps
     assert status == 0, capsys.readouterr().err
     grid = Image.open(out)
     assert grid.size == (2 + 2 * (8 + 2), 2 + 8 + 2) and len(grid.getbands()) == channels
+
+
+def test_the_command_fastdit_prints_runs_as_printed_without_the_environment_on_path(tmp_path):
+    # After `make demo`, .venv/bin is not on PATH: the printed "sample with:" command must still run,
+    # from the folder the user is in, with the PATH the user has.
+    import os
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    env = {**os.environ, "PATH": path}
+    train = subprocess.run(
+        [sys.executable, "-m", "fastdit", "train", "--data-path", "digits", "--model", "DiT-T/2", "--image-size", "8",
+         "--num-classes", "10", "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--global-batch-size", "8",
+         "--num-workers", "0", "--max-steps", "1", "--no-progress", "--no-tensorboard", "--results-dir", "runs"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=True)
+    printed = train.stdout.split("sample with: ")[-1].strip()
+    assert not printed.startswith("fastdit ")  # `fastdit` is not on this PATH
+    words = [*shlex.split(printed), "--num-sampling-steps", "2", "--class-labels", "1", "2", "--out", "grid.png",
+             "--no-progress"]
+    subprocess.run(words, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=True)
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_the_printed_program_is_fastdit_only_where_that_name_is_this_installation(monkeypatch, tmp_path):
+    import os
+    import sys
+    from pathlib import Path
+
+    from fastdit.program import program_words
+
+    script = Path(sys.executable).parent / "fastdit"
+    monkeypatch.setenv("PATH", os.pathsep.join([str(script.parent), os.environ.get("PATH", "")]))
+    assert program_words() == ["fastdit"]
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing called fastdit there
+    monkeypatch.chdir(script.parent.parent)
+    assert program_words() == [str(Path(script.parent.name) / "fastdit")]  # e.g. .venv/bin/fastdit from the repo

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..program import program_words
 from ..sampling import OFFICIAL_CFG_SCALE, OFFICIAL_NUM_STEPS, SamplingOptions
 from .models import ModelSource
 
@@ -60,7 +61,7 @@ class SampleRequest:
         words += ["--seed", str(self.seed), "--nrow", str(self.nrow), "--out", out]
         if self.device != "auto":
             words += ["--device", self.device]
-        return shlex.join(["fastdit", "sample", *words])
+        return shlex.join([*program_words(), "sample", *words])
 
 
 def parse_interval(text: str | None) -> tuple[float, float] | None:

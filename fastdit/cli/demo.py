@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from ..diffusion.flow import TIME_SAMPLINGS
 from ..objectives import objective_names
 from ..sampling import sampler_names
+from ..program import program_words
 from .arg_types import finite_float, seed
 
 HELP = "train a tiny DiT on the 8x8 digits (no download, minutes on a CPU), sample every class, and judge the samples"
@@ -68,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"files in {result.out_dir}:")
     for name, path in result.files.items():
         print(f"  {name:<10} {path}")
-    print(f"sample more with: fastdit sample --ckpt {result.files['checkpoint']} --sampler {result.report['sampling']['sampler']} "
-          f"--num-sampling-steps {result.report['sampling']['num_steps']} --cfg-scale {result.report['sampling']['cfg_scale']} "
-          f"--class-labels 0 1 2 3 4 5 6 7 8 9 --nrow 10 --out digits.png")
+    sampling = result.report["sampling"]
+    command = [*program_words(), "sample", "--ckpt", str(result.files["checkpoint"]), "--sampler", sampling["sampler"],
+               "--num-sampling-steps", str(sampling["num_steps"]), "--cfg-scale", str(sampling["cfg_scale"]),
+               "--class-labels", *map(str, range(10)), "--nrow", "10", "--out", "digits.png"]
+    print(f"sample more with: {shlex.join(command)}")
     return 0

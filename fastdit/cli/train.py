@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
+from ..program import program_words
 from ..train.config import SECTIONS, RunSection, TrainConfig, flat_fields
 from .dataclass_args import add_dataclass_arguments
 
@@ -35,5 +37,6 @@ def run(args: argparse.Namespace) -> int:
     if result.export is not None:
         # A model with its guidance trained in (MeanFlow) samples unguided; the default --cfg-scale would be refused.
         unguided = " --cfg-scale 1" if config.build_objective().trained_guidance is not None else ""
-        print(f"done: step {result.step}, run folder {result.run_dir}; sample with: fastdit sample --ckpt {result.export}{unguided}")
+        sample = shlex.join([*program_words(), "sample", "--ckpt", str(result.export)])
+        print(f"done: step {result.step}, run folder {result.run_dir}; sample with: {sample}{unguided}")
     return 0
