@@ -49,7 +49,7 @@ class Objective(ABC):
     flow_time: ClassVar[bool]  # t in [0, 1], 0 = noise: a time shift of the sampling grid applies
     default_sampler: ClassVar[str]
     views: ClassVar[frozenset[str]]
-    # Shown in `--help` and in errors: what the network predicts.
+    # What the network is trained for, in a line: `fastdit train --help` lists it with the name.
     summary: ClassVar[str]
     # `DiTConfig` fields the objective's network must have (the training builds it so; loading checks).
     network_options: ClassVar[dict] = {}

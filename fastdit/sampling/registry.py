@@ -36,7 +36,6 @@ class Sampler:
     needs: str  # the objective's view it consumes
     run: Callable
     options: tuple[str, ...]
-    summary: str
     # At least 2: the respaced process needs a step 1 to define the clipped posterior variance, and a
     # grid of points needs two. A sampler counting steps of one call each may go down to 1.
     min_steps: int = 2
@@ -45,7 +44,7 @@ class Sampler:
 SAMPLERS: dict[str, Sampler] = {}
 
 
-def register_sampler(name: str, *, needs: str, options: tuple[str, ...] = (), summary: str = "", min_steps: int = 2):
+def register_sampler(name: str, *, needs: str, options: tuple[str, ...] = (), min_steps: int = 2):
     """Decorator: register `run` as sampler `name` that consumes the `needs` view."""
     unknown = set(options) - set(SAMPLER_OPTIONS)
     if unknown:
@@ -54,7 +53,7 @@ def register_sampler(name: str, *, needs: str, options: tuple[str, ...] = (), su
     def register(run: Callable) -> Callable:
         if name in SAMPLERS:
             raise ValueError(f"a sampler named {name!r} is registered already")
-        SAMPLERS[name] = Sampler(name, needs, run, tuple(options), summary or (run.__doc__ or "").strip(), min_steps)
+        SAMPLERS[name] = Sampler(name, needs, run, tuple(options), min_steps)
         return run
 
     return register

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..latents import PIXEL_SPACE_NAMES, latent_side
 from ..models import config_from_name
-from ..objectives import Objective, all_settings, build_objective, objective_names
+from ..objectives import OBJECTIVES, Objective, all_settings, build_objective, objective_names
 from ..precision import PRECISIONS
 from ..run_folder import refuse_other_settings
 from ..sampling import SamplingOptions
@@ -71,8 +71,9 @@ class ModelSection:
 def _objective_section() -> type:
     """The objective section: the objective's name and every registered objective's settings (one
     flag each, with the objective module's own help text)."""
-    fields = [("name", str, option("ddpm", "what the network is trained for: " + ", ".join(objective_names())
-                                   + "; recorded in checkpoints", flag="objective"))]
+    trained_for = "; ".join(f"{name} ({OBJECTIVES[name].summary})" for name in objective_names())
+    fields = [("name", str, option("ddpm", f"what the network is trained for: {trained_for}; recorded in checkpoints",
+                                   flag="objective"))]
     for name, setting in all_settings().items():
         fields.append((name, setting.type, option(setting.default, setting.metadata["help"])))
 
