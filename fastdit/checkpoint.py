@@ -127,6 +127,7 @@ def _shape_fields(state_dict: dict) -> dict:
         learn_sigma=final // (patch * patch) == 2 * in_channels,
         mlp_ratio=mlp_hidden / hidden,
         time_gap_embedding="gap_embedder.mlp.0.weight" in state_dict,  # MeanFlow's second time input
+        guidance_embedding="guidance_embedder.mlp.0.weight" in state_dict,  # improved MeanFlow's guidance input
     )
 
 
@@ -268,7 +269,7 @@ def check_network_fits(info: ModelInfo, source: str) -> None:
     objective needs that this one would not feed (a MeanFlow network's gap, read as a flow model)."""
     fields = {name for cls in OBJECTIVES.values() for name in cls.network_options}
     for name in sorted(fields):
-        wanted = info.objective.network_options.get(name, DiTConfig.__dataclass_fields__[name].default)
+        wanted = info.objective.network().get(name, DiTConfig.__dataclass_fields__[name].default)
         found = getattr(info.config, name)
         if found != wanted:
             users = [n for n, cls in OBJECTIVES.items() if cls.network_options.get(name) == found]

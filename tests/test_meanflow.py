@@ -161,16 +161,29 @@ def test_jvp_of_the_network_matches_central_differences(blocks):
     assert ((derivative - expected).abs() <= bound).all(), ((derivative - expected).abs() / bound).max()
 
 
-def test_target_matches_a_float64_finite_difference_construction_in_flow_time():
+TARGET_MODES = {
+    "guided": dict(meanflow_omega=1.5, meanflow_kappa=0.3),
+    "v-loss": dict(meanflow_omega=1.5, meanflow_kappa=0.3, meanflow_v_loss=True),
+    "guidance-input": dict(meanflow_guidance_input=True, meanflow_omega_max=3.0),
+    "guidance-input, v-loss": dict(meanflow_guidance_input=True, meanflow_omega_max=3.0, meanflow_v_loss=True),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(TARGET_MODES))
+def test_target_matches_a_float64_finite_difference_construction_in_flow_time(mode):
     """The target built a second way: in fastdit's own flow time s (0 noise) with the network as it is,
     net(z, s, gap=h) = the average of dz/ds over [s, s + h]. Differentiating h u = ∫ v along the path at
     fixed end s + h gives u = v + h d/ds u (the paper's identity with its time reversed), where along the
-    path z moves by ṽ_s ds, s by ds and the gap by −ds. The paper's target is then minus that u, with the
-    guided velocity ṽ_s = −ṽ built from the network at gap 0 and the label or the null class."""
-    omega, kappa = 1.5, 0.3
-    objective = build_objective("meanflow", meanflow_omega=omega, meanflow_kappa=kappa)
+    path z moves by w ds, s by ds and the gap by −ds. The paper's target is then minus
+    ṽ_s + h d/ds u, with the guided velocity ṽ_s = −ṽ built from the network at gap 0 and the label or
+    the null class, and w = ṽ_s (MeanFlow) or the network's own velocity at gap 0 (the v-loss). With the
+    guidance as an input, each sample has its own ω (1 for the dropped label) and ∅ is fed ω = 1."""
+    settings = TARGET_MODES[mode]
+    objective = build_objective("meanflow", **settings)
+    with_input = objective.meanflow_guidance_input
     torch.manual_seed(0)
-    network = perturbed(DiT(DiTConfig(**TINY, **BLOCK_OPTIONS["all"], time_gap_embedding=True))).double().eval()
+    network = perturbed(DiT(DiTConfig(**TINY, **BLOCK_OPTIONS["all"], time_gap_embedding=True,
+                                      guidance_embedding=with_input))).double().eval()
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(4, 3, 8, 8, generator=generator, dtype=torch.float64)
     noise = torch.randn(4, 3, 8, 8, generator=generator, dtype=torch.float64)
@@ -178,29 +191,71 @@ def test_target_matches_a_float64_finite_difference_construction_in_flow_time():
     r = torch.tensor([0.1, 0.6, 0.2, 0.4], dtype=torch.float64)  # sample 2 has r = t: flow matching
     y, dropped = torch.tensor([2, 5, 8, 3]), torch.tensor([False, False, True, False])
     kwargs = {"y": y, "force_drop_ids": dropped}
+    omega = torch.tensor([2.5, 1.7, 1.0, 1.2], dtype=torch.float64)  # a dropped label trains ω = 1
+    if with_input:
+        kwargs["guidance"] = omega
     z = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise  # the paper's z_t = fastdit's z_s, s = 1 − t
     with torch.no_grad():
         target = objective.target(network, z, r, t, noise - x, kwargs)
 
-        s, gap = 1 - t, t - r
+        s, gap, zero = 1 - t, t - r, torch.zeros(4, dtype=torch.float64)
 
-        def net(z_, s_, gap_, drop):
-            return network(z_, s_, y=y, force_drop_ids=drop, gap=gap_)[:, :3]
+        def net(z_, s_, gap_, drop, scale=None):
+            extra = {"guidance": scale} if with_input else {}
+            return network(z_, s_, y=y, force_drop_ids=drop, gap=gap_, **extra)[:, :3]
         v_s = x - noise  # dz/ds of the sample's own path
-        conditional = net(z, s, torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.bool))
-        unconditional = net(z, s, torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.bool))
-        guided = omega * v_s + kappa * conditional + (1 - omega - kappa) * unconditional
-        guided = torch.where(dropped.view(-1, 1, 1, 1), v_s, guided)
-        along = lambda h: net(z + h * guided, s + h, gap - h, dropped)
+        if with_input:
+            unconditional = net(z, s, zero, torch.ones(4, dtype=torch.bool), torch.ones(4, dtype=torch.float64))
+            w = omega.view(-1, 1, 1, 1)
+            guided = w * v_s + (1 - w) * unconditional
+        else:
+            conditional = net(z, s, zero, torch.zeros(4, dtype=torch.bool))
+            unconditional = net(z, s, zero, torch.ones(4, dtype=torch.bool))
+            guided = 1.5 * v_s + 0.3 * conditional + (1 - 1.5 - 0.3) * unconditional
+            guided = torch.where(dropped.view(-1, 1, 1, 1), v_s, guided)
+        scale = omega if with_input else None
+        direction = net(z, s, zero, dropped, scale) if objective.meanflow_v_loss else guided
+        along = lambda h: net(z + h * direction, s + h, gap - h, dropped, scale)
         derivative, bound = difference_bound(along, 1e-4)
         expected = -(guided + gap.view(-1, 1, 1, 1) * derivative)
         bound = gap.view(-1, 1, 1, 1) * bound  # the difference enters the target times the gap
     # Rounding beside the differences' bound: the network's outputs (the guidance's are taken on a doubled
-    # batch there, one at a time here) as `difference_bound` counts them, 1e3 ulps of the largest.
+    # batch there, one at a time here; the JVP on the r ≠ t rows only) as `difference_bound` counts them,
+    # 1e3 ulps of the largest.
     rounding = 1e3 * EPS64 * expected.abs().max()
     assert ((target[1] + guided[1]).abs() <= rounding).all()  # r = t: the target is the guided velocity itself
     assert bound.max() < 1e-7 * target.abs().max()  # the check is sharp, not vacuous
     assert ((target - expected).abs() <= bound + rounding).all(), ((target - expected).abs() / (bound + rounding)).max()
+
+
+def test_the_jvp_on_the_r_ne_t_rows_gives_the_whole_batchs_targets(monkeypatch):
+    """The JVP runs on the samples with r ≠ t only (FSDP runs it on all): the targets agree within
+    float32 rounding of the network's outputs (a batch's rows are computed alike, but not bit for bit
+    across batch sizes): the same 1e3 ulps of the largest value as above, in float32."""
+    from fastdit.objectives import meanflow
+
+    objective = build_objective("meanflow", meanflow_omega=2.0)
+    torch.manual_seed(0)
+    network = perturbed(DiT(DiTConfig(**TINY, time_gap_embedding=True))).eval()
+    x, _, y = inputs(n=6)
+    noise = torch.randn_like(x)
+    t = torch.tensor([0.8, 0.6, 0.35, 0.9, 0.5, 0.7])
+    r = torch.tensor([0.1, 0.6, 0.35, 0.4, 0.5, 0.2])  # three with r = t
+    z = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
+    kwargs = {"y": y, "force_drop_ids": torch.zeros(6, dtype=torch.bool)}
+    calls = []
+    jvp = meanflow.jvp_of_u
+    monkeypatch.setattr(meanflow, "jvp_of_u", lambda network, z, *a, **k: (calls.append(len(z)), jvp(network, z, *a, **k))[1])
+    subset = objective.target(network, z, r, t, noise - x, kwargs)
+    rows = [1, 2, 4]
+    at_t = {"y": y[rows], "force_drop_ids": kwargs["force_drop_ids"][rows]}
+    target = objective.target(network, z[rows], t[rows], t[rows], (noise - x)[rows], at_t)
+    assert calls == [3]  # all r = t: no JVP at all, and the target is the guided velocity
+    assert torch.equal(target, objective.guided_velocity(network, z[rows], t[rows], (noise - x)[rows], at_t))
+    monkeypatch.setattr(meanflow, "whole_batch_only", lambda network: True)
+    whole = objective.target(network, z, r, t, noise - x, kwargs)
+    assert calls == [3, 6]
+    assert ((subset - whole).abs() <= 1e3 * EPS32 * whole.abs().max()).all()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,3 +523,89 @@ def test_the_demo_samples_meanflow_in_one_call_with_its_guidance_trained_in():
     objective = train_config(config).build_objective()
     assert objective.meanflow_omega == config.cfg_scale and objective.trained_guidance == config.cfg_scale
     assert isinstance(train_config(DemoConfig(objective="ddpm", repa=False)), TrainConfig)  # no flow-only setting
+
+
+# ----------------------------------------------------------------------------------------------
+# Improved MeanFlow: the guidance scale as an input, sampled in one call
+# ----------------------------------------------------------------------------------------------
+
+
+def test_guidance_input_settings_and_their_errors():
+    objective = build_objective("meanflow", meanflow_guidance_input=True, meanflow_omega_max=3.0)
+    assert objective.guidance_input == (1.0, 3.0) and objective.trained_guidance is None
+    assert objective.network() == {"time_gap_embedding": True, "guidance_embedding": True}
+    assert build_objective("meanflow").network()["guidance_embedding"] is False
+    with pytest.raises(UserError, match="--meanflow-guidance-input draws the guidance scale per sample"):
+        build_objective("meanflow", meanflow_guidance_input=True, meanflow_omega=2.0)
+    with pytest.raises(UserError, match=r"--meanflow-omega-max must be >= 1, got 0.5"):
+        build_objective("meanflow", meanflow_omega_max=0.5)
+    SamplingOptions(num_steps=1, cfg_scale=2.5).validate(objective)
+    with pytest.raises(UserError, match=r"trained for guidance scales in \[1, 3\]; pick --cfg-scale in that range, not 4"):
+        SamplingOptions(num_steps=1, cfg_scale=4.0).validate(objective)
+    with pytest.raises(UserError, match="a guidance interval does not apply to MeanFlow"):
+        SamplingOptions(num_steps=1, cfg_scale=2.0, guidance_interval=(0.0, 0.5)).validate(objective)
+
+
+def test_draws_add_a_uniform_guidance_scale_last():
+    plain, with_input = build_objective("meanflow"), build_objective("meanflow", meanflow_guidance_input=True,
+                                                                    meanflow_omega_max=3.0)
+    kwargs = dict(global_batch=2000, rank=0, local_batch=2000, shape=(1, 2, 2), dropout_prob=0.0,
+                  with_latent_noise=False, device=torch.device("cpu"))
+    a, b = draw_step(0, 0, objective=plain, **kwargs), draw_step(0, 0, objective=with_input, **kwargs)
+    for name in ("t", "r", "noise"):  # the option's draw comes after the others
+        assert torch.equal(a.objective[name], b.objective[name]), name
+    omega = b.objective["omega"]
+    assert omega.shape == (2000,) and ((omega >= 1) & (omega <= 3)).all()
+    # Uniform on [1, 3]: mean 2, std 2/√12 = 0.577; the mean of 2,000 is within 5 · 0.577/√2000 = 0.065.
+    assert abs(omega.mean().item() - 2.0) < 0.065
+
+
+def test_a_guidance_input_network_is_sampled_in_one_call_with_the_scale_fed_in():
+    from fastdit.sampling import PerImageNoise, sample_latents
+
+    objective = build_objective("meanflow", meanflow_guidance_input=True, meanflow_omega_max=3.0)
+    torch.manual_seed(0)
+    network = perturbed(DiT(DiTConfig(**TINY, **objective.network()))).eval()
+    assert "guidance_embedder.mlp.0.weight" in network.state_dict()
+    x, t, y = inputs()
+    with pytest.raises(ValueError, match="pass guidance="):
+        network(x, t, y, gap=t)
+    calls = []
+    network.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["guidance"].clone()),
+                                  with_kwargs=True)
+    labels = torch.tensor([1, 2, 3])
+    samples = sample_latents(network, labels, objective=objective, options=SamplingOptions(num_steps=1, cfg_scale=2.5),
+                             noise=PerImageNoise(0, range(3)))
+    assert len(calls) == 1 and torch.equal(calls[0], torch.full((3,), 2.5))  # one call, the scale as the input
+    noise = PerImageNoise(0, range(3)).draw((3, 8, 8))
+    with torch.no_grad():  # one jump from flow time 0 (noise) to 1 (data): x + u(x, 0, gap 1)
+        expected = noise + network(noise, torch.zeros(3), labels, gap=torch.ones(3), guidance=torch.full((3,), 2.5))[:, :3]
+    torch.testing.assert_close(samples, expected, rtol=0, atol=0)
+
+
+def test_a_bf16_target_is_as_accurate_as_the_bf16_prediction_it_trains():
+    """Under a bf16 autocast the JVP runs in bf16 (forward-mode AD through autocast's casts). Its target
+    must be no less accurate than the bf16 forward of u that the loss compares with it: both relative
+    errors against float64 are bf16 roundings (unit 2^-8) accumulated through the same network (measured
+    on this model: 1.1% for the target, 2.1% for u); the bound allows 1.5x the forward's error."""
+    objective = build_objective("meanflow", meanflow_omega=2.0)
+    torch.manual_seed(0)
+    network = perturbed(DiT(DiTConfig(**{**TINY, "hidden_size": 128, "depth": 4, "num_heads": 4},
+                                      time_gap_embedding=True))).eval()
+    generator = torch.Generator().manual_seed(1)
+    x, noise = torch.randn(2, 16, 3, 8, 8, generator=generator)
+    t = torch.rand(16, generator=generator)
+    r = t * torch.rand(16, generator=generator)
+    z = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
+    kwargs = {"y": torch.randint(0, 10, (16,), generator=generator), "force_drop_ids": torch.zeros(16, dtype=torch.bool)}
+    with torch.no_grad():
+        double = network.double()
+        exact_target = objective.target(double, z.double(), r.double(), t.double(), (noise - x).double(), kwargs)
+        exact_u = paper_u(double, z.double(), r.double(), t.double(), **kwargs)
+        network.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            target = objective.target(network, z, r, t, noise - x, kwargs)
+            u = paper_u(network, z, r, t, **kwargs)
+    relative = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+    assert torch.isfinite(target).all()
+    assert 1e-4 < relative(target, exact_target) <= 1.5 * relative(u, exact_u)  # bf16 indeed, and no worse

@@ -53,9 +53,13 @@ X_PRED_FIELDS = dict(objective="x-pred", time_sampling="logit-normal", logit_nor
 # MeanFlow (its JVP target) with guidance trained in (the extra no-grad forwards of both guided fields).
 MEANFLOW = ["--objective", "meanflow", "--meanflow-omega", "2.0", "--meanflow-kappa", "0.25", "--meanflow-ratio", "0.5"]
 MEANFLOW_FIELDS = dict(objective="meanflow", meanflow_omega=2.0, meanflow_kappa=0.25, meanflow_ratio=0.5)
+# Improved MeanFlow: the v-loss's extra forward, and a guidance scale drawn per sample as an input.
+IMPROVED_MEANFLOW = ["--objective", "meanflow", "--meanflow-v-loss", "--meanflow-guidance-input", "--meanflow-ratio", "0.5"]
+IMPROVED_MEANFLOW_FIELDS = dict(objective="meanflow", meanflow_v_loss=True, meanflow_guidance_input=True, meanflow_ratio=0.5)
 OBJECTIVE_RUNS = pytest.mark.parametrize(
-    "flags, fields", [([], {}), (FLOW, FLOW_FIELDS), (X_PRED, X_PRED_FIELDS), (MEANFLOW, MEANFLOW_FIELDS)],
-    ids=["ddpm", "flow", "x-pred", "meanflow"])
+    "flags, fields", [([], {}), (FLOW, FLOW_FIELDS), (X_PRED, X_PRED_FIELDS), (MEANFLOW, MEANFLOW_FIELDS),
+                      (IMPROVED_MEANFLOW, IMPROVED_MEANFLOW_FIELDS)],
+    ids=["ddpm", "flow", "x-pred", "meanflow", "improved-meanflow"])
 
 
 @OBJECTIVE_RUNS

@@ -104,7 +104,7 @@ def make_train_step(row: Row, model_name: str, batch: int, latent: int, device: 
     enable_tf32(device, not row.reference)  # the official train.py turns TF32 on as well
     if not row.reference:
         keep_freed_host_memory()  # as `fastdit train` does; the reference runs with the allocator's defaults
-    network = build_objective(row.objective).network_options  # e.g. MeanFlow's second time input
+    network = build_objective(row.objective).network()  # e.g. MeanFlow's second time input
     model = build_model(model_name, input_size=latent, num_classes=1000, **network).to(device).train()
     ema = make_ema(model)
     x = torch.randn(batch, model.config.in_channels, latent, latent, device=device)

@@ -19,6 +19,10 @@ One optional input (off by default, and then absent: no parameter, no operation)
   u(z, r, t) (Geng et al. 2025, "Mean Flows for One-step Generative Modeling"). A second
   `TimestepEmbedder` (`gap_embedder`) embeds h and its embedding is added to t's, the paper's (t, t − r)
   conditioning (its Table 1c); `forward` then takes `gap=`.
+* `guidance_embedding=True`: the classifier-free guidance scale ω as an input, embedded by a third
+  `TimestepEmbedder` (`guidance_embedder`, of ω − 1, so that 0 is unguided) and added to t's, as
+  improved MeanFlow conditions on it (Geng et al. 2025b, arXiv 2512.02012, section 4): one network
+  serves every scale, sampled in one call; `forward` then takes `guidance=`.
 
 Shapes: N batch, C latent channels, H/W latent height/width, p patch size, T = (H/p)(W/p) tokens,
 D hidden size, h heads, d = D/h head dimension, G = H/p grid side.
@@ -59,6 +63,8 @@ class DiTConfig:
     qk_norm: bool = False  # normalise each head's q and k (with the kind of `norm`)
     # MeanFlow's second time input: embed the gap t − r too (module docstring); off is the official DiT.
     time_gap_embedding: bool = False
+    # Improved MeanFlow's guidance scale as an input (module docstring); off is the official DiT.
+    guidance_embedding: bool = False
 
     def __post_init__(self) -> None:
         if self.input_size <= 0 or self.input_size % self.patch_size:
@@ -76,7 +82,7 @@ class DiTConfig:
             raise UserError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         if self.mlp not in MLPS:
             raise UserError(f"mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}")
-        for name in ("rope", "qk_norm", "time_gap_embedding"):
+        for name in ("rope", "qk_norm", "time_gap_embedding", "guidance_embedding"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.rope and self.head_dim % 4:
@@ -322,7 +328,8 @@ class DiT(nn.Module):
     """forward(x, t, y): noisy latents (N, C, H, W), timesteps (N,) on the 0..999 scale, labels (N,)
     -> (N, C_out, H, W): the ε prediction, followed (learn_sigma) by C variance-interpolation values.
     (Other objectives give t on their own scale and read the output as theirs: `fastdit.objectives`.)
-    With `time_gap_embedding`, forward(x, t, y, gap=h) also takes the gap h (N,) of MeanFlow."""
+    With `time_gap_embedding`, forward(x, t, y, gap=h) also takes the gap h (N,) of MeanFlow, and with
+    `guidance_embedding`, `guidance=` the guidance scale ω (N,) the output is trained for."""
 
     def __init__(self, config: DiTConfig | None = None, **overrides):
         super().__init__()
@@ -335,6 +342,8 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(D)
         if config.time_gap_embedding:
             self.gap_embedder = TimestepEmbedder(D)
+        if config.guidance_embedding:
+            self.guidance_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
         # Fixed sin-cos table; a frozen Parameter (not a buffer) because official checkpoints store it.
         self.pos_embed = nn.Parameter(torch.zeros(1, config.grid_size**2, D), requires_grad=False)
@@ -374,9 +383,10 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        if self.config.time_gap_embedding:  # initialised as t's embedder is
-            nn.init.normal_(self.gap_embedder.mlp[0].weight, std=0.02)
-            nn.init.normal_(self.gap_embedder.mlp[2].weight, std=0.02)
+        for extra in ("gap_embedder", "guidance_embedder"):  # initialised as t's embedder is
+            if hasattr(self, extra):
+                nn.init.normal_(getattr(self, extra).mlp[0].weight, std=0.02)
+                nn.init.normal_(getattr(self, extra).mlp[2].weight, std=0.02)
         # adaLN-Zero: every residual branch and the output start at zero, so each block starts as
         # the identity (DiT section 3.2, "adaLN-Zero block").
         for block in self.blocks:
@@ -400,6 +410,7 @@ class DiT(nn.Module):
         y: torch.Tensor,
         force_drop_ids: torch.Tensor | None = None,
         gap: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t)  # (N, D)
@@ -410,6 +421,12 @@ class DiT(nn.Module):
             c = c + self.gap_embedder(gap)
         elif gap is not None:
             raise ValueError("this DiT has no time-gap embedding (time_gap_embedding=False); call it without gap")
+        if self.config.guidance_embedding:
+            if guidance is None:
+                raise ValueError("this DiT takes its guidance scale as an input (guidance_embedding): pass guidance=, shape (N,)")
+            c = c + self.guidance_embedder(guidance - 1)  # improved MeanFlow's ω conditioning; ω = 1 embeds 0
+        elif guidance is not None:
+            raise ValueError("this DiT has no guidance embedding (guidance_embedding=False); call it without guidance")
         c = c + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         rope = (self.rope_cos, self.rope_sin) if self.config.rope else None
         for block in self.blocks:  # (activation checkpointing wraps blocks from outside: fastdit.train.setup)

@@ -73,6 +73,29 @@ class Objective(ABC):
         network trained guided must be sampled with --cfg-scale 1, or it would be guided twice)."""
         return None
 
+    @property
+    def guidance_input(self) -> tuple[float, float] | None:
+        """The range of guidance scales the network takes as an input (`DiTConfig.guidance_embedding`),
+        None when it takes none. Such a network is guided by feeding it --cfg-scale: one call, no
+        doubled batch."""
+        return None
+
+    def network(self) -> dict:
+        """The `DiTConfig` fields this objective's network must have: `network_options`, which a
+        setting may extend (an input the setting adds)."""
+        return dict(self.network_options)
+
+    def check_sampling_guidance(self, cfg_scale: float, interval) -> None:
+        """Raise a UserError for a guidance this model cannot be sampled with."""
+        if self.trained_guidance is not None and cfg_scale != 1.0:
+            raise UserError(f"this {self.name} model has its guidance trained in (scale {self.trained_guidance:g}): "
+                            f"sample it with --cfg-scale 1, not {cfg_scale:g}")
+        if self.guidance_input is not None:
+            low, high = self.guidance_input
+            if not low <= cfg_scale <= high:
+                raise UserError(f"this {self.name} model was trained for guidance scales in [{low:g}, {high:g}]; "
+                                f"pick --cfg-scale in that range, not {cfg_scale:g}")
+
     # ------------------------------------------------------------------------------------------
     # training
     # ------------------------------------------------------------------------------------------

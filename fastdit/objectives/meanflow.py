@@ -47,6 +47,25 @@ on. Scaled-dot-product attention has no forward-mode rule in any of its fused ke
 the CPU's flash kernel and CUDA's flash, memory-efficient and cuDNN kernels all raise "Trying to use
 forward AD with ... that does not support it"), so the JVP runs attention on SDPA's math path, which
 differentiates op by op; the trained forward keeps the fused kernels.
+
+**The JVP only where it counts.** At r = t the factor (t − r) is 0 and the target is ṽ itself, so the
+JVP runs on the samples drawn with r ≠ t only (a quarter at the paper's ratio): the same targets, at a
+quarter of the JVP's work. Under FSDP every process must run the same forwards (each gathers the
+sharded weights with the others), so there the JVP runs on the whole batch.
+
+**Improved MeanFlow** (Geng, Lu, Wu, Shechtman, Kolter & He 2025, "Improved Mean Flows: On the
+Challenges of Fastforward Generative Models", arXiv 2512.02012), two options, off by default:
+* `--meanflow-v-loss` (their section 3). The loss is written on the instantaneous velocity,
+  ‖u_θ(z, r, t) + (t − r) sg(du/dt) − ṽ‖², with the total derivative taken along the network's own
+  velocity u_θ(z, t, t) instead of the sampled ṽ (whose noise ε − x the JVP would carry through the
+  Jacobian). With the stop-gradient this is the loss above with the tangent (u_θ(z, t, t), 0, 1):
+  the same code, one more no-grad forward (on the r ≠ t samples).
+* `--meanflow-guidance-input` (their section 4). The guidance scale ω is an input of the network
+  (`DiTConfig.guidance_embedding`), drawn per labelled sample uniformly in [1, ω_max] (the draw's law
+  is ours; the paper conditions on a range too) with the target ṽ = ω v + (1 − ω) u_θ(z, t, t | ∅, ω = 1):
+  one network for every scale, which sampling picks with --cfg-scale, still in one call. Samples whose
+  label was dropped train ω = 1, where ṽ = v. The paper feeds its conditions as in-context tokens;
+  here ω's embedding is added to t's, as the gap's is.
 """
 
 from __future__ import annotations
@@ -77,6 +96,13 @@ def jvp_of_u(network, z, r, t, tangents, **model_kwargs) -> tuple[torch.Tensor, 
         return torch.func.jvp(lambda z_, r_, t_: paper_u(network, z_, r_, t_, **model_kwargs), (z, r, t), tangents)
 
 
+def whole_batch_only(network) -> bool:
+    """Whether every process must run the same forwards: FSDP gathers the weights in each one."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(network, FSDPModule)
+
+
 def plain_module(model):
     """The DiT inside what the training step calls: DDP's `.module` (the same weights), else the model
     itself (FSDP2, activation checkpointing and regional compilation all work in place)."""
@@ -96,7 +122,7 @@ class MeanFlow(Objective):
     flow_time: ClassVar[bool] = True
     default_sampler: ClassVar[str] = "meanflow"
     views: ClassVar[frozenset[str]] = frozenset({"average-velocity"})
-    network_options: ClassVar[dict] = {"time_gap_embedding": True}
+    network_options: ClassVar[dict] = {"time_gap_embedding": True, "guidance_embedding": False}
 
     meanflow_ratio: float = setting(0.25, "meanflow: share of samples with r != t, the others r = t, plain flow "
                                           "matching (paper Table 1a: 0.25)")
@@ -111,6 +137,14 @@ class MeanFlow(Objective):
                                          "kappa 0: none, as the Table 1 ablations; Table 1f: 3.0)")
     meanflow_kappa: float = setting(0.0, "meanflow: kappa of that target (the paper's appendix); the effective guidance "
                                          "scale is omega / (1 - kappa)")
+    meanflow_v_loss: bool = setting(False, "meanflow: improved MeanFlow's v-loss (arXiv 2512.02012, section 3): the "
+                                           "derivative is taken along the network's own velocity u(z, t, t), not the "
+                                           "noisy sampled one")
+    meanflow_guidance_input: bool = setting(False, "meanflow: improved MeanFlow's guidance as an input (section 4): "
+                                                   "train every scale in [1, --meanflow-omega-max] into one network and "
+                                                   "pick one with --cfg-scale when sampling (instead of --meanflow-omega)")
+    meanflow_omega_max: float = setting(4.0, "meanflow: with --meanflow-guidance-input, the largest guidance scale "
+                                             "trained (omega uniform in [1, this])")
 
     def validate(self) -> None:
         checks = [
@@ -121,10 +155,15 @@ class MeanFlow(Objective):
             ("--meanflow-c", self.meanflow_c, self.meanflow_c > 0, "> 0 (it keeps the weight finite)"),
             ("--meanflow-omega", self.meanflow_omega, self.meanflow_omega > 0, "> 0"),
             ("--meanflow-kappa", self.meanflow_kappa, 0 <= self.meanflow_kappa < 1, "in [0, 1)"),
+            ("--meanflow-omega-max", self.meanflow_omega_max, self.meanflow_omega_max >= 1, ">= 1"),
         ]
         for flag, value, ok, rule in checks:
             if not (math.isfinite(value) and ok):
                 raise UserError(f"{flag} must be {rule}, got {value}")
+        if self.meanflow_guidance_input and (self.meanflow_omega != 1 or self.meanflow_kappa != 0):
+            raise UserError(f"--meanflow-guidance-input draws the guidance scale per sample, up to --meanflow-omega-max; "
+                            f"leave --meanflow-omega at 1 and --meanflow-kappa at 0 (got {self.meanflow_omega:g} "
+                            f"and {self.meanflow_kappa:g})")
         scale = self.meanflow_omega / (1 - self.meanflow_kappa)
         if scale < 1:
             raise UserError(f"--meanflow-omega {self.meanflow_omega:g} with --meanflow-kappa {self.meanflow_kappa:g} "
@@ -137,6 +176,21 @@ class MeanFlow(Objective):
             return None
         return self.meanflow_omega / (1 - self.meanflow_kappa)
 
+    @property
+    def guidance_input(self) -> tuple[float, float] | None:
+        return (1.0, self.meanflow_omega_max) if self.meanflow_guidance_input else None
+
+    def network(self) -> dict:
+        return {**self.network_options, "guidance_embedding": self.meanflow_guidance_input}
+
+    def check_sampling_guidance(self, cfg_scale: float, interval) -> None:
+        super().check_sampling_guidance(cfg_scale, interval)
+        if interval is not None:
+            # One MeanFlow step jumps across many times; guiding "where t lies in [a, b]" has no
+            # meaning for a jump that starts outside the interval and ends inside it.
+            raise UserError("a guidance interval does not apply to MeanFlow, whose steps jump across it; "
+                            "leave --guidance-interval unset")
+
     # ------------------------------------------------------------------------------------------
     # training
     # ------------------------------------------------------------------------------------------
@@ -148,19 +202,28 @@ class MeanFlow(Objective):
         pair = torch.sigmoid(self.meanflow_time_mean + self.meanflow_time_std * torch.randn(2, generator=generator, device=device))
         t, lower = pair.max().reshape(1), pair.min().reshape(1)
         apart = torch.rand(1, generator=generator, device=device) < self.meanflow_ratio
-        return {
+        draws = {
             "t": t,
             "r": torch.where(apart, lower, t),
             "noise": torch.randn((1, *shape), generator=generator, device=device),
         }
+        if self.meanflow_guidance_input:  # drawn last: without the option the draws are what they were
+            draws["omega"] = 1 + (self.meanflow_omega_max - 1) * torch.rand(1, generator=generator, device=device)
+        return draws
 
     def guided_velocity(self, network, z, t, v, model_kwargs) -> torch.Tensor:
         """ṽ = ω v + κ u(z, t, t | c) + (1 − ω − κ) u(z, t, t | ∅) for labelled samples, v for those whose
-        label the loop dropped (section 4.2 and the appendix's mixed form), with no gradient."""
-        if self.trained_guidance is None:
+        label the loop dropped (section 4.2 and the appendix's mixed form), with no gradient. With the
+        guidance as an input, ω is each sample's (ω = 1 for the dropped ones) and κ = 0."""
+        omega = model_kwargs.get("guidance")
+        if self.trained_guidance is None and omega is None:
             return v
         y, dropped = model_kwargs["y"], model_kwargs.get("force_drop_ids")
         null = torch.ones_like(y, dtype=torch.bool)
+        if omega is not None:  # improved MeanFlow: ∅ is unguided, ω = 1
+            u_null = paper_u(network, z, t, t, y=y, force_drop_ids=null, guidance=torch.ones_like(omega))
+            omega = _per_sample(omega, v)
+            return omega * v + (1 - omega) * u_null
         if self.meanflow_kappa == 0:
             u_null, u_cond = paper_u(network, z, t, t, y=y, force_drop_ids=null), torch.zeros_like(v)
         else:  # both on one doubled batch: the labelled half first
@@ -173,17 +236,34 @@ class MeanFlow(Objective):
         return torch.where(_per_sample(dropped, v).bool(), v, guided)
 
     def target(self, network, z, r, t, v, model_kwargs) -> torch.Tensor:
-        """u_tgt = ṽ − (t − r) (ṽ ∂_z u + ∂_t u), the total derivative as one JVP with tangent
-        (ṽ, 0, 1) on (z, r, t) (section 4.1, Table 1b); no gradient: it is stop-gradient in the loss."""
+        """u_tgt = ṽ − (t − r) (w ∂_z u + ∂_t u), the total derivative as one JVP with tangent (w, 0, 1)
+        on (z, r, t), w = ṽ (section 4.1, Table 1b) or, with the v-loss, the network's u(z, t, t); no
+        gradient: it is stop-gradient in the loss. The JVP runs on the samples with r ≠ t (module
+        docstring): at r = t the target is ṽ."""
+        # In the step's precision: under a bf16 autocast the target is off by 1-1.6% (relative, against a
+        # float64 target; measured on a 4-block DiT, tests/test_meanflow.py), less than the 2% of the
+        # bf16 forward of u it is compared with, so float32 here would buy no accuracy the loss can use.
         with torch.no_grad():
             v_tilde = self.guided_velocity(network, z, t, v, model_kwargs)
-            _, dudt = jvp_of_u(network, z, r, t, (v_tilde, torch.zeros_like(r), torch.ones_like(t)), **model_kwargs)
-            return v_tilde - _per_sample(t - r, dudt) * dudt
+            rows = torch.arange(len(t), device=t.device) if whole_batch_only(network) else (r != t).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                return v_tilde
+            batch = len(t)
+            kwargs = {key: value[rows] if torch.is_tensor(value) and value.shape[:1] == (batch,) else value
+                      for key, value in model_kwargs.items()}
+            z_, r_, t_ = z[rows], r[rows], t[rows]
+            tangent = paper_u(network, z_, t_, t_, **kwargs) if self.meanflow_v_loss else v_tilde[rows]
+            _, dudt = jvp_of_u(network, z_, r_, t_, (tangent, torch.zeros_like(r_), torch.ones_like(t_)), **kwargs)
+            return v_tilde.index_put((rows,), v_tilde[rows] - _per_sample(t_ - r_, dudt) * dudt)
 
     def losses(self, model, x, draws, model_kwargs):
         t, r, noise = draws["t"], draws["r"], draws["noise"]
         z = (1 - _per_sample(t, x)) * x + _per_sample(t, x) * noise  # the paper's z_t
         v = noise - x  # the paper's conditional velocity dz_t/dt
+        if self.meanflow_guidance_input:  # each sample's ω; a dropped label trains the unguided ω = 1
+            dropped = model_kwargs.get("force_drop_ids")
+            omega = draws["omega"] if dropped is None else torch.where(dropped.bool(), 1.0, draws["omega"])
+            model_kwargs = {**model_kwargs, "guidance": omega}
         target = self.target(plain_module(model), z, r, t, v, model_kwargs)
         # The trained u last, through the runnable (DDP reduces its gradients; a REPA hook on a block keeps
         # this forward's tokens, the last it sees).

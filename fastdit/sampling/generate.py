@@ -52,9 +52,7 @@ class SamplingOptions:
             if not math.isfinite(getattr(self, name)):
                 raise UserError(f"{name.replace('_', ' ')} must be a finite number, got {getattr(self, name)}")
         check_cfg_scale(self.cfg_scale)
-        if objective.trained_guidance is not None and self.cfg_scale != 1.0:
-            raise UserError(f"this {objective.name} model has its guidance trained in (scale {objective.trained_guidance:g}): "
-                            f"sample it with --cfg-scale 1, not {self.cfg_scale:g}")
+        objective.check_sampling_guidance(self.cfg_scale, self.guidance_interval)
         check_sampler_options(sampler, self.sampler_options())
         if not 0.0 <= self.eta <= 1.0:
             raise UserError(f"DDIM eta must be in [0, 1], got {self.eta}")
@@ -83,6 +81,15 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return images.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def with_guidance_input(model_fn, cfg_scale: float):
+    """`model_fn(x, t, y)` of a network that takes its guidance scale as an input, fed `cfg_scale`."""
+
+    def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **inputs) -> torch.Tensor:
+        return model_fn(x, t, y, guidance=torch.full_like(t, cfg_scale, dtype=torch.float32), **inputs)
+
+    return forward
+
+
 def in_precision(model, precision: str):
     """`model(x, t, y)` with its forward under autocast and its output cast back to float32, so that
     guidance and the sampler's updates of x_t (and the noise added to it) stay float32: the ε or
@@ -107,7 +114,9 @@ def sample_latents(
     config = model.config
     sampler = get_sampler(options.resolved_sampler(objective), objective)
     model_fn = in_precision(model, options.precision)
-    if options.cfg_scale > 1.0:
+    if objective.guidance_input is not None:  # the scale is an input: one call (improved MeanFlow)
+        model_fn = with_guidance_input(model_fn, options.cfg_scale)
+    elif options.cfg_scale > 1.0:
         if config.class_dropout_prob <= 0:
             raise UserError("this model has no null class (trained without label dropout); use --cfg-scale 1")
         model_fn = ClassifierFreeGuidance(

@@ -280,7 +280,7 @@ class TrainConfig:
     def model_options(self) -> dict:
         """The DiTConfig fields beyond the preset: the model section's, and what the objective's network
         needs (MeanFlow's time-gap embedding)."""
-        return {**self.model.options(), **self.build_objective().network_options}
+        return {**self.model.options(), **self.build_objective().network()}
 
     def validate(self) -> "TrainConfig":
         data = self.data
