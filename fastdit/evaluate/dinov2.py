@@ -10,8 +10,9 @@ Fréchet distance. Their code (layer6ai-labs/dgm-eval, `dgm_eval/models/dinov2.p
     resize: antialiased when shrinking, and rounded back to uint8 (the result is still an image);
   * `ToTensor` (x / 255), then `Normalize` with the ImageNet mean (0.485, 0.456, 0.406) and
     std (0.229, 0.224, 0.225);
-  * the feature is what the torch.hub DINOv2 model returns: its head is an identity, so the class
-    token after the final norm (`x_norm_clstoken`, 1024 numbers for ViT-L/14).
+  * the feature is what the torch.hub DINOv2 model returns (facebookresearch/dinov2,
+    `dinov2/models/vision_transformer.py`, `forward`: `self.head(ret["x_norm_clstoken"])` with an
+    identity head), i.e. the class token after the final norm: 1024 numbers for ViT-L/14.
 
 FD-DINOv2 is then the Fréchet distance of Heusel et al. between Gaussians fitted to these features,
 computed here with the same float64 moments and the same `frechet_distance` as FID.
@@ -19,9 +20,10 @@ computed here with the same float64 moments and the same `frechet_distance` as F
 The encoder comes from `fastdit.encoders.load_encoder` (`dinov2-vitl14`: timm's copy of Meta's
 weights, downloaded once; `dinov2-vitl14=FILE.safetensors` for a local copy; or a TorchScript file).
 One known difference from the torch.hub model: the 37 x 37 position embedding of the released
-weights is resampled to the 16 x 16 grid of a 224-px input by timm's loader (bicubic, antialiased),
-where DINOv2's own code interpolates it at each forward (bicubic, not antialiased); the features
-differ by that resampling.
+weights is resampled to the 16 x 16 grid of a 224-px input by timm's loader (bicubic, antialiased,
+to the size 16), where DINOv2's own `interpolate_pos_encoding` does it at each forward (bicubic, not
+antialiased, scale factor (16 + 0.1) / 37); the features differ by that resampling, so FD-DINOv2 here
+is close to, not bit-identical with, dgm-eval's.
 """
 
 from __future__ import annotations
