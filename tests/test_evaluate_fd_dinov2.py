@@ -161,6 +161,13 @@ def test_an_encoder_without_a_class_token_is_refused(tmp_path):
     with pytest.raises(ValueError, match="reads the class token.*has none; use dinov2-vitl14") as info:
         DinoV2FeatureExtractor(str(path))
     assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="has no class token"):
+        load_encoder(str(path)).class_token(torch.zeros(1, 3, 224, 224))
+    module = PatchTokensOnly()
+    module.num_prefix_tokens = -1
+    torch.jit.script(module).save(str(path))
+    with pytest.raises(ValueError, match="num_prefix_tokens = -1; it must be an int >= 0"):
+        load_encoder(str(path))
 
 
 # --- the streamed statistics ------------------------------------------------------------------------
