@@ -19,7 +19,9 @@ What `load_encoder` accepts (`spec`):
                                  dinov2-vitb14=/data/dinov2_vitb14.safetensors
                                  (split at the first "=": names never contain one, paths may)
   <file.pt> or <file.ts>         a TorchScript module (torch.jit.save) whose forward maps
-                                 ImageNet-normalised images (N, 3, R, R) to patch tokens (N, T, D)
+                                 ImageNet-normalised images (N, 3, R, R) to patch tokens (N, T, D),
+                                 behind P class/register tokens if it has an int attribute
+                                 `num_prefix_tokens` = P (the class token is what FD-DINOv2 reads)
 
 Named and timm models take their weights from timm's safetensors file on the Hugging Face hub
 (`https://huggingface.co/timm/<model>/resolve/main/model.safetensors`), fetched once by
@@ -161,6 +163,20 @@ class FrozenEncoder(nn.Module):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) in [-1, 1], C = 1 or 3 -> (N, 3, R, R) normalised with `mean` / `std`."""
         return encoder_input(images, self.resolution, self.mean, self.std, name=self.name).to(self._dtype)
+
+    @torch.no_grad()
+    def class_token(self, x: torch.Tensor) -> torch.Tensor:
+        """Images already prepared for the backbone, (N, 3, R, R) -> the class token (N, D).
+
+        For timm's ViTs this is the first token after the final norm: DINOv2's `x_norm_clstoken`,
+        which its torch.hub model's forward returns (the head is an identity) and FD-DINOv2 reads.
+        """
+        if self.num_prefix_tokens < 1:
+            raise UserError(
+                f"{self.name} has no class token (it returns patch tokens only); pass a ViT with one, e.g. "
+                "dinov2-vitl14, or a TorchScript file with the attribute num_prefix_tokens >= 1"
+            )
+        return self.backbone(x.to(self._dtype))[:, 0]
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone(x)
@@ -408,10 +424,14 @@ def _torchscript_encoder(path: Path, device, resolution: int | None) -> FrozenEn
             "torch.jit.script(model).save(PATH), or pass a state dict as NAME=FILE.safetensors"
         ) from None
     # A scripted module may carry its input side as an int attribute `resolution` (the digits demo's
-    # encoder does: 8 px); else 224, DINOv2's at 256 px.
+    # encoder does: 8 px); else 224, DINOv2's at 256 px. Likewise `num_prefix_tokens`: the class and
+    # register tokens in front of the patch tokens (0 when absent: patch tokens only).
     recorded = getattr(module, "resolution", None)
     resolution = resolution or (recorded if isinstance(recorded, int) else None) or TORCHSCRIPT_RESOLUTION
-    return FrozenEncoder(module, resolution=resolution, name=os.fspath(path))
+    prefix = getattr(module, "num_prefix_tokens", 0)
+    if not isinstance(prefix, int) or prefix < 0:
+        raise UserError(f"{str(path)!r} has num_prefix_tokens = {prefix!r}; it must be an int >= 0")
+    return FrozenEncoder(module, resolution=resolution, num_prefix_tokens=prefix, name=os.fspath(path))
 
 
 __all__ = [

@@ -1,8 +1,10 @@
-"""`fastdit evaluate SAMPLES REF`: FID, sFID, Inception Score, precision and recall, as ADM defines them.
+"""`fastdit evaluate SAMPLES REF`: FID, sFID, Inception Score, precision and recall, as ADM defines them,
+and FD-DINOv2 as Stein et al. 2023 define it (`--metrics fid,sfid,is,pr,fd-dinov2`).
 
 SAMPLES and REF are each an ADM `.npz` batch (uint8 `arr_0`, N x H x W x 3; precomputed `mu`,
 `sigma`, `mu_s`, `sigma_s` are used when present), an image folder, or a statistics file written by
-`fastdit evaluate --make-ref SOURCE OUT.npz`.
+`fastdit evaluate --make-ref SOURCE OUT.npz` (which stores the DINOv2 moments too when `--metrics`
+names fd-dinov2).
 """
 
 from __future__ import annotations
@@ -12,9 +14,14 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
+from ..evaluate.dinov2 import FD_DINOV2_ENCODER
 from ..evaluate.metrics import PR_DISTANCES
+from ..evaluate.statistics import ADM_METRICS, METRICS
 
-HELP = "FID, sFID, Inception Score, precision and recall of samples against a reference (ADM evaluator definitions)"
+HELP = (
+    "FID, sFID, Inception Score, precision and recall of samples against a reference (ADM evaluator "
+    "definitions), and FD-DINOv2"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +41,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write reference statistics of SAMPLES (a folder or .npz) to REF (.npz) instead of comparing",
     )
+    parser.add_argument(
+        "--metrics",
+        default=",".join(ADM_METRICS),
+        metavar="LIST",
+        help=f"comma-separated metrics among {','.join(METRICS)} (default {','.join(ADM_METRICS)}); fd-dinov2 is "
+        "the Frechet distance on DINOv2 ViT-L/14 features (Stein et al. 2023); with --make-ref, fd-dinov2 "
+        "stores its statistics in the reference file too",
+    )
+    parser.add_argument(
+        "--fd-dinov2-encoder",
+        default=FD_DINOV2_ENCODER,
+        metavar="SPEC",
+        help=f"the encoder for fd-dinov2 (default {FD_DINOV2_ENCODER}, downloaded once into the fastdit cache); "
+        f"{FD_DINOV2_ENCODER}=FILE.safetensors for a local copy of timm's weights, or a TorchScript file",
+    )
     parser.add_argument("--out-json", metavar="PATH.json", help="also write the metrics as JSON")
     parser.add_argument(
         "--inception-weights",
@@ -41,7 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="local Inception-v3 2015-12-05 weights (pytorch-fid's pt_inception-... or torch-fidelity's "
         "weights-inception-... .pth); default: download once into the fastdit cache",
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="images per Inception forward pass (default 64)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="images per forward pass of Inception (and of DINOv2 for fd-dinov2; default 64)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     parser.add_argument(
         "--pr-subset",
@@ -83,22 +110,31 @@ def _check_make_ref_output(source: Path, ref: str) -> Path:
     return output
 
 
-def _image_size(path) -> tuple[int, int] | None:
-    """The resolution of a statistics file, `.npz` batch or folder, read without running Inception."""
+def _image_size(path, role: str, needs_dinov2: bool) -> tuple[int, int] | None:
+    """The resolution of a statistics file, `.npz` batch or folder, read without running a network;
+    a statistics file asked for FD-DINOv2 must carry its moments."""
     from ..evaluate import load_statistics
     from ..evaluate.sources import is_statistics_file, open_images
 
-    return load_statistics(path).image_size if is_statistics_file(path) else open_images(path).image_size
+    if not is_statistics_file(path):
+        return open_images(path).image_size
+    stats = load_statistics(path)
+    if needs_dinov2:
+        stats.require_dinov2(role)
+    return stats.image_size
 
 
 def format_table(metrics: dict) -> str:
+    """One row per metric in `metrics` (as `compare` returns them); n/a where a value is None."""
     rows = [
-        ("Inception Score", metrics.get("inception_score"), "{:.2f}"),
-        ("FID", metrics.get("fid"), "{:.4f}"),
-        ("sFID", metrics.get("sfid"), "{:.4f}"),
-        ("Precision", metrics.get("precision"), "{:.4f}"),
-        ("Recall", metrics.get("recall"), "{:.4f}"),
+        ("Inception Score", "inception_score", "{:.2f}"),
+        ("FID", "fid", "{:.4f}"),
+        ("sFID", "sfid", "{:.4f}"),
+        ("Precision", "precision", "{:.4f}"),
+        ("Recall", "recall", "{:.4f}"),
+        ("FD-DINOv2", "fd_dinov2", "{:.4f}"),
     ]
+    rows = [(name, metrics[key], fmt) for name, key, fmt in rows if key in metrics]
     width = max(len(name) for name, _, _ in rows)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
     for name, value, fmt in rows:
@@ -107,9 +143,16 @@ def format_table(metrics: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int | None:
-    from ..evaluate import IS_SPLIT_SIZE, InceptionFeatureExtractor, compare, save_statistics, statistics_for_path
+    from ..evaluate import (
+        IS_SPLIT_SIZE,
+        DinoV2FeatureExtractor,
+        InceptionFeatureExtractor,
+        compare,
+        save_statistics,
+        statistics_for_path,
+    )
     from ..evaluate.sources import is_statistics_file
-    from ..evaluate.statistics import check_same_resolution
+    from ..evaluate.statistics import check_metric_names, check_same_resolution
     from ..io import atomic_write_json
     from .common import check_output_file
 
@@ -118,6 +161,11 @@ def run(args: argparse.Namespace) -> int | None:
     if args.pr_subset < 0:
         raise UserError(f"--pr-subset must be >= 0 (0 = all images), got {args.pr_subset}")
     pr_subset = args.pr_subset or None
+    try:
+        metrics_asked = check_metric_names(args.metrics.split(","))
+    except UserError as err:
+        raise UserError(f"--metrics {args.metrics!r}: {err}") from None
+    with_dinov2 = "fd-dinov2" in metrics_asked
     from ..devices import resolve_device
 
     device = resolve_device(args.device)
@@ -128,29 +176,39 @@ def run(args: argparse.Namespace) -> int | None:
     if args.make_ref:
         if is_statistics_file(first):
             raise UserError(f"{str(first)!r} is already a statistics file; pass an image folder or .npz batch")
-        _image_size(first)
+        _image_size(first, "samples", False)
         output = _check_make_ref_output(first, args.ref)
     else:
-        check_same_resolution(_image_size(first), _image_size(second), str(second))
+        sample_size = _image_size(first, "samples", with_dinov2)
+        check_same_resolution(sample_size, _image_size(second, "reference", with_dinov2), str(second))
         if args.out_json:
             check_output_file(args.out_json, (".json",))
     needs_network = args.make_ref or not (is_statistics_file(first) and is_statistics_file(second))
-    extractor = None
+    extractor = dinov2 = None
     if needs_network:
+        if with_dinov2:  # first: an offline machine learns at once which file to fetch
+            dinov2 = DinoV2FeatureExtractor(
+                args.fd_dinov2_encoder, device=device, batch_size=args.batch_size, progress=progress
+            )
         extractor = InceptionFeatureExtractor(
             args.inception_weights, device=device, batch_size=args.batch_size, progress=progress
         )
 
     if args.make_ref:
-        stats = statistics_for_path(first, extractor, pr_subset=pr_subset, progress=progress)
+        stats = statistics_for_path(first, extractor, pr_subset=pr_subset, progress=progress, dinov2=dinov2)
         written = save_statistics(stats, output)
         height, width = stats.image_size
-        print(f"wrote reference statistics of {stats.num_images} images ({height}x{width}) to {written}")
+        extra = " with DINOv2 moments" if stats.has_dinov2 else ""
+        print(f"wrote reference statistics{extra} of {stats.num_images} images ({height}x{width}) to {written}")
         return 0
 
-    sample_stats = statistics_for_path(first, extractor, pr_subset=pr_subset, progress=progress)
-    ref_stats = statistics_for_path(second, extractor, pr_subset=pr_subset, reference=True, progress=progress)
-    metrics = compare(sample_stats, ref_stats, device=str(device), pr_distances=args.pr_distances)
+    sample_stats = statistics_for_path(first, extractor, pr_subset=pr_subset, progress=progress, dinov2=dinov2)
+    ref_stats = statistics_for_path(
+        second, extractor, pr_subset=pr_subset, reference=True, progress=progress, dinov2=dinov2
+    )
+    metrics = compare(
+        sample_stats, ref_stats, device=str(device), pr_distances=args.pr_distances, metrics=metrics_asked
+    )
     print(f"samples:   {first} ({sample_stats.num_images} images)")
     print(f"reference: {second} ({ref_stats.num_images} images)")
     print(format_table(metrics))
@@ -163,6 +221,8 @@ def run(args: argparse.Namespace) -> int | None:
                 "pr_subset": pr_subset,
                 "pr_distances": args.pr_distances,
                 "inception_split_size": IS_SPLIT_SIZE,
+                "metrics": list(metrics_asked),
+                **({"fd_dinov2_encoder": args.fd_dinov2_encoder} if with_dinov2 else {}),
                 "device": str(device),
             },
             args.out_json,

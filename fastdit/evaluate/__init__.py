@@ -1,4 +1,5 @@
-"""Built-in evaluation with the ADM suite's definitions: FID, sFID, Inception Score, precision, recall.
+"""Built-in evaluation with the ADM suite's definitions: FID, sFID, Inception Score, precision, recall;
+and FD-DINOv2 as Stein et al. 2023 define it (`fastdit.evaluate.dinov2`).
 
 The numbers are those of openai/guided-diffusion's `evaluations/evaluator.py` (the evaluator behind
 DiT's and most ImageNet papers' tables), computed in plain PyTorch with the TF-converted
@@ -10,8 +11,14 @@ Inception-v3 of 2015-12-05:
     ref = statistics_for_path("VIRTUAL_imagenet256_labeled.npz", extractor, reference=True)
     stats = compute_statistics(uint8_nhwc_batches, extractor)   # any iterable; nothing written
     print(compare(stats, ref))  # {'fid': ..., 'sfid': ..., 'inception_score': ..., 'precision': ..., 'recall': ...}
+
+    dinov2 = DinoV2FeatureExtractor(device="cuda")              # DINOv2 ViT-L/14 (Stein et al.), downloaded once
+    ref = statistics_for_path("ref_images/", extractor, reference=True, dinov2=dinov2)
+    stats = compute_statistics(uint8_nhwc_batches, extractor, dinov2=dinov2)
+    print(compare(stats, ref, metrics=METRICS))                 # ... and 'fd_dinov2'
 """
 
+from .dinov2 import FD_DINOV2_ENCODER, DinoV2FeatureExtractor, stein_preprocess
 from .features import (
     IS_SPLIT_SIZE,
     InceptionFeatureExtractor,
@@ -22,10 +29,14 @@ from .features import (
 )
 from .inception import InceptionV3, load_inception, resize_bilinear_tf1
 from .metrics import PR_DISTANCES, frechet_distance, inception_score, precision_recall
-from .statistics import EvalStatistics, compare, load_statistics, save_statistics
+from .statistics import ADM_METRICS, METRICS, EvalStatistics, compare, load_statistics, save_statistics
 
 __all__ = [
+    "ADM_METRICS",
+    "DinoV2FeatureExtractor",
+    "FD_DINOV2_ENCODER",
     "IS_SPLIT_SIZE",
+    "METRICS",
     "PR_DISTANCES",
     "EvalStatistics",
     "InceptionFeatureExtractor",
@@ -42,4 +53,5 @@ __all__ = [
     "save_statistics",
     "statistics_for_path",
     "statistics_from_features",
+    "stein_preprocess",
 ]

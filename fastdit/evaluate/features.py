@@ -19,10 +19,11 @@ import torch
 
 from ..errors import UserError
 from ..sampling.generate import to_uint8
+from .dinov2 import DinoV2FeatureExtractor
 from .float32 import full_float32
 from .inception import POOL_DIM, SPATIAL_DIM, InceptionOutputs, InceptionV3, load_inception
 from .metrics import InceptionScoreAccumulator, RunningMoments
-from .sources import NpzImages, is_statistics_file, open_images, read_adm_statistics
+from .sources import NpzImages, as_uint8_nhwc, is_statistics_file, open_images, read_adm_statistics
 from .statistics import EvalStatistics, load_statistics
 
 IS_SPLIT_SIZE = 5_000  # ADM's `compute_inception_score(split_size=5000)`: 10 splits of the usual 50K samples
@@ -59,14 +60,7 @@ class InceptionFeatureExtractor:
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray | torch.Tensor) -> InceptionOutputs:
-        if isinstance(images, np.ndarray) and not images.flags.writeable:
-            images = images.copy()  # batches streamed from an .npz are read-only views
-        images = torch.as_tensor(images)
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise UserError(
-                f"the Inception extractor takes uint8 N x H x W x 3 images, got {images.dtype} of shape "
-                f"{tuple(images.shape)}; convert [-1, 1] tensors with float_images_to_uint8"
-            )
+        images = as_uint8_nhwc(images, "the Inception extractor")
         outputs = []
         with full_float32():
             for start in range(0, len(images), self.batch_size):
@@ -85,20 +79,25 @@ def compute_statistics(
     is_split_size: int = IS_SPLIT_SIZE,
     progress_total: int | None = None,
     source: str = "",
+    dinov2: DinoV2FeatureExtractor | None = None,
 ) -> EvalStatistics:
     """Stream uint8 NHWC batches through Inception into `EvalStatistics` (float64 moments).
 
     Every pool_3 vector is kept for precision/recall (as ADM, which feeds all sample activations:
     8 KB per image), or only the first `pr_subset`; everything else is accumulated, so the rest of
-    memory does not grow with the number of images.
+    memory does not grow with the number of images. With a `dinov2` extractor, the same batches also
+    go through DINOv2 and its class-token moments are accumulated alongside (FD-DINOv2), in float64
+    with the same `RunningMoments`.
     `progress_total` (number of images) turns on a progress bar.
     """
     image_size = []
+    dinov2_moments = RunningMoments(dinov2.dim, device=dinov2.device) if dinov2 is not None else None
     bar = None
     if progress_total is not None:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=progress_total, unit="img", desc=f"Inception {Path(source).name or 'features'}")
+        networks = "Inception + DINOv2" if dinov2 is not None else "Inception"
+        bar = tqdm(total=progress_total, unit="img", desc=f"{networks} {Path(source).name or 'features'}")
 
     def features():
         for batch in batches:
@@ -110,6 +109,8 @@ def compute_statistics(
                     f"image batches change size from {image_size[0]} to {size}; evaluate one resolution at a time"
                 )
             image_size[:] = [size]
+            if dinov2_moments is not None:
+                dinov2_moments.update(dinov2(batch))
             yield extractor(batch)
             if bar is not None:
                 bar.update(len(batch))
@@ -122,6 +123,8 @@ def compute_statistics(
         if bar is not None:
             bar.close()
     stats.image_size = image_size[0]
+    if dinov2_moments is not None:
+        stats.mu_dinov2, stats.sigma_dinov2 = dinov2_moments.mean, dinov2_moments.covariance()
     return stats
 
 
@@ -171,13 +174,16 @@ def statistics_for_path(
     pr_subset: int | None = None,
     reference: bool = False,
     progress: bool = True,
+    dinov2: DinoV2FeatureExtractor | None = None,
 ) -> EvalStatistics:
     """`EvalStatistics` of a statistics file, an ADM `.npz` batch or an image folder.
 
     Precomputed `mu`, `sigma`, `mu_s`, `sigma_s` in an `.npz` are used as they are (as ADM's
     `read_statistics` does). For a `reference`, its images are then only needed for precision/recall,
     so only those (all, or the first `pr_subset`) go through Inception; with a subset, no IS is kept.
-    `extractor` may be None for statistics files.
+    With a `dinov2` extractor every image is read (ADM batches carry no DINOv2 moments) and the
+    DINOv2 moments are added. `extractor` may be None for statistics files, which are returned as
+    stored (with or without DINOv2 moments).
     """
     path = Path(path).expanduser()
     if is_statistics_file(path):
@@ -186,7 +192,7 @@ def statistics_for_path(
     if extractor is None:
         raise ValueError("an InceptionFeatureExtractor is needed for images")
     precomputed = read_adm_statistics(path) if isinstance(images, NpzImages) else None
-    limit = pr_subset if precomputed is not None and reference else None
+    limit = pr_subset if precomputed is not None and reference and dinov2 is None else None
     count = images.num_images if limit is None else min(limit, images.num_images)
     stats = compute_statistics(
         images.batches(extractor.batch_size, limit=limit),
@@ -194,6 +200,7 @@ def statistics_for_path(
         pr_subset=pr_subset,
         progress_total=count if progress else None,
         source=str(path),
+        dinov2=dinov2,
     )
     if precomputed is not None:
         stats.mu, stats.sigma = precomputed["mu"], precomputed["sigma"]

@@ -13,12 +13,26 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
 
 from ..data.images import IMAGE_EXTENSIONS, UnsupportedImageMode, to_rgb
 from ..errors import UserError
 
 ADM_STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 STATS_FORMAT_KEY = "fastdit_eval_stats"  # marks a statistics file written by `fastdit evaluate --make-ref`
+
+
+def as_uint8_nhwc(images: np.ndarray | torch.Tensor, who: str) -> torch.Tensor:
+    """Check that `images` are uint8 N x H x W x 3 (numpy or torch) and return them as a tensor."""
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()  # batches streamed from an .npz are read-only views
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise UserError(
+            f"{who} takes uint8 N x H x W x 3 images, got {images.dtype} of shape {tuple(images.shape)}; "
+            "convert [-1, 1] tensors with float_images_to_uint8"
+        )
+    return images
 
 
 def _read_npy_header(handle) -> tuple[tuple[int, ...], bool, np.dtype]:

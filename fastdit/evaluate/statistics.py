@@ -2,8 +2,10 @@
 
 `EvalStatistics` holds everything the ADM metrics need from a set of images: the pool_3 and sFID
 moments (mean, covariance in float64), the pool_3 feature vectors for precision/recall (all of them
-unless a subset was asked for), and the Inception Score of the images. A reference set is computed
-once and stored as an `.npz` whose `mu`, `sigma`, `mu_s`, `sigma_s` use ADM's names.
+unless a subset was asked for), and the Inception Score of the images; and, when FD-DINOv2 was asked
+for, the moments of the DINOv2 class token. A reference set is computed once and stored as an `.npz`
+whose `mu`, `sigma`, `mu_s`, `sigma_s` use ADM's names; `mu_dinov2`, `sigma_dinov2` are present only
+in files made with FD-DINOv2, so files made before (or without it) still load.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from .inception import POOL_DIM, SPATIAL_DIM
 from .metrics import frechet_distance, precision_recall
 from .sources import STATS_FORMAT_KEY
 
-STATS_FORMAT_VERSION = 1
+STATS_FORMAT_VERSION = 1  # the DINOv2 moments are optional keys: older readers ignore them, so still 1
+
+ADM_METRICS = ("fid", "sfid", "is", "pr")  # what `compare` computes unless told otherwise
+METRICS = (*ADM_METRICS, "fd-dinov2")
 
 
 @dataclass
@@ -34,6 +39,12 @@ class EvalStatistics:
     pr_features: np.ndarray | None = None  # (N, 2048) float32 pool_3 features for precision/recall
     inception_score: float | None = None
     source: str = ""
+    mu_dinov2: np.ndarray | None = None  # (D,) float64, mean of the DINOv2 class token (D = 1024 for ViT-L/14)
+    sigma_dinov2: np.ndarray | None = None  # (D, D) float64
+
+    @property
+    def has_dinov2(self) -> bool:
+        return self.mu_dinov2 is not None
 
     def check(self, name: str) -> None:
         """Shapes and finiteness, with a message that says which file is wrong."""
@@ -59,6 +70,26 @@ class EvalStatistics:
             raise UserError(
                 f"{name} has precision/recall features of shape {self.pr_features.shape}, expected (N, {POOL_DIM})"
             )
+        if (self.mu_dinov2 is None) != (self.sigma_dinov2 is None):
+            raise UserError(f"{name} has only one of mu_dinov2 / sigma_dinov2; remake it with `fastdit evaluate --make-ref`")
+        if self.has_dinov2:
+            dim = self.mu_dinov2.shape[0] if self.mu_dinov2.ndim == 1 else -1
+            if self.mu_dinov2.ndim != 1 or self.sigma_dinov2.shape != (dim, dim):
+                raise UserError(
+                    f"{name} has DINOv2 moments of shapes {self.mu_dinov2.shape} and {self.sigma_dinov2.shape}, "
+                    "expected (D,) and (D, D); remake it with `fastdit evaluate --make-ref`"
+                )
+            if not (np.isfinite(self.mu_dinov2).all() and np.isfinite(self.sigma_dinov2).all()):
+                raise UserError(f"{name} has non-finite DINOv2 moments; remake it with `fastdit evaluate --make-ref`")
+
+    def require_dinov2(self, role: str) -> None:
+        """FD-DINOv2 was asked of these statistics: say how to get them where they are missing."""
+        if not self.has_dinov2:
+            where = f" {self.source!r}" if self.source else ""
+            raise UserError(
+                f"the {role}{where} has no DINOv2 statistics (made without fd-dinov2); remake it with "
+                f"`fastdit evaluate --make-ref --metrics {','.join(METRICS)} IMAGES OUT.npz`, or pass the images"
+            )
 
 
 def statistics_file_name(path: str | Path) -> Path:
@@ -82,6 +113,8 @@ def save_statistics(stats: EvalStatistics, path: str | Path) -> Path:
         "pr_features": pr_features.astype(np.float32),
         "inception_score": np.array(math.nan if stats.inception_score is None else stats.inception_score),
     }
+    if stats.has_dinov2:
+        arrays["mu_dinov2"], arrays["sigma_dinov2"] = stats.mu_dinov2, stats.sigma_dinov2
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:  # a handle: np.savez would append ".npz" to a name
         np.savez(handle, **arrays)
     return path
@@ -108,6 +141,9 @@ def load_statistics(path: str | Path) -> EvalStatistics:
             inception_score=None if math.isnan(inception_score) else inception_score,
             source=str(path),
         )
+        if "mu_dinov2" in archive.files:  # absent from files made without FD-DINOv2
+            stats.mu_dinov2 = archive["mu_dinov2"].astype(np.float64)
+            stats.sigma_dinov2 = archive["sigma_dinov2"].astype(np.float64) if "sigma_dinov2" in archive.files else None
     stats.check(f"statistics file {str(path)!r}")
     return stats
 
@@ -122,32 +158,62 @@ def check_same_resolution(sample_size: tuple[int, int] | None, ref_size: tuple[i
         )
 
 
-def compare(
-    sample: EvalStatistics, ref: EvalStatistics, *, k: int = 3, device: str = "cpu", pr_distances: str = "float16"
-) -> dict[str, float | int | None]:
-    """The ADM metrics of `sample` against `ref`: FID, sFID, IS (of the samples), precision, recall.
+def check_metric_names(names) -> tuple[str, ...]:
+    """`names` (e.g. from `--metrics fid,fd-dinov2`) in `METRICS` order, or a UserError naming the bad one."""
+    names = [name.strip().lower() for name in names if name.strip()]
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise UserError(f"unknown metric {unknown[0]!r}; choose from {','.join(METRICS)}")
+    if not names:
+        raise UserError(f"no metric asked for; choose from {','.join(METRICS)}")
+    return tuple(name for name in METRICS if name in names)
 
-    FID (Heusel et al. 2017) on pool_3 moments; sFID (Nash et al. 2021) on the first 7 channels of
-    mixed_6/conv; IS (Salimans et al. 2016) from the samples' logits; precision/recall
-    (Kynkäänniemi et al. 2019) on k-NN manifolds of pool_3 features, with distances in `pr_distances`
-    arithmetic ("float16": ADM's, which reproduces its published numbers; see `pairwise_distances`).
-    Precision and recall are None when either side carries no features.
+
+def compare(
+    sample: EvalStatistics,
+    ref: EvalStatistics,
+    *,
+    k: int = 3,
+    device: str = "cpu",
+    pr_distances: str = "float16",
+    metrics: tuple[str, ...] = ADM_METRICS,
+) -> dict[str, float | int | None]:
+    """The `metrics` of `sample` against `ref` (default: the ADM ones), under these keys:
+
+    "fid": FID (Heusel et al. 2017) on pool_3 moments; "sfid": sFID (Nash et al. 2021) on the first 7
+    channels of mixed_6/conv; "inception_score" ("is"): IS (Salimans et al. 2016) from the samples'
+    logits; "precision", "recall" ("pr"): Kynkäänniemi et al. 2019, on k-NN manifolds of pool_3
+    features, with distances in `pr_distances` arithmetic ("float16": ADM's, which reproduces its
+    published numbers; see `pairwise_distances`), None when either side carries no features;
+    "fd_dinov2" ("fd-dinov2"): the same Fréchet distance on DINOv2 class-token moments (Stein et al.
+    2023, see `fastdit.evaluate.dinov2`). Metrics not asked for are left out of the dict.
     """
+    metrics = check_metric_names(metrics)
     sample.check(f"the samples ({sample.source or 'in memory'})")
     ref.check(f"the reference ({ref.source or 'in memory'})")
     check_same_resolution(sample.image_size, ref.image_size, ref.source)
-    metrics: dict[str, float | int | None] = {
-        "fid": frechet_distance(sample.mu, sample.sigma, ref.mu, ref.sigma),
-        "sfid": frechet_distance(sample.mu_s, sample.sigma_s, ref.mu_s, ref.sigma_s),
-        "inception_score": sample.inception_score,
-        "precision": None,
-        "recall": None,
-        "num_samples": sample.num_images,
-        "num_reference": ref.num_images,
-    }
-    if sample.pr_features is not None and ref.pr_features is not None:
-        precision, recall = precision_recall(
-            ref.pr_features, sample.pr_features, k, distances=pr_distances, device=device
-        )
-        metrics["precision"], metrics["recall"] = precision, recall
-    return metrics
+    if "fd-dinov2" in metrics:  # before minutes of precision/recall, not after
+        sample.require_dinov2("samples")
+        ref.require_dinov2("reference")
+    results: dict[str, float | int | None] = {}
+    if "fid" in metrics:
+        results["fid"] = frechet_distance(sample.mu, sample.sigma, ref.mu, ref.sigma)
+    if "sfid" in metrics:
+        results["sfid"] = frechet_distance(sample.mu_s, sample.sigma_s, ref.mu_s, ref.sigma_s)
+    if "is" in metrics:
+        results["inception_score"] = sample.inception_score
+    if "pr" in metrics:
+        results["precision"] = results["recall"] = None
+        if sample.pr_features is not None and ref.pr_features is not None:
+            results["precision"], results["recall"] = precision_recall(
+                ref.pr_features, sample.pr_features, k, distances=pr_distances, device=device
+            )
+    if "fd-dinov2" in metrics:
+        if sample.mu_dinov2.shape != ref.mu_dinov2.shape:
+            raise UserError(
+                f"the samples' DINOv2 features have {len(sample.mu_dinov2)} dimensions but the reference's "
+                f"{len(ref.mu_dinov2)}: they come from different encoders; use the same --fd-dinov2-encoder for both"
+            )
+        results["fd_dinov2"] = frechet_distance(sample.mu_dinov2, sample.sigma_dinov2, ref.mu_dinov2, ref.sigma_dinov2)
+    results["num_samples"], results["num_reference"] = sample.num_images, ref.num_images
+    return results
