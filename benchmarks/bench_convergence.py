@@ -61,6 +61,11 @@ RECIPES = {
     # MeanFlow with the blocks, guidance trained in (ω = the run's cfg scale), sampled with one model call;
     # its own time sampling (the paper's defaults), so the time sampling named here is not used.
     "meanflow-blocks": ("meanflow", "logit-normal", True, "meanflow", 1, {}),
+    # Improved MeanFlow's options one at a time: the v-loss (the derivative along the network's own
+    # velocity); the guidance scale as an input (trained over [1, 4], sampled at the run's cfg scale).
+    "meanflow-blocks-v-loss": ("meanflow", "logit-normal", True, "meanflow", 1, {"meanflow_v_loss": True}),
+    "meanflow-blocks-guidance-input": ("meanflow", "logit-normal", True, "meanflow", 1,
+                                       {"meanflow_guidance_input": True, "meanflow_omega": 1.0}),
 }
 MEANFLOW_CALLS = (1, 2, 4)  # the NFE rows of a MeanFlow model: one model call a step
 # NFE rows: sampler -> grid points for a number of model calls (Euler: one call per step; Heun: two).
@@ -112,7 +117,8 @@ def main(argv=None) -> int:
     labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int64), args.samples_per_class)
 
     def score(recipe, steps, train_seconds, model, info, sampler, num_steps) -> Row:
-        # A model with guidance trained in (MeanFlow: ω = --cfg-scale at training) samples without more.
+        # A model with guidance trained in (MeanFlow: ω = --cfg-scale at training) samples without more;
+        # one that takes the scale as an input is fed --cfg-scale.
         cfg_scale = args.cfg_scale if info.objective.trained_guidance is None else 1.0
         options = SamplingOptions(sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale)
         start = time.perf_counter()

@@ -13,6 +13,12 @@ from PIL import Image
 FIXTURES = Path(__file__).parent / "fixtures" / "official-dit"
 IMAGE_SIZE = 16
 
+# fastdit's jobs pick their CPU threads from the load they see at start-up (fastdit.cpu_threads). Tests
+# compare runs bit for bit across processes (a killed-and-resumed CLI run against an in-process one), and
+# a kernel's float rounding may depend on its thread count: every job a test starts, in this process or
+# a child, gets this process's count (tests/test_cpu_threads.py clears it to test the choice).
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):

@@ -1,6 +1,9 @@
 """The `fastdit` command line: one subcommand per job, each in its own module.
 
-A subcommand module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int | None`.
+A subcommand module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int | None`;
+every subcommand takes `--threads` (`fastdit.cpu_threads`: by default a job takes the cores other
+processes leave free; a module with `MEASURES_THE_MACHINE = True`, the benchmarks, keeps torch's count
+unless told).
 All parsing and user errors live at this edge: a `UserError` raised anywhere below is printed as one
 line (`fastdit sample: error: ...`) with exit status 2, never as a traceback.
 """
@@ -11,8 +14,10 @@ import argparse
 import importlib
 import sys
 
+from ..cpu_threads import configure_threads
 from ..errors import UserError
 from ..host_memory import keep_freed_host_memory
+from .arg_types import positive_int
 
 # subcommand name -> module under fastdit.cli
 SUBCOMMANDS = {
@@ -48,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
+        sub.add_argument("--threads", type=positive_int, default=None,
+                         help="PyTorch CPU threads (default: the cores other processes leave free, at least 1; "
+                              "OMP_NUM_THREADS is respected)")
         sub.set_defaults(_module=module, _parser=sub)
     return parser
 
@@ -60,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     keep_freed_host_memory()  # every job repeats steps that free and take back the same memory
     try:
+        if args.threads is not None or not getattr(args._module, "MEASURES_THE_MACHINE", False):
+            configure_threads(args.threads)
         status = args._module.run(args)
     except UserError as err:
         message = f"fastdit {args.command}: error: {err}\n"

@@ -11,6 +11,8 @@ import torch
 from ..errors import UserError
 from ..sampling.generate import OFFICIAL_CFG_SCALE
 
+# A benchmark measures the machine as it is: it does not adapt its threads to the load (--threads sets them).
+MEASURES_THE_MACHINE = True
 HELP = "speed and memory of a training or guided sampling step, against a reference row (the official step)"
 
 TRAIN_ROWS = {
