@@ -19,3 +19,17 @@ def make_grid(images: np.ndarray, nrow: int, padding: int = 2, pad_value: int = 
         top, left = padding + row * (h + padding), padding + col * (w + padding)
         grid[top : top + h, left : left + w] = images[k]
     return Image.fromarray(grid[..., 0] if c == 1 else grid, mode="L" if c == 1 else "RGB")
+
+
+# A grid of images smaller than this (the 8x8 digits) opens as a speck: `fastdit sample` enlarges it.
+MIN_SHOWN_SIDE = 64
+
+
+def upscale_factor(side: int, min_side: int = MIN_SHOWN_SIDE) -> int:
+    """The whole factor that shows an image of `side` pixels at least `min_side` wide (1 for larger ones)."""
+    return max(1, -(-min_side // side))
+
+
+def enlarge(grid: Image.Image, factor: int) -> Image.Image:
+    """Nearest-neighbour enlargement: every pixel becomes a factor x factor block, nothing is smoothed."""
+    return grid if factor == 1 else grid.resize((grid.width * factor, grid.height * factor), Image.NEAREST)

@@ -185,7 +185,14 @@ def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
 
 
-def atomic_save_png(image, path: str | os.PathLike) -> None:
-    """Save a PIL image as PNG atomically."""
+def atomic_save_png(image, path: str | os.PathLike, text: dict[str, str] | None = None) -> None:
+    """Save a PIL image as PNG atomically; `text` goes into tEXt chunks (what made the picture)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", pnginfo=info)

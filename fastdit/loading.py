@@ -6,7 +6,7 @@ name values, not command-line flags: each caller words its own edge.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -44,11 +44,13 @@ def load_for_sampling(
     vae: str | None = None,
     objective: str | None = None,
     device: str | torch.device = "auto",
-    options: SamplingOptions | None = None,
+    options: SamplingOptions | Callable[[object], SamplingOptions] | None = None,
 ) -> LoadedModel:
     """(model, info, latent space, device) for a checkpoint path, or, with `source=None`, the official
     weights of `model_name` at `image_size` (downloaded on first use). `options`, when given, are checked
-    against the model's objective before the VAE is loaded. See `checkpoint.load_model` for the rest."""
+    against the model's objective before the VAE is loaded; a callable is given the model's info first
+    and returns them (a recipe resolved with the checkpoint's own, `fastdit.sampling.recipe`). See
+    `checkpoint.load_model` for the rest."""
     from .checkpoint import load_model
     from .devices import resolve_device
     from .latents import PIXEL_SPACE_NAMES, PixelSpace, latent_side, load_latent_space
@@ -64,6 +66,8 @@ def load_for_sampling(
         latent_side(image_size)  # before loading anything: the VAE's factor must divide the size
     model, info = load_model(source, model_name=model_name, image_size=image_size, num_classes=num_classes,
                              vae=vae, objective=objective, device=device)
+    if callable(options):
+        options = options(info)
     if options is not None:
         options.validate(info.objective)
     if info.latent.kind == "pixels":

@@ -38,6 +38,9 @@ class ModelInfo:
     class_names: list[str] | None = None
     # What the weights were trained for; files from before it was recorded hold DDPM (IDDPM ε) models.
     objective: Objective = field(default_factory=lambda: build_objective("ddpm"))
+    # How the weights should be sampled when no flag says otherwise (`fastdit.sampling.recipe`): the
+    # training's sampler, steps and guidance. None in files from before it was recorded.
+    sampling: dict | None = None
 
     @property
     def image_size(self) -> int:
@@ -50,6 +53,7 @@ class ModelInfo:
             "class_names": self.class_names,
             "preset": preset_of(self.config),
             "objective": self.objective.to_dict(),
+            **({"sampling": self.sampling} if self.sampling is not None else {}),
         }
 
     @classmethod
@@ -61,4 +65,5 @@ class ModelInfo:
             class_names=data.get("class_names"),
             # Recorded as "process" before objectives were objects: the same fields.
             objective=objective_from_dict(data.get("objective", data.get("process"))),
+            sampling=data.get("sampling"),
         )

@@ -22,6 +22,7 @@ from .errors import UserError
 
 IMAGE_NOISE = "image-noise"  # sampling: all noise of image i (x_T and every step)
 IMAGE_LABEL = "image-label"  # sampling: the uniform class label of image i
+EQUAL_LABELS = "equal-labels"  # sampling: the sort key of image i when every class gets N / K images
 TRAIN_STEP = "train-step"  # training: timestep, noise and label dropout of global sample g in step s
 EPOCH_ORDER = "epoch-order"  # training: the permutation of the dataset in epoch e
 DATA_ITEM = "data-item"  # data: the flip and posterior noise of item i in epoch e

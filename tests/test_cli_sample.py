@@ -54,7 +54,8 @@ def run_cli(*args):
 
 def test_pixel_sample_ddpm_writes_reproducible_png(tmp_path, pixel_ckpt):
     out1, out2 = tmp_path / "a.png", tmp_path / "b.png"
-    common = ["sample", "--ckpt", pixel_ckpt, "--num-sampling-steps", 5, "--class-labels", 1, 2, 3, "--no-progress"]
+    common = ["sample", "--ckpt", pixel_ckpt, "--num-sampling-steps", 5, "--class-labels", 1, 2, 3, "--no-progress",
+              "--no-upscale"]
     assert run_cli(*common, "--out", out1) == 0
     assert run_cli(*common, "--out", out2) == 0
     a, b = np.asarray(Image.open(out1)), np.asarray(Image.open(out2))
@@ -69,7 +70,7 @@ def test_vae_sample_ddim_with_official_guidance(tmp_path, vae_setup, capsys):
     out = tmp_path / "grid.png"
     status = run_cli("sample", "--model", "DiT-T/2", "--ckpt", ckpt, "--image-size", 32, "--vae", vae_dir,
                      "--sampler", "ddim", "--num-sampling-steps", 4, "--cfg-scale", 1.5, "--official-guidance",
-                     "--out", out, "--no-progress")
+                     "--out", out, "--no-progress", "--no-upscale")
     assert status == 0
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 + 2 * 34, 2 + 4 * 34, 3)  # the official eight labels, four per row
@@ -155,7 +156,7 @@ def test_plain_pixel_state_dict_samples_with_vae_pixels(tmp_path, channels, caps
     torch.save(model.state_dict(), ckpt)
     out = tmp_path / "grid.png"
     status = run_cli("sample", "--ckpt", ckpt, "--model", "DiT-T/2", "--image-size", 8, "--num-classes", 10, "--vae", "pixels",
-                     "--num-sampling-steps", 2, "--class-labels", 0, 1, "--out", out, "--no-progress")
+                     "--num-sampling-steps", 2, "--class-labels", 0, 1, "--out", out, "--no-progress", "--no-upscale")
     assert status == 0, capsys.readouterr().err
     grid = Image.open(out)
     assert grid.size == (2 + 2 * (8 + 2), 2 + 8 + 2) and len(grid.getbands()) == channels

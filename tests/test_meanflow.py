@@ -481,7 +481,11 @@ def test_a_trained_meanflow_model_records_itself_and_samples_in_one_call(meanflo
     assert run_cli("sample", "--ckpt", meanflow_export.export, "--num-sampling-steps", 1, "--cfg-scale", 1,
                    "--class-labels", 1, 2, "--out", out, "--no-progress") == 0
     assert "meanflow 1 steps" in capsys.readouterr().out and out.is_file()
-    assert run_cli("sample", "--ckpt", meanflow_export.export, "--out", out) == 2  # the default cfg 4
+    # No flag: the export's recorded recipe (one MeanFlow step at cfg 1), said on the first line.
+    assert run_cli("sample", "--ckpt", meanflow_export.export, "--class-labels", 1, 2, "--out", out, "--no-progress") == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("settings from the checkpoint's recipe") and "sampler meanflow, num_steps 1, cfg_scale 1," in first
+    assert run_cli("sample", "--ckpt", meanflow_export.export, "--cfg-scale", 4, "--out", out) == 2  # guided twice
     assert "has its guidance trained in (scale 2.66667): sample it with --cfg-scale 1" in capsys.readouterr().err
     npz = tmp_path / "samples.npz"
     assert run_cli("sample-ddp", "--ckpt", meanflow_export.export, "--out", npz, "--num-fid-samples", 3,

@@ -14,6 +14,7 @@ import torch
 from ..demo.run import TRAIN_RUN, DemoConfig
 from ..errors import UserError
 from ..sampling import OFFICIAL_CFG_SCALE, OFFICIAL_NUM_STEPS, samplers_for
+from ..sampling.recipe import recorded_options
 from ..train.state import checkpoint_path, export_path
 from .classes import class_choices, label_of
 from .models import DEMO_FOLDERS, DIGITS, LOCAL, MODEL_CHOICES, model_source
@@ -31,6 +32,17 @@ DIGITS_EXAMPLE = export_path(checkpoint_path(Path(DEMO_FOLDERS[0]) / TRAIN_RUN, 
 IMAGENET_DEFAULTS = dict(sampler=DEFAULT_SAMPLER, steps=OFFICIAL_NUM_STEPS, cfg=OFFICIAL_CFG_SCALE)
 # An 8x8 digit would be a speck: the grid fills its box, enlarged without smoothing.
 PAGE_CSS = "#grid img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
+
+
+def recorded_defaults(info, choice: str, samplers) -> dict:
+    """The page's values for a loaded checkpoint: the sampling recipe it records (training writes one:
+    a MeanFlow model's says one step at cfg 1); files from before recipes get the digits demo's values
+    (when the choice is the demo and its sampler fits) or `fastdit sample`'s."""
+    if info.sampling:
+        options = recorded_options(info)
+        return dict(sampler=options.sampler or DEFAULT_SAMPLER, steps=options.num_steps, cfg=options.cfg_scale)
+    # A digits run of another objective (`fastdit demo --objective ddpm`) may not offer the demo's sampler.
+    return DIGITS_DEFAULTS if choice == DIGITS and DIGITS_SAMPLER in samplers else IMAGENET_DEFAULTS
 
 
 def error_message(err: BaseException) -> str:
@@ -57,9 +69,7 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None) 
             else:
                 info = cache.get(source, device).info
                 names, samplers = class_choices(info.config.num_classes, info.class_names), samplers_for(info.objective)
-                # A digits run of another objective (`fastdit demo --objective ddpm`) may not offer the
-                # recipe's sampler: it gets the general defaults.
-                defaults = DIGITS_DEFAULTS if choice == DIGITS and DIGITS_SAMPLER in samplers else IMAGENET_DEFAULTS
+                defaults = recorded_defaults(info, choice, samplers)
                 first = []
             status = f"Model: `{source.path or source.model_name}`"
         except Exception as err:  # noqa: BLE001 - every failure becomes a message in the page

@@ -58,7 +58,8 @@ class SampleRequest:
                   "--num-sampling-steps", str(self.num_steps), "--cfg-scale", repr(float(self.cfg_scale))]
         if self.guidance_interval is not None:
             words += ["--guidance-interval", *(repr(float(t)) for t in self.guidance_interval)]
-        words += ["--seed", str(self.seed), "--nrow", str(self.nrow), "--out", out]
+        # --no-upscale: the page writes images at their size (its CSS enlarges them), and so does the command.
+        words += ["--seed", str(self.seed), "--nrow", str(self.nrow), "--no-upscale", "--out", out]
         if self.device != "auto":
             words += ["--device", self.device]
         return shlex.join([*program_words(), "sample", *words])

@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "demo": "demo",
     "sample-ddp": "sample_ddp",
     "evaluate": "evaluate",
+    "presets": "presets",
     "app": "app",
     "bench": "bench",
 }

@@ -142,6 +142,25 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def published_line(samples: Path, metrics: dict) -> str | None:
+    """When the samples' `.npz` records a preset (`fastdit sample-ddp --preset`): its published figure
+    beside the measured one, with any setting the run changed from the preset."""
+    from ..sample_ddp.npz import read_settings
+    from ..sampling.presets import PRESETS
+
+    if samples.suffix.lower() != ".npz":
+        return None
+    recipe = (read_settings(samples) or {}).get("recipe") or {}
+    preset = PRESETS.get(recipe.get("preset"))
+    if preset is None:
+        return None
+    figures = [f"{name.upper()} {metrics[name]:.2f} measured, {value:g} published" for name, value in preset.published.items()
+               if metrics.get(name) is not None]
+    changed = sorted(recipe.get("overridden") or {})
+    note = f"; this run changed {', '.join(changed)}, so the figures need not agree" if changed else ""
+    return f"preset {preset.name}: {'; '.join(figures) or 'no figure to compare'} ({preset.source}){note}"
+
+
 def run(args: argparse.Namespace) -> int | None:
     from ..evaluate import (
         IS_SPLIT_SIZE,
@@ -212,6 +231,9 @@ def run(args: argparse.Namespace) -> int | None:
     print(f"samples:   {first} ({sample_stats.num_images} images)")
     print(f"reference: {second} ({ref_stats.num_images} images)")
     print(format_table(metrics))
+    published = published_line(first, metrics)
+    if published:
+        print(published)
     if args.out_json:
         atomic_write_json(
             {
@@ -224,6 +246,7 @@ def run(args: argparse.Namespace) -> int | None:
                 "metrics": list(metrics_asked),
                 **({"fd_dinov2_encoder": args.fd_dinov2_encoder} if with_dinov2 else {}),
                 "device": str(device),
+                "published": published_line(first, metrics),
             },
             args.out_json,
         )

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 
+from ..sampling.recipe import SAMPLING_FIELDS
 from .common import (
     OFFICIAL_CLASS_LABELS,
+    RecipePlan,
     add_model_arguments,
     add_sampling_arguments,
     check_output_file,
     load_for_sampling,
-    sampling_options,
     warn_if_slow,
 )
 
+PICTURE_FIELDS = ("model", "image_size", *SAMPLING_FIELDS)
 HELP = "sample a grid of images from a DiT (official weights or your checkpoint)"
 
 
@@ -25,20 +28,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="sample.png", help="grid PNG to write (default: sample.png)")
     parser.add_argument("--nrow", type=int, default=4, help="images per grid row (default: 4)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-upscale", dest="upscale", action="store_false",
+                        help="write images at their own size (default: images under 64 px, such as the 8x8 digits, "
+                             "are enlarged without smoothing so the grid does not open as a speck)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..image_grid import make_grid
+    from ..image_grid import enlarge, make_grid, upscale_factor
     from ..io import atomic_save_png
     from ..sampling import check_labels, generate
 
     out = check_output_file(args.out, (".png",))
-    options = sampling_options(args)
+    # A picture: the sample count and label sampling of a preset do not apply (--class-labels does).
+    plan = RecipePlan(args, fields=PICTURE_FIELDS)
     if args.nrow < 1:
         from ..errors import UserError
 
         raise UserError(f"--nrow must be >= 1, got {args.nrow}")
-    model, info, latent_space, device = load_for_sampling(args, options)
+    model, info, latent_space, device = load_for_sampling(args, plan)
+    options = plan.options
     warn_if_slow(device, options.precision)
     num_classes = info.config.num_classes
     labels = args.class_labels
@@ -49,6 +57,11 @@ def run(args: argparse.Namespace) -> int:
         model, latent_space, labels, options=options, objective=info.objective, seed=args.seed, device=device,
         progress=not args.no_progress, compile=args.compile,
     )
-    atomic_save_png(make_grid(images, nrow=args.nrow), out)
-    print(f"wrote {out} ({len(labels)} images, {info.image_size}x{info.image_size}, {options.resolved_sampler(info.objective)} {options.num_steps} steps, cfg {options.cfg_scale})")
+    factor = upscale_factor(info.image_size) if args.upscale else 1
+    # The resolved recipe travels in the PNG (a tEXt chunk, `PIL.Image.open(out).text["fastdit-recipe"]`).
+    record = json.dumps({**plan.resolved.to_dict(PICTURE_FIELDS), "seed": args.seed, "labels": labels.tolist()}, sort_keys=True)
+    atomic_save_png(enlarge(make_grid(images, nrow=args.nrow), factor), out, text={"fastdit-recipe": record})
+    shown = f", shown {factor}x larger (--no-upscale: as sampled)" if factor > 1 else ""
+    print(f"wrote {out} ({len(labels)} images, {info.image_size}x{info.image_size}{shown}, "
+          f"{options.resolved_sampler(info.objective)} {options.num_steps} steps, cfg {options.cfg_scale})")
     return 0

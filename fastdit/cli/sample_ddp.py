@@ -14,23 +14,27 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import (
-    add_model_arguments, add_sampling_arguments, check_output_file, load_for_sampling, sampling_options, warn_if_slow,
-)
+from ..sampling.recipe import LABEL_SAMPLINGS
+from .common import RecipePlan, add_model_arguments, add_sampling_arguments, check_output_file, load_for_sampling, warn_if_slow
 
 HELP = "sample many images (e.g. 50,000 for FID) into an ADM .npz, with torchrun, resumable"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    add_sampling_arguments(parser, cfg_default=1.5)  # DiT's sample_ddp.py default, for FID
+    add_sampling_arguments(parser, fid=True)  # cfg 1.5 by default: DiT's sample_ddp.py, for FID
     group = parser.add_argument_group("output")
-    group.add_argument("--num-fid-samples", type=int, default=50_000, help="number of images (default: 50000)")
+    group.add_argument("--num-fid-samples", type=int, default=None,
+                       help="number of images (default: the preset's, else 50000)")
+    group.add_argument("--label-sampling", choices=LABEL_SAMPLINGS, default=None,
+                       help="random: each image's label drawn from --seed and its index, as DiT's sample_ddp.py; "
+                            "equal: every class N / num_classes times, in an order fixed by --seed (N must be a "
+                            "multiple of the number of classes) (default: the preset's, else random)")
     group.add_argument("--out", default="samples.npz",
                        help="ADM .npz to write: arr_0 uint8 N×H×W×3, arr_1 int64 labels (default: samples.npz). "
                             "Work in progress lives in <out>.parts/; the settings end up in <out>.json")
     group.add_argument("--class-labels", type=int, nargs="+", default=None,
-                       help="labels to cycle over the images (default: uniform over all classes, drawn from --seed and the image index)")
+                       help="labels to cycle over the images (default: --label-sampling over all classes)")
     group.add_argument("--png-dir", default=None, help="also write every image as <png-dir>/<index:06d>.png")
     group.add_argument("--batch-size", type=int, default=32,
                        help="images per batch and process (default: 32). With the same batch and chunk size, any number of "
@@ -45,11 +49,17 @@ def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
     from ..sample_ddp import SampleJob, sample_ddp
 
+    from ..errors import UserError
+
+    plan = RecipePlan(args)
+    if args.class_labels is not None and args.label_sampling is not None:
+        raise UserError("--class-labels and --label-sampling exclude each other: give the labels, or how to draw them")
     job = SampleJob(
         out=check_output_file(args.out, (".npz",)),
-        num_samples=args.num_fid_samples,
-        options=sampling_options(args),
+        num_samples=plan.resolved["num_samples"],  # a checkpoint's recipe never sets it: known before loading
+        options=plan.options,
         seed=args.seed,
+        label_sampling=plan.resolved["label_sampling"],
         batch_size=args.batch_size,
         chunk_size=args.chunk_size,
         class_labels=args.class_labels,
@@ -61,10 +71,18 @@ def run(args: argparse.Namespace) -> int:
     info = dist.init_from_env(args.device)
     if info.is_main:
         warn_if_slow(info.device, job.options.precision)
+    plan.announce = info.is_main  # the first line, once
     # One GPU per process: load onto this process's device, not the first GPU.
     per_process = argparse.Namespace(**{**vars(args), "device": str(info.device)})
+
+    def load():
+        loaded = load_for_sampling(per_process, plan)
+        # The options are final once the checkpoint's recipe is read: the job samples and records them.
+        job.options, job.recipe = plan.options, plan.resolved.to_dict()
+        return loaded
+
     # On an error, leave without the closing barrier: the others stop too (see `_on_main_first`), or torchrun stops them.
-    report = sample_ddp(job, lambda: load_for_sampling(per_process), info)
+    report = sample_ddp(job, load, info)
     dist.shutdown()
     if report is not None:
         size = f"{report.image_size}x{report.image_size}"

@@ -35,8 +35,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     result = train(config)
     if result.export is not None:
-        # A model with its guidance trained in (MeanFlow) samples unguided; the default --cfg-scale would be refused.
-        unguided = " --cfg-scale 1" if config.build_objective().trained_guidance is not None else ""
+        # The export records its sampling recipe (MeanFlow's: one step at cfg 1): no flag is needed.
         sample = shlex.join([*program_words(), "sample", "--ckpt", str(result.export)])
-        print(f"done: step {result.step}, run folder {result.run_dir}; sample with: {sample}{unguided}")
+        print(f"done: step {result.step}, run folder {result.run_dir}; sample with: {sample}")
     return 0

@@ -137,7 +137,13 @@ def train_config(config: DemoConfig):
     own = {field.name for field in dataclasses.fields(objective_class(config.objective))}
     recipe = {"time_sampling": config.time_sampling, "meanflow_omega": config.cfg_scale}
     settings = {name: value for name, value in recipe.items() if name in own}
-    return TrainConfig.create(**alignment, **settings,
+    # The sampling the demo judges the model with, recorded in its checkpoints (`fastdit sample --ckpt`
+    # on the export samples as the demo did); MeanFlow's guidance is trained in, so it samples at cfg 1.
+    sampler, sampling_steps = config.sampling()
+    trained_in = objective_class(config.objective)(**settings).trained_guidance is not None
+    sampling = dict(recipe_sampler=sampler, recipe_steps=sampling_steps,
+                    recipe_cfg_scale=1.0 if trained_in else config.cfg_scale)
+    return TrainConfig.create(**alignment, **settings, **sampling,
         objective=config.objective, **(LIGHTNINGDIT_BLOCKS if config.blocks else {}),
         model=config.model, image_size=8, num_classes=NUM_CLASSES, data_path="digits", vae="pixels",
         global_batch_size=config.batch_size, lr=config.lr, ema_decay=config.ema_decay, max_steps=config.steps,

@@ -48,6 +48,9 @@ class Objective(ABC):
     time_range: ClassVar[tuple[float, float]]
     flow_time: ClassVar[bool]  # t in [0, 1], 0 = noise: a time shift of the sampling grid applies
     default_sampler: ClassVar[str]
+    # The steps the default sampler takes when nothing says otherwise: DiT's and SiT's 250; a one-step
+    # model (MeanFlow) says 1. Recorded in checkpoints as the training's sampling recipe.
+    default_num_steps: ClassVar[int] = 250
     views: ClassVar[frozenset[str]]
     # What the network is trained for, in a line: `fastdit train --help` lists it with the name.
     summary: ClassVar[str]

@@ -9,6 +9,7 @@ fixed timestamp, so the same images always give the same bytes on disk.
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from typing import Iterable
@@ -38,10 +39,17 @@ def write_npy_entry(archive: zipfile.ZipFile, name: str, blocks: Iterable[np.nda
         raise ValueError(f"{name}: {rows} rows were written for an array of {header['shape'][0]}")
 
 
+# The run's settings and recipe, as UTF-8 JSON bytes in a uint8 array: ADM's evaluator reads arr_0 and
+# ignores other entries, and no pickle is needed to read it back (`read_settings`).
+SETTINGS_ENTRY = "fastdit_settings"
+
+
 def write_adm_npz(
-    path: str | os.PathLike, parts: Iterable[tuple[np.ndarray, np.ndarray]], *, count: int, image_shape: tuple[int, int, int]
+    path: str | os.PathLike, parts: Iterable[tuple[np.ndarray, np.ndarray]], *, count: int,
+    image_shape: tuple[int, int, int], settings: dict | None = None,
 ) -> None:
-    """Write `path` atomically from `(images, labels)` parts in index order; holds one part's images at a time."""
+    """Write `path` atomically from `(images, labels)` parts in index order; holds one part's images at a
+    time. `settings` (what made the images) is stored as a third entry (`SETTINGS_ENTRY`)."""
     labels = []  # int64 labels are small (400 kB for 50,000 images): kept for the second entry
 
     def images():
@@ -53,3 +61,22 @@ def write_adm_npz(
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
             write_npy_entry(archive, "arr_0.npy", images(), shape=(count, *image_shape), dtype=np.uint8)
             write_npy_entry(archive, "arr_1.npy", labels, shape=(count,), dtype=np.int64)
+            if settings is not None:
+                text = np.frombuffer(json.dumps(settings, sort_keys=True).encode("utf-8"), dtype=np.uint8)
+                write_npy_entry(archive, f"{SETTINGS_ENTRY}.npy", [text], shape=text.shape, dtype=np.uint8)
+
+
+def read_settings(path: str | os.PathLike) -> dict | None:
+    """The settings a `fastdit sample-ddp` `.npz` records, or None (another writer, or an older fastdit)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if SETTINGS_ENTRY not in archive.files:
+                return None
+            data = archive[SETTINGS_ENTRY]
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+    try:
+        settings = json.loads(data.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return settings if isinstance(settings, dict) else None

@@ -37,7 +37,8 @@ from .. import distributed as dist
 from ..errors import UserError
 from ..io import ensure_writable_dir
 from ..sampling import SamplingOptions, check_labels
-from ..sampling.indexed import sample_by_index
+from ..sampling.indexed import check_equal_labels, sample_by_index
+from ..sampling.recipe import LABEL_SAMPLINGS
 from . import workdir
 from .npz import write_adm_npz
 
@@ -50,11 +51,15 @@ class SampleJob:
     seed: int = 0
     batch_size: int = 32  # per process
     chunk_size: int = 1000  # images per chunk file: the unit of resuming and of work sharing
-    class_labels: list[int] | None = None  # None: uniform over the classes; else cycled over the images
+    class_labels: list[int] | None = None  # None: drawn by `label_sampling`; else cycled over the images
+    label_sampling: str = "random"  # random (uniform per image) or equal (N / K per class): `sampling.indexed`
     png_dir: Path | None = None
     progress: bool = True
     # Not a setting (like the batch size): compiled blocks compute the same images up to rounding.
     compile: bool = False
+    # Where the settings came from (`ResolvedRecipe.to_dict`): recorded beside and inside the result,
+    # not compared when resuming (the same values reached through a preset or through flags are the same run).
+    recipe: dict | None = None
 
     def validate(self) -> None:
         for flag, value in (("--num-fid-samples", self.num_samples), ("--batch-size", self.batch_size), ("--chunk-size", self.chunk_size)):
@@ -62,6 +67,8 @@ class SampleJob:
                 raise UserError(f"{flag} must be a positive integer, got {value}")
         if self.class_labels is not None and not self.class_labels:
             raise UserError("--class-labels needs at least one label")
+        if self.label_sampling not in LABEL_SAMPLINGS:
+            raise UserError(f"unknown label sampling {self.label_sampling!r}; choose one of {', '.join(LABEL_SAMPLINGS)}")
         if self.png_dir is not None and Path(self.png_dir).exists() and not Path(self.png_dir).is_dir():
             raise UserError(f"--png-dir {str(self.png_dir)!r} is a file; give a folder")
         # The sampling options are checked against the model's objective once it is loaded (`_load_checked`).
@@ -76,8 +83,11 @@ class SampleJob:
             "num_samples": self.num_samples,
             "seed": self.seed,
             "sampling": {**asdict(self.options), "sampler": self.options.resolved_sampler(info.objective)},
-            "labels": "uniform" if self.class_labels is None else list(self.class_labels),
+            # "uniform" is what random labels were recorded as before equal ones existed: old runs resume
+            "labels": ({"random": "uniform"}.get(self.label_sampling, self.label_sampling) if self.class_labels is None
+                       else list(self.class_labels)),
             "chunk_size": self.chunk_size,
+            **({"recipe": self.recipe} if self.recipe is not None else {}),
         }
 
 
@@ -114,10 +124,13 @@ def _run(job: SampleJob, load: Callable, info: dist.DistInfo, held: contextlib.E
 
     # 1. rank 0 first: a second run on this output stops before loading anything, a download happens
     #    once, and the work folder holds only usable chunks before anyone lists it.
+    recorded = {}  # rank 0: this run's settings, written into the result (the same bytes for the same run)
+
     def lock_load_and_check():
         held.enter_context(workdir.lock(paths))
         loaded = _load_checked(job, load)
         settings = job.settings(loaded[1], loaded[2], workdir.weights_fingerprint(loaded[0]))
+        recorded.update(settings)
         if not workdir.is_finished(paths, settings):
             workdir.prepare(paths, settings)
             for path, problem in workdir.drop_damaged_chunks(paths, chunks, _image_shape(loaded[1])):
@@ -162,7 +175,7 @@ def _run(job: SampleJob, load: Callable, info: dist.DistInfo, held: contextlib.E
     workdir.remove_stale_temporaries(paths)
     workdir.publish_settings(paths)
     write_adm_npz(paths.npz, (workdir.read_chunk(paths, chunk) for chunk in chunks), count=job.num_samples,
-                  image_shape=_image_shape(model_info))
+                  image_shape=_image_shape(model_info), settings={"format": workdir.FORMAT, **recorded})
     workdir.finish(paths)
     return _report(job, paths, loaded, sampled=int(totals[0]), seconds=float(totals[1]) / info.world_size, info=info)
 
@@ -196,6 +209,8 @@ def _load_checked(job: SampleJob, load: Callable):
     job.options.validate(model_info.objective)
     if job.class_labels is not None:
         check_labels(job.class_labels, model_info.config.num_classes)
+    elif job.label_sampling == "equal":
+        check_equal_labels(job.num_samples, model_info.config.num_classes)
     if model_info.latent.kind == "pixels" and model_info.config.in_channels not in (1, 3):
         raise UserError(f"a pixel-space model with {model_info.config.in_channels} channels does not make RGB images; "
                         "sample-ddp writes images for FID (1 or 3 channels)")
@@ -218,7 +233,8 @@ def _sample_chunks(job, paths, chunks, model, model_info, latent_space, device, 
         # Batches start at the chunk's first image, whatever the process count (see the module doc).
         batches = sample_by_index(model, latent_space, range(chunk.start, chunk.stop), seed=job.seed,
                                   batch_size=job.batch_size, options=job.options, objective=model_info.objective,
-                                  class_labels=job.class_labels, device=device, compile=job.compile)
+                                  class_labels=job.class_labels, label_sampling=job.label_sampling,
+                                  num_samples=job.num_samples, device=device, compile=job.compile)
         for indices, batch_labels, batch in batches:
             images.append(batch)
             labels.append(batch_labels)

@@ -122,7 +122,7 @@ def _with_option_defaults(recorded: dict) -> dict:
 def _check_same(recorded: dict | None, wanted: dict, where: Path, what: str, fix: str) -> None:
     if recorded is None:
         raise UserError(f"{str(where)!r} exists but was not written by `fastdit sample-ddp`; choose another --out or remove it")
-    refuse_other_settings(what, recorded, wanted, fix)
+    refuse_other_settings(what, recorded, wanted, fix, ignore=("recipe",))  # provenance, not a setting
 
 
 def is_finished(paths: OutputPaths, settings: dict) -> bool:

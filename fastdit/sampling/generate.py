@@ -135,8 +135,9 @@ def generate(
     latent_space,
     labels,
     *,
-    options: SamplingOptions,
-    objective: Objective,
+    options: SamplingOptions | None = None,
+    objective: Objective | None = None,
+    info=None,
     seed: int = 0,
     indices=None,
     device: str | torch.device = "cpu",
@@ -146,7 +147,20 @@ def generate(
     """Sample one image per label with the model's `objective` (from `load_model`'s info, or the
     training config); image k uses noise seeded by (seed, indices[k]) (default k). `compile=True`
     compiles the model's blocks in place (`fastdit.compile.compile_blocks`; the first call pays the
-    compilation)."""
+    compilation).
+
+    Given `info` (`load_model`'s) instead, the objective is its, and without `options` the model is
+    sampled by the recipe its checkpoint records (`fastdit.sampling.recipe`; files from before recipes:
+    the objective's sampler, 250 steps, cfg 4)."""
+    if objective is None and info is None:
+        raise ValueError("generate needs the model's objective (objective=info.objective) or its info (info=info)")
+    objective = objective if objective is not None else info.objective
+    if options is None:
+        if info is None:
+            raise ValueError("generate without options samples by the checkpoint's recipe: pass info=info")
+        from .recipe import recorded_options
+
+        options = recorded_options(info)
     options.validate(objective)
     if compile:
         compile_blocks(model)

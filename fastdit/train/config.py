@@ -178,9 +178,21 @@ class EvaluationSection:
     inception_weights: str | None = option(None, "local Inception weights for --eval-every")
 
 
+@dataclass
+class RecipeSection:
+    # Recorded in every checkpoint and export (`ModelInfo.sampling`): how `fastdit sample`, `sample-ddp`,
+    # `app` and `generate` sample the model when no flag says otherwise. Unset: the objective's own.
+    recipe_sampler: str | None = option(None, "the sampler the checkpoints recommend (default: the objective's own)")
+    recipe_steps: int | None = option(None, "the sampling steps the checkpoints recommend (default: the objective's "
+                                            "own: 250, MeanFlow 1)", at_least=1)
+    recipe_cfg_scale: float | None = option(None, "the guidance scale the checkpoints recommend (default: left to "
+                                                  "the sampling command; 1 when guidance is trained in or impossible)",
+                                            at_least=1)
+
+
 SECTIONS = {"model": ModelSection, "objective": ObjectiveSection, "alignment": AlignmentSection,
             "optimisation": OptimisationSection, "data": DataSection, "run": RunSection,
-            "evaluation": EvaluationSection}
+            "evaluation": EvaluationSection, "recipe": RecipeSection}
 
 
 def flag_name(field: dataclasses.Field) -> str:
@@ -201,6 +213,7 @@ RESUMABLE_CHANGES = frozenset(
         "compile", "sample_steps", "tensorboard", "wandb", "device", "eval_every", "eval_samples", "eval_ref",
         "eval_batch_size", "eval_sampling_steps", "eval_cfg_scale", "micro_batch_size", "gradient_checkpointing",
         "results_dir", "run_name", "inception_weights", "progress",
+        "recipe_sampler", "recipe_steps", "recipe_cfg_scale",  # what the checkpoints recommend, not how they are made
     }
 )
 
@@ -222,6 +235,7 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     run: RunSection = field(default_factory=RunSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    recipe: RecipeSection = field(default_factory=RecipeSection)
 
     # ------------------------------------------------------------------------------------------
 
@@ -282,6 +296,15 @@ class TrainConfig:
         needs (MeanFlow's time-gap embedding)."""
         return {**self.model.options(), **self.build_objective().network()}
 
+    def sampling_recipe(self) -> dict:
+        """The sampling recipe the run's checkpoints record (`fastdit.sampling.recipe.training_recipe`)."""
+        from ..sampling.recipe import training_recipe
+
+        recipe = self.recipe
+        return training_recipe(self.build_objective(), conditional=self.model.class_dropout_prob > 0,
+                               sampler=recipe.recipe_sampler, num_steps=recipe.recipe_steps,
+                               cfg_scale=recipe.recipe_cfg_scale)
+
     def validate(self) -> "TrainConfig":
         data = self.data
         if not data.features_path and not data.data_path:
@@ -317,6 +340,11 @@ class TrainConfig:
         if evaluation.eval_every:
             _check_sampling("--eval-sampling-steps / --eval-cfg-scale", SamplingOptions(
                 num_steps=evaluation.eval_sampling_steps, cfg_scale=evaluation.eval_cfg_scale), objective)
+        recommended = self.sampling_recipe()
+        _check_sampling("--recipe-sampler / --recipe-steps / --recipe-cfg-scale", SamplingOptions(**recommended),
+                        objective)
+        if recommended.get("cfg_scale", 1.0) > 1 and self.model.class_dropout_prob <= 0:
+            raise UserError("--recipe-cfg-scale > 1 needs a null class to guide with: set --class-dropout-prob > 0")
         if not data.pixel_space:
             latent_side(self.model.image_size)
         return self

@@ -110,7 +110,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     ).to(device)
     ema = make_ema(model)  # copied before any wrapping
     model_info = ModelInfo(config=model.config, latent=data.latent_info, class_names=data.class_names,
-                           objective=objective)
+                           objective=objective, sampling=config.sampling_recipe())
     state = build_training_state(config, dist, model, ema, data)
 
     # One run per folder: a second `train` on it stops here with a message instead of interleaving its

@@ -1,0 +1,177 @@
+"""A sampling recipe: every setting that decides how a model is sampled, resolved in layers.
+
+The layers, lowest first:
+
+1. the command's defaults (what `fastdit sample` and `sample-ddp` did before recipes existed);
+2. one source: a named preset (`fastdit.sampling.presets`), or else the recipe the checkpoint records
+   (training writes one into every checkpoint and export, `training_recipe`);
+3. the flags the user gave, one field each.
+
+A layer sets only the fields it names (a dict of field -> value), so "unset" is "absent", and None
+keeps its meaning as a value (all channels guided, no guidance interval). The resolved recipe
+remembers which layer set each field, for the job's first line ("settings: preset dit-xl2-256;
+--cfg-scale 4 overrode cfg_scale 1.5") and for the record written beside the images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .generate import OFFICIAL_CFG_SCALE, OFFICIAL_NUM_STEPS, SamplingOptions
+
+# How each field of a recipe is called on the command line (the flag that overrides it).
+FLAGS = {
+    "model": "--model",
+    "image_size": "--image-size",
+    "sampler": "--sampler",
+    "num_steps": "--num-sampling-steps",
+    "cfg_scale": "--cfg-scale",
+    "guided_channels": "--official-guidance",
+    "guidance_interval": "--guidance-interval",
+    "time_shift": "--time-shift",
+    "label_sampling": "--label-sampling",
+    "num_samples": "--num-fid-samples",
+}
+RECIPE_FIELDS = tuple(FLAGS)
+# The fields that say how one image is sampled: what a checkpoint may record.
+SAMPLING_FIELDS = ("sampler", "num_steps", "cfg_scale", "guided_channels", "guidance_interval", "time_shift")
+# random: each image's label drawn from (seed, index), as DiT's sample_ddp.py draws them; equal: every
+# class N / num_classes times (`fastdit.sampling.indexed`).
+LABEL_SAMPLINGS = ("random", "equal")
+
+# What the commands did before recipes: the objective's sampler, DiT's 250 steps, every channel
+# guided, no interval, no shift, random labels; cfg 4 for a picture (DiT's sample.py), 1.5 for FID
+# (DiT's sample_ddp.py).
+DEFAULTS = {"model": None, "image_size": None, "sampler": None, "num_steps": OFFICIAL_NUM_STEPS,
+            "cfg_scale": OFFICIAL_CFG_SCALE, "guided_channels": None, "guidance_interval": None,
+            "time_shift": 1.0, "label_sampling": "random", "num_samples": 50_000}
+FID_CFG_SCALE = 1.5
+
+
+@dataclass(frozen=True)
+class RecipeSource:
+    """A layer between the defaults and the flags: `what` names it in messages ("preset dit-xl2-256",
+    "the checkpoint's recipe"); `values` are the fields it sets."""
+
+    what: str
+    values: dict
+    preset: str | None = None
+
+
+@dataclass
+class ResolvedRecipe:
+    values: dict  # every field of RECIPE_FIELDS
+    origin: dict  # field -> "default", the source's `what`, or the flag that set it
+    source: RecipeSource | None = None
+    overridden: dict = field(default_factory=dict)  # field -> (flag, the source's value, the flag's value)
+
+    def __getitem__(self, name: str):
+        return self.values[name]
+
+    @property
+    def preset(self) -> str | None:
+        return self.source.preset if self.source else None
+
+    def options(self, *, eta: float = 0.0, precision: str = "fp32") -> SamplingOptions:
+        """The `SamplingOptions` of this recipe (eta and precision are not part of a recipe)."""
+        interval = self.values["guidance_interval"]
+        return SamplingOptions(
+            sampler=self.values["sampler"], num_steps=self.values["num_steps"], cfg_scale=self.values["cfg_scale"],
+            guided_channels=self.values["guided_channels"],
+            guidance_interval=tuple(interval) if interval is not None else None,
+            time_shift=self.values["time_shift"], eta=eta, precision=precision,
+        )
+
+    def describe(self, fields=RECIPE_FIELDS, own_sampler: str | None = None) -> str:
+        """One line: where the settings came from, which flag overrode which of the source's values, and
+        every value (`own_sampler`: the model's own, shown where the recipe leaves the sampler to it)."""
+        words = [f"settings from {self.source.what}" if self.source else "settings: the defaults"]
+        given = [name for name in fields if self.origin[name] == FLAGS[name] and name not in self.overridden]
+        if self.overridden:
+            words.append("; ".join(f"{flag} overrode {name} ({show_value(old, name)} -> {show_value(new, name)})"
+                                   for name, (flag, old, new) in self.overridden.items() if name in fields))
+        if given:
+            words.append("flags: " + ", ".join(f"{FLAGS[name]} {show_value(self.values[name], name)}" for name in given))
+        values = dict(self.values)
+        if values["sampler"] is None and own_sampler:
+            values["sampler"] = own_sampler
+        shown = ", ".join(f"{name} {show_value(values[name], name)}" for name in fields
+                          if not (name in ("model", "image_size") and values[name] is None))
+        return "; ".join(w for w in words if w) + f" ({shown})"
+
+    def to_dict(self, fields=RECIPE_FIELDS) -> dict:
+        """The record written beside the images: the preset, the source, every value of `fields` and
+        where it came from."""
+        return {
+            "preset": self.preset,
+            "source": self.source.what if self.source else "defaults",
+            "values": {name: _plain(self.values[name]) for name in fields},
+            "origin": {name: self.origin[name] for name in fields},
+            "overridden": {name: {"flag": flag, "was": _plain(old), "now": _plain(new)}
+                           for name, (flag, old, new) in self.overridden.items() if name in fields},
+        }
+
+
+def resolve(defaults: dict, source: RecipeSource | None, flags: dict) -> ResolvedRecipe:
+    """The recipe: `defaults`, then `source`'s values, then `flags` ({field: value}, only the fields the
+    user gave). Unknown field names are a programming error (ValueError)."""
+    for layer in (defaults, source.values if source else {}, flags):
+        unknown = set(layer) - set(RECIPE_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown recipe field(s) {sorted(unknown)}; known: {', '.join(RECIPE_FIELDS)}")
+    values = {**DEFAULTS, **defaults}
+    origin = dict.fromkeys(values, "default")
+    if source is not None:
+        values.update(source.values)
+        origin.update(dict.fromkeys(source.values, source.what))
+    overridden = {}
+    for name, value in flags.items():
+        if source is not None and name in source.values and _plain(source.values[name]) != _plain(value):
+            overridden[name] = (FLAGS[name], source.values[name], value)
+        values[name] = value
+        origin[name] = FLAGS[name]
+    return ResolvedRecipe(values=values, origin=origin, source=source, overridden=overridden)
+
+
+def training_recipe(objective, *, conditional: bool, sampler: str | None = None, num_steps: int | None = None,
+                    cfg_scale: float | None = None) -> dict:
+    """The recipe a training run records in its checkpoints: the objective's sampler and step count,
+    cfg 1 where guiding is impossible (no null class) or would guide twice (trained in: MeanFlow), and
+    whatever the run set explicitly (the digits demo's Heun-9 at cfg 3)."""
+    recipe = {"sampler": sampler or objective.default_sampler, "num_steps": num_steps or objective.default_num_steps}
+    if cfg_scale is not None:
+        recipe["cfg_scale"] = float(cfg_scale)
+    elif objective.trained_guidance is not None or not conditional:
+        recipe["cfg_scale"] = 1.0
+    return recipe
+
+
+def checkpoint_source(recorded: dict | None) -> RecipeSource | None:
+    """The recipe a checkpoint records, as a source; None for files from before recipes (they keep the
+    commands' defaults). Fields this version does not know are left out."""
+    if not recorded:
+        return None
+    values = {name: recorded[name] for name in SAMPLING_FIELDS if name in recorded}
+    if values.get("guidance_interval") is not None:
+        values["guidance_interval"] = tuple(values["guidance_interval"])
+    return RecipeSource("the checkpoint's recipe", values) if values else None
+
+
+def recorded_options(info, defaults: dict | None = None) -> SamplingOptions:
+    """The options a loaded model's checkpoint recommends (its recipe over `defaults`), for callers
+    without flags: `generate(..., info=info)` and the app's initial values."""
+    return resolve(defaults or {}, checkpoint_source(info.sampling), {}).options()
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def show_value(value, name: str = "") -> str:
+    if value is None:  # what None means for each field
+        return {"guided_channels": "all", "guidance_interval": "every step", "sampler": "the model's own"}.get(name, "none")
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(f"{v:g}" for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
