@@ -40,9 +40,9 @@ _SIT = {"model": "SiT-XL/2", "image_size": 256, "cfg_scale": 1.5, "guided_channe
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("dit-xl2-256", "ddpm", {"model": "DiT-XL/2", "image_size": 256, **_DIT}, {"fid": 2.27},
-           "DiT paper (Peebles & Xie 2023), Table 4, row DiT-XL/2-G (cfg=1.50), 256x256"),
+           "DiT paper (Peebles & Xie 2023), the table 'Benchmarking class-conditional image generation on ImageNet 256x256', row DiT-XL/2-G (cfg=1.50)"),
     Preset("dit-xl2-512", "ddpm", {"model": "DiT-XL/2", "image_size": 512, **_DIT}, {"fid": 3.04},
-           "DiT paper (Peebles & Xie 2023), Table 4, row DiT-XL/2-G (cfg=1.50), 512x512"),
+           "DiT paper (Peebles & Xie 2023), the table 'Benchmarking class-conditional image generation on ImageNet 512x512', row DiT-XL/2-G (cfg=1.50)"),
     # SiT's SDE: Euler-Maruyama over 250 grid points, the last step the drift alone ("Mean").
     Preset("sit-xl2-sde", "flow", {**_SIT, "sampler": "sde-euler", "num_steps": 250}, {"fid": 2.06},
            "SiT paper (Ma et al. 2024), row SiT-XL/2 (cfg=1.5, SDE); SiT README: FID 2.06, SDE, 250 steps"),
