@@ -46,8 +46,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, cfg_default: float =
     group.add_argument("--cfg-scale", type=finite_float, default=cfg_default,
                        help=f"classifier-free guidance scale; 1 disables guidance (default: {cfg_default})")
     group.add_argument("--official-guidance", action="store_true",
-                       help=f"guide only the first {OFFICIAL_GUIDED_CHANNELS} latent channels like the official DiT code "
-                            "(use with --cfg-scale 1.5 to reproduce the paper's FID 2.27)")
+                       help=f"guide only the first {OFFICIAL_GUIDED_CHANNELS} channels of the model's whole output, as the "
+                            "official DiT/SiT code does (model_out[:, :3], for any number of channels; use with "
+                            "--cfg-scale 1.5 to reproduce the paper's FID 2.27)")
     group.add_argument("--guidance-interval", type=finite_float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                        help="guide only where the model's time is in [LOW, HIGH] (DDPM timesteps 0..999, flow time "
                             "0 noise..1 data); elsewhere one conditional forward (default: every step)")
