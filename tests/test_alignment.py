@@ -81,8 +81,8 @@ def test_alignment_trains_the_dit_and_the_projector_and_leaves_the_encoder_alone
     x, y = torch.rand(16, 1, 8, 8) * 2 - 1, torch.randint(0, 10, (16,))
     for step in range(3):
         state.position.step = step
-        terms = train_step(state, (x, y), config.build_objective())
-    assert set(terms) == {"loss", "repa"}
+        result = train_step(state, (x, y), config.build_objective())
+    assert set(result.terms) == {"loss", "repa"} and not result.skipped and result.grad_norm > 0
     assert before and all(torch.equal(t, dict([*encoder.named_parameters(), *encoder.named_buffers()])[n])
                           for n, t in before.items())
     assert all(p.grad is None and not p.requires_grad for p in encoder.parameters())

@@ -24,6 +24,7 @@ from fastdit.latents import PixelSpace
 from fastdit.models import build_model
 from fastdit.run_folder import exclusive_lock
 from fastdit.sample_ddp import write_adm_npz
+from fastdit.sample_ddp.workdir import PNG_DIR_MARKER
 from fastdit.sampling import SamplingOptions, generate
 from fastdit.sampling.indexed import labels_for
 
@@ -153,8 +154,9 @@ def test_two_processes_write_the_same_file_as_one(reference, tiny_ckpt, tmp_path
     # Other process count, same batch size: byte for byte the same file.
     assert sha256(out) == sha256(reference)
     images = np.load(out)["arr_0"]
-    pngs = sorted((tmp_path / "png").iterdir())
+    pngs = sorted(path for path in (tmp_path / "png").iterdir() if path.suffix == ".png")
     assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(NUM_IMAGES)]
+    assert [p.name for p in (tmp_path / "png").iterdir() if p.suffix != ".png"] == [PNG_DIR_MARKER]
     assert all(np.array_equal(np.asarray(Image.open(p)), image) for p, image in zip(pngs, images))
 
     # Another process holds the output (rank 0 refuses it like other settings, through the same broadcast):
@@ -355,6 +357,38 @@ def test_a_folder_of_other_files_in_place_of_the_work_folder_is_refused(tiny_ckp
         main(["sample-ddp", "--ckpt", tiny_ckpt, "--out", str(out), *RUN])
     assert "exists but was not written by `fastdit sample-ddp`" in capsys.readouterr().err
     assert theirs.read_text() == "mine" and not out.exists()
+
+
+def test_a_png_dir_of_other_files_is_refused_and_ours_is_reused(tiny_ckpt, tmp_path, capsys):
+    # Issue #18, item 5.8: --png-dir wrote 000000.png ... over whatever a folder it did not make held.
+    png_dir = tmp_path / "photos"
+    png_dir.mkdir()
+    theirs = png_dir / "000000.png"
+    theirs.write_bytes(b"my own picture")
+    out = tmp_path / "s.npz"
+    command = ["sample-ddp", "--ckpt", tiny_ckpt, "--out", str(out), *RUN]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--png-dir", str(png_dir)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--png-dir" in err and "holds other files (000000.png)" in err and "Traceback" not in err
+    assert theirs.read_bytes() == b"my own picture" and sorted(png_dir.iterdir()) == [theirs]
+    assert not out.exists()
+
+    # A folder sample-ddp made for this output is its own: a rerun may write there again.
+    ours = tmp_path / "png"
+    assert main([*command, "--png-dir", str(ours)]) == 0
+    first = (ours / "000003.png").read_bytes()
+    (ours / "000003.png").unlink()
+    out.unlink()  # sample again into the same output and PNG folder: allowed, and it fills the folder
+    assert main([*command, "--png-dir", str(ours)]) == 0
+    assert (ours / "000003.png").read_bytes() == first
+    capsys.readouterr()
+    # ... but another output's PNG folder is not.
+    with pytest.raises(SystemExit):
+        main(["sample-ddp", "--ckpt", tiny_ckpt, "--out", str(tmp_path / "other.npz"), *RUN, "--png-dir", str(ours)])
+    assert "holds the PNGs of another output" in capsys.readouterr().err
+    assert not (tmp_path / "other.npz").exists()
 
 
 def test_help_works(capsys):

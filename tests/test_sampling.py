@@ -10,7 +10,8 @@ from fastdit.latents import PixelSpace, VAELatentSpace, tiny_vae_config
 from fastdit.models import build_model
 from fastdit.objectives import build_objective
 from fastdit.sampling import (
-    ClassifierFreeGuidance, SamplingOptions, ddim, dpm_solver_pp_2m, gaussian_grid, generate as generate_with, guide,
+    SAMPLERS, ClassifierFreeGuidance, ModelView, SamplingOptions, ddim, dpm_solver_pp_2m, gaussian_grid,
+    generate as generate_with, guide, guided_model, sample_latents,
 )
 from fastdit.sampling.noise import PerImageNoise
 from official_steps import ddim_step
@@ -59,6 +60,84 @@ def test_guidance_wrapper_uses_null_class_and_keeps_variance_of_cond():
     assert out[:, 2].flatten().tolist() == [-1.0, -3.0]
     with pytest.raises(UserError, match="cfg scale 0.5 < 1"):
         ClassifierFreeGuidance(fake_model, scale=0.5, null_class=7, in_channels=2)
+
+
+def official_forward_with_cfg(network, x, t, y, scale, null_class):
+    """The official guided call, written from DiT's and SiT's models.py: run [x, x] with labels
+    [y, null], guide `model_out[:, :3]` of the network's output and keep the rest of the conditional
+    half. SiT's network returns the velocity half only, so on the flow path `network` is that."""
+    out = network(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]))
+    eps, rest = out[:, :3], out[:, 3:]
+    cond_eps, uncond_eps = eps.chunk(2)
+    return torch.cat([uncond_eps + scale * (cond_eps - uncond_eps), rest[: len(x)]], dim=1)
+
+
+@pytest.mark.parametrize("objective_name", ["ddpm", "flow"])
+@pytest.mark.parametrize("channels", [1, 3, 4, 8])
+@pytest.mark.parametrize("learn_sigma", [True, False], ids=["learned-sigma", "fixed-sigma"])
+def test_official_guidance_is_the_official_rule_for_any_channel_count(objective_name, channels, learn_sigma):
+    # Issue #18, item 2: --official-guidance on a 1-channel model stopped with "guided_channels must
+    # be in [1, 1], got 3". It means the official `model_out[:, :3]` of the whole output, any C.
+    objective = build_objective(objective_name)
+    model = tiny_model(in_channels=channels, learn_sigma=learn_sigma)
+    scale, null = 3.0, model.config.null_class
+    options = SamplingOptions(sampler="ddpm" if objective_name == "ddpm" else "euler", num_steps=3, cfg_scale=scale,
+                              guided_channels=3)
+    x = torch.randn(2, channels, 8, 8, generator=torch.Generator().manual_seed(channels))
+    y = torch.tensor([2, 7])
+    t = torch.tensor([600.0, 600.0]) if objective_name == "ddpm" else torch.tensor([0.4, 0.4])
+    with torch.no_grad():
+        if objective_name == "ddpm":  # DiT guides the whole output (ε, then the variance channels)
+            ours = guided_model(model, objective, options)(x, t, y)
+            official = official_forward_with_cfg(model, x, t, y, scale, null)
+        else:  # SiT guides its network's output, the velocity half: what the flow view hands the samplers
+            ours = ModelView(objective, guided_model(model, objective, options), y, learn_sigma=learn_sigma).velocity(x, t, y)
+            official = official_forward_with_cfg(lambda *a: model(*a)[:, :channels], x, t, y, scale, null)
+    assert ours.shape == official.shape
+    # The same forward of the same doubled batch and the same two-operation formula: at most a
+    # rounding of each of u + s(c − u)'s three operations apart, u·(1 + 2s)·max|out| with u = 2^-24.
+    bound = 2**-24 * (1 + 2 * scale) * official.abs().max().item()
+    assert (ours - official).abs().max().item() <= bound
+    # Guidance changed what it should (not vacuous): the first three channels of the whole output.
+    with torch.no_grad():
+        doubled = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))
+    plain = doubled[: len(x), : official.shape[1]]  # the conditional half, from the same batch as the guided call
+    guided_channels = min(3, official.shape[1])
+    assert not torch.allclose(official[:, :guided_channels], plain[:, :guided_channels], atol=1e-4)
+    assert torch.equal(official[:, guided_channels:], plain[:, guided_channels:])
+
+    # And the sampler run through `generate`'s path starts and ends like one driven by the official call.
+    labels = torch.tensor([2, 7])
+    latents = sample_latents(model, labels, objective=objective, options=options, noise=PerImageNoise(5, [0, 1]))
+    def velocity_half(x, t, y):  # SiT's network: the velocity channels only
+        return model(x, t, y)[:, :channels]
+
+    def reference_fn(x, t, y):
+        if objective_name == "ddpm":
+            return official_forward_with_cfg(model, x, t, y, scale, null)
+        return official_forward_with_cfg(velocity_half, x, t, y, scale, null)  # the flow view keeps it whole
+
+    view = ModelView(objective, reference_fn, labels, learn_sigma=learn_sigma and objective_name == "ddpm")
+    noise = PerImageNoise(5, [0, 1])
+    start = noise.draw((channels, 8, 8))
+    reference = SAMPLERS[options.sampler].run(view, start, num_steps=3, noise_fn=noise, progress=False)
+    # Three steps of a tiny model from the same noise, each output within the bound above: the states
+    # agree to a few roundings of their scale (1e-5 of max|x| leaves room for three steps' growth).
+    assert (latents - reference).abs().max().item() <= 1e-5 * reference.abs().max().item()
+
+
+def test_generate_samples_a_model_in_train_mode_in_eval_mode_and_restores_it():
+    # Issue #18, item 5.7: a DiT in train mode drops labels at random, so one seed gave other images.
+    model = tiny_model(in_channels=3, class_dropout_prob=0.5).train()
+    options = SamplingOptions(sampler="ddim", num_steps=4, cfg_scale=1.0)
+    labels = list(range(10))
+    first = generate(model, PixelSpace(3), labels, options=options, seed=3)
+    second = generate(model, PixelSpace(3), labels, options=options, seed=3)
+    assert np.array_equal(first, second)
+    assert all(module.training for module in model.modules())  # every submodule's mode restored
+    model.eval()
+    assert np.array_equal(generate(model, PixelSpace(3), labels, options=options, seed=3), first)
+    assert not model.training
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])

@@ -1,6 +1,7 @@
 """Training: resume after SIGKILL is bit-identical, options keep one code path, bad input is clear."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -186,6 +187,103 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteLoss, match="loss became nan at step 3.*last good checkpoint is intact"):
         train(tiny_config(tmp_path, max_steps=4, ckpt_every=2))
     assert_same_tensors(final_state(config.run_dir())["model"], before["model"])
+
+
+def metrics_records(run_dir: Path) -> dict[int, dict]:
+    return {record["step"]: record for record in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def checkpoint_of(run_dir: Path, step: int) -> dict:
+    return torch.load(run_dir / "checkpoints" / f"{step:07d}.pt", map_location="cpu", weights_only=True)
+
+
+def assert_same_training_state(a: dict, b: dict):
+    """Model, EMA and optimizer state (AdamW's moments and step counts) bit for bit."""
+    assert_same_tensors(a["model"], b["model"])
+    assert_same_tensors(a["ema"], b["ema"])
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for key in a["optimizer"]["state"]:
+        assert_same_tensors(a["optimizer"]["state"][key], b["optimizer"]["state"][key])
+
+
+@pytest.mark.parametrize("kind", ["loss", "gradient"])
+def test_a_skipped_step_changes_nothing_but_the_position(tmp_path, monkeypatch, capsys, kind):
+    # Issue #18, item 4: --skip-nonfinite K. Step 3 is made non-finite (its loss, or only its gradient).
+    import nonfinite_steps
+
+    nonfinite_steps.install(monkeypatch.setattr, {3}, kind)
+    skipping = train(tiny_config(tmp_path / "a", max_steps=6, ckpt_every=1, keep_last=10, skip_nonfinite=1))
+    assert skipping.step == 6
+    run_a = skipping.run_dir
+    # After the skipped step: model, EMA and optimizer exactly as after step 2; only the position moved.
+    assert_same_training_state(checkpoint_of(run_a, 3), checkpoint_of(run_a, 2))
+    assert checkpoint_of(run_a, 3)["position"] == {"step": 3, "epoch": 0, "step_in_epoch": 3}
+    assert not torch.equal(checkpoint_of(run_a, 4)["model"]["final_layer.linear.weight"],
+                           checkpoint_of(run_a, 3)["model"]["final_layer.linear.weight"])  # training went on
+    problem = "the loss became inf" if kind == "loss" else "the gradient norm became"
+    out = capsys.readouterr().out
+    assert f"step 0000003  {problem}" in out and "skipped, no update (1 in a row, --skip-nonfinite 1)" in out
+    records = metrics_records(run_a)
+    assert records[3]["skipped_steps"] == 1 and "loss" not in records[3] and "grad_norm" not in records[3]
+    for step in (1, 2, 4, 5, 6):  # the gradient norm of every step that updated, logged beside the loss
+        assert records[step]["skipped_steps"] == 0
+        assert math.isfinite(records[step]["grad_norm"]) and records[step]["grad_norm"] > 0
+
+    # A run that never saw step 3's update: stop at step 2, mark its checkpoint as step 3 (the batch and
+    # draws of step 3 used up, nothing updated), and resume. It must end where the skipping run ended.
+    train(tiny_config(tmp_path / "b", max_steps=2, ckpt_every=2))
+    run_b = tmp_path / "b" / run_a.name
+    stored = checkpoint_of(run_b, 2)
+    stored["position"] = {"step": 3, "epoch": 0, "step_in_epoch": 3}
+    torch.save(stored, run_b / "checkpoints" / "0000003.pt")
+    never_updated = train(tiny_config(tmp_path / "b", max_steps=6, ckpt_every=3))
+    assert_same_training_state(final_state(never_updated.run_dir), final_state(run_a))
+
+
+def test_more_non_finite_steps_in_a_row_than_allowed_stop_the_run(tmp_path, monkeypatch):
+    import nonfinite_steps
+
+    nonfinite_steps.install(monkeypatch.setattr, {3, 4, 5})
+    with pytest.raises(NonFiniteLoss, match="loss became inf at step 5.*last good checkpoint is intact"):
+        train(tiny_config(tmp_path, max_steps=8, ckpt_every=2, skip_nonfinite=2))
+    run_dir = tiny_config(tmp_path).run_dir()
+    assert [p.name for p in sorted((run_dir / "checkpoints").glob("*.pt"))] == ["0000002.pt", "0000004.pt"]
+    # Two in a row are allowed, and the count starts again after a good step.
+    monkeypatch.undo()
+    nonfinite_steps.install(monkeypatch.setattr, {3, 4, 6, 7})
+    assert train(tiny_config(tmp_path / "again", max_steps=8, ckpt_every=8, skip_nonfinite=2)).step == 8
+
+
+def test_kill_and_resume_with_skipped_steps_is_bit_exact(tmp_path, monkeypatch):
+    import nonfinite_steps
+
+    fields = dict(max_steps=8, ckpt_every=2, skip_nonfinite=1)
+    with monkeypatch.context() as patch:
+        nonfinite_steps.install(patch.setattr, {3, 6})  # one step before the kill, one after
+        reference = train(tiny_config(tmp_path / "reference", **fields))
+    # The killed run: a process that poisons the same steps (keyed by step number, so the resumed
+    # process does too), killed once checkpoint 4 is on disk, then the same command again.
+    script = ("import sys; sys.path.insert(0, {tests!r}); import nonfinite_steps; "
+              "nonfinite_steps.install(setattr, {{3, 6}}); from fastdit.cli import main; sys.exit(main(sys.argv[1:]))"
+              ).format(tests=str(Path(__file__).parent))
+    command = [sys.executable, "-c", script, "train", *TINY, "--max-steps", "8", "--ckpt-every", "2",
+               "--skip-nonfinite", "1", "--results-dir", str(tmp_path / "killed")]
+    run_dir = tmp_path / "killed" / reference.run_dir.name
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / "0000004.pt").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "checkpoints" / "0000008.pt").exists()
+    rerun = subprocess.run(command, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "step 0000006  the loss became inf: skipped" in rerun.stdout
+    resumed = final_state(run_dir)
+    assert resumed["position"] == final_state(reference.run_dir)["position"]
+    assert_same_training_state(resumed, final_state(reference.run_dir))
 
 
 def test_bad_input_messages(tmp_path, capsys):

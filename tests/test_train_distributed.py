@@ -89,3 +89,35 @@ def test_a_folder_in_use_stops_every_process(tmp_path):
     assert "is in use by fastdit train" in errors[0] and "Traceback" not in errors[0], errors[0]
     assert "Traceback" not in errors[1], errors[1]
     assert sorted(p.name for p in (tmp_path / "runs" / "busy").iterdir()) == [".fastdit.lock"]
+
+
+def test_a_step_non_finite_on_one_process_is_skipped_by_every_process(tmp_path):
+    # --skip-nonfinite under DDP: step 3 is non-finite on rank 1 only (its loss terms); every process
+    # must skip it, or the replicas would part ways. Rank 0 writes the checkpoints: its state after step
+    # 3 is the one after step 2, and the run goes on to the end.
+    script = tmp_path / "poisoned_train.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import nonfinite_steps\n"
+        "nonfinite_steps.install(setattr, {3}, rank=1)\n"
+        "from fastdit.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               "train", *TINY, "--max-steps", "4", "--ckpt-every", "1", "--keep-last", "4", "--device", "cpu",
+               "--skip-nonfinite", "1", "--results-dir", str(tmp_path / "two")]
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("step 0000003  the loss became inf: skipped") == 1, result.stdout  # rank 0 logs
+    run_dir = next((tmp_path / "two").iterdir())
+
+    def checkpoint(step):
+        return torch.load(run_dir / "checkpoints" / f"{step:07d}.pt", map_location="cpu", weights_only=True)
+
+    after_2, after_3, after_4 = checkpoint(2), checkpoint(3), checkpoint(4)
+    for key in after_2["model"]:
+        assert torch.equal(after_3["model"][key], after_2["model"][key]), key
+        assert torch.equal(after_3["ema"][key], after_2["ema"][key]), key
+    assert not torch.equal(after_4["model"]["final_layer.linear.weight"], after_3["model"]["final_layer.linear.weight"])

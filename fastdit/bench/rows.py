@@ -126,7 +126,7 @@ def make_train_step(row: Row, model_name: str, batch: int, latent: int, device: 
         batch_of = (x, y, images)
 
     def step() -> torch.Tensor:
-        loss = train_step(state, batch_of, objective)["loss"]
+        loss = train_step(state, batch_of, objective).terms["loss"]
         state.position.step += 1
         return loss
 

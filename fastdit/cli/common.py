@@ -58,8 +58,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, fid: bool = False
                        help="classifier-free guidance scale; 1 disables guidance (default: the preset's or the "
                             f"checkpoint's recipe, else {cfg_default})")
     group.add_argument("--official-guidance", action=argparse.BooleanOptionalAction, default=None,
-                       help=f"guide only the first {OFFICIAL_GUIDED_CHANNELS} latent channels like the official DiT code "
-                            "(the DiT presets do); --no-official-guidance guides every channel (default: every channel)")
+                       help=f"guide only the first {OFFICIAL_GUIDED_CHANNELS} channels of the model's whole output, as the "
+                            "official DiT/SiT code does (model_out[:, :3], for any number of channels; the DiT presets "
+                            "do); --no-official-guidance guides every channel (default: every channel)")
     group.add_argument("--guidance-interval", type=finite_float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                        help="guide only where the model's time is in [LOW, HIGH] (DDPM timesteps 0..999, flow time "
                             "0 noise..1 data); elsewhere one conditional forward (default: every step)")

@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "Work in progress lives in <out>.parts/; the settings end up in <out>.json")
     group.add_argument("--class-labels", type=int, nargs="+", default=None,
                        help="labels to cycle over the images (default: --label-sampling over all classes)")
-    group.add_argument("--png-dir", default=None, help="also write every image as <png-dir>/<index:06d>.png")
+    group.add_argument("--png-dir", default=None, help="also write every image as <png-dir>/<index:06d>.png; a new or "
+                            "empty folder, or the one an earlier run of this --out made")
     group.add_argument("--batch-size", type=int, default=32,
                        help="images per batch and process (default: 32). With the same batch and chunk size, any number of "
                             "processes writes the same bytes; another batch size may round the last bits differently")

@@ -128,6 +128,8 @@ def _run(job: SampleJob, load: Callable, info: dist.DistInfo, held: contextlib.E
 
     def lock_load_and_check():
         held.enter_context(workdir.lock(paths))
+        if job.png_dir is not None:  # before the model loads: a refused folder costs nothing
+            workdir.claim_png_dir(Path(job.png_dir), paths.npz)
         loaded = _load_checked(job, load)
         settings = job.settings(loaded[1], loaded[2], workdir.weights_fingerprint(loaded[0]))
         recorded.update(settings)

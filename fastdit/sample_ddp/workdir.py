@@ -14,6 +14,10 @@ of processes, the device and --compile are not settings: they change at most the
 bits (see `fastdit.sample_ddp.runner`), so a run may be resumed with another batch size or on other GPUs.
 --precision is one: bf16 images differ from fp32 ones by far more than rounding of the last bits.
 
+A --png-dir folder is written into only when sample-ddp made it or it was empty (`claim_png_dir`):
+a marker file records the output it belongs to, so a rerun of that output goes on writing there and
+any other folder with files in it is refused rather than written over.
+
 One run at a time: the main process holds an exclusive lock on the work folder (`lock`) from before
 it loads the model until the result is in place, so a second run on the same output stops at once.
 """
@@ -33,12 +37,14 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import UserError
-from ..io import atomic_path, atomic_write_json
+from ..io import atomic_path, atomic_write_json, is_temporary
 from ..objectives import objective_from_dict
 from ..run_folder import LOCK_NAME, exclusive_lock, refuse_other_settings
 from ..sampling import SamplingOptions
 
 FORMAT = "fastdit.sample-ddp"
+PNG_DIR_FORMAT = "fastdit.sample-ddp.png-dir"
+PNG_DIR_MARKER = ".fastdit-sample-ddp.json"  # in a --png-dir: which output's PNGs the folder holds
 _CHUNK_NAME = re.compile(r"chunk-\d{8,}-\d{8,}\.npz")
 
 
@@ -241,3 +247,31 @@ def finish(paths: OutputPaths) -> None:
 def publish_settings(paths: OutputPaths) -> None:
     """Copy the run's settings beside the result, before the result appears (see the module doc)."""
     atomic_write_json(json.loads(paths.work_settings.read_text()), paths.settings)
+
+
+def claim_png_dir(png_dir: Path, out: Path) -> None:
+    """Take `png_dir` for the PNGs of the output `out`, or raise a UserError: only a new or empty
+    folder, or one this output claimed before (its marker names `out`), may take them; a folder holding
+    anything else would have files written over (the same rule as the demo's --out). Temporaries a
+    killed writer left do not count. Call it under the output's lock, on the main process."""
+    marker = png_dir / PNG_DIR_MARKER
+    owner = str(Path(out).resolve())
+    if marker.is_file():
+        try:
+            recorded = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if not (isinstance(recorded, dict) and recorded.get("format") == PNG_DIR_FORMAT):
+            raise UserError(f"--png-dir {str(png_dir)!r} has an unreadable {PNG_DIR_MARKER}; choose a new or empty folder")
+        if recorded.get("out") != owner:
+            raise UserError(f"--png-dir {str(png_dir)!r} holds the PNGs of another output ({recorded.get('out')!r}); "
+                            "choose a new or empty folder for this one")
+        return
+    if png_dir.is_dir():
+        found = sorted(entry.name for entry in png_dir.iterdir() if not is_temporary(entry))
+        if found:
+            names = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+            raise UserError(f"--png-dir {str(png_dir)!r} holds other files ({names}) and no earlier sample-ddp PNGs; "
+                            "sample-ddp would write over them: choose a new or empty folder")
+    png_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json({"format": PNG_DIR_FORMAT, "out": owner}, marker)

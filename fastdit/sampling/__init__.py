@@ -1,6 +1,5 @@
 from .flow import (
     SIT_LAST_STEP_SIZE,
-    GuidedVelocity,
     VelocityModel,
     mean_flow_steps,
     ode_dopri5,
@@ -11,8 +10,10 @@ from .flow import (
     shift_times,
     time_grid,
 )
-from .generate import OFFICIAL_CFG_SCALE, OFFICIAL_NUM_STEPS, SamplingOptions, check_labels, generate, sample_latents, to_uint8
-from .guidance import ClassifierFreeGuidance, check_cfg_scale, check_guidance_interval, guide
+from .generate import (
+    OFFICIAL_CFG_SCALE, OFFICIAL_NUM_STEPS, SamplingOptions, check_labels, generate, guided_model, sample_latents, to_uint8,
+)
+from .guidance import ClassifierFreeGuidance, check_cfg_scale, check_guidance_interval, guide, open_at_range_ends
 from .noise import PerImageNoise
 from .registry import SAMPLERS, ModelView, get_sampler, register_sampler, sampler_names, samplers_by_objective, samplers_for
 from .samplers import ddim, ddpm_sample, dpm_solver_pp_2m
@@ -25,7 +26,6 @@ __all__ = [
     "SIT_LAST_STEP_SIZE",
     "ClassifierFreeGuidance",
     "Grid",
-    "GuidedVelocity",
     "ModelView",
     "PerImageNoise",
     "SamplingOptions",
@@ -41,8 +41,10 @@ __all__ = [
     "generate",
     "get_sampler",
     "guide",
+    "guided_model",
     "mean_flow_steps",
     "ode_dopri5",
+    "open_at_range_ends",
     "ode_euler",
     "ode_heun",
     "register_sampler",

@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from ..diffusion.flow import VelocityModel  # noqa: F401  (re-exported)
 from ..errors import UserError
 from ..objectives.views import shift_times, time_grid  # noqa: F401  (re-exported)
-from .guidance import ClassifierFreeGuidance, check_guidance_interval
 
 VelocityFn = Callable[..., torch.Tensor]
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
@@ -31,26 +30,6 @@ Callback = Callable[[int, torch.Tensor], None]
 # SiT's default SDE last step: the grid ends at 1 − 0.04 and the "Mean" step covers the rest.
 SIT_LAST_STEP_SIZE = 0.04
 LAST_STEPS = ("mean", None)
-
-
-class GuidedVelocity(ClassifierFreeGuidance):
-    """Classifier-free guidance of the velocity, v = v(x, ∅) + s · (v(x, y) − v(x, ∅)), as SiT's
-    `forward_with_cfg` (DiT's, so `guided_channels=3` is the official form; the default guides all).
-    `interval=(low, high)` is in flow time (0 noise, 1 data), both ends included; the default (0, 1)
-    is plain guidance at every step (see `ClassifierFreeGuidance` for how rows outside run).
-    """
-
-    def __init__(
-        self,
-        velocity_fn: VelocityFn,
-        scale: float,
-        null_class: int,
-        in_channels: int,
-        guided_channels: int | None = None,
-        interval: tuple[float, float] = (0.0, 1.0),
-    ):
-        interval = check_guidance_interval(interval, (0.0, 1.0), "flow", "flow time, 0 = noise")
-        super().__init__(velocity_fn, scale, null_class, in_channels, guided_channels, interval=interval)
 
 
 def _steps(times: torch.Tensor, progress: bool, desc: str):
@@ -127,7 +106,10 @@ def ode_dopri5(
 ) -> torch.Tensor:
     """Adaptive Dormand–Prince 5(4) from torchdiffeq, SiT's default ODE sampler (atol 1e-6, rtol 1e-3);
     `times` are the points where the solution is reported, not the steps. The step sizes follow an
-    error norm over the whole batch, so an image's result depends (within rtol) on its batch."""
+    error norm over the whole batch, so an image's result depends (within rtol) on its batch.
+
+    The solver evaluates `velocity_fn` past times[-1] (a step overshoots, then is interpolated back):
+    a guidance interval that ends at 1 must cover those times (`open_at_range_ends`)."""
     try:
         from torchdiffeq import odeint
     except ImportError as error:
@@ -135,7 +117,10 @@ def ode_dopri5(
     cond = cond or {}
     states = odeint(
         lambda t, y: velocity_fn(y, _batch(t.to(times.dtype), y), **cond),
-        x, times, method="dopri5", atol=atol, rtol=rtol,
+        # One-element lists, as SiT passes them: torchdiffeq then holds them as 1-D float64 tensors,
+        # which win type promotion against the float32 state, so the error control runs in float64
+        # (0-d tensors, from floats, would not: the step choices would follow float32 roundings).
+        x, times, method="dopri5", atol=[atol], rtol=[rtol],
     )
     if callback is not None:
         for i, state in enumerate(states[1:]):

@@ -3,6 +3,7 @@ model -> decode -> pixels."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -29,7 +30,8 @@ class SamplingOptions:
     # (Euler/Heun take num_steps − 1 steps; the SDEs stop at 1 − 0.04 and add the "Mean" last step).
     num_steps: int = OFFICIAL_NUM_STEPS
     cfg_scale: float = OFFICIAL_CFG_SCALE
-    # None guides every ε/velocity channel; 3 is the official DiT/SiT behaviour (paper FID 2.27 at cfg 1.5).
+    # None guides every ε/velocity channel; 3 is the official DiT/SiT rule, the first three channels of
+    # the whole output for any C (paper FID 2.27 at cfg 1.5; `fastdit.sampling.guidance`).
     guided_channels: int | None = None
     # Guide only where the objective's time lies in [low, high] (DDPM timesteps 0..999, flow time 0..1).
     guidance_interval: tuple[float, float] | None = None
@@ -105,14 +107,27 @@ def in_precision(model, precision: str):
     return forward
 
 
-@torch.no_grad()
-def sample_latents(
-    model, labels: torch.Tensor, *, objective: Objective, options: SamplingOptions, noise: PerImageNoise,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Run the sampler (the objective's own unless `options` name one) from noise to latents (N, C, H, W)."""
+@contextlib.contextmanager
+def evaluation_mode(model):
+    """`model` in eval mode inside, every submodule's own mode restored after. A DiT in train mode
+    drops labels at random (its label embedder's dropout, as DiT's `LabelEmbedder.token_drop`), so
+    the same seed would give other images from call to call. A plain function is left as it is."""
+    if not isinstance(model, torch.nn.Module):
+        yield model
+        return
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def guided_model(model, objective: Objective, options: SamplingOptions):
+    """`model(x, t, y)` as samplers call it: in `options.precision`, guided when cfg_scale > 1 (with
+    the interval open at the ends of the objective's time range, `open_at_range_ends`)."""
     config = model.config
-    sampler = get_sampler(options.resolved_sampler(objective), objective)
     model_fn = in_precision(model, options.precision)
     if objective.guidance_input is not None:  # the scale is an input: one call (improved MeanFlow)
         model_fn = with_guidance_input(model_fn, options.cfg_scale)
@@ -121,12 +136,26 @@ def sample_latents(
             raise UserError("this model has no null class (trained without label dropout); use --cfg-scale 1")
         model_fn = ClassifierFreeGuidance(
             model_fn, options.cfg_scale, config.null_class, config.in_channels, options.guided_channels,
-            interval=options.guidance_interval,
+            interval=options.guidance_interval, time_range=objective.time_range,
         )
-    x = noise.draw((config.in_channels, config.input_size, config.input_size))
-    view = ModelView(objective, model_fn, labels, learn_sigma=config.learn_sigma, time_shift=options.time_shift)
-    taken = {name: value for name, value in options.sampler_options().items() if name in sampler.options}
-    return sampler.run(view, x, num_steps=options.num_steps, noise_fn=noise, progress=progress, **taken)
+    return model_fn
+
+
+@torch.no_grad()
+def sample_latents(
+    model, labels: torch.Tensor, *, objective: Objective, options: SamplingOptions, noise: PerImageNoise,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Run the sampler (the objective's own unless `options` name one) from noise to latents (N, C, H, W),
+    with the model in eval mode (its mode is restored after)."""
+    config = model.config
+    sampler = get_sampler(options.resolved_sampler(objective), objective)
+    with evaluation_mode(model):
+        x = noise.draw((config.in_channels, config.input_size, config.input_size))
+        view = ModelView(objective, guided_model(model, objective, options), labels, learn_sigma=config.learn_sigma,
+                         time_shift=options.time_shift)
+        taken = {name: value for name, value in options.sampler_options().items() if name in sampler.options}
+        return sampler.run(view, x, num_steps=options.num_steps, noise_fn=noise, progress=progress, **taken)
 
 
 @torch.no_grad()

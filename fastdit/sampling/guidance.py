@@ -1,9 +1,12 @@
 """Classifier-free guidance (Ho & Salimans 2022) as a wrapper around any model function.
 
-guided ε = ε(x, ∅) + s · (ε(x, y) − ε(x, ∅)). DiT applies it to the first three of the four latent
-channels only ("for exact reproducibility" of the paper's numbers); that behaviour is the named option
-`guided_channels=3`, and reproduces the paper's FID 2.27 for DiT-XL/2 at 256 with `cfg_scale=1.5`.
-The default guides every ε channel.
+guided ε = ε(x, ∅) + s · (ε(x, y) − ε(x, ∅)). The default guides every ε (or velocity) channel
+and keeps the conditional learned-variance channels. DiT's `forward_with_cfg` instead guides the
+first three channels of the network's whole output, `model_out[:, :3]` ("for exact reproducibility"
+of the paper's numbers); that rule is the named option `guided_channels=3` (`OFFICIAL_GUIDED_CHANNELS`),
+which reproduces the paper's FID 2.27 for DiT-XL/2 at 256 with `cfg_scale=1.5`. It counts channels of
+the whole output, whatever C is: with C = 4 it is ε's first three; with C = 1 and a learned variance
+(2 output channels) it is ε and the variance channel, as the official code does.
 """
 
 from __future__ import annotations
@@ -48,8 +51,25 @@ def check_guidance_interval(
     return low, high
 
 
+def open_at_range_ends(interval: tuple[float, float] | None, time_range: tuple[float, float]) -> tuple[float, float] | None:
+    """`interval` with a side that reaches an end of the time range made unbounded; None when both do.
+
+    An adaptive solver asks for the model at times outside the range: torchdiffeq's dopri5 steps past
+    t = 1 (t up to 1.2–1.9 seen) and interpolates back to the report time. Those evaluations are
+    points of the guided ODE too, so "guide up to the end" must guide them; the full range is plain
+    guidance at every t, exactly as SiT's `forward_with_cfg` (Kynkäänniemi et al. 2024 bound the
+    interval inside the range, where this changes nothing)."""
+    if interval is None:
+        return None
+    low, high = interval
+    low = -math.inf if low <= time_range[0] else low
+    high = math.inf if high >= time_range[1] else high
+    return None if (low, high) == (-math.inf, math.inf) else (low, high)
+
+
 def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, guided_channels: int) -> torch.Tensor:
-    """Combine conditional and unconditional outputs; channels >= guided_channels keep `cond`."""
+    """Combine conditional and unconditional outputs: the first `guided_channels` channels (all of
+    them when there are fewer) are guided, the rest keep `cond`."""
     guided = uncond[:, :guided_channels] + scale * (cond[:, :guided_channels] - uncond[:, :guided_channels])
     return torch.cat([guided, cond[:, guided_channels:]], dim=1)
 
@@ -60,11 +80,15 @@ class ClassifierFreeGuidance:
     One forward runs on the doubled batch [x, x] with labels [y, null]. The learned-variance
     channels come from the conditional half (as the official sampler effectively uses).
 
+    `guided_channels`: None guides the first `in_channels` channels (ε or the velocity); a number k
+    guides the first k channels of the whole output, the official rule with k = 3 (module docstring).
+
     `interval=(low, high)` guides only the rows whose time t (the process's own: DDPM timesteps
     0..999, flow time 0..1) lies in [low, high]; the others run the conditional model alone, so a
     step outside the interval is one forward on the un-doubled batch (Kynkäänniemi et al. 2024,
     "Applying guidance in a limited interval improves sample and distribution quality").
-    None guides every step. The caller checks the interval against the process's time range.
+    None guides every step. With `time_range` (the process's), a side of the interval at an end of
+    the range is unbounded (`open_at_range_ends`). The caller checks the interval against the range.
     """
 
     def __init__(
@@ -75,15 +99,18 @@ class ClassifierFreeGuidance:
         in_channels: int,
         guided_channels: int | None = None,
         interval: tuple[float, float] | None = None,
+        time_range: tuple[float, float] | None = None,
     ):
         check_cfg_scale(scale)
-        if guided_channels is not None and not 1 <= guided_channels <= in_channels:
-            raise UserError(f"guided_channels must be in [1, {in_channels}], got {guided_channels}")
+        if guided_channels is not None and guided_channels < 1:
+            raise UserError(f"guided_channels must be >= 1 (None guides all {in_channels}), got {guided_channels}")
         self.model = model
         self.scale = float(scale)
         self.null_class = null_class
         self.guided_channels = guided_channels or in_channels
         self.interval = check_guidance_interval(interval)
+        if time_range is not None:
+            self.interval = open_at_range_ends(self.interval, time_range)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **rows) -> torch.Tensor:
         """`rows`: further per-row model inputs (N, ...) (MeanFlow's `gap`), passed with their rows."""

@@ -132,6 +132,9 @@ class OptimisationSection:
     warmup_steps: int = option(0, "linear learning-rate warm-up steps", at_least=0)
     grad_clip: float | None = option(None, "clip the gradient norm to this value", positive=True,
                                      hint="; leave --grad-clip out for no clipping")
+    skip_nonfinite: int = option(0, "skip a step whose loss or gradient is not finite (no update; its batch and draws "
+                                    "are used up), up to this many in a row; one more stops the run (0: stop at the first)",
+                                 at_least=0)
     ema_decay: float = option(0.9999, "EMA decay per step", unit_interval=True)
     epochs: int = option(1400, "epochs to train (--max-steps wins when given)", at_least=1)
     max_steps: int | None = option(None, "optimizer steps to train", at_least=1)
@@ -214,6 +217,7 @@ RESUMABLE_CHANGES = frozenset(
         "eval_batch_size", "eval_sampling_steps", "eval_cfg_scale", "micro_batch_size", "gradient_checkpointing",
         "results_dir", "run_name", "inception_weights", "progress",
         "recipe_sampler", "recipe_steps", "recipe_cfg_scale",  # what the checkpoints recommend, not how they are made
+        "skip_nonfinite",  # a run stopped by a non-finite step may go on with it: it changes nothing else
     }
 )
 

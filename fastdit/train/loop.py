@@ -47,7 +47,7 @@ from .state import (
     save_training_state,
     set_rng_state,
 )
-from .step import NonFiniteLoss, StepSettings, train_step
+from .step import NonFiniteLoss, StepSettings, non_finite_message, train_step
 from .training_data import TrainingData, open_training_data
 
 
@@ -154,7 +154,8 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     )
 
     last_saved, last_loss = None, None
-    running, running_steps = None, 0  # the loss terms summed over the steps of the log window
+    running, running_steps = None, 0  # the loss terms and gradient norm summed over the window's updates
+    skipped_in_window, skipped_in_a_row = 0, 0  # steps skipped for a non-finite loss or gradient
     window_start = time.perf_counter()
     progress = _progress_bar(config, dist, position.step, max_steps)
     while position.step < max_steps:
@@ -166,36 +167,53 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
             pin_memory=device.type == "cuda", persistent_workers=False,
         )
         for batch in loader:
-            terms = train_step(state, batch, objective)
+            result = train_step(state, batch, objective)
+            if result.skipped:
+                skipped_in_a_row += 1
+                if skipped_in_a_row > optim.skip_nonfinite:  # the batch is not used up: a rerun retries it
+                    raise NonFiniteLoss(non_finite_message(result, position.step + 1))
+                skipped_in_window += 1
+                log.info(f"step {position.step + 1:07d}  {result.problem()}: skipped, no update "
+                         f"({skipped_in_a_row} in a row, --skip-nonfinite {optim.skip_nonfinite})")
+            else:
+                skipped_in_a_row = 0
+                update = {**result.terms, "grad_norm": result.grad_norm}
+                running = update if running is None else {name: running[name] + value for name, value in update.items()}
+                running_steps += 1
             position.step += 1
             position.step_in_epoch += 1
-            running = terms if running is None else {name: running[name] + value for name, value in terms.items()}
-            running_steps += 1
             if progress is not None:
                 progress.update(1)
             if position.step % run.log_every == 0 or position.step == max_steps:
-                means = {name: (value / running_steps).item() for name, value in running.items()}
-                last_loss = means["loss"]
+                # "loss", the objective's other terms ("mse", "vb", ...) and "grad_norm" (before clipping),
+                # averaged over the window's updates; a window of skipped steps only has none.
+                means = {name: (value / running_steps).item() for name, value in (running or {}).items()}
+                last_loss = means.get("loss", last_loss)
                 elapsed = time.perf_counter() - window_start
+                window_steps = running_steps + skipped_in_window
                 values = {
-                    **means,  # "loss" and the objective's other terms ("mse", "vb", ...)
-                    "steps_per_sec": running_steps / elapsed,
-                    "images_per_sec": running_steps * optim.global_batch_size / elapsed,
+                    **means,
+                    "skipped_steps": skipped_in_window,
+                    "steps_per_sec": window_steps / elapsed,
+                    "images_per_sec": window_steps * optim.global_batch_size / elapsed,
                     "peak_memory_gb": peak_memory_gb(device),
                     "lr": state.optimizer.param_groups[0]["lr"],
                     "epoch": position.epoch,
                 }
                 log.metrics(position.step, values)
-                terms_text = "".join(f" {name} {value:.4f}" for name, value in means.items() if name != "loss")
+                others = {name: value for name, value in means.items() if name not in ("loss", "grad_norm")}
+                terms_text = "".join(f" {name} {value:.4f}" for name, value in others.items())
                 if progress is not None:
-                    progress.set_postfix(loss=f"{last_loss:.4f}", **{name: f"{v:.4f}" for name, v in means.items() if name != "loss"})
-                else:
+                    progress.set_postfix({name: f"{value:.4f}" for name, value in means.items()})
+                elif means:
                     log.info(
-                        f"step {position.step:07d}  loss {last_loss:.4f}{' (' + terms_text.strip() + ')' if terms_text else ''}  "
+                        f"step {position.step:07d}  loss {means['loss']:.4f}{' (' + terms_text.strip() + ')' if terms_text else ''}  "
+                        f"grad norm {means['grad_norm']:.4f}  "
                         f"{values['steps_per_sec']:.2f} steps/s  {values['images_per_sec']:.1f} img/s  "
                         f"peak mem {values['peak_memory_gb']:.2f} GB"
+                        + (f"  ({skipped_in_window} skipped)" if skipped_in_window else "")
                     )
-                running, running_steps = None, 0
+                running, running_steps, skipped_in_window = None, 0, 0
                 window_start = time.perf_counter()
             if position.step % run.ckpt_every == 0 or position.step == max_steps:
                 if position.step_in_epoch == per_epoch:  # store a finished epoch as the next one's start

@@ -3,7 +3,13 @@
 The step knows nothing of the method it trains: the objective draws each sample's randomness
 (`Objective.draw`, seeded per global sample by `step_noise`) and returns its loss as named per-sample
 terms (`Objective.losses`); the step optimises "loss" and reports every term's batch mean, averaged
-over the processes, for the log.
+over the processes, and the gradient's norm, for the log.
+
+A step whose loss or gradient is not finite on any process makes no update (`StepResult.skipped`):
+no optimizer step, no EMA update; its draws and its batch are used up all the same, since they are
+functions of the step number, so the run goes on (or resumes) exactly as if the step had been taken
+with a zero learning rate and no optimizer state change. The loop decides whether to go on
+(`--skip-nonfinite`) or stop (`NonFiniteLoss`).
 """
 
 from __future__ import annotations
@@ -31,6 +37,27 @@ class NonFiniteLoss(UserError):
 
 
 @dataclass(frozen=True)
+class StepResult:
+    terms: dict[str, torch.Tensor]  # each loss term's mean over the global batch (float64 scalars), "loss" first
+    grad_norm: torch.Tensor  # the global L2 norm of the gradient before clipping (float64 scalar)
+    skipped: bool  # the loss or the gradient was not finite (on some process): nothing was updated
+
+    def problem(self) -> str:
+        """What was not finite, in words: "the loss became nan" or "the gradient norm became inf"."""
+        loss = self.terms["loss"]
+        if not torch.isfinite(loss):
+            return f"the loss became {loss.item()}"
+        return f"the gradient norm became {self.grad_norm.item()}"
+
+
+def non_finite_message(result: StepResult, step: int) -> str:
+    """The message a run stops with; `step` counted from 1."""
+    return (f"{result.problem()} at step {step}; stopping. The last good checkpoint is intact. "
+            f"Try a lower --lr, --grad-clip 1.0, --warmup-steps, or --precision bf16 instead of fp16; "
+            f"--skip-nonfinite K skips up to K such steps in a row")
+
+
+@dataclass(frozen=True)
 class StepSettings:
     """What a step needs beyond the state, the batch and the objective: fixed for the whole run."""
 
@@ -51,11 +78,12 @@ class StepSettings:
     encode: Callable | None = None
 
 
-def train_step(state: TrainingState, batch, objective: Objective) -> dict[str, torch.Tensor]:
+def train_step(state: TrainingState, batch, objective: Objective) -> StepResult:
     """One optimizer step at `state.position.step` (the caller advances the position) on `batch`
     = (inputs, labels) of this process, or (inputs, labels, images) where a latent store hands the
     images its latents were encoded from. Returns each loss term's mean over the global batch (float64
-    scalars, "loss" first), the same on every process.
+    scalars, "loss" first) and the gradient norm, the same on every process, and whether the step was
+    skipped for a non-finite loss or gradient (then nothing was updated).
 
     With representation alignment (`state.alignment`, REPA) the "repa" term of block K's tokens joins
     the objective's terms, and "loss" includes it with its weight."""
@@ -100,44 +128,62 @@ def train_step(state: TrainingState, batch, objective: Objective) -> dict[str, t
             names = ["loss", *sorted(name for name in means if name != "loss")]
             totals = torch.zeros(len(names), dtype=torch.float64, device=device)
         totals += torch.stack([means[name].detach() for name in names]).double()
-    # One all-reduce a step: every process sees the same global terms, so all stop together if the
-    # loss is not finite.
-    distributed.all_reduce_mean(totals)
-    if not torch.isfinite(totals[0]):
-        raise NonFiniteLoss(
-            f"the loss became {totals[0].item()} at step {step + 1}; stopping. The last good checkpoint is intact. "
-            f"Try a lower --lr, --grad-clip 1.0, --warmup-steps, or --precision bf16 instead of fp16"
-        )
     if alignment is not None:
         alignment.average_gradients()  # replicated, outside DDP/FSDP: averaged here
-    if settings.grad_clip is not None:
+    for opt in optimizers:
+        scaler.unscale_(opt)  # the norm (and clipping) of the true gradient; a disabled scaler does nothing
+    groups = [list(state.model.parameters())] + ([list(alignment.projector.parameters())] if alignment is not None else [])
+    if settings.grad_clip is None:
+        grad_norm = _gradient_norm(groups)
+    elif alignment is None:
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(state.model.parameters(), settings.grad_clip))
+    else:  # REPA clips the DiT and its projector together, by their joint norm
+        grad_norm = _clip_jointly(groups, settings.grad_clip)
+    # Under fp16 an infinite gradient with a finite loss is the gradient scaler's overflow: it skips the
+    # optimizer step and lowers its scale itself. Otherwise a non-finite gradient is this step's fault.
+    bad_gradient = (~torch.isfinite(grad_norm)).to(totals) * float(not scaler.is_enabled())
+    # One all-reduce a step for the log and the decision: the terms, the norm, and whether any process
+    # saw a non-finite gradient (its mean is > 0 then), so that every process skips, or stops, together.
+    summary = torch.cat([totals, grad_norm.reshape(1).to(totals), bad_gradient.reshape(1)])
+    distributed.all_reduce_mean(summary)
+    totals, grad_norm, bad_gradient = summary[:-2], summary[-2], bool(summary[-1] > 0)
+    terms = dict(zip(names, totals))
+    if bad_gradient or not torch.isfinite(totals[0]):
         for opt in optimizers:
-            scaler.unscale_(opt)
-        if alignment is None:
-            torch.nn.utils.clip_grad_norm_(state.model.parameters(), settings.grad_clip)
-        else:  # REPA clips the DiT and its projector together, by their joint norm
-            _clip_jointly([state.model.parameters(), alignment.projector.parameters()], settings.grad_clip)
+            opt.zero_grad(set_to_none=True)
+        if scaler.is_enabled():
+            scaler.update()  # unscale_ was called: the scaler must close the step (it lowers its scale)
+        return StepResult(terms, grad_norm, skipped=True)
     for opt in optimizers:
         scaler.step(opt)  # a disabled scaler (fp32, bf16) just steps
     scaler.update()
     update_ema(state.ema, state.model, settings.ema_decay)
-    return dict(zip(names, totals))
+    return StepResult(terms, grad_norm, skipped=False)
 
 
-def _clip_jointly(groups, max_norm: float) -> None:
-    """`clip_grad_norm_` over several groups of parameters at once. Its one call cannot take them
-    together when one group is sharded (FSDP2's DTensor gradients) and another replicated (plain
-    tensors), so each group's norm is taken apart, made whole, and combined: ‖g‖ = sqrt(Σ ‖g_i‖²)."""
+def _full(norm: torch.Tensor) -> torch.Tensor:
+    """A norm over FSDP2's sharded (DTensor) gradients made whole; a plain tensor as it is."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def _gradient_norm(groups) -> torch.Tensor:
+    """‖g‖ = sqrt(Σ ‖g_i‖²) over several groups of parameters. One `get_total_norm` call cannot take
+    them together when one group is sharded (FSDP2's DTensor gradients) and another replicated (plain
+    tensors), so each group's norm is taken apart and made whole."""
     grads = [[p.grad for p in group if p.grad is not None] for group in groups]
-    norms = []
-    for part in grads:
-        norm = torch.nn.utils.get_total_norm(part) if part else torch.zeros(())
-        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    total = torch.linalg.vector_norm(torch.stack([n.float().cpu() for n in norms]))
+    norms = [_full(torch.nn.utils.get_total_norm(part)).float() for part in grads if part]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def _clip_jointly(groups, max_norm: float) -> torch.Tensor:
+    """`clip_grad_norm_` over several groups at once, by their joint norm (`_gradient_norm`), which it returns."""
+    groups = [list(group) for group in groups]
+    total = _gradient_norm(groups)
     scale = min(1.0, max_norm / (float(total) + 1e-6))  # as clip_grad_norm_ computes it
     if scale < 1.0:
-        for part in grads:
-            torch._foreach_mul_(part, scale)
+        for group in groups:
+            torch._foreach_mul_([p.grad for p in group if p.grad is not None], scale)
+    return total
 
 
 def _set_lr(optimizer, settings: StepSettings, step: int) -> None:
