@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "sample": "sample",
     "extract": "extract",
     "train": "train",
+    "ema": "ema",
     "demo": "demo",
     "sample-ddp": "sample_ddp",
     "evaluate": "evaluate",

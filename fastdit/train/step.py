@@ -121,6 +121,8 @@ def train_step(state: TrainingState, batch, objective: Objective) -> dict[str, t
         scaler.step(opt)  # a disabled scaler (fp32, bf16) just steps
     scaler.update()
     update_ema(state.ema, state.model, settings.ema_decay)
+    if state.posthoc is not None:
+        state.posthoc.update(state.model, step + 1)  # counted from 1: the first update copies the weights
     return dict(zip(names, totals))
 
 
