@@ -45,7 +45,7 @@ def add_dataclass_arguments(parser, cls, skip=()) -> list[str]:
             if set(items) != {float}:
                 raise TypeError(f"no flag type for {cls.__name__}.{field.name}: {field.type}")
             parser.add_argument(flag, dest=name, type=finite_float, nargs=len(items), default=field.default,
-                                metavar=name.upper(), help=text)
+                                metavar="X", help=text)
         elif kind is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=field.default, help=text)
         elif kind in (int, float, str):

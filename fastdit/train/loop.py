@@ -36,6 +36,7 @@ from .config import TrainConfig
 from .data_order import StepBatchSampler, steps_per_epoch
 from .ema import make_ema
 from .logger import RunLogger, peak_memory_gb
+from .posthoc_ema import PowerEMAs, save_snapshots, snapshot_folder
 from .setup import enable_tf32, make_grad_scaler, prepare_model, shard_model
 from .state import (
     Position,
@@ -48,7 +49,6 @@ from .state import (
     save_training_state,
     set_rng_state,
 )
-from .posthoc_ema import PowerEMAs, save_snapshots, snapshot_folder
 from .step import NonFiniteLoss, StepSettings, train_step
 from .training_data import TrainingData, open_training_data
 
