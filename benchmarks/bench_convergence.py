@@ -2,6 +2,7 @@
 
     python benchmarks/bench_convergence.py                       # every recipe, steps 250..1000
     python benchmarks/bench_convergence.py --recipes dit flow-blocks --steps 400 800
+    python benchmarks/bench_convergence.py --posthoc --recipes flow-blocks --steps 1000   # EMA length table
 
 Every recipe trains the demo's model (DiT-T/2 on the 1,438 training digits, batch 128, lr 1e-3, EMA
 0.99, seed 0) in segments up to each step count (resuming is the same command, so the segments add up
@@ -10,6 +11,11 @@ One judge (the demo's CNN, trained on the 359 held-out digits) scores every samp
 classified as the digit it was conditioned on, and the Frechet distance of its features to real
 digits (with the real-vs-real floor for the same sample sizes). Then the number of model calls at
 sampling: the final checkpoints with DDPM-25 (DiT) and ODE Euler/Heun at 8, 16 and 32 calls (flow).
+
+With --posthoc, one recipe trains once to the largest step count with `--posthoc-ema` (EDM2's two
+power-function EMAs, snapshots every --posthoc-every steps), and the same judge scores the EMA of each
+length in --sigma-rels, reconstructed from the snapshots as `fastdit ema` makes it, beside the run's
+own EMA (decay 0.99): which EMA length serves the demo best.
 
 Wall seconds count on an otherwise idle machine only: run nothing else meanwhile (`nice` does not help
 on 2 cores). The table names the CPU.
@@ -98,6 +104,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cfg-scale", type=float, default=3.0)
     parser.add_argument("--nfe", nargs="*", type=int, default=[8, 16, 32], help="model calls for the NFE rows")
     parser.add_argument("--out", default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--posthoc", action="store_true",
+                        help="the EMA-length table: train the (one) recipe with --posthoc-ema and judge reconstructed EMAs")
+    parser.add_argument("--sigma-rels", nargs="+", type=float, default=[0.02, 0.05, 0.075, 0.10, 0.15, 0.20, 0.25],
+                        help="EMA lengths σ_rel judged with --posthoc")
+    parser.add_argument("--posthoc-every", type=int, default=25, help="steps between snapshots with --posthoc")
     return parser.parse_args(argv)
 
 
@@ -130,6 +141,9 @@ def main(argv=None) -> int:
                   report["class_match"], fd["samples_vs_real"], fd["real_vs_real"])
         print(f"  {row}", flush=True)
         return row
+
+    if args.posthoc:
+        return posthoc_table(args, work, score)
 
     rows, nfe_rows = [], []
     for name in args.recipes:
@@ -174,6 +188,55 @@ def main(argv=None) -> int:
         for r in table:
             print(f"| {r.recipe} | {r.steps} | {r.train_seconds:.0f} | {r.sampler} | {r.model_calls} | "
                   f"{r.sample_seconds:.1f} | {r.class_match:.1%} | {r.fd:.1f} ({r.fd_floor:.1f}) |")
+    return 0
+
+
+def recipe_config(name: str, work: Path, steps: int):
+    """The recipe's `fastdit train` config at `steps` (and its sampler), as the convergence rows train it."""
+    objective, time_sampling, blocks, sampler, num_steps, settings = RECIPES[name]
+    alignment = {key: value for key, value in settings.items() if key.startswith("repa")}
+    config = DemoConfig(out=str(work / name), objective=objective, time_sampling=time_sampling, blocks=blocks,
+                        progress=False, repa=bool(alignment), steps=steps, **alignment)
+    if config.repa:
+        digit_encoder_file(config.out, config.seed)
+    run = train_config(config)
+    for key, value in settings.items():
+        if not key.startswith("repa"):
+            setattr(run.objective, key, value)
+    return run, sampler, num_steps
+
+
+def posthoc_table(args, work: Path, score) -> int:
+    """Judge figures against the EMA length σ_rel for one finished run, from reconstructed exports."""
+    from fastdit.checkpoint import export_weights
+    from fastdit.model_info import ModelInfo
+    from fastdit.train.posthoc_reconstruct import default_output, reconstruct_ema
+
+    if len(args.recipes) != 1:
+        raise SystemExit("--posthoc judges one run: pass one recipe with --recipes")
+    name, steps = args.recipes[0], max(args.steps)
+    run, sampler, num_steps = recipe_config(name, work, steps)
+    run.optimisation.posthoc_ema, run.optimisation.posthoc_every = True, args.posthoc_every
+    run.run.log_every = max(steps, 1)
+    start = time.perf_counter()
+    result = train(run)
+    seconds = time.perf_counter() - start
+    model, info = load_model(result.export)
+    table = [("run's EMA", f"decay {run.optimisation.ema_decay:g}", "", score(name, steps, seconds, model, info, sampler, num_steps))]
+    for sigma_rel in args.sigma_rels:
+        rebuilt = reconstruct_ema(result.run_dir, sigma_rel)
+        out = default_output(result.run_dir, rebuilt.step, sigma_rel)
+        export_weights(rebuilt.weights, ModelInfo.from_dict(rebuilt.model_info), out,
+                       extra={"posthoc_ema_reconstruction": rebuilt.record})
+        model, info = load_model(out)
+        table.append((f"σ_rel {sigma_rel:g}", f"γ {rebuilt.gamma:.2f}", f"{rebuilt.fit.relative_error:.2%}",
+                      score(name, steps, seconds, model, info, sampler, num_steps)))
+    print(f"\nEMA length on the digits demo, recipe {name}, {steps} steps, snapshots of σ_rel "
+          f"{' and '.join(f'{s:g}' for s in run.optimisation.posthoc_sigma_rels)} every {args.posthoc_every} steps "
+          f"({cpu_name()}); {table[0][3].sampler} with {table[0][3].model_calls} model calls, cfg {args.cfg_scale}")
+    print("| EMA | profile | fit error | class match | Frechet (real floor) |\n|---|---|---|---|---|")
+    for label, profile, error, row in table:
+        print(f"| {label} | {profile} | {error} | {row.class_match:.1%} | {row.fd:.1f} ({row.fd_floor:.1f}) |")
     return 0
 
 

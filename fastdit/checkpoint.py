@@ -283,13 +283,16 @@ def check_network_fits(info: ModelInfo, source: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def export_weights(model_or_state, info: ModelInfo, path: str | os.PathLike) -> Path:
-    """Write EMA (or any) weights as `.safetensors` with the model config in the metadata, atomically."""
+def export_weights(model_or_state, info: ModelInfo, path: str | os.PathLike, *, extra: dict | None = None) -> Path:
+    """Write EMA (or any) weights as `.safetensors` with the model config in the metadata, atomically.
+    `extra` adds JSON-encoded metadata entries beside it (a post-hoc EMA snapshot's step and σ_rel);
+    loaders that do not know them ignore them."""
     from safetensors.torch import save_file
 
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
     state = {k: v.detach().to("cpu").contiguous() for k, v in strip_wrapper_prefixes(state).items()}
-    metadata = {"format": EXPORT_FORMAT, "model_info": json.dumps(info.to_dict())}
+    metadata = {"format": EXPORT_FORMAT, "model_info": json.dumps(info.to_dict()),
+                **{key: json.dumps(value) for key, value in (extra or {}).items()}}
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)

@@ -121,3 +121,19 @@ def test_fsdp_trains_meanflow_like_ddp(tmp_path):
     ddp_state, fsdp_state = final_state(ddp), final_state(fsdp)
     for key in ddp_state["model"]:
         assert_same_after_adam(fsdp_state["model"][key], ddp_state["model"][key], key, steps=4)
+
+
+def test_fsdp_posthoc_ema_is_gathered_like_the_ema(tmp_path):
+    """Under FSDP each process averages its own shards; the checkpoint and the snapshots hold the
+    gathered averages with plain names, which match DDP's within the FSDP-vs-DDP bound above."""
+    flags = ["--max-steps", "4", "--ckpt-every", "4", "--posthoc-ema", "--posthoc-every", "2"]
+    torchrun(tmp_path, *flags, "--results-dir", str(tmp_path / "ddp"))
+    torchrun(tmp_path, *flags, "--results-dir", str(tmp_path / "fsdp"), "--fsdp")
+    ddp, fsdp = final_state(tmp_path / "ddp" / "run"), final_state(tmp_path / "fsdp" / "run")
+    for sharded, replicated in zip(fsdp["posthoc_ema"], ddp["posthoc_ema"], strict=True):
+        assert sharded.keys() == replicated.keys() == ddp["ema"].keys()
+        for key in replicated:
+            torch.testing.assert_close(sharded[key], replicated[key], rtol=1e-5, atol=1e-6, msg=key)
+    snapshot = tmp_path / "fsdp" / "run" / "posthoc_ema" / "0000004-sigma0.1.safetensors"
+    assert_same_tensors(load_file(snapshot), fsdp["posthoc_ema"][1])
+    load_model(snapshot)

@@ -121,3 +121,26 @@ def test_a_step_non_finite_on_one_process_is_skipped_by_every_process(tmp_path):
         assert torch.equal(after_3["model"][key], after_2["model"][key]), key
         assert torch.equal(after_3["ema"][key], after_2["ema"][key]), key
     assert not torch.equal(after_4["model"]["final_layer.linear.weight"], after_3["model"]["final_layer.linear.weight"])
+
+
+def test_posthoc_ema_under_two_processes_matches_one_process(tmp_path):
+    """`--posthoc-ema` under DDP: every process updates its replica of both power EMAs; rank 0 alone
+    writes the snapshots, and they hold what one process computes (within the 1-vs-2-process bound)."""
+    posthoc = ["--posthoc-ema", "--posthoc-every", "2"]
+    result = torchrun(tmp_path, *TINY, *posthoc, "--max-steps", "4", "--ckpt-every", "4", "--device", "cpu",
+                      "--results-dir", str(tmp_path / "two"), "--micro-batch-size", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("saved post-hoc EMA snapshots") == 2  # steps 2 and 4, by rank 0 only
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = train(tiny_config(tmp_path / "one", max_steps=4, ckpt_every=4, posthoc_ema=True, posthoc_every=2))
+    finally:
+        torch.set_num_threads(threads)
+    two_dir = tmp_path / "two" / one.run_dir.name
+    assert sorted(p.name for p in (two_dir / "posthoc_ema").iterdir()) == sorted(
+        p.name for p in (one.run_dir / "posthoc_ema").iterdir())
+    two_state, one_state = final_state(two_dir), final_state(one.run_dir)
+    for two_ema, one_ema in zip(two_state["posthoc_ema"], one_state["posthoc_ema"], strict=True):
+        for key in one_ema:
+            assert_same_after_adam(two_ema[key], one_ema[key], key, steps=4)

@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "sample": "sample",
     "extract": "extract",
     "train": "train",
+    "ema": "ema",
     "demo": "demo",
     "sample-ddp": "sample_ddp",
     "evaluate": "evaluate",

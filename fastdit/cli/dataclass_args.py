@@ -19,6 +19,13 @@ def _base_type(annotation):
     return args[0] if args else annotation
 
 
+def _tuple_items(annotation) -> tuple | None:
+    """The item types of a fixed-length tuple annotation (`tuple[float, float]`), else None."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"typing": typing})
+    return typing.get_args(annotation) if typing.get_origin(annotation) is tuple else None
+
+
 def flag_of(field: dataclasses.Field) -> str:
     return field.metadata.get("flag") or field.name
 
@@ -33,7 +40,13 @@ def add_dataclass_arguments(parser, cls, skip=()) -> list[str]:
         flag = "--" + name.replace("_", "-")
         kind = _base_type(field.type)
         text = f"{field.metadata.get('help', '')} (default: {field.default})".strip()
-        if kind is bool:
+        items = _tuple_items(field.type)
+        if items is not None:  # tuple[float, float] -> --flag A B
+            if set(items) != {float}:
+                raise TypeError(f"no flag type for {cls.__name__}.{field.name}: {field.type}")
+            parser.add_argument(flag, dest=name, type=finite_float, nargs=len(items), default=field.default,
+                                metavar="X", help=text)
+        elif kind is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=field.default, help=text)
         elif kind in (int, float, str):
             parser.add_argument(flag, dest=name, type=finite_float if kind is float else kind, default=field.default,

@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..latents import PIXEL_SPACE_NAMES, latent_side
 from ..models import config_from_name
 from ..objectives import OBJECTIVES, Objective, all_settings, build_objective, objective_names
+from ..power_ema import SIGMA_REL_MAX
 from ..precision import PRECISIONS
 from ..run_folder import refuse_other_settings
 from ..sampling import SamplingOptions
@@ -136,9 +137,22 @@ class OptimisationSection:
                                     "are used up), up to this many in a row; one more stops the run (0: stop at the first)",
                                  at_least=0)
     ema_decay: float = option(0.9999, "EMA decay per step", unit_interval=True)
+    # Post-hoc EMA (EDM2, Karras et al. 2024, Sec. 3): two power-function EMAs whose snapshots let
+    # `fastdit ema` make the EMA of any length after training; EDM2 tracks σ_rel 0.05 and 0.10.
+    posthoc_ema: bool = option(False, "also keep two power-function EMAs (EDM2) and store snapshots of them every "
+                                      "--posthoc-every steps in the run folder; `fastdit ema` then makes the EMA of "
+                                      "any length σ_rel from them")
+    posthoc_sigma_rels: tuple[float, float] = option((0.05, 0.10), "the two EMA lengths σ_rel tracked "
+                                                     "(std of the averaging profile / training time)")
+    posthoc_every: int = option(5000, "steps between post-hoc EMA snapshots (and one at the end)", at_least=1)
     epochs: int = option(1400, "epochs to train (--max-steps wins when given)", at_least=1)
     max_steps: int | None = option(None, "optimizer steps to train", at_least=1)
     global_seed: int = option(0, "seed of everything random", at_least=0)
+
+    def __post_init__(self):
+        # JSON (config.json, checkpoints) gives the σ_rel pair back as a list
+        if isinstance(self.posthoc_sigma_rels, list):
+            self.posthoc_sigma_rels = tuple(self.posthoc_sigma_rels)
 
 
 @dataclass
@@ -215,7 +229,7 @@ RESUMABLE_CHANGES = frozenset(
         "epochs", "max_steps", "log_every", "ckpt_every", "keep_last", "sample_every", "num_workers",
         "compile", "sample_steps", "tensorboard", "wandb", "device", "eval_every", "eval_samples", "eval_ref",
         "eval_batch_size", "eval_sampling_steps", "eval_cfg_scale", "micro_batch_size", "gradient_checkpointing",
-        "results_dir", "run_name", "inception_weights", "progress",
+        "results_dir", "run_name", "inception_weights", "progress", "posthoc_every",
         "recipe_sampler", "recipe_steps", "recipe_cfg_scale",  # what the checkpoints recommend, not how they are made
         "skip_nonfinite",  # a run stopped by a non-finite step may go on with it: it changes nothing else
     }
@@ -351,7 +365,20 @@ class TrainConfig:
             raise UserError("--recipe-cfg-scale > 1 needs a null class to guide with: set --class-dropout-prob > 0")
         if not data.pixel_space:
             latent_side(self.model.image_size)
+        self._validate_posthoc_ema()
         return self
+
+    def _validate_posthoc_ema(self) -> None:
+        sigma_rels = self.optimisation.posthoc_sigma_rels
+        if not (isinstance(sigma_rels, tuple) and len(sigma_rels) == 2
+                and all(isinstance(s, numbers.Real) and not isinstance(s, bool) for s in sigma_rels)):
+            raise UserError(f"--posthoc-sigma-rels takes two numbers, got {sigma_rels!r}; e.g. 0.05 0.10")
+        if not all(math.isfinite(s) and 0 < s <= SIGMA_REL_MAX for s in sigma_rels):
+            raise UserError(f"--posthoc-sigma-rels must be in (0, {SIGMA_REL_MAX:.3f}] (the longest power-function "
+                            f"EMA), got {' '.join(f'{s:g}' for s in sigma_rels)}; EDM2 uses 0.05 0.10")
+        if f"{sigma_rels[0]:g}" == f"{sigma_rels[1]:g}":
+            raise UserError(f"--posthoc-sigma-rels needs two different lengths, got {sigma_rels[0]:g} twice; "
+                            f"e.g. 0.05 0.10")
 
     def _validate_numbers(self) -> None:
         """Every number field: the right type, finite, and in its range. A NaN fails every comparison
@@ -361,6 +388,8 @@ class TrainConfig:
             for f in dataclasses.fields(cls):
                 value, kinds = getattr(getattr(self, section), f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
                 flag, hint = "--" + flag_name(f).replace("_", "-"), f.metadata.get("hint", "")
+                if typing.get_origin(hints[f.name]) is tuple:
+                    continue  # checked by the field's own validation
                 if (int not in kinds and float not in kinds) or (value is None and type(None) in kinds):
                     continue
                 if isinstance(value, bool) or not isinstance(value, numbers.Integral if int in kinds else numbers.Real):

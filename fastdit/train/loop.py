@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions
 from torch.distributed.fsdp import FSDPModule
 
 from .. import distributed
@@ -35,6 +36,7 @@ from .config import TrainConfig
 from .data_order import StepBatchSampler, steps_per_epoch
 from .ema import make_ema
 from .logger import RunLogger, peak_memory_gb
+from .posthoc_ema import PowerEMAs, save_snapshots, snapshot_folder
 from .setup import enable_tf32, make_grad_scaler, prepare_model, shard_model
 from .state import (
     Position,
@@ -109,15 +111,16 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
         config.model.name, input_size=data.latent_shape[1], in_channels=data.latent_shape[0], **config.model_options()
     ).to(device)
     ema = make_ema(model)  # copied before any wrapping
+    posthoc = PowerEMAs(model, optim.posthoc_sigma_rels) if optim.posthoc_ema else None
     model_info = ModelInfo(config=model.config, latent=data.latent_info, class_names=data.class_names,
                            objective=objective, sampling=config.sampling_recipe())
-    state = build_training_state(config, dist, model, ema, data)
+    state = build_training_state(config, dist, model, ema, data, posthoc=posthoc)
 
     # One run per folder: a second `train` on it stops here with a message instead of interleaving its
     # metrics and checkpoints with ours. Taken after the checks, so a bad command creates no folder.
     run_lock.enter_context(exclusive_lock_for_all_ranks(run_dir, "fastdit train", dist))
     if dist.is_main:  # what a killed save left (gigabytes for DiT-XL); no writer of this run is alive
-        for folder in (run_dir, checkpoint_dir(run_dir), run_dir / "samples"):
+        for folder in (run_dir, checkpoint_dir(run_dir), run_dir / "samples", snapshot_folder(run_dir)):
             remove_stale_temporaries(folder)
     checkpoints = list_checkpoints(run_dir)
     if checkpoints:
@@ -150,6 +153,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
         f"global batch {optim.global_batch_size} (micro-batch {micro_batch}), {run.precision}, activation "
         f"checkpointing {run.gradient_checkpointing}{', blocks compiled' if run.compile else ''}, "
         f"{_alignment_text(config) if state.alignment is not None else ''}"
+        f"{_posthoc_text(config) if state.posthoc is not None else ''}"
         f"steps {position.step} -> {max_steps}, run folder {run_dir}"
     )
 
@@ -215,6 +219,10 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
                     )
                 running, running_steps, skipped_in_window = None, 0, 0
                 window_start = time.perf_counter()
+            # Snapshots before the checkpoint of the same step: a run resumed from that checkpoint
+            # does not pass this step again, so its snapshots must already be there.
+            if state.posthoc is not None and (position.step % optim.posthoc_every == 0 or position.step == max_steps):
+                _save_snapshots(run_dir, dist, state, model_info, log)
             if position.step % run.ckpt_every == 0 or position.step == max_steps:
                 if position.step_in_epoch == per_epoch:  # store a finished epoch as the next one's start
                     position = state.position = Position(position.step, position.epoch + 1, 0)
@@ -238,15 +246,17 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     return TrainResult(run_dir=run_dir, checkpoint=checkpoint, export=export, step=position.step, last_loss=last_loss)
 
 
-def build_training_state(config: TrainConfig, dist: distributed.DistInfo, model, ema, data: TrainingData) -> TrainingState:
-    """Wrap the model (checkpointing, compile, DDP or FSDP), shard the EMA like it, then build the
-    optimizer over the wrapped parameters: the order FSDP needs."""
+def build_training_state(config: TrainConfig, dist: distributed.DistInfo, model, ema, data: TrainingData,
+                         posthoc: PowerEMAs | None = None) -> TrainingState:
+    """Wrap the model (checkpointing, compile, DDP or FSDP), shard the EMA (and the post-hoc EMAs) like
+    it, then build the optimizer over the wrapped parameters: the order FSDP needs."""
     run, optim = config.run, config.optimisation
     fsdp = run.fsdp and dist.is_distributed
     runnable = prepare_model(model, dist=dist, gradient_checkpointing=run.gradient_checkpointing,
                              compile_model=run.compile, fsdp=fsdp, precision=run.precision)
     if fsdp:  # each process keeps the EMA of its own shard: the update needs no communication
-        shard_model(ema, "fp32")
+        for average in [ema, *(posthoc.modules if posthoc is not None else [])]:
+            shard_model(average, "fp32")
     local_batch, micro_batch = batch_split(config, dist.world_size)
     alignment = build_alignment(config, model, dist.device) if config.alignment.repa else None
     settings = StepSettings(
@@ -257,7 +267,8 @@ def build_training_state(config: TrainConfig, dist: distributed.DistInfo, model,
         ema_decay=optim.ema_decay, encode=data.latent_space.encode_moments if data.encode_on_the_fly else None,
     )
     return TrainingState(model=model, runnable=runnable, ema=ema, optimizer=make_optimizer(model, optim),
-                         scaler=make_grad_scaler(dist.device, run.precision), settings=settings, alignment=alignment)
+                         scaler=make_grad_scaler(dist.device, run.precision), settings=settings, alignment=alignment,
+                         posthoc=posthoc)
 
 
 def build_alignment(config: TrainConfig, model, device):
@@ -292,6 +303,12 @@ def batch_split(config: TrainConfig, world_size: int) -> tuple[int, int]:
 def _alignment_text(config: TrainConfig) -> str:
     settings = config.alignment
     return f"REPA with {settings.repa} at block {settings.repa_depth} (weight {settings.repa_weight:g}), "
+
+
+def _posthoc_text(config: TrainConfig) -> str:
+    optim = config.optimisation
+    lengths = " and ".join(f"{s:g}" for s in optim.posthoc_sigma_rels)
+    return f"post-hoc EMAs σ_rel {lengths} (snapshots every {optim.posthoc_every} steps), "
 
 
 def _parallelism(state: TrainingState) -> str:
@@ -329,6 +346,15 @@ def _save(config, run_dir, dist, state: TrainingState, model_info, log):
         log.info(f"saved {path}")
     distributed.barrier()
     return path if path is not None else checkpoint_path(run_dir, position.step)
+
+
+def _save_snapshots(run_dir, dist, state: TrainingState, model_info, log):
+    """The post-hoc EMAs' snapshots of this step (gathered from every process under FSDP; rank 0 writes)."""
+    states = state.posthoc.state_dict(StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.is_main:
+        paths = save_snapshots(run_dir, states, state.posthoc, state.position.step, model_info)
+        log.info(f"saved post-hoc EMA snapshots {', '.join(p.name for p in paths)}")
+    distributed.barrier()
 
 
 def _sample_grid(config, objective, run_dir, ema, data, step, log):

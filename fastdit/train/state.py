@@ -1,6 +1,6 @@
 """Training checkpoints: everything needed to continue a run exactly, written atomically.
 
-`checkpoints/0001000.pt` holds model, EMA, optimizer, grad-scaler, step, data position (epoch, step
+`checkpoints/0001000.pt` holds model, EMA (and the post-hoc EMAs of --posthoc-ema), optimizer, grad-scaler, step, data position (epoch, step
 in epoch), RNG states and the resolved config, as full (gathered) state dicts with plain parameter
 names: a run under DDP and one under FSDP write the same file; `checkpoints/0001000-ema.safetensors` is the EMA-only
 export that `fastdit sample --ckpt` loads. Both are written under temporary names and renamed, so a
@@ -36,6 +36,7 @@ from ..models import DiT
 
 if TYPE_CHECKING:
     from .alignment import Alignment
+    from .posthoc_ema import PowerEMAs
     from .step import StepSettings
 
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")
@@ -60,6 +61,7 @@ class TrainingState:
     position: Position = field(default_factory=Position)
     settings: StepSettings | None = None  # the run's fixed step settings (not saved: the config holds them)
     alignment: Alignment | None = None  # REPA's projector and its optimizer (its encoder is frozen), or None
+    posthoc: PowerEMAs | None = None  # --posthoc-ema's power-function EMAs (sharded like `model`), or None
 
     def state_dict(self) -> dict:
         """Full state dicts on the CPU, keyed by parameter name. Under FSDP every process must call this
@@ -74,6 +76,7 @@ class TrainingState:
             "position": vars(self.position).copy(),
             # the projector is replicated on every process: any process's copy is the whole of it
             **({"alignment": self.alignment.state_dict()} if self.alignment is not None else {}),
+            **({"posthoc_ema": self.posthoc.state_dict(options)} if self.posthoc is not None else {}),
         }
 
     def gathered_ema(self) -> torch.nn.Module | None:
@@ -103,6 +106,8 @@ class TrainingState:
         self.position = Position(**state["position"])
         if self.alignment is not None:
             self.alignment.load_state_dict(state["alignment"])
+        if self.posthoc is not None:
+            self.posthoc.load_state_dict(state["posthoc_ema"], options)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

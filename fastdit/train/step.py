@@ -158,6 +158,8 @@ def train_step(state: TrainingState, batch, objective: Objective) -> StepResult:
         scaler.step(opt)  # a disabled scaler (fp32, bf16) just steps
     scaler.update()
     update_ema(state.ema, state.model, settings.ema_decay)
+    if state.posthoc is not None:
+        state.posthoc.update(state.model, step + 1)  # counted from 1: the first update copies the weights
     return StepResult(terms, grad_norm, skipped=False)
 
 

@@ -1,0 +1,99 @@
+"""`train --posthoc-ema`: two power-function EMAs tracked beside the model, and their snapshots.
+
+EDM2 (Karras et al. 2024, Sec. 3) keeps two averages with different lengths σ_rel during training and
+stores both every N steps; any other length, at any stored step, is then a least-squares combination of
+the snapshots (`fastdit.power_ema`, `fastdit ema`). The averages are part of the training state (a
+resumed run continues them bit-exactly) and are sharded like the model under FSDP; the snapshots are
+EMA exports in the run folder, `posthoc_ema/0001000-sigma0.05.safetensors`, each loadable by `fastdit
+sample` as it is and carrying its step, σ_rel and γ in its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+from ..checkpoint import export_weights
+from ..errors import UserError
+from ..model_info import ModelInfo
+from ..power_ema import gamma_of_sigma_rel, power_ema_decay
+from .ema import make_ema, update_ema
+
+SNAPSHOT_FOLDER = "posthoc_ema"
+SNAPSHOT_KEY = "posthoc_ema_snapshot"  # the metadata entry that marks a file as a snapshot
+_SNAPSHOT_NAME = re.compile(r"^(\d{7,})-sigma[0-9.e-]+\.safetensors$")
+
+
+class PowerEMAs:
+    """One power-function EMA per σ_rel, updated after every optimizer step."""
+
+    def __init__(self, model: torch.nn.Module, sigma_rels: tuple[float, ...]):
+        self.sigma_rels = tuple(sigma_rels)
+        self.gammas = tuple(gamma_of_sigma_rel(s) for s in self.sigma_rels)
+        self.modules = [make_ema(model) for _ in self.sigma_rels]  # copies of the plain model, before wrapping
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        """After optimizer step `step` (counted from 1): θ̂ ← β θ̂ + (1 − β) θ with β = (1 − 1/step)^(γ+1)."""
+        for ema, gamma in zip(self.modules, self.gammas):
+            update_ema(ema, model, power_ema_decay(step, gamma))
+
+    def state_dict(self, options: StateDictOptions) -> list[dict]:
+        """Each average's full state dict (under FSDP every process must call this; rank 0 receives them)."""
+        return [get_model_state_dict(ema, options=options) for ema in self.modules]
+
+    def load_state_dict(self, states: list[dict], options: StateDictOptions) -> None:
+        if len(states) != len(self.modules):
+            raise UserError(f"the checkpoint holds {len(states)} post-hoc EMAs, this run keeps {len(self.modules)}")
+        for ema, state in zip(self.modules, states):
+            set_model_state_dict(ema, state, options=options)
+
+
+def snapshot_folder(run_dir: Path) -> Path:
+    return Path(run_dir) / SNAPSHOT_FOLDER
+
+
+def snapshot_path(run_dir: Path, step: int, sigma_rel: float) -> Path:
+    return snapshot_folder(run_dir) / f"{step:07d}-sigma{sigma_rel:g}.safetensors"
+
+
+def save_snapshots(run_dir: Path, states: list[dict], emas: PowerEMAs, step: int, model_info: ModelInfo) -> list[Path]:
+    """Write each average's gathered weights at `step` as an export (atomically, like every export)."""
+    paths = []
+    for state, sigma_rel, gamma in zip(states, emas.sigma_rels, emas.gammas):
+        record = {"step": step, "sigma_rel": sigma_rel, "gamma": gamma}
+        paths.append(export_weights(state, model_info, snapshot_path(run_dir, step, sigma_rel),
+                                    extra={SNAPSHOT_KEY: record}))
+    return paths
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    path: Path
+    step: int  # optimizer steps averaged
+    sigma_rel: float
+    gamma: float
+
+
+def list_snapshots(run_dir: Path) -> list[Snapshot]:
+    """The run's snapshots, by step then σ_rel, read from their metadata (only the headers are read)."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = snapshot_folder(run_dir)
+    found = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if not _SNAPSHOT_NAME.match(path.name):
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                record = json.loads((handle.metadata() or {})[SNAPSHOT_KEY])
+        except (SafetensorError, OSError, KeyError, ValueError) as err:
+            raise UserError(f"{str(path)!r} is not a readable post-hoc EMA snapshot ({type(err).__name__}); "
+                            f"move it out of {str(folder)!r}") from None
+        found.append(Snapshot(path, int(record["step"]), float(record["sigma_rel"]), float(record["gamma"])))
+    return sorted(found, key=lambda s: (s.step, s.sigma_rel))
