@@ -34,6 +34,7 @@ from ..run_folder import exclusive_lock_for_all_ranks
 from .config import TrainConfig
 from .data_order import StepBatchSampler, steps_per_epoch
 from .ema import make_ema
+from .routing import route_settings
 from .logger import RunLogger, peak_memory_gb
 from .setup import enable_tf32, make_grad_scaler, prepare_model, shard_model
 from .state import (
@@ -149,7 +150,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
         f"of shape {tuple(data.latent_shape)}; {dist.world_size} process(es) on {device.type}{_parallelism(state)}, "
         f"global batch {optim.global_batch_size} (micro-batch {micro_batch}), {run.precision}, activation "
         f"checkpointing {run.gradient_checkpointing}{', blocks compiled' if run.compile else ''}, "
-        f"{_alignment_text(config) if state.alignment is not None else ''}"
+        f"{_alignment_text(config) if state.alignment is not None else ''}{_routing_text(state)}"
         f"steps {position.step} -> {max_steps}, run folder {run_dir}"
     )
 
@@ -237,6 +238,8 @@ def build_training_state(config: TrainConfig, dist: distributed.DistInfo, model,
         input_shape=tuple(data.latent_shape), class_dropout_prob=config.model.class_dropout_prob,
         precision=run.precision, lr=optim.lr, warmup_steps=optim.warmup_steps, grad_clip=optim.grad_clip,
         ema_decay=optim.ema_decay, encode=data.latent_space.encode_moments if data.encode_on_the_fly else None,
+        route=route_settings(config.routing.route, config.routing.route_blocks, model.config.depth,
+                             model.config.grid_size**2),
     )
     return TrainingState(model=model, runnable=runnable, ema=ema, optimizer=make_optimizer(model, optim),
                          scaler=make_grad_scaler(dist.device, run.precision), settings=settings, alignment=alignment)
@@ -274,6 +277,14 @@ def batch_split(config: TrainConfig, world_size: int) -> tuple[int, int]:
 def _alignment_text(config: TrainConfig) -> str:
     settings = config.alignment
     return f"REPA with {settings.repa} at block {settings.repa_depth} (weight {settings.repa_weight:g}), "
+
+
+def _routing_text(state: TrainingState) -> str:
+    route = state.settings.route
+    if route is None:
+        return ""
+    return (f"token routing: blocks[{route.start}:{route.end}] see {route.num_kept} of {route.num_tokens} tokens "
+            f"per sample, ")
 
 
 def _parallelism(state: TrainingState) -> str:
