@@ -43,7 +43,8 @@ def test_without_a_gpu_nothing_runs(tmp_path):
 
 
 def test_a_dry_run_writes_the_report_of_every_step_not_run(tmp_path):
-    result = run_script("--dry-run", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "report.md"), cwd=tmp_path)
+    result = run_script("--dry-run", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "report.md"),
+                        cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = (tmp_path / "report.md").read_text()
     names = ["gpu-tests", "bench-train", "bench-sample", "memory-xl-batch32-ckpt", "stand-ins", "train-25-steps",

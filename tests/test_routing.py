@@ -246,7 +246,12 @@ def test_repa_inside_the_span_aligns_the_kept_tokens(tmp_path):
         model, state = training_state(config, depth=3)
         shapes = []
         original = state.alignment.loss
-        state.alignment.loss = lambda hidden, targets: shapes.append((hidden.shape, targets.shape)) or original(hidden, targets)
+
+        def recorded(hidden, targets, original=original):
+            shapes.append((hidden.shape, targets.shape))
+            return original(hidden, targets)
+
+        state.alignment.loss = recorded
         x, y = torch.rand(16, 1, 8, 8) * 2 - 1, torch.randint(0, 10, (16,))
         terms = train_step(state, (x, y), config.build_objective())
         assert torch.isfinite(terms["repa"])

@@ -74,7 +74,8 @@ def run_table(job: str, rows: list[Row], settings: dict, *, peak: float | None, 
     from ..models import config_from_name
 
     config = config_from_name(settings["model"], input_size=settings["latent"], num_classes=1000)
-    flops = {row.name: row_flops_per_image(config, row) * image_forwards_per_step(job, settings["batch"]) for row in rows}
+    forwards = image_forwards_per_step(job, settings["batch"])
+    flops = {row.name: row_flops_per_image(config, row) * forwards for row in rows}
     print_table(rows, results, settings["batch"], flops, peak if device.type == "cuda" else None, out or sys.stdout)
     return results
 
