@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo-out
 
-.PHONY: install test test-kernels demo bench clean
+.PHONY: install test test-kernels demo bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/bench_train.py
+
+# One CUDA GPU, under 8 minutes: the gpu tests, the bench rows, DiT-XL/2's memory with checkpointing, a
+# compiled bf16 training run with a resume, and sample-ddp; one report (benchmarks/gpu_check.sh).
+GPU_CHECK_REPORT ?= gpu-check-report.md
+gpu-check: install
+	bash benchmarks/gpu_check.sh --python $(PY) --out $(GPU_CHECK_REPORT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -16,6 +16,9 @@ from fastdit.models import LIGHTNINGDIT_BLOCKS, build_model, config_from_name
 
 def test_row_names_become_options():
     assert parse_row("reference", training=True) == Row("reference", reference=True)
+    assert parse_row("reference+bf16", training=False) == Row("reference+bf16", reference=True, precision="bf16")
+    assert parse_row("reference+fp16", training=True).precision == "fp16"
+    assert parse_row("fastdit+bf16+route", training=True) == Row("fastdit+bf16+route", precision="bf16", route=True)
     assert parse_row("fastdit", training=True) == Row("fastdit")
     assert parse_row("fastdit+bf16+compile+ckpt", training=True) == Row(
         "fastdit+bf16+compile+ckpt", precision="bf16", compile=True, checkpointing="blocks")
@@ -42,7 +45,8 @@ def test_the_repa_row_aligns_with_an_encoder_of_dinov2_b14s_cost():
 
 
 @pytest.mark.parametrize("name, training", [("fastdit+bf61", True), ("official", True), ("fastdit+ckpt", False),
-                                            ("fastdit+ckpt-every-0", True)])
+                                            ("fastdit+ckpt-every-0", True), ("reference+compile", True),
+                                            ("reference+bf16+fp16", True), ("fastdit+route", False)])
 def test_unknown_rows_are_refused_with_the_options(name, training):
     with pytest.raises(UserError, match="row"):
         parse_row(name, training=training)
@@ -58,6 +62,40 @@ def test_flop_formula_counts_what_torch_counts(blocks):
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         model(x, t, y)
     assert forward_flops_per_image(model.config) * 3 == counter.get_total_flops()
+
+
+def test_routed_flop_formula_counts_what_torch_counts():
+    # The routed forward: blocks[1:3] of 4 on 5 of the 16 tokens, counted by torch the same way.
+    from fastdit.models.routing import TokenRoute
+
+    model = build_model("DiT-T/2", input_size=8, num_classes=10, depth=4).eval()
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 1, 2])
+    route = TokenRoute(torch.tensor([[0, 3, 7, 8, 15]] * 3), 1, 3)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(x, t, y, route=route)
+    routed = forward_flops_per_image(model.config, routed_span=(1, 3), kept_tokens=5)
+    assert routed * 3 == counter.get_total_flops()
+    assert routed < forward_flops_per_image(model.config)
+
+
+def test_ratios_are_against_the_reference_of_the_same_precision():
+    import io
+
+    from fastdit.bench.rows import Measurement
+    from fastdit.bench.table import print_table
+
+    names = ["reference", "reference+bf16", "fastdit", "fastdit+bf16", "fastdit+fp16"]
+    rows = [parse_row(name, training=True) for name in names]
+    results = {"reference": Measurement(1.0, 2.0, 0.0), "reference+bf16": Measurement(2.0, 1.0, 0.0),
+               "fastdit": Measurement(1.5, 2.0, 0.0), "fastdit+bf16": Measurement(3.0, 0.5, 0.0),
+               "fastdit+fp16": Measurement(4.0, 0.5, 0.0)}
+    out = io.StringIO()
+    print_table(rows, results, 8, {name: 1.0 for name in names}, None, out)
+    table = _table(out.getvalue())
+    assert table["fastdit"][3:5] == ["1.50x", "1.00x"]  # against reference (fp32)
+    assert table["fastdit+bf16"][3:5] == ["1.50x", "0.50x"]  # against reference+bf16, not 3.00x against fp32
+    assert table["reference+bf16"][3:5] == ["1.00x", "1.00x"]
+    assert table["fastdit+fp16"][3:5] == ["(no reference+fp16 row)"] * 2  # no ratio across precisions
 
 
 def test_dit_xl_2_costs_the_papers_flops():
@@ -77,15 +115,16 @@ def _table(output: str) -> dict[str, list[str]]:
     return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
 
 
-@pytest.mark.parametrize("job, rows", [("train", ["reference", "fastdit", "fastdit+ckpt-mlp", "fastdit+meanflow"]),
-                                       ("sample", ["reference", "fastdit"])])
+@pytest.mark.parametrize("job, rows", [("train", ["reference", "reference+bf16", "fastdit", "fastdit+ckpt-mlp",
+                                                 "fastdit+meanflow", "fastdit+route", "fastdit+bf16+route"]),
+                                       ("sample", ["reference", "reference+bf16", "fastdit", "fastdit+bf16"])])
 def test_bench_prints_each_row_against_the_reference(job, rows, capsys):
     status = main(["bench", job, "--model", "DiT-T/2", "--image-size", "64", "--batch", "2", "--device", "cpu",
                    "--warmup", "1", "--steps", "1", "--rows", *rows])
     assert status == 0
     table = _table(capsys.readouterr().out)
     assert list(table) == rows
-    assert table["reference"][3:5] == ["1.00x", "1.00x"]
+    assert table["reference"][3:5] == table["reference+bf16"][3:5] == ["1.00x", "1.00x"]
     for cells in table.values():
         rate, images, peak = (float(cell) for cell in cells[:3])
         assert rate > 0 and images == pytest.approx(2 * rate, abs=0.01) and peak > 0

@@ -57,10 +57,15 @@ MEANFLOW_FIELDS = dict(objective="meanflow", meanflow_omega=2.0, meanflow_kappa=
 # Improved MeanFlow: the v-loss's extra forward, and a guidance scale drawn per sample as an input.
 IMPROVED_MEANFLOW = ["--objective", "meanflow", "--meanflow-v-loss", "--meanflow-guidance-input", "--meanflow-ratio", "0.5"]
 IMPROVED_MEANFLOW_FIELDS = dict(objective="meanflow", meanflow_v_loss=True, meanflow_guidance_input=True, meanflow_ratio=0.5)
+# Token routing (TREAD): each sample's kept tokens are drawn with its other draws; under RoPE (rows that
+# follow the tokens), and with MeanFlow (an unrouted target, a routed trained forward).
+ROUTE = ["--route", "0.5", "--route-blocks", "1:2"]
+ROUTE_FIELDS = dict(route=0.5, route_blocks="1:2")
 OBJECTIVE_RUNS = pytest.mark.parametrize(
     "flags, fields", [([], {}), (FLOW, FLOW_FIELDS), (X_PRED, X_PRED_FIELDS), (MEANFLOW, MEANFLOW_FIELDS),
-                      (IMPROVED_MEANFLOW, IMPROVED_MEANFLOW_FIELDS)],
-    ids=["ddpm", "flow", "x-pred", "meanflow", "improved-meanflow"])
+                      (IMPROVED_MEANFLOW, IMPROVED_MEANFLOW_FIELDS), (FLOW + ROUTE, {**FLOW_FIELDS, **ROUTE_FIELDS}),
+                      (MEANFLOW + ROUTE, {**MEANFLOW_FIELDS, **ROUTE_FIELDS})],
+    ids=["ddpm", "flow", "x-pred", "meanflow", "improved-meanflow", "flow-route", "meanflow-route"])
 
 
 @OBJECTIVE_RUNS

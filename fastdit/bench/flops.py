@@ -17,12 +17,26 @@ PEAK_BF16_TFLOPS = {
 }
 
 
-def forward_flops_per_image(config: DiTConfig) -> float:
+def forward_flops_per_image(config: DiTConfig, *, routed_span: tuple[int, int] | None = None,
+                            kept_tokens: int | None = None) -> float:
     """FLOPs of one image through `DiT.forward`: every matmul and convolution, attention's two T×T
     products included (what torch.utils.flop_counter counts); norms, activations and the label lookup
     are not matmuls. DiT-XL/2 at 256 (T = 256, D = 1152, depth 28) gives 237 GFLOP: DiT's 118.6 Gflops
-    (Table 4) doubled, since the paper counts multiply-adds."""
+    (Table 4) doubled, since the paper counts multiply-adds. With token routing (TREAD), the blocks of
+    `routed_span` (start, end) run on `kept_tokens` tokens: the FLOPs the routed forward needs."""
     D, T = config.hidden_size, config.grid_size**2
+    patch = config.patch_size**2
+    embed = 2 * T * patch * config.in_channels * D
+    final = 2 * T * D * patch * config.out_channels + 2 * D * 2 * D
+    timestep = 2 * 256 * D + 2 * D * D  # TimestepEmbedder's MLP on 256 frequencies
+    routed = 0 if routed_span is None else routed_span[1] - routed_span[0]
+    blocks = (config.depth - routed) * _block_flops(config, T) + routed * _block_flops(config, kept_tokens or T)
+    return float(blocks + embed + final + timestep)
+
+
+def _block_flops(config: DiTConfig, T: int) -> int:
+    """One block on T tokens."""
+    D = config.hidden_size
     mlp_hidden = int(D * config.mlp_ratio)
     if config.mlp == "swiglu":
         mlp = 2 * T * D * 3 * swiglu_hidden(mlp_hidden)  # fc_in (2w wide) and fc_out (w)
@@ -30,12 +44,7 @@ def forward_flops_per_image(config: DiTConfig) -> float:
         mlp = 2 * T * D * 2 * mlp_hidden  # fc1 and fc2
     attention = 2 * T * D * 3 * D + 2 * 2 * T * T * D + 2 * T * D * D  # qkv, QK^T and AV, proj
     modulation = 2 * D * 6 * D
-    block = attention + mlp + modulation
-    patch = config.patch_size**2
-    embed = 2 * T * patch * config.in_channels * D
-    final = 2 * T * D * patch * config.out_channels + 2 * D * 2 * D
-    timestep = 2 * 256 * D + 2 * D * D  # TimestepEmbedder's MLP on 256 frequencies
-    return float(config.depth * block + embed + final + timestep)
+    return attention + mlp + modulation
 
 
 def peak_tflops(device_name: str) -> float | None:

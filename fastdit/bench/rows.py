@@ -1,8 +1,12 @@
-"""What one row of the benchmark runs, named by its options: `reference`, or `fastdit` followed by any of
+"""What one row of the benchmark runs, named by its options: `reference` (the official step) with at most
+a precision (`reference+bf16`, `reference+fp16`: the official step under a plain autocast, the row the
+same-precision fastdit rows are compared with), or `fastdit` followed by any of
 `+bf16`, `+fp16`, `+compile` and one checkpointing policy (`+ckpt` for every block, `+ckpt-mlp`,
 `+ckpt-every-K`), and for training `+repa` (representation alignment with an encoder of DINOv2-B/14's
 size, randomly initialised: the row measures its cost, not its benefit) and an objective other than
-DiT's (`+flow`, `+x-pred`, `+meanflow`: what its loss costs, e.g. MeanFlow's JVP against a flow step). fastdit's training rows run
+DiT's (`+flow`, `+x-pred`, `+meanflow`: what its loss costs, e.g. MeanFlow's JVP against a flow step)
+and `+route` (token routing, TREAD, at the paper's defaults: half the tokens skip blocks[2:-1]).
+fastdit's training rows run
 the real training step (`fastdit.train.step.train_step`:
 the setup `fastdit train` builds, its seeded draws, loss, fused AdamW and EMA); its sampling rows run the
 guided model as `fastdit sample` does, with one DDPM step."""
@@ -19,6 +23,7 @@ from ..errors import UserError
 from ..host_memory import keep_freed_host_memory
 from ..objectives import build_objective, objective_names
 from ..precision import PRECISIONS
+from ..train.routing import PAPER_RATE
 
 CHECKPOINT_OPTION = re.compile(r"ckpt(-mlp|-every-[1-9][0-9]*)?")
 
@@ -32,12 +37,21 @@ class Row:
     checkpointing: str = "off"  # fastdit train's policy: off | blocks | mlp | every-K
     repa: bool = False  # REPA's alignment term with a DINOv2-B/14-sized encoder on 224-px images
     objective: str = "ddpm"  # the training objective (fastdit.objectives)
+    route: bool = False  # token routing (TREAD) at the paper's rate and span
+
+
+def reference_name(precision: str) -> str:
+    """The name of the reference row at `precision`: what a row of that precision is compared with."""
+    return "reference" if precision == "fp32" else f"reference+{precision}"
 
 
 def parse_row(name: str, *, training: bool) -> Row:
-    if name == "reference":
-        return Row(name, reference=True)
     head, *options = name.split("+")
+    if head == "reference":
+        if len(options) > 1 or (options and options[0] not in PRECISIONS):
+            raise UserError(f"row {name!r}: the reference takes a precision only (reference, reference+bf16, "
+                            f"reference+fp16)")
+        return Row(name, reference=True, precision=options[0] if options else "fp32")
     if head != "fastdit":
         raise UserError(f"row {name!r} must be 'reference' or start with 'fastdit' (e.g. fastdit+bf16+ckpt)")
     fields = {}
@@ -50,11 +64,13 @@ def parse_row(name: str, *, training: bool) -> Row:
             fields["checkpointing"] = option.removeprefix("ckpt-") if "-" in option else "blocks"
         elif training and option == "repa":
             fields["repa"] = True
+        elif training and option == "route":
+            fields["route"] = True
         elif training and option in objective_names() and option != "ddpm":
             fields["objective"] = option
         else:
             others = ", ".join(name for name in objective_names() if name != "ddpm")
-            choices = "bf16, fp16, compile" + (f", ckpt, ckpt-mlp, ckpt-every-K, repa, {others}" if training else "")
+            choices = "bf16, fp16, compile" + (f", ckpt, ckpt-mlp, ckpt-every-K, repa, route, {others}" if training else "")
             raise UserError(f"row {name!r}: unknown option {option!r}; the options are {choices}")
     return Row(name, **fields)
 
@@ -110,10 +126,10 @@ def make_train_step(row: Row, model_name: str, batch: int, latent: int, device: 
     x = torch.randn(batch, model.config.in_channels, latent, latent, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     if row.reference:
-        return reference_train_step(model, ema, x, y)
+        return reference_train_step(model, ema, x, y, row.precision)
     config = TrainConfig.create(model=model_name, image_size=latent * 8, data_path="bench", global_batch_size=batch,
                          precision=row.precision, gradient_checkpointing=row.checkpointing, compile=row.compile,
-                         progress=False, objective=row.objective)
+                         progress=False, objective=row.objective, route=PAPER_RATE if row.route else 0.0)
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     data = TrainingData(dataset=None, latent_shape=tuple(x.shape[1:]), latent_info=LatentInfo(), class_names=None,
                         device=device)
@@ -178,7 +194,7 @@ def make_sample_step(row: Row, model_name: str, batch: int, latent: int, device:
     y = torch.randint(0, 1000, (batch,), device=device)
     t = torch.full((batch,), 125, device=device, dtype=torch.long)
     if row.reference:
-        return reference_sample_step(model, x, t, y, cfg_scale)
+        return reference_sample_step(model, x, t, y, cfg_scale, row.precision)
     if row.compile:
         compile_blocks(model)
     runnable = in_precision(model, row.precision)  # as generate() runs the model

@@ -1,5 +1,7 @@
 """Run each row in a fresh process (so its peak memory is its own and no row warms another's caches),
-then print the table: rates, peak memory, ratios to the reference row and, on a GPU, MFU."""
+then print the table: rates, peak memory, ratios to the reference row at the row's own precision
+(fp32 rows against `reference`, bf16 rows against `reference+bf16`, ...: like against like, since
+mixed precision is one `torch.autocast` line for a user of the official code too) and, on a GPU, MFU."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from ..devices import cpu_flags, cpu_name
 from ..train.logger import peak_memory_gb
 from .flops import forward_flops_per_image, peak_tflops
-from .rows import Measurement, Row, make_sample_step, make_train_step, time_steps
+from .rows import Measurement, Row, make_sample_step, make_train_step, reference_name, time_steps
 
 
 def measure_row(job: str, row: Row, settings: dict) -> Measurement:
@@ -72,30 +74,54 @@ def run_table(job: str, rows: list[Row], settings: dict, *, peak: float | None, 
     from ..models import config_from_name
 
     config = config_from_name(settings["model"], input_size=settings["latent"], num_classes=1000)
-    flops_per_step = forward_flops_per_image(config) * image_forwards_per_step(job, settings["batch"])
-    print_table(results, settings["batch"], flops_per_step, peak if device.type == "cuda" else None, out or sys.stdout)
+    forwards = image_forwards_per_step(job, settings["batch"])
+    flops = {row.name: row_flops_per_image(config, row) * forwards for row in rows}
+    print_table(rows, results, settings["batch"], flops, peak if device.type == "cuda" else None, out or sys.stdout)
     return results
 
 
-def print_table(results: dict, batch: int, flops_per_step: float, peak: float | None, out) -> None:
-    reference = results.get("reference")
-    reference = reference if isinstance(reference, Measurement) else None
-    columns = ["row", "steps/s", "images/s", "peak GB", "speed vs reference", "memory vs reference"]
+def row_flops_per_image(config, row: Row) -> float:
+    """The model FLOPs of one image's forward in `row`: fewer where tokens are routed (TREAD's span
+    and rate, as `fastdit train --route` sets them by default)."""
+    if not row.route:
+        return forward_flops_per_image(config)
+    from ..train.routing import PAPER_RATE, PAPER_SPAN, kept_tokens, resolve_span
+
+    return forward_flops_per_image(config, routed_span=resolve_span(PAPER_SPAN, config.depth),
+                                   kept_tokens=kept_tokens(config.grid_size**2, PAPER_RATE))
+
+
+def same_precision_reference(row: Row, rows: list[Row], results: dict) -> Measurement | str:
+    """The measured reference row at `row`'s precision, or why there is none (a table cell)."""
+    wanted = reference_name(row.precision)
+    for other in rows:
+        if other.reference and other.precision == row.precision:
+            result = results.get(other.name)
+            return result if isinstance(result, Measurement) else f"({wanted} failed)"
+    return f"(no {wanted} row)"
+
+
+def print_table(rows: list[Row], results: dict, batch: int, flops_per_step: dict, peak: float | None, out) -> None:
+    columns = ["row", "steps/s", "images/s", "peak GB", "speed vs reference (same precision)",
+               "memory vs reference (same precision)"]
     columns += ["MFU"] if peak else []
     columns += ["warm-up s"]
     print("| " + " | ".join(columns) + " |", file=out)
     print("|" + "---|" * len(columns), file=out)
-    for name, result in results.items():
+    for row in rows:
+        result = results[row.name]
         if not isinstance(result, Measurement):
-            print(f"| {name} | {result} |", file=out)
+            print(f"| {row.name} | {result} |", file=out)
             continue
-        speed = memory = ""
-        if reference is not None:
+        reference = same_precision_reference(row, rows, results)
+        if isinstance(reference, Measurement):
             speed = f"{result.steps_per_second / reference.steps_per_second:.2f}x"
             memory = f"{result.peak_gb / reference.peak_gb:.2f}x"
-        cells = [name, f"{result.steps_per_second:.3f}", f"{result.steps_per_second * batch:.2f}",
+        else:  # never a ratio across precisions: say which row is missing
+            speed = memory = reference
+        cells = [row.name, f"{result.steps_per_second:.3f}", f"{result.steps_per_second * batch:.2f}",
                  f"{result.peak_gb:.2f}", speed, memory]
         if peak:
-            cells.append(f"{100 * result.steps_per_second * flops_per_step / (peak * 1e12):.1f}%")
+            cells.append(f"{100 * result.steps_per_second * flops_per_step[row.name] / (peak * 1e12):.1f}%")
         cells.append(f"{result.compile_seconds:.1f}")
         print("| " + " | ".join(cells) + " |", file=out)

@@ -1,6 +1,6 @@
 """`fastdit bench train|sample`: the speed and memory of one training step or one guided sampling step,
-each row in a fresh process, as ratios to a reference row that computes what the official DiT code
-computes. Speed figures need an otherwise idle machine: other jobs skew the rows unequally."""
+each row in a fresh process, as ratios to the reference row of the same precision (the official DiT
+step, under a plain autocast for bf16/fp16). Speed figures need an otherwise idle machine: other jobs skew the rows unequally."""
 
 from __future__ import annotations
 
@@ -15,15 +15,21 @@ from ..sampling.generate import OFFICIAL_CFG_SCALE
 MEASURES_THE_MACHINE = True
 HELP = "speed and memory of a training or guided sampling step, against a reference row (the official step)"
 
+# Every precision has its reference row: ratios are stated against the official step at the same
+# precision (reference+bf16 is the official step under a plain torch.autocast). fp16 rows on GPUs only:
+# torch's CPU matmuls do not accelerate fp16.
 TRAIN_ROWS = {
-    "cpu": ["reference", "fastdit", "fastdit+compile", "fastdit+ckpt-mlp", "fastdit+ckpt-every-2", "fastdit+ckpt",
-            "fastdit+bf16", "fastdit+bf16+ckpt-mlp", "fastdit+bf16+ckpt"],
-    "cuda": ["reference", "fastdit", "fastdit+compile", "fastdit+bf16", "fastdit+bf16+compile",
+    "cpu": ["reference", "reference+bf16", "fastdit", "fastdit+compile", "fastdit+route", "fastdit+ckpt-mlp",
+            "fastdit+ckpt-every-2", "fastdit+ckpt", "fastdit+bf16", "fastdit+bf16+route", "fastdit+bf16+ckpt-mlp",
+            "fastdit+bf16+ckpt"],
+    "cuda": ["reference", "reference+bf16", "reference+fp16", "fastdit", "fastdit+compile", "fastdit+route",
+             "fastdit+bf16", "fastdit+bf16+compile", "fastdit+bf16+compile+route", "fastdit+fp16+compile",
              "fastdit+bf16+compile+ckpt-mlp", "fastdit+bf16+compile+ckpt"],
 }
 SAMPLE_ROWS = {
-    "cpu": ["reference", "fastdit", "fastdit+compile", "fastdit+bf16", "fastdit+bf16+compile"],
-    "cuda": ["reference", "fastdit", "fastdit+compile", "fastdit+bf16", "fastdit+bf16+compile"],
+    "cpu": ["reference", "reference+bf16", "fastdit", "fastdit+compile", "fastdit+bf16", "fastdit+bf16+compile"],
+    "cuda": ["reference", "reference+bf16", "reference+fp16", "fastdit", "fastdit+compile", "fastdit+bf16",
+             "fastdit+bf16+compile", "fastdit+fp16+compile"],
 }
 
 
@@ -37,8 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--batch", type=int, default=None, help="images per step (default: 32 on a GPU, 8 on a CPU)")
         sub.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
         sub.add_argument("--rows", nargs="+", default=None, metavar="ROW",
-                         help="rows to run: reference, or fastdit with +bf16, +fp16, +compile"
-                         + (", +ckpt, +ckpt-mlp, +ckpt-every-K, +repa (REPA's alignment with a DINOv2-B/14-sized encoder), +flow, +x-pred, +meanflow (the objective)"
+                         help="rows to run: reference (the official step; +bf16 or +fp16: under a plain autocast, "
+                         "what rows of that precision are compared with), or fastdit with +bf16, +fp16, +compile"
+                         + (", +ckpt, +ckpt-mlp, +ckpt-every-K, +repa (REPA's alignment with a DINOv2-B/14-sized encoder), "
+                            "+route (token routing, TREAD's rate and span), +flow, +x-pred, +meanflow (the objective)"
                             if job == "train" else "") + " (default: a set for the device)")
         sub.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
         sub.add_argument("--steps", type=int, default=3, help="timed steps")

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from .routing import TokenRoute
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
@@ -329,7 +330,9 @@ class DiT(nn.Module):
     -> (N, C_out, H, W): the ε prediction, followed (learn_sigma) by C variance-interpolation values.
     (Other objectives give t on their own scale and read the output as theirs: `fastdit.objectives`.)
     With `time_gap_embedding`, forward(x, t, y, gap=h) also takes the gap h (N,) of MeanFlow, and with
-    `guidance_embedding`, `guidance=` the guidance scale ω (N,) the output is trained for."""
+    `guidance_embedding`, `guidance=` the guidance scale ω (N,) the output is trained for.
+    `route=` (training only, `fastdit.models.routing`) runs a span of blocks on each sample's kept
+    tokens (TREAD); without it every block sees every token, as in the official model."""
 
     def __init__(self, config: DiTConfig | None = None, **overrides):
         super().__init__()
@@ -411,7 +414,9 @@ class DiT(nn.Module):
         force_drop_ids: torch.Tensor | None = None,
         gap: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
+        route: TokenRoute | None = None,
     ) -> torch.Tensor:
+        # The absolute positions are added before any routing: a kept token carries its own into the span.
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t)  # (N, D)
         if self.config.time_gap_embedding:
@@ -429,10 +434,28 @@ class DiT(nn.Module):
             raise ValueError("this DiT has no guidance embedding (guidance_embedding=False); call it without guidance")
         c = c + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         rope = (self.rope_cos, self.rope_sin) if self.config.rope else None
-        for block in self.blocks:  # (activation checkpointing wraps blocks from outside: fastdit.train.setup)
-            x = block(x, c, rope)
+        if route is None:
+            for block in self.blocks:  # (activation checkpointing wraps blocks from outside: fastdit.train.setup)
+                x = block(x, c, rope)
+        else:
+            x = self._routed_blocks(x, c, rope, route)
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
         return self.unpatchify(x)
+
+    def _routed_blocks(self, x: torch.Tensor, c: torch.Tensor, rope, route: TokenRoute) -> torch.Tensor:
+        """The blocks with blocks[route.start:route.end] on the kept tokens only (TREAD): the
+        routed tokens leave before the span and rejoin after it with the values they left with."""
+        route.check(x.shape[0], x.shape[1], len(self.blocks))
+        # Each kept token keeps its own RoPE rows: (T, d/2) -> (N, 1, K, d/2).
+        routed_rope = None if rope is None else (route.rope_rows(rope[0]), route.rope_rows(rope[1]))
+        for index, block in enumerate(self.blocks):
+            if index == route.start:
+                before_span = x  # (N, T, D)
+                x = route.gather(x)  # (N, K, D)
+            x = block(x, c, routed_rope if route.covers(index) else rope)
+            if index == route.end - 1:
+                x = route.rejoin(before_span, x)  # (N, T, D)
+        return x
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
         """The official doubled-batch guidance call, kept for drop-in compatibility with DiT sampling

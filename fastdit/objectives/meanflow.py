@@ -265,7 +265,13 @@ class MeanFlow(Objective):
             dropped = model_kwargs.get("force_drop_ids")
             omega = draws["omega"] if dropped is None else torch.where(dropped.bool(), 1.0, draws["omega"])
             model_kwargs = {**model_kwargs, "guidance": omega}
-        target = self.target(plain_module(model), z, r, t, v, model_kwargs)
+        # Token routing (TREAD; `route` among the kwargs) applies to the trained forward only. The target's
+        # no-grad passes (the JVP, the guided field) run on every token: the target is the derivative of
+        # the network that sampling will run, which sees every token in every block; a routed target would
+        # be the derivative of a random sub-network, adding the route's noise to the regression target.
+        # Their cost stays small: the JVP runs on the r != t samples only (a quarter, the paper's ratio).
+        target_kwargs = {key: value for key, value in model_kwargs.items() if key != "route"}
+        target = self.target(plain_module(model), z, r, t, v, target_kwargs)
         # The trained u last, through the runnable (DDP reduces its gradients; a REPA hook on a block keeps
         # this forward's tokens, the last it sees).
         u = paper_u(model, z, r, t, **model_kwargs)

@@ -1,10 +1,12 @@
 """The training run's configuration: typed dataclasses in sections, validated once, written as JSON
 into the run folder and into every checkpoint.
 
-`TrainConfig` has seven sections: `model` (the network), `objective` (what it is trained for: the
+`TrainConfig` has nine sections: `model` (the network), `objective` (what it is trained for: the
 registered objective and its settings, `fastdit.objectives`), `alignment` (representation alignment
-with a frozen encoder, REPA, on top of any objective), `optimisation`, `data`, `run` (systems, run
-folder, logging) and `evaluation` (FIDs during training). Every field carries its flag's help
+with a frozen encoder, REPA, on top of any objective), `routing` (TREAD's token routing through a
+span of blocks, on top of any objective), `optimisation`, `data`, `run` (systems, run
+folder, logging), `evaluation` (FIDs during training) and `recipe` (how the checkpoints recommend
+being sampled). Every field carries its flag's help
 text, and `fastdit train`'s flat flags (`--lr`, `--objective`, ...) are generated from these fields:
 each name, type, default and help is written once, here (or in the objective's module). Field names
 are unique over the sections, so a flat {flag name: value} dict (what run folders recorded before the
@@ -29,6 +31,7 @@ from ..power_ema import SIGMA_REL_MAX
 from ..precision import PRECISIONS
 from ..run_folder import refuse_other_settings
 from ..sampling import SamplingOptions
+from .routing import PAPER_RATE, PAPER_SPAN, parse_span, resolve_span
 from .setup import checkpoint_stride
 
 
@@ -96,6 +99,17 @@ class AlignmentSection:
                              at_least=1)
     repa_weight: float = option(0.5, "weight λ of the alignment term in the loss", at_least=0)
     repa_projector_dim: int = option(2048, "hidden width of the 3-layer projector", at_least=1)
+
+
+@dataclass
+class RoutingSection:
+    # TREAD (Krause et al. 2025, arXiv 2501.04765): `fastdit.train.routing` has the defaults' source.
+    route: float = option(0.0, f"token routing (TREAD): the share of each sample's tokens that skip the blocks of "
+                               f"--route-blocks during training (0: off; the flag alone: {PAPER_RATE}, the paper's); "
+                               f"sampling and the EMA export are unchanged", unit_interval=True)
+    route_blocks: str = option(PAPER_SPAN, "the routed span START:END as a Python slice of the blocks (0-based, END "
+                                           f"excluded, negative counts from the end); {PAPER_SPAN}: from block 2 to "
+                                           "the second-to-last, as TREAD routes")
 
 
 @dataclass
@@ -208,7 +222,7 @@ class RecipeSection:
 
 
 SECTIONS = {"model": ModelSection, "objective": ObjectiveSection, "alignment": AlignmentSection,
-            "optimisation": OptimisationSection, "data": DataSection, "run": RunSection,
+            "routing": RoutingSection, "optimisation": OptimisationSection, "data": DataSection, "run": RunSection,
             "evaluation": EvaluationSection, "recipe": RecipeSection}
 
 
@@ -249,6 +263,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     alignment: AlignmentSection = field(default_factory=AlignmentSection)
+    routing: RoutingSection = field(default_factory=RoutingSection)
     optimisation: OptimisationSection = field(default_factory=OptimisationSection)
     data: DataSection = field(default_factory=DataSection)
     run: RunSection = field(default_factory=RunSection)
@@ -348,6 +363,9 @@ class TrainConfig:
         if self.alignment.repa and not 1 <= self.alignment.repa_depth <= architecture.depth:
             raise UserError(f"--repa-depth {self.alignment.repa_depth} is not a block of {self.model.name} "
                             f"(blocks 1..{architecture.depth}); REPA aligns block 8 of XL, 4 of B")
+        parse_span(self.routing.route_blocks)  # a malformed span is an error even while routing is off
+        if self.routing.route:
+            resolve_span(self.routing.route_blocks, architecture.depth)
         evaluation = self.evaluation
         if evaluation.eval_every and evaluation.eval_samples < 2:
             raise UserError(f"--eval-samples must be >= 2 for a covariance, got {evaluation.eval_samples}")

@@ -35,6 +35,7 @@ from ..run_folder import exclusive_lock_for_all_ranks
 from .config import TrainConfig
 from .data_order import StepBatchSampler, steps_per_epoch
 from .ema import make_ema
+from .routing import route_settings
 from .logger import RunLogger, peak_memory_gb
 from .posthoc_ema import PowerEMAs, save_snapshots, snapshot_folder
 from .setup import enable_tf32, make_grad_scaler, prepare_model, shard_model
@@ -152,7 +153,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
         f"of shape {tuple(data.latent_shape)}; {dist.world_size} process(es) on {device.type}{_parallelism(state)}, "
         f"global batch {optim.global_batch_size} (micro-batch {micro_batch}), {run.precision}, activation "
         f"checkpointing {run.gradient_checkpointing}{', blocks compiled' if run.compile else ''}, "
-        f"{_alignment_text(config) if state.alignment is not None else ''}"
+        f"{_alignment_text(config) if state.alignment is not None else ''}{_routing_text(state)}"
         f"{_posthoc_text(config) if state.posthoc is not None else ''}"
         f"steps {position.step} -> {max_steps}, run folder {run_dir}"
     )
@@ -265,6 +266,8 @@ def build_training_state(config: TrainConfig, dist: distributed.DistInfo, model,
         input_shape=tuple(data.latent_shape), class_dropout_prob=config.model.class_dropout_prob,
         precision=run.precision, lr=optim.lr, warmup_steps=optim.warmup_steps, grad_clip=optim.grad_clip,
         ema_decay=optim.ema_decay, encode=data.latent_space.encode_moments if data.encode_on_the_fly else None,
+        route=route_settings(config.routing.route, config.routing.route_blocks, model.config.depth,
+                             model.config.grid_size**2),
     )
     return TrainingState(model=model, runnable=runnable, ema=ema, optimizer=make_optimizer(model, optim),
                          scaler=make_grad_scaler(dist.device, run.precision), settings=settings, alignment=alignment,
@@ -309,6 +312,14 @@ def _posthoc_text(config: TrainConfig) -> str:
     optim = config.optimisation
     lengths = " and ".join(f"{s:g}" for s in optim.posthoc_sigma_rels)
     return f"post-hoc EMAs σ_rel {lengths} (snapshots every {optim.posthoc_every} steps), "
+
+
+def _routing_text(state: TrainingState) -> str:
+    route = state.settings.route
+    if route is None:
+        return ""
+    return (f"token routing: blocks[{route.start}:{route.end}] see {route.num_kept} of {route.num_tokens} tokens "
+            f"per sample, ")
 
 
 def _parallelism(state: TrainingState) -> str:

@@ -24,9 +24,11 @@ import torch
 
 from .. import distributed
 from ..errors import UserError
+from ..models.routing import TokenRoute
 from ..objectives import Objective
 from ..precision import autocast
 from .ema import update_ema
+from .routing import RouteSettings
 from .setup import no_sync
 from .state import TrainingState
 from .step_noise import draw_step
@@ -76,6 +78,7 @@ class StepSettings:
     ema_decay: float
     # images -> (mean, std) of the VAE posterior, when the data are images encoded during training
     encode: Callable | None = None
+    route: RouteSettings | None = None  # token routing (TREAD) through a span of blocks; None: off
 
 
 def train_step(state: TrainingState, batch, objective: Objective) -> StepResult:
@@ -86,7 +89,14 @@ def train_step(state: TrainingState, batch, objective: Objective) -> StepResult:
     skipped for a non-finite loss or gradient (then nothing was updated).
 
     With representation alignment (`state.alignment`, REPA) the "repa" term of block K's tokens joins
-    the objective's terms, and "loss" includes it with its weight."""
+    the objective's terms, and "loss" includes it with its weight.
+
+    With token routing (`settings.route`, TREAD) each sample's kept tokens, drawn with its other draws,
+    reach the model as `route=` among the model kwargs, which every objective passes to its trained
+    forward. When REPA's block lies inside the routed span it sees the kept tokens only, and is aligned
+    on those (the encoder's targets gathered at the same positions): the routed tokens have not been
+    through that block (they hold an earlier block's features), and running them through it to align
+    them would spend the compute routing saves. Outside the span the block sees every token."""
     settings, step, alignment = state.settings, state.position.step, state.alignment
     optimizer, scaler, device = state.optimizer, state.scaler, settings.device
     x, y = (part.to(device, non_blocking=True) for part in batch[:2])
@@ -97,7 +107,7 @@ def train_step(state: TrainingState, batch, objective: Objective) -> StepResult:
         settings.seed, step,
         global_batch=settings.global_batch, rank=settings.rank, local_batch=settings.local_batch,
         shape=settings.input_shape, objective=objective, dropout_prob=settings.class_dropout_prob,
-        with_latent_noise=settings.encode is not None, device=device,
+        with_latent_noise=settings.encode is not None, device=device, route=settings.route,
     )
     if settings.encode is not None:
         with torch.no_grad():
@@ -112,14 +122,22 @@ def train_step(state: TrainingState, batch, objective: Objective) -> StepResult:
     for k in range(num_micro):
         part = slice(k * settings.micro_batch, (k + 1) * settings.micro_batch)
         micro = draws.micro(part.start, part.stop)
+        model_kwargs = {"y": y[part], "force_drop_ids": micro.drop_labels}
+        route = None
+        if settings.route is not None:
+            route = TokenRoute(micro.route_kept, settings.route.start, settings.route.end)
+            model_kwargs["route"] = route
         with no_sync(state.runnable, k < num_micro - 1), autocast(device, settings.precision):
             capture = alignment.hidden_tokens(state.model) if alignment else contextlib.nullcontext()
             with capture as hidden:
-                terms = objective.losses(state.runnable, x[part], micro.objective,
-                                         {"y": y[part], "force_drop_ids": micro.drop_labels})
+                terms = objective.losses(state.runnable, x[part], micro.objective, model_kwargs)
             if alignment is not None:
-                tokens = hidden["tokens"]
-                targets = alignment.targets(images[part], math.isqrt(tokens.shape[1]))
+                tokens = hidden["tokens"]  # (N, K, hidden) when the aligned block is routed, else (N, T, hidden)
+                aligned_routed = route is not None and route.covers(alignment.depth - 1)
+                side = math.isqrt(settings.route.num_tokens if aligned_routed else tokens.shape[1])
+                targets = alignment.targets(images[part], side)
+                if aligned_routed:
+                    targets = route.gather(targets)
                 terms["repa"] = alignment.loss(tokens, targets)
                 terms["loss"] = terms["loss"] + alignment.weight * terms["repa"]
             means = {name: value.float().mean() / num_micro for name, value in terms.items()}

@@ -1,8 +1,9 @@
 """The random draws of one training step: each process draws only its own samples, on its device.
 
 Global sample g of step s (g = rank · B_local + i) gets its objective's draws (`Objective.draw`: a
-timestep and the diffusion noise for DDPM, ...), its label-dropout decision and, when images are
-encoded on the fly, its posterior noise, in that order, from a generator of its own,
+timestep and the diffusion noise for DDPM, ...), its label-dropout decision, when images are
+encoded on the fly its posterior noise and, with token routing (`fastdit.train.routing`), the tokens
+it keeps in the routed span, in that order, from a generator of its own,
 seeded by (seed, s, g) (`fastdit.seeding`, stream TRAIN_STEP). What sample g receives thus depends on
 nothing but (seed, s, g): not on the process count, the rank, the global or local batch size, or the
 micro-batch split. A 1-process and an N-process run train on identical (x_t, t, y) and differ only by
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..seeding import TRAIN_STEP, seeded_generator
+from .routing import RouteSettings, draw_kept
 
 
 @dataclass
@@ -31,21 +33,24 @@ class StepDraws:
     objective: dict[str, torch.Tensor]  # the objective's draws, each (B_local, ...)
     drop_labels: torch.Tensor  # (B_local,) bool
     latent_noise: torch.Tensor | None  # (B_local, C, H, W) posterior sample for on-the-fly VAE encoding
+    route_kept: torch.Tensor | None = None  # (B_local, K) token indices kept in the routed span
 
     def micro(self, start: int, stop: int) -> "StepDraws":
         return StepDraws(
             {name: value[start:stop] for name, value in self.objective.items()}, self.drop_labels[start:stop],
             None if self.latent_noise is None else self.latent_noise[start:stop],
+            None if self.route_kept is None else self.route_kept[start:stop],
         )
 
 
-def _draw_sample(seed, step, index, shape, objective, dropout_prob, with_latent_noise, device) -> StepDraws:
+def _draw_sample(seed, step, index, shape, objective, dropout_prob, with_latent_noise, route, device) -> StepDraws:
     """The draws of global sample `index`, each of batch size 1, in a fixed order from its own generator."""
     generator = seeded_generator(TRAIN_STEP, seed, step, index, device=device)
     drawn = objective.draw(shape, generator, device)
     drop = torch.rand(1, generator=generator, device=device) < dropout_prob
     latent_noise = torch.randn((1, *shape), generator=generator, device=device) if with_latent_noise else None
-    return StepDraws(drawn, drop, latent_noise)
+    kept = draw_kept(route, generator, device) if route is not None else None  # last: no routing, no change
+    return StepDraws(drawn, drop, latent_noise, kept)
 
 
 def draw_step(
@@ -60,17 +65,19 @@ def draw_step(
     dropout_prob: float,
     with_latent_noise: bool,
     device: torch.device,
+    route: RouteSettings | None = None,
 ) -> StepDraws:
     """This process's draws of step `step`: global samples rank · local_batch ... + local_batch − 1."""
     first = rank * local_batch
     if first < 0 or first + local_batch > global_batch:  # a caller's bug, not a user's input
         raise ValueError(f"rank {rank} with {local_batch} samples each lies outside the global batch of {global_batch}")
     samples = [
-        _draw_sample(seed, step, index, shape, objective, dropout_prob, with_latent_noise, device)
+        _draw_sample(seed, step, index, shape, objective, dropout_prob, with_latent_noise, route, device)
         for index in range(first, first + local_batch)
     ]
     return StepDraws(
         {name: torch.cat([s.objective[name] for s in samples]) for name in samples[0].objective},
         torch.cat([s.drop_labels for s in samples]),
         torch.cat([s.latent_noise for s in samples]) if with_latent_noise else None,
+        torch.cat([s.route_kept for s in samples]) if route is not None else None,
     )
