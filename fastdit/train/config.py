@@ -317,7 +317,9 @@ class TrainConfig:
         if evaluation.eval_every:
             _check_sampling("--eval-sampling-steps / --eval-cfg-scale", SamplingOptions(
                 num_steps=evaluation.eval_sampling_steps, cfg_scale=evaluation.eval_cfg_scale), objective)
-        if not data.pixel_space:
+        # A latent store records its own space (VAE latents or pixels) and image size; the data check
+        # (`open_training_data`) compares them, so only an image folder encoded on the fly is checked here.
+        if not data.pixel_space and not data.features_path:
             latent_side(self.model.image_size)
         return self
 

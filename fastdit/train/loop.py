@@ -32,6 +32,7 @@ from ..models import build_model
 from ..precision import precision_warning
 from ..run_folder import exclusive_lock_for_all_ranks
 from .config import TrainConfig
+from .data_record import compare_with_record, describe_data, read_data_record, write_data_record
 from .data_order import StepBatchSampler, steps_per_epoch
 from .ema import make_ema
 from .logger import RunLogger, peak_memory_gb
@@ -103,6 +104,10 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
 
     objective = config.build_objective()
     data: TrainingData = open_training_data(config, device)
+    data_record = describe_data(data.dataset)
+    # Compared only once something was trained on the recorded data (a checkpoint exists).
+    data_warning = compare_with_record(read_data_record(run_dir) if list_checkpoints(run_dir) else None,
+                                       data_record, run_dir)
     per_epoch = steps_per_epoch(len(data.dataset), optim.global_batch_size)
     torch.manual_seed(optim.global_seed)  # the same initial weights on every process
     model = build_model(
@@ -132,11 +137,14 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     if dist.is_main:
         ensure_writable_dir(run_dir)
         atomic_write_text(config.to_json() + "\n", run_dir / "config.json")
+        write_data_record(run_dir, data_record)
     distributed.barrier()
     log = RunLogger(run_dir, enabled=dist.is_main, tensorboard=run.tensorboard, wandb=run.wandb,
                     config=config.to_flat(), start_step=position.step)
     if checkpoints:
         log.info(f"resuming from {checkpoints[-1]} (step {position.step})")
+    if data_warning:
+        log.info(f"warning: {data_warning}")
     warning = precision_warning(device, run.precision)
     if warning:
         log.info(f"warning: {warning}")
