@@ -44,7 +44,7 @@ from .state import (
     checkpoint_path,
     export_path,
     list_checkpoints,
-    load_training_state,
+    load_newest_training_state,
     save_training_state,
     set_rng_state,
 )
@@ -124,9 +124,10 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     if dist.is_main:  # what a killed save left (gigabytes for DiT-XL); no writer of this run is alive
         for folder in (run_dir, checkpoint_dir(run_dir), run_dir / "samples"):
             remove_stale_temporaries(folder)
-    checkpoints = list_checkpoints(run_dir)
+    checkpoints, resume_warnings = list_checkpoints(run_dir), []
     if checkpoints:
-        stored = load_training_state(checkpoints[-1])
+        newest, stored, resume_warnings = load_newest_training_state(checkpoints, is_main=dist.is_main)
+        checkpoints = checkpoints[: newest + 1]
         _refuse_other_run(TrainConfig.from_dict(stored["config"]), config, run_dir)
         state.load_state_dict(stored)
         set_rng_state(stored["rng"])
@@ -145,6 +146,8 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
         log.info(f"resuming from {checkpoints[-1]} (step {position.step})")
     if data_warning:
         log.info(f"warning: {data_warning}")
+    for warning in resume_warnings:
+        log.info(warning)
     warning = precision_warning(device, run.precision)
     if warning:
         log.info(f"warning: {warning}")
