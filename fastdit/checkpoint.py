@@ -27,7 +27,7 @@ from .hub import OFFICIAL_CHECKPOINTS, download, official_objective
 from .io import atomic_path
 from .latents import PIXEL_SPACE_NAMES, latent_side
 from .state_dicts import describe_mismatch
-from .model_info import LatentInfo, ModelInfo
+from .model_info import LatentInfo, ModelInfo, parse_recorded_json
 from .models import DiT, DiTConfig, config_from_name, preset_of
 from .models.presets import SIZES
 from .objectives import OBJECTIVES, build_objective
@@ -103,7 +103,7 @@ def _read_safetensors(path: Path) -> tuple[dict, dict | None]:
             raw_meta = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"cannot read {str(path)!r}: truncated or not a safetensors file ({err})") from None
-    metadata = json.loads(raw_meta["model_info"]) if "model_info" in raw_meta else None
+    metadata = parse_recorded_json(raw_meta["model_info"], str(path)) if "model_info" in raw_meta else None
     return strip_wrapper_prefixes(state), metadata
 
 

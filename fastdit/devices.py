@@ -19,6 +19,11 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} asked for, but no CUDA device is available; use --device cpu")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError(f"device {name!r} asked for, but this torch has no usable MPS (Apple GPU) backend; "
+                        f"use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device {name!r} is not one fastdit runs on; use auto, cpu, cuda, cuda:N or mps")
     return device
 
 

@@ -8,8 +8,11 @@ SD-VAE latents or pixels, and the latent scale), what the weights were trained f
 
 from __future__ import annotations
 
+import json
+import typing
 from dataclasses import asdict, dataclass, field
 
+from .errors import UserError
 from .latents import SD_VAE_SCALE, VAE_DOWNSAMPLE
 from .models import DiTConfig, preset_of
 from .objectives import Objective, build_objective, objective_from_dict
@@ -58,12 +61,63 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "") -> "ModelInfo":
-        return cls(
-            config=DiTConfig(**data["model"]),
-            latent=LatentInfo(**data.get("latent", {})),
-            source=source,
-            class_names=data.get("class_names"),
-            # Recorded as "process" before objectives were objects: the same fields.
-            objective=objective_from_dict(data.get("objective", data.get("process"))),
-            sampling=data.get("sampling"),
-        )
+        """The record read back; a UserError naming the file when it is not one (wrong types, unknown
+        fields): metadata is data from a file, checked before anything is built from it."""
+        where = f"the model record of {source!r}" if source else "the model record"
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            raise UserError(f"{where} is not an object with a 'model' object; the file is damaged or not fastdit's")
+        latent = data.get("latent", {})
+        if not isinstance(latent, dict):
+            raise UserError(f"{where} has a 'latent' of type {type(latent).__name__}, not an object")
+        _check_fields(DiTConfig, data["model"], f"{where}, 'model'")
+        _check_fields(LatentInfo, latent, f"{where}, 'latent'")
+        if latent.get("kind", "vae") not in ("vae", "pixels"):
+            raise UserError(f"{where} has a latent kind {latent['kind']!r}, neither 'vae' nor 'pixels'")
+        class_names = data.get("class_names")
+        if class_names is not None and not (isinstance(class_names, list) and all(isinstance(n, str) for n in class_names)):
+            raise UserError(f"{where} has class_names that are not a list of names")
+        sampling = data.get("sampling")
+        if sampling is not None and not isinstance(sampling, dict):
+            raise UserError(f"{where} has a sampling recipe of type {type(sampling).__name__}, not an object")
+        recorded = data.get("objective", data.get("process"))  # "process" before objectives were objects
+        if recorded is not None and not isinstance(recorded, dict):
+            raise UserError(f"{where} has an objective of type {type(recorded).__name__}, not an object")
+        try:
+            objective = objective_from_dict(recorded)
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
+        except (TypeError, ValueError) as err:
+            raise UserError(f"{where} has an objective that does not build ({err})") from None
+        return cls(config=DiTConfig(**data["model"]), latent=LatentInfo(**latent), source=source,
+                   class_names=class_names, objective=objective, sampling=sampling)
+
+
+def parse_recorded_json(text: str, source: str) -> dict:
+    """The JSON text of a file's metadata (a safetensors export's "model_info"); a UserError naming the file
+    when it does not parse."""
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise UserError(f"the model record of {source!r} is not valid JSON ({err}); the file is damaged") from None
+    if not isinstance(record, dict):
+        raise UserError(f"the model record of {source!r} is not an object but {type(record).__name__}; the file is damaged")
+    return record
+
+
+def _check_fields(cls, values: dict, where: str) -> None:
+    """Every key is a field of the dataclass `cls` and holds a value of its type (bool is not a number)."""
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise UserError(f"{where} has unknown field(s) {', '.join(map(repr, unknown))}; the file is damaged or "
+                        f"from a newer fastdit")
+    for name, value in values.items():
+        kinds = typing.get_args(hints[name]) or (hints[name],)
+        ok = ((value is None and type(None) in kinds)
+              or (bool in kinds and isinstance(value, bool))
+              or (int in kinds and type(value) is int)
+              or (float in kinds and isinstance(value, (int, float)) and not isinstance(value, bool))
+              or (str in kinds and isinstance(value, str)))
+        if not ok:
+            wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise UserError(f"{where} has {name} = {json.dumps(value, default=str)[:40]}, not a {wanted}")

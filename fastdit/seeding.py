@@ -30,12 +30,18 @@ DIGITS_SPLIT = "digits-split"  # the digits demo: which digits are held out
 DEMO_JUDGE = "demo-judge"  # the digits demo: the judge classifier's batches
 DEMO_ENCODER = "demo-encoder"  # the digits demo: the frozen encoder REPA aligns with (its batches)
 
+# The largest seed a user may give: torch.manual_seed takes an unsigned 64-bit integer, so a larger one
+# would fail deep inside a run (the streams above hash any size, but one scheme bounds every seed flag).
+MAX_SEED = 2**64 - 1
+
 
 def derive_seed(stream: str, *keys: int) -> int:
     """A 64-bit seed that is a pure function of the stream name and the non-negative integer keys."""
     words = [int(key) for key in keys]
     if any(word < 0 for word in words):
         raise UserError(f"seeds must be >= 0, got {tuple(keys)} for the {stream!r} stream; pass --seed 0 or a positive value")
+    if any(word > MAX_SEED for word in words):
+        raise UserError(f"seeds must be at most 2^64 - 1, got {tuple(keys)} for the {stream!r} stream; pass a smaller --seed")
     entropy = [zlib.crc32(stream.encode("utf-8")), *words]
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
 

@@ -22,13 +22,18 @@ def finite_float(text: str) -> float:
 
 
 def seed(text: str) -> int:
-    """A seed: an integer >= 0 (`fastdit.seeding` hashes non-negative integers only)."""
+    """A seed: an integer in [0, 2^64 - 1] (`fastdit.seeding` hashes non-negative integers only, and
+    torch.manual_seed takes 64 bits)."""
+    from ..seeding import MAX_SEED
+
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative; seeds are integers >= 0, e.g. 0")
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is too large; seeds are integers from 0 to 2^64 - 1 ({MAX_SEED})")
     return value
 
 

@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from ..bench.rows import parse_row
     from ..bench.table import device_name, run_table
     from ..devices import resolve_device
+    from ..models import config_from_name
 
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--image-size {args.image_size} is not a positive multiple of 8 (the VAE's downsampling)")
     if batch < 1 or args.steps < 1 or args.warmup < 0:
         raise UserError("--batch and --steps must be at least 1, --warmup at least 0")
+    config_from_name(model)  # an unknown name is one line here, not a traceback in every row's process
     defaults = (TRAIN_ROWS if args.job == "train" else SAMPLE_ROWS)["cuda" if gpu else "cpu"]
     rows = [parse_row(name, training=args.job == "train") for name in (args.rows or defaults)]
     peak = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device)) if gpu else None)

@@ -45,14 +45,16 @@ def is_latent_store(path: str | os.PathLike) -> bool:
     return (path / "meta.json").is_file() or (path / "plan.json").is_file()
 
 
-def open_dataset(source: str | os.PathLike, *, image_size: int | None = None, vae: str | None = None, seed: int = 0):
+def open_dataset(source: str | os.PathLike, *, image_size: int | None = None, vae: str | None = None, seed: int = 0,
+                 exclude=()):
     """"digits" -> DigitsDataset (train split); a latent store -> LatentStoreDataset, checked against
     `vae` and `image_size`; any other folder -> ImageFolderDataset at `image_size` (pixels in [-1, 1],
-    to be encoded by the training loop when it uses a VAE)."""
+    to be encoded by the training loop when it uses a VAE). `exclude`: folders inside an image folder
+    that are not classes (the run's own results folder)."""
     if str(source) == "digits":
         return DigitsDataset("train", seed=seed)
     if is_latent_store(source):
         return LatentStoreDataset(source, seed=seed, vae=vae, image_size=image_size)
     if image_size is None:
         raise UserError(f"an image folder ({str(source)!r}) needs an image size; pass --image-size")
-    return ImageFolderDataset(source, image_size, seed=seed)
+    return ImageFolderDataset(source, image_size, seed=seed, exclude=exclude)

@@ -69,7 +69,7 @@ def _extract(config: ExtractConfig, info) -> dict | None:
     )
     from ..latents import load_latent_space
 
-    index = list_image_folder(config.data_path)
+    index = list_image_folder(config.data_path, exclude=[config.features_path])  # a store inside is no class
     space = load_latent_space(config.vae, device=info.device)
     latent_size = space.latent_size(config.image_size)
     plan = StorePlan(

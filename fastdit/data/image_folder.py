@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -37,14 +38,28 @@ class ImageFolderIndex:
     class_names: list[str]  # sorted subfolder names; class i is class_names[i]
 
 
-def list_image_folder(root: str | os.PathLike) -> ImageFolderIndex:
-    """Find all images under ROOT/<class>/; raise a UserError naming the problem when there are none."""
+def list_image_folder(root: str | os.PathLike, *, exclude: Iterable[str | os.PathLike] = ()) -> ImageFolderIndex:
+    """Find all images under ROOT/<class>/; raise a UserError naming the problem when there are none.
+
+    Symbolic links to folders are followed, but every real folder is listed once: a link back to a
+    folder already listed (`s -> .`, or two folders linking to each other) is skipped, so a loop can
+    neither repeat images nor hang the listing. Folders in `exclude` (a run's results folder inside the
+    data folder, a latent store being written there) are neither classes nor walked.
+    """
     root = Path(root)
     if not root.exists():
         raise UserError(f"data folder {str(root)!r} does not exist; pass --data-path to a folder of class subfolders")
     if not root.is_dir():
         raise UserError(f"data path {str(root)!r} is a file; pass a folder of class subfolders (ROOT/<class>/<image>)")
-    class_names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    # Real paths of the folders listed so far: the root, the excluded folders (never walked) and
+    # every class folder, so that no class walks into the root or into another class.
+    seen = {os.path.realpath(root)} | {os.path.realpath(path) for path in exclude}
+    class_names = []
+    for entry in sorted(os.scandir(root), key=lambda entry: entry.name):
+        real = os.path.realpath(entry.path)
+        if entry.is_dir() and not entry.name.startswith(".") and real not in seen:
+            seen.add(real)
+            class_names.append(entry.name)
     if not class_names:
         raise UserError(
             f"data folder {str(root)!r} has no class subfolders; put the images in ROOT/<class name>/, "
@@ -52,7 +67,7 @@ def list_image_folder(root: str | os.PathLike) -> ImageFolderIndex:
         )
     files, labels, empty = [], [], []
     for label, name in enumerate(class_names):
-        found = sorted(_images_under(root / name, root))
+        found = sorted(_images_under(root / name, root, seen))
         if not found:
             empty.append(name)
         files += found
@@ -70,10 +85,18 @@ def list_image_folder(root: str | os.PathLike) -> ImageFolderIndex:
     return ImageFolderIndex(root=root, files=files, labels=labels, class_names=class_names)
 
 
-def _images_under(folder: Path, root: Path) -> list[str]:
+def _images_under(folder: Path, root: Path, seen: set[str]) -> list[str]:
+    """Image paths (relative to root) under `folder`, whose real path is already in `seen`; every
+    subfolder whose real path is in `seen` is skipped, and those walked are added to it."""
     paths = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        kept = []
+        for d in dirnames:
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if not d.startswith(".") and real not in seen:
+                seen.add(real)  # before descending: a second link to it, at any depth, is skipped
+                kept.append(d)
+        dirnames[:] = kept
         for filename in filenames:
             if filename.lower().endswith(IMAGE_EXTENSIONS) and not filename.startswith("."):
                 paths.append(Path(dirpath, filename).relative_to(root).as_posix())
@@ -145,14 +168,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     With `flip=True` the image is mirrored with probability 1/2, drawn from `item_generator(seed,
     epoch, i)`: call `set_epoch(epoch)` every epoch (as with DistributedSampler) for fresh flips that
-    are still bit-reproducible. Corrupt files, and files of a mode `images.to_rgb` refuses, raise a
-    `CorruptImageError` naming the file.
+    are still bit-reproducible. `exclude` names folders that are not data (`list_image_folder`).
+    Corrupt files, and files of a mode `images.to_rgb` refuses, raise a `CorruptImageError` naming the file.
     """
 
-    def __init__(self, root: str | os.PathLike, image_size: int, *, flip: bool = True, seed: int = 0):
+    def __init__(self, root: str | os.PathLike, image_size: int, *, flip: bool = True, seed: int = 0,
+                 exclude: Iterable[str | os.PathLike] = ()):
         if image_size < 1:
             raise UserError(f"image size must be positive, got {image_size}")
-        self.index = list_image_folder(root)
+        self.index = list_image_folder(root, exclude=exclude)
         self.image_size = image_size
         self.flip = flip
         self.seed = seed

@@ -79,7 +79,8 @@ def files_digest(index: ImageFolderIndex) -> str:
     """A fingerprint of the sorted file list and labels: a rerun must see the same images in the same order."""
     digest = hashlib.sha256()
     for path, label in zip(index.files, index.labels):
-        digest.update(f"{label}\t{path}\n".encode())
+        # surrogateescape: a file name that is not UTF-8 (Python holds its bytes as surrogates) hashes as its bytes
+        digest.update(f"{label}\t{path}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
@@ -361,6 +362,20 @@ class LatentStore:
             self._offsets.append(self._offsets[-1] + shard["count"])
         self._handles: dict[int, object] = {}
         self.labels = torch.cat([self._handle(k).get_tensor("label") for k in range(len(self.meta["shards"]))])
+        self._check_labels()
+
+    def _check_labels(self) -> None:
+        """Every label indexes a recorded class: an embedding lookup past the table would fail in the
+        middle of training (or, on a GPU, as an unreadable device-side assertion)."""
+        num_classes = len(self.meta.get("class_names", []))
+        bad = (self.labels < 0) | (self.labels >= num_classes)
+        if bad.any():
+            first = int(bad.nonzero()[0, 0])
+            raise UserError(
+                f"latent store {str(self.path)!r} holds {int(bad.sum())} label(s) outside its {num_classes} classes "
+                f"(item {first} has label {int(self.labels[first])}, classes are 0..{num_classes - 1}); the store is "
+                f"damaged or was edited: extract it again"
+            )
 
     def _validate(self) -> None:
         shards = self.meta.get("shards", [])

@@ -7,6 +7,7 @@ straight out of the zip archive, so a 50K x 256 x 256 sample batch (9.8 GB) is n
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -133,8 +134,21 @@ class FolderImages:
         from PIL import Image
 
         try:
-            with Image.open(file) as image:
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that (and refuses beyond): a sample
+            # that large is no sample, and decoding it could take gigabytes, so it is refused here, with
+            # our one line instead of Pillow's warning.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(file)
+            with image:
+                if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+                    raise Image.DecompressionBombError(image.size)
                 return np.asarray(to_rgb(image))  # by the image's real range: 16-bit is scaled, not clipped
+        except Image.DecompressionBombError:
+            raise UserError(
+                f"image {str(file)!r} is too large to be a sample (over Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} "
+                f"pixels, a guard against decompression bombs); remove it from the folder"
+            ) from None
         except OSError as err:
             raise UserError(f"cannot decode image {str(file)!r}: {err}") from None
         except UnsupportedImageMode as err:

@@ -31,16 +31,17 @@ from ..power_ema import SIGMA_REL_MAX
 from ..precision import PRECISIONS
 from ..run_folder import refuse_other_settings
 from ..sampling import SamplingOptions
+from ..seeding import MAX_SEED
 from .routing import PAPER_RATE, PAPER_SPAN, parse_span, resolve_span
 from .setup import checkpoint_stride
 
 
-def option(default, help: str, *, flag: str | None = None, at_least=None, positive: bool = False,
+def option(default, help: str, *, flag: str | None = None, at_least=None, at_most=None, positive: bool = False,
            unit_interval: bool = False, hint: str = ""):
     """A config field with its flag's help text and its range, written once. `flag` names the flag
-    (and the flat key) when it differs from the field name; `at_least`, `positive` (> 0) and
+    (and the flat key) when it differs from the field name; `at_least`, `at_most`, `positive` (> 0) and
     `unit_interval` ([0, 1)) bound a number."""
-    metadata = {"help": help, "flag": flag, "at_least": at_least, "positive": positive,
+    metadata = {"help": help, "flag": flag, "at_least": at_least, "at_most": at_most, "positive": positive,
                 "unit_interval": unit_interval, "hint": hint}
     return field(default=default, metadata=metadata)
 
@@ -161,7 +162,7 @@ class OptimisationSection:
     posthoc_every: int = option(5000, "steps between post-hoc EMA snapshots (and one at the end)", at_least=1)
     epochs: int = option(1400, "epochs to train (--max-steps wins when given)", at_least=1)
     max_steps: int | None = option(None, "optimizer steps to train", at_least=1)
-    global_seed: int = option(0, "seed of everything random", at_least=0)
+    global_seed: int = option(0, "seed of everything random", at_least=0, at_most=MAX_SEED)
 
     def __post_init__(self):
         # JSON (config.json, checkpoints) gives the σ_rel pair back as a list
@@ -381,7 +382,9 @@ class TrainConfig:
                         objective)
         if recommended.get("cfg_scale", 1.0) > 1 and self.model.class_dropout_prob <= 0:
             raise UserError("--recipe-cfg-scale > 1 needs a null class to guide with: set --class-dropout-prob > 0")
-        if not data.pixel_space:
+        # A latent store records its own space (VAE latents or pixels) and image size; the data check
+        # (`open_training_data`) compares them, so only an image folder encoded on the fly is checked here.
+        if not data.pixel_space and not data.features_path:
             latent_side(self.model.image_size)
         self._validate_posthoc_ema()
         return self
@@ -421,6 +424,9 @@ class TrainConfig:
                 at_least = f.metadata.get("at_least")
                 if at_least is not None and value < at_least:
                     raise UserError(f"{flag} must be >= {at_least}, got {value}")
+                at_most = f.metadata.get("at_most")
+                if at_most is not None and value > at_most:
+                    raise UserError(f"{flag} must be <= {at_most}, got {value}")
 
     def refuse_other_run(self, requested: "TrainConfig", what: str, fix: str) -> None:
         """Raise a UserError naming the fields that define the run (not RESUMABLE_CHANGES) and differ."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..io import append_text, atomic_write_text
 
 
@@ -75,20 +76,22 @@ class RunLogger:
 def drop_metrics_after(path: Path, step: int) -> None:
     """A run resumed from the checkpoint of `step` logs the steps after it again: drop the records a
     killed run wrote past its last checkpoint (and a line it was killed while writing)."""
+    if path.is_dir():
+        raise UserError(f"{str(path)!r} is a folder, where the run's metrics file belongs; move it away and resume")
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    # Bytes, decoded line by line: a damaged line (not UTF-8, not JSON, not a record) is dropped, not fatal.
+    for raw in path.read_bytes().splitlines():
         try:
+            line = raw.decode("utf-8")
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # not UTF-8, not JSON (both ValueErrors), or nested past the limit
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+        if isinstance(record, dict) and type(record.get("step")) is int and record["step"] <= step:
             kept.append(line + "\n")
     atomic_write_text("".join(kept), path)
 
 
 def raise_missing_wandb():
-    from ..errors import UserError
-
     raise UserError("--wandb needs the wandb package: pip install 'fastdit[wandb]'")

@@ -33,6 +33,7 @@ from ..models import build_model
 from ..precision import precision_warning
 from ..run_folder import exclusive_lock_for_all_ranks
 from .config import TrainConfig
+from .data_record import compare_with_record, describe_data, read_data_record, write_data_record
 from .data_order import StepBatchSampler, steps_per_epoch
 from .ema import make_ema
 from .routing import route_settings
@@ -46,7 +47,7 @@ from .state import (
     checkpoint_path,
     export_path,
     list_checkpoints,
-    load_training_state,
+    load_newest_training_state,
     save_training_state,
     set_rng_state,
 )
@@ -106,6 +107,10 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
 
     objective = config.build_objective()
     data: TrainingData = open_training_data(config, device)
+    data_record = describe_data(data.dataset)
+    # Compared only once something was trained on the recorded data (a checkpoint exists).
+    data_warning = compare_with_record(read_data_record(run_dir) if list_checkpoints(run_dir) else None,
+                                       data_record, run_dir)
     per_epoch = steps_per_epoch(len(data.dataset), optim.global_batch_size)
     torch.manual_seed(optim.global_seed)  # the same initial weights on every process
     model = build_model(
@@ -123,9 +128,10 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     if dist.is_main:  # what a killed save left (gigabytes for DiT-XL); no writer of this run is alive
         for folder in (run_dir, checkpoint_dir(run_dir), run_dir / "samples", snapshot_folder(run_dir)):
             remove_stale_temporaries(folder)
-    checkpoints = list_checkpoints(run_dir)
+    checkpoints, resume_warnings = list_checkpoints(run_dir), []
     if checkpoints:
-        stored = load_training_state(checkpoints[-1])
+        newest, stored, resume_warnings = load_newest_training_state(checkpoints, is_main=dist.is_main)
+        checkpoints = checkpoints[: newest + 1]
         _refuse_other_run(TrainConfig.from_dict(stored["config"]), config, run_dir)
         state.load_state_dict(stored)
         set_rng_state(stored["rng"])
@@ -136,11 +142,16 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     if dist.is_main:
         ensure_writable_dir(run_dir)
         atomic_write_text(config.to_json() + "\n", run_dir / "config.json")
+        write_data_record(run_dir, data_record)
     distributed.barrier()
     log = RunLogger(run_dir, enabled=dist.is_main, tensorboard=run.tensorboard, wandb=run.wandb,
                     config=config.to_flat(), start_step=position.step)
     if checkpoints:
         log.info(f"resuming from {checkpoints[-1]} (step {position.step})")
+    if data_warning:
+        log.info(f"warning: {data_warning}")
+    for warning in resume_warnings:
+        log.info(warning)
     warning = precision_warning(device, run.precision)
     if warning:
         log.info(f"warning: {warning}")

@@ -185,10 +185,49 @@ def load_training_state(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any read failure means the file is not a whole checkpoint
         raise UserError(
-            f"cannot read training checkpoint {str(path)!r} ({type(err).__name__}); move it away to resume "
-            f"from the previous one"
+            f"cannot read training checkpoint {str(path)!r} ({type(err).__name__})"
         ) from None
-    if state.get("format") != TRAIN_FORMAT:
+    if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
         raise UserError(f"{str(path)!r} is not a fastdit training checkpoint")
+    missing = [key for key in _REQUIRED_KEYS if key not in state]
+    position = state.get("position")
+    if not missing and not (isinstance(position, dict) and all(type(position.get(k)) is int for k in vars(Position()))):
+        missing = ["a whole position (step, epoch, step_in_epoch)"]
+    if missing:
+        raise UserError(f"training checkpoint {str(path)!r} is incomplete (no {', '.join(missing)})")
     return state
+
+
+_REQUIRED_KEYS = ("model", "ema", "optimizer", "position", "rng", "config")
+DAMAGED_SUFFIX = ".damaged"
+
+
+def load_newest_training_state(checkpoints: list[Path], *, is_main: bool) -> tuple[int, dict, list[str]]:
+    """(index in `checkpoints`, content, warnings) of the newest checkpoint that reads whole.
+
+    Why fall back rather than stop: checkpoints are written atomically, so a newer file that does not
+    read (a disk error, a copy cut short) is damage from outside, and the previous checkpoint is a
+    state the run really passed through; resuming from it retrains the steps in between exactly as
+    before (every draw is a function of the seed and the step). The main process renames each damaged
+    file to `<name>.damaged`: kept for inspection, but out of the list, so that pruning to the last
+    K checkpoints can never delete the good ones and keep the damaged one. With none readable, the
+    error names them all.
+    """
+    damaged = []
+    for index in range(len(checkpoints) - 1, -1, -1):
+        try:
+            state = load_training_state(checkpoints[index])
+        except UserError as err:
+            damaged.append((checkpoints[index], str(err)))
+            continue
+        warnings = []
+        for path, problem in damaged:  # renamed only now: with none readable, the files stay as they were
+            if is_main:
+                path.replace(path.with_name(path.name + DAMAGED_SUFFIX))
+            warnings.append(f"warning: {problem}; renamed to {path.name + DAMAGED_SUFFIX}, resuming from "
+                            f"{checkpoints[index].name}")
+        return index, state, warnings
+    problems = "; ".join(problem for _, problem in damaged)
+    raise UserError(f"no training checkpoint of this run reads whole ({problems}); restore one, or pass "
+                    f"another --run-name to start again")
 

@@ -44,17 +44,20 @@ def open_training_data(config: TrainConfig, device: torch.device) -> TrainingDat
         dataset = LatentStoreDataset(source, seed=seed, vae=data_config.vae, image_size=image_size,
                                      with_images=bool(config.alignment.repa))
         meta = dataset.store.meta
-        info = LatentInfo(kind="vae", vae=meta["vae"], scale_factor=float(meta.get("scale_factor", SD_VAE_SCALE)))
+        if meta["vae"] == "pixels":  # `extract --vae pixels`: the store holds the crops themselves (1x, no VAE)
+            info = LatentInfo(kind="pixels", vae=None, scale_factor=1.0)
+        else:
+            info = LatentInfo(kind="vae", vae=meta["vae"], scale_factor=float(meta.get("scale_factor", SD_VAE_SCALE)))
         data = TrainingData(dataset, tuple(dataset.store.latent_shape), info, list(dataset.class_names), device=device)
     elif data_config.pixel_space:
-        dataset = open_dataset(source, image_size=image_size, seed=seed)
+        dataset = open_dataset(source, image_size=image_size, seed=seed, exclude=[config.run.results_dir])
         shape = tuple(dataset.sample_shape)
         data = TrainingData(dataset, shape, LatentInfo(kind="pixels", vae=None, scale_factor=1.0),
                             list(dataset.class_names), device=device)
     else:
         if source == "digits":
             raise UserError("the digits are 8x8 pixels: train them in pixel space (--vae pixels)")
-        dataset = open_dataset(source, image_size=image_size, seed=seed)
+        dataset = open_dataset(source, image_size=image_size, seed=seed, exclude=[config.run.results_dir])
         vae_name = data_config.vae or "ema"
         latent_space = load_latent_space(vae_name, device=device)
         size = latent_space.latent_size(image_size)
