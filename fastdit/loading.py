@@ -51,7 +51,7 @@ def load_for_sampling(
     against the model's objective before the VAE is loaded. See `checkpoint.load_model` for the rest."""
     from .checkpoint import load_model
     from .devices import resolve_device
-    from .latents import PIXEL_SPACE_NAMES, PixelSpace, latent_side, load_latent_space
+    from .latents import PIXEL_SPACE_NAMES, PixelSpace, check_latent_channels, latent_side, load_latent_space
 
     device = resolve_device(device) if isinstance(device, str) else device
     if image_size is not None and image_size <= 0:
@@ -70,4 +70,5 @@ def load_for_sampling(
         latent_space = PixelSpace(channels=info.config.in_channels)
     else:
         latent_space = load_latent_space(vae or info.latent.vae, device=device)
+        check_latent_channels(latent_space, info.config.in_channels, what=f"the model {str(source)!r}")
     return LoadedModel(model, info, latent_space, device)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UserError
+from ..sampling.generate import GENERATE_BATCH_SIZE
 from .common import (
     OFFICIAL_CLASS_LABELS,
     add_model_arguments,
@@ -24,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"labels to sample (default: {' '.join(map(str, OFFICIAL_CLASS_LABELS))} for 1000 classes, else 0..K-1)")
     parser.add_argument("--out", default="sample.png", help="grid PNG to write (default: sample.png)")
     parser.add_argument("--nrow", type=int, default=4, help="images per grid row (default: 4)")
+    parser.add_argument("--batch-size", type=int, default=GENERATE_BATCH_SIZE,
+                        help=f"images per sampler call; memory grows with it, not with the number of labels "
+                             f"(default: {GENERATE_BATCH_SIZE})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -34,10 +39,9 @@ def run(args: argparse.Namespace) -> int:
 
     out = check_output_file(args.out, (".png",))
     options = sampling_options(args)
-    if args.nrow < 1:
-        from ..errors import UserError
-
-        raise UserError(f"--nrow must be >= 1, got {args.nrow}")
+    for flag, value in (("--nrow", args.nrow), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
     model, info, latent_space, device = load_for_sampling(args, options)
     warn_if_slow(device, options.precision)
     num_classes = info.config.num_classes
@@ -47,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     labels = check_labels(labels, num_classes)
     images = generate(
         model, latent_space, labels, options=options, objective=info.objective, seed=args.seed, device=device,
-        progress=not args.no_progress, compile=args.compile,
+        progress=not args.no_progress, compile=args.compile, batch_size=args.batch_size,
     )
     atomic_save_png(make_grid(images, nrow=args.nrow), out)
     print(f"wrote {out} ({len(labels)} images, {info.image_size}x{info.image_size}, {options.resolved_sampler(info.objective)} {options.num_steps} steps, cfg {options.cfg_scale})")

@@ -69,5 +69,5 @@ def sample_by_index(
         batch = indices[first : first + batch_size]
         labels = labels_for(batch, seed=seed, num_classes=num_classes, class_labels=class_labels)
         images = generate(model, latent_space, labels, options=options, objective=objective, seed=seed, indices=batch,
-                          device=device, compile=compile)
+                          device=device, compile=compile, batch_size=batch_size)
         yield batch, labels, as_rgb(images)
