@@ -26,7 +26,7 @@ from . import hub
 from .hub import OFFICIAL_CHECKPOINTS, download, official_objective
 from .io import atomic_path
 from .latents import PIXEL_SPACE_NAMES, latent_side
-from .state_dicts import describe_mismatch
+from .state_dicts import check_weight_values, describe_mismatch
 from .model_info import LatentInfo, ModelInfo, parse_recorded_json
 from .models import DiT, DiTConfig, config_from_name, preset_of
 from .models.presets import SIZES
@@ -145,24 +145,73 @@ def infer_config(state_dict: dict) -> DiTConfig:
     return DiTConfig(hidden_size=hidden, depth=depth, num_heads=heads, **fields)
 
 
+def _file_shape(state_dict: dict) -> tuple[dict, int, int] | None:
+    """(`_shape_fields`, width, depth) of the weights in a file, or None for a file that is no DiT
+    state dict (then the key comparison says what is missing)."""
+    try:
+        found = _shape_fields(state_dict)
+        width = int(state_dict["pos_embed"].shape[-1])
+    except (UserError, ValueError, IndexError):  # a missing key, or a tensor of the wrong rank
+        return None
+    depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
+    return found, width, depth
+
+
+def _summary(config: DiTConfig, state_dict: dict) -> str:
+    """'the file holds patch 8, width 128, depth 6; the model has patch 4, ...', or '' when the file
+    is no DiT state dict."""
+    shape = _file_shape(state_dict)
+    if shape is None:
+        return ""
+    found, width, depth = shape
+    return (
+        f"the file holds patch {found['patch_size']}, width {width}, depth {depth}; "
+        f"the model has patch {config.patch_size}, width {config.hidden_size}, depth {config.depth}. "
+    )
+
+
+def _mismatch_error(expected_state: dict, config: DiTConfig, state_dict: dict, source: str) -> UserError | None:
+    problem = describe_mismatch(expected_state, state_dict)
+    if not problem:
+        return None
+    return UserError(
+        f"checkpoint {source!r} does not fit this model ({preset_of(config) or 'custom DiT'}): "
+        f"{_summary(config, state_dict)}{problem}"
+    )
+
+
+def check_fits_before_building(config: DiTConfig, state_dict: dict, source: str, *, recorded: bool) -> None:
+    """Refuse a config (`recorded` in the file, or given by the caller) that the file's tensors do not
+    match, before a single weight is allocated: a 7 MB export whose metadata claims depth 400 and width
+    2048 is one line, not a 23 GB model built first (#18 item 5.2).
+
+    Depth, width and input size, the knobs that make a model big, are compared first, from shapes and
+    key names alone: even on the meta device a DiT costs time per block (about 10 ms) and computes its
+    sin-cos position table (tokens x width) on the CPU. With those equal, a skeleton on the meta device
+    (shapes, no storage) is compared key by key, so a wrong patch size, MLP ratio or class count is
+    named key by key too."""
+    shape = _file_shape(state_dict)
+    if shape is not None:
+        found, width, depth = shape
+        if (depth, width, found["input_size"]) != (config.depth, config.hidden_size, config.input_size):
+            sizes = ("" if found["input_size"] == config.input_size else
+                     f"The file's input size is {found['input_size']}, the model's {config.input_size}. ")
+            why = ("The config recorded in the file disagrees with its weights: the file is damaged or its "
+                   "metadata was edited; export it again" if recorded else
+                   "Pass the --model and --image-size it was trained with, or leave them out to read them from the weights")
+            raise UserError(f"checkpoint {source!r} does not fit this model ({preset_of(config) or 'custom DiT'}): "
+                            f"{_summary(config, state_dict)}{sizes}{why}")
+    with torch.device("meta"):
+        skeleton = DiT(config)
+    error = _mismatch_error(skeleton.state_dict(), config, state_dict, source)
+    if error is not None:
+        raise error
+
+
 def load_state_dict_strict(model: DiT, state_dict: dict, source: str) -> None:
-    problem = describe_mismatch(model.state_dict(), state_dict)
-    if problem:
-        summary = ""
-        try:
-            found = _shape_fields(state_dict)
-            depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
-            width = state_dict["pos_embed"].shape[-1]
-            c = model.config
-            summary = (
-                f"the file holds patch {found['patch_size']}, width {width}, depth {depth}; "
-                f"the model has patch {c.patch_size}, width {c.hidden_size}, depth {c.depth}. "
-            )
-        except UserError:
-            pass
-        raise UserError(
-            f"checkpoint {source!r} does not fit this model ({preset_of(model.config) or 'custom DiT'}): {summary}{problem}"
-        )
+    error = _mismatch_error(model.state_dict(), model.config, state_dict, source)
+    if error is not None:
+        raise error
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -214,6 +263,7 @@ def load_model(
     else:
         path = Path(source)
     state, metadata = read_checkpoint(path, use_ema=use_ema)
+    check_weight_values(state, source)
     release = OFFICIAL_CHECKPOINTS.get(Path(source).name)  # also a local copy of a release
     known_objective = official_objective(release[0]) if release else None
 
@@ -259,6 +309,7 @@ def load_model(
             f"use --num-classes {info.config.num_classes}"
         )
     check_network_fits(info, source)
+    check_fits_before_building(info.config, state, source, recorded=metadata is not None)
     model = DiT(info.config)
     load_state_dict_strict(model, state, source)
     return model.to(device).eval(), info

@@ -65,6 +65,12 @@ class VAELatentSpace:
     downsample = VAE_DOWNSAMPLE
 
     def __init__(self, vae, name: str, scale_factor: float = SD_VAE_SCALE):
+        # Images in and out are RGB (the crops `extract` encodes, the uint8 images sampling writes): a
+        # VAE made for other images would fail deep inside a convolution, or write wrong-channel images.
+        image_channels = (int(vae.config.in_channels), int(vae.config.out_channels))
+        if image_channels != (3, 3):
+            raise UserError(f"VAE {name!r} encodes {image_channels[0]}-channel and decodes {image_channels[1]}-channel "
+                            f"images; fastdit's images are RGB (3 channels): use an RGB VAE such as 'ema' or 'mse'")
         self.vae = vae.eval().requires_grad_(False)
         self.name = name
         self.scale_factor = scale_factor
@@ -86,6 +92,14 @@ class VAELatentSpace:
 
     def latent_size(self, image_size: int) -> int:
         return latent_side(image_size, self.downsample)
+
+
+def check_latent_channels(space, model_channels: int, *, what: str = "the model") -> None:
+    """The latent space makes the inputs `what` takes: a VAE with 16 latent channels (SD3's) cannot decode
+    what a 4-channel DiT samples, and would fail inside its first convolution."""
+    if space.channels != model_channels:
+        raise UserError(f"the VAE {space.name!r} has {space.channels} latent channels but {what} works on "
+                        f"{model_channels}; use the VAE it was trained with")
 
 
 def load_latent_space(name: str | None, *, channels: int = 3, device: str | torch.device = "cpu"):

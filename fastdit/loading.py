@@ -53,7 +53,7 @@ def load_for_sampling(
     `checkpoint.load_model` for the rest."""
     from .checkpoint import load_model
     from .devices import resolve_device
-    from .latents import PIXEL_SPACE_NAMES, PixelSpace, latent_side, load_latent_space
+    from .latents import PIXEL_SPACE_NAMES, PixelSpace, check_latent_channels, latent_side, load_latent_space
 
     device = resolve_device(device) if isinstance(device, str) else device
     if image_size is not None and image_size <= 0:
@@ -74,4 +74,5 @@ def load_for_sampling(
         latent_space = PixelSpace(channels=info.config.in_channels)
     else:
         latent_space = load_latent_space(vae or info.latent.vae, device=device)
+        check_latent_channels(latent_space, info.config.in_channels, what=f"the model {str(source)!r}")
     return LoadedModel(model, info, latent_space, device)

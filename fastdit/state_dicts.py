@@ -1,6 +1,10 @@
-"""Comparing a state dict with the one a model expects, in words a user can act on."""
+"""Checking a state dict against the one a model expects (keys, shapes, dtypes, values), in words a user can act on."""
 
 from __future__ import annotations
+
+import torch
+
+from .errors import UserError
 
 
 def describe_mismatch(expected_state: dict, given_state: dict, limit: int = 6) -> str | None:
@@ -25,3 +29,22 @@ def describe_mismatch(expected_state: dict, given_state: dict, limit: int = 6) -
     if reshaped:
         parts.append(f"shape mismatches: {show(reshaped, lambda k: f'{k} {given[k]} vs model {expected[k]}')}")
     return "; ".join(parts)
+
+
+def check_weight_values(state_dict: dict, source: str) -> None:
+    """Refuse weights a model cannot use as they are, before they are copied into it.
+
+    `load_state_dict` copies into the model's float parameters whatever the file holds: integer, bool
+    or complex tensors would be cast silently (complex ones losing their imaginary part), so a file of
+    another kind would load as a model of garbage. Non-finite weights (a training run that diverged,
+    a damaged file) would make every sample NaN, written as a black image; one NaN anywhere is enough,
+    since attention and normalisation spread it to every pixel."""
+    for key, value in state_dict.items():
+        if not value.is_floating_point():
+            raise UserError(f"checkpoint {source!r} holds {str(value.dtype).replace('torch.', '')} values in {key!r}; "
+                            f"model weights are floating point: this is not a model's state dict, or it was converted wrongly")
+    for key, value in state_dict.items():
+        if not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise UserError(f"checkpoint {source!r} holds non-finite weights ({bad} NaN or inf value(s) in {key!r}): "
+                            f"the training run that wrote it diverged or the file is damaged; use an earlier checkpoint")

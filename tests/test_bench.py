@@ -135,3 +135,13 @@ def test_a_bad_row_is_one_line_with_exit_2(capsys):
         main(["bench", "train", "--rows", "fastdit+turbo", "--device", "cpu"])
     assert exit_info.value.code == 2
     assert "unknown option 'turbo'" in capsys.readouterr().err
+
+
+def test_batch_zero_is_an_error_not_the_default_batch(capsys):
+    # `--batch 0` used to read as "not given" and run with the default batch of 8.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "sample", "--model", "DiT-T/2", "--image-size", "64", "--batch", "0", "--device", "cpu",
+              "--warmup", "0", "--steps", "1", "--rows", "fastdit"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--batch and --steps must be at least 1" in err and "Traceback" not in err

@@ -92,7 +92,8 @@ def test_missing_truncated_and_foreign_checkpoints(tmp_path, tiny):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(UserError, match="truncated, corrupt or not a PyTorch checkpoint"):
         load_model(truncated)
-    with pytest.raises(UserError, match="does not fit this model.*missing keys: blocks.10"):
+    # Depth and width differ: refused from the file's shapes, before the DiT-S/4 is built.
+    with pytest.raises(UserError, match="does not fit this model.*depth 6; the model has patch 4, width 384, depth 12"):
         load_model(good, model_name="DiT-S/4", image_size=128)
 
 
@@ -141,3 +142,98 @@ def test_vae_pixels_must_match_what_a_checkpoint_records(tmp_path, tiny):
         load_model(pixels, vae="mse")
     _, info = load_model(pixels, vae="pixels")
     assert info.latent.kind == "pixels"
+
+
+# ----------------------------------------------------------------------------------------------
+# hostile files (#18 item 5): recorded metadata is checked against the weights before anything is
+# allocated; weights of another dtype, or with a NaN, are refused
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    """Records (depth, device type) of every DiT that `load_model` builds, and fails the test at once
+    when one with more than 6 blocks (the tiny file's depth) is built on a real device: that is the
+    allocation the check must prevent, and failing here keeps a broken loader from allocating it."""
+    from fastdit import checkpoint
+
+    real, seen = checkpoint.DiT, []
+
+    def spy(config):
+        device = torch.empty(0).device.type  # the default device: "meta" inside `with torch.device("meta")`
+        seen.append((config.depth, device))
+        if device != "meta" and config.depth > 6:
+            pytest.fail(f"load_model built the claimed depth-{config.depth} model on {device} before checking it")
+        return real(config)
+
+    monkeypatch.setattr(checkpoint, "DiT", spy)
+    return seen
+
+
+def with_metadata(path, out, edit):
+    """A copy of the export `path` whose recorded config is changed by `edit(config_dict)`."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
+    info = json.loads(meta["model_info"])
+    edit(info["model"])
+    save_file(state, str(out), metadata={**meta, "model_info": json.dumps(info)})
+    return out
+
+
+def test_an_export_whose_metadata_claims_a_huge_model_is_refused_before_building(tmp_path, tiny, builds):
+    export = export_weights(tiny, ModelInfo(config=tiny.config), tmp_path / "ema.safetensors")
+    hostile = with_metadata(export, tmp_path / "hostile.safetensors",
+                            lambda c: c.update(depth=400, hidden_size=2048, num_heads=16))
+    with pytest.raises(UserError) as info:
+        load_model(hostile)
+    message = str(info.value)
+    assert "the file holds patch 4, width 128, depth 6; the model has patch 4, width 2048, depth 400" in message
+    assert "metadata was edited" in message and "\n" not in message
+    assert builds == []  # not even a skeleton: depth and width are compared from the file's shapes
+
+
+def test_a_recorded_config_that_differs_elsewhere_is_compared_on_the_meta_device(tmp_path, tiny, builds):
+    """Depth, width and size agree but the MLP is 64 times wider: the meta skeleton names the keys."""
+    export = export_weights(tiny, ModelInfo(config=tiny.config), tmp_path / "ema.safetensors")
+    hostile = with_metadata(export, tmp_path / "wide-mlp.safetensors", lambda c: c.update(mlp_ratio=256.0))
+    with pytest.raises(UserError, match=r"shape mismatches: blocks\.0\.mlp\.fc1\.bias \(512,\) vs model \(32768,\)"):
+        load_model(hostile)
+    assert builds == [(6, "meta")]
+    load_model(export)  # the untouched export still loads: the skeleton, then the model itself
+    assert builds[1:] == [(6, "meta"), (6, "cpu")]
+
+
+def test_a_preset_too_large_for_a_plain_state_dict_is_refused_before_building(tmp_path, tiny, builds):
+    path = tmp_path / "plain.pt"
+    torch.save(tiny.state_dict(), path)
+    with pytest.raises(UserError, match="width 128, depth 6; the model has patch 2, width 1152, depth 28"):
+        load_model(path, model_name="DiT-XL/2", image_size=128)
+    assert builds == []
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_weights_that_are_not_floating_point_are_refused_not_cast(tmp_path, tiny, dtype):
+    state = tiny.state_dict()
+    state["blocks.1.attn.qkv.weight"] = state["blocks.1.attn.qkv.weight"].to(dtype)
+    path = tmp_path / "odd.pt"
+    torch.save(state, path)
+    name = str(dtype).replace("torch.", "")
+    with pytest.raises(UserError, match=rf"holds {name} values in 'blocks.1.attn.qkv.weight'; model weights are floating point"):
+        load_model(path, model_name="DiT-T/4", image_size=128)
+
+
+def test_one_nan_weight_is_a_clear_error(tmp_path, tiny):
+    state = tiny.state_dict()
+    state["blocks.2.mlp.fc2.weight"][3, 5] = float("nan")
+    export = export_weights(state, ModelInfo(config=tiny.config), tmp_path / "diverged.safetensors")
+    with pytest.raises(UserError, match=r"non-finite weights \(1 NaN or inf value\(s\) in 'blocks.2.mlp.fc2.weight'\)"):
+        load_model(export)
+    state["blocks.2.mlp.fc2.weight"][3, 5] = float("inf")
+    torch.save(state, tmp_path / "diverged.pt")
+    with pytest.raises(UserError, match="diverged or the file is damaged; use an earlier checkpoint"):
+        load_model(tmp_path / "diverged.pt", model_name="DiT-T/4", image_size=128)

@@ -92,6 +92,8 @@ def test_vae_sample_ddim_with_official_guidance(tmp_path, vae_setup, capsys):
         (["--cfg-scale=-inf"], "argument --cfg-scale: '-inf' is not a finite number"),
         (["--sampler", "ddim", "--eta", "nan"], "argument --eta: 'nan' is not a finite number"),
         (["--seed", "-2"], "argument --seed: -2 is negative; seeds are integers >= 0"),
+        (["--cfg-scale", "1e30"], "cfg scale 1e+30 is above 100"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     ],
 )
 def test_bad_input_clear_message_nothing_written(tmp_path, pixel_ckpt, capsys, extra, message):
@@ -200,3 +202,43 @@ def test_the_printed_program_is_fastdit_only_where_that_name_is_this_installatio
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing called fastdit there
     monkeypatch.chdir(script.parent.parent)
     assert program_words() == [str(Path(script.parent.name) / "fastdit")]  # e.g. .venv/bin/fastdit from the repo
+
+
+def test_sample_runs_in_batches_of_batch_size(tmp_path, pixel_ckpt, monkeypatch):
+    import importlib
+
+    generate_module = importlib.import_module("fastdit.sampling.generate")
+    real, sizes = generate_module.sample_latents, []
+    monkeypatch.setattr(generate_module, "sample_latents",
+                        lambda model, labels, **kw: sizes.append(len(labels)) or real(model, labels, **kw))
+    out = tmp_path / "grid.png"
+    assert run_cli("sample", "--ckpt", pixel_ckpt, "--num-sampling-steps", 2, "--class-labels", 1, 2, 3, 4, 5,
+                   "--batch-size", 2, "--no-progress", "--out", out) == 0
+    assert sizes == [2, 2, 1] and out.exists()
+
+
+def test_an_overflowing_model_writes_no_png(tmp_path, capsys):
+    """Finite weights that overflow float32 in the forward pass: exit 2 and one line, not a black PNG."""
+    model = random_tiny(input_size=8, in_channels=3, num_classes=10)
+    with torch.no_grad():
+        model.final_layer.linear.bias.fill_(3e38)
+    ckpt = export_weights(model, ModelInfo(config=model.config, latent=LatentInfo(kind="pixels", vae=None)),
+                          tmp_path / "overflowing.safetensors")
+    out = tmp_path / "grid.png"
+    status = run_cli("sample", "--ckpt", ckpt, "--num-sampling-steps", 2, "--no-progress", "--out", out)
+    err = capsys.readouterr().err
+    assert status == 2 and "non-finite latents (NaN or inf)" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_vae_with_other_latent_channels_is_refused_at_load(tmp_path, vae_setup, capsys):
+    from diffusers import AutoencoderKL
+
+    ckpt, _ = vae_setup  # a 4-channel DiT
+    wide = tmp_path / "vae-16"
+    AutoencoderKL(**{**tiny_vae_config(), "latent_channels": 16}).save_pretrained(wide)
+    status = run_cli("sample", "--model", "DiT-T/2", "--ckpt", ckpt, "--image-size", 32, "--vae", wide,
+                     "--num-sampling-steps", 2, "--out", tmp_path / "grid.png", "--no-progress")
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert f"the VAE {str(wide)!r} has 16 latent channels but the model" in err and "works on 4" in err

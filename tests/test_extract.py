@@ -344,3 +344,39 @@ def test_every_extraction_prints_the_size_on_disk(images, tmp_path, tiny_vae, ca
     # Crops of 16px noise do not compress: the images add about their raw size, 3 x 16 x 16 bytes each.
     added = latent_store.size_on_disk(tmp_path / "with-images") - latent_store.size_on_disk(tmp_path / "plain")
     assert added > 12 * 768
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_named_pipe_called_png_is_refused_or_skipped_not_waited_on(images, tmp_path, tiny_vae, capsys):
+    """Opening a FIFO for reading blocks until a writer comes. A watchdog plays that writer after 20 s, so
+    that a reader which waits makes this test fail (the `released` flag) instead of hanging the suite."""
+    import threading
+
+    fifo = images / "dog" / "9.png"
+    os.mkfifo(fifo)
+    released, done = [], threading.Event()
+
+    def watchdog():
+        if done.wait(20):
+            return
+        while not done.is_set():
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a reader is waiting: end its read
+                released.append(True)
+            except OSError:  # no reader yet (ENXIO)
+                pass
+            done.wait(0.1)
+
+    thread = threading.Thread(target=watchdog, daemon=True)
+    thread.start()
+    try:
+        store = tmp_path / "store"
+        err = cli_error(capsys, "extract", "--data-path", str(images), "--features-path", str(store), "--vae", tiny_vae,
+                        "--image-size", str(IMAGE_SIZE), "--shard-size", "5", "--num-workers", "0", "--no-progress")
+        assert "1 image(s) could not be read: 'dog/9.png' (not a regular file (a named pipe, socket or device))" in err
+        assert extract(images, store, tiny_vae, "--skip-corrupt") == 0
+        assert LatentStore(store).meta["skipped"] == ["dog/9.png"]
+    finally:
+        done.set()
+        thread.join()
+    assert not released

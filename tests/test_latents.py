@@ -37,3 +37,16 @@ def test_a_hub_id_that_cannot_be_fetched_offline(tmp_path, monkeypatch):
     assert "no local folder of that name exists" in message
     assert "huggingface-cli download someone/some-vae" in message and message.endswith(ACCEPTED)
 
+
+
+@pytest.mark.parametrize("field, count", [("out_channels", 1), ("in_channels", 4)])
+def test_a_vae_for_other_than_rgb_images_is_refused_at_load(tmp_path, field, count):
+    from diffusers import AutoencoderKL
+
+    from fastdit.latents import tiny_vae_config
+
+    folder = tmp_path / "vae"
+    AutoencoderKL(**{**tiny_vae_config(), field: count}).save_pretrained(folder)
+    message = vae_error(folder)
+    assert "-channel images; fastdit's images are RGB (3 channels)" in message
+    assert f"{count}-channel" in message

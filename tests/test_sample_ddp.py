@@ -465,3 +465,24 @@ def test_a_work_folder_of_a_ddpm_model_from_before_objectives_resumes(reference,
         main(command)
     assert exit_.value.code == 2
     assert 'model.process.objective: "flow" -> "ddpm"' in capsys.readouterr().err
+
+
+def test_non_finite_samples_never_make_a_complete_npz(tmp_path, capsys):
+    """A model whose output overflows float32 (finite weights: they pass the loader's check) used to give
+    an all-zero .npz, marked complete, that an FID run would then measure. Now: exit 2, one line, no .npz
+    and no finished chunk, so nothing of it can be taken for a result or resumed from."""
+    torch.manual_seed(0)
+    model = build_model("DiT-T/2", input_size=8, in_channels=3, depth=1, num_classes=NUM_CLASSES)
+    with torch.no_grad():
+        model.final_layer.linear.bias.fill_(3e38)
+    ckpt = tmp_path / "overflowing.safetensors"
+    export_weights(model, ModelInfo(config=model.config, latent=LatentInfo(kind="pixels", vae=None)), ckpt)
+    out = tmp_path / "samples.npz"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample-ddp", "--ckpt", str(ckpt), "--out", str(out), "--png-dir", str(tmp_path / "pngs"),
+              "--batch-size", str(BATCH), *RUN])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert "non-finite latents (NaN or inf) for 3 of 3 image(s) (indices 0, 1, 2); nothing is written" in err
+    assert not out.exists() and not out.with_suffix(".json").exists()
+    assert list(tmp_path.glob("samples.parts/chunk-*")) == [] and list(tmp_path.glob("pngs/*.png")) == []

@@ -1,5 +1,7 @@
 """Guidance arithmetic, samplers end to end, reproducibility and the VAE decode path."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -259,3 +261,102 @@ def test_bad_sampling_arguments():
     with pytest.raises(UserError, match="no null class"):
         generate(unconditional, PixelSpace(3), [0], options=SamplingOptions(num_steps=2, cfg_scale=2.0))
     assert generate(unconditional, PixelSpace(3), [0], options=SamplingOptions(num_steps=2, cfg_scale=1.0)).shape == (1, 8, 8, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# hostile use (#18 item 5): work per call is bounded, non-finite output is never an image,
+# labels are integers
+# ----------------------------------------------------------------------------------------------
+
+
+def test_generate_samples_in_fixed_size_batches(monkeypatch):
+    import importlib
+
+    generate_module = importlib.import_module("fastdit.sampling.generate")  # the package re-exports the function
+    real, sizes = generate_module.sample_latents, []
+
+    def counting(model, labels, **kwargs):
+        sizes.append(len(labels))
+        return real(model, labels, **kwargs)
+
+    monkeypatch.setattr(generate_module, "sample_latents", counting)
+    model = tiny_model(in_channels=3)
+    options = SamplingOptions(sampler="ddpm", num_steps=4, cfg_scale=1.5)
+    labels = [1, 2, 3, 4, 5]
+    batched = generate(model, PixelSpace(3), labels, options=options, seed=7, batch_size=2)
+    assert sizes == [2, 2, 1]  # memory is that of two images, whatever the number of labels
+    sizes.clear()
+    whole = generate(model, PixelSpace(3), labels, options=options, seed=7, batch_size=5)
+    assert sizes == [5] and batched.shape == whole.shape == (5, 8, 8, 3)
+    # The same images: each is a function of (seed, index). Batches of another shape may round the GEMMs
+    # differently (~1e-5 relative at most, the tolerance the official fixtures hold across CPUs), far
+    # below one uint8 level (1/127.5 of [-1, 1]), so a pixel can cross at most one rounding boundary.
+    assert np.abs(batched.astype(int) - whole.astype(int)).max() <= 1
+    # Where the batch is the same (images 2 and 3 alone), the code makes it bit for bit the same.
+    assert np.array_equal(batched[2:4], generate(model, PixelSpace(3), labels[2:4], options=options, seed=7,
+                                                 indices=[2, 3], batch_size=2))
+    other_seed = generate(model, PixelSpace(3), labels, options=options, seed=8, batch_size=2)
+    assert np.abs(other_seed.astype(int) - whole.astype(int)).max() > 1  # the comparison can tell images apart
+    with pytest.raises(UserError, match="batch size must be a positive integer, got 0"):
+        generate(model, PixelSpace(3), labels, options=options, batch_size=0)
+
+
+def test_a_model_that_overflows_is_an_error_not_black_images():
+    """Finite weights (they pass `load_model`'s check) whose output overflows float32 on the first step."""
+    model = tiny_model(in_channels=3)
+    with torch.no_grad():
+        model.final_layer.linear.bias.fill_(3e38)
+    with pytest.raises(UserError, match=r"non-finite latents \(NaN or inf\) for 2 of 2 image\(s\) \(indices 4, 5\); "
+                                        r"nothing is written"):
+        generate(model, PixelSpace(3), [1, 2], options=SamplingOptions(num_steps=3, cfg_scale=1.0), seed=0,
+                 indices=[4, 5])
+
+
+def test_every_decoded_batch_is_checked():
+    class OneNaNImage(PixelSpace):
+        """Decodes the second image of every batch to NaN, as a VAE in fp16 may overflow."""
+
+        def decode(self, latents):
+            latents = latents.clone()
+            latents[1:2] = float("nan")
+            return latents
+
+    model = tiny_model(in_channels=3)
+    options = SamplingOptions(num_steps=2, cfg_scale=1.0)
+    with pytest.raises(UserError, match=r"non-finite decoded images \(NaN or inf\) for 1 of 2 image\(s\) \(indices 1\)"):
+        generate(model, OneNaNImage(3), [1, 2, 3], options=options, batch_size=2)
+
+
+@pytest.mark.parametrize("scale", [1e30, 101.0])
+def test_guidance_scales_that_overflow_are_refused(scale):
+    model = tiny_model(in_channels=3)
+    with pytest.raises(UserError, match=re.escape(f"cfg scale {scale:g}") + " is above 100: published scales are 1.5 to about 10"):
+        generate(model, PixelSpace(3), [1], options=SamplingOptions(num_steps=2, cfg_scale=scale))
+
+
+def test_time_shifts_outside_their_range_are_refused_and_its_ends_sample():
+    flow = build_objective("flow")
+    model = tiny_model(in_channels=3, learn_sigma=False)
+    for shift in (1e-300, 0.009, 101.0, 1e300):
+        with pytest.raises(UserError, match=r"time shift must be in \[0.01, 100\] \(1: no shift\)"):
+            generate_with(model, PixelSpace(3), [1], options=SamplingOptions(num_steps=3, time_shift=shift), objective=flow)
+    for sampler in ("euler", "sde-euler"):  # the ends of the range and the largest scale still give images
+        for shift in (0.01, 100.0):
+            options = SamplingOptions(sampler=sampler, num_steps=8, time_shift=shift, cfg_scale=100.0)
+            assert generate_with(model, PixelSpace(3), [1], options=options, objective=flow).shape == (1, 8, 8, 3)
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([1.5], r"class labels must be integers, got float32 values \(first: 1.5\)"),
+    (np.array([2.0, 3.0]), r"class labels must be integers, got float64 values \(first: 2.0\)"),
+    (torch.tensor([True]), r"class labels must be integers, got bool values \(first: True\)"),
+    ([1 + 2j], r"class labels must be integers, got complex64 values"),
+    (["cat"], r"class labels must be integers, got \['cat'\]"),
+    ([], r"no class labels given; pass at least one label from 0 to 9"),
+])
+def test_labels_that_are_not_integers_or_none_are_refused(labels, message):
+    from fastdit.sampling import check_labels
+
+    with pytest.raises(UserError, match=message):
+        check_labels(labels, 10)
+    assert check_labels(np.array([3, 4], dtype=np.int32), 10).tolist() == [3, 4]  # integer arrays are fine

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
     model = args.model or ("DiT-XL/2" if gpu else "DiT-S/2")
-    batch = args.batch or (32 if gpu else 8)
+    batch = args.batch if args.batch is not None else (32 if gpu else 8)  # `or` would run --batch 0 with 8
     if args.image_size % 8 or args.image_size <= 0:
         raise UserError(f"--image-size {args.image_size} is not a positive multiple of 8 (the VAE's downsampling)")
     if batch < 1 or args.steps < 1 or args.warmup < 0:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import UserError
+from ..sampling.generate import GENERATE_BATCH_SIZE
 from ..sampling.recipe import SAMPLING_FIELDS
 from .common import (
     OFFICIAL_CLASS_LABELS,
@@ -27,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"labels to sample (default: {' '.join(map(str, OFFICIAL_CLASS_LABELS))} for 1000 classes, else 0..K-1)")
     parser.add_argument("--out", default="sample.png", help="grid PNG to write (default: sample.png)")
     parser.add_argument("--nrow", type=int, default=4, help="images per grid row (default: 4)")
+    parser.add_argument("--batch-size", type=int, default=GENERATE_BATCH_SIZE,
+                        help=f"images per sampler call; memory grows with it, not with the number of labels "
+                             f"(default: {GENERATE_BATCH_SIZE})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-upscale", dest="upscale", action="store_false",
                         help="write images at their own size (default: images under 64 px, such as the 8x8 digits, "
@@ -41,10 +46,9 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_file(args.out, (".png",))
     # A picture: the sample count and label sampling of a preset do not apply (--class-labels does).
     plan = RecipePlan(args, fields=PICTURE_FIELDS)
-    if args.nrow < 1:
-        from ..errors import UserError
-
-        raise UserError(f"--nrow must be >= 1, got {args.nrow}")
+    for flag, value in (("--nrow", args.nrow), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
     model, info, latent_space, device = load_for_sampling(args, plan)
     options = plan.options
     warn_if_slow(device, options.precision)
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     labels = check_labels(labels, num_classes)
     images = generate(
         model, latent_space, labels, options=options, objective=info.objective, seed=args.seed, device=device,
-        progress=not args.no_progress, compile=args.compile,
+        progress=not args.no_progress, compile=args.compile, batch_size=args.batch_size,
     )
     factor = upscale_factor(info.image_size) if args.upscale else 1
     # The resolved recipe travels in the PNG (a tEXt chunk, `PIL.Image.open(out).text["fastdit-recipe"]`).

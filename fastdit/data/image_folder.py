@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -143,6 +144,13 @@ def load_image(path: str | os.PathLike, image_size: int) -> torch.Tensor:
     return pixels_to_unit_range(load_crop(path, image_size))
 
 
+def _is_regular_file(path: str | os.PathLike) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)  # follows symlinks: a link to an image is fine
+    except OSError:
+        return True  # missing or unreadable: Image.open reports it with its own reason
+
+
 def pixels_to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 pixels (..., 3, H, W) -> float32 in [-1, 1]: the one conversion every reader of a crop uses,
     so a crop stored as bytes gives back exactly the floats the VAE encoded."""
@@ -153,6 +161,9 @@ def load_crop(path: str | os.PathLike, image_size: int) -> torch.Tensor:
     """Decode and centre-crop an image to (3, image_size, image_size) uint8 RGB pixels."""
     from PIL import Image
 
+    if not _is_regular_file(path):
+        # Opening a FIFO waits for a writer forever; a device never ends: neither is an image file.
+        raise CorruptImageError(path, "not a regular file (a named pipe, socket or device)")
     try:
         with Image.open(path) as image:
             image = center_crop(image, image_size)  # decodes fully, so truncated files fail here

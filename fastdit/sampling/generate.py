@@ -21,6 +21,15 @@ from .registry import SAMPLER_OPTIONS, ModelView, check_sampler_options, get_sam
 # The official DiT sampling defaults (DiT's sample.py: 250 DDPM steps, guidance scale 4.0).
 OFFICIAL_NUM_STEPS = 250
 OFFICIAL_CFG_SCALE = 4.0
+# Images per sampler call in `generate`: memory is that of one batch (x2 with guidance), whatever the
+# number of labels. sample-ddp's default per-process batch too.
+GENERATE_BATCH_SIZE = 32
+# The time shift t' = t / (t + s (1 - t)) sends the middle of the grid to 1 / (1 + s): at s = 100 half
+# the steps fall within the first 1% of flow time, at 1/100 within the last 1%. Published shifts are
+# 1 to about 6 (SD3 uses 3); beyond [1/100, 100] the grid is a few steps and a sliver, and near 1e±38
+# float32's s (1 - t) overflows or vanishes, making t' = 0/0 (the ODE samplers gave NaN images at
+# `--time-shift 1e-300` and at 1e300).
+TIME_SHIFT_RANGE = (0.01, 100.0)
 
 
 @dataclass
@@ -60,8 +69,10 @@ class SamplingOptions:
             raise UserError(f"DDIM eta must be in [0, 1], got {self.eta}")
         if self.time_shift != 1.0 and not objective.flow_time:
             raise UserError(f"a time shift applies to flow models only (flow time); leave it at 1 for a {objective.name} model")
-        if not self.time_shift > 0:
-            raise UserError(f"time shift must be > 0, got {self.time_shift}")
+        if not TIME_SHIFT_RANGE[0] <= self.time_shift <= TIME_SHIFT_RANGE[1]:
+            low, high = TIME_SHIFT_RANGE
+            raise UserError(f"time shift must be in [{low:g}, {high:g}] (1: no shift), got {self.time_shift:g}; "
+                            f"beyond that range the grid puts nearly every step at one end")
         check_guidance_interval(self.guidance_interval, objective.time_range, objective.name,
                                 "flow time: 0 noise, 1 data" if objective.flow_time else "timesteps: 0 data, 999 noise")
         if self.precision not in PRECISIONS:
@@ -69,11 +80,37 @@ class SamplingOptions:
 
 
 def check_labels(labels, num_classes: int) -> torch.Tensor:
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    """int64 labels (N,), each in [0, num_classes). Floats and bools are refused, not truncated or cast
+    (1.7 would silently become class 1), and so is an empty list."""
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise UserError(f"class labels must be integers, got {labels!r}"[:200]) from None
+    if not labels.numel():  # before the dtype: an empty list reads as float32
+        raise UserError(f"no class labels given; pass at least one label from 0 to {num_classes - 1}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise UserError(f"class labels must be integers, got {str(labels.dtype).replace('torch.', '')} values "
+                        f"(first: {labels.reshape(-1)[0].item()!r}); pass whole class indices")
+    labels = labels.to(torch.long).reshape(-1)
     bad = labels[(labels < 0) | (labels >= num_classes)]
     if bad.numel():
         raise UserError(f"class label {int(bad[0])} is outside [0, {num_classes}); pick labels from 0 to {num_classes - 1}")
     return labels
+
+
+def check_finite(values: torch.Tensor, what: str, indices) -> torch.Tensor:
+    """`values` (N, ...) unchanged, or a UserError when some row holds NaN or inf: such a row becomes a
+    black image (a NaN pixel is cast to uint8 0), and an FID run would measure it as a result."""
+    bad = (~torch.isfinite(values.reshape(len(values), -1))).any(dim=1)
+    if bad.any():
+        rows = [int(indices[k]) for k in bad.nonzero().flatten()[:5].tolist()]
+        raise UserError(
+            f"sampling gave non-finite {what} (NaN or inf) for {int(bad.sum())} of {len(values)} image(s) "
+            f"(indices {', '.join(map(str, rows))}{', ...' if int(bad.sum()) > 5 else ''}); nothing is written. "
+            f"The settings overflow float32 for this model: lower the guidance scale, bring the time shift toward 1, "
+            f"or use precision fp32 or bf16 rather than fp16"
+        )
+    return values
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -172,11 +209,14 @@ def generate(
     device: str | torch.device = "cpu",
     progress: bool = False,
     compile: bool = False,
+    batch_size: int = GENERATE_BATCH_SIZE,
 ) -> np.ndarray:
     """Sample one image per label with the model's `objective` (from `load_model`'s info, or the
-    training config); image k uses noise seeded by (seed, indices[k]) (default k). `compile=True`
-    compiles the model's blocks in place (`fastdit.compile.compile_blocks`; the first call pays the
-    compilation).
+    training config); image k uses noise seeded by (seed, indices[k]) (default k). Labels are sampled
+    `batch_size` at a time, so memory does not grow with their number; which images share a batch can
+    change only the last bits of the arithmetic (see `sampling.indexed`). A batch that comes out NaN or
+    inf is an error, never an image. `compile=True` compiles the model's blocks in place
+    (`fastdit.compile.compile_blocks`; the first call pays the compilation).
 
     Given `info` (`load_model`'s) instead, the objective is its, and without `options` the model is
     sampled by the recipe its checkpoint records (`fastdit.sampling.recipe`; files from before recipes:
@@ -191,10 +231,19 @@ def generate(
 
         options = recorded_options(info)
     options.validate(objective)
+    if batch_size < 1:
+        raise UserError(f"batch size must be a positive integer, got {batch_size}")
     if compile:
         compile_blocks(model)
     labels = check_labels(labels, model.config.num_classes).to(device)
     indices = list(range(len(labels))) if indices is None else list(indices)
-    noise = PerImageNoise(seed, indices, device)
-    latents = sample_latents(model, labels, objective=objective, options=options, noise=noise, progress=progress)
-    return to_uint8(latent_space.decode(latents))
+    if len(indices) != len(labels):
+        raise UserError(f"{len(indices)} image indices for {len(labels)} labels; give one index per label")
+    images = []
+    for first in range(0, len(labels), batch_size):
+        rows = slice(first, first + batch_size)
+        noise = PerImageNoise(seed, indices[rows], device)
+        latents = sample_latents(model, labels[rows], objective=objective, options=options, noise=noise, progress=progress)
+        check_finite(latents, "latents", indices[rows])
+        images.append(to_uint8(check_finite(latent_space.decode(latents), "decoded images", indices[rows])))
+    return np.concatenate(images)

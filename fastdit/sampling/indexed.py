@@ -111,5 +111,5 @@ def sample_by_index(
         labels = labels_for(batch, seed=seed, num_classes=num_classes, class_labels=class_labels,
                             label_sampling=label_sampling, num_samples=num_samples)
         images = generate(model, latent_space, labels, options=options, objective=objective, seed=seed, indices=batch,
-                          device=device, compile=compile)
+                          device=device, compile=compile, batch_size=batch_size)
         yield batch, labels, as_rgb(images)

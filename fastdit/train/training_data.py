@@ -10,7 +10,7 @@ import torch
 from ..model_info import LatentInfo
 from ..data import LatentStoreDataset, open_dataset
 from ..errors import UserError
-from ..latents import SD_VAE_SCALE, PixelSpace, load_latent_space
+from ..latents import SD_VAE_SCALE, PixelSpace, check_latent_channels, load_latent_space
 from .config import TrainConfig
 
 
@@ -31,6 +31,7 @@ class TrainingData:
                 self.latent_space = PixelSpace(channels=self.latent_shape[0])
             else:
                 self.latent_space = load_latent_space(self.latent_info.vae, device=self.device)
+                check_latent_channels(self.latent_space, self.latent_shape[0], what="the latent store")
         return self.latent_space
 
 
