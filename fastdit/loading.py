@@ -51,7 +51,7 @@ def load_for_sampling(
     against the model's objective before the VAE is loaded. See `checkpoint.load_model` for the rest."""
     from .checkpoint import load_model
     from .devices import resolve_device
-    from .latents import PIXEL_SPACE_NAMES, PixelSpace, latent_side, load_latent_space
+    from .latents import PIXEL_SPACE_NAMES, latent_side, load_latent_space
 
     device = resolve_device(device) if isinstance(device, str) else device
     if image_size is not None and image_size <= 0:
@@ -66,8 +66,6 @@ def load_for_sampling(
                              vae=vae, objective=objective, device=device)
     if options is not None:
         options.validate(info.objective)
-    if info.latent.kind == "pixels":
-        latent_space = PixelSpace(channels=info.config.in_channels)
-    else:
-        latent_space = load_latent_space(vae or info.latent.vae, device=device)
+    name = None if info.latent.kind == "pixels" else (vae or info.latent.vae)
+    latent_space = load_latent_space(name, channels=info.config.in_channels, device=device)
     return LoadedModel(model, info, latent_space, device)

@@ -14,6 +14,18 @@ import torch
 from ..io import append_text, atomic_write_text
 
 
+# What a training record of metrics.jsonl holds besides "step" and the objective's named loss terms
+# ("loss", the one optimised, and "mse", "vb", "repa", ...): how fast and how large the window was.
+# Evaluation records hold "eval/..." keys instead.
+STEP_STATISTICS = ("steps_per_sec", "images_per_sec", "peak_memory_gb", "lr", "epoch")
+
+
+def loss_terms(record: dict) -> dict[str, float]:
+    """The named loss terms of one metrics.jsonl record ({} for an evaluation record)."""
+    return {name: float(value) for name, value in record.items()
+            if name != "step" and name not in STEP_STATISTICS and "/" not in name}
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """Peak GPU memory allocated by tensors, or the process's peak resident memory on a CPU."""
     if device.type == "cuda":

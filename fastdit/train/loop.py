@@ -177,7 +177,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
                 means = {name: (value / running_steps).item() for name, value in running.items()}
                 last_loss = means["loss"]
                 elapsed = time.perf_counter() - window_start
-                values = {
+                values = {  # the keys beside the terms are logger.STEP_STATISTICS
                     **means,  # "loss" and the objective's other terms ("mse", "vb", ...)
                     "steps_per_sec": running_steps / elapsed,
                     "images_per_sec": running_steps * optim.global_batch_size / elapsed,
