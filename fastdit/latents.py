@@ -19,6 +19,7 @@ import torch
 
 from .errors import UserError
 from .hub import hf_download_command, hf_hub_unreachable
+from .program import install_command
 
 SD_VAE_SCALE = 0.18215
 VAE_DOWNSAMPLE = 8
@@ -112,7 +113,7 @@ def load_vae(repo_or_folder: str):
     try:
         from diffusers import AutoencoderKL
     except ImportError:
-        raise UserError("the VAE needs the 'diffusers' package: pip install 'fastdit[vae]'") from None
+        raise UserError(f"the VAE needs the 'diffusers' package: {install_command('vae')}") from None
     if Path(repo_or_folder).is_dir():
         try:
             return AutoencoderKL.from_pretrained(repo_or_folder)

@@ -226,3 +226,19 @@ def test_the_printed_program_is_fastdit_only_where_that_name_is_this_installatio
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing called fastdit there
     monkeypatch.chdir(script.parent.parent)
     assert program_words() == [str(Path(script.parent.name) / "fastdit")]  # e.g. .venv/bin/fastdit from the repo
+
+
+def test_the_install_command_adds_an_extra_to_this_installation(monkeypatch, tmp_path):
+    import shlex
+    import sys
+    from pathlib import Path
+
+    from fastdit.program import install_command
+
+    source = Path(__file__).resolve().parent.parent  # this checkout: fastdit runs from it (editable)
+    monkeypatch.chdir(source)
+    words = shlex.split(install_command("app"))
+    # this interpreter's pip keeps the torch installed beside it; the extra comes from the source folder
+    assert Path(words[0]).resolve() == Path(sys.executable).resolve() and words[1:] == ["-m", "pip", "install", "-e", ".[app]"]
+    monkeypatch.chdir(tmp_path)
+    assert shlex.split(install_command("vae"))[-1] == f"{source}[vae]"

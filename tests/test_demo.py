@@ -148,3 +148,33 @@ def test_the_printed_sample_command_runs_as_printed_and_writes_the_digits(demo_r
                  *words[words.index("--out") + 2:]]) == 0
     difference = np.abs(np.asarray(Image.open(again), dtype=np.int16) - np.asarray(picture, dtype=np.int16))
     assert difference.max() <= 1
+
+
+# What `make demo` does not install: the other extras' top-level packages (scipy comes with scikit-learn)
+NOT_IN_THE_DEMO_EXTRA = ("diffusers", "huggingface_hub", "tensorboard", "accelerate", "gradio", "torchdiffeq", "timm",
+                         "wandb", "IPython", "pytest")
+
+
+def test_the_demo_needs_only_the_core_and_the_demo_extra(tmp_path):
+    # pyproject's `demo` extra (scikit-learn, matplotlib) beside the core is all the demo may import: run a
+    # short demo where every other extra's package fails to import, as in an environment without them.
+    import sys
+    import textwrap
+
+    blocked = sorted(NOT_IN_THE_DEMO_EXTRA)
+    code = textwrap.dedent(f"""
+        import importlib.abc, sys
+        class Absent(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {blocked!r}:
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        sys.meta_path.insert(0, Absent())
+        from fastdit.cli import main
+        status = main(["demo", "--out", "out", "--steps", "2", "--batch-size", "16", "--samples-per-class", "2",
+                       "--sampling-steps", "2", "--classifier-epochs", "1", "--no-progress"])
+        print("imported:", sorted(m for m in sys.modules if m.split(".")[0] in {blocked!r}))
+        sys.exit(status)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "imported: []" in done.stdout and (tmp_path / "out" / "grid.png").is_file()

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..io import append_text, atomic_write_text
+from ..program import install_command
 
 
 # What a training record of metrics.jsonl holds besides "step" and the objective's named loss terms
@@ -49,7 +50,7 @@ class RunLogger:
 
                 self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
             except ImportError:
-                self.info("tensorboard is not installed (pip install 'fastdit[train]'); logging to metrics.jsonl only")
+                self.info(f"tensorboard is not installed ({install_command('train')}); logging to metrics.jsonl only")
         if wandb:
             try:
                 import wandb as wandb_module
@@ -103,4 +104,4 @@ def drop_metrics_after(path: Path, step: int) -> None:
 def raise_missing_wandb():
     from ..errors import UserError
 
-    raise UserError("--wandb needs the wandb package: pip install 'fastdit[wandb]'")
+    raise UserError(f"--wandb needs the wandb package: {install_command('wandb')}")
