@@ -158,7 +158,7 @@ def hf_hub_unreachable() -> str | None:
 
 
 def _progress_bar(total: int | None, name: str):
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"downloading {name}")
 

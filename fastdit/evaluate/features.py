@@ -96,7 +96,7 @@ def compute_statistics(
     image_size = []
     bar = None
     if progress_total is not None:
-        from tqdm.auto import tqdm
+        from ..progress import tqdm
 
         bar = tqdm(total=progress_total, unit="img", desc=f"Inception {Path(source).name or 'features'}")
 

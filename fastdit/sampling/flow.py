@@ -17,12 +17,12 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from ..diffusion.flow import VelocityModel  # noqa: F401  (re-exported)
 from ..errors import UserError
-from ..program import install_command
 from ..objectives.views import shift_times, time_grid  # noqa: F401  (re-exported)
+from ..program import install_command
+from ..progress import tqdm
 from .guidance import ClassifierFreeGuidance, check_guidance_interval
 
 VelocityFn = Callable[..., torch.Tensor]

@@ -341,7 +341,7 @@ def _evaluate(config, objective, ema, data, step, dist, log):
 def _progress_bar(config, dist, start, total):
     if not (config.run.progress and dist.is_main):
         return None
-    from tqdm.auto import tqdm
+    from ..progress import tqdm
 
     return tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True)
 
