@@ -3,7 +3,7 @@ sampling and built-in evaluation.
 
     import fastdit
     model = fastdit.build_model("DiT-XL/2", input_size=32, num_classes=1000)
-    model, info = fastdit.load_model("DiT-XL-2-256x256.pt")      # official weights, downloaded once
+    model, info, latent_space, device = fastdit.load_for_sampling("DiT-XL-2-256x256.pt")  # downloaded once
     images = fastdit.generate(model, latent_space, labels, options=fastdit.SamplingOptions(), objective=info.objective)
     diffusion = fastdit.create_diffusion("250")                   # DiT's process; FlowMatching() is SiT's
 """
@@ -12,6 +12,7 @@ from .checkpoint import export_weights, load_model
 from .diffusion import FlowMatching, GaussianDiffusion, create_diffusion
 from .errors import DownloadError, UserError
 from .latents import PixelSpace, VAELatentSpace, load_latent_space
+from .loading import load_for_sampling
 from .model_info import LatentInfo, ModelInfo
 from .models import PRESETS, DiT, DiTConfig, build_model
 from .objectives import OBJECTIVES, Objective, build_objective, register_objective
@@ -41,6 +42,7 @@ __all__ = [
     "create_diffusion",
     "export_weights",
     "generate",
+    "load_for_sampling",
     "load_latent_space",
     "load_model",
     "register_objective",

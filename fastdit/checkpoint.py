@@ -25,7 +25,7 @@ from .errors import UserError
 from . import hub
 from .hub import OFFICIAL_CHECKPOINTS, download, official_objective
 from .io import atomic_path
-from .latents import PIXEL_SPACE_NAMES, latent_side
+from .latents import OFFICIAL_VAES, PIXEL_SPACE_NAMES, latent_side
 from .state_dicts import check_weight_values, describe_mismatch
 from .model_info import LatentInfo, ModelInfo, parse_recorded_json
 from .models import DiT, DiTConfig, config_from_name, preset_of
@@ -220,13 +220,22 @@ def load_state_dict_strict(model: DiT, state_dict: dict, source: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_official(name: str) -> Path | None:
-    """Path of an official release file, downloading it on first use; None if `name` is not one."""
+def resolve_official(name: str, vae: str | None = None) -> Path | None:
+    """Path of an official release file, downloading it on first use; None if `name` is not one.
+
+    Every release works on SD-VAE latents (`vae`, else "mse"): when that VAE is not cached either, the
+    offline message names it too, so that one trip to a connected machine fetches both.
+    """
     if Path(name).name not in OFFICIAL_CHECKPOINTS or Path(name).exists():
         return None
     filename = Path(name).name
     subdir = "sit" if official_objective(OFFICIAL_CHECKPOINTS[filename][0]) == "flow" else "dit"
-    return download(hub.official_url(filename), filename, subdir=subdir, hint="pass --ckpt PATH to a local copy")
+    hint = "pass --ckpt PATH to a local copy"
+    vae_repo = OFFICIAL_VAES.get(vae or "mse", vae)
+    if vae_repo not in PIXEL_SPACE_NAMES and not Path(vae_repo).is_dir() and not hub.hf_files_cached(vae_repo):
+        hint += (f". Sampling it also needs the VAE {vae_repo}, which is not in the Hugging Face cache either: "
+                 f"{hub.hf_download_command(vae_repo)}")
+    return download(hub.official_url(filename), filename, subdir=subdir, hint=hint)
 
 
 def load_model(
@@ -250,7 +259,7 @@ def load_model(
     """
     source = str(source)
     pixels = vae in PIXEL_SPACE_NAMES
-    official = resolve_official(source)
+    official = resolve_official(source, vae=vae)
     if official is not None and pixels:
         raise UserError(f"{Path(source).name} works on SD-VAE latents, not pixels; drop --vae {vae}")
     if official is not None:

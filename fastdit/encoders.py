@@ -28,7 +28,7 @@ Named and timm models take their weights from timm's safetensors file on the Hug
 `fastdit.hub.download` into `<cache>/encoders/` (progress bar, `.part` file renamed when complete,
 one-line error naming the file, the URL and where to put it when offline). Weights are read with
 safetensors, never unpickled. timm is imported only here, when an encoder is built
-(`pip install 'fastdit[repa]'`).
+(the `repa` extra).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from .errors import UserError
 from .hub import download
+from .program import install_command
 
 # timm.data.IMAGENET_DEFAULT_MEAN / _STD: what DINOv2 and DINOv3 were trained with, and what REPA's
 # preprocess_raw_image normalises with (sihyun-yu/REPA train.py).
@@ -295,7 +296,7 @@ def _import_timm(spec: str):
         # RuntimeError: timm imports torchvision, which fails this way when it was built for another torch.
         raise UserError(
             f"the encoder {spec!r} is built with timm, which cannot be imported ({type(err).__name__}: {err}); "
-            "pip install 'fastdit[repa]' with a torchvision that matches your torch"
+            f"{install_command('repa')}, with a torchvision that matches your torch"
         ) from None
     return timm
 

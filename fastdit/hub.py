@@ -112,8 +112,53 @@ def download(url: str, filename: str, *, subdir: str = "", progress: bool = True
     return target
 
 
+# What a diffusers AutoencoderKL repository holds (the SD VAEs: `stabilityai/sd-vae-ft-mse`, `-ema`), and
+# so what must be fetched to use one offline.
+VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+# One look at the hub before a download: long enough for a slow link to answer, short enough that an
+# offline machine learns it at once instead of in huggingface_hub's retries (~75 s for the VAE).
+HUB_PROBE_SECONDS = 3.0
+
+
+def hf_download_command(repo: str, files=VAE_FILES) -> str:
+    """The command that puts `files` of `repo` into the Hugging Face cache (huggingface_hub's `hf` CLI,
+    which replaced `huggingface-cli` in 0.34)."""
+    return " ".join(["hf", "download", repo, *files])
+
+
+def hf_files_cached(repo: str, files=VAE_FILES) -> bool:
+    """Whether every one of `files` of `repo` is in the local Hugging Face cache (no network used)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return all(isinstance(try_to_load_from_cache(repo, name), str) for name in files)
+
+
+def hf_hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be used now, or None when it answered.
+
+    Offline mode (HF_HUB_OFFLINE) is read from the environment as well as from huggingface_hub, which
+    reads it once at import. Otherwise the endpoint is asked once, for at most HUB_PROBE_SECONDS: any HTTP
+    answer, an error status included, means it is reachable.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE is set"
+    request = urllib.request.Request(constants.ENDPOINT, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=HUB_PROBE_SECONDS):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        return f"no answer from {constants.ENDPOINT}: {reason}"
+
+
 def _progress_bar(total: int | None, name: str):
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"downloading {name}")
 
@@ -121,7 +166,11 @@ def _progress_bar(total: int | None, name: str):
 __all__ = [
     "OFFICIAL_CHECKPOINTS",
     "OFFICIAL_DIT_URL",
+    "VAE_FILES",
     "cache_dir",
     "download",
+    "hf_download_command",
+    "hf_files_cached",
+    "hf_hub_unreachable",
     "official_dit_name",
 ]

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .hub import hf_download_command, hf_hub_unreachable
+from .program import install_command
 
 SD_VAE_SCALE = 0.18215
 VAE_DOWNSAMPLE = 8
@@ -102,9 +104,19 @@ def check_latent_channels(space, model_channels: int, *, what: str = "the model"
                         f"{model_channels}; use the VAE it was trained with")
 
 
-def load_latent_space(name: str | None, *, channels: int = 3, device: str | torch.device = "cpu"):
-    """`None`/"pixels" -> PixelSpace; "mse"/"ema" -> the official SD VAEs; else a hub id or local folder."""
+def load_latent_space(name: str | None, *, channels: int | None = None, device: str | torch.device = "cpu"):
+    """`None`/"pixels" -> PixelSpace of `channels` channels; "mse"/"ema" -> the official SD VAEs; else a hub
+    id or local folder.
+
+    Pixel space has no channel count of its own: it is the model's (`info.config.in_channels`; 1 for the
+    digits), so it must be given rather than guessed.
+    """
     if name is None or name in PIXEL_SPACE_NAMES:
+        if channels is None:
+            raise UserError(
+                f"pixel space ({name!r}) takes the model's channel count: pass channels=info.config.in_channels "
+                "(1 for the digits, 3 for RGB)"
+            )
         return PixelSpace(channels=channels)
     repo = OFFICIAL_VAES.get(name, name)
     return VAELatentSpace(load_vae(repo), name=repo).to(device)
@@ -115,7 +127,7 @@ def load_vae(repo_or_folder: str):
     try:
         from diffusers import AutoencoderKL
     except ImportError:
-        raise UserError("the VAE needs the 'diffusers' package: pip install 'fastdit[vae]'") from None
+        raise UserError(f"the VAE needs the 'diffusers' package: {install_command('vae')}") from None
     if Path(repo_or_folder).is_dir():
         try:
             return AutoencoderKL.from_pretrained(repo_or_folder)
@@ -128,14 +140,40 @@ def load_vae(repo_or_folder: str):
         raise UserError(f"VAE {repo_or_folder!r} is a file; --vae takes {VAE_CHOICES}")
     if not _is_hub_id(repo_or_folder):  # so it can only have meant a local folder
         raise UserError(f"VAE folder {repo_or_folder!r} does not exist; --vae takes {VAE_CHOICES}")
+    # The cache first, without the network; then one look at the hub, so that an offline machine fails
+    # in seconds rather than after huggingface_hub's retries; then one download.
     try:
-        return AutoencoderKL.from_pretrained(repo_or_folder)
-    except Exception as err:  # noqa: BLE001 - hub errors have many types (offline, 404, auth, HTTP)
+        return _from_pretrained(AutoencoderKL, repo_or_folder, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not (or not wholly) cached: diffusers raises OSError or ValueError
+        pass
+    fetch = (f"On a machine with internet access, `{hf_download_command(repo_or_folder)}` puts it into the "
+             f"Hugging Face cache ($HF_HOME, else ~/.cache/huggingface; copy that folder here), or pass a local "
+             f"diffusers AutoencoderKL folder; --vae takes {VAE_CHOICES}")
+    unreachable = hf_hub_unreachable()
+    if unreachable is not None:
+        raise UserError(f"the VAE {repo_or_folder!r} is not in the Hugging Face cache and the hub cannot be "
+                        f"reached ({unreachable}). {fetch}")
+    try:
+        return _from_pretrained(AutoencoderKL, repo_or_folder)
+    except Exception as err:  # noqa: BLE001 - hub errors have many types (404, auth, HTTP)
         raise UserError(
-            f"could not load the VAE {repo_or_folder!r} from the Hugging Face hub ({type(err).__name__}), and no "
-            f"local folder of that name exists. Offline? Download it on a machine with internet access "
-            f"(huggingface-cli download {repo_or_folder}) into the Hugging Face cache; --vae takes {VAE_CHOICES}"
+            f"could not load the VAE {repo_or_folder!r} from the Hugging Face hub ({type(err).__name__}: "
+            f"{_first_line(err)}), and no local folder of that name exists. {fetch}"
         ) from None
+
+
+def _from_pretrained(cls, repo: str, **options):
+    import warnings
+
+    with warnings.catch_warnings():
+        # diffusers passes an argument that huggingface_hub >= 0.23 ignores and warns about on every load
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        return cls.from_pretrained(repo, **options)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "no message"
 
 
 def _is_hub_id(name: str) -> bool:

@@ -53,7 +53,7 @@ def load_for_sampling(
     `checkpoint.load_model` for the rest."""
     from .checkpoint import load_model
     from .devices import resolve_device
-    from .latents import PIXEL_SPACE_NAMES, PixelSpace, check_latent_channels, latent_side, load_latent_space
+    from .latents import PIXEL_SPACE_NAMES, check_latent_channels, latent_side, load_latent_space
 
     device = resolve_device(device) if isinstance(device, str) else device
     if image_size is not None and image_size <= 0:
@@ -70,9 +70,8 @@ def load_for_sampling(
         options = options(info)
     if options is not None:
         options.validate(info.objective)
-    if info.latent.kind == "pixels":
-        latent_space = PixelSpace(channels=info.config.in_channels)
-    else:
-        latent_space = load_latent_space(vae or info.latent.vae, device=device)
+    name = None if info.latent.kind == "pixels" else (vae or info.latent.vae)
+    latent_space = load_latent_space(name, channels=info.config.in_channels, device=device)
+    if name is not None:
         check_latent_channels(latent_space, info.config.in_channels, what=f"the model {str(source)!r}")
     return LoadedModel(model, info, latent_space, device)

@@ -10,6 +10,7 @@ interpreter with `-m fastdit`.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -27,3 +28,26 @@ def program_words() -> list[str]:
         except ValueError:  # not below the current folder: the absolute path
             return [str(script)]
     return [sys.executable, "-m", "fastdit"]
+
+
+def _from_here(path: Path) -> str:
+    """`path` relative to the current folder when it lies inside it, else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def install_command(extra: str) -> str:
+    """The command that adds fastdit's optional `extra` to this installation, runnable as printed.
+
+    It is this interpreter's own pip, so the extra lands beside the torch already installed and pip keeps
+    that torch (a fresh resolve could pull a multi-GB CUDA build: the Makefile installs torch first for
+    that reason). From a source folder (`make demo`'s editable install) the extra comes from that folder,
+    else from the package index.
+    """
+    source = Path(__file__).resolve().parent.parent
+    python = _from_here(Path(sys.executable).absolute())
+    if (source / "pyproject.toml").is_file():
+        return shlex.join([python, "-m", "pip", "install", "-e", f"{_from_here(source)}[{extra}]"])
+    return shlex.join([python, "-m", "pip", "install", f"fastdit[{extra}]"])

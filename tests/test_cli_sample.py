@@ -131,14 +131,41 @@ def test_missing_truncated_and_foreign_checkpoints(tmp_path, pixel_ckpt, capsys)
 
 
 def test_offline_official_weights_give_one_clear_message(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
     import fastdit.hub as hub
 
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # not the user's cache
     monkeypatch.setattr(hub, "OFFICIAL_DIT_URL", "http://127.0.0.1:9/{name}")
     assert run_cli("sample", "--out", tmp_path / "x.png") == 2
     err = capsys.readouterr().err
     assert "could not download DiT-XL-2-256x256.pt" in err and "--ckpt PATH" in err and "Traceback" not in err
+    # The release needs the SD VAE: the message names it while it is not cached either (an empty cache here)
+    assert ("also needs the VAE stabilityai/sd-vae-ft-mse, which is not in the Hugging Face cache either: "
+            "hf download stabilityai/sd-vae-ft-mse config.json diffusion_pytorch_model.safetensors") in err
     assert run_cli("sample", "--model", "DiT-B/4") == 2
     assert "no official weights for DiT-B/4" in capsys.readouterr().err
+
+
+def test_the_offline_message_leaves_out_a_vae_that_is_cached(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    import fastdit.hub as hub
+
+    # The Hugging Face cache's layout: models--ORG--NAME/refs/main holds the commit, snapshots/COMMIT the files
+    repo = tmp_path / "hf-cache" / "models--stabilityai--sd-vae-ft-ema"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    for name in hub.VAE_FILES:
+        (repo / "snapshots" / ("0" * 40)).mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / ("0" * 40) / name).write_text("{}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(hub, "OFFICIAL_DIT_URL", "http://127.0.0.1:9/{name}")
+    assert run_cli("sample", "--vae", "ema", "--out", tmp_path / "x.png") == 2
+    err = capsys.readouterr().err
+    assert "could not download DiT-XL-2-256x256.pt" in err and "VAE" not in err
+    assert run_cli("sample", "--vae", "mse", "--out", tmp_path / "x.png") == 2  # the other one is not cached
+    assert "also needs the VAE stabilityai/sd-vae-ft-mse" in capsys.readouterr().err
 
 
 def test_console_script_help():
@@ -242,3 +269,19 @@ def test_a_vae_with_other_latent_channels_is_refused_at_load(tmp_path, vae_setup
     err = capsys.readouterr().err
     assert status == 2 and "Traceback" not in err
     assert f"the VAE {str(wide)!r} has 16 latent channels but the model" in err and "works on 4" in err
+
+
+def test_the_install_command_adds_an_extra_to_this_installation(monkeypatch, tmp_path):
+    import shlex
+    import sys
+    from pathlib import Path
+
+    from fastdit.program import install_command
+
+    source = Path(__file__).resolve().parent.parent  # this checkout: fastdit runs from it (editable)
+    monkeypatch.chdir(source)
+    words = shlex.split(install_command("app"))
+    # this interpreter's pip keeps the torch installed beside it; the extra comes from the source folder
+    assert Path(words[0]).resolve() == Path(sys.executable).resolve() and words[1:] == ["-m", "pip", "install", "-e", ".[app]"]
+    monkeypatch.chdir(tmp_path)
+    assert shlex.split(install_command("vae"))[-1] == f"{source}[vae]"

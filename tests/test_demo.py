@@ -1,6 +1,9 @@
 """`fastdit demo` end to end at a reduced size: every file is written, in the right format."""
 
 import json
+import os
+import shlex
+import subprocess
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ def demo_run(tmp_path_factory):
     capture = pytest.MonkeyPatch()  # module scope: capsys is per test, so read stdout through a file
     printed = []
     capture.setattr("builtins.print", lambda *a, **k: printed.append(" ".join(map(str, a))))
+    capture.chdir(out.parent)  # the folder the user runs the demo from, and then its printed command
     try:
         status = main(argv)
     finally:
@@ -102,3 +106,75 @@ def test_demo_refuses_a_folder_of_other_files(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "holds other files (grid.png, notes.txt) and no earlier demo" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "notes.txt"] and theirs.read_bytes() == b"not ours"
+
+
+def test_the_loss_plot_reads_the_terms_the_recipe_logged(demo_run):
+    from fastdit.demo.plots import read_loss_terms
+
+    out, _, _ = demo_run
+    steps, terms = read_loss_terms(out / "train" / "metrics.jsonl")
+    # the demo's recipe: flow matching (one term, "loss") with REPA's "repa" added to it
+    assert list(terms) == ["loss", "repa"] and steps[-1] == 24
+
+
+def test_the_printed_sample_command_runs_as_printed_and_writes_the_digits(demo_run):
+    # What a new user does next: paste the demo's last line into the same shell (PATH as it is, .venv
+    # not activated), in the folder the demo ran from.
+    out, _, printed = demo_run
+    command = printed.split("sample more with: ")[-1].splitlines()[0]
+    words = shlex.split(command)
+    assert "--ckpt" in words and "--out" in words
+    done = subprocess.run(words, cwd=out.parent, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    picture = Image.open(out.parent / words[words.index("--out") + 1])
+    labels = words[words.index("--class-labels") + 1:][:10]
+    assert picture.format == "PNG" and picture.mode == "L" and labels == [str(d) for d in range(10)]
+    # One row of ten 8x8 digits with 2-pixel gaps (102x12), enlarged by a whole factor if at all.
+    cell, padding = 8, 2
+    width, height = 10 * (cell + padding) + padding, cell + 2 * padding
+    scale = picture.width // width
+    assert scale >= 1 and picture.size == (width * scale, height * scale)
+    grid = np.asarray(picture)[::scale, ::scale]
+    cells = [grid[padding:padding + cell, padding + k * (cell + padding):padding + k * (cell + padding) + cell]
+             for k in range(10)]
+    gaps = grid.copy()
+    for k in range(10):
+        gaps[padding:padding + cell, padding + k * (cell + padding):padding + k * (cell + padding) + cell] = 0
+    assert not gaps.any() and all(c.std() > 0 for c in cells)  # black gaps; every cell holds a drawn image
+    # The same words run in this process draw the same picture: per-image seeds make it independent of the
+    # process; other thread counts may round a float32 value across a level boundary, so one level of 255.
+    again = out.parent / "digits-again.png"
+    assert main([*words[words.index("sample"):words.index("--out")], "--out", str(again),
+                 *words[words.index("--out") + 2:]]) == 0
+    difference = np.abs(np.asarray(Image.open(again), dtype=np.int16) - np.asarray(picture, dtype=np.int16))
+    assert difference.max() <= 1
+
+
+# What `make demo` does not install: the other extras' top-level packages (scipy comes with scikit-learn)
+NOT_IN_THE_DEMO_EXTRA = ("diffusers", "huggingface_hub", "tensorboard", "accelerate", "gradio", "torchdiffeq", "timm",
+                         "wandb", "IPython", "pytest")
+
+
+def test_the_demo_needs_only_the_core_and_the_demo_extra(tmp_path):
+    # pyproject's `demo` extra (scikit-learn, matplotlib) beside the core is all the demo may import: run a
+    # short demo where every other extra's package fails to import, as in an environment without them.
+    import sys
+    import textwrap
+
+    blocked = sorted(NOT_IN_THE_DEMO_EXTRA)
+    code = textwrap.dedent(f"""
+        import importlib.abc, sys
+        class Absent(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {blocked!r}:
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        sys.meta_path.insert(0, Absent())
+        from fastdit.cli import main
+        status = main(["demo", "--out", "out", "--steps", "2", "--batch-size", "16", "--samples-per-class", "2",
+                       "--sampling-steps", "2", "--classifier-epochs", "1", "--no-progress"])
+        print("imported:", sorted(m for m in sys.modules if m.split(".")[0] in {blocked!r}))
+        sys.exit(status)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "imported: []" in done.stdout and (tmp_path / "out" / "grid.png").is_file()

@@ -210,7 +210,7 @@ def test_dopri5():
 
 def test_dopri5_without_torchdiffeq_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchdiffeq", None)  # makes `import torchdiffeq` fail
-    with pytest.raises(UserError, match=r"pip install 'fastdit\[ode\]'"):
+    with pytest.raises(UserError, match=r"-m pip install -e '.*\[ode\]'"):
         ode_dopri5(decay, torch.ones(1), time_grid(2))
 
 

@@ -1,5 +1,9 @@
 """What `--vae` accepts, and the message for each way a VAE name can be wrong (no network: HF_HUB_OFFLINE)."""
 
+import contextlib
+import socket
+import time
+
 import pytest
 
 from fastdit.errors import UserError
@@ -30,12 +34,15 @@ def test_a_folder_or_file_that_is_not_a_vae(tmp_path):
     assert vae_error(tmp_path / "notes.txt") == f"VAE {str(tmp_path / 'notes.txt')!r} is a file; --vae takes {ACCEPTED}"
 
 
+FETCH = "`hf download someone/some-vae config.json diffusion_pytorch_model.safetensors`"
+
+
 def test_a_hub_id_that_cannot_be_fetched_offline(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no local folder of that name either
-    message = vae_error("someone/some-vae")
-    assert "could not load the VAE 'someone/some-vae' from the Hugging Face hub" in message
-    assert "no local folder of that name exists" in message
-    assert "huggingface-cli download someone/some-vae" in message and message.endswith(ACCEPTED)
+    message = vae_error("someone/some-vae")  # HF_HUB_OFFLINE=1 (conftest)
+    assert message.startswith("the VAE 'someone/some-vae' is not in the Hugging Face cache and the hub cannot be "
+                              "reached (HF_HUB_OFFLINE is set). ")
+    assert FETCH in message and "huggingface-cli" not in message and message.endswith(ACCEPTED)
 
 
 
@@ -50,3 +57,70 @@ def test_a_vae_for_other_than_rgb_images_is_refused_at_load(tmp_path, field, cou
     message = vae_error(folder)
     assert "-channel images; fastdit's images are RGB (3 channels)" in message
     assert f"{count}-channel" in message
+
+
+class _Unanswered:
+    """A socket that listens but never accepts: the kernel completes the TCP handshake, then nothing is
+    ever sent back, as behind a firewall that drops packets (the slow way of being offline)."""
+
+    def __enter__(self):
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(1)
+        return f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+
+    def __exit__(self, *exc):
+        self.socket.close()
+
+
+@pytest.mark.parametrize("blocked", ["refused", "unanswered"])
+def test_an_unreachable_hub_fails_in_seconds_without_a_download_attempt(tmp_path, monkeypatch, blocked):
+    from diffusers import AutoencoderKL
+    from huggingface_hub import constants
+
+    from fastdit import hub
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "HUB_PROBE_SECONDS", 0.5)
+    attempts = []
+    original = AutoencoderKL.from_pretrained.__func__
+
+    def recording(cls, name, **options):
+        attempts.append(options)
+        return original(cls, name, **options)
+
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", classmethod(recording))
+    with contextlib.ExitStack() as stack:
+        # port 9 (discard) on 127.0.0.1 refuses at once; the listening socket never answers
+        endpoint = "http://127.0.0.1:9" if blocked == "refused" else stack.enter_context(_Unanswered())
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        started = time.perf_counter()
+        message = vae_error("someone/some-vae")
+        seconds = time.perf_counter() - started
+    assert f"the hub cannot be reached (no answer from {endpoint}: " in message and FETCH in message
+    assert attempts == [{"local_files_only": True}]  # the cache only: no download was tried
+    # The probe's 0.5 s plus the cache lookup; huggingface_hub's retries took ~75 s. 10 s leaves room for
+    # a loaded machine without letting any retry loop through.
+    assert seconds < 10
+
+
+
+def test_pixel_space_has_the_model_channel_count(tmp_path):
+    import torch
+
+    from fastdit.checkpoint import export_weights
+    from fastdit.latents import PixelSpace
+    from fastdit.loading import load_for_sampling
+    from fastdit.model_info import LatentInfo, ModelInfo
+    from fastdit.models import build_model
+
+    assert load_latent_space(None, channels=1) == PixelSpace(channels=1)
+    with pytest.raises(UserError, match=r"pass channels=info.config.in_channels"):
+        load_latent_space(None)  # no silent 3: pixel space is as wide as the model's input
+    torch.manual_seed(0)
+    digits_like = build_model("DiT-T/2", input_size=8, in_channels=1, num_classes=10, depth=1)
+    info = ModelInfo(config=digits_like.config, latent=LatentInfo(kind="pixels", vae=None))
+    path = export_weights(digits_like, info, tmp_path / "digits.safetensors")
+    assert load_for_sampling(str(path), device="cpu").latent_space == PixelSpace(channels=1)

@@ -119,6 +119,10 @@ def test_run_folder_contents_and_export_loads_in_sample(tmp_path):
     # DDPM's loss terms are logged by name beside their sum: MSE(ε) and the VLB.
     assert {"loss", "mse", "vb", "steps_per_sec", "images_per_sec", "peak_memory_gb"} <= metrics[0].keys()
     assert metrics[0]["loss"] == pytest.approx(metrics[0]["mse"] + metrics[0]["vb"], rel=1e-6)
+    # what the demo's loss plot reads as the terms: exactly these, nothing of the throughput statistics
+    from fastdit.demo.plots import read_loss_terms
+
+    assert list(read_loss_terms(run / "metrics.jsonl")[1]) == ["loss", "mse", "vb"]
     assert list((run / "tensorboard").iterdir())
     assert (run / "samples" / "0000004.png").is_file()
     model, info = load_model(result.export)

@@ -1,4 +1,4 @@
-"""`fastdit app`: serve the sampling page on this machine (needs the extra: pip install 'fastdit[app]')."""
+"""`fastdit app`: serve the sampling page on this machine (needs the `app` extra: `make app`)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import socket
 
 from ..errors import UserError
+from ..program import install_command
 
 HELP = "a local web page to sample from the digits demo, a checkpoint or the official DiT/SiT weights"
 
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as err:
         if err.name != "gradio":
             raise
-        raise UserError("fastdit app needs Gradio; install it with: pip install 'fastdit[app]'") from None
+        raise UserError(f"fastdit app needs Gradio; install it with: {install_command('app')}") from None
     port = args.port or free_port()
     page = build_page(args.demo_out or DEMO_FOLDERS, device=args.device)
     page.queue().launch(server_name="127.0.0.1", server_port=port, quiet=True, footer_links=[], css=PAGE_CSS,

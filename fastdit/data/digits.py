@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
+from ..program import install_command
 from ..seeding import DIGITS_SPLIT, seeded_generator
 
 DIGIT_CLASS_NAMES = [str(digit) for digit in range(10)]
@@ -24,7 +25,7 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise UserError("the digits demo needs scikit-learn: pip install 'fastdit[train]'") from None
+        raise UserError(f"the digits need scikit-learn: {install_command('demo')}") from None
     digits = load_digits()
     images = torch.from_numpy(digits.images).float().div(16.0).mul(2.0).sub(1.0).unsqueeze(1)  # (N, 1, 8, 8)
     return images, torch.from_numpy(digits.target).long()

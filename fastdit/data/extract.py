@@ -70,7 +70,7 @@ def _extract(config: ExtractConfig, info) -> dict | None:
     from ..latents import load_latent_space
 
     index = list_image_folder(config.data_path, exclude=[config.features_path])  # a store inside is no class
-    space = load_latent_space(config.vae, device=info.device)
+    space = load_latent_space(config.vae, channels=3, device=info.device)  # the crops are RGB (load_crop)
     latent_size = space.latent_size(config.image_size)
     plan = StorePlan(
         vae=normalize_vae_name(space.name),

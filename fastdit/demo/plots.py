@@ -10,6 +10,7 @@ from PIL import Image
 
 from ..image_grid import make_grid
 from ..io import atomic_path, atomic_save_png
+from ..train.logger import loss_terms
 
 
 def save_class_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, columns: int, path: Path, scale: int = 4) -> Path:
@@ -25,34 +26,51 @@ def save_class_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, co
     return path
 
 
-def read_loss_curve(metrics_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, losses) from a run's metrics.jsonl; a step logged twice (a resumed run) keeps its last value."""
-    by_step = {}
+def read_loss_terms(metrics_path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(steps, {term name: values}) from a run's metrics.jsonl: every loss term the objective logged by
+    name ("loss", the one optimised, first). A step logged twice (a resumed run) keeps its last values."""
+    by_step: dict[int, dict[str, float]] = {}
     for line in Path(metrics_path).read_text().splitlines():
         if line.strip():
             record = json.loads(line)
-            if "loss" in record:
-                by_step[int(record["step"])] = float(record["loss"])
+            terms = loss_terms(record)
+            if terms:
+                by_step[int(record["step"])] = terms
     steps = np.array(sorted(by_step), dtype=np.int64)
-    return steps, np.array([by_step[s] for s in steps], dtype=np.float64)
+    names = sorted({name for terms in by_step.values() for name in terms}, key=lambda name: (name != "loss", name))
+    return steps, {name: np.array([by_step[s].get(name, np.nan) for s in steps], dtype=np.float64) for name in names}
 
 
-def save_loss_plot(steps: np.ndarray, losses: np.ndarray, path: Path, title: str = "training loss") -> Path:
+def loss_figure(steps: np.ndarray, terms: dict[str, np.ndarray], title: str = "training loss"):
+    """One panel per loss term, titled by its name, over a shared step axis."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; must come before pyplot is imported
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
-    axes.plot(steps, losses, linewidth=1.0)
-    axes.set_xlabel("step")
-    axes.set_ylabel("training loss (mean over the logging window)")
-    axes.set_title(title)
-    # The loss falls by orders of magnitude early on; a log scale keeps the later part readable.
-    if len(losses) and np.all(losses > 0):
-        axes.set_yscale("log")
-    axes.grid(True, alpha=0.3)
+    figure, panels = plt.subplots(len(terms), 1, figsize=(6, 1.2 + 1.8 * len(terms)), dpi=100, sharex=True,
+                                  squeeze=False)
+    for axes, (name, values) in zip(panels[:, 0], terms.items()):
+        label = name if name != "loss" or len(terms) == 1 else "loss (the sum that is optimised)"
+        axes.plot(steps, values, linewidth=1.0, label=label)
+        axes.set_title(label, fontsize=10)
+        axes.set_ylabel("mean over the\nlogging window", fontsize=8)
+        # A term that falls by orders of magnitude reads best on a log scale; REPA's (a negative cosine)
+        # and a sum that holds it can be negative, and keep a linear one.
+        finite = values[np.isfinite(values)]
+        if len(finite) and np.all(finite > 0):
+            axes.set_yscale("log")
+        axes.grid(True, alpha=0.3)
+    panels[-1, 0].set_xlabel("step")
+    figure.suptitle(title)
     figure.tight_layout()
+    return figure
+
+
+def save_loss_plot(steps: np.ndarray, terms: dict[str, np.ndarray], path: Path, title: str = "training loss") -> Path:
+    import matplotlib.pyplot as plt
+
+    figure = loss_figure(steps, terms, title)
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")
     plt.close(figure)

@@ -31,7 +31,7 @@ from ..run_folder import LOCK_NAME
 from ..sampling.guidance import check_cfg_scale
 from . import report as metrics
 from .classifier import ClassifierOptions, classify, train_classifier, uint8_to_model_input
-from .plots import read_loss_curve, save_class_grid, save_loss_plot
+from .plots import read_loss_terms, save_class_grid, save_loss_plot
 
 NUM_CLASSES = 10
 GRID_COLUMNS = 20
@@ -193,7 +193,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     files = {
         "samples": _save_samples(samples, labels, out / "samples.npz"),
         "grid": save_class_grid(samples, labels, NUM_CLASSES, min(GRID_COLUMNS, config.samples_per_class), out / "grid.png"),
-        "loss_plot": save_loss_plot(*read_loss_curve(trained.run_dir / "metrics.jsonl"), out / "loss.png",
+        "loss_plot": save_loss_plot(*read_loss_terms(trained.run_dir / "metrics.jsonl"), out / "loss.png",
                                     title=f"{config.model} on 8x8 digits"),
         "checkpoint": trained.export,
     }

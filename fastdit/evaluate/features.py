@@ -94,7 +94,7 @@ def compute_statistics(
     dinov2_moments = RunningMoments(dinov2.dim, device=dinov2.device) if dinov2 is not None else None
     bar = None
     if progress_total is not None:
-        from tqdm.auto import tqdm
+        from ..progress import tqdm
 
         networks = "Inception + DINOv2" if dinov2 is not None else "Inception"
         bar = tqdm(total=progress_total, unit="img", desc=f"{networks} {Path(source).name or 'features'}")

@@ -17,11 +17,12 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from ..diffusion.flow import VelocityModel  # noqa: F401  (re-exported)
 from ..errors import UserError
 from ..objectives.views import shift_times, time_grid  # noqa: F401  (re-exported)
+from ..program import install_command
+from ..progress import tqdm
 
 VelocityFn = Callable[..., torch.Tensor]
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
@@ -113,7 +114,7 @@ def ode_dopri5(
     try:
         from torchdiffeq import odeint
     except ImportError as error:
-        raise UserError("the dopri5 sampler needs torchdiffeq; install it with: pip install 'fastdit[ode]'") from error
+        raise UserError(f"the dopri5 sampler needs torchdiffeq; install it with: {install_command('ode')}") from error
     cond = cond or {}
     states = odeint(
         lambda t, y: velocity_fn(y, _batch(t.to(times.dtype), y), **cond),

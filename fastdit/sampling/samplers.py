@@ -18,10 +18,10 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from ..diffusion import GaussianDiffusion
 from ..objectives.views import Grid
+from ..progress import tqdm
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]

@@ -13,6 +13,19 @@ import torch
 
 from ..errors import UserError
 from ..io import append_text, atomic_write_text
+from ..program import install_command
+
+
+# What a training record of metrics.jsonl holds besides "step" and the objective's named loss terms
+# ("loss", the one optimised, and "mse", "vb", "repa", ...): how fast and how large the window was.
+# Evaluation records hold "eval/..." keys instead.
+STEP_STATISTICS = ("grad_norm", "skipped_steps", "steps_per_sec", "images_per_sec", "peak_memory_gb", "lr", "epoch")
+
+
+def loss_terms(record: dict) -> dict[str, float]:
+    """The named loss terms of one metrics.jsonl record ({} for an evaluation record)."""
+    return {name: float(value) for name, value in record.items()
+            if name != "step" and name not in STEP_STATISTICS and "/" not in name}
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -38,7 +51,7 @@ class RunLogger:
 
                 self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
             except ImportError:
-                self.info("tensorboard is not installed (pip install 'fastdit[train]'); logging to metrics.jsonl only")
+                self.info(f"tensorboard is not installed ({install_command('train')}); logging to metrics.jsonl only")
         if wandb:
             try:
                 import wandb as wandb_module
@@ -94,4 +107,4 @@ def drop_metrics_after(path: Path, step: int) -> None:
 
 
 def raise_missing_wandb():
-    raise UserError("--wandb needs the wandb package: pip install 'fastdit[wandb]'")
+    raise UserError(f"--wandb needs the wandb package: {install_command('wandb')}")

@@ -207,8 +207,8 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
                 last_loss = means.get("loss", last_loss)
                 elapsed = time.perf_counter() - window_start
                 window_steps = running_steps + skipped_in_window
-                values = {
-                    **means,
+                values = {  # the keys beside the terms are logger.STEP_STATISTICS
+                    **means,  # "loss", the objective's other terms ("mse", "vb", ...) and "grad_norm"
                     "skipped_steps": skipped_in_window,
                     "steps_per_sec": window_steps / elapsed,
                     "images_per_sec": window_steps * optim.global_batch_size / elapsed,
@@ -407,7 +407,7 @@ def _evaluate(config, objective, ema, data, step, dist, log):
 def _progress_bar(config, dist, start, total):
     if not (config.run.progress and dist.is_main):
         return None
-    from tqdm.auto import tqdm
+    from ..progress import tqdm
 
     return tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True)
 

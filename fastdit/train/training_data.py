@@ -10,7 +10,7 @@ import torch
 from ..model_info import LatentInfo
 from ..data import LatentStoreDataset, open_dataset
 from ..errors import UserError
-from ..latents import SD_VAE_SCALE, PixelSpace, check_latent_channels, load_latent_space
+from ..latents import SD_VAE_SCALE, check_latent_channels, load_latent_space
 from .config import TrainConfig
 
 
@@ -27,10 +27,9 @@ class TrainingData:
     def decoder(self):
         """The latent space to decode samples with (loaded on first use: stores need no VAE to train)."""
         if self.latent_space is None:
-            if self.latent_info.kind == "pixels":
-                self.latent_space = PixelSpace(channels=self.latent_shape[0])
-            else:
-                self.latent_space = load_latent_space(self.latent_info.vae, device=self.device)
+            name = None if self.latent_info.kind == "pixels" else self.latent_info.vae
+            self.latent_space = load_latent_space(name, channels=self.latent_shape[0], device=self.device)
+            if name is not None:
                 check_latent_channels(self.latent_space, self.latent_shape[0], what="the latent store")
         return self.latent_space
 
@@ -60,7 +59,7 @@ def open_training_data(config: TrainConfig, device: torch.device) -> TrainingDat
             raise UserError("the digits are 8x8 pixels: train them in pixel space (--vae pixels)")
         dataset = open_dataset(source, image_size=image_size, seed=seed, exclude=[config.run.results_dir])
         vae_name = data_config.vae or "ema"
-        latent_space = load_latent_space(vae_name, device=device)
+        latent_space = load_latent_space(vae_name, channels=3, device=device)  # image folders are read as RGB
         size = latent_space.latent_size(image_size)
         info = LatentInfo(kind="vae", vae=latent_space.name, scale_factor=latent_space.scale_factor)
         data = TrainingData(dataset, (latent_space.channels, size, size), info, list(dataset.class_names),
