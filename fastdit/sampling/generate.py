@@ -16,7 +16,7 @@ from ..objectives import Objective
 from ..precision import PRECISIONS, autocast
 from .guidance import ClassifierFreeGuidance, check_cfg_scale, check_guidance_interval
 from .noise import PerImageNoise
-from .registry import SAMPLER_OPTIONS, ModelView, check_sampler_options, get_sampler
+from .registry import SAMPLER_OPTIONS, EstimateFn, ModelView, check_sampler_options, get_sampler
 
 # The official DiT sampling defaults (DiT's sample.py: 250 DDPM steps, guidance scale 4.0).
 OFFICIAL_NUM_STEPS = 250
@@ -181,16 +181,17 @@ def guided_model(model, objective: Objective, options: SamplingOptions):
 @torch.no_grad()
 def sample_latents(
     model, labels: torch.Tensor, *, objective: Objective, options: SamplingOptions, noise: PerImageNoise,
-    progress: bool = False,
+    progress: bool = False, on_estimate: EstimateFn | None = None,
 ) -> torch.Tensor:
     """Run the sampler (the objective's own unless `options` name one) from noise to latents (N, C, H, W),
-    with the model in eval mode (its mode is restored after)."""
+    with the model in eval mode (its mode is restored after); `on_estimate(x̂)` sees the estimate of the
+    clean latents after every model call (`ModelView`)."""
     config = model.config
     sampler = get_sampler(options.resolved_sampler(objective), objective)
     with evaluation_mode(model):
         x = noise.draw((config.in_channels, config.input_size, config.input_size))
         view = ModelView(objective, guided_model(model, objective, options), labels, learn_sigma=config.learn_sigma,
-                         time_shift=options.time_shift)
+                         time_shift=options.time_shift, on_estimate=on_estimate)
         taken = {name: value for name, value in options.sampler_options().items() if name in sampler.options}
         return sampler.run(view, x, num_steps=options.num_steps, noise_fn=noise, progress=progress, **taken)
 
@@ -210,13 +211,16 @@ def generate(
     progress: bool = False,
     compile: bool = False,
     batch_size: int = GENERATE_BATCH_SIZE,
+    on_estimate: EstimateFn | None = None,
 ) -> np.ndarray:
     """Sample one image per label with the model's `objective` (from `load_model`'s info, or the
     training config); image k uses noise seeded by (seed, indices[k]) (default k). Labels are sampled
     `batch_size` at a time, so memory does not grow with their number; which images share a batch can
     change only the last bits of the arithmetic (see `sampling.indexed`). A batch that comes out NaN or
     inf is an error, never an image. `compile=True` compiles the model's blocks in place
-    (`fastdit.compile.compile_blocks`; the first call pays the compilation).
+    (`fastdit.compile.compile_blocks`; the first call pays the compilation). `on_estimate(x̂)`, when
+    given, is called after every model call with the current batch's estimate of the clean latents
+    (for previews, or to stop a run by raising); the images are bitwise those of a run without it.
 
     Given `info` (`load_model`'s) instead, the objective is its, and without `options` the model is
     sampled by the recipe its checkpoint records (`fastdit.sampling.recipe`; files from before recipes:
@@ -243,7 +247,8 @@ def generate(
     for first in range(0, len(labels), batch_size):
         rows = slice(first, first + batch_size)
         noise = PerImageNoise(seed, indices[rows], device)
-        latents = sample_latents(model, labels[rows], objective=objective, options=options, noise=noise, progress=progress)
+        latents = sample_latents(model, labels[rows], objective=objective, options=options, noise=noise, progress=progress,
+                                 on_estimate=on_estimate)
         check_finite(latents, "latents", indices[rows])
         images.append(to_uint8(check_finite(latent_space.decode(latents), "decoded images", indices[rows])))
     return np.concatenate(images)

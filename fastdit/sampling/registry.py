@@ -10,6 +10,12 @@ sampler whose view it provides, and `min_steps` is the fewest steps it can take.
 are the `SamplingOptions` fields beyond the common ones that the sampler reads (DDIM's eta); any other
 set to a non-default value is an error naming the samplers that take it.
 
+Watching a run: a view made with `on_estimate` hands it the current estimate of the clean sample, x̂
+(N, C, H, W), after every model call (the app's previews and its Stop button use it). The views
+report it themselves, so a sampler over the velocity, grid or average-velocity view reports with no
+code of its own; ancestral DDPM passes the hook to `ddpm_sample`. The hook only reads: the samples
+are bitwise those of a run without it.
+
 To add a sampler: write the integrator as a plain function of (view's callable, x, grid, ...) and
 register a small adapter with `@register_sampler("name", needs=...)`.
 """
@@ -22,7 +28,7 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
-from ..objectives import Objective, objective_names, objective_class, time_grid
+from ..objectives import Grid, Objective, objective_names, objective_class, time_grid
 from .flow import SIT_LAST_STEP_SIZE, mean_flow_steps, ode_dopri5, ode_euler, ode_heun, sde_euler, sde_heun
 from .samplers import ddim, ddpm_sample, dpm_solver_pp_2m
 
@@ -100,31 +106,71 @@ def check_sampler_options(sampler: Sampler, options: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+EstimateFn = Callable[[torch.Tensor], None]
+
+
+def _to_data_end(x: torch.Tensor, t: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+    """x̂1 = x + (1 − t) v: on the linear path x_t = t x1 + (1 − t) ε the velocity is x1 − ε, so this
+    is E[x1 | x_t] for the true velocity (the x̂1 of `flow_grid`); t is (N,) or a scalar."""
+    return x + (1 - t).reshape(-1, *([1] * (x.ndim - 1))) * velocity
+
+
 class ModelView:
     """`model_fn(x, t, y)` (guided, in its precision) as `objective` presents it to samplers, for the
-    labels `y`; `time_shift` warps flow-time grids."""
+    labels `y`; `time_shift` warps flow-time grids; `on_estimate(x̂)`, when given, is called with the
+    estimate of the clean sample after every model call (see the module doc)."""
 
     def __init__(self, objective: Objective, model_fn: Callable, y: torch.Tensor, *, learn_sigma: bool,
-                 time_shift: float = 1.0):
+                 time_shift: float = 1.0, on_estimate: EstimateFn | None = None):
         self.objective, self.model_fn, self.y = objective, model_fn, y
         self.learn_sigma, self.time_shift = learn_sigma, time_shift
+        self.on_estimate = on_estimate
         self.cond = {"y": y}
 
     @property
     def velocity(self) -> Callable:
-        return self.objective.velocity(self.model_fn)
+        velocity_fn = self.objective.velocity(self.model_fn)
+        if self.on_estimate is None:
+            return velocity_fn
+
+        def reporting(x, t, *args, **kwargs):
+            velocity = velocity_fn(x, t, *args, **kwargs)
+            self.on_estimate(_to_data_end(x, t, velocity))
+            return velocity
+
+        return reporting
 
     @property
     def average_velocity(self) -> Callable:
-        return self.objective.average_velocity(self.model_fn)
+        average_fn = self.objective.average_velocity(self.model_fn)
+        if self.on_estimate is None:
+            return average_fn
+
+        def reporting(x, t, t_next, *args, **kwargs):
+            # The average velocity over [t, t'] carried on to t = 1: exact for one step to t' = 1 (MeanFlow's
+            # one-step sample), a straight-line guess of x̂1 for the earlier steps of a few-step run.
+            velocity = average_fn(x, t, t_next, *args, **kwargs)
+            self.on_estimate(_to_data_end(x, t, velocity))
+            return velocity
+
+        return reporting
 
     def times(self, num_points: int, end: float = 1.0) -> torch.Tensor:
         """Flow times from 0 (noise) to `end`, shifted by the view's time shift."""
         return time_grid(num_points, end=end, shift=self.time_shift, device=self.y.device)
 
     def grid(self, num_calls: int):
-        return self.objective.grid(self.model_fn, self.y, num_calls, learn_sigma=self.learn_sigma,
+        grid = self.objective.grid(self.model_fn, self.y, num_calls, learn_sigma=self.learn_sigma,
                                    time_shift=self.time_shift)
+        if self.on_estimate is None:
+            return grid
+
+        def reporting(x, k):
+            x0, eps = grid.denoise(x, k)
+            self.on_estimate(x0)
+            return x0, eps
+
+        return Grid(reporting, grid.alphas, grid.sigmas)
 
     def gaussian(self, num_steps: int):
         return self.objective.gaussian(num_steps, learn_sigma=self.learn_sigma)
@@ -138,7 +184,8 @@ class ModelView:
 @register_sampler("ddpm", needs="gaussian")
 def _ddpm(view, x, *, num_steps, noise_fn, progress):
     """ancestral sampling with the learned variances (IDDPM; DiT's default), num_steps respaced steps"""
-    return ddpm_sample(view.gaussian(num_steps), view.model_fn, x, view.y, noise_fn=noise_fn, progress=progress)
+    return ddpm_sample(view.gaussian(num_steps), view.model_fn, x, view.y, noise_fn=noise_fn, progress=progress,
+                       on_estimate=view.on_estimate)
 
 
 @register_sampler("sde-euler", needs="velocity")

@@ -32,12 +32,17 @@ def _maybe_progress(steps, progress: bool, desc: str):
 
 
 @torch.no_grad()
-def ddpm_sample(diffusion: GaussianDiffusion, model_fn: ModelFn, x_T, y, *, noise_fn: NoiseFn, progress: bool = False):
-    """Ancestral sampling with the learned variances (IDDPM); DiT's default with 250 respaced steps."""
+def ddpm_sample(diffusion: GaussianDiffusion, model_fn: ModelFn, x_T, y, *, noise_fn: NoiseFn, progress: bool = False,
+                on_estimate: Callable[[torch.Tensor], None] | None = None):
+    """Ancestral sampling with the learned variances (IDDPM); DiT's default with 250 respaced steps.
+    `on_estimate(x̂0)`, when given, sees each step's prediction of the clean sample (it only reads)."""
     x = x_T
     for i in _maybe_progress(range(diffusion.num_timesteps - 1, -1, -1), progress, "DDPM"):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        x = diffusion.p_sample(model_fn, x, t, model_kwargs={"y": y}, noise=noise_fn(x))["sample"]
+        step = diffusion.p_sample(model_fn, x, t, model_kwargs={"y": y}, noise=noise_fn(x))
+        if on_estimate is not None:
+            on_estimate(step["pred_xstart"])
+        x = step["sample"]
     return x
 
 
