@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ def official_choice(model_name: str, image_size: int) -> str:
 
 OFFICIAL = {official_choice(m, s): (m, s) for m, s in OFFICIAL_CHECKPOINTS.values()}
 MODEL_CHOICES = [DIGITS, LOCAL, *OFFICIAL]
+# What the Checkpoint field takes (the files `checkpoint.load_model` reads).
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
 def find_demo_checkpoint(folders) -> Path | None:
@@ -59,9 +62,20 @@ def model_source(choice: str, path: str | None, demo_folders) -> ModelSource:
                             "(or `fastdit demo`), or give the path of its -ema.safetensors checkpoint")
         return ModelSource(str(found))
     if choice not in (DIGITS, LOCAL):
-        raise UserError(f"unknown model {choice!r}; pick one from the list")
+        raise UserError(f"unknown model {choice!r}; pick one from the Model list")
     if not path:
-        raise UserError("give the path of a checkpoint (.pt or .safetensors)")
-    if not Path(path).expanduser().is_file():
-        raise UserError(f"checkpoint {path!r} not found; give the path of a .pt or .safetensors file")
-    return ModelSource(str(Path(path).expanduser()))
+        raise UserError("the Checkpoint field is empty; give the path of a .pt or .safetensors checkpoint")
+    return ModelSource(readable_checkpoint(path))
+
+
+def readable_checkpoint(path: str) -> str:
+    """The Checkpoint field's file, expanded. Anyone who can load the page can type any path, so the
+    field must not tell which files the server has (issue #18): a name without a checkpoint suffix is
+    refused before the disk is touched, and a missing file, a folder and a file the server may not read
+    get one and the same message."""
+    candidate = Path(path).expanduser()
+    if candidate.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise UserError(f"the Checkpoint field takes a .pt, .pth or .safetensors file, not {path!r}")
+    if not (candidate.is_file() and os.access(candidate, os.R_OK)):
+        raise UserError(f"no readable checkpoint at {path!r}; check the Checkpoint field")
+    return str(candidate)

@@ -1,11 +1,16 @@
-"""The Gradio page of `fastdit app`. Every handler turns a failure into a message in the page, so the
-page never dies and the server keeps serving; the queue runs one generation at a time, and each
-browser session gets its own results."""
+"""The Gradio page of `fastdit app`.
+
+One way to show an error: every handler turns a failure (fastdit's, or a bad value in a field) into
+one line in the status box and leaves the last picture and command as they were, so the page never
+dies and the server keeps serving. Number fields carry no Gradio bounds for the same reason: Gradio
+would report those in a pop-up of its own. Generations run one at a time, stream previews of the grid,
+and stop from the Stop button or when their browser goes away; each session gets its own results."""
 
 from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -17,8 +22,12 @@ from ..sampling import OFFICIAL_CFG_SCALE, OFFICIAL_NUM_STEPS, samplers_for
 from ..sampling.recipe import recorded_options
 from ..train.state import checkpoint_path, export_path
 from .classes import class_choices, label_of
+from .job import DONE, PREVIEW, WAITING, Job
+from .messages import in_page_words
 from .models import DEMO_FOLDERS, DIGITS, LOCAL, MODEL_CHOICES, model_source
-from .request import ModelCache, SampleRequest, generate_grid, parse_interval
+from .outputs import OutputFolder
+from .request import (Limits, ModelCache, SampleRequest, Stopped, generate_grid, parse_interval, real_number,
+                      whole_number)
 
 log = logging.getLogger(__name__)
 DEFAULT_SAMPLER = "model default"
@@ -30,6 +39,9 @@ DIGITS_DEFAULTS = dict(sampler=DIGITS_SAMPLER, steps=DIGITS_STEPS, cfg=DIGITS_RE
 # What `make demo` leaves after its last training step: the example in the checkpoint box.
 DIGITS_EXAMPLE = export_path(checkpoint_path(Path(DEMO_FOLDERS[0]) / TRAIN_RUN, DIGITS_RECIPE.steps))
 IMAGENET_DEFAULTS = dict(sampler=DEFAULT_SAMPLER, steps=OFFICIAL_NUM_STEPS, cfg=OFFICIAL_CFG_SCALE)
+# Gradio keeps a copy of every picture and preview it sends; those older than an hour go, checked
+# every ten minutes (the server's own folder keeps the last few PNGs for download: .outputs).
+GRADIO_CACHE_LIFETIME = (600, 3600)
 # An 8x8 digit would be a speck: the grid fills its box, enlarged without smoothing.
 PAGE_CSS = "#grid img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
@@ -46,18 +58,27 @@ def recorded_defaults(info, choice: str, samplers) -> dict:
 
 
 def error_message(err: BaseException) -> str:
-    """What the page says when something fails."""
+    """What the status line says when something fails, in the page's words."""
     if isinstance(err, UserError):
-        return f"**Error:** {err}"
+        return f"**Error:** {in_page_words(str(err))}"
     if isinstance(err, torch.OutOfMemoryError):
         return "**Error:** out of memory; make fewer images at once or pick a smaller model"
-    log.exception("fastdit app: unexpected error")  # the traceback goes to the server's console
+    log.exception("fastdit app: unexpected error", exc_info=err)  # the traceback goes to the server's console
     return f"**Error:** unexpected {type(err).__name__}: {err}"
 
 
-def build_page(demo_folders, device: str = "auto", work_dir: str | None = None) -> gr.Blocks:
+def done_message(count: int) -> str:
+    return f"Done: {count} image{'s' if count > 1 else ''}."
+
+
+def build_page(demo_folders, device: str = "auto", work_dir: str | None = None, limits: Limits = Limits()) -> gr.Blocks:
     cache = ModelCache()
-    work = Path(work_dir or tempfile.mkdtemp(prefix="fastdit-app-"))
+    pictures = OutputFolder(Path(work_dir or tempfile.mkdtemp(prefix="fastdit-app-")) / "pictures")
+    # One generation samples at a time: a stopped one still finishes its current model call, and the
+    # next waits for it (the event's concurrency limit alone would let them overlap for that call).
+    sampling = threading.Lock()
+    running: dict[str, Job] = {}  # session -> its generation, for the Stop button
+    keep = gr.skip  # an output left as it is
 
     def describe_model(choice, path):
         """Class and sampler choices for the chosen model (local files are loaded to read them)."""
@@ -73,44 +94,93 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None) 
                 first = []
             status = f"Model: `{source.path or source.model_name}`"
         except Exception as err:  # noqa: BLE001 - every failure becomes a message in the page
-            return gr.Dropdown(), gr.Dropdown(), gr.Number(), gr.Number(), error_message(err)
+            return keep(), keep(), keep(), keep(), error_message(err)
         return (gr.Dropdown(choices=names, value=first), gr.Dropdown(choices=[DEFAULT_SAMPLER, *samplers], value=defaults["sampler"]),
                 gr.Number(value=defaults["steps"]), gr.Number(value=defaults["cfg"]), status)
 
-    def generate(choice, path, classes, per_class, sampler, steps, cfg, interval, seed,
-                 progress=gr.Progress(track_tqdm=True)):
-        try:
-            request = SampleRequest(
-                source=model_source(choice, path, demo_folders), labels=tuple(label_of(c) for c in classes or ()),
-                images_per_class=int(per_class), sampler=None if sampler == DEFAULT_SAMPLER else sampler,
-                num_steps=int(steps), cfg_scale=float(cfg), guidance_interval=parse_interval(interval),
-                seed=int(seed), device=device,
-            )
-            out = Path(tempfile.mkdtemp(dir=work)) / f"fastdit-seed{request.seed}.png"
-            progress(0, desc="loading the model (a download shows its progress here)")
-            command = generate_grid(request, cache, out)
-        except Exception as err:  # noqa: BLE001
-            return None, None, "", error_message(err)
-        count = len(request.all_labels)
-        return str(out), str(out), command, f"Done: {count} image{'s' if count > 1 else ''}."
+    def read_request(choice, path, classes, per_class, sampler, steps, cfg, interval, seed) -> SampleRequest:
+        request = SampleRequest(
+            source=model_source(choice, path, demo_folders), labels=tuple(dict.fromkeys(label_of(c) for c in classes or ())),
+            images_per_class=whole_number(per_class, "Images per class", 1),
+            sampler=None if sampler in (None, DEFAULT_SAMPLER) else sampler,
+            num_steps=whole_number(steps, "Steps", 1), cfg_scale=real_number(cfg, "Guidance scale"),
+            guidance_interval=parse_interval(interval), seed=whole_number(seed, "Seed", 0), device=device,
+        )
+        request.check(limits)
+        return request
 
-    with gr.Blocks(title="fastdit") as page:
+    def earlier_picture(last):
+        """The last finished picture of this session (None if there is none, or it was since removed)."""
+        return last[0] if last and Path(last[0]).is_file() else None
+
+    def generate(choice, path, classes, per_class, sampler, steps, cfg, interval, seed, last,
+                 request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+        """Outputs: picture, PNG, command, status, last finished (picture, command). A generator: it
+        streams previews, and Gradio can close it between two yields (Stop, a client that left)."""
+        try:
+            sample = read_request(choice, path, classes, per_class, sampler, steps, cfg, interval, seed)
+        except Exception as err:  # noqa: BLE001
+            yield keep(), keep(), keep(), error_message(err), keep()
+            return
+        out = pictures.new_path(f"fastdit-seed{sample.seed}.png")
+
+        def work(job: Job) -> str:
+            with sampling:
+                progress(0, desc="loading the model (a download shows its progress here)")
+                return generate_grid(sample, cache, out, progress=False, limits=limits, on_preview=job.preview,
+                                     stop=job.stopping)
+
+        job = Job(work)
+        session = getattr(request, "session_hash", None)
+        running[session] = job
+        previewed = False
+        try:
+            yield keep(), keep(), keep(), "Generating...", keep()
+            for kind, value in job.updates():
+                if kind == PREVIEW:
+                    grid, note = value
+                    previewed = True
+                    yield grid, keep(), keep(), f"Sampling: {note}...", keep()
+                elif kind == WAITING:
+                    yield keep(), keep(), keep(), keep(), keep()  # a heartbeat: Gradio may close us here
+                elif kind == DONE:
+                    yield str(out), str(out), value, done_message(len(sample.all_labels)), (str(out), value)
+                else:  # failed or stopped: back to the last finished picture, beside the message
+                    message = "Stopped." if isinstance(value, Stopped) else error_message(value)
+                    yield earlier_picture(last) if previewed else keep(), keep(), keep(), message, keep()
+        finally:
+            job.stop()  # closed early (Stop, a client that left): the sampler ends at its next model call
+            if running.get(session) is job:
+                del running[session]
+
+    def stop(last, request: gr.Request):
+        job = running.get(getattr(request, "session_hash", None))
+        if job is None:
+            return keep(), keep()
+        job.stop()
+        return earlier_picture(last), "Stopped."
+
+    with gr.Blocks(title="fastdit", delete_cache=GRADIO_CACHE_LIFETIME) as page:
         gr.Markdown("# fastdit\nClass-conditional samples from a Diffusion Transformer.")
+        last = gr.State(None)  # (PNG path, command) of the session's last finished picture
         with gr.Row():
             with gr.Column():
                 model = gr.Dropdown(MODEL_CHOICES, value=DIGITS, label="Model", elem_id="model")
-                path = gr.Textbox(label="Checkpoint path (local checkpoint; or a digits demo run elsewhere)",
+                path = gr.Textbox(label="Checkpoint (a local checkpoint; or a digits demo run elsewhere)",
                                   placeholder=str(DIGITS_EXAMPLE), elem_id="path")
-                classes = gr.Dropdown([], multiselect=True, label="Classes (type to search)", elem_id="classes")
-                per_class = gr.Number(1, precision=0, minimum=1, label="Images per class", elem_id="per-class")
+                classes = gr.Dropdown([], multiselect=True, allow_custom_value=True, label="Classes (type to search)",
+                                      elem_id="classes")
+                per_class = gr.Number(1, precision=0, label="Images per class", elem_id="per-class")
                 with gr.Row():
                     sampler = gr.Dropdown([DEFAULT_SAMPLER], value=DEFAULT_SAMPLER, label="Sampler", elem_id="sampler")
                     steps = gr.Number(OFFICIAL_NUM_STEPS, precision=0, label="Steps", elem_id="steps")
                 with gr.Row():
                     cfg = gr.Number(OFFICIAL_CFG_SCALE, label="Guidance scale (1: none)", elem_id="cfg")
                     interval = gr.Textbox(label="Guidance interval LOW HIGH (empty: every step)", elem_id="interval")
-                seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="seed")
-                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")
+                with gr.Row():
+                    button = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
             with gr.Column():
                 status = gr.Markdown("Pick a model and classes, then Generate.", elem_id="status")
                 image = gr.Image(type="filepath", format="png", image_mode=None, label="Samples", interactive=False, height=420,
@@ -119,8 +189,11 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None) 
                 command = gr.Textbox(label="Reproduce with", buttons=["copy"], elem_id="command")
         model_outputs = [classes, sampler, steps, cfg, status]
         model.change(describe_model, [model, path], model_outputs)
+        # A pasted path is taken when the field loses focus, without Enter (Enter works too).
         path.submit(describe_model, [model, path], model_outputs)
+        path.blur(describe_model, [model, path], model_outputs)
         page.load(describe_model, [model, path], model_outputs)
-        button.click(generate, [model, path, classes, per_class, sampler, steps, cfg, interval, seed],
-                     [image, png, command, status], concurrency_limit=1)
+        generation = button.click(generate, [model, path, classes, per_class, sampler, steps, cfg, interval, seed, last],
+                                  [image, png, command, status, last], concurrency_limit=1, show_progress="minimal")
+        stop_button.click(stop, [last], [image, status], cancels=[generation], queue=False)
     return page
