@@ -88,6 +88,37 @@ def test_generate_digits_and_show_errors_in_the_page(app_url, tmp_path):
         page.screenshot(path=str(artifacts / "app-error.png"), full_page=True)
         page.locator("#interval textarea").fill("")
 
+        # Gradio-side values (an emptied number field, zero images, a negative seed): the same status
+        # line, in the page's words, with the last picture and command still there and no "Done".
+        command = page.locator("#command textarea").input_value()
+        for field, value, message, good in [("#per-class", "", "the Images per class field is empty", "3"),
+                                            ("#per-class", "0", "the Images per class field should be a whole number >= 1", "3"),
+                                            ("#seed", "-1", "the Seed field should be a whole number", "0")]:
+            page.locator(f"{field} input").fill(value)
+            page.locator("#generate").click()
+            sync_api.expect(status).to_contain_text(message, timeout=60_000)
+            assert "Done" not in status.inner_text() and "unexpected" not in status.inner_text()
+            assert page.locator("#grid img").get_attribute("src") == src
+            assert page.locator("#command textarea").input_value() == command
+            page.locator(f"{field} input").fill(good)
+
+        # Stop: a long request (64 images x 250 steps, about ten seconds here) streams previews, stops
+        # from the page, and the last finished picture comes back.
+        page.locator("#per-class input").fill("64")
+        page.locator("#steps input").fill("250")
+        page.locator("#generate").click()
+        sync_api.expect(status).to_contain_text("Sampling:", timeout=60_000)
+        preview_src = page.locator("#grid img").get_attribute("src")
+        page.screenshot(path=str(artifacts / "app-preview.png"), full_page=True)
+        page.locator("#stop").click()
+        sync_api.expect(status).to_contain_text("Stopped.", timeout=30_000)
+        assert preview_src != src
+        restored = page.locator("#grid img").get_attribute("src")
+        restored_png = page.request.get(restored if restored.startswith("http") else app_url.rstrip("/") + "/" + restored.lstrip("/")).body()
+        assert Image.open(BytesIO(restored_png)).size == (2 + 3 * (8 + 2), 2 + 8 + 2)  # the three 7s again
+        page.locator("#per-class input").fill("3")
+        page.locator("#steps input").fill("4")
+
         # Two users at once: the queue serves both, each page gets its own picture and command.
         other = browser.new_context().new_page()
         other.goto(app_url)
@@ -102,4 +133,12 @@ def test_generate_digits_and_show_errors_in_the_page(app_url, tmp_path):
         sync_api.expect(other.locator("#status")).to_contain_text("Done: 1 image.", timeout=120_000)
         assert "--class-labels 7 7 7 " in page.locator("#command textarea").input_value()
         assert "--class-labels 3 " in other.locator("#command textarea").input_value()
+
+        # A pasted checkpoint path is taken when the field loses focus, without Enter.
+        ckpt = next((tmp_path / "demo").rglob("*-ema.safetensors"))
+        page.locator("#model input").click()
+        page.get_by_role("option", name="local checkpoint").click()
+        page.locator("#path textarea").fill(str(ckpt))
+        page.locator("#cfg input").click()  # focus elsewhere
+        sync_api.expect(status).to_contain_text(f"Model: {ckpt}", timeout=60_000)
         browser.close()
