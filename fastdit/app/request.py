@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import UserError
 from ..program import program_words
 from ..sampling import OFFICIAL_CFG_SCALE, OFFICIAL_NUM_STEPS, SamplingOptions
+from ..sampling.generate import GENERATE_BATCH_SIZE
 from .models import ModelSource
 
 # Bounds on one request, so that one page cannot hold the server for long or run it out of memory
@@ -26,7 +27,8 @@ from .models import ModelSource
 MAX_IMAGES = 64
 MAX_IMAGE_STEPS = 64 * 250
 # Images sampled at once (the guided batch is twice this): memory stays the same whatever the grid.
-BATCH_SIZE = 16
+# `fastdit sample`'s default batch, so its command makes the page's batches and the same bytes.
+BATCH_SIZE = GENERATE_BATCH_SIZE
 # Previews of the grid per batch while it is sampled (one every num_steps / this model calls).
 PREVIEWS_PER_BATCH = 8
 PENDING_GRAY = 128
