@@ -35,7 +35,7 @@ def test_the_float_flags_are_found():
 
 
 def non_finite_cases() -> list[tuple[str, str, list[str]]]:
-    """(subcommand, flag, argv) with a non-finite value for every float flag. One value: "--flag=value"
+    """(subcommand, flag, argv) with a non-finite value for every float flag. One value (or an optional one): "--flag=value"
     (with "=": argparse takes a bare "-inf" for an option). Two values (--guidance-interval): the bad one
     second; "-inf" cannot stand there unquoted at all, so those flags get nan and inf."""
     nargs = {(name, action.option_strings[-1]): action.nargs
@@ -44,7 +44,7 @@ def non_finite_cases() -> list[tuple[str, str, list[str]]]:
     cases = []
     for subcommand, flag in float_flags():
         for value in ("nan", "inf", "-inf"):
-            if nargs[(subcommand, flag)] is None:
+            if nargs[(subcommand, flag)] in (None, "?"):  # one value ("?": --route's optional rate)
                 cases.append((subcommand, value, [f"{flag}={value}"]))
             elif value != "-inf":
                 cases.append((subcommand, value, [flag, "0.5", value]))

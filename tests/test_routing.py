@@ -217,7 +217,7 @@ def test_gradient_reaches_every_parameter_over_a_few_steps(objective):
     x, y = torch.rand(16, 1, 8, 8) * 2 - 1, torch.randint(0, 10, (16,))
     for step in range(3):
         state.position.step = step
-        terms = train_step(state, (x, y), config.build_objective())
+        terms = train_step(state, (x, y), config.build_objective()).terms
         assert torch.isfinite(terms["loss"])
     assert 8 in seen  # the trained forward was routed: 8 of the 16 tokens in the span
     unchanged = [n for n, p in model.named_parameters() if n != "pos_embed" and torch.equal(p, before[n])]
@@ -253,7 +253,7 @@ def test_repa_inside_the_span_aligns_the_kept_tokens(tmp_path):
 
         state.alignment.loss = recorded
         x, y = torch.rand(16, 1, 8, 8) * 2 - 1, torch.randint(0, 10, (16,))
-        terms = train_step(state, (x, y), config.build_objective())
+        terms = train_step(state, (x, y), config.build_objective()).terms
         assert torch.isfinite(terms["repa"])
         (hidden, targets), = shapes
         assert hidden[:2] == targets[:2] == (16, expected)
