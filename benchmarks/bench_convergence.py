@@ -80,6 +80,11 @@ RECIPES = {
     "flow-blocks-route-0.25": ("flow", "logit-normal", True, "heun", 9, {"route": 0.25, "route_blocks": "2:-1"}),
     "flow-blocks-route-wide": ("flow", "logit-normal", True, "heun", 9, {"route": 0.5, "route_blocks": "1:-1"}),
     "dit-route": ("ddpm", "uniform", False, "ddpm", 25, {"route": 0.5, "route_blocks": "2:-1"}),
+    # The demo's recipe (REPA at block 2, outside the span) routed at the paper's rate and at a lighter one.
+    "demo-route": ("flow", "logit-normal", True, "heun", 9,
+                   {"repa_depth": 2, "repa_weight": 1.0, "route": 0.5, "route_blocks": "2:-1"}),
+    "demo-route-0.25": ("flow", "logit-normal", True, "heun", 9,
+                        {"repa_depth": 2, "repa_weight": 1.0, "route": 0.25, "route_blocks": "2:-1"}),
 }
 ROUTING_SETTINGS = ("route", "route_blocks")  # set on the run's routing section, not the objective's
 MEANFLOW_CALLS = (1, 2, 4)  # the NFE rows of a MeanFlow model: one model call a step

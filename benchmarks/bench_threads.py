@@ -34,6 +34,7 @@ from fastdit import devices  # noqa: E402
 # name -> (extra `fastdit train` flags, environment). "default" is what fastdit does when nothing is set.
 SETTINGS = {
     "default": ([], {}),
+    "2 threads (torch's own count; fastdit before)": (["--threads", "2"], {}),
     "2 threads, active": (["--threads", "2"], {"OMP_WAIT_POLICY": "ACTIVE"}),
     "2 threads, passive": (["--threads", "2"], {"OMP_WAIT_POLICY": "PASSIVE"}),
     "1 thread, active": (["--threads", "1"], {"OMP_WAIT_POLICY": "ACTIVE"}),

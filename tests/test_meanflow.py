@@ -613,3 +613,10 @@ def test_a_bf16_target_is_as_accurate_as_the_bf16_prediction_it_trains():
     relative = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
     assert torch.isfinite(target).all()
     assert 1e-4 < relative(target, exact_target) <= 1.5 * relative(u, exact_u)  # bf16 indeed, and no worse
+
+
+def test_the_meanflow_demo_trains_without_repa_unless_asked():
+    from fastdit.demo.run import DemoConfig
+
+    assert DemoConfig(objective="meanflow").repa is False and DemoConfig().repa is True
+    assert DemoConfig(objective="meanflow", repa=True).repa is True

@@ -29,9 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             f"2025) (default: {d.objective})")
     group.add_argument("--time-sampling", choices=TIME_SAMPLINGS, default=d.time_sampling,
                        help=f"flow and x-pred: how training draws t (default: {d.time_sampling})")
-    group.add_argument("--repa", action=argparse.BooleanOptionalAction, default=d.repa,
+    group.add_argument("--repa", action=argparse.BooleanOptionalAction, default=None,
                        help="representation alignment (REPA) with a frozen digit encoder the demo trains in seconds "
-                            f"(default: {'on' if d.repa else 'off'})")
+                            "(default: on, off for meanflow, where it measured worse)")
     group.add_argument("--blocks", action=argparse.BooleanOptionalAction, default=d.blocks,
                        help=f"LightningDiT blocks: RMSNorm, SwiGLU, 2-D RoPE, QK-norm (default: {'on' if d.blocks else 'off'})")
     group = parser.add_argument_group("sampling")

@@ -12,6 +12,8 @@ from ..image_grid import make_grid
 from ..io import atomic_path, atomic_save_png
 from ..train.logger import loss_terms
 
+LOG_SCALE_RANGE = 3.0  # a panel goes to a log scale when its values span more than this factor
+
 
 def save_class_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, columns: int, path: Path, scale: int = 4) -> Path:
     """One row per class holding its first `columns` samples, enlarged `scale`x (8x8 digits are tiny)."""
@@ -55,10 +57,11 @@ def loss_figure(steps: np.ndarray, terms: dict[str, np.ndarray], title: str = "t
         axes.plot(steps, values, linewidth=1.0, label=label)
         axes.set_title(label, fontsize=10)
         axes.set_ylabel("mean over the\nlogging window", fontsize=8)
-        # A term that falls by orders of magnitude reads best on a log scale; REPA's (a negative cosine)
-        # and a sum that holds it can be negative, and keep a linear one.
+        # A term that falls by orders of magnitude reads best on a log scale; one that moves by less than
+        # a factor of 3 (MeanFlow's adaptively weighted loss stays near 1) reads best on a linear one, and
+        # REPA's (a negative cosine) and a sum that holds it can be negative, so keep a linear one too.
         finite = values[np.isfinite(values)]
-        if len(finite) and np.all(finite > 0):
+        if len(finite) and np.all(finite > 0) and finite.max() > LOG_SCALE_RANGE * finite.min():
             axes.set_yscale("log")
         axes.grid(True, alpha=0.3)
     panels[-1, 0].set_xlabel("step")
