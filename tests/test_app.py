@@ -24,10 +24,10 @@ from fastdit.app.request import (Limits, ModelCache, SampleRequest, Stopped, gen
                                  whole_number)
 from fastdit.checkpoint import export_weights
 from fastdit.model_info import LatentInfo, ModelInfo
-from fastdit.cli import main
 from fastdit.errors import UserError
 from fastdit.loading import LoadedModel, load_for_sampling
 from fastdit.models import build_model
+from cli_runner import run_cli
 
 
 def tiny_digits_run(folder: Path, step: int = 6) -> Path:
@@ -39,13 +39,6 @@ def tiny_digits_run(folder: Path, step: int = 6) -> Path:
         torch.nn.init.normal_(p, std=0.05)
     info = ModelInfo(config=model.config, latent=LatentInfo(kind="pixels", vae=None), class_names=[str(k) for k in range(10)])
     return export_weights(model, info, folder / "train" / "checkpoints" / f"{step:07d}-ema.safetensors")
-
-
-def run_cli(*args):
-    try:
-        return main([str(a) for a in args])
-    except SystemExit as exit_:
-        return exit_.code
 
 
 def test_imagenet_class_names_are_the_standard_list():

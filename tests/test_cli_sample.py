@@ -11,9 +11,9 @@ from PIL import Image
 
 from fastdit.checkpoint import export_weights
 from fastdit.model_info import LatentInfo, ModelInfo
-from fastdit.cli import main
 from fastdit.latents import tiny_vae_config
 from fastdit.models import build_model
+from cli_runner import run_cli
 
 
 def random_tiny(**fields):
@@ -43,13 +43,6 @@ def vae_setup(tmp_path):
     path = tmp_path / "latent.pt"
     torch.save(model.state_dict(), path)
     return path, vae_dir
-
-
-def run_cli(*args):
-    try:
-        return main([str(a) for a in args])
-    except SystemExit as exit_:
-        return exit_.code
 
 
 def test_pixel_sample_ddpm_writes_reproducible_png(tmp_path, pixel_ckpt):

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from fastdit.checkpoint import load_model
-from fastdit.cli import main
 from fastdit.errors import UserError
 from fastdit.models import DiT, DiTConfig
 from fastdit.objectives import build_objective
@@ -24,6 +23,7 @@ from fastdit.train.config import TrainConfig
 from fastdit.train.loop import train
 from fastdit.train.step_noise import draw_step
 from test_train import tiny_config
+from cli_runner import run_cli
 
 EPS64 = torch.finfo(torch.float64).eps
 EPS32 = torch.finfo(torch.float32).eps
@@ -464,13 +464,6 @@ def test_sampling_guidance_of_an_unguided_meanflow_model_carries_the_gap():
 def meanflow_export(tmp_path_factory):
     return train(tiny_config(tmp_path_factory.mktemp("meanflow"), max_steps=2, ckpt_every=2, objective="meanflow",
                              meanflow_omega=2.0, meanflow_kappa=0.25))
-
-
-def run_cli(*args):
-    try:
-        return main([str(a) for a in args])
-    except SystemExit as exit_:
-        return exit_.code
 
 
 def test_a_trained_meanflow_model_records_itself_and_samples_in_one_call(meanflow_export, tmp_path, capsys):

@@ -8,7 +8,6 @@ from safetensors import safe_open
 
 from fastdit import hub
 from fastdit.checkpoint import load_model
-from fastdit.cli import main
 from fastdit.errors import UserError
 from fastdit.latents import PixelSpace
 from fastdit.models import build_model
@@ -16,13 +15,7 @@ from fastdit.objectives import build_objective, objective_from_dict
 from fastdit.sampling import SamplingOptions, generate
 from fastdit.train.loop import train
 from test_train import FLOW_FIELDS, tiny_config
-
-
-def run_cli(*args):
-    try:
-        return main([str(a) for a in args])
-    except SystemExit as exit_:
-        return exit_.code
+from cli_runner import run_cli
 
 
 @pytest.fixture(scope="module")

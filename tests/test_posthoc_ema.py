@@ -2,10 +2,8 @@
 tracked averages, `train --posthoc-ema` resuming bit-exactly, and `fastdit ema`."""
 
 import math
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -26,7 +24,7 @@ from fastdit.power_ema import (
 from fastdit.train.loop import train
 from fastdit.train.posthoc_ema import PowerEMAs, list_snapshots
 from fastdit.train.posthoc_reconstruct import reconstruct_ema
-from test_train import TINY, assert_same_tensors, final_state, tiny_config
+from test_train import TINY, assert_same_tensors, final_state, kill_once_checkpointed, tiny_config
 
 POSTHOC = ["--posthoc-ema", "--posthoc-every", "3"]
 
@@ -152,15 +150,7 @@ def test_sigkill_and_rerun_with_posthoc_ema_is_bit_identical(tmp_path):
     command = [sys.executable, "-m", "fastdit", "train", *TINY, *POSTHOC, "--max-steps", "8", "--ckpt-every", "2",
                "--results-dir", str(tmp_path / "killed")]
     run_dir = tmp_path / "killed" / reference.run_dir.name
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (run_dir / "checkpoints" / "0000004.pt").exists():
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (run_dir / "checkpoints" / "0000008.pt").exists()
+    kill_once_checkpointed(command, run_dir, step=4, last=8)
     subprocess.run(command, check=True, capture_output=True)
 
     resumed, uninterrupted = final_state(run_dir), final_state(reference.run_dir)

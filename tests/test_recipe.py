@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 from fastdit.checkpoint import export_weights, load_model
-from fastdit.cli import main
 from fastdit.errors import UserError
 from fastdit.model_info import LatentInfo, ModelInfo
 from fastdit.models import build_model
@@ -24,16 +23,10 @@ from fastdit.sampling.indexed import labels_for
 from fastdit.sampling.presets import PRESETS
 from fastdit.sampling.recipe import RECIPE_FIELDS, RecipeSource, checkpoint_source, resolve, training_recipe
 from fastdit.latents import PixelSpace
+from cli_runner import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 4
-
-
-def run_cli(*args):
-    try:
-        return main([str(a) for a in args])
-    except SystemExit as exit_:
-        return exit_.code
 
 
 @pytest.fixture(scope="module")

@@ -69,6 +69,21 @@ OBJECTIVE_RUNS = pytest.mark.parametrize(
     ids=["ddpm", "flow", "x-pred", "meanflow", "improved-meanflow", "flow-route", "meanflow-route"])
 
 
+def kill_once_checkpointed(command: list[str], run_dir: Path, *, step: int, last: int) -> None:
+    """Start the training `command`, SIGKILL it once its step-`step` checkpoint is on disk (a tiny step
+    takes milliseconds, so it may have written one or two more by then), and check that it had not
+    finished: the step-`last` checkpoint is not there."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / f"{step:07d}.pt").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "checkpoints" / f"{last:07d}.pt").exists()
+
+
 @OBJECTIVE_RUNS
 def test_sigkill_and_rerun_gives_bit_identical_weights(tmp_path, flags, fields):
     reference = train(tiny_config(tmp_path / "reference", max_steps=8, ckpt_every=2, **fields))
@@ -77,15 +92,7 @@ def test_sigkill_and_rerun_gives_bit_identical_weights(tmp_path, flags, fields):
     command = [sys.executable, "-m", "fastdit", "train", *TINY, *flags, "--max-steps", "8", "--ckpt-every", "2",
                "--results-dir", str(tmp_path / "killed")]
     run_dir = tmp_path / "killed" / reference.run_dir.name
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (run_dir / "checkpoints" / "0000004.pt").exists():
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (run_dir / "checkpoints" / "0000008.pt").exists()
+    kill_once_checkpointed(command, run_dir, step=4, last=8)
 
     subprocess.run(command, check=True, capture_output=True)
     resumed, uninterrupted = final_state(run_dir), final_state(reference.run_dir)
@@ -279,15 +286,7 @@ def test_kill_and_resume_with_skipped_steps_is_bit_exact(tmp_path, monkeypatch):
     command = [sys.executable, "-c", script, "train", *TINY, "--max-steps", "8", "--ckpt-every", "2",
                "--skip-nonfinite", "1", "--results-dir", str(tmp_path / "killed")]
     run_dir = tmp_path / "killed" / reference.run_dir.name
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (run_dir / "checkpoints" / "0000004.pt").exists():
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (run_dir / "checkpoints" / "0000008.pt").exists()
+    kill_once_checkpointed(command, run_dir, step=4, last=8)
     rerun = subprocess.run(command, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     # The kill lands at checkpoint 4 or, on a fast machine, a checkpoint or two later (a tiny step takes
