@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from fastdit.app.classes import class_choices, imagenet_class_names, label_of
-from fastdit.app.models import DIGITS, LOCAL, OFFICIAL, ModelSource, model_source
+from fastdit.app.models import DIGITS, LOCAL, OFFICIAL, ModelSource, model_source, official_choice
 from fastdit.app.job import DONE, FAILED, PREVIEW, WAITING, Job
 from fastdit.app.messages import in_page_words
 from fastdit.app.outputs import OutputFolder
@@ -27,17 +27,20 @@ from fastdit.model_info import LatentInfo, ModelInfo
 from fastdit.errors import UserError
 from fastdit.loading import LoadedModel, load_for_sampling
 from fastdit.models import build_model
+from fastdit.objectives import build_objective
+from fastdit.sampling.presets import PRESETS, get_preset
 from cli_runner import run_cli
 
 
-def tiny_digits_run(folder: Path, step: int = 6) -> Path:
+def tiny_digits_run(folder: Path, step: int = 6, objective: str = "ddpm") -> Path:
     """A digits-demo-shaped run folder (DIR/train/checkpoints/NNNNNNN-ema.safetensors) holding a random
     8x8 one-channel DiT with ten named classes: the page needs a loadable model, not a good one."""
     torch.manual_seed(0)
     model = build_model("DiT-T/2", depth=1, input_size=8, in_channels=1, num_classes=10)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    info = ModelInfo(config=model.config, latent=LatentInfo(kind="pixels", vae=None), class_names=[str(k) for k in range(10)])
+    info = ModelInfo(config=model.config, latent=LatentInfo(kind="pixels", vae=None), class_names=[str(k) for k in range(10)],
+                     objective=build_objective(objective))
     return export_weights(model, info, folder / "train" / "checkpoints" / f"{step:07d}-ema.safetensors")
 
 
@@ -182,6 +185,7 @@ def test_cli_flags_become_the_pages_fields():
         "cannot download x offline, or pass --ckpt PATH to a local copy": "give the path of a local copy in the Checkpoint field",
         "pick --cfg-scale in that range, not 5": "pick the Guidance scale field in that range",
         "number of --num-sampling-steps too large": "the Steps field",
+        "use --time-shift 1 or drop --official-guidance": "use Time shift 1 or drop the Official guidance field",
     }
     for message, expected in examples.items():
         shown = page.error_message(UserError(message))
@@ -302,7 +306,8 @@ def test_page_shows_errors_in_the_status_line_and_keeps_the_picture(tmp_path):
     page = page_module.build_page([run], device="cpu", work_dir=str(tmp_path / "work"))
     functions = page_functions(page)
     generate = functions["generate"].fn
-    values = dict(choice=DIGITS, path="", classes=["7"], per_class=2, sampler="ddim", steps=8, cfg=2.0, interval="", seed=0)
+    values = dict(choice=DIGITS, path="", classes=["7"], per_class=2, sampler="ddim", steps=8, cfg=2.0, interval="",
+                  official=False, shift=1.0, seed=0)
 
     def run_page(last=None, **changes):
         return list(generate(*{**values, **changes}.values(), last, request=None, progress=lambda *a, **k: None))
@@ -340,7 +345,8 @@ def test_closing_the_handler_stops_its_sampling(tmp_path):
     tiny_digits_run(run)
     page = page_module.build_page([run], device="cpu", work_dir=str(tmp_path / "work"))
     generate = page_functions(page)["generate"].fn
-    handler = generate(DIGITS, "", ["7"], 64, "ddim", 250, 2.0, "", 0, None, request=None, progress=lambda *a, **k: None)
+    handler = generate(DIGITS, "", ["7"], 64, "ddim", 250, 2.0, "", False, 1.0, 0, None, request=None,
+                       progress=lambda *a, **k: None)
     for update in handler:
         if isinstance(update[3], str) and update[3].startswith("Sampling:"):
             break
@@ -394,3 +400,110 @@ def test_app_answers_only_local_host_names(tmp_path):
         server.terminate()  # SIGTERM: the server removes its folder on the way out
         server.wait(timeout=30)
     assert not list(tmp_path.glob("fastdit-app-*"))
+
+
+# ----------------------------------------------------------------------------------------------
+# `fastdit app --preset NAME` (issue #17): the preset's model and values, official guidance, time shift
+# ----------------------------------------------------------------------------------------------
+
+
+def component(page, elem_id: str):
+    return next(block for block in page.blocks.values() if getattr(block, "elem_id", None) == elem_id)
+
+
+def described(page, choice: str, path: str = "") -> dict:
+    """What the page puts in its fields for a model choice (the handler of a Model change and page load)."""
+    outputs = page_functions(page)["describe_model"].fn(choice, path)
+    names = ("classes", "sampler", "steps", "cfg", "interval", "official", "shift")
+    return {**{name: out.value for name, out in zip(names, outputs)}, "status": outputs[-1]}
+
+
+def test_preset_starts_the_page_on_its_model_and_values(tmp_path):
+    page_module = pytest.importorskip("fastdit.app.page", reason="gradio is not installed (pip install 'fastdit[app]')")
+    (tmp_path / "ddpm").mkdir()
+    ddpm_ckpt = tiny_digits_run(tmp_path / "ddpm")
+    tiny_digits_run(tmp_path / "flow", objective="flow")
+    build = lambda preset=None: page_module.build_page([tmp_path / "flow"], device="cpu", work_dir=str(tmp_path / "work"),
+                                                       preset=get_preset(preset) if preset else None)
+    # Without a preset the page starts as before: the digits demo, every channel guided, no shift.
+    plain = build()
+    assert component(plain, "model").value == DIGITS and component(plain, "official-guidance").value is False
+    # dit-xl2-256: the official DiT-XL/2 at 256 (nothing is loaded to describe it), DiT's sample_ddp.py values.
+    page = build("dit-xl2-256")
+    choice = official_choice("DiT-XL/2", 256)
+    assert component(page, "model").value == choice
+    assert "preset `dit-xl2-256`" in component(page, "intro").value
+    start = {name: component(page, elem_id).value for name, elem_id in
+             [("steps", "steps"), ("cfg", "cfg"), ("official", "official-guidance"), ("shift", "time-shift")]}
+    assert start == dict(steps=250, cfg=1.5, official=True, shift=1.0)
+    fields = described(page, choice)
+    assert {k: fields[k] for k in ("sampler", "steps", "cfg", "interval", "official", "shift")} == dict(
+        sampler="ddpm", steps=250, cfg=1.5, interval="", official=True, shift=1.0)
+    assert "settings from preset `dit-xl2-256`" in fields["status"]
+    # The same preset on a DDPM checkpoint picked by hand: its values replace the checkpoint's (as --ckpt does).
+    assert described(page, LOCAL, str(ddpm_ckpt))["official"] is True
+    # repa-sde-250 names no model: the choice stays the digits demo, and the recipe fills its fields.
+    page = build("repa-sde-250")
+    assert component(page, "model").value == DIGITS
+    fields = described(page, DIGITS)
+    assert {k: fields[k] for k in ("sampler", "steps", "cfg", "interval", "official", "shift")} == dict(
+        sampler="sde-euler", steps=250, cfg=1.8, interval="0.3 1.0", official=False, shift=1.0)
+    # A DDPM model has no sde-euler: it keeps its own values, and the status says why.
+    fields = described(page, LOCAL, str(ddpm_ckpt))
+    assert fields["sampler"] != "sde-euler" and "is for flow models" in fields["status"]
+
+
+def test_official_guidance_and_time_shift_reach_the_sampler_and_the_command(tmp_path):
+    run = tmp_path / "flow"
+    tiny_digits_run(run, objective="flow")
+    request = SampleRequest(source=model_source(DIGITS, "", [run]), labels=(3, 1), images_per_class=2, sampler="euler",
+                            num_steps=6, cfg_scale=2.5, official_guidance=True, time_shift=2.0, seed=5)
+    options = request.options()
+    assert options.guided_channels == 3 and options.time_shift == 2.0
+    out = tmp_path / "page.png"
+    words = shlex.split(generate_grid(request, ModelCache(), out, progress=False))
+    assert "--official-guidance" in words and words[words.index("--time-shift") + 1] == "2.0"
+    from fastdit.program import program_words
+
+    program = program_words()
+    words[words.index("--out") + 1] = str(tmp_path / "cli.png")
+    assert run_cli(*words[len(program):]) == 0
+    written = Image.open(tmp_path / "cli.png")
+    recorded = __import__("json").loads(written.text["fastdit-recipe"])["values"]
+    assert recorded["guided_channels"] == 3 and recorded["time_shift"] == 2.0  # the command parsed both flags
+    # the same computation on the same shapes in the same process: identical pixels
+    page = np.asarray(Image.open(out))
+    assert np.array_equal(page, np.asarray(written))
+    # Not vacuous: without the two settings the same request makes another picture.
+    plain = SampleRequest(**{**request.__dict__, "official_guidance": False, "time_shift": 1.0})
+    assert "--official-guidance" not in plain.command("euler") and "--time-shift" not in plain.command("euler")
+    generate_grid(plain, ModelCache(), tmp_path / "plain.png", progress=False)
+    assert not np.array_equal(page, np.asarray(Image.open(tmp_path / "plain.png")))
+
+
+def test_page_with_a_preset_draws_what_sample_preset_draws(tmp_path):
+    """The page started with --preset repa-sde-250 (its interval, 250 SDE steps, cfg 1.8) on a flow model
+    writes the picture of `fastdit sample --preset repa-sde-250 --ckpt ...` with the same labels and seed."""
+    page_module = pytest.importorskip("fastdit.app.page", reason="gradio is not installed (pip install 'fastdit[app]')")
+    run = tmp_path / "flow"
+    ckpt = tiny_digits_run(run, objective="flow")
+    page = page_module.build_page([run], device="cpu", work_dir=str(tmp_path / "work"), preset=get_preset("repa-sde-250"))
+    fields = described(page, DIGITS)
+    generate = page_functions(page)["generate"].fn
+    updates = list(generate(DIGITS, "", ["7"], 2, fields["sampler"], fields["steps"], fields["cfg"], fields["interval"],
+                            fields["official"], fields["shift"], 3, None, request=None, progress=lambda *a, **k: None))
+    picture, _, command, status, _ = updates[-1]
+    assert status == "Done: 2 images." and "--guidance-interval 0.3 1.0" in command, (status, command)
+    assert run_cli("sample", "--preset", "repa-sde-250", "--ckpt", ckpt, "--class-labels", 7, 7, "--seed", 3,
+                   "--nrow", 2, "--no-upscale", "--no-progress", "--device", "cpu", "--out", tmp_path / "cli.png") == 0
+    # the same computation on the same shapes in the same process: identical pixels
+    assert np.array_equal(np.asarray(Image.open(picture)), np.asarray(Image.open(tmp_path / "cli.png")))
+
+
+def test_app_unknown_preset_is_one_line_naming_the_presets(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # were the preset not checked first, this would be Gradio's message
+    monkeypatch.delitem(sys.modules, "fastdit.app.page", raising=False)
+    assert run_cli("app", "--preset", "dit-xl2-1024", "--device", "cpu") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown preset 'dit-xl2-1024'" in err, err
+    assert all(name in err for name in PRESETS)

@@ -14,6 +14,8 @@ FIELD_OF_FLAG = {
     "--num-sampling-steps": "Steps",
     "--cfg-scale": "Guidance scale",
     "--guidance-interval": "Guidance interval",
+    "--official-guidance": "Official guidance",
+    "--time-shift": "Time shift",
     "--seed": "Seed",
 }
 # Whole phrases whose word-for-word translation would read badly.

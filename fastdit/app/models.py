@@ -27,6 +27,17 @@ MODEL_CHOICES = [DIGITS, LOCAL, *OFFICIAL]
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
+def preset_choice(preset) -> str | None:
+    """The Model choice of a sampling preset (`fastdit.sampling.presets`): the official weights of the
+    model and size it names, as `fastdit sample --preset` picks them; None for a recipe that names no
+    model (repa-sde-250, for a model you trained), which leaves the choice to the user."""
+    model_name, image_size = preset.recipe.get("model"), preset.recipe.get("image_size")
+    if model_name is None:
+        return None
+    choice = official_choice(model_name, image_size)
+    return choice if choice in OFFICIAL else None
+
+
 def find_demo_checkpoint(folders) -> Path | None:
     """The newest EMA weights a digits demo wrote (DIR/train/checkpoints/NNNNNNN-ema.safetensors) in the
     first of `folders` that has one; None if none has."""

@@ -18,27 +18,40 @@ import torch
 
 from ..demo.run import TRAIN_RUN, DemoConfig
 from ..errors import UserError
-from ..sampling import OFFICIAL_CFG_SCALE, OFFICIAL_NUM_STEPS, samplers_for
-from ..sampling.recipe import recorded_options
+from ..sampling import SamplingOptions, samplers_for
+from ..sampling.guidance import OFFICIAL_GUIDED_CHANNELS
+from ..sampling.presets import Preset
+from ..sampling.recipe import SAMPLING_FIELDS, recorded_options, resolve, show_value
 from ..train.state import checkpoint_path, export_path
 from .classes import class_choices, label_of
 from .job import DONE, PREVIEW, WAITING, Job
 from .messages import in_page_words
-from .models import DEMO_FOLDERS, DIGITS, LOCAL, MODEL_CHOICES, model_source
+from .models import DEMO_FOLDERS, DIGITS, LOCAL, MODEL_CHOICES, model_source, preset_choice
 from .outputs import OutputFolder
 from .request import (Limits, ModelCache, SampleRequest, Stopped, generate_grid, parse_interval, real_number,
                       whole_number)
 
 log = logging.getLogger(__name__)
 DEFAULT_SAMPLER = "model default"
+
+
+def field_values(options: SamplingOptions) -> dict:
+    """What the page's sampling fields show for `options` (the Guidance interval is text, "LOW HIGH")."""
+    interval = options.guidance_interval
+    return dict(sampler=options.sampler or DEFAULT_SAMPLER, steps=options.num_steps, cfg=options.cfg_scale,
+                interval="" if interval is None else " ".join(repr(float(t)) for t in interval),
+                official=options.guided_channels == OFFICIAL_GUIDED_CHANNELS, shift=options.time_shift)
+
+
 # Defaults per model: the digits demo samples as `fastdit demo` does (read from its recipe, DemoConfig);
-# the ImageNet models as `fastdit sample` does (250 steps, cfg 4).
+# the ImageNet models as `fastdit sample` does (250 steps, cfg 4, every channel guided, no shift).
 DIGITS_RECIPE = DemoConfig()
 DIGITS_SAMPLER, DIGITS_STEPS = DIGITS_RECIPE.sampling()
-DIGITS_DEFAULTS = dict(sampler=DIGITS_SAMPLER, steps=DIGITS_STEPS, cfg=DIGITS_RECIPE.cfg_scale)
+DIGITS_DEFAULTS = field_values(SamplingOptions(sampler=DIGITS_SAMPLER, num_steps=DIGITS_STEPS,
+                                               cfg_scale=DIGITS_RECIPE.cfg_scale))
 # What `make demo` leaves after its last training step: the example in the checkpoint box.
 DIGITS_EXAMPLE = export_path(checkpoint_path(Path(DEMO_FOLDERS[0]) / TRAIN_RUN, DIGITS_RECIPE.steps))
-IMAGENET_DEFAULTS = dict(sampler=DEFAULT_SAMPLER, steps=OFFICIAL_NUM_STEPS, cfg=OFFICIAL_CFG_SCALE)
+IMAGENET_DEFAULTS = field_values(SamplingOptions())
 # Gradio keeps a copy of every picture and preview it sends; those older than an hour go, checked
 # every ten minutes (the server's own folder keeps the last few PNGs for download: .outputs).
 GRADIO_CACHE_LIFETIME = (600, 3600)
@@ -51,10 +64,25 @@ def recorded_defaults(info, choice: str, samplers) -> dict:
     a MeanFlow model's says one step at cfg 1); files from before recipes get the digits demo's values
     (when the choice is the demo and its sampler fits) or `fastdit sample`'s."""
     if info.sampling:
-        options = recorded_options(info)
-        return dict(sampler=options.sampler or DEFAULT_SAMPLER, steps=options.num_steps, cfg=options.cfg_scale)
+        return field_values(recorded_options(info))
     # A digits run of another objective (`fastdit demo --objective ddpm`) may not offer the demo's sampler.
     return DIGITS_DEFAULTS if choice == DIGITS and DIGITS_SAMPLER in samplers else IMAGENET_DEFAULTS
+
+
+def preset_values(preset: Preset) -> dict:
+    """The page's values for a preset: its recipe, resolved as `fastdit sample --preset NAME` resolves it
+    (the preset takes the place of a checkpoint's recipe; a field the page shows that the preset left
+    unset keeps the command's default)."""
+    return field_values(resolve({}, preset.as_source(), {}).options())
+
+
+def preset_intro(preset: Preset) -> str:
+    """The line under the title that says which preset the page started from, and what it sets."""
+    recipe = preset.recipe
+    model = f"{recipe['model']} {recipe['image_size']}px, " if recipe.get("model") else ""
+    shown = ", ".join(f"{name} {show_value(recipe[name], name)}" for name in SAMPLING_FIELDS if name in recipe)
+    return (f"Started with preset `{preset.name}` ({model}{shown}). Its values fill the sampling fields of every "
+            f"model its sampler fits ({preset.objective} models); any field can still be changed.")
 
 
 def error_message(err: BaseException) -> str:
@@ -71,8 +99,12 @@ def done_message(count: int) -> str:
     return f"Done: {count} image{'s' if count > 1 else ''}."
 
 
-def build_page(demo_folders, device: str = "auto", work_dir: str | None = None, limits: Limits = Limits()) -> gr.Blocks:
+def build_page(demo_folders, device: str = "auto", work_dir: str | None = None, limits: Limits = Limits(),
+               preset: Preset | None = None) -> gr.Blocks:
+    """The page; with a `preset` (`fastdit app --preset NAME`) it starts on the preset's model, when the
+    preset names one, and fills the sampling fields with the preset's values for every model it fits."""
     cache = ModelCache()
+    wanted = preset_values(preset) if preset is not None else None
     pictures = OutputFolder(Path(work_dir or tempfile.mkdtemp(prefix="fastdit-app-")) / "pictures")
     # One generation samples at a time: a stopped one still finishes its current model call, and the
     # next waits for it (the event's concurrency limit alone would let them overlap for that call).
@@ -93,18 +125,29 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None, 
                 defaults = recorded_defaults(info, choice, samplers)
                 first = []
             status = f"Model: `{source.path or source.model_name}`"
+            if wanted is not None:
+                # As `fastdit sample --preset` does, the preset's values replace the model's own; a model
+                # whose samplers do not include the preset's would only fail on Generate, so it keeps its own.
+                if wanted["sampler"] in samplers:
+                    defaults = wanted
+                    status += f"; settings from preset `{preset.name}`"
+                else:
+                    status += (f"; preset `{preset.name}` is for {preset.objective} models (its sampler "
+                               f"{wanted['sampler']} does not fit this one): the model's own settings are shown")
         except Exception as err:  # noqa: BLE001 - every failure becomes a message in the page
-            return keep(), keep(), keep(), keep(), error_message(err)
+            return keep(), keep(), keep(), keep(), keep(), keep(), keep(), error_message(err)
         return (gr.Dropdown(choices=names, value=first), gr.Dropdown(choices=[DEFAULT_SAMPLER, *samplers], value=defaults["sampler"]),
-                gr.Number(value=defaults["steps"]), gr.Number(value=defaults["cfg"]), status)
+                gr.Number(value=defaults["steps"]), gr.Number(value=defaults["cfg"]), gr.Textbox(value=defaults["interval"]),
+                gr.Checkbox(value=defaults["official"]), gr.Number(value=defaults["shift"]), status)
 
-    def read_request(choice, path, classes, per_class, sampler, steps, cfg, interval, seed) -> SampleRequest:
+    def read_request(choice, path, classes, per_class, sampler, steps, cfg, interval, official, shift, seed) -> SampleRequest:
         request = SampleRequest(
             source=model_source(choice, path, demo_folders), labels=tuple(dict.fromkeys(label_of(c) for c in classes or ())),
             images_per_class=whole_number(per_class, "Images per class", 1),
             sampler=None if sampler in (None, DEFAULT_SAMPLER) else sampler,
             num_steps=whole_number(steps, "Steps", 1), cfg_scale=real_number(cfg, "Guidance scale"),
-            guidance_interval=parse_interval(interval), seed=whole_number(seed, "Seed", 0), device=device,
+            guidance_interval=parse_interval(interval), official_guidance=bool(official),
+            time_shift=real_number(shift, "Time shift"), seed=whole_number(seed, "Seed", 0), device=device,
         )
         request.check(limits)
         return request
@@ -113,12 +156,12 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None, 
         """The last finished picture of this session (None if there is none, or it was since removed)."""
         return last[0] if last and Path(last[0]).is_file() else None
 
-    def generate(choice, path, classes, per_class, sampler, steps, cfg, interval, seed, last,
+    def generate(choice, path, classes, per_class, sampler, steps, cfg, interval, official, shift, seed, last,
                  request: gr.Request, progress=gr.Progress(track_tqdm=True)):
         """Outputs: picture, PNG, command, status, last finished (picture, command). A generator: it
         streams previews, and Gradio can close it between two yields (Stop, a client that left)."""
         try:
-            sample = read_request(choice, path, classes, per_class, sampler, steps, cfg, interval, seed)
+            sample = read_request(choice, path, classes, per_class, sampler, steps, cfg, interval, official, shift, seed)
         except Exception as err:  # noqa: BLE001
             yield keep(), keep(), keep(), error_message(err), keep()
             return
@@ -161,11 +204,14 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None, 
         return earlier_picture(last), "Stopped."
 
     with gr.Blocks(title="fastdit", delete_cache=GRADIO_CACHE_LIFETIME) as page:
-        gr.Markdown("# fastdit\nClass-conditional samples from a Diffusion Transformer.")
+        intro = "# fastdit\nClass-conditional samples from a Diffusion Transformer."
+        gr.Markdown(intro + (f"\n\n{preset_intro(preset)}" if preset is not None else ""), elem_id="intro")
+        start = wanted or IMAGENET_DEFAULTS  # the fields before the page's first load fills them for its model
         last = gr.State(None)  # (PNG path, command) of the session's last finished picture
         with gr.Row():
             with gr.Column():
-                model = gr.Dropdown(MODEL_CHOICES, value=DIGITS, label="Model", elem_id="model")
+                first_model = (preset_choice(preset) if preset is not None else None) or DIGITS
+                model = gr.Dropdown(MODEL_CHOICES, value=first_model, label="Model", elem_id="model")
                 path = gr.Textbox(label="Checkpoint (a local checkpoint; or a digits demo run elsewhere)",
                                   placeholder=str(DIGITS_EXAMPLE), elem_id="path")
                 classes = gr.Dropdown([], multiselect=True, allow_custom_value=True, label="Classes (type to search)",
@@ -173,10 +219,16 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None, 
                 per_class = gr.Number(1, precision=0, label="Images per class", elem_id="per-class")
                 with gr.Row():
                     sampler = gr.Dropdown([DEFAULT_SAMPLER], value=DEFAULT_SAMPLER, label="Sampler", elem_id="sampler")
-                    steps = gr.Number(OFFICIAL_NUM_STEPS, precision=0, label="Steps", elem_id="steps")
+                    steps = gr.Number(start["steps"], precision=0, label="Steps", elem_id="steps")
                 with gr.Row():
-                    cfg = gr.Number(OFFICIAL_CFG_SCALE, label="Guidance scale (1: none)", elem_id="cfg")
-                    interval = gr.Textbox(label="Guidance interval LOW HIGH (empty: every step)", elem_id="interval")
+                    cfg = gr.Number(start["cfg"], label="Guidance scale (1: none)", elem_id="cfg")
+                    interval = gr.Textbox(start["interval"], label="Guidance interval LOW HIGH (empty: every step)",
+                                          elem_id="interval")
+                with gr.Row():
+                    # DiT's forward_with_cfg guides model_out[:, :3]; the DiT and SiT presets need it for their FIDs.
+                    official = gr.Checkbox(start["official"], label=f"Official guidance (first {OFFICIAL_GUIDED_CHANNELS} channels)",
+                                           elem_id="official-guidance")
+                    shift = gr.Number(start["shift"], label="Time shift (flow models; 1: none)", elem_id="time-shift")
                 seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")
                 with gr.Row():
                     button = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -187,13 +239,14 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None, 
                                  buttons=["download", "fullscreen"], elem_id="grid")
                 png = gr.File(label="PNG", elem_id="png")
                 command = gr.Textbox(label="Reproduce with", buttons=["copy"], elem_id="command")
-        model_outputs = [classes, sampler, steps, cfg, status]
+        model_outputs = [classes, sampler, steps, cfg, interval, official, shift, status]
         model.change(describe_model, [model, path], model_outputs)
         # A pasted path is taken when the field loses focus, without Enter (Enter works too).
         path.submit(describe_model, [model, path], model_outputs)
         path.blur(describe_model, [model, path], model_outputs)
         page.load(describe_model, [model, path], model_outputs)
-        generation = button.click(generate, [model, path, classes, per_class, sampler, steps, cfg, interval, seed, last],
-                                  [image, png, command, status, last], concurrency_limit=1, show_progress="minimal")
+        fields = [model, path, classes, per_class, sampler, steps, cfg, interval, official, shift, seed, last]
+        generation = button.click(generate, fields, [image, png, command, status, last], concurrency_limit=1,
+                                  show_progress="minimal")
         stop_button.click(stop, [last], [image, status], cancels=[generation], queue=False)
     return page

@@ -19,6 +19,7 @@ from ..errors import UserError
 from ..program import program_words
 from ..sampling import OFFICIAL_CFG_SCALE, OFFICIAL_NUM_STEPS, SamplingOptions
 from ..sampling.generate import GENERATE_BATCH_SIZE
+from ..sampling.guidance import OFFICIAL_GUIDED_CHANNELS
 from .models import ModelSource
 
 # Bounds on one request, so that one page cannot hold the server for long or run it out of memory
@@ -81,6 +82,9 @@ class SampleRequest:
     num_steps: int = OFFICIAL_NUM_STEPS
     cfg_scale: float = OFFICIAL_CFG_SCALE
     guidance_interval: tuple[float, float] | None = None
+    # The official DiT/SiT rule: guide the first 3 channels of the model's output (the DiT and SiT presets).
+    official_guidance: bool = False
+    time_shift: float = 1.0  # flow models only; 1 is no shift
     seed: int = 0
     device: str = "auto"
 
@@ -111,7 +115,8 @@ class SampleRequest:
 
     def options(self) -> SamplingOptions:
         return SamplingOptions(sampler=self.sampler, num_steps=self.num_steps, cfg_scale=self.cfg_scale,
-                               guidance_interval=self.guidance_interval)
+                               guided_channels=OFFICIAL_GUIDED_CHANNELS if self.official_guidance else None,
+                               guidance_interval=self.guidance_interval, time_shift=self.time_shift)
 
     def command(self, sampler: str, out: str = "sample.png") -> str:
         """The `fastdit sample` command that writes the same PNG (`sampler`: the resolved one)."""
@@ -123,6 +128,10 @@ class SampleRequest:
                   "--num-sampling-steps", str(self.num_steps), "--cfg-scale", repr(float(self.cfg_scale))]
         if self.guidance_interval is not None:
             words += ["--guidance-interval", *(repr(float(t)) for t in self.guidance_interval)]
+        if self.official_guidance:
+            words += ["--official-guidance"]
+        if self.time_shift != 1.0:
+            words += ["--time-shift", repr(float(self.time_shift))]
         # --no-upscale: the page writes images at their size (its CSS enlarges them), and so does the command.
         words += ["--seed", str(self.seed), "--nrow", str(self.nrow), "--no-upscale", "--out", out]
         if self.device != "auto":

@@ -18,11 +18,17 @@ HELP = "a local web page to sample from the digits demo, a checkpoint or the off
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..app.models import DEMO_FOLDERS
+    from ..sampling.presets import preset_names
 
     parser.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: a free one, printed)")
     parser.add_argument("--demo-out", action="append", default=None, metavar="DIR",
                         help=f"folder of a `fastdit demo` run to offer as the digits model (default: {', '.join(DEMO_FOLDERS)})")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    # No argparse choices: an unknown name gets get_preset's one line, the same as in the library.
+    parser.add_argument("--preset", default=None, metavar="NAME",
+                        help="start on a named sampling preset (`fastdit presets`: " + ", ".join(preset_names()) +
+                             "): its model, where it names one, and its sampler, steps, guidance and time shift "
+                             "in the fields, as `fastdit sample --preset NAME` samples")
     from ..app.request import MAX_IMAGE_STEPS, MAX_IMAGES
 
     parser.add_argument("--max-images", type=int, default=MAX_IMAGES, metavar="N",
@@ -41,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from ..app.models import DEMO_FOLDERS
     from ..app.request import Limits
     from ..devices import resolve_device
+    from ..sampling.presets import get_preset
 
     if args.port is not None and not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
@@ -48,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
     resolve_device(args.device)  # a bad --device fails here, not in the page
+    preset = get_preset(args.preset) if args.preset is not None else None
     # One folder per server for its PNGs and Gradio's copies of them, removed when it stops.
     work = tempfile.mkdtemp(prefix="fastdit-app-")
     # SIGTERM (a service manager stopping the app) ends like Ctrl+C: through the cleanup below.
@@ -63,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"fastdit app needs Gradio; install it with: {install_command('app')}") from None
         port = args.port or free_port()
         page = build_page(args.demo_out or DEMO_FOLDERS, device=args.device, work_dir=work,
-                          limits=Limits(args.max_images, args.max_image_steps))
+                          limits=Limits(args.max_images, args.max_image_steps), preset=preset)
         serve(page, port, css=PAGE_CSS)
         print(f"fastdit app: serving on http://127.0.0.1:{port} (Ctrl+C to stop)", flush=True)  # once it answers
         page.block_thread()
