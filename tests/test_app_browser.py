@@ -142,3 +142,34 @@ def test_generate_digits_and_show_errors_in_the_page(app_url, tmp_path):
         page.locator("#cfg input").click()  # focus elsewhere
         sync_api.expect(status).to_contain_text(f"Model: {ckpt}", timeout=60_000)
         browser.close()
+
+
+def test_preset_fills_the_fields_in_the_page(tmp_path):
+    """`fastdit app --preset dit-xl2-256`: the page opens on the official DiT-XL/2 256 (described without
+    loading it, so nothing is downloaded) with DiT's sample_ddp.py values in its fields."""
+    from test_app import start_app
+
+    executable = chromium_executable()
+    if executable is None:
+        pytest.skip("no Chromium found (Debian: apt-get install chromium); the browser test needs one")
+    server, port = start_app(tmp_path, "--preset", "dit-xl2-256")
+    try:
+        assert port, f"fastdit app did not start (exit {server.poll()})"
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=executable, headless=True)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}")
+            status = page.locator("#status")
+            sync_api.expect(status).to_contain_text("settings from preset dit-xl2-256", timeout=60_000)
+            assert "Model: DiT-XL/2" in status.inner_text()
+            assert "DiT-XL/2 256px" in page.locator("#model input").input_value()
+            assert "preset dit-xl2-256" in page.locator("#intro").inner_text()
+            assert page.locator("#sampler input").input_value() == "ddpm"
+            assert page.locator("#steps input").input_value() == "250"
+            assert page.locator("#cfg input").input_value() == "1.5"
+            assert page.locator("#time-shift input").input_value() == "1"
+            assert page.locator("#official-guidance input").is_checked()
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -226,8 +226,8 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None, 
                                           elem_id="interval")
                 with gr.Row():
                     # DiT's forward_with_cfg guides model_out[:, :3]; the DiT and SiT presets need it for their FIDs.
-                    official = gr.Checkbox(start["official"], label=f"Official guidance (first {OFFICIAL_GUIDED_CHANNELS} channels)",
-                                           elem_id="official-guidance")
+                    official = gr.Checkbox(start["official"], elem_id="official-guidance",
+                                           label=f"Official guidance (first {OFFICIAL_GUIDED_CHANNELS} channels)")
                     shift = gr.Number(start["shift"], label="Time shift (flow models; 1: none)", elem_id="time-shift")
                 seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")
                 with gr.Row():
