@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import socket
-from pathlib import Path
 from typing import Iterator, Mapping
 
 from . import distributed

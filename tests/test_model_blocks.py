@@ -14,7 +14,7 @@ from conftest import recipe_state_dict
 from fastdit.checkpoint import export_weights, load_model, read_checkpoint
 from fastdit.model_info import LatentInfo, ModelInfo
 from fastdit.errors import UserError
-from fastdit.models import LIGHTNINGDIT_BLOCKS, DiTConfig, build_model
+from fastdit.models import LIGHTNINGDIT_BLOCKS, build_model
 from fastdit.models.dit import Mlp, SwiGLUMlp, apply_rope, rope_2d_angles, swiglu_hidden
 from fastdit.models.presets import SIZES
 

@@ -26,7 +26,7 @@ from ..train.state import checkpoint_path, export_path
 from .classes import class_choices, label_of
 from .job import DONE, PREVIEW, WAITING, Job
 from .messages import in_page_words
-from .models import DEMO_FOLDERS, DIGITS, LOCAL, MODEL_CHOICES, model_source, preset_choice
+from .models import DEMO_FOLDERS, DIGITS, MODEL_CHOICES, model_source, preset_choice
 from .outputs import OutputFolder
 from .request import (Limits, ModelCache, SampleRequest, Stopped, generate_grid, parse_interval, real_number,
                       whole_number)

@@ -13,7 +13,7 @@ import torch
 
 from ..devices import cpu_flags, cpu_name
 from ..train.logger import peak_memory_gb
-from .flops import forward_flops_per_image, peak_tflops
+from .flops import forward_flops_per_image
 from .rows import Measurement, Row, make_sample_step, make_train_step, reference_name, time_steps
 
 
