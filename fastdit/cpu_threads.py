@@ -88,5 +88,5 @@ def configure_threads(requested: int | None) -> None:
     if requested is None and threads < usable:
         print(f"fastdit: the machine is busy ({why}); running on {threads} thread{'s' * (threads > 1)} "
               f"(--threads N to choose)", file=sys.stderr, flush=True)
-    elif requested is not None and busy is None and threads > usable:
+    elif requested is not None and threads > usable:
         warnings.warn(f"--threads {threads} is more than the {usable} cores this process may use", stacklevel=2)

@@ -26,10 +26,7 @@ def seed(text: str) -> int:
     torch.manual_seed takes 64 bits)."""
     from ..seeding import MAX_SEED
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = _integer(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative; seeds are integers >= 0, e.g. 0")
     if value > MAX_SEED:
@@ -39,10 +36,14 @@ def seed(text: str) -> int:
 
 def positive_int(text: str) -> int:
     """An integer >= 1 (a count of threads, images, ...)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
     return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None

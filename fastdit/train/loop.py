@@ -164,8 +164,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
         f"of shape {tuple(data.latent_shape)}; {dist.world_size} process(es) on {device.type}{_parallelism(state)}, "
         f"global batch {optim.global_batch_size} (micro-batch {micro_batch}), {run.precision}, activation "
         f"checkpointing {run.gradient_checkpointing}{', blocks compiled' if run.compile else ''}, "
-        f"{_alignment_text(config) if state.alignment is not None else ''}{_routing_text(state)}"
-        f"{_posthoc_text(config) if state.posthoc is not None else ''}"
+        f"{_alignment_text(config, state)}{_routing_text(state)}{_posthoc_text(config, state)}"
         f"steps {position.step} -> {max_steps}, run folder {run_dir}"
     )
 
@@ -314,13 +313,17 @@ def batch_split(config: TrainConfig, world_size: int) -> tuple[int, int]:
     return local_batch, micro_batch
 
 
-def _alignment_text(config: TrainConfig) -> str:
+def _alignment_text(config: TrainConfig, state: TrainingState) -> str:
     settings = config.alignment
+    if state.alignment is None:
+        return ""
     return f"REPA with {settings.repa} at block {settings.repa_depth} (weight {settings.repa_weight:g}), "
 
 
-def _posthoc_text(config: TrainConfig) -> str:
+def _posthoc_text(config: TrainConfig, state: TrainingState) -> str:
     optim = config.optimisation
+    if state.posthoc is None:
+        return ""
     lengths = " and ".join(f"{s:g}" for s in optim.posthoc_sigma_rels)
     return f"post-hoc EMAs σ_rel {lengths} (snapshots every {optim.posthoc_every} steps), "
 

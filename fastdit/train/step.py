@@ -199,10 +199,12 @@ def _clip_jointly(groups, max_norm: float) -> torch.Tensor:
     """`clip_grad_norm_` over several groups at once, by their joint norm (`_gradient_norm`), which it returns."""
     groups = [list(group) for group in groups]
     total = _gradient_norm(groups)
-    scale = min(1.0, max_norm / (float(total) + 1e-6))  # as clip_grad_norm_ computes it
-    if scale < 1.0:
-        for group in groups:
-            torch._foreach_mul_([p.grad for p in group if p.grad is not None], scale)
+    # As clip_grad_norm_ computes it, on the device: no host sync a step (a factor of 1 changes nothing).
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for group in groups:
+        grads = [p.grad for p in group if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale.to(grads[0].device))
     return total
 
 
