@@ -85,3 +85,14 @@ LOWER_LAYERS = {
 def test_objectives_and_processes_import_no_higher_layer(layer, path):
     bad = sorted(m for m in imported_modules(path) for higher in LOWER_LAYERS[layer] if offending(m, higher))
     assert not bad, f"{module_name(path)} imports {bad}: fastdit/{layer} may not depend on {LOWER_LAYERS[layer]}"
+
+
+def test_data_modules_import_each_other_one_way():
+    # Within fastdit/data, data flows one way (extract -> latent_store -> image_folder): a module whose
+    # helper another one needs owns it, rather than the two importing each other (lazily or not).
+    modules = {module_name(path): imported_modules(path) for path in sorted((PACKAGE / "data").glob("*.py"))
+               if path.name != "__init__.py"}
+    assert "fastdit.data.extract" in modules and "fastdit.data.latent_store" in modules, "the data modules moved"
+    both_ways = sorted((a, b) for a in modules for b in modules if a < b
+                       and any(offending(m, b) for m in modules[a]) and any(offending(m, a) for m in modules[b]))
+    assert not both_ways, f"these fastdit/data modules import each other: {both_ways}"

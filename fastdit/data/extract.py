@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import UserError
+from .latent_store import DEFAULT_DTYPE, DEFAULT_SHARD_SIZE
 
 
 @dataclass(frozen=True)
@@ -21,9 +22,9 @@ class ExtractConfig:
     image_size: int = 256
     vae: str = "ema"  # "ema"/"mse" (the SD VAEs DiT uses), a hub id or a local diffusers folder
     batch_size: int = 32  # images per VAE call and process; each is encoded together with its flip
-    shard_size: int = 10_000
+    shard_size: int = DEFAULT_SHARD_SIZE
     num_workers: int = 4
-    dtype: str = "float16"
+    dtype: str = DEFAULT_DTYPE
     skip_corrupt: bool = False
     with_images: bool = False  # also store each crop the VAE encoded (PNG), for REPA-style encoders
     device: str = "auto"

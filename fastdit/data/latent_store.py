@@ -61,6 +61,9 @@ _SAFETENSORS_DTYPES = {"float16": "F16", "float32": "F32"}
 IMAGE_BYTES = "image_png"
 IMAGE_OFFSETS = "image_offsets"
 PNG_COMPRESS_LEVEL = 1  # why 1: the module docstring
+# The defaults of `fastdit extract`'s plan settings; the command line a store prints leaves them out.
+DEFAULT_SHARD_SIZE = 10_000
+DEFAULT_DTYPE = "float16"
 
 
 def shard_name(shard: int) -> str:
@@ -431,18 +434,16 @@ class LatentStore:
     def extract_command(self, *, with_images: bool) -> str:
         """The `fastdit extract` command line of this store's recorded settings (so that it continues this
         store rather than being refused), with --with-images if asked."""
-        from .extract import ExtractConfig
-
         vae = {repo: name for name, repo in OFFICIAL_VAES.items()}.get(self.meta["vae"], self.meta["vae"])
         data_path = self.meta.get("data_path")  # stores written before it was recorded lack it
         argv = ["fastdit", "extract", "--data-path", shlex.quote(data_path) if data_path else "<the image folder>",
                 "--features-path", shlex.quote(str(self.path)), "--image-size", str(self.plan.image_size),
                 "--vae", shlex.quote(vae)]
         # The plan must match for the command to continue this store; flags at their defaults are left out.
-        defaults = ExtractConfig.__dataclass_fields__
-        for name in ("shard_size", "dtype"):
-            if getattr(self.plan, name) != defaults[name].default:
-                argv += [f"--{name.replace('_', '-')}", str(getattr(self.plan, name))]
+        if self.plan.shard_size != DEFAULT_SHARD_SIZE:
+            argv += ["--shard-size", str(self.plan.shard_size)]
+        if self.plan.dtype != DEFAULT_DTYPE:
+            argv += ["--dtype", self.plan.dtype]
         return " ".join(argv + ["--with-images"] * with_images)
 
     def require_images(self) -> None:
