@@ -29,6 +29,7 @@ from .latents import OFFICIAL_VAES, PIXEL_SPACE_NAMES, latent_side
 from .state_dicts import check_weight_values, describe_mismatch
 from .model_info import LatentInfo, ModelInfo, parse_recorded_json
 from .models import DiT, DiTConfig, config_from_name, preset_of
+from .models.dit import swiglu_hidden
 from .models.presets import SIZES
 from .objectives import OBJECTIVES, build_objective
 
@@ -108,16 +109,28 @@ def _read_safetensors(path: Path) -> tuple[dict, dict | None]:
 
 
 def _shape_fields(state_dict: dict) -> dict:
-    """The config fields that weight shapes determine (everything but depth, width and heads)."""
+    """The config fields that weight shapes and key names determine (everything but depth, width, heads).
+
+    Of the block options, the MLP kind shows in its key names (`fc1`/`fc2` or SwiGLU's `fc_in`/`fc_out`)
+    and qk_norm in its norms' keys, whose bias (LayerNorm has one, RMSNorm not) also tells the norm kind.
+    RoPE (its tables are not saved) and rmsnorm without qk_norm (the block norms have no weights) leave
+    no trace: a plain state dict reads as without them, and only a file that records its config (a fastdit
+    export or training checkpoint) restores them."""
     try:
         num_tokens, hidden = state_dict["pos_embed"].shape[1:]
         proj = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
         rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
         final = state_dict["final_layer.linear.weight"].shape[0]
-        mlp_hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
+        if "blocks.0.mlp.fc_in.weight" in state_dict:  # SwiGLU: (2 w, D), gate and value fused
+            fused_rows = state_dict["blocks.0.mlp.fc_in.weight"].shape[0]
+            mlp = dict(mlp="swiglu", mlp_ratio=_swiglu_mlp_ratio(fused_rows, hidden))
+        else:
+            mlp = dict(mlp="gelu", mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden)
     except KeyError as err:
         raise UserError(f"not a DiT state dict: key {err.args[0]!r} is missing") from None
     patch, in_channels = proj.shape[-1], proj.shape[1]
+    qk_norm = "blocks.0.attn.q_norm.weight" in state_dict
+    norm = {"norm": "layernorm" if "blocks.0.attn.q_norm.bias" in state_dict else "rmsnorm"} if qk_norm else {}
     # Without metadata we assume a null-class row is present (official releases: 1001 rows for 1000 classes).
     return dict(
         input_size=int(round(num_tokens**0.5)) * patch,
@@ -125,9 +138,24 @@ def _shape_fields(state_dict: dict) -> dict:
         in_channels=in_channels,
         num_classes=rows - 1,
         learn_sigma=final // (patch * patch) == 2 * in_channels,
-        mlp_ratio=mlp_hidden / hidden,
+        **mlp,
+        qk_norm=qk_norm,
+        **norm,
         time_gap_embedding="gap_embedder.mlp.0.weight" in state_dict,  # MeanFlow's second time input
         guidance_embedding="guidance_embedder.mlp.0.weight" in state_dict,  # improved MeanFlow's guidance input
+    )
+
+
+def _swiglu_mlp_ratio(fused_rows: int, hidden: int) -> float:
+    """An `mlp_ratio` that gives a SwiGLU MLP `fused_rows` / 2 wide: `swiglu_hidden` rounds, so several
+    do; 4.0 (every preset) when it is one of them, else the GELU width that the SwiGLU width is 2/3 of."""
+    width = fused_rows // 2
+    for ratio in (4.0, 1.5 * width / hidden):
+        if fused_rows % 2 == 0 and swiglu_hidden(int(hidden * ratio)) == width:
+            return ratio
+    raise UserError(
+        f"blocks.0.mlp.fc_in.weight has {fused_rows} rows, which no mlp_ratio gives a fastdit SwiGLU MLP (twice "
+        f"a multiple of 8); the file is not a fastdit DiT state dict"
     )
 
 
@@ -252,7 +280,8 @@ def load_model(
     """A ready (eval-mode) model and what it is, from an official name, a local file or a checkpoint.
 
     `model_name`, `image_size` and `num_classes` are needed only for plain state dicts whose config
-    the file does not record (they are checked against the weights either way). `vae` names the VAE
+    the file does not record (they are checked against the weights either way); the block options are
+    read from the weights, except RoPE and RMSNorm without qk_norm, which leave none (`_shape_fields`). `vae` names the VAE
     of a plain state dict, or is "pixels" for one trained on pixels (its channel count is read from the
     patch embedding's weight). `objective` (a registered name: "ddpm", "flow", "x-pred") is what a plain state dict predicts:
     files that record it, and the official releases, know it already (a different one is refused).

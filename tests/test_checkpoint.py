@@ -43,6 +43,42 @@ def test_plain_state_dict_inferred_from_shapes(tmp_path):
     assert same_weights(loaded, model)
 
 
+BLOCK_OPTIONS_IN_THE_WEIGHTS = [
+    dict(mlp="swiglu"),
+    dict(qk_norm=True),
+    dict(qk_norm=True, norm="rmsnorm"),  # qk_norm's weights without a bias tell RMSNorm from LayerNorm
+    dict(mlp="swiglu", qk_norm=True, norm="rmsnorm"),
+]
+
+
+@pytest.mark.parametrize("options, model_name",
+                         [(options, name) for options in BLOCK_OPTIONS_IN_THE_WEIGHTS for name in (None, "DiT-T/4")]
+                         + [(dict(mlp="swiglu", mlp_ratio=3.0), None)],  # a preset name fixes the ratio at 4
+                         ids=lambda value: ",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict)
+                         else str(value))
+def test_plain_state_dict_of_block_options_reads_them_from_the_weights(tmp_path, options, model_name):
+    torch.manual_seed(0)
+    trained = build_model("DiT-T/4", input_size=16, num_classes=10, **options).eval()
+    for p in trained.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)  # not adaLN-Zero's identity blocks, so the options change the output
+    path = tmp_path / "plain.pt"
+    torch.save(trained.state_dict(), path)
+    model, info = load_model(path, model_name=model_name, image_size=128)
+    assert {name: getattr(info.config, name) for name in options} == options
+    assert same_weights(model, trained)
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 9])
+    torch.testing.assert_close(model(x, t, y), trained(x, t, y))
+
+
+def test_a_swiglu_width_no_mlp_ratio_gives_is_refused(tmp_path):
+    state = build_model("DiT-T/4", input_size=16, num_classes=10, mlp="swiglu").state_dict()
+    state["blocks.0.mlp.fc_in.weight"] = torch.zeros(26, 128)
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(UserError, match="fc_in.weight has 26 rows, which no mlp_ratio gives"):
+        load_model(tmp_path / "odd.pt")
+
+
 def test_official_training_checkpoint_with_namespace_args(tmp_path, tiny):
     ema = build_model("DiT-T/4", input_size=16, num_classes=10)
     path = tmp_path / "0000100.pt"
