@@ -186,17 +186,3 @@ def _is_hub_id(name: str) -> bool:
         return False
     return True
 
-
-def tiny_vae_config() -> dict:
-    """A tiny AutoencoderKL config (8x downsampling, 4 latent channels) for tests and offline checks."""
-    return {
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "block_out_channels": [8, 8, 8, 8],
-        "layers_per_block": 1,
-        "latent_channels": 4,
-        "norm_num_groups": 4,
-        "sample_size": 32,
-    }

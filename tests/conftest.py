@@ -63,10 +63,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs the network (set FASTDIT_NETWORK_TESTS=1)"))
 
 
+def tiny_vae_config() -> dict:
+    """A tiny AutoencoderKL config (8x downsampling, 4 latent channels) : a VAE to test with, offline."""
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [8, 8, 8, 8],
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 4,
+        "sample_size": 32,
+    }
+
+
 def save_tiny_vae(folder, seed):
     from diffusers import AutoencoderKL
-
-    from fastdit.latents import tiny_vae_config
 
     torch.manual_seed(seed)
     AutoencoderKL(**tiny_vae_config()).save_pretrained(folder)

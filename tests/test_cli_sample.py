@@ -11,9 +11,9 @@ from PIL import Image
 
 from fastdit.checkpoint import export_weights
 from fastdit.model_info import LatentInfo, ModelInfo
-from fastdit.latents import tiny_vae_config
 from fastdit.models import build_model
 from cli_runner import run_cli
+from conftest import tiny_vae_config
 
 
 def random_tiny(**fields):

@@ -26,7 +26,7 @@ faults = []
 for step in range(16):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     optimizer.zero_grad(set_to_none=True)
-    diffusion.loss(model, x, {"y": y}, t=torch.tensor([10, 900])).mean().backward()
+    diffusion.training_losses(model, x, torch.tensor([10, 900]), {"y": y})["loss"].mean().backward()
     optimizer.step()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(json.dumps(faults[3:]))

@@ -8,6 +8,7 @@ import pytest
 
 from fastdit.errors import UserError
 from fastdit.latents import load_latent_space
+from conftest import tiny_vae_config
 
 ACCEPTED = "'mse', 'ema', a Hugging Face hub id (namespace/name) or a local diffusers AutoencoderKL folder"
 
@@ -49,8 +50,6 @@ def test_a_hub_id_that_cannot_be_fetched_offline(tmp_path, monkeypatch):
 @pytest.mark.parametrize("field, count", [("out_channels", 1), ("in_channels", 4)])
 def test_a_vae_for_other_than_rgb_images_is_refused_at_load(tmp_path, field, count):
     from diffusers import AutoencoderKL
-
-    from fastdit.latents import tiny_vae_config
 
     folder = tmp_path / "vae"
     AutoencoderKL(**{**tiny_vae_config(), field: count}).save_pretrained(folder)

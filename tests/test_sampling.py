@@ -8,7 +8,7 @@ import torch
 
 from fastdit.diffusion import create_diffusion
 from fastdit.errors import UserError
-from fastdit.latents import PixelSpace, VAELatentSpace, tiny_vae_config
+from fastdit.latents import PixelSpace, VAELatentSpace
 from fastdit.models import build_model
 from fastdit.objectives import build_objective
 from fastdit.sampling import (
@@ -16,6 +16,7 @@ from fastdit.sampling import (
     generate as generate_with, guide, guided_model, sample_latents,
 )
 from fastdit.sampling.noise import PerImageNoise
+from conftest import tiny_vae_config
 from official_steps import ddim_step
 
 

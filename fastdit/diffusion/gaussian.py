@@ -199,22 +199,6 @@ class GaussianDiffusion:
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
 
-    def sample_times(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
-        """Training timesteps t ~ U{0..T−1}, int64."""
-        return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator)
-
-    def loss(
-        self, model, x_start: torch.Tensor, model_kwargs: dict | None = None, generator: torch.Generator | None = None,
-        *, t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Per-sample training loss with t ~ U{0..T−1} and ε ~ N(0, I) drawn from `generator`, unless
-        given (the training loop draws them for the whole global batch, so every process count trains alike)."""
-        if t is None:
-            t = self.sample_times(x_start.shape[0], x_start.device, generator=generator)
-        if noise is None:
-            noise = torch.randn(x_start.shape, device=x_start.device, dtype=x_start.dtype, generator=generator)
-        return self.training_losses(model, x_start, t, model_kwargs, noise=noise)["loss"]
-
 
 def create_diffusion(
     timestep_respacing: str | int | None = "",
