@@ -211,11 +211,11 @@ def _mismatch_error(expected_state: dict, config: DiTConfig, state_dict: dict, s
 def check_fits_before_building(config: DiTConfig, state_dict: dict, source: str, *, recorded: bool) -> None:
     """Refuse a config (`recorded` in the file, or given by the caller) that the file's tensors do not
     match, before a single weight is allocated: a 7 MB export whose metadata claims depth 400 and width
-    2048 is one line, not a 23 GB model built first (#18 item 5.2).
+    2048 is one line, not a 23 GB model built first.
 
     Depth, width and input size, the knobs that make a model big, are compared first, from shapes and
-    key names alone: even on the meta device a DiT costs time per block (about 10 ms) and computes its
-    sin-cos position table (tokens x width) on the CPU. With those equal, a skeleton on the meta device
+    key names alone: even on the meta device a DiT costs time per block and computes its sin-cos
+    position table (tokens x width) on the CPU. With those equal, a skeleton on the meta device
     (shapes, no storage) is compared key by key, so a wrong patch size, MLP ratio or class count is
     named key by key too."""
     shape = _file_shape(state_dict)

@@ -3,10 +3,10 @@
 PyTorch starts one OpenMP thread per core it may run on. OpenMP threads wait for each other at the end
 of every parallel region, spinning while they wait; when another process holds one of those cores,
 the thread on it is descheduled, and its siblings spin (burning their own time slices) until it comes
-back. On a 2-core machine with one other busy process a 2-thread training step ran 3x slower than with
-1 thread (measured: `benchmarks/bench_threads.py`, README "CPU jobs on a busy machine"). So a job
-counts the cores other processes keep busy when it starts and takes the rest (at least one); an
-explicit `--threads` or `OMP_NUM_THREADS` is left as given.
+back, so a step on more threads than there are free cores runs slower than on fewer (the figures:
+`benchmarks/bench_threads.py`, README "CPU jobs on a busy machine"). So a job counts the cores other
+processes keep busy when it starts and takes the rest (at least one); an explicit `--threads` or
+`OMP_NUM_THREADS` is left as given.
 """
 
 from __future__ import annotations

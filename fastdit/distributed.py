@@ -92,8 +92,8 @@ def in_multiprocess_job() -> bool:
 
 def leave_job_now(status: int, message: str = "") -> None:
     """End this process of a distributed job at once, after writing `message` to stderr: interpreter
-    teardown after a gloo group can abort or hang in torch 2.13 ("terminate called without an active
-    exception", about 1 run in 40 here), and every file is written atomically, so nothing is left to finish."""
+    teardown after a gloo group now and then aborts or hangs in torch 2.13 ("terminate called without an
+    active exception"), and every file is written atomically, so nothing is left to finish."""
     sys.stderr.write(message)
     sys.stderr.flush()
     sys.stdout.flush()

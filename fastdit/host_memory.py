@@ -3,9 +3,9 @@
 glibc's malloc returns memory in two ways: large blocks are mmap-ed and unmapped on free, and free
 space at the top of the heap is trimmed. Both thresholds adapt while a program runs, and a training
 step's pattern (gradients freed before the forward, activations freed in the backward) makes them give
-memory back and take it again each step: every page is then faulted in and zeroed anew. Measured on
-DiT-S/2, batch 8, fp32 on 2 CPU cores: 160,000 page faults and 0.26 s of system time per 1.39 s step;
-with the thresholds fixed, 1,800 faults and 1.25 s per step, and a lower peak (1.78 GB instead of 1.84).
+memory back and take it again each step: every page is then faulted in and zeroed anew, a visible
+share of a CPU training step's time (the figure: README, training benchmark). With both thresholds
+fixed, freed blocks stay in the heap and the next step reuses them.
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ def download(url: str, filename: str, *, subdir: str = "", progress: bool = True
 # so what must be fetched to use one offline.
 VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 # One look at the hub before a download: long enough for a slow link to answer, short enough that an
-# offline machine learns it at once instead of in huggingface_hub's retries (~75 s for the VAE).
+# offline machine learns it at once instead of after huggingface_hub's retries.
 HUB_PROBE_SECONDS = 3.0
 
 

@@ -27,9 +27,9 @@ publishes a whole shard: a shard is never missing its images, resume needs no se
 an image can never be paired with a latent of another run. Reading stays fast because safetensors
 reads by byte range through a memory map: latent-only training never touches the image bytes, and an
 item's image is one slice of `image_png`. PNG, not JPEG, because a representation encoder must see the
-very pixels whose latent is trained; at compression level 1 (a 256px photo: 120-150 kB, 60-75% of raw
-uint8, encoded in ~5 ms and decoded in ~2 ms on one core) rather than Pillow's default 6, which saves
-only ~5% more but encodes ~3x slower, in the decoding workers that must keep up with the VAE.
+very pixels whose latent is trained; at compression level 1 rather than Pillow's default 6, which makes
+files only a little smaller but encodes several times slower, in the decoding workers that must keep up
+with the VAE.
 """
 
 from __future__ import annotations
