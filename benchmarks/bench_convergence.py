@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     def score(recipe, steps, train_seconds, model, info, sampler, num_steps) -> Row:
         # A model with guidance trained in (MeanFlow: ω = --cfg-scale at training) samples without more;
         # one that takes the scale as an input is fed --cfg-scale.
-        cfg_scale = args.cfg_scale if info.objective.trained_guidance is None else 1.0
+        cfg_scale = info.objective.sampling.cfg_scale(args.cfg_scale, conditional=True)
         options = SamplingOptions(sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale)
         start = time.perf_counter()
         samples = generate(model, PixelSpace(1), labels, options=options, objective=info.objective, seed=0)

@@ -25,7 +25,6 @@ from fastdit.errors import UserError
 from fastdit.latents import VAELatentSpace, latent_side
 from fastdit.models import build_model
 from fastdit.train.config import TrainConfig
-from fastdit.train.ema import make_ema
 from fastdit.train.logger import peak_memory_gb
 from fastdit.train.loop import build_training_state
 from fastdit.train.setup import checkpoint_stride, enable_tf32
@@ -71,14 +70,13 @@ def run_row(args, device, precision, checkpointing, source, vae_cache):
     config = TrainConfig.create(model=args.model, image_size=args.image_size, data_path="bench", global_batch_size=args.batch,
                          precision=precision, gradient_checkpointing=checkpointing, compile=args.compile, progress=False)
     model = build_model(args.model, input_size=latent, num_classes=1000).to(device)
-    ema = make_ema(model)
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     on_the_fly = source == "images"
     if on_the_fly and "vae" not in vae_cache:
         vae_cache["vae"] = sd_sized_vae(device)
     data = TrainingData(dataset=None, latent_shape=(4, latent, latent), latent_info=LatentInfo(),
                         class_names=None, encode_on_the_fly=on_the_fly, latent_space=vae_cache.get("vae"), device=device)
-    state = build_training_state(config, dist, model, ema, data)
+    state = build_training_state(config, dist, model, data)
     objective = config.build_objective()
     if on_the_fly:
         x = torch.rand(args.batch, 3, args.image_size, args.image_size, device=device) * 2 - 1
@@ -88,7 +86,7 @@ def run_row(args, device, precision, checkpointing, source, vae_cache):
 
     def step(k):
         state.position.step = k
-        return train_step(state, (x, y), objective)["loss"]
+        return train_step(state, (x, y), objective).terms["loss"]
 
     for k in range(args.warmup):
         step(k)

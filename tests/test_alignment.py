@@ -4,7 +4,7 @@ gradients, the export, and resuming."""
 import pytest
 import torch
 
-from fastdit.train.alignment import Projector, alignment_loss
+from fastdit.train.extensions.repa import Projector, alignment_loss
 
 
 def test_alignment_loss_equals_a_direct_float64_computation():
@@ -63,7 +63,6 @@ def test_alignment_trains_the_dit_and_the_projector_and_leaves_the_encoder_alone
     from fastdit.distributed import DistInfo
     from fastdit.model_info import LatentInfo
     from fastdit.models import build_model
-    from fastdit.train.ema import make_ema
     from fastdit.train.loop import build_training_state
     from fastdit.train.step import train_step
     from fastdit.train.training_data import TrainingData
@@ -73,10 +72,11 @@ def test_alignment_trains_the_dit_and_the_projector_and_leaves_the_encoder_alone
     model = build_model("DiT-T/2", input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=64, num_heads=2)
     data = TrainingData(dataset=None, latent_shape=(1, 8, 8), latent_info=LatentInfo(kind="pixels", vae=None),
                         class_names=None, device=torch.device("cpu"))
-    state = build_training_state(config, DistInfo(0, 1, 0, torch.device("cpu")), model, make_ema(model), data)
-    encoder = state.alignment.encoder
+    state = build_training_state(config, DistInfo(0, 1, 0, torch.device("cpu")), model, data)
+    alignment = state.extension("repa")
+    encoder = alignment.encoder
     before = {name: t.clone() for name, t in [*encoder.named_parameters(), *encoder.named_buffers()]}
-    projector_before = [p.clone() for p in state.alignment.projector.parameters()]
+    projector_before = [p.clone() for p in alignment.projector.parameters()]
     dit_before = {name: p.clone() for name, p in model.named_parameters()}
     x, y = torch.rand(16, 1, 8, 8) * 2 - 1, torch.randint(0, 10, (16,))
     for step in range(3):
@@ -86,7 +86,7 @@ def test_alignment_trains_the_dit_and_the_projector_and_leaves_the_encoder_alone
     assert before and all(torch.equal(t, dict([*encoder.named_parameters(), *encoder.named_buffers()])[n])
                           for n, t in before.items())
     assert all(p.grad is None and not p.requires_grad for p in encoder.parameters())
-    assert all(not torch.equal(p, q) for p, q in zip(state.alignment.projector.parameters(), projector_before))
+    assert all(not torch.equal(p, q) for p, q in zip(alignment.projector.parameters(), projector_before))
     # The alignment reaches the blocks up to K = 1 through the tokens; everything trains.
     assert all(not torch.equal(p, dit_before[n]) for n, p in model.named_parameters() if n != "pos_embed")
 

@@ -16,7 +16,7 @@ import torch
 from fastdit.checkpoint import load_model
 from fastdit.errors import UserError
 from fastdit.models import DiT, DiTConfig
-from fastdit.objectives import build_objective
+from fastdit.objectives import TrainingNetwork, build_objective
 from fastdit.objectives.meanflow import jvp_of_u, paper_u
 from fastdit.sampling import ModelView, SamplingOptions, get_sampler, samplers_for
 from fastdit.train.config import TrainConfig
@@ -252,8 +252,7 @@ def test_the_jvp_on_the_r_ne_t_rows_gives_the_whole_batchs_targets(monkeypatch):
     target = objective.target(network, z[rows], t[rows], t[rows], (noise - x)[rows], at_t)
     assert calls == [3]  # all r = t: no JVP at all, and the target is the guided velocity
     assert torch.equal(target, objective.guided_velocity(network, z[rows], t[rows], (noise - x)[rows], at_t))
-    monkeypatch.setattr(meanflow, "whole_batch_only", lambda network: True)
-    whole = objective.target(network, z, r, t, noise - x, kwargs)
+    whole = objective.target(network, z, r, t, noise - x, kwargs, whole_batch=True)
     assert calls == [3, 6]
     assert ((subset - whole).abs() <= 1e3 * EPS32 * whole.abs().max()).all()
 
@@ -337,7 +336,7 @@ def trained_affine():
         for _ in range(steps):
             pick = torch.randint(0, pool, (batch,), generator=generator)
             x = MEAN + STD * torch.randn(batch, 3, 8, 8, generator=generator)
-            terms = objective.losses(network, x, {name: value[pick] for name, value in draws.items()},
+            terms = objective.losses(TrainingNetwork.of(network), x, {name: value[pick] for name, value in draws.items()},
                                      {"y": torch.zeros(batch, dtype=torch.long)})
             optimizer.zero_grad()
             terms["loss"].mean().backward()
@@ -369,7 +368,7 @@ def test_one_step_sampling_of_the_trained_model_lands_on_the_analytic_endpoint(t
     noise = torch.randn(256, 3, 8, 8, generator=torch.Generator().manual_seed(8))
     view = ModelView(objective, lambda x, t, y, gap: network(x, t, y, gap=gap), torch.zeros(256, dtype=torch.long),
                      learn_sigma=False)
-    out = get_sampler(objective.default_sampler, objective).run(view, noise, num_steps=1, noise_fn=None, progress=False)
+    out = get_sampler(objective.sampling.sampler, objective).run(view, noise, num_steps=1, noise_fn=None, progress=False)
     exact = MEAN + STD * noise
     # What one step of the instantaneous velocity would give: v(z, 0) = MEAN − z, so z + v = MEAN, every
     # sample on the data mean, off by STD ε (an RMS error of STD). The learned average velocity must

@@ -11,7 +11,7 @@ from fastdit.checkpoint import load_model
 from fastdit.errors import UserError
 from fastdit.latents import PixelSpace
 from fastdit.models import build_model
-from fastdit.objectives import build_objective, objective_from_dict
+from fastdit.objectives import TrainingNetwork, build_objective, objective_from_dict
 from fastdit.sampling import SamplingOptions, generate
 from fastdit.train.loop import train
 from test_train import FLOW_FIELDS, tiny_config
@@ -136,7 +136,7 @@ def test_official_sit_name_downloads_into_its_own_cache_and_loads_as_a_flow(tmp_
     monkeypatch.setitem(hub.OFFICIAL_CHECKPOINTS, "SiT-XL-2-256x256.pt", ("SiT-T/2", 256))
     loaded, info = load_model("SiT-XL-2-256x256.pt")
     assert (hub.cache_dir() / "sit" / "SiT-XL-2-256x256.pt").read_bytes() == payload
-    assert info.objective.name == "flow" and info.objective.default_sampler == "sde-euler"
+    assert info.objective.name == "flow" and info.objective.sampling.sampler == "sde-euler"
     assert info.config.num_classes == 1000 and info.image_size == 256
 
 
@@ -166,7 +166,7 @@ def test_x_prediction_loss_and_velocity_match_a_direct_float64_computation():
     def network(x_t, time, y):
         return output.to(x_t.dtype)
 
-    loss = objective.losses(network, x1, {"t": t, "noise": noise}, {"y": None})["loss"]
+    loss = objective.losses(TrainingNetwork.of(network), x1, {"t": t, "noise": noise}, {"y": None})["loss"]
     x1_, noise_, t_, out_ = x1.double(), noise.double(), t.double(), output.double()[:, :3]
     x_t = t_.view(-1, 1, 1, 1) * x1_ + (1 - t_.view(-1, 1, 1, 1)) * noise_
     gap = torch.clamp(1 - t_, min=0.05).view(-1, 1, 1, 1)
@@ -181,7 +181,7 @@ def test_x_prediction_loss_and_velocity_match_a_direct_float64_computation():
     # The view samplers integrate is the same derived velocity.
     view = objective.velocity(network)(x_t.float(), t, None)
     torch.testing.assert_close(view.double(), velocity, rtol=2e-5, atol=2e-5 * velocity.abs().max().item())
-    assert "x-pred" in OBJECTIVES and objective.default_sampler == "heun"
+    assert "x-pred" in OBJECTIVES and objective.sampling.sampler == "heun"
 
 
 def test_x_prediction_offers_every_flow_sampler_and_records_its_settings():

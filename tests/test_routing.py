@@ -14,9 +14,8 @@ from fastdit.models import build_model
 from fastdit.models.routing import TokenRoute
 from fastdit.objectives import build_objective
 from fastdit.seeding import TRAIN_STEP, seeded_generator
-from fastdit.train.ema import make_ema
 from fastdit.train.loop import build_training_state, train
-from fastdit.train.routing import RouteSettings, kept_tokens, resolve_span, route_settings
+from fastdit.train.extensions.routing import RouteSettings, TokenRouting, kept_tokens, resolve_span, route_settings
 from fastdit.train.step import train_step
 from fastdit.train.step_noise import draw_step
 from fastdit.train.training_data import TrainingData
@@ -170,17 +169,18 @@ def test_rate_0_draws_what_the_step_drew_before_routing():
         drop = torch.rand(1, generator=generator) < 0.1
         assert torch.equal(draws.objective["t"][g:g + 1], t) and torch.equal(draws.objective["noise"][g:g + 1], noise)
         assert torch.equal(draws.drop_labels[g:g + 1], drop)
-    assert draws.route_kept is None
-    routed = draw_step(7, 3, route=RouteSettings(1, 2, 16, 8), **kwargs)
+    assert draws.extra.get("route_kept") is None
+    routed = draw_step(7, 3, extra_draws=[TokenRouting(RouteSettings(1, 2, 16, 8)).draw], **kwargs)
     # The route is drawn after the rest: every other draw is unchanged.
     assert torch.equal(routed.objective["noise"], draws.objective["noise"])
     assert torch.equal(routed.drop_labels, draws.drop_labels)
-    kept = routed.route_kept
+    kept = routed.extra["route_kept"]
     assert kept.shape == (4, 8) and all(len(set(row.tolist())) == 8 for row in kept)
     assert (kept.diff(dim=1) > 0).all() and not all(torch.equal(kept[0], row) for row in kept[1:])
     # Sample g's subset does not depend on the process it lands on.
-    second_half = draw_step(7, 3, **{**kwargs, "rank": 1, "local_batch": 2}, route=RouteSettings(1, 2, 16, 8))
-    assert torch.equal(second_half.route_kept, kept[2:])
+    second_half = draw_step(7, 3, **{**kwargs, "rank": 1, "local_batch": 2},
+                            extra_draws=[TokenRouting(RouteSettings(1, 2, 16, 8)).draw])
+    assert torch.equal(second_half.extra["route_kept"], kept[2:])
 
 
 def test_rate_0_trains_bitwise_as_before(tmp_path):
@@ -204,7 +204,7 @@ def training_state(config, depth=3, rope=False, **network):
                         num_heads=2, rope=rope, **network)
     data = TrainingData(dataset=None, latent_shape=(1, 8, 8), latent_info=LatentInfo(kind="pixels", vae=None),
                         class_names=None, device=CPU)
-    return model, build_training_state(config, DistInfo(0, 1, 0, CPU), model, make_ema(model), data)
+    return model, build_training_state(config, DistInfo(0, 1, 0, CPU), model, data)
 
 
 @pytest.mark.parametrize("objective", ["ddpm", "flow", "x-pred", "meanflow"])
@@ -245,13 +245,14 @@ def test_repa_inside_the_span_aligns_the_kept_tokens(tmp_path):
                              route=0.5, route_blocks="1:3")
         model, state = training_state(config, depth=3)
         shapes = []
-        original = state.alignment.loss
+        alignment = state.extension("repa")
+        original = alignment.loss
 
         def recorded(hidden, targets, original=original):
             shapes.append((hidden.shape, targets.shape))
             return original(hidden, targets)
 
-        state.alignment.loss = recorded
+        alignment.loss = recorded
         x, y = torch.rand(16, 1, 8, 8) * 2 - 1, torch.randint(0, 10, (16,))
         terms = train_step(state, (x, y), config.build_objective()).terms
         assert torch.isfinite(terms["repa"])

@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..host_memory import keep_freed_host_memory
 from ..objectives import build_objective, objective_names
 from ..precision import PRECISIONS
-from ..train.routing import PAPER_RATE
+from ..train.extensions.routing import PAPER_RATE
 
 CHECKPOINT_OPTION = re.compile(r"ckpt(-mlp|-every-[1-9][0-9]*)?")
 
@@ -122,22 +122,21 @@ def make_train_step(row: Row, model_name: str, batch: int, latent: int, device: 
         keep_freed_host_memory()  # as `fastdit train` does; the reference runs with the allocator's defaults
     network = build_objective(row.objective).network()  # e.g. MeanFlow's second time input
     model = build_model(model_name, input_size=latent, num_classes=1000, **network).to(device).train()
-    ema = make_ema(model)
     x = torch.randn(batch, model.config.in_channels, latent, latent, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     if row.reference:
-        return reference_train_step(model, ema, x, y, row.precision)
+        return reference_train_step(model, make_ema(model), x, y, row.precision)
     config = TrainConfig.create(model=model_name, image_size=latent * 8, data_path="bench", global_batch_size=batch,
                          precision=row.precision, gradient_checkpointing=row.checkpointing, compile=row.compile,
                          progress=False, objective=row.objective, route=PAPER_RATE if row.route else 0.0)
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     data = TrainingData(dataset=None, latent_shape=tuple(x.shape[1:]), latent_info=LatentInfo(), class_names=None,
                         device=device)
-    state = build_training_state(config, dist, model, ema, data)
+    state = build_training_state(config, dist, model, data)
     objective = config.build_objective()
     batch_of = (x, y)
-    if row.repa:
-        state.alignment = dinov2_sized_alignment(model, config, device)
+    if row.repa:  # the REPA extension `--repa` builds, over a stand-in encoder (no download)
+        state.extensions.append(dinov2_sized_alignment(model, config, device))
         images = torch.rand(batch, 3, latent * 8, latent * 8, device=device) * 2 - 1  # what the latents encode
         batch_of = (x, y, images)
 
@@ -155,7 +154,7 @@ def dinov2_sized_alignment(model, config, device: torch.device):
     224 px (patch 14, 12 layers of width 768, 12 heads, MLP 3072: 257 tokens) built from torch's own
     layers with random weights: its cost per step is DINOv2-B's, with no download and no timm."""
     from ..encoders import FrozenEncoder
-    from ..train.alignment import Alignment, Projector
+    from ..train.extensions.repa import Projector, RepresentationAlignment, paper_depth
     from ..train.loop import make_optimizer
 
     class ViTB14(torch.nn.Module):
@@ -173,8 +172,9 @@ def dinov2_sized_alignment(model, config, device: torch.device):
 
     encoder = FrozenEncoder(ViTB14().to(device), resolution=224, num_prefix_tokens=1, name="DINOv2-B/14-sized")
     projector = Projector(model.config.hidden_size, 2048, encoder.dim).to(device)
-    depth = 4 if model.config.depth <= 12 else 8
-    return Alignment(encoder, projector, depth, 0.5, optimizer=make_optimizer(projector, config.optimisation))
+    return RepresentationAlignment(encoder, projector, paper_depth(model.config.depth), 0.5,
+                                   make_optimizer(projector, config.optimisation), grid_size=model.config.grid_size,
+                                   encoder_name=encoder.name)
 
 
 def make_sample_step(row: Row, model_name: str, batch: int, latent: int, device: torch.device, cfg_scale: float):

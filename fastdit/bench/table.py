@@ -85,7 +85,7 @@ def row_flops_per_image(config, row: Row) -> float:
     and rate, as `fastdit train --route` sets them by default)."""
     if not row.route:
         return forward_flops_per_image(config)
-    from ..train.routing import PAPER_RATE, PAPER_SPAN, kept_tokens, resolve_span
+    from ..train.extensions.routing import PAPER_RATE, PAPER_SPAN, kept_tokens, resolve_span
 
     return forward_flops_per_image(config, routed_span=resolve_span(PAPER_SPAN, config.depth),
                                    kept_tokens=kept_tokens(config.grid_size**2, PAPER_RATE))

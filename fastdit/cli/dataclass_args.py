@@ -1,6 +1,6 @@
 """CLI flags generated from config dataclasses' typed fields: one source of truth for names, types,
 defaults and help texts (each field's `help` metadata; `flag` metadata names a flag that differs from
-the field's name)."""
+the field's name, `flag_alone` gives the value of the flag written without one)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,12 @@ from .arg_types import finite_float
 
 def _base_type(annotation):
     """`int | None` -> int; `str` -> str."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"typing": typing})  # annotations are strings under `from __future__`
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     return args[0] if args else annotation
 
 
 def _tuple_items(annotation) -> tuple | None:
     """The item types of a fixed-length tuple annotation (`tuple[float, float]`), else None."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"typing": typing})
     return typing.get_args(annotation) if typing.get_origin(annotation) is tuple else None
 
 
@@ -32,15 +28,17 @@ def flag_of(field: dataclasses.Field) -> str:
 
 def add_dataclass_arguments(parser, cls, skip=()) -> list[str]:
     """Add a flag for each field of `cls` (to a parser or an argument group); returns their dest names."""
+    hints = typing.get_type_hints(cls)  # the annotations resolved (they are strings under `from __future__`)
     added = []
     for field in dataclasses.fields(cls):
         name = flag_of(field)
         if name in skip or field.default is dataclasses.MISSING:
             continue
         flag = "--" + name.replace("_", "-")
-        kind = _base_type(field.type)
+        kind, items = _base_type(hints[field.name]), _tuple_items(hints[field.name])
         text = f"{field.metadata.get('help', '')} (default: {field.default})".strip()
-        items = _tuple_items(field.type)
+        alone = field.metadata.get("flag_alone")
+        optional_value = {} if alone is None else {"nargs": "?", "const": alone}
         if items is not None:  # tuple[float, float] -> --flag A B
             if set(items) != {float}:
                 raise TypeError(f"no flag type for {cls.__name__}.{field.name}: {field.type}")
@@ -50,7 +48,7 @@ def add_dataclass_arguments(parser, cls, skip=()) -> list[str]:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=field.default, help=text)
         elif kind in (int, float, str):
             parser.add_argument(flag, dest=name, type=finite_float if kind is float else kind, default=field.default,
-                                metavar=name.upper(), help=text)
+                                metavar=name.upper(), help=text, **optional_value)
         else:
             raise TypeError(f"no flag type for {cls.__name__}.{field.name}: {field.type}")
         added.append(name)

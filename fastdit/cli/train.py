@@ -6,9 +6,7 @@ import argparse
 import shlex
 
 from ..program import program_words
-from ..train.config import SECTIONS, RoutingSection, RunSection, TrainConfig, flat_fields
-from ..train.routing import PAPER_RATE
-from .arg_types import finite_float
+from ..train.config import SECTIONS, RunSection, TrainConfig, flat_fields
 from .dataclass_args import add_dataclass_arguments
 
 HELP = "train a DiT (one process, or torchrun / accelerate launch for many GPUs and nodes)"
@@ -17,18 +15,13 @@ HELP = "train a DiT (one process, or torchrun / accelerate launch for many GPUs 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     groups = {section: parser.add_argument_group(section) for section in SECTIONS}
     for section, cls in SECTIONS.items():
-        add_dataclass_arguments(groups[section], cls, skip=("gradient_checkpointing", "route"))
-    # A policy string; the flag alone still means every block, as when it was an on/off switch.
-    checkpointing = RunSection.__dataclass_fields__["gradient_checkpointing"]
-    groups["run"].add_argument("--gradient-checkpointing", "--grad-checkpointing", nargs="?", const="blocks",
-                        default=checkpointing.default, metavar="POLICY",
-                        help=f"{checkpointing.metadata['help']} (default: {checkpointing.default})")
-    # A rate; the flag alone routes at the paper's rate.
-    route = RoutingSection.__dataclass_fields__["route"]
-    groups["routing"].add_argument("--route", nargs="?", type=finite_float, const=PAPER_RATE, default=route.default,
-                                   metavar="RATE", help=f"{route.metadata['help']} (default: {route.default})")
+        add_dataclass_arguments(groups[section], cls)
+    # --gradient-checkpointing takes a policy; the flag alone means every block (its `flag_alone`), as when
+    # it was an on/off switch, which its old spellings still are.
+    groups["run"].add_argument("--grad-checkpointing", dest="gradient_checkpointing", nargs="?", const="blocks",
+                               default=RunSection.gradient_checkpointing, metavar="POLICY", help=argparse.SUPPRESS)
     groups["run"].add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_const",
-                        const="off", help=argparse.SUPPRESS)
+                               const="off", help=argparse.SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

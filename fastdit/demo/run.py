@@ -147,9 +147,9 @@ def train_config(config: DemoConfig):
     # The sampling the demo judges the model with, recorded in its checkpoints (`fastdit sample --ckpt`
     # on the export samples as the demo did); MeanFlow's guidance is trained in, so it samples at cfg 1.
     sampler, sampling_steps = config.sampling()
-    trained_in = objective_class(config.objective)(**settings).trained_guidance is not None
+    policy = objective_class(config.objective)(**settings).sampling
     sampling = dict(recipe_sampler=sampler, recipe_steps=sampling_steps,
-                    recipe_cfg_scale=1.0 if trained_in else config.cfg_scale)
+                    recipe_cfg_scale=policy.cfg_scale(config.cfg_scale, conditional=True))
     return TrainConfig.create(**alignment, **settings, **sampling,
         objective=config.objective, **(LIGHTNINGDIT_BLOCKS if config.blocks else {}),
         model=config.model, image_size=8, num_classes=NUM_CLASSES, data_path="digits", vae="pixels",
@@ -172,8 +172,9 @@ def run_demo(config: DemoConfig) -> DemoResult:
     config.validate()
     sampler, sampling_steps = config.sampling()
     objective = train_config(config).build_objective()
-    cfg_scale = config.cfg_scale if objective.trained_guidance is None else 1.0  # else trained in: MeanFlow
-    options = SamplingOptions(sampler=sampler, num_steps=sampling_steps, cfg_scale=cfg_scale)
+    trained_guidance = objective.sampling.trained_guidance  # MeanFlow's, sampled at cfg 1
+    options = SamplingOptions(sampler=sampler, num_steps=sampling_steps,
+                              cfg_scale=objective.sampling.cfg_scale(config.cfg_scale, conditional=True))
     options.validate(objective)
     _refuse_a_folder_of_other_files(Path(config.out))
     out = ensure_writable_dir(config.out)
@@ -190,7 +191,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     model, info = load_model(trained.export, device=device)
     labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int64), config.samples_per_class)  # class-major
-    guidance = f"cfg {options.cfg_scale}" if objective.trained_guidance is None else f"guidance {config.cfg_scale} trained in"
+    guidance = f"cfg {options.cfg_scale}" if trained_guidance is None else f"guidance {config.cfg_scale} trained in"
     print(f"sampling {len(labels)} images ({sampler}, {sampling_steps} steps, {guidance})", flush=True)
     sampling_start = time.perf_counter()
     samples = generate(model, PixelSpace(channels=1), labels, options=options, objective=info.objective, seed=config.seed, device=device,
@@ -218,7 +219,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     result.update(
         config=asdict(config),
         sampling={**asdict(options), "sampler": options.resolved_sampler(info.objective),
-                  "trained_guidance": objective.trained_guidance},
+                  "trained_guidance": trained_guidance},
         seconds={"train": round(train_seconds, 1), "sampling": round(sampling_seconds, 1),
                  "evaluation": round(evaluation_seconds, 1),
                  "total": round(time.perf_counter() - started, 1),

@@ -14,15 +14,15 @@ for weight and output for output:
   on top of the absolute sin-cos table, which stays (as in LightningDiT);
 * `qk_norm=True`: a learnable norm over each head's q and k before attention (Dehghani et al. 2023).
 
-One optional input (off by default, and then absent: no parameter, no operation):
-* `time_gap_embedding=True`: a second time input, the gap h = t − r of MeanFlow's average velocity
-  u(z, r, t) (Geng et al. 2025, "Mean Flows for One-step Generative Modeling"). A second
-  `TimestepEmbedder` (`gap_embedder`) embeds h and its embedding is added to t's, the paper's (t, t − r)
-  conditioning (its Table 1c); `forward` then takes `gap=`.
-* `guidance_embedding=True`: the classifier-free guidance scale ω as an input, embedded by a third
-  `TimestepEmbedder` (`guidance_embedder`, of ω − 1, so that 0 is unguided) and added to t's, as
-  improved MeanFlow conditions on it (Geng et al. 2025b, arXiv 2512.02012, section 4): one network
-  serves every scale, sampled in one call; `forward` then takes `guidance=`.
+Optional scalar conditions beside t (`SCALAR_CONDITIONS`, one row each; off by default, and then absent:
+no parameter, no operation). Each is embedded by a `TimestepEmbedder` of its own and added to t's
+embedding; `forward` then takes it by its keyword:
+* `gap=` (`time_gap_embedding=True`, `gap_embedder`): the gap h = t − r of MeanFlow's average velocity
+  u(z, r, t) (Geng et al. 2025, "Mean Flows for One-step Generative Modeling"), the paper's (t, t − r)
+  conditioning (its Table 1c).
+* `guidance=` (`guidance_embedding=True`, `guidance_embedder`, of ω − 1 so that 0 is unguided): the
+  classifier-free guidance scale ω as an input, as improved MeanFlow conditions on it (Geng et al.
+  2025b, arXiv 2512.02012, section 4): one network serves every scale, sampled in one call.
 
 Shapes: N batch, C latent channels, H/W latent height/width, p patch size, T = (H/p)(W/p) tokens,
 D hidden size, h heads, d = D/h head dimension, G = H/p grid side.
@@ -43,6 +43,28 @@ from .routing import TokenRoute
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
+# The block options (LightningDiT) as DiTConfig fields; all at their defaults is the official block.
+BLOCK_OPTIONS = ("norm", "mlp", "rope", "qk_norm")
+
+
+@dataclass(frozen=True)
+class ScalarCondition:
+    """A scalar input beside t: `forward(..., keyword=values (N,))` when the DiTConfig field `switch` is
+    on; embedded by the module `embedder` (its state-dict prefix) at `values + offset`."""
+
+    keyword: str
+    switch: str
+    embedder: str
+    offset: float = 0.0
+    what: str = ""
+
+
+# In this order (their embedders are built, initialised and summed in it). A new condition is a row.
+SCALAR_CONDITIONS = (
+    ScalarCondition("gap", "time_gap_embedding", "gap_embedder", what="a time gap (MeanFlow's t - r)"),
+    ScalarCondition("guidance", "guidance_embedding", "guidance_embedder", offset=-1.0,
+                    what="its guidance scale as an input"),
+)
 
 
 @dataclass
@@ -83,7 +105,7 @@ class DiTConfig:
             raise UserError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         if self.mlp not in MLPS:
             raise UserError(f"mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}")
-        for name in ("rope", "qk_norm", "time_gap_embedding", "guidance_embedding"):
+        for name in ("rope", "qk_norm", *(condition.switch for condition in SCALAR_CONDITIONS)):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.rope and self.head_dim % 4:
@@ -329,8 +351,8 @@ class DiT(nn.Module):
     """forward(x, t, y): noisy latents (N, C, H, W), timesteps (N,) on the 0..999 scale, labels (N,)
     -> (N, C_out, H, W): the ε prediction, followed (learn_sigma) by C variance-interpolation values.
     (Other objectives give t on their own scale and read the output as theirs: `fastdit.objectives`.)
-    With `time_gap_embedding`, forward(x, t, y, gap=h) also takes the gap h (N,) of MeanFlow, and with
-    `guidance_embedding`, `guidance=` the guidance scale ω (N,) the output is trained for.
+    A DiT with scalar conditions (`SCALAR_CONDITIONS`) takes each by its keyword, (N,): `gap=` with
+    `time_gap_embedding` (MeanFlow's t − r), `guidance=` with `guidance_embedding` (the scale ω).
     `route=` (training only, `fastdit.models.routing`) runs a span of blocks on each sample's kept
     tokens (TREAD); without it every block sees every token, as in the official model."""
 
@@ -343,10 +365,8 @@ class DiT(nn.Module):
         D = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
-        if config.time_gap_embedding:
-            self.gap_embedder = TimestepEmbedder(D)
-        if config.guidance_embedding:
-            self.guidance_embedder = TimestepEmbedder(D)
+        for condition in self.conditions:
+            self.add_module(condition.embedder, TimestepEmbedder(D))
         self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
         # Fixed sin-cos table; a frozen Parameter (not a buffer) because official checkpoints store it.
         self.pos_embed = nn.Parameter(torch.zeros(1, config.grid_size**2, D), requires_grad=False)
@@ -386,10 +406,10 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for extra in ("gap_embedder", "guidance_embedder"):  # initialised as t's embedder is
-            if hasattr(self, extra):
-                nn.init.normal_(getattr(self, extra).mlp[0].weight, std=0.02)
-                nn.init.normal_(getattr(self, extra).mlp[2].weight, std=0.02)
+        for condition in self.conditions:  # initialised as t's embedder is
+            embedder = getattr(self, condition.embedder)
+            nn.init.normal_(embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every residual branch and the output start at zero, so each block starts as
         # the identity (DiT section 3.2, "adaLN-Zero block").
         for block in self.blocks:
@@ -398,6 +418,11 @@ class DiT(nn.Module):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    @property
+    def conditions(self) -> tuple[ScalarCondition, ...]:
+        """The scalar conditions this DiT takes beside t (`SCALAR_CONDITIONS` whose switch is on)."""
+        return tuple(condition for condition in SCALAR_CONDITIONS if getattr(self.config, condition.switch))
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         # (N, T, p*p*C) -> (N, C, H, W); token n = i*G + j covers rows i*p.., columns j*p..
@@ -412,26 +437,13 @@ class DiT(nn.Module):
         t: torch.Tensor,
         y: torch.Tensor,
         force_drop_ids: torch.Tensor | None = None,
-        gap: torch.Tensor | None = None,
-        guidance: torch.Tensor | None = None,
         route: TokenRoute | None = None,
+        **conditions: torch.Tensor,
     ) -> torch.Tensor:
         # The absolute positions are added before any routing: a kept token carries its own into the span.
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t)  # (N, D)
-        if self.config.time_gap_embedding:
-            if gap is None:
-                raise ValueError("this DiT embeds a time gap (time_gap_embedding): pass gap=t - r, shape (N,)")
-            # MeanFlow's (t, t − r) conditioning: the gap's embedding is added to t's (Geng et al. 2025, Table 1c).
-            c = c + self.gap_embedder(gap)
-        elif gap is not None:
-            raise ValueError("this DiT has no time-gap embedding (time_gap_embedding=False); call it without gap")
-        if self.config.guidance_embedding:
-            if guidance is None:
-                raise ValueError("this DiT takes its guidance scale as an input (guidance_embedding): pass guidance=, shape (N,)")
-            c = c + self.guidance_embedder(guidance - 1)  # improved MeanFlow's ω conditioning; ω = 1 embeds 0
-        elif guidance is not None:
-            raise ValueError("this DiT has no guidance embedding (guidance_embedding=False); call it without guidance")
+        c = self._add_conditions(c, conditions)
         c = c + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         rope = (self.rope_cos, self.rope_sin) if self.config.rope else None
         if route is None:
@@ -441,6 +453,26 @@ class DiT(nn.Module):
             x = self._routed_blocks(x, c, rope, route)
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
         return self.unpatchify(x)
+
+    def _add_conditions(self, c: torch.Tensor, conditions: dict) -> torch.Tensor:
+        """c plus the embedding of each scalar condition this DiT takes (MeanFlow's (t, t − r)
+        conditioning adds the gap's embedding to t's, Geng et al. 2025, Table 1c; ω's likewise)."""
+        unknown = set(conditions) - {condition.keyword for condition in SCALAR_CONDITIONS}
+        if unknown:
+            raise TypeError(f"DiT.forward got unexpected keyword(s) {sorted(unknown)}")
+        for condition in SCALAR_CONDITIONS:
+            value = conditions.get(condition.keyword)
+            if not getattr(self.config, condition.switch):
+                if value is not None:
+                    raise ValueError(f"this DiT takes no {condition.keyword} ({condition.switch}=False); call it "
+                                     f"without {condition.keyword}")
+                continue
+            if value is None:
+                raise ValueError(f"this DiT takes {condition.what} ({condition.switch}): pass "
+                                 f"{condition.keyword}=, shape (N,)")
+            embedded = value + condition.offset if condition.offset else value
+            c = c + getattr(self, condition.embedder)(embedded)
+        return c
 
     def _routed_blocks(self, x: torch.Tensor, c: torch.Tensor, rope, route: TokenRoute) -> torch.Tensor:
         """The blocks with blocks[route.start:route.end] on the kept tokens only (TREAD): the

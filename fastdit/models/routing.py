@@ -12,7 +12,7 @@ token carries its own position into the span; under RoPE each kept token is rota
 the (T, d/2) tables, gathered with the same indices.
 
 A `TokenRoute` is what `DiT.forward(..., route=)` takes: which tokens each sample keeps and the span.
-The training step draws it (`fastdit.train.routing`); sampling never passes one, so a trained model
+Training draws it (`fastdit.train.extensions.routing`); sampling never passes one, so a trained model
 runs on every token in every block, as the official code's forward does.
 """
 
@@ -21,6 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+def gather_tokens(tokens: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The tokens `kept` (N, K) of each sample: (N, T, ...) -> (N, K, ...)."""
+    index = kept.reshape(*kept.shape, *([1] * (tokens.ndim - 2))).expand(-1, -1, *tokens.shape[2:])
+    return torch.gather(tokens, 1, index)
 
 
 @dataclass(frozen=True)
@@ -43,10 +49,13 @@ class TokenRoute:
         """Whether block `block` (0-based) sees only the kept tokens."""
         return self.start <= block < self.end
 
+    def kept_at(self, block: int) -> torch.Tensor | None:
+        """The token indices (N, K) block `block` (0-based) runs on, None when it sees every token."""
+        return self.kept if self.covers(block) else None
+
     def gather(self, tokens: torch.Tensor) -> torch.Tensor:
         """The kept tokens of each sample: (N, T, ...) -> (N, K, ...)."""
-        index = self.kept.reshape(*self.kept.shape, *([1] * (tokens.ndim - 2))).expand(-1, -1, *tokens.shape[2:])
-        return torch.gather(tokens, 1, index)
+        return gather_tokens(tokens, self.kept)
 
     def rejoin(self, full: torch.Tensor, kept_tokens: torch.Tensor) -> torch.Tensor:
         """`full` (N, T, D) from before the span with the kept tokens' new values put back: the routed

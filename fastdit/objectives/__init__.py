@@ -19,6 +19,8 @@ from .base import (
     register_objective,
     setting,
 )
+from .network import TrainingNetwork
+from .policy import SamplingPolicy
 from .views import Grid, flow_grid, gaussian_grid, shift_times, time_grid
 
 # The built-in objectives: importing a module registers it.
@@ -28,6 +30,8 @@ __all__ = [
     "OBJECTIVES",
     "Grid",
     "Objective",
+    "SamplingPolicy",
+    "TrainingNetwork",
     "all_settings",
     "build_objective",
     "flow_grid",

@@ -1,4 +1,4 @@
-"""The objective interface: everything that makes a training method what it is, in one object.
+"""The objective interface: what makes a training method what it is, in one object.
 
 An objective owns
 * its **settings**: the fields of its dataclass, recorded in every checkpoint and export (`to_dict`)
@@ -6,20 +6,24 @@ An objective owns
 * its **training draws** for one sample (`draw`): any number of times, noises and flags, in a fixed
   order from the one generator the training loop seeds by (seed, step, global sample index), so that
   kill-and-resume is bit-exact and N processes train on what one process does;
-* its **loss as named terms** (`losses`): per-sample tensors, `"loss"` the one that is optimised, the
-  others (`"mse"`, `"vb"`, ...) logged beside it;
-* its **time** (`time_range`, and `flow_time` when the time is flow matching's 0 = noise ... 1 = data,
-  where a time shift of the sampling grid applies), its **default sampler**, and
-* the **denoiser views** samplers consume (`views`): "velocity" (dx/dt on the flow path), "grid"
-  (x̂0 and ε̂ on a grid of (α, σ)), "gaussian" (the respaced IDDPM process with its learned variances),
-  "average-velocity" (MeanFlow's u: the mean of dx/dt over an interval, for jumps in one call).
-  `fastdit.sampling.registry` offers an objective every sampler whose view it provides;
+* its **loss as named terms** (`losses(network, x, draws, conditions)`): per-sample tensors, `"loss"`
+  the one that is optimised, the others (`"mse"`, `"vb"`, ...) logged beside it. `network` is the
+  `TrainingNetwork` the step hands over (`fastdit.objectives.network`): the trained forward, and a
+  forward of the same weights for targets that need no gradient;
 * what it needs of the **network** beyond the DiT's defaults (`network_options`, `DiTConfig` fields:
-  MeanFlow's second time input), and whether guidance is **trained in** (`trained_guidance`), in
-  which case sampling must not guide again.
+  MeanFlow's second time input);
+* its **time** (`time_range`, and `flow_time` when the time is flow matching's 0 = noise ... 1 = data,
+  where a time shift of the sampling grid applies) and the **denoiser views** samplers consume
+  (`views`): "velocity" (dx/dt on the flow path), "grid" (x̂0 and ε̂ on a grid of (α, σ)), "gaussian"
+  (the respaced IDDPM process with its learned variances), "average-velocity" (MeanFlow's u: the mean
+  of dx/dt over an interval, for jumps in one call). `fastdit.sampling.registry` offers an objective
+  every sampler whose view it provides;
+* its **sampling policy** (`sampling`, `fastdit.objectives.policy.SamplingPolicy`): the sampler and
+  steps used when nothing says otherwise, and the guidance the trained network admits (trained in,
+  or fed as an input).
 
 An objective is registered by name with `register_objective`; `fastdit.objectives` imports every
-built-in one. The network contract is DiT's: `model(x, t, **model_kwargs) -> (N, C or 2C, H, W)`.
+built-in one. The network contract is DiT's: `model(x, t, **conditions) -> (N, C or 2C, H, W)`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from typing import Callable, ClassVar
 import torch
 
 from ..errors import UserError
+from .network import TrainingNetwork
+from .policy import SamplingPolicy
 from .views import Grid
 
 ModelFn = Callable[..., torch.Tensor]
@@ -47,15 +53,13 @@ class Objective(ABC):
     name: ClassVar[str]
     time_range: ClassVar[tuple[float, float]]
     flow_time: ClassVar[bool]  # t in [0, 1], 0 = noise: a time shift of the sampling grid applies
-    default_sampler: ClassVar[str]
-    # The steps the default sampler takes when nothing says otherwise: DiT's and SiT's 250; a one-step
-    # model (MeanFlow) says 1. Recorded in checkpoints as the training's sampling recipe.
-    default_num_steps: ClassVar[int] = 250
     views: ClassVar[frozenset[str]]
     # What the network is trained for, in a line: `fastdit train --help` lists it with the name.
     summary: ClassVar[str]
     # `DiTConfig` fields the objective's network must have (the training builds it so; loading checks).
     network_options: ClassVar[dict] = {}
+    # How its models are sampled when nothing says otherwise (a property where settings decide it).
+    sampling: ClassVar[SamplingPolicy]
 
     # ------------------------------------------------------------------------------------------
     # recorded settings
@@ -70,34 +74,10 @@ class Objective(ABC):
     def to_dict(self) -> dict:
         return {"objective": self.name, **dataclasses.asdict(self)}
 
-    @property
-    def trained_guidance(self) -> float | None:
-        """The classifier-free guidance scale trained into the network, None when sampling guides (a
-        network trained guided must be sampled with --cfg-scale 1, or it would be guided twice)."""
-        return None
-
-    @property
-    def guidance_input(self) -> tuple[float, float] | None:
-        """The range of guidance scales the network takes as an input (`DiTConfig.guidance_embedding`),
-        None when it takes none. Such a network is guided by feeding it --cfg-scale: one call, no
-        doubled batch."""
-        return None
-
     def network(self) -> dict:
         """The `DiTConfig` fields this objective's network must have: `network_options`, which a
         setting may extend (an input the setting adds)."""
         return dict(self.network_options)
-
-    def check_sampling_guidance(self, cfg_scale: float, interval) -> None:
-        """Raise a UserError for a guidance this model cannot be sampled with."""
-        if self.trained_guidance is not None and cfg_scale != 1.0:
-            raise UserError(f"this {self.name} model has its guidance trained in (scale {self.trained_guidance:g}): "
-                            f"sample it with --cfg-scale 1, not {cfg_scale:g}")
-        if self.guidance_input is not None:
-            low, high = self.guidance_input
-            if not low <= cfg_scale <= high:
-                raise UserError(f"this {self.name} model was trained for guidance scales in [{low:g}, {high:g}]; "
-                                f"pick --cfg-scale in that range, not {cfg_scale:g}")
 
     # ------------------------------------------------------------------------------------------
     # training
@@ -110,10 +90,12 @@ class Objective(ABC):
 
     @abstractmethod
     def losses(
-        self, model: ModelFn, x: torch.Tensor, draws: dict[str, torch.Tensor], model_kwargs: dict
+        self, network: TrainingNetwork, x: torch.Tensor, draws: dict[str, torch.Tensor], conditions: dict
     ) -> dict[str, torch.Tensor]:
         """Per-sample loss terms (N,) of clean inputs `x` under `draws` (`draw`'s tensors, concatenated
-        over the batch); "loss" is what the step optimises."""
+        over the batch) and `conditions` (the model inputs of every pass: labels `y` and the label
+        dropout `force_drop_ids`); "loss" is what the step optimises. `network(x, t, **conditions)` is
+        the trained forward on this batch; `network.target` the same weights for no-grad passes."""
 
     # ------------------------------------------------------------------------------------------
     # the views samplers consume (each objective provides those named in `views`)

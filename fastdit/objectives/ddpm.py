@@ -15,6 +15,7 @@ import torch
 
 from ..diffusion import create_diffusion
 from .base import Objective, register_objective
+from .policy import SamplingPolicy
 from .views import gaussian_grid
 
 TRAINING_STEPS = 1000  # DiT's diffusion_steps
@@ -27,7 +28,8 @@ class DDPM(Objective):
     summary: ClassVar[str] = "DiT's IDDPM process: ε and the variance, MSE + VLB"
     time_range: ClassVar[tuple[float, float]] = (0.0, TRAINING_STEPS - 1.0)
     flow_time: ClassVar[bool] = False
-    default_sampler: ClassVar[str] = "ddpm"  # DiT's: ancestral sampling with the learned variances
+    # DiT's: ancestral sampling with the learned variances, 250 steps
+    sampling: ClassVar[SamplingPolicy] = SamplingPolicy("ddpm", sampler="ddpm")
     views: ClassVar[frozenset[str]] = frozenset({"gaussian", "grid"})
 
     def __post_init__(self) -> None:
@@ -42,10 +44,10 @@ class DDPM(Objective):
             "noise": torch.randn((1, *shape), generator=generator, device=device),
         }
 
-    def losses(self, model, x, draws, model_kwargs):
+    def losses(self, network, x, draws, conditions):
         t, noise = draws["t"], draws["noise"]
         x_t = self._learned.q_sample(x, t, noise=noise)
-        output = model(x_t, t, **model_kwargs)
+        output = network(x_t, t, **conditions)
         diffusion = self._learned if output.shape[1] == 2 * x.shape[1] else self._fixed
         return diffusion.losses_from_output(output, x, x_t, t, noise)
 

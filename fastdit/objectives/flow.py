@@ -16,6 +16,7 @@ import torch
 from ..diffusion.flow import TIME_SAMPLINGS, FlowMatching, VelocityModel
 from ..errors import UserError
 from .base import Objective, register_objective, setting
+from .policy import SamplingPolicy
 from .views import flow_grid, time_grid
 
 
@@ -57,10 +58,10 @@ class FlowTimeObjective(Objective):
 class Flow(FlowTimeObjective):
     name: ClassVar[str] = "flow"
     summary: ClassVar[str] = "flow matching as SiT: the velocity x1 − ε on the linear path"
-    default_sampler: ClassVar[str] = "sde-euler"  # SiT's
+    sampling: ClassVar[SamplingPolicy] = SamplingPolicy("flow", sampler="sde-euler")  # SiT's, 250 steps
 
-    def losses(self, model, x, draws, model_kwargs):
-        return {"loss": self.path.loss(model, x, model_kwargs, t=draws["t"], noise=draws["noise"])}
+    def losses(self, network, x, draws, conditions):
+        return {"loss": self.path.loss(network, x, conditions, t=draws["t"], noise=draws["noise"])}
 
     def velocity(self, model_fn):
         return VelocityModel(model_fn)

@@ -81,6 +81,7 @@ from ..diffusion.flow import velocity_channels
 from ..diffusion.losses import mean_flat
 from ..errors import UserError
 from .base import Objective, register_objective, setting
+from .policy import SamplingPolicy
 
 
 def paper_u(network, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
@@ -96,19 +97,6 @@ def jvp_of_u(network, z, r, t, tangents, **model_kwargs) -> tuple[torch.Tensor, 
         return torch.func.jvp(lambda z_, r_, t_: paper_u(network, z_, r_, t_, **model_kwargs), (z, r, t), tangents)
 
 
-def whole_batch_only(network) -> bool:
-    """Whether every process must run the same forwards: FSDP gathers the weights in each one."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(network, FSDPModule)
-
-
-def plain_module(model):
-    """The DiT inside what the training step calls: DDP's `.module` (the same weights), else the model
-    itself (FSDP2, activation checkpointing and regional compilation all work in place)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
@@ -120,8 +108,6 @@ class MeanFlow(Objective):
     summary: ClassVar[str] = "MeanFlow: the average velocity over [r, t], sampled in one step"
     time_range: ClassVar[tuple[float, float]] = (0.0, 1.0)  # the network's (and samplers') flow time
     flow_time: ClassVar[bool] = True
-    default_sampler: ClassVar[str] = "meanflow"
-    default_num_steps: ClassVar[int] = 1  # one model call: MeanFlow's own setting (Geng et al. 2025: FID 3.43 at 1 call)
     views: ClassVar[frozenset[str]] = frozenset({"average-velocity"})
     network_options: ClassVar[dict] = {"time_gap_embedding": True, "guidance_embedding": False}
 
@@ -173,24 +159,27 @@ class MeanFlow(Objective):
 
     @property
     def trained_guidance(self) -> float | None:
+        """The guidance scale ω / (1 − κ) trained into the network; None without one (ω = 1, κ = 0)."""
         if self.meanflow_omega == 1 and self.meanflow_kappa == 0:
             return None
         return self.meanflow_omega / (1 - self.meanflow_kappa)
 
     @property
     def guidance_input(self) -> tuple[float, float] | None:
+        """The range of guidance scales the network takes as an input (improved MeanFlow), or None."""
         return (1.0, self.meanflow_omega_max) if self.meanflow_guidance_input else None
 
     def network(self) -> dict:
         return {**self.network_options, "guidance_embedding": self.meanflow_guidance_input}
 
-    def check_sampling_guidance(self, cfg_scale: float, interval) -> None:
-        super().check_sampling_guidance(cfg_scale, interval)
-        if interval is not None:
-            # One MeanFlow step jumps across many times; guiding "where t lies in [a, b]" has no
-            # meaning for a jump that starts outside the interval and ends inside it.
-            raise UserError("a guidance interval does not apply to MeanFlow, whose steps jump across it; "
-                            "leave --guidance-interval unset")
+    @property
+    def sampling(self) -> SamplingPolicy:
+        # One model call: MeanFlow's own setting (Geng et al. 2025: FID 3.43 at 1 call). One MeanFlow step
+        # jumps across many times; guiding "where t lies in [a, b]" has no meaning for a jump that starts
+        # outside the interval and ends inside it.
+        return SamplingPolicy("meanflow", sampler="meanflow", num_steps=1, trained_guidance=self.trained_guidance,
+                              guidance_input=self.guidance_input,
+                              no_interval="a guidance interval does not apply to MeanFlow, whose steps jump across it")
 
     # ------------------------------------------------------------------------------------------
     # training
@@ -236,45 +225,44 @@ class MeanFlow(Objective):
             return guided
         return torch.where(_per_sample(dropped, v).bool(), v, guided)
 
-    def target(self, network, z, r, t, v, model_kwargs) -> torch.Tensor:
+    def target(self, network, z, r, t, v, conditions, *, whole_batch: bool = False) -> torch.Tensor:
         """u_tgt = ṽ − (t − r) (w ∂_z u + ∂_t u), the total derivative as one JVP with tangent (w, 0, 1)
         on (z, r, t), w = ṽ (section 4.1, Table 1b) or, with the v-loss, the network's u(z, t, t); no
         gradient: it is stop-gradient in the loss. The JVP runs on the samples with r ≠ t (module
-        docstring): at r = t the target is ṽ."""
-        # In the step's precision: under a bf16 autocast the target is off by 1-1.6% (relative, against a
-        # float64 target; measured on a 4-block DiT, tests/test_meanflow.py), less than the 2% of the
-        # bf16 forward of u it is compared with, so float32 here would buy no accuracy the loss can use.
+        docstring): at r = t the target is ṽ; with `whole_batch` (FSDP: every process runs the same
+        forwards) on every sample. `network` is the target forward (`TrainingNetwork.target`)."""
+        # In the step's precision: under a bf16 autocast the target's error stays below that of the bf16
+        # forward of u it is compared with (tests/test_meanflow.py holds it), so float32 here would buy no
+        # accuracy the loss can use.
         with torch.no_grad():
-            v_tilde = self.guided_velocity(network, z, t, v, model_kwargs)
-            rows = torch.arange(len(t), device=t.device) if whole_batch_only(network) else (r != t).nonzero().squeeze(1)
+            v_tilde = self.guided_velocity(network, z, t, v, conditions)
+            rows = torch.arange(len(t), device=t.device) if whole_batch else (r != t).nonzero().squeeze(1)
             if rows.numel() == 0:
                 return v_tilde
             batch = len(t)
             kwargs = {key: value[rows] if torch.is_tensor(value) and value.shape[:1] == (batch,) else value
-                      for key, value in model_kwargs.items()}
+                      for key, value in conditions.items()}
             z_, r_, t_ = z[rows], r[rows], t[rows]
             tangent = paper_u(network, z_, t_, t_, **kwargs) if self.meanflow_v_loss else v_tilde[rows]
             _, dudt = jvp_of_u(network, z_, r_, t_, (tangent, torch.zeros_like(r_), torch.ones_like(t_)), **kwargs)
             return v_tilde.index_put((rows,), v_tilde[rows] - _per_sample(t_ - r_, dudt) * dudt)
 
-    def losses(self, model, x, draws, model_kwargs):
+    def losses(self, network, x, draws, conditions):
         t, r, noise = draws["t"], draws["r"], draws["noise"]
         z = (1 - _per_sample(t, x)) * x + _per_sample(t, x) * noise  # the paper's z_t
         v = noise - x  # the paper's conditional velocity dz_t/dt
         if self.meanflow_guidance_input:  # each sample's ω; a dropped label trains the unguided ω = 1
-            dropped = model_kwargs.get("force_drop_ids")
+            dropped = conditions.get("force_drop_ids")
             omega = draws["omega"] if dropped is None else torch.where(dropped.bool(), 1.0, draws["omega"])
-            model_kwargs = {**model_kwargs, "guidance": omega}
-        # Token routing (TREAD; `route` among the kwargs) applies to the trained forward only. The target's
-        # no-grad passes (the JVP, the guided field) run on every token: the target is the derivative of
-        # the network that sampling will run, which sees every token in every block; a routed target would
-        # be the derivative of a random sub-network, adding the route's noise to the regression target.
-        # Their cost stays small: the JVP runs on the r != t samples only (a quarter, the paper's ratio).
-        target_kwargs = {key: value for key, value in model_kwargs.items() if key != "route"}
-        target = self.target(plain_module(model), z, r, t, v, target_kwargs)
-        # The trained u last, through the runnable (DDP reduces its gradients; a REPA hook on a block keeps
-        # this forward's tokens, the last it sees).
-        u = paper_u(model, z, r, t, **model_kwargs)
+            conditions = {**conditions, "guidance": omega}
+        # The target's no-grad passes (the JVP, the guided field) run through `network.target`: the target
+        # is the derivative of the network that sampling will run, on every token (a routed target would be
+        # the derivative of a random sub-network, adding the route's noise to the regression target). Their
+        # cost stays small: the JVP runs on the r != t samples only (a quarter, the paper's ratio).
+        target = self.target(network.target, z, r, t, v, conditions, whole_batch=network.whole_batch)
+        # The trained u last, through the step's forward (DDP reduces its gradients; a training extension's
+        # capture on a block keeps this forward's tokens, the last it sees).
+        u = paper_u(network, z, r, t, **conditions)
         delta = u.float() - target.float()
         squared = delta.pow(2).flatten(1).sum(1)  # ‖Δ‖², per sample, as the paper's weight reads it
         weight = (squared.detach() + self.meanflow_c).pow(-self.meanflow_p)

@@ -27,6 +27,7 @@ from ..diffusion.losses import mean_flat
 from ..errors import UserError
 from .base import register_objective, setting
 from .flow import FlowTimeObjective
+from .policy import SamplingPolicy
 
 
 @register_objective
@@ -34,7 +35,7 @@ from .flow import FlowTimeObjective
 class XPrediction(FlowTimeObjective):
     name: ClassVar[str] = "x-pred"
     summary: ClassVar[str] = "x-prediction as JiT: the network predicts the clean image, the loss is on the velocity"
-    default_sampler: ClassVar[str] = "heun"  # JiT samples with Heun's ODE method
+    sampling: ClassVar[SamplingPolicy] = SamplingPolicy("x-pred", sampler="heun")  # JiT samples with Heun's ODE method
 
     x_pred_t_eps: float = setting(0.05, "x-pred: the derived velocity divides by max(1 - t, this) (JiT: 0.05)")
 
@@ -48,10 +49,10 @@ class XPrediction(FlowTimeObjective):
         gap = (1 - t).clamp_min(self.x_pred_t_eps).reshape(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
         return (x1_hat - x_t) / gap
 
-    def losses(self, model, x, draws, model_kwargs):
+    def losses(self, network, x, draws, conditions):
         t, noise = draws["t"], draws["noise"]
         x_t = self.path.interpolate(x, noise, t)
-        x1_hat = velocity_channels(model(x_t, t, **model_kwargs), x_t)  # the first C channels
+        x1_hat = velocity_channels(network(x_t, t, **conditions), x_t)  # the first C channels
         velocity = self.derived_velocity(x1_hat, x_t, t)
         return {"loss": mean_flat((velocity - self.path.target_velocity(x, noise)) ** 2)}
 

@@ -50,7 +50,7 @@ class SamplingOptions:
     precision: str = "fp32"
 
     def resolved_sampler(self, objective: Objective) -> str:
-        return self.sampler or objective.default_sampler
+        return self.sampler or objective.sampling.sampler
 
     def sampler_options(self) -> dict:
         return {name: getattr(self, name) for name in SAMPLER_OPTIONS}
@@ -63,7 +63,7 @@ class SamplingOptions:
             if not math.isfinite(getattr(self, name)):
                 raise UserError(f"{name.replace('_', ' ')} must be a finite number, got {getattr(self, name)}")
         check_cfg_scale(self.cfg_scale)
-        objective.check_sampling_guidance(self.cfg_scale, self.guidance_interval)
+        objective.sampling.check_guidance(self.cfg_scale, self.guidance_interval)
         check_sampler_options(sampler, self.sampler_options())
         if not 0.0 <= self.eta <= 1.0:
             raise UserError(f"DDIM eta must be in [0, 1], got {self.eta}")
@@ -166,7 +166,7 @@ def guided_model(model, objective: Objective, options: SamplingOptions):
     the interval open at the ends of the objective's time range, `open_at_range_ends`)."""
     config = model.config
     model_fn = in_precision(model, options.precision)
-    if objective.guidance_input is not None:  # the scale is an input: one call (improved MeanFlow)
+    if objective.sampling.guidance_input is not None:  # the scale is an input: one call (improved MeanFlow)
         model_fn = with_guidance_input(model_fn, options.cfg_scale)
     elif options.cfg_scale > 1.0:
         if config.class_dropout_prob <= 0:

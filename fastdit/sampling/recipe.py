@@ -138,10 +138,11 @@ def training_recipe(objective, *, conditional: bool, sampler: str | None = None,
     """The recipe a training run records in its checkpoints: the objective's sampler and step count,
     cfg 1 where guiding is impossible (no null class) or would guide twice (trained in: MeanFlow), and
     whatever the run set explicitly (the digits demo's Heun-9 at cfg 3)."""
-    recipe = {"sampler": sampler or objective.default_sampler, "num_steps": num_steps or objective.default_num_steps}
+    policy = objective.sampling
+    recipe = {"sampler": sampler or policy.sampler, "num_steps": num_steps or policy.num_steps}
     if cfg_scale is not None:
         recipe["cfg_scale"] = float(cfg_scale)
-    elif objective.trained_guidance is not None or not conditional:
+    elif policy.cfg_scale(OFFICIAL_CFG_SCALE, conditional=conditional) == 1.0:
         recipe["cfg_scale"] = 1.0
     return recipe
 

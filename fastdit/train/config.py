@@ -1,16 +1,16 @@
 """The training run's configuration: typed dataclasses in sections, validated once, written as JSON
 into the run folder and into every checkpoint.
 
-`TrainConfig` has nine sections: `model` (the network), `objective` (what it is trained for: the
-registered objective and its settings, `fastdit.objectives`), `alignment` (representation alignment
-with a frozen encoder, REPA, on top of any objective), `routing` (TREAD's token routing through a
-span of blocks, on top of any objective), `optimisation`, `data`, `run` (systems, run
-folder, logging), `evaluation` (FIDs during training) and `recipe` (how the checkpoints recommend
-being sampled). Every field carries its flag's help
-text, and `fastdit train`'s flat flags (`--lr`, `--objective`, ...) are generated from these fields:
-each name, type, default and help is written once, here (or in the objective's module). Field names
-are unique over the sections, so a flat {flag name: value} dict (what run folders recorded before the
-sections, and what `refuse_other_run` compares) maps to the sections without ambiguity.
+`TrainConfig`'s sections: `model` (the network), `objective` (what it is trained for: the registered
+objective and its settings, `fastdit.objectives`), `optimisation`, one section per training extension
+(the EMA, post-hoc EMAs, REPA's `alignment`, token `routing`, `dispersion`, ...: each extension's
+module declares its own, `fastdit.train.extensions`), `data`, `run` (systems, run folder, logging),
+`evaluation` (FIDs during training) and `recipe` (how the checkpoints recommend being sampled). Every
+field carries its flag's help text, and `fastdit train`'s flat flags (`--lr`, `--objective`, ...) are
+generated from these fields: each name, type, default and help is written once, here (or in the
+objective's or the extension's module). Field names are unique over the sections, so a flat
+{flag name: value} dict (what run folders recorded before the sections, and what `refuse_other_run`
+compares) maps to the sections without ambiguity.
 """
 
 from __future__ import annotations
@@ -25,25 +25,15 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..latents import PIXEL_SPACE_NAMES, latent_side
-from ..models import config_from_name
+from ..models import BLOCK_OPTIONS, MLPS, NORMS, config_from_name
 from ..objectives import OBJECTIVES, Objective, all_settings, build_objective, objective_names
-from ..power_ema import SIGMA_REL_MAX
 from ..precision import PRECISIONS
 from ..run_folder import refuse_other_settings
 from ..sampling import SamplingOptions
 from ..seeding import MAX_SEED
-from .routing import PAPER_RATE, PAPER_SPAN, parse_span, resolve_span
+from .extensions import EXTENSIONS
+from .options import flag_name, option
 from .setup import checkpoint_stride
-
-
-def option(default, help: str, *, flag: str | None = None, at_least=None, at_most=None, positive: bool = False,
-           unit_interval: bool = False, hint: str = ""):
-    """A config field with its flag's help text and its range, written once. `flag` names the flag
-    (and the flat key) when it differs from the field name; `at_least`, `at_most`, `positive` (> 0) and
-    `unit_interval` ([0, 1)) bound a number."""
-    metadata = {"help": help, "flag": flag, "at_least": at_least, "at_most": at_most, "positive": positive,
-                "unit_interval": unit_interval, "hint": hint}
-    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -56,8 +46,8 @@ class ModelSection:
                                        unit_interval=True)
     learn_sigma: bool = option(True, "predict the variance too (2C output channels; DiT's learned-range variance)")
     # block options (LightningDiT); the official DiT blocks when off
-    norm: str = option("layernorm", "layernorm (official) or rmsnorm")
-    mlp: str = option("gelu", "gelu (official) or swiglu (parameter-matched)")
+    norm: str = option(NORMS[0], f"{NORMS[0]} (official) or {' or '.join(NORMS[1:])}")
+    mlp: str = option(MLPS[0], f"{MLPS[0]} (official) or {' or '.join(MLPS[1:])} (parameter-matched)")
     rope: bool = option(False, "2-D rotary position embedding on q and k")
     qk_norm: bool = option(False, "normalise q and k of every head")
     # model-size overrides (the tiny demo model); None keeps the preset's value
@@ -68,7 +58,7 @@ class ModelSection:
     def options(self) -> dict:
         """The DiTConfig fields this run sets beyond the preset (size overrides and block options)."""
         overrides = {k: getattr(self, k) for k in ("depth", "hidden_size", "num_heads") if getattr(self, k) is not None}
-        blocks = {k: getattr(self, k) for k in ("norm", "mlp", "rope", "qk_norm")}
+        blocks = {k: getattr(self, k) for k in BLOCK_OPTIONS}
         return {**overrides, **blocks, "num_classes": self.num_classes, "class_dropout_prob": self.class_dropout_prob,
                 "learn_sigma": self.learn_sigma}
 
@@ -89,28 +79,6 @@ def _objective_section() -> type:
 
 
 ObjectiveSection = _objective_section()
-
-
-@dataclass
-class AlignmentSection:
-    # REPA (Yu et al. 2024): defaults from the paper (λ 0.5, projector width 2048, block 8 of SiT-XL)
-    repa: str | None = option(None, "align block --repa-depth's tokens with this frozen encoder (REPA): dinov2-vitb14 "
-                                    "(REPA's), another DINOv2/DINOv3 size, timm:NAME, or a local file (default: off)")
-    repa_depth: int = option(8, "the block whose output tokens are aligned, counted from 1 (REPA: 8 for XL, 4 for B)",
-                             at_least=1)
-    repa_weight: float = option(0.5, "weight λ of the alignment term in the loss", at_least=0)
-    repa_projector_dim: int = option(2048, "hidden width of the 3-layer projector", at_least=1)
-
-
-@dataclass
-class RoutingSection:
-    # TREAD (Krause et al. 2025, arXiv 2501.04765): `fastdit.train.routing` has the defaults' source.
-    route: float = option(0.0, f"token routing (TREAD): the share of each sample's tokens that skip the blocks of "
-                               f"--route-blocks during training (0: off; the flag alone: {PAPER_RATE}, the paper's); "
-                               f"sampling and the EMA export are unchanged", unit_interval=True)
-    route_blocks: str = option(PAPER_SPAN, "the routed span START:END as a Python slice of the blocks (0-based, END "
-                                           f"excluded, negative counts from the end); {PAPER_SPAN}: from block 2 to "
-                                           "the second-to-last, as TREAD routes")
 
 
 @dataclass
@@ -151,23 +119,9 @@ class OptimisationSection:
     skip_nonfinite: int = option(0, "skip a step whose loss or gradient is not finite (no update; its batch and draws "
                                     "are used up), up to this many in a row; one more stops the run (0: stop at the first)",
                                  at_least=0)
-    ema_decay: float = option(0.9999, "EMA decay per step", unit_interval=True)
-    # Post-hoc EMA (EDM2, Karras et al. 2024, Sec. 3): two power-function EMAs whose snapshots let
-    # `fastdit ema` make the EMA of any length after training; EDM2 tracks σ_rel 0.05 and 0.10.
-    posthoc_ema: bool = option(False, "also keep two power-function EMAs (EDM2) and store snapshots of them every "
-                                      "--posthoc-every steps in the run folder; `fastdit ema` then makes the EMA of "
-                                      "any length σ_rel from them")
-    posthoc_sigma_rels: tuple[float, float] = option((0.05, 0.10), "the two EMA lengths σ_rel tracked "
-                                                     "(std of the averaging profile / training time)")
-    posthoc_every: int = option(5000, "steps between post-hoc EMA snapshots (and one at the end)", at_least=1)
     epochs: int = option(1400, "epochs to train (--max-steps wins when given)", at_least=1)
     max_steps: int | None = option(None, "optimizer steps to train", at_least=1)
     global_seed: int = option(0, "seed of everything random", at_least=0, at_most=MAX_SEED)
-
-    def __post_init__(self):
-        # JSON (config.json, checkpoints) gives the σ_rel pair back as a list
-        if isinstance(self.posthoc_sigma_rels, list):
-            self.posthoc_sigma_rels = tuple(self.posthoc_sigma_rels)
 
 
 @dataclass
@@ -176,7 +130,7 @@ class RunSection:
     precision: str = option("fp32", "fp32, bf16 or fp16 (with a gradient scaler)")
     gradient_checkpointing: str = option("off", "recompute activations in backward to save memory: off, blocks "
                                                 "(every block; the flag alone), mlp (each block's MLP only) or every-K "
-                                                "(blocks 0, K, 2K, ...)")
+                                                "(blocks 0, K, 2K, ...)", flag_alone="blocks")
     fsdp: bool = option(False, "shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP")
     compile: bool = option(False, "torch.compile each transformer block (regional: start-up compiles one block, not the model)")
     tf32: bool = option(True, "TF32 matmuls on GPUs")
@@ -222,14 +176,10 @@ class RecipeSection:
                                             at_least=1)
 
 
-SECTIONS = {"model": ModelSection, "objective": ObjectiveSection, "alignment": AlignmentSection,
-            "routing": RoutingSection, "optimisation": OptimisationSection, "data": DataSection, "run": RunSection,
-            "evaluation": EvaluationSection, "recipe": RecipeSection}
-
-
-def flag_name(field: dataclasses.Field) -> str:
-    """The flat key (and `--flag`) of a section field."""
-    return field.metadata.get("flag") or field.name
+# The sections in order (and in `fastdit train --help`): the extensions' between optimisation and data.
+SECTIONS = {"model": ModelSection, "objective": ObjectiveSection, "optimisation": OptimisationSection,
+            **{cls.section: cls.settings for cls in EXTENSIONS.values()},
+            "data": DataSection, "run": RunSection, "evaluation": EvaluationSection, "recipe": RecipeSection}
 
 
 def flat_fields() -> dict[str, tuple[str, dataclasses.Field]]:
@@ -244,11 +194,11 @@ RESUMABLE_CHANGES = frozenset(
         "epochs", "max_steps", "log_every", "ckpt_every", "keep_last", "sample_every", "num_workers",
         "compile", "sample_steps", "tensorboard", "wandb", "device", "eval_every", "eval_samples", "eval_ref",
         "eval_batch_size", "eval_sampling_steps", "eval_cfg_scale", "micro_batch_size", "gradient_checkpointing",
-        "results_dir", "run_name", "inception_weights", "progress", "posthoc_every",
+        "results_dir", "run_name", "inception_weights", "progress",
         "recipe_sampler", "recipe_steps", "recipe_cfg_scale",  # what the checkpoints recommend, not how they are made
         "skip_nonfinite",  # a run stopped by a non-finite step may go on with it: it changes nothing else
     }
-)
+) | {flag_name(f) for cls in EXTENSIONS.values() for f in dataclasses.fields(cls.settings) if f.metadata.get("resumable")}
 
 
 def _check_sampling(flags: str, options, objective: Objective) -> None:
@@ -259,19 +209,8 @@ def _check_sampling(flags: str, options, objective: Objective) -> None:
         raise UserError(f"{flags}: {err}") from None
 
 
-@dataclass
-class TrainConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
-    alignment: AlignmentSection = field(default_factory=AlignmentSection)
-    routing: RoutingSection = field(default_factory=RoutingSection)
-    optimisation: OptimisationSection = field(default_factory=OptimisationSection)
-    data: DataSection = field(default_factory=DataSection)
-    run: RunSection = field(default_factory=RunSection)
-    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
-    recipe: RecipeSection = field(default_factory=RecipeSection)
-
-    # ------------------------------------------------------------------------------------------
+class _TrainConfigMethods:
+    """What `TrainConfig` does; its fields, one per section of SECTIONS, are made below."""
 
     @classmethod
     def create(cls, **flat) -> "TrainConfig":
@@ -358,15 +297,12 @@ class TrainConfig:
                             "`fastdit evaluate` on the exported EMA checkpoints")
         objective = self.build_objective()  # rejects an unknown objective or a setting out of range
         architecture = config_from_name(self.model.name, **self.model_options())  # rejects options that do not fit
-        if objective.trained_guidance is not None and self.model.class_dropout_prob <= 0:
-            raise UserError(f"the {objective.name} objective trains guidance in (scale {objective.trained_guidance:g}), "
+        trained_guidance = objective.sampling.trained_guidance
+        if trained_guidance is not None and self.model.class_dropout_prob <= 0:
+            raise UserError(f"the {objective.name} objective trains guidance in (scale {trained_guidance:g}), "
                             f"which needs the null class: set --class-dropout-prob > 0 (the paper: 0.1)")
-        if self.alignment.repa and not 1 <= self.alignment.repa_depth <= architecture.depth:
-            raise UserError(f"--repa-depth {self.alignment.repa_depth} is not a block of {self.model.name} "
-                            f"(blocks 1..{architecture.depth}); REPA aligns block 8 of XL, 4 of B")
-        parse_span(self.routing.route_blocks)  # a malformed span is an error even while routing is off
-        if self.routing.route:
-            resolve_span(self.routing.route_blocks, architecture.depth)
+        for extension in EXTENSIONS.values():  # every one, enabled or not: a malformed setting is an error
+            extension.validate(self, architecture)
         evaluation = self.evaluation
         if evaluation.eval_every and evaluation.eval_samples < 2:
             raise UserError(f"--eval-samples must be >= 2 for a covariance, got {evaluation.eval_samples}")
@@ -386,20 +322,7 @@ class TrainConfig:
         # (`open_training_data`) compares them, so only an image folder encoded on the fly is checked here.
         if not data.pixel_space and not data.features_path:
             latent_side(self.model.image_size)
-        self._validate_posthoc_ema()
         return self
-
-    def _validate_posthoc_ema(self) -> None:
-        sigma_rels = self.optimisation.posthoc_sigma_rels
-        if not (isinstance(sigma_rels, tuple) and len(sigma_rels) == 2
-                and all(isinstance(s, numbers.Real) and not isinstance(s, bool) for s in sigma_rels)):
-            raise UserError(f"--posthoc-sigma-rels takes two numbers, got {sigma_rels!r}; e.g. 0.05 0.10")
-        if not all(math.isfinite(s) and 0 < s <= SIGMA_REL_MAX for s in sigma_rels):
-            raise UserError(f"--posthoc-sigma-rels must be in (0, {SIGMA_REL_MAX:.3f}] (the longest power-function "
-                            f"EMA), got {' '.join(f'{s:g}' for s in sigma_rels)}; EDM2 uses 0.05 0.10")
-        if f"{sigma_rels[0]:g}" == f"{sigma_rels[1]:g}":
-            raise UserError(f"--posthoc-sigma-rels needs two different lengths, got {sigma_rels[0]:g} twice; "
-                            f"e.g. 0.05 0.10")
 
     def _validate_numbers(self) -> None:
         """Every number field: the right type, finite, and in its range. A NaN fails every comparison
@@ -431,3 +354,11 @@ class TrainConfig:
     def refuse_other_run(self, requested: "TrainConfig", what: str, fix: str) -> None:
         """Raise a UserError naming the fields that define the run (not RESUMABLE_CHANGES) and differ."""
         refuse_other_settings(what, self.to_flat(), requested.to_flat(), fix, ignore=RESUMABLE_CHANGES)
+
+
+# One field per section, each defaulting to its dataclass's defaults: `config.model.name`, `config.alignment.repa`.
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig", [(name, cls, field(default_factory=cls)) for name, cls in SECTIONS.items()],
+    bases=(_TrainConfigMethods,), namespace={"__module__": __name__},
+)
+TrainConfig.__doc__ = "A training run's settings, in SECTIONS; `TrainConfig.create(**flat)` from flat flag names."

@@ -46,3 +46,18 @@ def steps_per_epoch(num_items: int, global_batch: int) -> int:
             f"lower --global-batch-size"
         )
     return num_items // global_batch
+
+
+def batch_split(optim, world_size: int) -> tuple[int, int]:
+    """(images per process, images per forward) of a step for the config's optimisation section `optim`;
+    a UserError if they do not divide."""
+    if optim.global_batch_size % world_size:
+        raise UserError(
+            f"global batch size {optim.global_batch_size} is not divisible by the {world_size} processes; "
+            f"use a multiple of {world_size}"
+        )
+    local_batch = optim.global_batch_size // world_size
+    micro_batch = optim.micro_batch_size or local_batch
+    if local_batch % micro_batch:
+        raise UserError(f"--micro-batch-size {micro_batch} does not divide the per-process batch {local_batch}")
+    return local_batch, micro_batch

@@ -36,6 +36,32 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
+class StepWindow:
+    """The steps since the last log line: each loss term and the gradient norm summed over the steps
+    that updated, how many were skipped (non-finite), and since when: one record of metrics.jsonl."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.running, self.updates, self.skipped = None, 0, 0
+        self.start = time.perf_counter()
+
+    def add(self, result) -> None:
+        """A step's `StepResult` (`fastdit.train.step`)."""
+        if result.skipped:
+            self.skipped += 1
+            return
+        update = {**result.terms, "grad_norm": result.grad_norm}
+        self.running = update if self.running is None else {k: self.running[k] + v for k, v in update.items()}
+        self.updates += 1
+
+    def means(self) -> dict[str, float]:
+        """"loss", the other terms ("mse", "vb", "repa", ...) and "grad_norm" (before clipping), averaged
+        over the window's updates; a window of skipped steps only has none."""
+        return {name: (value / self.updates).item() for name, value in (self.running or {}).items()}
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, wandb: bool, config: dict, start_step: int = 0):
         self.enabled = enabled
@@ -74,6 +100,38 @@ class RunLogger:
             self.tb.flush()
         if self.wandb is not None:
             self.wandb.log(values, step=step)
+
+    def window(self, step: int, window: StepWindow, *, global_batch: int, lr: float, epoch: int,
+               device: torch.device, progress=None) -> dict[str, float]:
+        """Log the steps of `window` as step `step`'s record (and a console line, or the progress bar's
+        figures), start the next window, and return the window's mean terms."""
+        means = window.means()
+        elapsed = time.perf_counter() - window.start
+        steps = window.updates + window.skipped
+        values = {  # the keys beside the terms are STEP_STATISTICS
+            **means,
+            "skipped_steps": window.skipped,
+            "steps_per_sec": steps / elapsed,
+            "images_per_sec": steps * global_batch / elapsed,
+            "peak_memory_gb": peak_memory_gb(device),
+            "lr": lr,
+            "epoch": epoch,
+        }
+        self.metrics(step, values)
+        others = {name: value for name, value in means.items() if name not in ("loss", "grad_norm")}
+        terms_text = " ".join(f"{name} {value:.4f}" for name, value in others.items())
+        if progress is not None:
+            progress.set_postfix({name: f"{value:.4f}" for name, value in means.items()})
+        elif means:
+            self.info(
+                f"step {step:07d}  loss {means['loss']:.4f}{f' ({terms_text})' if terms_text else ''}  "
+                f"grad norm {means['grad_norm']:.4f}  "
+                f"{values['steps_per_sec']:.2f} steps/s  {values['images_per_sec']:.1f} img/s  "
+                f"peak mem {values['peak_memory_gb']:.2f} GB"
+                + (f"  ({window.skipped} skipped)" if window.skipped else "")
+            )
+        window.reset()
+        return means
 
     def image(self, step: int, tag: str, image_hwc) -> None:
         if self.enabled and self.tb is not None:

@@ -4,8 +4,9 @@ Launch with `python -m fastdit train ...` (one process), `torchrun --nproc_per_n
 train ...` (one node or many: add --nnodes/--node-rank/--rdzv-endpoint), or `accelerate launch -m
 fastdit train ...`: each sets the same RANK/WORLD_SIZE/LOCAL_RANK variables, and DDP (or FSDP2, with --fsdp) does the rest.
 
-Resume is the same command run again: the newest checkpoint in the run folder restores model, EMA,
-optimizer, grad scaler, step, data position and RNG states (`TrainingState`). Every random draw of a step is a pure
+Resume is the same command run again: the newest checkpoint in the run folder restores model,
+optimizer, grad scaler, step, data position, RNG states and every training extension's state (the EMA,
+a trained projector, ...: `TrainingState`). Every random draw of a step is a pure
 function of (seed, step) and every item's augmentation of (seed, epoch, index), so a resumed run
 trains on exactly what an uninterrupted one would have.
 """
@@ -14,13 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions
 from torch.distributed.fsdp import FSDPModule
 
 from .. import distributed
@@ -34,14 +33,13 @@ from ..precision import precision_warning
 from ..run_folder import exclusive_lock_for_all_ranks
 from .config import TrainConfig
 from .data_record import compare_with_record, describe_data, read_data_record, write_data_record
-from .data_order import StepBatchSampler, steps_per_epoch
-from .ema import make_ema
-from .routing import route_settings
-from .logger import RunLogger, peak_memory_gb
-from .posthoc_ema import PowerEMAs, save_snapshots, snapshot_folder
-from .setup import enable_tf32, make_grad_scaler, prepare_model, shard_model
+from .data_order import StepBatchSampler, batch_split, steps_per_epoch
+from .extensions import BuildContext, RunContext, build_extensions
+from .logger import RunLogger, StepWindow
+from .setup import enable_tf32, make_grad_scaler, prepare_model
 from .state import (
     Position,
+    StepLayout,
     TrainingState,
     checkpoint_dir,
     checkpoint_path,
@@ -51,7 +49,7 @@ from .state import (
     save_training_state,
     set_rng_state,
 )
-from .step import NonFiniteLoss, StepSettings, non_finite_message, train_step
+from .step import NonFiniteLoss, non_finite_message, train_step
 from .training_data import TrainingData, open_training_data
 
 
@@ -102,7 +100,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     _refuse_other_run(_stored_config(run_dir), config, run_dir)
     check_can_create(run_dir)
     optim, run = config.optimisation, config.run
-    _, micro_batch = batch_split(config, dist.world_size)
+    _, micro_batch = batch_split(optim, dist.world_size)
     enable_tf32(device, run.tf32)
 
     objective = config.build_objective()
@@ -116,17 +114,16 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     model = build_model(
         config.model.name, input_size=data.latent_shape[1], in_channels=data.latent_shape[0], **config.model_options()
     ).to(device)
-    ema = make_ema(model)  # copied before any wrapping
-    posthoc = PowerEMAs(model, optim.posthoc_sigma_rels) if optim.posthoc_ema else None
     model_info = ModelInfo(config=model.config, latent=data.latent_info, class_names=data.class_names,
                            objective=objective, sampling=config.sampling_recipe())
-    state = build_training_state(config, dist, model, ema, data, posthoc=posthoc)
+    state = build_training_state(config, dist, model, data)
 
     # One run per folder: a second `train` on it stops here with a message instead of interleaving its
     # metrics and checkpoints with ours. Taken after the checks, so a bad command creates no folder.
     run_lock.enter_context(exclusive_lock_for_all_ranks(run_dir, "fastdit train", dist))
     if dist.is_main:  # what a killed save left (gigabytes for DiT-XL); no writer of this run is alive
-        for folder in (run_dir, checkpoint_dir(run_dir), run_dir / "samples", snapshot_folder(run_dir)):
+        extension_folders = [folder for extension in state.extensions for folder in extension.folders(run_dir)]
+        for folder in (run_dir, checkpoint_dir(run_dir), run_dir / "samples", *extension_folders):
             remove_stale_temporaries(folder)
     checkpoints, resume_warnings = list_checkpoints(run_dir), []
     if checkpoints:
@@ -159,19 +156,18 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     model.train()
     max_steps = optim.max_steps or optim.epochs * per_epoch
     num_params = sum(p.numel() for p in model.parameters())
+    methods = "".join(f"{text}, " for text in (extension.describe() for extension in state.extensions) if text)
     log.info(
         f"{config.model.name} ({num_params:,} parameters), objective {objective.name}, on {len(data.dataset):,} items "
         f"of shape {tuple(data.latent_shape)}; {dist.world_size} process(es) on {device.type}{_parallelism(state)}, "
         f"global batch {optim.global_batch_size} (micro-batch {micro_batch}), {run.precision}, activation "
         f"checkpointing {run.gradient_checkpointing}{', blocks compiled' if run.compile else ''}, "
-        f"{_alignment_text(config, state)}{_routing_text(state)}{_posthoc_text(config, state)}"
-        f"steps {position.step} -> {max_steps}, run folder {run_dir}"
+        f"{methods}steps {position.step} -> {max_steps}, run folder {run_dir}"
     )
 
     last_saved, last_loss = None, None
-    running, running_steps = None, 0  # the loss terms and gradient norm summed over the window's updates
-    skipped_in_window, skipped_in_a_row = 0, 0  # steps skipped for a non-finite loss or gradient
-    window_start = time.perf_counter()
+    window, skipped_in_a_row = StepWindow(), 0  # the steps since the last log line; non-finite steps in a row
+    run_context = RunContext(run_dir, dist, model_info, log)
     progress = _progress_bar(config, dist, position.step, max_steps)
     while position.step < max_steps:
         data.dataset.set_epoch(position.epoch)
@@ -183,57 +179,26 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
         )
         for batch in loader:
             result = train_step(state, batch, objective)
+            skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
+            if skipped_in_a_row > optim.skip_nonfinite:  # the batch is not used up: a rerun retries it
+                raise NonFiniteLoss(non_finite_message(result, position.step + 1))
             if result.skipped:
-                skipped_in_a_row += 1
-                if skipped_in_a_row > optim.skip_nonfinite:  # the batch is not used up: a rerun retries it
-                    raise NonFiniteLoss(non_finite_message(result, position.step + 1))
-                skipped_in_window += 1
                 log.info(f"step {position.step + 1:07d}  {result.problem()}: skipped, no update "
                          f"({skipped_in_a_row} in a row, --skip-nonfinite {optim.skip_nonfinite})")
-            else:
-                skipped_in_a_row = 0
-                update = {**result.terms, "grad_norm": result.grad_norm}
-                running = update if running is None else {name: running[name] + value for name, value in update.items()}
-                running_steps += 1
+            window.add(result)
             position.step += 1
             position.step_in_epoch += 1
             if progress is not None:
                 progress.update(1)
             if position.step % run.log_every == 0 or position.step == max_steps:
-                # "loss", the objective's other terms ("mse", "vb", ...) and "grad_norm" (before clipping),
-                # averaged over the window's updates; a window of skipped steps only has none.
-                means = {name: (value / running_steps).item() for name, value in (running or {}).items()}
+                means = log.window(position.step, window, global_batch=optim.global_batch_size,
+                                   lr=state.optimizer.param_groups[0]["lr"], epoch=position.epoch, device=device,
+                                   progress=progress)
                 last_loss = means.get("loss", last_loss)
-                elapsed = time.perf_counter() - window_start
-                window_steps = running_steps + skipped_in_window
-                values = {  # the keys beside the terms are logger.STEP_STATISTICS
-                    **means,  # "loss", the objective's other terms ("mse", "vb", ...) and "grad_norm"
-                    "skipped_steps": skipped_in_window,
-                    "steps_per_sec": window_steps / elapsed,
-                    "images_per_sec": window_steps * optim.global_batch_size / elapsed,
-                    "peak_memory_gb": peak_memory_gb(device),
-                    "lr": state.optimizer.param_groups[0]["lr"],
-                    "epoch": position.epoch,
-                }
-                log.metrics(position.step, values)
-                others = {name: value for name, value in means.items() if name not in ("loss", "grad_norm")}
-                terms_text = "".join(f" {name} {value:.4f}" for name, value in others.items())
-                if progress is not None:
-                    progress.set_postfix({name: f"{value:.4f}" for name, value in means.items()})
-                elif means:
-                    log.info(
-                        f"step {position.step:07d}  loss {means['loss']:.4f}{' (' + terms_text.strip() + ')' if terms_text else ''}  "
-                        f"grad norm {means['grad_norm']:.4f}  "
-                        f"{values['steps_per_sec']:.2f} steps/s  {values['images_per_sec']:.1f} img/s  "
-                        f"peak mem {values['peak_memory_gb']:.2f} GB"
-                        + (f"  ({skipped_in_window} skipped)" if skipped_in_window else "")
-                    )
-                running, running_steps, skipped_in_window = None, 0, 0
-                window_start = time.perf_counter()
-            # Snapshots before the checkpoint of the same step: a run resumed from that checkpoint
-            # does not pass this step again, so its snapshots must already be there.
-            if state.posthoc is not None and (position.step % optim.posthoc_every == 0 or position.step == max_steps):
-                _save_snapshots(run_dir, dist, state, model_info, log)
+            # Before the step's checkpoint: what an extension writes of this step (snapshots) must already be
+            # there when a run resumed from that checkpoint does not pass the step again.
+            for extension in state.extensions:
+                extension.at_step_end(run_context, position.step, last=position.step == max_steps)
             if position.step % run.ckpt_every == 0 or position.step == max_steps:
                 if position.step_in_epoch == per_epoch:  # store a finished epoch as the next one's start
                     position = state.position = Position(position.step, position.epoch + 1, 0)
@@ -257,83 +222,25 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     return TrainResult(run_dir=run_dir, checkpoint=checkpoint, export=export, step=position.step, last_loss=last_loss)
 
 
-def build_training_state(config: TrainConfig, dist: distributed.DistInfo, model, ema, data: TrainingData,
-                         posthoc: PowerEMAs | None = None) -> TrainingState:
-    """Wrap the model (checkpointing, compile, DDP or FSDP), shard the EMA (and the post-hoc EMAs) like
-    it, then build the optimizer over the wrapped parameters: the order FSDP needs."""
+def build_training_state(config: TrainConfig, dist: distributed.DistInfo, model, data: TrainingData) -> TrainingState:
+    """The run's training extensions (built from the plain model: the EMA copies it, a projector is drawn
+    right after it from the same seeded stream), then the model wrapped (checkpointing, compile, DDP or FSDP) and the
+    extensions' averages sharded like it, then the optimizer over the wrapped parameters: the order FSDP
+    needs."""
     run, optim = config.run, config.optimisation
     fsdp = run.fsdp and dist.is_distributed
+    extensions = build_extensions(BuildContext(config, model, dist, lambda module: make_optimizer(module, optim)))
     runnable = prepare_model(model, dist=dist, gradient_checkpointing=run.gradient_checkpointing,
                              compile_model=run.compile, fsdp=fsdp, precision=run.precision)
-    if fsdp:  # each process keeps the EMA of its own shard: the update needs no communication
-        for average in [ema, *(posthoc.modules if posthoc is not None else [])]:
-            shard_model(average, "fp32")
-    local_batch, micro_batch = batch_split(config, dist.world_size)
-    alignment = build_alignment(config, model, dist.device) if config.alignment.repa else None
-    settings = StepSettings(
-        seed=optim.global_seed, global_batch=optim.global_batch_size, local_batch=local_batch,
-        micro_batch=micro_batch, rank=dist.rank, device=dist.device,
-        input_shape=tuple(data.latent_shape), class_dropout_prob=config.model.class_dropout_prob,
-        precision=run.precision, lr=optim.lr, warmup_steps=optim.warmup_steps, grad_clip=optim.grad_clip,
-        ema_decay=optim.ema_decay, encode=data.latent_space.encode_moments if data.encode_on_the_fly else None,
-        route=route_settings(config.routing.route, config.routing.route_blocks, model.config.depth,
-                             model.config.grid_size**2),
-    )
-    return TrainingState(model=model, runnable=runnable, ema=ema, optimizer=make_optimizer(model, optim),
-                         scaler=make_grad_scaler(dist.device, run.precision), settings=settings, alignment=alignment,
-                         posthoc=posthoc)
-
-
-def build_alignment(config: TrainConfig, model, device):
-    """REPA's frozen encoder (`fastdit.encoders`) and a fresh projector from the DiT's width to the
-    encoder's, with its own AdamW. Built after the DiT from the same seeded stream, so every process
-    starts from the same projector."""
-    from ..encoders import load_encoder
-    from .alignment import Alignment, Projector
-
-    settings = config.alignment
-    encoder = load_encoder(settings.repa, device=device)
-    projector = Projector(model.config.hidden_size, settings.repa_projector_dim, encoder.dim).to(device)
-    return Alignment(encoder, projector, settings.repa_depth, settings.repa_weight,
-                     optimizer=make_optimizer(projector, config.optimisation))
-
-
-def batch_split(config: TrainConfig, world_size: int) -> tuple[int, int]:
-    """(images per process, images per forward) of a step; a UserError if they do not divide."""
-    optim = config.optimisation
-    if optim.global_batch_size % world_size:
-        raise UserError(
-            f"global batch size {optim.global_batch_size} is not divisible by the {world_size} processes; "
-            f"use a multiple of {world_size}"
-        )
-    local_batch = optim.global_batch_size // world_size
-    micro_batch = optim.micro_batch_size or local_batch
-    if local_batch % micro_batch:
-        raise UserError(f"--micro-batch-size {micro_batch} does not divide the per-process batch {local_batch}")
-    return local_batch, micro_batch
-
-
-def _alignment_text(config: TrainConfig, state: TrainingState) -> str:
-    settings = config.alignment
-    if state.alignment is None:
-        return ""
-    return f"REPA with {settings.repa} at block {settings.repa_depth} (weight {settings.repa_weight:g}), "
-
-
-def _posthoc_text(config: TrainConfig, state: TrainingState) -> str:
-    optim = config.optimisation
-    if state.posthoc is None:
-        return ""
-    lengths = " and ".join(f"{s:g}" for s in optim.posthoc_sigma_rels)
-    return f"post-hoc EMAs σ_rel {lengths} (snapshots every {optim.posthoc_every} steps), "
-
-
-def _routing_text(state: TrainingState) -> str:
-    route = state.settings.route
-    if route is None:
-        return ""
-    return (f"token routing: blocks[{route.start}:{route.end}] see {route.num_kept} of {route.num_tokens} tokens "
-            f"per sample, ")
+    for extension in extensions:
+        extension.shard(fsdp)
+    local_batch, micro_batch = batch_split(optim, dist.world_size)
+    layout = StepLayout(rank=dist.rank, device=dist.device, local_batch=local_batch, micro_batch=micro_batch,
+                        input_shape=tuple(data.latent_shape),
+                        encode=data.latent_space.encode_moments if data.encode_on_the_fly else None)
+    return TrainingState(model=model, runnable=runnable, optimizer=make_optimizer(model, optim),
+                         scaler=make_grad_scaler(dist.device, run.precision), config=config, layout=layout,
+                         extensions=extensions)
 
 
 def _parallelism(state: TrainingState) -> str:
@@ -373,15 +280,6 @@ def _save(config, run_dir, dist, state: TrainingState, model_info, log):
     return path if path is not None else checkpoint_path(run_dir, position.step)
 
 
-def _save_snapshots(run_dir, dist, state: TrainingState, model_info, log):
-    """The post-hoc EMAs' snapshots of this step (gathered from every process under FSDP; rank 0 writes)."""
-    states = state.posthoc.state_dict(StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.is_main:
-        paths = save_snapshots(run_dir, states, state.posthoc, state.position.step, model_info)
-        log.info(f"saved post-hoc EMA snapshots {', '.join(p.name for p in paths)}")
-    distributed.barrier()
-
-
 def _sample_grid(config, objective, run_dir, ema, data, step, log):
     from ..image_grid import make_grid
     from ..io import atomic_save_png
@@ -389,8 +287,8 @@ def _sample_grid(config, objective, run_dir, ema, data, step, log):
 
     num_classes = config.model.num_classes
     labels = [k % num_classes for k in range(min(num_classes, 10) * 4)]
-    guided = config.model.class_dropout_prob > 0 and objective.trained_guidance is None  # else trained in
-    options = SamplingOptions(num_steps=config.run.sample_steps, cfg_scale=2.0 if guided else 1.0)
+    cfg_scale = objective.sampling.cfg_scale(2.0, conditional=config.model.class_dropout_prob > 0)
+    options = SamplingOptions(num_steps=config.run.sample_steps, cfg_scale=cfg_scale)
     images = generate(ema, data.decoder(), labels, options=options, objective=objective,
                       seed=config.optimisation.global_seed, device=next(ema.parameters()).device)
     grid = make_grid(images, nrow=min(num_classes, 10))

@@ -1,10 +1,11 @@
 """Training checkpoints: everything needed to continue a run exactly, written atomically.
 
-`checkpoints/0001000.pt` holds model, EMA (and the post-hoc EMAs of --posthoc-ema), optimizer, grad-scaler, step, data position (epoch, step
-in epoch), RNG states and the resolved config, as full (gathered) state dicts with plain parameter
-names: a run under DDP and one under FSDP write the same file; `checkpoints/0001000-ema.safetensors` is the EMA-only
-export that `fastdit sample --ckpt` loads. Both are written under temporary names and renamed, so a
-crash, SIGKILL or full disk never damages the previous checkpoint. Only the last K are kept.
+`checkpoints/0001000.pt` holds the model, optimizer, grad-scaler, step, data position (epoch, step in
+epoch), RNG states, the resolved config, and each training extension's state under its key (the EMA
+under "ema", `fastdit.train.extensions`), as full (gathered) state dicts with plain parameter names: a
+run under DDP and one under FSDP write the same file; `checkpoints/0001000-ema.safetensors` is the
+EMA-only export that `fastdit sample --ckpt` loads. Both are written under temporary names and renamed,
+so a crash, SIGKILL or full disk never damages the previous checkpoint. Only the last K are kept.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -35,11 +36,12 @@ from ..io import atomic_torch_save
 from ..models import DiT
 
 if TYPE_CHECKING:
-    from .alignment import Alignment
-    from .posthoc_ema import PowerEMAs
-    from .step import StepSettings
+    from .config import TrainConfig
+    from .extensions import TrainExtension
 
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")
+# The entry of the average that runs export and sample (`fastdit.train.extensions.ema`).
+EMA_KEY = "ema"
 
 
 @dataclass
@@ -49,19 +51,56 @@ class Position:
     step_in_epoch: int = 0
 
 
+@dataclass(frozen=True)
+class StepLayout:
+    """What a step needs beyond the config: this process's share of the global batch, where it runs,
+    and the shape of the model's input (`encode`: images -> (mean, std) of the VAE posterior, when the
+    data are images encoded during training)."""
+
+    rank: int
+    device: torch.device
+    local_batch: int  # this process's share of the global batch
+    micro_batch: int  # per forward; gradient accumulation when smaller than local_batch
+    input_shape: tuple[int, ...]  # (C, H, W) of the model input
+    encode: Callable | None = None
+
+
 @dataclass
 class TrainingState:
     """What a training step changes and a checkpoint restores, in one object."""
 
     model: torch.nn.Module  # the plain module (sharded in place under FSDP): official parameter names
     runnable: torch.nn.Module  # what a step calls: `model` checkpointed, compiled, DDP-wrapped as asked
-    ema: torch.nn.Module  # sharded like `model` under FSDP
     optimizer: torch.optim.Optimizer  # built over `model`'s parameters after the wrapping
     scaler: torch.amp.GradScaler  # disabled unless fp16
+    config: TrainConfig  # the run's settings (not saved with the state: the checkpoint has its own copy)
+    layout: StepLayout
+    extensions: list[TrainExtension] = field(default_factory=list)  # in the order of their hooks
     position: Position = field(default_factory=Position)
-    settings: StepSettings | None = None  # the run's fixed step settings (not saved: the config holds them)
-    alignment: Alignment | None = None  # REPA's projector and its optimizer (its encoder is frozen), or None
-    posthoc: PowerEMAs | None = None  # --posthoc-ema's power-function EMAs (sharded like `model`), or None
+
+    def extension(self, name: str) -> TrainExtension | None:
+        """The run's extension registered as `name` ("ema", ...), None when the run has none."""
+        return next((e for e in self.extensions if e.name == name), None)
+
+    @property
+    def ema(self) -> torch.nn.Module:
+        """The EMA of the weights, which the run exports and samples (sharded like `model` under FSDP)."""
+        return self.extension(EMA_KEY).module
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded over the processes (FSDP2): then every process must run the same
+        forwards, and gathering a state dict takes every process."""
+        return isinstance(self.model, FSDPModule)
+
+    @property
+    def needs_images(self) -> bool:
+        """Whether an extension needs the clean images of the batch (for a frozen image encoder)."""
+        return any(e.needs_images for e in self.extensions)
+
+    def checkpoint_keys(self) -> list[str]:
+        """The entries a checkpoint of this run holds beyond the core ones, one per extension with state."""
+        return [e.checkpoint_key for e in self.extensions if e.checkpoint_key]
 
     def state_dict(self) -> dict:
         """Full state dicts on the CPU, keyed by parameter name. Under FSDP every process must call this
@@ -70,13 +109,10 @@ class TrainingState:
         model, optimizer = get_state_dict(self.model, self.optimizer, options=options)
         return {
             "model": model,
-            "ema": get_model_state_dict(self.ema, options=options),
             "optimizer": optimizer,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "position": vars(self.position).copy(),
-            # the projector is replicated on every process: any process's copy is the whole of it
-            **({"alignment": self.alignment.state_dict()} if self.alignment is not None else {}),
-            **({"posthoc_ema": self.posthoc.state_dict(options)} if self.posthoc is not None else {}),
+            **{e.checkpoint_key: e.state_dict(options) for e in self.extensions if e.checkpoint_key},
         }
 
     def gathered_ema(self) -> torch.nn.Module | None:
@@ -100,14 +136,12 @@ class TrainingState:
         else:
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optimizer"], options=options)
-        set_model_state_dict(self.ema, state["ema"], options=options)
         if self.scaler.is_enabled() and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.position = Position(**state["position"])
-        if self.alignment is not None:
-            self.alignment.load_state_dict(state["alignment"])
-        if self.posthoc is not None:
-            self.posthoc.load_state_dict(state["posthoc_ema"], options)
+        for extension in self.extensions:
+            if extension.checkpoint_key:
+                extension.load_state_dict(state[extension.checkpoint_key], options)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -169,7 +203,7 @@ def save_training_state(
     # are there or neither (a SIGKILL in between leaves the checkpoint; resuming writes its export).
     atomic_torch_save(state, path)
     try:
-        export_weights(training_state["ema"], model_info, export_path(path))
+        export_weights(training_state[EMA_KEY], model_info, export_path(path))
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -180,7 +214,8 @@ def save_training_state(
 
 
 def load_training_state(path: Path) -> dict:
-    """A training checkpoint's content, read without running pickled code."""
+    """A training checkpoint's content, read without running pickled code, with every entry its run's
+    config says it holds (an entry per training extension the run used)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any read failure means the file is not a whole checkpoint
@@ -193,12 +228,22 @@ def load_training_state(path: Path) -> dict:
     position = state.get("position")
     if not missing and not (isinstance(position, dict) and all(type(position.get(k)) is int for k in vars(Position()))):
         missing = ["a whole position (step, epoch, step_in_epoch)"]
+    if not missing:
+        missing = [key for key in _extension_keys(state["config"]) if key not in state]
     if missing:
         raise UserError(f"training checkpoint {str(path)!r} is incomplete (no {', '.join(missing)})")
     return state
 
 
-_REQUIRED_KEYS = ("model", "ema", "optimizer", "position", "rng", "config")
+def _extension_keys(config: dict) -> list[str]:
+    """The entries of the training extensions a run with the recorded `config` used."""
+    from .config import TrainConfig
+    from .extensions import enabled_extensions
+
+    return [cls.checkpoint_key for cls in enabled_extensions(TrainConfig.from_dict(config)) if cls.checkpoint_key]
+
+
+_REQUIRED_KEYS = ("model", EMA_KEY, "optimizer", "position", "rng", "config")
 DAMAGED_SUFFIX = ".damaged"
 
 

@@ -2,8 +2,8 @@
 
 Global sample g of step s (g = rank · B_local + i) gets its objective's draws (`Objective.draw`: a
 timestep and the diffusion noise for DDPM, ...), its label-dropout decision, when images are
-encoded on the fly its posterior noise and, with token routing (`fastdit.train.routing`), the tokens
-it keeps in the routed span, in that order, from a generator of its own,
+encoded on the fly its posterior noise and then the training extensions' draws (`TrainExtension.draw`:
+token routing's kept tokens), in that order, from a generator of its own,
 seeded by (seed, s, g) (`fastdit.seeding`, stream TRAIN_STEP). What sample g receives thus depends on
 nothing but (seed, s, g): not on the process count, the rank, the global or local batch size, or the
 micro-batch split. A 1-process and an N-process run train on identical (x_t, t, y) and differ only by
@@ -20,12 +20,15 @@ does, so a CPU run and a CUDA run with the same seed see different (equally dist
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 
 from ..seeding import TRAIN_STEP, seeded_generator
-from .routing import RouteSettings, draw_kept
+
+# An extension's per-sample draw: (generator, device) -> {name: tensor with a batch dimension of 1}.
+ExtraDraw = Callable[[torch.Generator, torch.device], "dict[str, torch.Tensor]"]
 
 
 @dataclass
@@ -33,24 +36,26 @@ class StepDraws:
     objective: dict[str, torch.Tensor]  # the objective's draws, each (B_local, ...)
     drop_labels: torch.Tensor  # (B_local,) bool
     latent_noise: torch.Tensor | None  # (B_local, C, H, W) posterior sample for on-the-fly VAE encoding
-    route_kept: torch.Tensor | None = None  # (B_local, K) token indices kept in the routed span
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the extensions' draws, e.g. "route_kept" (B_local, K)
 
     def micro(self, start: int, stop: int) -> "StepDraws":
         return StepDraws(
             {name: value[start:stop] for name, value in self.objective.items()}, self.drop_labels[start:stop],
             None if self.latent_noise is None else self.latent_noise[start:stop],
-            None if self.route_kept is None else self.route_kept[start:stop],
+            {name: value[start:stop] for name, value in self.extra.items()},
         )
 
 
-def _draw_sample(seed, step, index, shape, objective, dropout_prob, with_latent_noise, route, device) -> StepDraws:
+def _draw_sample(seed, step, index, shape, objective, dropout_prob, with_latent_noise, extra_draws, device) -> StepDraws:
     """The draws of global sample `index`, each of batch size 1, in a fixed order from its own generator."""
     generator = seeded_generator(TRAIN_STEP, seed, step, index, device=device)
     drawn = objective.draw(shape, generator, device)
     drop = torch.rand(1, generator=generator, device=device) < dropout_prob
     latent_noise = torch.randn((1, *shape), generator=generator, device=device) if with_latent_noise else None
-    kept = draw_kept(route, generator, device) if route is not None else None  # last: no routing, no change
-    return StepDraws(drawn, drop, latent_noise, kept)
+    extra = {}
+    for draw in extra_draws:  # last: a run without an extension draws what it drew before
+        extra.update(draw(generator, device))
+    return StepDraws(drawn, drop, latent_noise, extra)
 
 
 def draw_step(
@@ -65,19 +70,19 @@ def draw_step(
     dropout_prob: float,
     with_latent_noise: bool,
     device: torch.device,
-    route: RouteSettings | None = None,
+    extra_draws: Sequence[ExtraDraw] = (),
 ) -> StepDraws:
     """This process's draws of step `step`: global samples rank · local_batch ... + local_batch − 1."""
     first = rank * local_batch
     if first < 0 or first + local_batch > global_batch:  # a caller's bug, not a user's input
         raise ValueError(f"rank {rank} with {local_batch} samples each lies outside the global batch of {global_batch}")
     samples = [
-        _draw_sample(seed, step, index, shape, objective, dropout_prob, with_latent_noise, route, device)
+        _draw_sample(seed, step, index, shape, objective, dropout_prob, with_latent_noise, extra_draws, device)
         for index in range(first, first + local_batch)
     ]
     return StepDraws(
         {name: torch.cat([s.objective[name] for s in samples]) for name in samples[0].objective},
         torch.cat([s.drop_labels for s in samples]),
         torch.cat([s.latent_noise for s in samples]) if with_latent_noise else None,
-        torch.cat([s.route_kept for s in samples]) if route is not None else None,
+        {name: torch.cat([s.extra[name] for s in samples]) for name in samples[0].extra},
     )

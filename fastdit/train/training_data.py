@@ -12,6 +12,7 @@ from ..data import LatentStoreDataset, open_dataset
 from ..errors import UserError
 from ..latents import SD_VAE_SCALE, check_latent_channels, load_latent_space
 from .config import TrainConfig
+from .extensions import enabled_extensions
 
 
 @dataclass
@@ -39,10 +40,11 @@ def open_training_data(config: TrainConfig, device: torch.device) -> TrainingDat
     source = data_config.source
     if data_config.features_path:
         # Opened as a store whatever the folder holds, so that a wrong path is reported as a wrong store.
-        # REPA's encoder must see the image each latent was encoded from: the store keeps it (flipped
-        # with the latent) when extracted with --with-images, and is refused otherwise.
+        # An extension's encoder (REPA's) must see the image each latent was encoded from: the store keeps
+        # it (flipped with the latent) when extracted with --with-images, and is refused otherwise.
+        with_images = any(extension.needs_images for extension in enabled_extensions(config))
         dataset = LatentStoreDataset(source, seed=seed, vae=data_config.vae, image_size=image_size,
-                                     with_images=bool(config.alignment.repa))
+                                     with_images=with_images)
         meta = dataset.store.meta
         if meta["vae"] == "pixels":  # `extract --vae pixels`: the store holds the crops themselves (1x, no VAE)
             info = LatentInfo(kind="pixels", vae=None, scale_factor=1.0)
