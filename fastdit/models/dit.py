@@ -56,14 +56,15 @@ class ScalarCondition:
     switch: str
     embedder: str
     offset: float = 0.0
-    what: str = ""
+    what: str = ""  # what it is, for messages
+    example: str = ""  # what to pass, for messages
 
 
 # In this order (their embedders are built, initialised and summed in it). A new condition is a row.
 SCALAR_CONDITIONS = (
-    ScalarCondition("gap", "time_gap_embedding", "gap_embedder", what="a time gap (MeanFlow's t - r)"),
+    ScalarCondition("gap", "time_gap_embedding", "gap_embedder", what="a time gap (MeanFlow's)", example="t - r"),
     ScalarCondition("guidance", "guidance_embedding", "guidance_embedder", offset=-1.0,
-                    what="its guidance scale as an input"),
+                    what="its guidance scale as an input", example="the scale"),
 )
 
 
@@ -469,7 +470,7 @@ class DiT(nn.Module):
                 continue
             if value is None:
                 raise ValueError(f"this DiT takes {condition.what} ({condition.switch}): pass "
-                                 f"{condition.keyword}=, shape (N,)")
+                                 f"{condition.keyword}={condition.example}, shape (N,)")
             embedded = value + condition.offset if condition.offset else value
             c = c + getattr(self, condition.embedder)(embedded)
         return c

@@ -36,22 +36,23 @@ whose fixed point is the guided velocity of scale ω / (1 − κ); the samples w
 loop's class dropout, which trains ∅) keep v. Sampling then needs no second forward, and must not guide
 again (`trained_guidance`).
 
-**The JVP under DDP.** The target is stop-gradient, so its JVP runs under `torch.no_grad` on the plain
-DiT (`DistributedDataParallel.module`; the weights are shared), and the trained u is one ordinary
-forward through the step's runnable, whose backward DDP reduces. Per step that is the JVP (a primal
-and a tangent pass, no activations kept: about 2 forwards' work) on top of a flow step's forward and
-backward (about 3 forwards), plus one no-grad forward when ω ≠ 1 (two when κ ≠ 0). The released code
-instead backpropagates through the JVP's primal output and saves that forward; a forward-mode transform
-through DDP's hooks (gradient-reduction bookkeeping, buffer broadcasts) is not something this code relies
-on. Scaled-dot-product attention has no forward-mode rule in any of its fused kernels (PyTorch 2.13:
+**The JVP apart from the trained forward.** The target is stop-gradient, so its JVP runs under
+`torch.no_grad` through the step's target forward (`TrainingNetwork.target`: the plain module, the same
+weights, outside DDP's gradient hooks), and the trained u is one ordinary forward through the step's
+network, whose backward DDP reduces. Per step that is the JVP (a primal and a tangent pass, no
+activations kept: about 2 forwards' work) on top of a flow step's forward and backward (about 3
+forwards), plus one no-grad forward when ω ≠ 1 (two when κ ≠ 0). The released code instead
+backpropagates through the JVP's primal output and saves that forward; a forward-mode transform
+through DDP's hooks (gradient-reduction bookkeeping, buffer broadcasts) is not something this code
+relies on. Scaled-dot-product attention has no forward-mode rule in any of its fused kernels (PyTorch 2.13:
 the CPU's flash kernel and CUDA's flash, memory-efficient and cuDNN kernels all raise "Trying to use
 forward AD with ... that does not support it"), so the JVP runs attention on SDPA's math path, which
 differentiates op by op; the trained forward keeps the fused kernels.
 
 **The JVP only where it counts.** At r = t the factor (t − r) is 0 and the target is ṽ itself, so the
 JVP runs on the samples drawn with r ≠ t only (a quarter at the paper's ratio): the same targets, at a
-quarter of the JVP's work. Under FSDP every process must run the same forwards (each gathers the
-sharded weights with the others), so there the JVP runs on the whole batch.
+quarter of the JVP's work. Where every process must run the same forwards (`TrainingNetwork.whole_batch`:
+FSDP gathers the sharded weights in each one), the JVP runs on the whole batch.
 
 **Improved MeanFlow** (Geng, Lu, Wu, Shechtman, Kolter & He 2025, "Improved Mean Flows: On the
 Challenges of Fastforward Generative Models", arXiv 2512.02012), two options, off by default:

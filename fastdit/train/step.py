@@ -87,19 +87,8 @@ def train_step(state: TrainingState, batch, objective: Objective) -> StepResult:
     for k in range(num_micro):
         part = slice(k * layout.micro_batch, (k + 1) * layout.micro_batch)
         micro = MicroBatch(x[part], None if images is None else images[part], y[part], draws.micro(part.start, part.stop))
-        for extension in extensions:
-            micro.training_inputs.update(extension.training_inputs(micro))
-        network = TrainingNetwork(state.runnable, state.model, training_inputs=micro.training_inputs,
-                                  whole_batch=state.sharded)
-        conditions = {"y": micro.labels, "force_drop_ids": micro.draws.drop_labels}
         with no_sync(state.runnable, k < num_micro - 1), autocast(device, config.run.precision):
-            with contextlib.ExitStack() as captures:
-                captured = [captures.enter_context(extension.capture(state.model)) for extension in extensions]
-                terms = objective.losses(network, micro.x, micro.draws.objective, conditions)
-            for extension, seen in zip(extensions, captured):
-                for name, term in extension.loss_terms(micro, seen).items():
-                    terms[name] = term.value
-                    terms["loss"] = terms["loss"] + term.weight * term.value
+            terms = _losses(state, objective, micro)
             means = {name: value.float().mean() / num_micro for name, value in terms.items()}
         scaler.scale(means["loss"]).backward()
         if names is None:
@@ -110,13 +99,7 @@ def train_step(state: TrainingState, batch, objective: Objective) -> StepResult:
         extension.after_backward()  # e.g. a replicated module outside DDP/FSDP averages its gradients
     for opt in optimizers:
         scaler.unscale_(opt)  # the norm (and clipping) of the true gradient; a disabled scaler does nothing
-    groups = [list(state.model.parameters()), *(e.parameters() for e in extensions if e.parameters())]
-    if optim.grad_clip is None:
-        grad_norm = _gradient_norm(groups)
-    elif len(groups) == 1:
-        grad_norm = _full(torch.nn.utils.clip_grad_norm_(state.model.parameters(), optim.grad_clip))
-    else:  # parameters trained beside the model are clipped with it, by their joint norm
-        grad_norm = _clip_jointly(groups, optim.grad_clip)
+    grad_norm = _clipped_gradient_norm(state)
     # Under fp16 an infinite gradient with a finite loss is the gradient scaler's overflow: it skips the
     # optimizer step and lowers its scale itself. Otherwise a non-finite gradient is this step's fault.
     bad_gradient = (~torch.isfinite(grad_norm)).to(totals) * float(not scaler.is_enabled())
@@ -138,6 +121,38 @@ def train_step(state: TrainingState, batch, objective: Objective) -> StepResult:
     for extension in extensions:
         extension.after_step(state.model, step)
     return StepResult(terms, grad_norm, skipped=False)
+
+
+def _losses(state: TrainingState, objective: Objective, micro: MicroBatch) -> dict[str, torch.Tensor]:
+    """The per-sample loss terms of one micro-batch: the objective's, through the network the step runs
+    (with the extensions' training inputs), then each extension's terms from what it captured; "loss"
+    is the objective's plus each extension term times its weight."""
+    extensions = state.extensions
+    for extension in extensions:
+        micro.training_inputs.update(extension.training_inputs(micro))
+    network = TrainingNetwork(state.runnable, state.model, training_inputs=micro.training_inputs,
+                              whole_batch=state.sharded)
+    conditions = {"y": micro.labels, "force_drop_ids": micro.draws.drop_labels}
+    with contextlib.ExitStack() as captures:
+        captured = [captures.enter_context(extension.capture(state.model)) for extension in extensions]
+        terms = objective.losses(network, micro.x, micro.draws.objective, conditions)
+    for extension, seen in zip(extensions, captured):
+        for name, term in extension.loss_terms(micro, seen).items():
+            terms[name] = term.value
+            terms["loss"] = terms["loss"] + term.weight * term.value
+    return terms
+
+
+def _clipped_gradient_norm(state: TrainingState) -> torch.Tensor:
+    """The global L2 norm of the gradient (the model's and the extensions' parameters together), after
+    clipping them by it to --grad-clip when set."""
+    max_norm = state.config.optimisation.grad_clip
+    groups = [list(state.model.parameters()), *(e.parameters() for e in state.extensions if e.parameters())]
+    if max_norm is None:
+        return _gradient_norm(groups)
+    if len(groups) == 1:
+        return _full(torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_norm))
+    return _clip_jointly(groups, max_norm)  # parameters trained beside the model are clipped with it
 
 
 def _full(norm: torch.Tensor) -> torch.Tensor:

@@ -59,8 +59,9 @@ class DispersionSettings:
 
 def dispersive_loss(hidden: torch.Tensor, group: int, temperature: float) -> torch.Tensor:
     """Per-sample L_disp of `hidden` (N, ...) in groups of `group` consecutive samples: (N,), each sample
-    its group's value (module docstring). Computed in float32 whatever the forward's precision."""
-    z = hidden.float().flatten(1)  # (N, d)
+    its group's value (module docstring). Computed in float32 at least, whatever the forward's precision."""
+    z = hidden.flatten(1)  # (N, d)
+    z = z if z.dtype in (torch.float32, torch.float64) else z.float()
     losses = []
     for members in z.split(group):  # (B, d)
         # The B(B − 1)/2 distances i < j from the differences themselves (`pdist`: no cancellation of
