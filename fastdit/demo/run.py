@@ -47,19 +47,16 @@ class DemoConfig:
     out: str = "fastdit-demo"
     # the DiT (DiT-T/2: depth 6, hidden 128, 4 heads, patch 2 -> 16 tokens per 8x8 digit)
     model: str = "DiT-T/2"
-    # The recipe was chosen by measurement (benchmarks/bench_convergence.py, README "The demo"): on a
-    # 2-core Intel Xeon, DiT's IDDPM recipe needs 1,000 steps for 99.2% class match (Frechet 20.8);
-    # flow matching with logit-normal times and the LightningDiT blocks gets 99.0% (Frechet 16.0) at
-    # 500 steps, and sampling with Heun at 16 model calls is cheaper than DDPM-25 with guidance. With
-    # representation alignment (below) the same recipe gets 99.4% (Frechet 13.3) at 400 steps, where
-    # it has 97.2% without (2-core AMD EPYC; 99.4% / 16.1 at 500 steps without).
+    # The recipe was chosen by measurement (benchmarks/bench_convergence.py; the figures are in the
+    # README, "The demo"): flow matching with logit-normal times and the LightningDiT blocks reaches the
+    # class sooner than DiT's IDDPM recipe, Heun at 16 model calls samples cheaper than DDPM-25 with
+    # guidance, and representation alignment (below) takes the same recipe there in fewer steps.
     steps: int = 400
     batch_size: int = 128
     lr: float = 1e-3
     # A short run needs a short EMA: with 0.9999 the average would still be mostly the random
-    # initial weights after 1,000 steps (0.9999^1000 = 0.90). Measured at step 1,000 (cfg 2, DDPM-50,
-    # 500 samples): 0.995 -> 82.8% classified as their class, 0.99 -> 94.8%. The model still improves
-    # fast at the end, so a ~100-step average lags it least.
+    # initial weights after 1,000 steps (0.9999^1000 = 0.90). The model still improves fast at the end,
+    # so a ~100-step average (0.99) lags it least; 0.995 judged worse on the digits.
     ema_decay: float = 0.99
     # the process and blocks (recorded in the checkpoint; see `fastdit train --objective`, `--rope`, ...)
     objective: str = "flow"
@@ -67,7 +64,8 @@ class DemoConfig:
     blocks: bool = True  # the LightningDiT blocks: RMSNorm, SwiGLU, 2-D RoPE, QK-norm
     # REPA with the digits' own frozen encoder (fastdit.demo.encoder, trained in seconds on the DiT's
     # training split, never the judge), at block 2 of 6 with weight 1.0 and a projector of width 256
-    # (REPA's 2048 is sized for XL and would cost more than this DiT). Measured against 0.5 and block 3.
+    # (REPA's 2048 is sized for XL and would cost more than this DiT); chosen against 0.5 and block 3 by
+    # benchmarks/bench_convergence.py.
     # None: on, except for MeanFlow, whose one-call samples it left less varied on the digits (400 steps:
     # Frechet 32.1 with it, 21.7 without, class match 99.6% and 97.4%; README "MeanFlow").
     repa: bool | None = None

@@ -167,6 +167,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
 
     last_saved, last_loss = None, None
     window, skipped_in_a_row = StepWindow(), 0  # the steps since the last log line; non-finite steps in a row
+    compile_checked = False
     run_context = RunContext(run_dir, dist, model_info, log)
     progress = _progress_bar(config, dist, position.step, max_steps)
     while position.step < max_steps:
@@ -179,6 +180,9 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
         )
         for batch in loader:
             result = train_step(state, batch, objective)
+            if run.compile and not compile_checked:  # what the first step really ran compiled
+                compile_checked = True
+                log.info(_compile_report(model))
             skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
             if skipped_in_a_row > optim.skip_nonfinite:  # the batch is not used up: a rerun retries it
                 raise NonFiniteLoss(non_finite_message(result, position.step + 1))
@@ -241,6 +245,17 @@ def build_training_state(config: TrainConfig, dist: distributed.DistInfo, model,
     return TrainingState(model=model, runnable=runnable, optimizer=make_optimizer(model, optim),
                          scaler=make_grad_scaler(dist.device, run.precision), config=config, layout=layout,
                          extensions=extensions)
+
+
+def _compile_report(model) -> str:
+    """One line on what torch.compile did in the first step: dynamo can decline blocks without an error
+    (a block first met inside a functorch transform runs uncompiled for the rest of the run)."""
+    stats = model.compile_stats
+    if stats.calls == 0:
+        return ("warning: --compile compiled nothing: no block ran compiled code in the first step (torch.compile "
+                "declined every block), so the run trains eagerly")
+    return (f"torch.compile: {stats.graphs} block graph(s) compiled; {stats.calls} block calls of the first step "
+            f"ran compiled code")
 
 
 def _parallelism(state: TrainingState) -> str:

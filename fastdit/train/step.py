@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import distributed
+from ..compile import eager
 from ..errors import UserError
 from ..objectives import Objective, TrainingNetwork
 from ..precision import autocast
@@ -130,8 +131,10 @@ def _losses(state: TrainingState, objective: Objective, micro: MicroBatch) -> di
     extensions = state.extensions
     for extension in extensions:
         micro.training_inputs.update(extension.training_inputs(micro))
-    network = TrainingNetwork(state.runnable, state.model, training_inputs=micro.training_inputs,
-                              whole_batch=state.sharded)
+    # Target passes (no gradient) run eagerly in a compiled run: dynamo cannot trace MeanFlow's JVP, and a
+    # block first met there would run uncompiled in the trained forward too, for the whole run.
+    target = eager(state.model) if state.config.run.compile else state.model
+    network = TrainingNetwork(state.runnable, target, training_inputs=micro.training_inputs, whole_batch=state.sharded)
     conditions = {"y": micro.labels, "force_drop_ids": micro.draws.drop_labels}
     with contextlib.ExitStack() as captures:
         captured = [captures.enter_context(extension.capture(state.model)) for extension in extensions]
