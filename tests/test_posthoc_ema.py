@@ -221,3 +221,22 @@ def test_fastdit_ema_without_snapshots_and_bad_training_flags(tmp_path, capsys):
             main(["train", *TINY, *POSTHOC, "--results-dir", str(tmp_path / "runs"), "--max-steps", "1", *flags])
         assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_snapshots_are_thinned_evenly_to_the_kept_count_and_a_resume_keeps_the_same(tmp_path):
+    from fastdit.train.posthoc_ema import kept_steps, list_snapshots
+
+    # A function of the step alone: multiples of every·2^k, and the newest step.
+    assert kept_steps(10, 1, 4) == {4, 8, 10}
+    assert kept_steps(8, 1, 4) == {2, 4, 6, 8}
+    assert kept_steps(3, 1, 64) == {1, 2, 3}
+    assert kept_steps(7_000_000, 5000, 64) <= set(range(5000, 7_000_001, 5000)) | {7_000_000}
+    assert len(kept_steps(7_000_000, 5000, 64)) <= 64
+    fields = dict(posthoc_ema=True, posthoc_every=1, posthoc_keep=4, ckpt_every=5)
+    reference = train(tiny_config(tmp_path / "reference", max_steps=10, **fields))
+    assert sorted({s.step for s in list_snapshots(reference.run_dir)}) == [4, 8, 10]
+    # Resumed at step 5: steps 6..10 again; the run keeps what the uninterrupted one keeps.
+    train(tiny_config(tmp_path / "resumed", max_steps=5, **fields))
+    resumed = train(tiny_config(tmp_path / "resumed", max_steps=10, **fields))
+    assert sorted(p.name for p in (resumed.run_dir / "posthoc_ema").iterdir()) == \
+        sorted(p.name for p in (reference.run_dir / "posthoc_ema").iterdir())

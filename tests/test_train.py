@@ -463,3 +463,27 @@ def test_checkpoints_with_index_keyed_optimizer_state_still_resume(tmp_path):
     resumed = train(tiny_config(tmp_path / "b", max_steps=4, ckpt_every=2))
     assert_same_tensors(final_state(resumed.run_dir)["model"], final_state(reference.run_dir)["model"])
     assert_same_tensors(final_state(resumed.run_dir)["ema"], final_state(reference.run_dir)["ema"])
+
+
+def test_a_checkpoint_from_more_gpus_resumes_where_fewer_are_visible(tmp_path, monkeypatch):
+    """Checkpoints once held one CUDA generator state per visible GPU and resuming restored them all:
+    with fewer GPUs visible (another SLURM shape) `set_rng_state_all` raised IndexError. The step's draws
+    never use the global CUDA generators, so neither saving nor resuming touches them."""
+    from fastdit.train import state as state_module
+
+    first = train(tiny_config(tmp_path, max_steps=2, ckpt_every=2))
+    path = first.checkpoint
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    assert "cuda" not in content["rng"]
+    content["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8  # as an 8-GPU run wrote them before
+    torch.save(content, path)
+
+    def fewer_gpus(states):  # what torch does with more states than visible GPUs
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", fewer_gpus)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(16, dtype=torch.uint8)])
+    state_module.set_rng_state(content["rng"])
+    monkeypatch.undo()
+    assert train(tiny_config(tmp_path, max_steps=4, ckpt_every=2)).step == 4

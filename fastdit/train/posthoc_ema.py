@@ -72,6 +72,33 @@ def save_snapshots(run_dir: Path, states: list[dict], emas: PowerEMAs, step: int
     return paths
 
 
+def kept_steps(step: int, every: int, keep: int) -> set[int]:
+    """The snapshot steps a run keeps at step `step` with snapshots every `every` steps, at most `keep`:
+    the multiples of every·2^k up to `step`, k the smallest that leaves no more than `keep` with `step`
+    itself (its snapshot is the newest). Thinned evenly over the whole run, as the least-squares
+    reconstruction wants its snapshots (EDM2 spreads them evenly), and a function of the step alone, so
+    a resumed run keeps the files an uninterrupted one keeps."""
+    interval = every
+    while True:
+        kept = set(range(interval, step + 1, interval)) | {step}
+        if len(kept) <= keep:
+            return kept
+        interval *= 2
+
+
+def prune_snapshots(run_dir: Path, step: int, every: int, keep: int) -> list[Path]:
+    """Delete the snapshots of steps up to `step` that `kept_steps` drops; returns the deleted files.
+    Snapshots past `step` (written by a killed run beyond its last checkpoint) are left: the resumed
+    run writes them again."""
+    folder, kept, removed = snapshot_folder(run_dir), kept_steps(step, every, keep), []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        match = _SNAPSHOT_NAME.match(path.name)
+        if match and int(match.group(1)) <= step and int(match.group(1)) not in kept:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 @dataclass(frozen=True)
 class Snapshot:
     path: Path

@@ -166,23 +166,25 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def rng_state() -> dict:
+    """The global generators of the CPU side (torch, numpy, Python), for code outside fastdit's draws.
+
+    No CUDA state: a training step's randomness comes from generators seeded per sample and step
+    (`fastdit.train.step_noise`), never from the global CUDA generators, and their states are one per
+    visible GPU, so restoring them on a resume with fewer GPUs visible (a SLURM allocation of another
+    shape, one GPU to debug) would fail for nothing."""
     # numpy's state is stored as plain tensors and numbers so that weights_only loading can read it.
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                    "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore `rng_state()`'s generators; a "cuda" entry (checkpoints from before) is left alone."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_training_state(

@@ -21,7 +21,7 @@ from ... import distributed
 from ...errors import UserError
 from ...power_ema import SIGMA_REL_MAX
 from ..options import option
-from ..posthoc_ema import PowerEMAs, save_snapshots, snapshot_folder
+from ..posthoc_ema import PowerEMAs, prune_snapshots, save_snapshots, snapshot_folder
 from ..setup import shard_model
 from .base import BuildContext, RunContext, TrainExtension, register_extension
 
@@ -36,6 +36,11 @@ class PosthocSettings:
                                                      "(std of the averaging profile / training time)")
     posthoc_every: int = option(5000, "steps between post-hoc EMA snapshots (and one at the end)", at_least=1,
                                 resumable=True)
+    # Every 5000 steps over DiT's 7M would be 1,400 pairs (7.6 TB for XL/2); EDM2 reconstructs from a few
+    # hundred at most, spread evenly, and the smooth power profiles fit from fewer.
+    posthoc_keep: int = option(64, "snapshot steps kept at most: past that the older ones are thinned evenly over "
+                                   "the run (every other one goes), so the disk use stops growing", at_least=2,
+                               resumable=True)
 
     def __post_init__(self):
         # JSON (config.json, checkpoints) gives the σ_rel pair back as a list
@@ -50,8 +55,8 @@ class PosthocEMA(TrainExtension):
     settings: ClassVar[type] = PosthocSettings
     checkpoint_key: ClassVar[str] = "posthoc_ema"
 
-    def __init__(self, averages: PowerEMAs, every: int):
-        self.averages, self.every = averages, every
+    def __init__(self, averages: PowerEMAs, every: int, keep: int):
+        self.averages, self.every, self.keep = averages, every, keep
 
     @classmethod
     def enabled(cls, config) -> bool:
@@ -73,7 +78,7 @@ class PosthocEMA(TrainExtension):
     @classmethod
     def build(cls, context: BuildContext) -> "PosthocEMA":
         settings = context.config.posthoc
-        return cls(PowerEMAs(context.model, settings.posthoc_sigma_rels), settings.posthoc_every)
+        return cls(PowerEMAs(context.model, settings.posthoc_sigma_rels), settings.posthoc_every, settings.posthoc_keep)
 
     def shard(self, fsdp: bool) -> None:
         if fsdp:
@@ -82,7 +87,7 @@ class PosthocEMA(TrainExtension):
 
     def describe(self) -> str:
         lengths = " and ".join(f"{s:g}" for s in self.averages.sigma_rels)
-        return f"post-hoc EMAs σ_rel {lengths} (snapshots every {self.every} steps)"
+        return f"post-hoc EMAs σ_rel {lengths} (snapshots every {self.every} steps, {self.keep} kept at most)"
 
     def after_step(self, model, step):
         self.averages.update(model, step + 1)  # counted from 1: the first update copies the weights
@@ -94,7 +99,9 @@ class PosthocEMA(TrainExtension):
         states = self.averages.state_dict(StateDictOptions(full_state_dict=True, cpu_offload=True))
         if run.dist.is_main:
             paths = save_snapshots(run.run_dir, states, self.averages, step, run.model_info)
-            run.log.info(f"saved post-hoc EMA snapshots {', '.join(p.name for p in paths)}")
+            removed = prune_snapshots(run.run_dir, step, self.every, self.keep)
+            run.log.info(f"saved post-hoc EMA snapshots {', '.join(p.name for p in paths)}"
+                         + (f"; thinned {len(removed)} older file(s) (--posthoc-keep {self.keep})" if removed else ""))
         distributed.barrier()
 
     def folders(self, run_dir):
