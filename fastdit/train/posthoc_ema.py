@@ -38,10 +38,11 @@ class PowerEMAs:
         self.modules = [make_ema(model) for _ in self.sigma_rels]  # copies of the plain model, before wrapping
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        """After optimizer step `step` (counted from 1): θ̂ ← β θ̂ + (1 − β) θ with β = (1 − 1/step)^(γ+1)."""
+    def update(self, model: torch.nn.Module, step: int, taken: torch.Tensor | float = 1.0) -> None:
+        """After optimizer step `step` (counted from 1): θ̂ ← β θ̂ + (1 − β) θ with β = (1 − 1/step)^(γ+1);
+        `taken` (1 or 0, a device scalar) scales the move, so a skipped step moves nothing."""
         for ema, gamma in zip(self.modules, self.gammas):
-            update_ema(ema, model, power_ema_decay(step, gamma))
+            update_ema(ema, model, (1 - power_ema_decay(step, gamma)) * taken)
 
     def state_dict(self, options: StateDictOptions) -> list[dict]:
         """Each average's full state dict (under FSDP every process must call this; rank 0 receives them)."""

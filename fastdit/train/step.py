@@ -12,6 +12,12 @@ no optimizer step, no extension's after-step update (the EMA's); its draws and i
 all the same, since they are functions of the step number, so the run goes on (or resumes) exactly as
 if the step had been taken with a zero learning rate and no optimizer state change. The loop decides
 whether to go on (`--skip-nonfinite`) or stop (`NonFiniteLoss`).
+
+**No host sync.** The decision is made on the device: the fused AdamW takes the all-reduced "not
+finite" flag as its `found_inf` (as under a gradient scaler: the kernel leaves weights, moments and step
+count as they were), and the extensions' after-step updates are scaled by `taken` (0 on a skipped step).
+`StepResult` holds device tensors; the loop reads them a step later, while the next step runs, or
+when it logs or saves. Under fp16 the gradient scaler decides on the host, as it does itself.
 """
 
 from __future__ import annotations
@@ -38,9 +44,12 @@ class NonFiniteLoss(UserError):
 
 @dataclass(frozen=True)
 class StepResult:
+    """Device tensors, the same on every process: reading them waits for the step (`fastdit.train.loop`
+    reads them one step late)."""
+
     terms: dict[str, torch.Tensor]  # each loss term's mean over the global batch (float64 scalars), "loss" first
     grad_norm: torch.Tensor  # the global L2 norm of the gradient before clipping (float64 scalar)
-    skipped: bool  # the loss or the gradient was not finite (on some process): nothing was updated
+    skipped: torch.Tensor  # bool scalar: the loss or the gradient was not finite (on some process): no update
 
     def problem(self) -> str:
         """What was not finite, in words: "the loss became nan" or "the gradient norm became inf"."""
@@ -108,20 +117,41 @@ def train_step(state: TrainingState, batch, objective: Objective) -> StepResult:
     # saw a non-finite gradient (its mean is > 0 then), so that every process skips, or stops, together.
     summary = torch.cat([totals, grad_norm.reshape(1).to(totals), bad_gradient.reshape(1)])
     distributed.all_reduce_mean(summary)
-    totals, grad_norm, bad_gradient = summary[:-2], summary[-2], bool(summary[-1] > 0)
+    totals, grad_norm = summary[:-2], summary[-2]
+    skipped = (summary[-1] > 0) | ~torch.isfinite(totals[0])  # on the device
     terms = dict(zip(names, totals))
-    if bad_gradient or not torch.isfinite(totals[0]):
+    if scaler.is_enabled() or not all(opt.defaults.get("fused") for opt in optimizers):
+        return _update_deciding_on_the_host(state, optimizers, terms, grad_norm, skipped)
+    found_inf = skipped.to(torch.float32)
+    for opt in optimizers:
+        opt.found_inf = found_inf  # read by the fused kernel, as a gradient scaler hands it over
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
+    taken = (~skipped).to(torch.float32)
+    for extension in extensions:
+        extension.after_step(state.model, step, taken)
+    return StepResult(terms, grad_norm, skipped)
+
+
+def _update_deciding_on_the_host(state: TrainingState, optimizers, terms, grad_norm, skipped) -> StepResult:
+    """The step's update where the decision is read on the host: under fp16 (the gradient scaler's own
+    overflow check reads it too) or with an optimizer that takes no `found_inf`."""
+    scaler = state.scaler
+    if bool(skipped):
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         if scaler.is_enabled():
             scaler.update()  # unscale_ was called: the scaler must close the step (it lowers its scale)
-        return StepResult(terms, grad_norm, skipped=True)
+        return StepResult(terms, grad_norm, skipped)
     for opt in optimizers:
-        scaler.step(opt)  # a disabled scaler (fp32, bf16) just steps
+        scaler.step(opt)  # a disabled scaler just steps
     scaler.update()
-    for extension in extensions:
-        extension.after_step(state.model, step)
-    return StepResult(terms, grad_norm, skipped=False)
+    taken = torch.ones((), device=skipped.device)
+    for extension in state.extensions:
+        extension.after_step(state.model, state.position.step, taken)
+    return StepResult(terms, grad_norm, skipped)
 
 
 def _losses(state: TrainingState, objective: Objective, micro: MicroBatch) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The random draws of one training step: each process draws only its own samples, on its device.
+"""The random draws of one training step: each process draws only its own samples.
 
 Global sample g of step s (g = rank · B_local + i) gets its objective's draws (`Objective.draw`: a
 timestep and the diffusion noise for DDPM, ...), its label-dropout decision, when images are
@@ -10,12 +10,13 @@ micro-batch split. A 1-process and an N-process run train on identical (x_t, t, 
 floating-point summation order, and a resumed run draws exactly what the uninterrupted one drew.
 
 Why per sample rather than one generator per step: a generator seeded per step has to draw the whole
-global batch (256-1024 latents) for any process to find its slice, on every process, every step, on
-the CPU and then copy it over. Per-sample generators let each process draw its B_local samples where
-they are used; on CUDA that is a handful of tiny kernels per sample, nothing next to a DiT step.
+global batch (256-1024 latents) for any process to find its slice, on every process, every step.
+Per-sample generators let each process draw its B_local samples only.
 
-The promise holds per device type: a CUDA generator turns a seed into other numbers than a CPU one
-does, so a CPU run and a CUDA run with the same seed see different (equally distributed) draws.
+Where: on the CPU, whatever device trains, then moved to it with one copy per tensor. A CUDA generator
+per sample would cost a handful of tiny kernel launches per sample (thousands a step at a large batch),
+and the CPU draws are microseconds per sample. So a CPU run and a CUDA run with the same seed train on
+the same draws.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Callable, Sequence
 import torch
 
 from ..seeding import TRAIN_STEP, seeded_generator
+
+CPU = torch.device("cpu")
 
 # An extension's per-sample draw: (generator, device) -> {name: tensor with a batch dimension of 1}.
 ExtraDraw = Callable[[torch.Generator, torch.device], "dict[str, torch.Tensor]"]
@@ -46,7 +49,8 @@ class StepDraws:
         )
 
 
-def _draw_sample(seed, step, index, shape, objective, dropout_prob, with_latent_noise, extra_draws, device) -> StepDraws:
+def _draw_sample(seed, step, index, shape, objective, dropout_prob, with_latent_noise, extra_draws,
+                 device=CPU) -> StepDraws:
     """The draws of global sample `index`, each of batch size 1, in a fixed order from its own generator."""
     generator = seeded_generator(TRAIN_STEP, seed, step, index, device=device)
     drawn = objective.draw(shape, generator, device)
@@ -72,17 +76,25 @@ def draw_step(
     device: torch.device,
     extra_draws: Sequence[ExtraDraw] = (),
 ) -> StepDraws:
-    """This process's draws of step `step`: global samples rank · local_batch ... + local_batch − 1."""
-    first = rank * local_batch
+    """This process's draws of step `step`: global samples rank · local_batch ... + local_batch − 1, drawn
+    on the CPU and returned on `device`."""
+    device, first = torch.device(device), rank * local_batch
     if first < 0 or first + local_batch > global_batch:  # a caller's bug, not a user's input
         raise ValueError(f"rank {rank} with {local_batch} samples each lies outside the global batch of {global_batch}")
     samples = [
-        _draw_sample(seed, step, index, shape, objective, dropout_prob, with_latent_noise, extra_draws, device)
+        _draw_sample(seed, step, index, shape, objective, dropout_prob, with_latent_noise, extra_draws)
         for index in range(first, first + local_batch)
     ]
+
+    def gathered(tensors: list[torch.Tensor]) -> torch.Tensor:
+        batch = torch.cat(tensors)
+        if device.type == "cuda":  # one copy per tensor, from page-locked memory so that it does not wait
+            return batch.pin_memory().to(device, non_blocking=True)
+        return batch.to(device)
+
     return StepDraws(
-        {name: torch.cat([s.objective[name] for s in samples]) for name in samples[0].objective},
-        torch.cat([s.drop_labels for s in samples]),
-        torch.cat([s.latent_noise for s in samples]) if with_latent_noise else None,
-        {name: torch.cat([s.extra[name] for s in samples]) for name in samples[0].extra},
+        {name: gathered([s.objective[name] for s in samples]) for name in samples[0].objective},
+        gathered([s.drop_labels for s in samples]),
+        gathered([s.latent_noise for s in samples]) if with_latent_noise else None,
+        {name: gathered([s.extra[name] for s in samples]) for name in samples[0].extra},
     )

@@ -29,7 +29,9 @@ Inside a step (`fastdit.train.step.train_step`), in this order
 * `parameters()` and `optimizer`: parameters trained beside the model, with their own optimizer (the
   step sets its learning rate, clips them with the model by their joint norm, and steps it);
   `after_backward()`: after the last micro-batch's backward (a replicated module averages its gradients);
-* `after_step(model, step)`: after an optimizer step that was taken (a skipped step calls nothing).
+* `after_step(model, step, taken)`: after the optimizer step; `taken` is a scalar tensor on the device,
+  1 when the step updated and 0 when it was skipped (not finite): an update scales by it, so that a
+  skipped step changes nothing and the host need not wait for the decision.
 
 Around the steps
 * `at_step_end(run, step, last)`: after each step, before the step's checkpoint (snapshots);
@@ -166,8 +168,9 @@ class TrainExtension:
     def after_backward(self) -> None:
         pass
 
-    def after_step(self, model: torch.nn.Module, step: int) -> None:
-        """After optimizer step `step` (counted from 0, as the step's draws count it) was taken."""
+    def after_step(self, model: torch.nn.Module, step: int, taken: torch.Tensor) -> None:
+        """After optimizer step `step` (counted from 0, as the step's draws count it); `taken` (0-d, on the
+        device) is 1 if the step updated the model, 0 if it was skipped."""
 
     # ------------------------------------------------------------------------------------------
     # around the steps

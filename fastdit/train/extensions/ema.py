@@ -47,8 +47,8 @@ class ExponentialMovingAverage(TrainExtension):
         if fsdp:
             shard_model(self.module, "fp32")
 
-    def after_step(self, model, step):
-        update_ema(self.module, model, self.decay)
+    def after_step(self, model, step, taken):
+        update_ema(self.module, model, (1 - self.decay) * taken)
 
     def state_dict(self, options):
         return get_model_state_dict(self.module, options=options)

@@ -89,8 +89,8 @@ class PosthocEMA(TrainExtension):
         lengths = " and ".join(f"{s:g}" for s in self.averages.sigma_rels)
         return f"post-hoc EMAs σ_rel {lengths} (snapshots every {self.every} steps, {self.keep} kept at most)"
 
-    def after_step(self, model, step):
-        self.averages.update(model, step + 1)  # counted from 1: the first update copies the weights
+    def after_step(self, model, step, taken):
+        self.averages.update(model, step + 1, taken)  # counted from 1: the first update copies the weights
 
     def at_step_end(self, run: RunContext, step: int, last: bool) -> None:
         if step % self.every and not last:
