@@ -163,11 +163,11 @@ SampleRequest = dataclasses.make_dataclass(
     "SampleRequest",
     [("source", ModelSource),
      ("labels", tuple[int, ...]),  # each class once; every class gets images_per_class images, one grid row each
-     ("images_per_class", int, dataclasses.field(default=1)),
-     *[(request_name(option), bool if option.kind == "switch" else _OPTION_TYPES[name],
-        dataclasses.field(default=request_value(option, option.default))) for name, option in OPTIONS.items()],
-     ("seed", int, dataclasses.field(default=0)),
-     ("device", str, dataclasses.field(default="auto"))],
+     ("images_per_class", int, 1),
+     *[(request_name(option), bool if option.kind == "switch" else _OPTION_TYPES[name], request_value(option, option.default))
+       for name, option in OPTIONS.items()],
+     ("seed", int, 0),
+     ("device", str, "auto")],
     bases=(_Request,), frozen=True, namespace={"__module__": __name__},
 )
 SampleRequest.__doc__ = "The page's values for one picture: the model, the classes, each sampling option (`request_name`), the seed."

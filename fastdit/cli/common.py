@@ -50,7 +50,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, fid: bool = False
     for option in OPTIONS.values():
         default = cfg_default if option.name == "cfg_scale" else option.default
         add_option_argument(group, option, default=default, more=by_objective if option.name == "sampler" else "")
-    group.add_argument("--seed", type=seed, default=0, help="seed of the noise (and of the labels); an integer >= 0 (default: 0)")
+    group.add_argument("--seed", type=seed, default=0, help="seed of the noise (and of the labels); an integer from 0 to 2^64 - 1 (default: 0)")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile each transformer block (the first batch pays the compilation)")
     parser.set_defaults(_recipe_defaults={"cfg_scale": cfg_default}, _option_flags=OPTION_FLAGS)

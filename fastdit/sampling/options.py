@@ -103,7 +103,7 @@ class SamplingOptions:
 
     sampler: str | None = _option(
         None, flag="--sampler", label="Sampler", page_id="sampler", kind="choice", choices=sampler_names,
-        help="the sampler", always_in_command=True,
+        help="the sampling algorithm, one of those the model's objective offers", always_in_command=True,
         default_words="the model's own (ddpm for DiT, sde-euler for SiT/flow, meanflow for MeanFlow)")
     # DDPM and the grid samplers: model calls. Flow ODE/SDE samplers: grid points, as SiT counts them
     # (Euler/Heun take num_steps − 1 steps; the SDEs stop at 1 − 0.04 and add the "Mean" last step).
@@ -134,7 +134,7 @@ class SamplingOptions:
         off_help="guide at every step, whatever the preset or recipe says")
     eta: float = _option(
         SAMPLER_OPTIONS["eta"], flag="--eta", label="DDIM eta", hint="(0: deterministic)", page_id="eta", kind="float",
-        bounds=(0.0, 1.0), recipe=False, default_words="0, deterministic", help="DDIM eta (the ddim sampler only)")
+        bounds=(0.0, 1.0), recipe=False, default_words="0, deterministic", help="DDIM's eta, 0 to 1; the ddim sampler only")
     time_shift: float = _option(
         1.0, flag="--time-shift", label="Time shift", hint="(flow models; 1: none)", page_id="time-shift", kind="float",
         bounds=TIME_SHIFT_RANGE, default_words="1, none",
