@@ -49,8 +49,8 @@ def load_for_sampling(
     """(model, info, latent space, device) for a checkpoint path, or, with `source=None`, the official
     weights of `model_name` at `image_size` (downloaded on first use). `options`, when given, are checked
     against the model's objective before the VAE is loaded; a callable is given the model's info first
-    and returns them (a recipe resolved with the checkpoint's own, `fastdit.sampling.recipe`). See
-    `checkpoint.load_model` for the rest."""
+    and returns them (the command line's: a recipe resolved with the checkpoint's own and checked,
+    `fastdit.cli.common.RecipePlan.options_for`). See `checkpoint.load_model` for the rest."""
     from .checkpoint import load_model
     from .devices import resolve_device
     from .latents import PIXEL_SPACE_NAMES, check_latent_channels, latent_side, load_latent_space
@@ -69,7 +69,7 @@ def load_for_sampling(
     if callable(options):
         options = options(info)
     if options is not None:
-        options.validate(info.objective)
+        options.validate(info.objective)  # at once for options the callable checked
     name = None if info.latent.kind == "pixels" else (vae or info.latent.vae)
     latent_space = load_latent_space(name, channels=info.config.in_channels, device=device)
     if name is not None:

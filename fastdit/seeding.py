@@ -35,6 +35,22 @@ DEMO_ENCODER = "demo-encoder"  # the digits demo: the frozen encoder REPA aligns
 MAX_SEED = 2**64 - 1
 
 
+def parse_seed(text: str | int) -> int:
+    """A seed from its decimal text (or an int): an integer in [0, MAX_SEED]. A ValueError says what is
+    wrong with the value; the edge that took it (a flag, a field of the app) names itself."""
+    if isinstance(text, bool) or not isinstance(text, (str, int)):
+        raise ValueError(f"{text!r} is not an integer")
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise ValueError(f"{value} is negative; seeds are integers >= 0, e.g. 0")
+    if value > MAX_SEED:
+        raise ValueError(f"{value} is too large; seeds are integers from 0 to 2^64 - 1 ({MAX_SEED})")
+    return value
+
+
 def derive_seed(stream: str, *keys: int) -> int:
     """A 64-bit seed that is a pure function of the stream name and the non-negative integer keys."""
     words = [int(key) for key in keys]

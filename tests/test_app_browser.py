@@ -141,6 +141,17 @@ def test_generate_digits_and_show_errors_in_the_page(app_url, tmp_path):
         page.locator("#path textarea").fill(str(ckpt))
         page.locator("#cfg input").click()  # focus elsewhere
         sync_api.expect(status).to_contain_text(f"Model: {ckpt}", timeout=60_000)
+
+        # The largest seed `fastdit sample --seed` takes, 2^64 - 1 (beyond the integers a float holds):
+        # the page samples with it, and its command says it.
+        page.locator("#classes input").click()
+        page.get_by_role("option", name="7", exact=True).click()
+        page.keyboard.press("Escape")
+        page.locator("#steps input").fill("4")
+        page.locator("#seed input").fill(str(2**64 - 1))
+        page.locator("#generate").click()
+        sync_api.expect(status).to_contain_text("Done: 3 images", timeout=120_000)
+        assert f"--seed {2**64 - 1} " in page.locator("#command textarea").input_value()
         browser.close()
 
 

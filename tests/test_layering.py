@@ -96,3 +96,14 @@ def test_data_modules_import_each_other_one_way():
     both_ways = sorted((a, b) for a in modules for b in modules if a < b
                        and any(offending(m, b) for m in modules[a]) and any(offending(m, a) for m in modules[b]))
     assert not both_ways, f"these fastdit/data modules import each other: {both_ways}"
+
+
+def test_sampling_modules_import_each_other_one_way():
+    # Within fastdit/sampling, one way too (generate -> recipe -> options): the options and their schema
+    # sit below the recipe, the recipe below generate, and no module reaches back, lazily or not.
+    modules = {module_name(path): imported_modules(path) for path in sorted((PACKAGE / "sampling").glob("*.py"))
+               if path.name != "__init__.py"}
+    assert "fastdit.sampling.generate" in modules and "fastdit.sampling.recipe" in modules, "the sampling modules moved"
+    both_ways = sorted((a, b) for a in modules for b in modules if a < b
+                       and any(offending(m, b) for m in modules[a]) and any(offending(m, a) for m in modules[b]))
+    assert not both_ways, f"these fastdit/sampling modules import each other: {both_ways}"

@@ -1,21 +1,23 @@
-"""The page's words for fastdit's messages. The library and the CLI word their errors for the command
-line ("use --cfg-scale 1", "pass --ckpt PATH"); in the page the same advice must name its fields."""
+"""The page's words for fastdit's messages.
+
+A sampling option's error (`OptionError`) speaks of its value and says which option it is about; the
+page names that option by its field (`field_name`: "the Guidance scale field", "Guidance scale 1"),
+from the same schema its fields come from. A few other messages (the checkpoint's, the hub's) give
+their advice in command-line flags ("pass --ckpt PATH"); `in_page_words` puts those in the page's words.
+"""
 
 from __future__ import annotations
 
 import re
 
-# Each flag `fastdit sample` shares with the page, and the page's field that sets it.
+from ..sampling import OPTIONS
+
+# The page's field for each flag `fastdit sample` shares with it: every sampling option's, and the rest.
 FIELD_OF_FLAG = {
     "--ckpt": "Checkpoint",
     "--model": "Model",
     "--class-labels": "Classes",
-    "--sampler": "Sampler",
-    "--num-sampling-steps": "Steps",
-    "--cfg-scale": "Guidance scale",
-    "--guidance-interval": "Guidance interval",
-    "--official-guidance": "Official guidance",
-    "--time-shift": "Time shift",
+    **{flag: option.label for option in OPTIONS.values() for flag in (option.flag, option.off) if flag},
     "--seed": "Seed",
 }
 # Whole phrases whose word-for-word translation would read badly.
@@ -26,10 +28,19 @@ PHRASES = {
 _FLAG = re.compile(r"--([a-z][a-z0-9-]*)(?: (-?\d[\w.]*|[A-Z]+)\b)?")
 
 
+def field_name(field: str, value: str | None = None) -> str:
+    """How the page names a sampling option in a message (`OptionError.at_edge`): "the Steps field",
+    or set to a value, "Guidance scale 1"."""
+    option = OPTIONS.get(field)
+    label = option.label if option is not None else field.replace("_", " ")
+    return f"the {label} field" if value is None else f"{label} {value}"
+
+
 def in_page_words(message: str) -> str:
-    """`message` with every command-line flag replaced by the page's field ("use --cfg-scale 1" ->
-    "use Guidance scale 1", a bare "--cfg-scale" -> "the Guidance scale field"); a flag the page has
-    no field for loses its dashes."""
+    """A message worded for the command line, in the page's words: every flag replaced by the page's
+    field ("use --cfg-scale 1" -> "use Guidance scale 1", a bare "--cfg-scale" -> "the Guidance scale
+    field"); a flag the page has no field for loses its dashes. Only for messages that are no
+    `OptionError`: those carry their options and are named by `field_name`."""
     for phrase, words in PHRASES.items():
         message = message.replace(phrase, words)
 

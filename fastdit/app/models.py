@@ -81,7 +81,7 @@ def model_source(choice: str, path: str | None, demo_folders) -> ModelSource:
 
 def readable_checkpoint(path: str) -> str:
     """The Checkpoint field's file, expanded. Anyone who can load the page can type any path, so the
-    field must not tell which files the server has (issue #18): a name without a checkpoint suffix is
+    field must not tell which files the server has: a name without a checkpoint suffix is
     refused before the disk is touched, and a missing file, a folder and a file the server may not read
     get one and the same message."""
     candidate = Path(path).expanduser()

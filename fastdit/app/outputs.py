@@ -1,8 +1,8 @@
 """Where the page's PNGs go: one folder per server, of which only the newest pictures are kept.
 
-Each picture gets a numbered subfolder, so that its download keeps a plain name (fastdit-seed5.png).
-Before, every picture got a temporary folder of its own that nothing removed (issue #18): a server
-that ran for a week left every grid it ever made in the temp folder.
+Each picture gets a numbered subfolder, so that its download keeps a plain name (fastdit-seed5.png),
+and the old ones are removed: a temporary folder per picture that nothing removes would fill the temp
+folder with every grid a long-running server ever made.
 """
 
 from __future__ import annotations

@@ -17,30 +17,68 @@ import gradio as gr
 import torch
 
 from ..demo.run import TRAIN_RUN, DemoConfig
-from ..errors import UserError
-from ..sampling import SamplingOptions, samplers_for
-from ..sampling.guidance import OFFICIAL_GUIDED_CHANNELS
+from ..errors import OptionError, UserError
+from ..sampling import OPTIONS, Option, SamplingOptions, samplers_for
 from ..sampling.presets import Preset
 from ..sampling.recipe import SAMPLING_FIELDS, recorded_options, resolve, show_value
 from ..train.state import checkpoint_path, export_path
 from .classes import class_choices, label_of
 from .job import DONE, PREVIEW, WAITING, Job
-from .messages import in_page_words
+from .messages import field_name, in_page_words
 from .models import DEMO_FOLDERS, DIGITS, MODEL_CHOICES, model_source, preset_choice
 from .outputs import OutputFolder
 from .request import (Limits, ModelCache, SampleRequest, Stopped, generate_grid, parse_interval, real_number,
-                      whole_number)
+                      request_name, request_value, seed_number, whole_number)
 
 log = logging.getLogger(__name__)
 DEFAULT_SAMPLER = "model default"
+# The sampling fields in the page's order, two a row: every option of `fastdit.sampling.options`
+# (tests/test_sampling_schema.py checks that none is missing).
+PAGE_FIELDS = ("sampler", "num_steps", "cfg_scale", "guidance_interval", "guided_channels", "time_shift", "eta", "precision")
+# `generate` takes the fields from eta on after the seed and the session's last picture, with defaults
+# (the fields the page had before them come first, so a call that gives only those keeps working).
+LATE_FIELDS = PAGE_FIELDS.index("eta")
+
+
+def field_value(option: Option, value):
+    """What an option's field shows for `value`: a choice left to the model as "model default", a pair
+    as text ("LOW HIGH", empty for none), a switch as a tick."""
+    if option.kind == "choice":
+        return DEFAULT_SAMPLER if value is None else value
+    if option.kind == "pair":
+        return "" if value is None else " ".join(repr(float(t)) for t in value)
+    return request_value(option, value)
 
 
 def field_values(options: SamplingOptions) -> dict:
-    """What the page's sampling fields show for `options` (the Guidance interval is text, "LOW HIGH")."""
-    interval = options.guidance_interval
-    return dict(sampler=options.sampler or DEFAULT_SAMPLER, steps=options.num_steps, cfg=options.cfg_scale,
-                interval="" if interval is None else " ".join(repr(float(t)) for t in interval),
-                official=options.guided_channels == OFFICIAL_GUIDED_CHANNELS, shift=options.time_shift)
+    """What the page's sampling fields show for `options`, by option name."""
+    return {name: field_value(OPTIONS[name], getattr(options, name)) for name in PAGE_FIELDS}
+
+
+def read_field(option: Option, value):
+    """A sampling field's value as the request's (`request_name`); a bad one is a message naming the field."""
+    if option.kind == "choice":
+        return option.default if value in (None, DEFAULT_SAMPLER) else value
+    if option.kind == "int":
+        return whole_number(value, option.label, int(option.bounds[0]))
+    if option.kind == "float":
+        return real_number(value, option.label)
+    if option.kind == "pair":
+        return parse_interval(value)
+    return bool(value)
+
+
+def option_field(option: Option, value, choices=None, **properties):
+    """The component of an option's field (or, in a handler's outputs, its new value): a list for a
+    choice (of `choices`, by default the option's), a number, text for a pair, a tick box for a switch.
+    Number fields carry no Gradio bounds: a value out of range gets the page's message, not Gradio's pop-up."""
+    if option.kind == "choice":
+        return gr.Dropdown(value=value, choices=choices or list(option.choices()), **properties)
+    if option.kind in ("int", "float"):
+        return gr.Number(value=value, **properties)
+    if option.kind == "pair":
+        return gr.Textbox(value=value, **properties)
+    return gr.Checkbox(value=value, **properties)
 
 
 # Defaults per model: the digits demo samples as `fastdit demo` does (read from its recipe, DemoConfig);
@@ -86,7 +124,10 @@ def preset_intro(preset: Preset) -> str:
 
 
 def error_message(err: BaseException) -> str:
-    """What the status line says when something fails, in the page's words."""
+    """What the status line says when something fails, in the page's words: a sampling option's error
+    names its field ("number of sampling steps must be in [2, 1000], got 1 (the Steps field)")."""
+    if isinstance(err, OptionError):
+        return f"**Error:** {err.at_edge(field_name)}"
     if isinstance(err, UserError):
         return f"**Error:** {in_page_words(str(err))}"
     if isinstance(err, torch.OutOfMemoryError):
@@ -135,19 +176,18 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None, 
                     status += (f"; preset `{preset.name}` is for {preset.objective} models (its sampler "
                                f"{wanted['sampler']} does not fit this one): the model's own settings are shown")
         except Exception as err:  # noqa: BLE001 - every failure becomes a message in the page
-            return keep(), keep(), keep(), keep(), keep(), keep(), keep(), error_message(err)
-        return (gr.Dropdown(choices=names, value=first), gr.Dropdown(choices=[DEFAULT_SAMPLER, *samplers], value=defaults["sampler"]),
-                gr.Number(value=defaults["steps"]), gr.Number(value=defaults["cfg"]), gr.Textbox(value=defaults["interval"]),
-                gr.Checkbox(value=defaults["official"]), gr.Number(value=defaults["shift"]), status)
+            return (keep(),) * (1 + len(PAGE_FIELDS)) + (error_message(err),)
+        fields = [option_field(OPTIONS[name], defaults[name], choices=[DEFAULT_SAMPLER, *samplers] if name == "sampler" else None)
+                  for name in PAGE_FIELDS]
+        return (gr.Dropdown(choices=names, value=first), *fields, status)
 
-    def read_request(choice, path, classes, per_class, sampler, steps, cfg, interval, official, shift, seed) -> SampleRequest:
+    def read_request(choice, path, classes, per_class, seed, fields: dict) -> SampleRequest:
+        """The request of the page's values; `fields`: the sampling fields' values, by option name."""
         request = SampleRequest(
             source=model_source(choice, path, demo_folders), labels=tuple(dict.fromkeys(label_of(c) for c in classes or ())),
             images_per_class=whole_number(per_class, "Images per class", 1),
-            sampler=None if sampler in (None, DEFAULT_SAMPLER) else sampler,
-            num_steps=whole_number(steps, "Steps", 1), cfg_scale=real_number(cfg, "Guidance scale"),
-            guidance_interval=parse_interval(interval), official_guidance=bool(official),
-            time_shift=real_number(shift, "Time shift"), seed=whole_number(seed, "Seed", 0), device=device,
+            **{request_name(OPTIONS[name]): read_field(OPTIONS[name], value) for name, value in fields.items()},
+            seed=seed_number(seed), device=device,
         )
         request.check(limits)
         return request
@@ -157,11 +197,15 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None, 
         return last[0] if last and Path(last[0]).is_file() else None
 
     def generate(choice, path, classes, per_class, sampler, steps, cfg, interval, official, shift, seed, last,
-                 request: gr.Request, progress=gr.Progress(track_tqdm=True)):
-        """Outputs: picture, PNG, command, status, last finished (picture, command). A generator: it
-        streams previews, and Gradio can close it between two yields (Stop, a client that left)."""
+                 eta=OPTIONS["eta"].default, precision=OPTIONS["precision"].default, request: gr.Request = None,
+                 progress=gr.Progress(track_tqdm=True)):
+        """Inputs: the model, the classes, the sampling fields of PAGE_FIELDS (from LATE_FIELDS on after
+        the seed and the session's last picture). Outputs: picture, PNG, command, status, last
+        finished (picture, command). A generator: it streams previews, and Gradio can close it between
+        two yields (Stop, a client that left)."""
+        fields = dict(zip(PAGE_FIELDS, (sampler, steps, cfg, interval, official, shift, eta, precision)))
         try:
-            sample = read_request(choice, path, classes, per_class, sampler, steps, cfg, interval, official, shift, seed)
+            sample = read_request(choice, path, classes, per_class, seed, fields)
         except Exception as err:  # noqa: BLE001
             yield keep(), keep(), keep(), error_message(err), keep()
             return
@@ -217,19 +261,20 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None, 
                 classes = gr.Dropdown([], multiselect=True, allow_custom_value=True, label="Classes (type to search)",
                                       elem_id="classes")
                 per_class = gr.Number(1, precision=0, label="Images per class", elem_id="per-class")
-                with gr.Row():
-                    sampler = gr.Dropdown([DEFAULT_SAMPLER], value=DEFAULT_SAMPLER, label="Sampler", elem_id="sampler")
-                    steps = gr.Number(start["steps"], precision=0, label="Steps", elem_id="steps")
-                with gr.Row():
-                    cfg = gr.Number(start["cfg"], label="Guidance scale (1: none)", elem_id="cfg")
-                    interval = gr.Textbox(start["interval"], label="Guidance interval LOW HIGH (empty: every step)",
-                                          elem_id="interval")
-                with gr.Row():
-                    # DiT's forward_with_cfg guides model_out[:, :3]; the DiT and SiT presets need it for their FIDs.
-                    official = gr.Checkbox(start["official"], elem_id="official-guidance",
-                                           label=f"Official guidance (first {OFFICIAL_GUIDED_CHANNELS} channels)")
-                    shift = gr.Number(start["shift"], label="Time shift (flow models; 1: none)", elem_id="time-shift")
-                seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")
+                components = {}
+                for pair in zip(PAGE_FIELDS[::2], PAGE_FIELDS[1::2]):
+                    with gr.Row():
+                        for name in pair:
+                            option = OPTIONS[name]
+                            properties = dict(label=f"{option.label} {option.hint}".strip(), elem_id=option.page_id)
+                            if option.kind == "int":
+                                properties.update(precision=0)
+                            if name == "sampler":  # the model's own, until the page's first load describes the model
+                                properties.update(choices=[DEFAULT_SAMPLER])
+                            value = DEFAULT_SAMPLER if name == "sampler" else start[name]
+                            components[name] = option_field(option, value, **properties)
+                # Text, not a number field: the browser would hold a seed as a float, exact only up to 2^53.
+                seed = gr.Textbox("0", label="Seed (0 to 2^64 - 1)", max_lines=1, elem_id="seed")
                 with gr.Row():
                     button = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -239,13 +284,14 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None, 
                                  buttons=["download", "fullscreen"], elem_id="grid")
                 png = gr.File(label="PNG", elem_id="png")
                 command = gr.Textbox(label="Reproduce with", buttons=["copy"], elem_id="command")
-        model_outputs = [classes, sampler, steps, cfg, interval, official, shift, status]
+        option_fields = [components[name] for name in PAGE_FIELDS]
+        model_outputs = [classes, *option_fields, status]
         model.change(describe_model, [model, path], model_outputs)
         # A pasted path is taken when the field loses focus, without Enter (Enter works too).
         path.submit(describe_model, [model, path], model_outputs)
         path.blur(describe_model, [model, path], model_outputs)
         page.load(describe_model, [model, path], model_outputs)
-        fields = [model, path, classes, per_class, sampler, steps, cfg, interval, official, shift, seed, last]
+        fields = [model, path, classes, per_class, *option_fields[:LATE_FIELDS], seed, last, *option_fields[LATE_FIELDS:]]
         generation = button.click(generate, fields, [image, png, command, status, last], concurrency_limit=1,
                                   show_progress="minimal")
         stop_button.click(stop, [last], [image, status], cancels=[generation], queue=False)

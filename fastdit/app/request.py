@@ -1,14 +1,18 @@
 """One press of "Generate": the values from the page, the `fastdit sample` command that makes the same
 picture, and the picture itself, sampled in batches of a fixed size with previews along the way.
 
-The messages here reach the page: they name its fields ("the Steps field"), not command-line flags.
+The request's sampling fields are the options of `fastdit.sampling.options`, one each, and so is the
+command that reproduces it. The messages here reach the page: they name its fields ("the Steps
+field"), not command-line flags.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shlex
 import threading
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,13 +21,15 @@ import numpy as np
 
 from ..errors import UserError
 from ..program import program_words
-from ..sampling import OFFICIAL_CFG_SCALE, OFFICIAL_NUM_STEPS, SamplingOptions
+from ..sampling import OPTIONS, Option, SamplingOptions
 from ..sampling.generate import GENERATE_BATCH_SIZE
-from ..sampling.guidance import OFFICIAL_GUIDED_CHANNELS
+from ..sampling.options import command_words
+from ..sampling.recipe import recorded_options
+from ..seeding import MAX_SEED, parse_seed
 from .models import ModelSource
 
 # Bounds on one request, so that one page cannot hold the server for long or run it out of memory
-# (issue #18: a million images per class were sampled as one batch and the server was killed).
+# (a request of a million images per class sampled as one batch would have the server killed).
 # 64 images fill an 8 x 8 grid; 64 images x 250 steps is the official DiT sampler's full grid.
 MAX_IMAGES = 64
 MAX_IMAGE_STEPS = 64 * 250
@@ -32,8 +38,7 @@ MAX_IMAGE_STEPS = 64 * 250
 BATCH_SIZE = GENERATE_BATCH_SIZE
 # Previews of the grid per batch while it is sampled (one every num_steps / this model calls).
 PREVIEWS_PER_BATCH = 8
-PENDING_GRAY = 128
-MAX_SEED = 2**63 - 1  # what a torch generator and the 64-bit seed hash take  # the images of a later batch, before it starts
+PENDING_GRAY = 128  # the images of a later batch, before it starts
 
 
 class Stopped(Exception):
@@ -73,20 +78,39 @@ def real_number(value, field: str) -> float:
     return number
 
 
-@dataclass(frozen=True)
-class SampleRequest:
-    source: ModelSource
-    labels: tuple[int, ...]  # each class once; every class gets images_per_class images, one grid row each
-    images_per_class: int = 1
-    sampler: str | None = None  # None: the objective's own
-    num_steps: int = OFFICIAL_NUM_STEPS
-    cfg_scale: float = OFFICIAL_CFG_SCALE
-    guidance_interval: tuple[float, float] | None = None
-    # The official DiT/SiT rule: guide the first 3 channels of the model's output (the DiT and SiT presets).
-    official_guidance: bool = False
-    time_shift: float = 1.0  # flow models only; 1 is no shift
-    seed: int = 0
-    device: str = "auto"
+def seed_number(value) -> int:
+    """The Seed field's value: exactly what `--seed` takes (`fastdit.seeding.parse_seed`), so the page
+    takes every seed the command line takes, up to 2^64 - 1. The field is text: a number field would
+    pass through JavaScript's floats, which hold integers exactly only up to 2^53."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise UserError("the Seed field is empty; enter a whole number from 0 to 2^64 - 1")
+    try:
+        return parse_seed(value)
+    except ValueError:
+        raise UserError(f"the Seed field should be a whole number from 0 to 2^64 - 1, got {value!r}") from None
+
+
+def request_name(option: Option) -> str:
+    """An option's field in the request: its own name, or for a switch the name of its flag
+    (official_guidance: the page's checkbox, True for the flag's value)."""
+    return option.dest if option.kind == "switch" else option.name
+
+
+def request_value(option: Option, value):
+    """An option's value as the request holds it (a switch: whether it is on)."""
+    return value == option.switch if option.kind == "switch" else value
+
+
+def option_value(option: Option, value):
+    """The request's value of a field as the option's value (a switch: its value, or None when off)."""
+    if option.kind == "switch":
+        return option.switch if value else None
+    return tuple(value) if option.kind == "pair" and value is not None else value
+
+
+class _Request:
+    """What `SampleRequest` does; its fields are made below: the model, the classes and the seed, and
+    one field per sampling option (`fastdit.sampling.options.OPTIONS`)."""
 
     def check(self, limits: Limits = Limits()) -> None:
         """The cheap checks, before any model is loaded; `limits` bound the work of one request."""
@@ -95,7 +119,7 @@ class SampleRequest:
         if self.images_per_class < 1:
             raise UserError(f"the Images per class field should be a whole number >= 1, got {self.images_per_class}")
         if not 0 <= self.seed <= MAX_SEED:
-            raise UserError(f"the Seed field should be a whole number from 0 to {MAX_SEED}, got {self.seed}")
+            raise UserError(f"the Seed field should be a whole number from 0 to 2^64 - 1, got {self.seed}")
         count = len(self.labels) * self.images_per_class
         if count > limits.max_images:
             raise UserError(f"{len(self.labels)} classes x {self.images_per_class} images per class = {count} images; "
@@ -114,29 +138,39 @@ class SampleRequest:
         return self.images_per_class if self.images_per_class > 1 else min(len(self.labels), 8)
 
     def options(self) -> SamplingOptions:
-        return SamplingOptions(sampler=self.sampler, num_steps=self.num_steps, cfg_scale=self.cfg_scale,
-                               guided_channels=OFFICIAL_GUIDED_CHANNELS if self.official_guidance else None,
-                               guidance_interval=self.guidance_interval, time_shift=self.time_shift)
+        return SamplingOptions(**{name: option_value(option, getattr(self, request_name(option)))
+                                  for name, option in OPTIONS.items()})
 
-    def command(self, sampler: str, out: str = "sample.png") -> str:
-        """The `fastdit sample` command that writes the same PNG (`sampler`: the resolved one)."""
+    def command(self, sampler: str, out: str = "sample.png", baseline: SamplingOptions | None = None) -> str:
+        """The `fastdit sample` command that writes the same PNG (`sampler`: the resolved one). It writes
+        every option that differs from `baseline`, what the command takes without the flag (the
+        checkpoint's recipe over its defaults; by default the defaults), and sampler, steps and scale."""
         if self.source.path is not None:
             words = ["--ckpt", self.source.path]
         else:
             words = ["--model", self.source.model_name, "--image-size", str(self.source.image_size)]
-        words += ["--class-labels", *map(str, self.all_labels), "--sampler", sampler,
-                  "--num-sampling-steps", str(self.num_steps), "--cfg-scale", repr(float(self.cfg_scale))]
-        if self.guidance_interval is not None:
-            words += ["--guidance-interval", *(repr(float(t)) for t in self.guidance_interval)]
-        if self.official_guidance:
-            words += ["--official-guidance"]
-        if self.time_shift != 1.0:
-            words += ["--time-shift", repr(float(self.time_shift))]
+        words += ["--class-labels", *map(str, self.all_labels)]
+        words += command_words(dataclasses.replace(self.options(), sampler=sampler), baseline)
         # --no-upscale: the page writes images at their size (its CSS enlarges them), and so does the command.
         words += ["--seed", str(self.seed), "--nrow", str(self.nrow), "--no-upscale", "--out", out]
         if self.device != "auto":
             words += ["--device", self.device]
         return shlex.join([*program_words(), "sample", *words])
+
+
+_OPTION_TYPES = typing.get_type_hints(SamplingOptions)
+SampleRequest = dataclasses.make_dataclass(
+    "SampleRequest",
+    [("source", ModelSource),
+     ("labels", tuple[int, ...]),  # each class once; every class gets images_per_class images, one grid row each
+     ("images_per_class", int, 1),
+     *[(request_name(option), bool if option.kind == "switch" else _OPTION_TYPES[name], request_value(option, option.default))
+       for name, option in OPTIONS.items()],
+     ("seed", int, 0),
+     ("device", str, "auto")],
+    bases=(_Request,), frozen=True, namespace={"__module__": __name__},
+)
+SampleRequest.__doc__ = "The page's values for one picture: the model, the classes, each sampling option (`request_name`), the seed."
 
 
 def parse_interval(text: str | None) -> tuple[float, float] | None:
@@ -191,7 +225,7 @@ def generate_grid(request: SampleRequest, cache: ModelCache, out: Path, progress
         raise Stopped
     options = request.options()
     model, info, latent_space, device = cache.get(request.source, request.device)
-    options.validate(info.objective)
+    options.validate(info.objective)  # the page's one check: generate() does not repeat it
     labels = check_labels(request.all_labels, info.config.num_classes)
     done: list[np.ndarray] = []
     num_batches = -(-len(labels) // batch_size)
@@ -219,4 +253,5 @@ def generate_grid(request: SampleRequest, cache: ModelCache, out: Path, progress
                              indices=range(first, first + len(batch)), device=device, progress=progress,
                              on_estimate=watch))
     atomic_save_png(make_grid(np.concatenate(done), nrow=request.nrow), out)
-    return request.command(options.resolved_sampler(info.objective))
+    # The command without a flag takes the checkpoint's recipe: it writes each option that differs from it.
+    return request.command(options.resolved_sampler(info.objective), baseline=recorded_options(info))

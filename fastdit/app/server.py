@@ -3,7 +3,7 @@
 Listening on 127.0.0.1 keeps other machines out, but not other web sites: a page on evil.example can
 point its own name at 127.0.0.1 (DNS rebinding) and then talk to the app as a same-origin page. Such a
 request still carries the foreign name in its Host header, so the server answers only requests whose
-Host is the loopback address or the name it serves under (issue #18).
+Host is the loopback address or the name it serves under.
 """
 
 from __future__ import annotations

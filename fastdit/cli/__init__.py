@@ -5,7 +5,8 @@ every subcommand takes `--threads` (`fastdit.cpu_threads`: by default a job take
 processes leave free; a module with `MEASURES_THE_MACHINE = True`, the benchmarks, keeps torch's count
 unless told).
 All parsing and user errors live at this edge: a `UserError` raised anywhere below is printed as one
-line (`fastdit sample: error: ...`) with exit status 2, never as a traceback.
+line (`fastdit sample: error: ...`) with exit status 2, never as a traceback. An `OptionError` (a
+sampling option's value) is worded with the flags of a subcommand that has them (its `_option_flags`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import importlib
 import sys
 
 from ..cpu_threads import configure_threads
-from ..errors import UserError
+from ..errors import OptionError, UserError, flag_namer
 from ..host_memory import keep_freed_host_memory
 from .arg_types import positive_int
 
@@ -74,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             configure_threads(args.threads)
         status = args._module.run(args)
     except UserError as err:
-        message = f"fastdit {args.command}: error: {err}\n"
+        flags = getattr(args, "_option_flags", None)  # a subcommand with sampling flags names them
+        words = err.at_edge(flag_namer(flags)) if isinstance(err, OptionError) and flags else str(err)
+        message = f"fastdit {args.command}: error: {words}\n"
         from .. import distributed
 
         if distributed.in_multiprocess_job():

@@ -22,16 +22,13 @@ def finite_float(text: str) -> float:
 
 
 def seed(text: str) -> int:
-    """A seed: an integer in [0, 2^64 - 1] (`fastdit.seeding` hashes non-negative integers only, and
-    torch.manual_seed takes 64 bits)."""
-    from ..seeding import MAX_SEED
+    """A seed: an integer in [0, 2^64 - 1] (`fastdit.seeding.parse_seed`, which the app's Seed field uses too)."""
+    from ..seeding import parse_seed
 
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; seeds are integers >= 0, e.g. 0")
-    if value > MAX_SEED:
-        raise argparse.ArgumentTypeError(f"{value} is too large; seeds are integers from 0 to 2^64 - 1 ({MAX_SEED})")
-    return value
+    try:
+        return parse_seed(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def positive_int(text: str) -> int:

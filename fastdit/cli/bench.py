@@ -9,7 +9,7 @@ import argparse
 import torch
 
 from ..errors import UserError
-from ..sampling.generate import OFFICIAL_CFG_SCALE
+from ..sampling import OFFICIAL_CFG_SCALE
 
 # A benchmark measures the machine as it is: it does not adapt its threads to the load (--threads sets them).
 MEASURES_THE_MACHINE = True

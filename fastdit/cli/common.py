@@ -6,13 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import OptionError, UserError
 from ..io import check_can_create
-from ..precision import PRECISIONS, precision_warning
+from ..precision import precision_warning
 from .arg_types import finite_float, seed
 from ..objectives import objective_names
-from ..sampling import OFFICIAL_CFG_SCALE, OFFICIAL_NUM_STEPS, SamplingOptions, sampler_names, samplers_by_objective
-from ..sampling.guidance import OFFICIAL_GUIDED_CHANNELS
+from ..sampling import OFFICIAL_CFG_SCALE, OPTIONS, Option, SamplingOptions, samplers_by_objective
 from ..sampling.presets import get_preset, preset_names
 from ..sampling.recipe import FID_CFG_SCALE, RECIPE_FIELDS, RecipeSource, checkpoint_source, resolve
 
@@ -38,70 +37,75 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, fid: bool = False) -> None:
-    """The sampling flags. Every recipe flag defaults to None (not given), so that a flag the user gave
-    is told apart from a default: it overrides one field of the preset or the checkpoint's recipe
-    (`fastdit.sampling.recipe`). `fid`: sample-ddp's defaults (cfg 1.5, DiT's sample_ddp.py)."""
+    """The sampling flags, one per `SamplingOptions` field (`fastdit.sampling.options`), and the job's
+    --preset, --seed and --compile. Every recipe flag defaults to None (not given), so that a flag the
+    user gave is told apart from a default: it overrides one field of the preset or the checkpoint's
+    recipe (`fastdit.sampling.recipe`). `fid`: sample-ddp's defaults (cfg 1.5, DiT's sample_ddp.py)."""
     cfg_default = FID_CFG_SCALE if fid else OFFICIAL_CFG_SCALE
     group = parser.add_argument_group("sampling")
     group.add_argument("--preset", choices=preset_names(), default=None, metavar="NAME",
                        help="named settings behind a published FID (`fastdit presets` lists them: "
                             f"{', '.join(preset_names())}); any flag below overrides one of its values")
-    group.add_argument("--sampler", choices=sampler_names(), default=None,
-                       help="default: the preset's, the checkpoint's recipe, else the model's own (ddpm for DiT, "
-                            "sde-euler for SiT/flow, meanflow for MeanFlow); "
-                            + "; ".join(f"{k} models: {', '.join(v)}" for k, v in samplers_by_objective().items()))
-    group.add_argument("--num-sampling-steps", type=int, default=None,
-                       help="DDPM and DDIM/DPM-Solver++: model calls; flow ODE/SDE samplers: grid points, as SiT counts "
-                            "them; meanflow: steps of one call each, 1 the least (default: the preset's or the "
-                            f"checkpoint's recipe, else {OFFICIAL_NUM_STEPS})")
-    group.add_argument("--cfg-scale", type=finite_float, default=None,
-                       help="classifier-free guidance scale; 1 disables guidance (default: the preset's or the "
-                            f"checkpoint's recipe, else {cfg_default})")
-    group.add_argument("--official-guidance", action=argparse.BooleanOptionalAction, default=None,
-                       help=f"guide only the first {OFFICIAL_GUIDED_CHANNELS} channels of the model's whole output, as the "
-                            "official DiT/SiT code does (model_out[:, :3], for any number of channels; the DiT presets "
-                            "do); --no-official-guidance guides every channel (default: every channel)")
-    group.add_argument("--guidance-interval", type=finite_float, nargs=2, metavar=("LOW", "HIGH"), default=None,
-                       help="guide only where the model's time is in [LOW, HIGH] (DDPM timesteps 0..999, flow time "
-                            "0 noise..1 data); elsewhere one conditional forward (default: every step)")
-    group.add_argument("--no-guidance-interval", dest="guidance_interval", action="store_const", const=EVERY_STEP,
-                       help="guide at every step, whatever the preset or recipe says")
-    group.add_argument("--time-shift", type=finite_float, default=None,
-                       help="flow models: warp the time grid toward the noise end, t' = t / (t + s (1 - t)) (default: 1, none)")
-    group.add_argument("--eta", type=finite_float, default=0.0, help="DDIM eta (default: 0, deterministic)")
-    group.add_argument("--seed", type=seed, default=0, help="seed of the noise (and of the labels); an integer >= 0 (default: 0)")
-    group.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                       help="the model's forward under autocast (bf16, fp16: faster on GPUs, rounds differently); "
-                            "the sampler's arithmetic stays float32 (default: fp32)")
+    by_objective = "; ".join(f"{k} models: {', '.join(v)}" for k, v in samplers_by_objective().items())
+    for option in OPTIONS.values():
+        default = cfg_default if option.name == "cfg_scale" else option.default
+        add_option_argument(group, option, default=default, more=by_objective if option.name == "sampler" else "")
+    group.add_argument("--seed", type=seed, default=0, help="seed of the noise (and of the labels); an integer from 0 to 2^64 - 1 (default: 0)")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile each transformer block (the first batch pays the compilation)")
-    parser.set_defaults(_recipe_defaults={"cfg_scale": cfg_default})
+    parser.set_defaults(_recipe_defaults={"cfg_scale": cfg_default}, _option_flags=OPTION_FLAGS)
 
 
+# How `fastdit sample` and `sample-ddp` name each sampling option in messages (`OptionError.at_edge`).
+OPTION_FLAGS = {name: option.flag for name, option in OPTIONS.items()}
 EVERY_STEP = "every-step"  # --no-guidance-interval: an explicit "no interval", unlike a flag not given
 
 
+def add_option_argument(group, option: Option, *, default, more: str = "") -> None:
+    """The flag of one sampling option, as its kind writes it; a recipe option's flag defaults to None
+    (not given), the others to `default`. `more`: words after its help (the samplers of each objective)."""
+    default_words = option.default_words or str(default)
+    if option.recipe:
+        default_words = f"the preset's or the checkpoint's recipe, else {default_words}"
+    text = f"{option.help}{'; ' + more if more else ''} (default: {default_words})"
+    given = None if option.recipe else default
+    if option.kind == "choice":
+        group.add_argument(option.flag, choices=option.choices(), default=given, help=text)
+    elif option.kind == "int":
+        group.add_argument(option.flag, type=int, default=given, help=text)
+    elif option.kind == "float":
+        group.add_argument(option.flag, type=finite_float, default=given, help=text)
+    elif option.kind == "switch":  # --official-guidance / --no-official-guidance
+        group.add_argument(option.flag, action=argparse.BooleanOptionalAction, default=given, help=text)
+    else:  # a pair: --guidance-interval LOW HIGH, or --no-guidance-interval
+        group.add_argument(option.flag, type=finite_float, nargs=2, metavar=("LOW", "HIGH"), default=given, help=text)
+        group.add_argument(option.off, dest=option.dest, action="store_const", const=EVERY_STEP, help=option.off_help)
+
+
+def flag_value(option: Option, given):
+    """The value an option's flag gave (`_NOT_GIVEN` for a flag not given): a switch's True is its
+    value, its --no- form None; a pair's --no- form None."""
+    if given is None:
+        return _NOT_GIVEN
+    if option.kind == "switch":
+        return option.switch if given else None
+    if option.kind == "pair":
+        return None if given == EVERY_STEP else tuple(given)
+    return given
+
+
 def recipe_flags(args: argparse.Namespace) -> dict:
-    """{recipe field: value} for the recipe flags the user gave. A flag not given is None; the two
-    that can say "none" on purpose (--no-official-guidance: every channel; --no-guidance-interval:
-    every step) give the value None."""
-    interval = args.guidance_interval
-    given = {
-        "model": args.model,
-        "image_size": args.image_size,
-        "sampler": args.sampler,
-        "num_steps": args.num_sampling_steps,
-        "cfg_scale": args.cfg_scale,
-        "guided_channels": {True: OFFICIAL_GUIDED_CHANNELS, False: _NONE}.get(args.official_guidance),
-        "guidance_interval": _NONE if interval == EVERY_STEP else tuple(interval) if interval is not None else None,
-        "time_shift": args.time_shift,
-        "label_sampling": getattr(args, "label_sampling", None),
-        "num_samples": getattr(args, "num_fid_samples", None),
-    }
-    return {name: None if value is _NONE else value for name, value in given.items() if value is not None}
+    """{recipe field: value} for the recipe flags the user gave. A flag not given is None on the
+    namespace; the two that can say "none" on purpose (--no-official-guidance: every channel;
+    --no-guidance-interval: every step) give the value None."""
+    job = {"model": args.model, "image_size": args.image_size, "label_sampling": getattr(args, "label_sampling", None),
+           "num_samples": getattr(args, "num_fid_samples", None)}
+    given = {name: flag_value(OPTIONS[name], getattr(args, OPTIONS[name].dest)) if name in OPTIONS
+             else _NOT_GIVEN if job[name] is None else job[name] for name in RECIPE_FIELDS}
+    return {name: value for name, value in given.items() if value is not _NOT_GIVEN}
 
 
-_NONE = object()  # a flag that sets a field to None (not "not given")
+_NOT_GIVEN = object()  # a flag not given (None is a value: every channel, every step)
 
 
 class RecipePlan:
@@ -114,11 +118,12 @@ class RecipePlan:
         self.flags = recipe_flags(args)
         self.fields = fields
         self.defaults = dict(args._recipe_defaults)
-        self.eta, self.precision = args.eta, args.precision
+        # The options a recipe does not hold (eta, precision): their flags' values, defaults included.
+        self.others = {name: getattr(args, option.dest) for name, option in OPTIONS.items() if not option.recipe}
         self.from_checkpoint = args.ckpt is not None
         self.announce = True  # print the first line (sample-ddp: the main process only)
         self.resolved = resolve(self.defaults, self._preset_source(), self.flags)
-        self.options = self.resolved.options(eta=self.eta, precision=self.precision)
+        self.options = self.resolved.options(**self.others)
 
     def _preset_source(self) -> RecipeSource | None:
         if self.preset is None:
@@ -139,24 +144,21 @@ class RecipePlan:
 
     def options_for(self, info) -> SamplingOptions:
         """The options for the loaded model: the preset's, else its checkpoint's recipe, then the flags;
-        checked against its objective; the job's first line says where they came from."""
+        checked against its objective (the command's one check: generate() does not repeat it); the
+        job's first line says where they came from."""
         source = self._preset_source() or checkpoint_source(info.sampling)
         self.resolved = resolve(self.defaults, source, self.flags)
-        self.options = self.resolved.options(eta=self.eta, precision=self.precision)
+        self.options = self.resolved.options(**self.others)
         try:
             self.options.validate(info.objective)
         except UserError as err:
             if self.preset is None:
                 raise
-            raise UserError(f"preset {self.preset.name} (for {self.preset.objective} models): {err}") from None
+            context = f"preset {self.preset.name} (for {self.preset.objective} models): "
+            raise (err.within(context) if isinstance(err, OptionError) else UserError(f"{context}{err}")) from None
         if self.announce:
             print(self.resolved.describe(self.fields, own_sampler=self.options.resolved_sampler(info.objective)), flush=True)
         return self.options
-
-
-def sampling_options(args: argparse.Namespace) -> SamplingOptions:
-    """The options the flags and the command's defaults give, before any preset or checkpoint recipe."""
-    return RecipePlan(args).options
 
 
 def warn_if_slow(device, precision: str) -> None:
@@ -177,16 +179,14 @@ def check_output_file(path: str, suffixes: tuple[str, ...]) -> Path:
     return out
 
 
-def load_for_sampling(args: argparse.Namespace, plan: RecipePlan | None = None):
-    """(model, info, latent space, device) for the model flags (`fastdit.loading.load_for_sampling`);
-    with a `plan`, its model and size (a preset's) pick the official weights, and its options are
-    resolved with the checkpoint's recipe and checked against the model's objective before the VAE is loaded."""
-    from ..loading import load_for_sampling as load
-
+def model_arguments(args: argparse.Namespace, plan: RecipePlan | None = None) -> dict:
+    """The model flags as `fastdit.loading.load_for_sampling`'s arguments; with a `plan`, its model and
+    size (a preset's) pick the official weights, and its `options_for` resolves the options with the
+    checkpoint's recipe and checks them against the model's objective before the VAE is loaded."""
     model_name = plan.model_name if plan is not None else args.model
     image_size = plan.image_size if plan is not None else args.image_size
     if args.ckpt is not None:  # a preset's model does not apply to a checkpoint (it records its own)
         model_name, image_size = args.model, args.image_size
-    return load(args.ckpt, model_name=model_name, image_size=image_size, num_classes=args.num_classes,
+    return dict(source=args.ckpt, model_name=model_name, image_size=image_size, num_classes=args.num_classes,
                 vae=args.vae, objective=args.objective, device=args.device,
                 options=plan.options_for if plan is not None else None)

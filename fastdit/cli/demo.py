@@ -7,7 +7,7 @@ import shlex
 
 from ..diffusion.flow import TIME_SAMPLINGS
 from ..objectives import objective_names
-from ..sampling import sampler_names
+from ..sampling import OPTIONS
 from ..program import program_words
 from .arg_types import finite_float, seed
 
@@ -36,14 +36,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"LightningDiT blocks: RMSNorm, SwiGLU, 2-D RoPE, QK-norm (default: {'on' if d.blocks else 'off'})")
     group = parser.add_argument_group("sampling")
     group.add_argument("--samples-per-class", type=int, default=d.samples_per_class, help=f"(default: {d.samples_per_class})")
-    group.add_argument("--sampler", choices=sampler_names(), default=d.sampler,
-                       help="(default: heun for flow and x-pred, ddpm for ddpm, meanflow for meanflow)")
+    # Three sampling options under the demo's own flag names (--sampling-steps): their help from the schema.
+    sampler, steps, cfg = OPTIONS["sampler"], OPTIONS["num_steps"], OPTIONS["cfg_scale"]
+    group.add_argument("--sampler", choices=sampler.choices(), default=d.sampler,
+                       help=f"{sampler.help} (default: heun for flow and x-pred, ddpm for ddpm, meanflow for meanflow)")
     group.add_argument("--sampling-steps", type=int, default=d.sampling_steps,
-                       help="model-call budget: DDPM steps, flow grid points, or MeanFlow steps (default: 9 for flow "
-                            "and x-pred, 25 for ddpm, 1 for meanflow)")
+                       help=f"{steps.help} (default: 9 for flow and x-pred, 25 for ddpm, 1 for meanflow)")
     group.add_argument("--cfg-scale", type=finite_float, default=d.cfg_scale,
-                       help=f"classifier-free guidance scale; 1 disables it; meanflow trains it in (its omega) and "
-                            f"samples with one call (default: {d.cfg_scale})")
+                       help=f"{cfg.help}, up to {cfg.bounds[1]:g}; meanflow trains it in (its omega) and samples with "
+                            f"one call (default: {d.cfg_scale})")
+    # A sampling option's error names these flags (`OptionError`); the demo sets no other option.
+    parser.set_defaults(_option_flags={"sampler": sampler.flag, "num_steps": "--sampling-steps", "cfg_scale": cfg.flag})
     parser.add_argument("--classifier-epochs", type=int, default=d.classifier_epochs,
                         help=f"epochs of the digit classifier that judges the samples (default: {d.classifier_epochs})")
     parser.add_argument("--seed", type=seed, default=d.seed, help=f"seed of the data split, training, sampling and the classifier (default: {d.seed})")

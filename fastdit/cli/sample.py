@@ -14,7 +14,7 @@ from .common import (
     add_model_arguments,
     add_sampling_arguments,
     check_output_file,
-    load_for_sampling,
+    model_arguments,
     warn_if_slow,
 )
 
@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..image_grid import enlarge, make_grid, upscale_factor
     from ..io import atomic_save_png
+    from ..loading import load_for_sampling
     from ..sampling import check_labels, generate
 
     out = check_output_file(args.out, (".png",))
@@ -49,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--nrow", args.nrow), ("--batch-size", args.batch_size)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
-    model, info, latent_space, device = load_for_sampling(args, plan)
-    options = plan.options
+    model, info, latent_space, device = load_for_sampling(**model_arguments(args, plan))
+    options = plan.options  # resolved with the checkpoint's recipe and checked once (`plan.options_for`)
     warn_if_slow(device, options.precision)
     num_classes = info.config.num_classes
     labels = args.class_labels

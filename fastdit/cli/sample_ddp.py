@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from ..sampling.recipe import LABEL_SAMPLINGS
-from .common import RecipePlan, add_model_arguments, add_sampling_arguments, check_output_file, load_for_sampling, warn_if_slow
+from .common import RecipePlan, add_model_arguments, add_sampling_arguments, check_output_file, model_arguments, warn_if_slow
 
 HELP = "sample many images (e.g. 50,000 for FID) into an ADM .npz, with torchrun, resumable"
 
@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import distributed as dist
     from ..devices import resolve_device
+    from ..loading import load_for_sampling
     from ..sample_ddp import SampleJob, sample_ddp
 
     from ..errors import UserError
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     per_process = argparse.Namespace(**{**vars(args), "device": str(info.device)})
 
     def load():
-        loaded = load_for_sampling(per_process, plan)
+        loaded = load_for_sampling(**model_arguments(per_process, plan))
         # The options are final once the checkpoint's recipe is read: the job samples and records them.
         job.options, job.recipe = plan.options, plan.resolved.to_dict()
         return loaded

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import UserError
+from ..errors import OptionError
 
 # DiT's and SiT's sampling: 250 steps of the model's own sampler (DiT's sample.py, SiT's sample.py).
 DEFAULT_NUM_STEPS = 250
@@ -39,14 +39,16 @@ class SamplingPolicy:
         return float(requested)
 
     def check_guidance(self, cfg_scale: float, interval) -> None:
-        """A UserError for a guidance this model cannot be sampled with."""
+        """An OptionError (about cfg_scale or guidance_interval) for a guidance this model cannot be sampled with."""
         if self.trained_guidance is not None and cfg_scale != 1.0:
-            raise UserError(f"this {self.objective} model has its guidance trained in (scale {self.trained_guidance:g}): "
-                            f"sample it with --cfg-scale 1, not {cfg_scale:g}")
+            raise OptionError("this {objective} model has its guidance trained in (scale {trained:g}): "
+                              "sample it with {cfg_scale:1}, not {scale:g}", "cfg_scale",
+                              objective=self.objective, trained=self.trained_guidance, scale=cfg_scale)
         if self.guidance_input is not None:
             low, high = self.guidance_input
             if not low <= cfg_scale <= high:
-                raise UserError(f"this {self.objective} model was trained for guidance scales in [{low:g}, {high:g}]; "
-                                f"pick --cfg-scale in that range, not {cfg_scale:g}")
+                raise OptionError("this {objective} model was trained for guidance scales in [{low:g}, {high:g}]; "
+                                  "pick {cfg_scale} in that range, not {scale:g}", "cfg_scale",
+                                  objective=self.objective, low=low, high=high, scale=cfg_scale)
         if interval is not None and self.no_interval is not None:
-            raise UserError(f"{self.no_interval}; leave --guidance-interval unset")
+            raise OptionError("{why}; leave {guidance_interval} unset", "guidance_interval", why=self.no_interval)

@@ -10,9 +10,8 @@ from .flow import (
     shift_times,
     time_grid,
 )
-from .generate import (
-    OFFICIAL_CFG_SCALE, OFFICIAL_NUM_STEPS, SamplingOptions, check_labels, generate, guided_model, sample_latents, to_uint8,
-)
+from .generate import check_labels, generate, guided_model, sample_latents, to_uint8
+from .options import OFFICIAL_CFG_SCALE, OFFICIAL_NUM_STEPS, OPTIONS, Option, SamplingOptions
 from .guidance import ClassifierFreeGuidance, check_cfg_scale, check_guidance_interval, guide, open_at_range_ends
 from .noise import PerImageNoise
 from .registry import SAMPLERS, ModelView, get_sampler, register_sampler, sampler_names, samplers_by_objective, samplers_for
@@ -27,6 +26,8 @@ __all__ = [
     "ClassifierFreeGuidance",
     "Grid",
     "ModelView",
+    "OPTIONS",
+    "Option",
     "PerImageNoise",
     "SamplingOptions",
     "VelocityModel",

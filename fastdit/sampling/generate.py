@@ -4,79 +4,23 @@ model -> decode -> pixels."""
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..compile import compile_blocks
-from ..errors import UserError
+from ..errors import OptionError, UserError
 from ..objectives import Objective
-from ..precision import PRECISIONS, autocast
-from .guidance import ClassifierFreeGuidance, check_cfg_scale, check_guidance_interval
+from ..precision import autocast
+from .guidance import ClassifierFreeGuidance
 from .noise import PerImageNoise
-from .registry import SAMPLER_OPTIONS, EstimateFn, ModelView, check_sampler_options, get_sampler
+from .options import SamplingOptions
+from .recipe import recorded_options
+from .registry import EstimateFn, ModelView, get_sampler
 
-# The official DiT sampling defaults (DiT's sample.py: 250 DDPM steps, guidance scale 4.0).
-OFFICIAL_NUM_STEPS = 250
-OFFICIAL_CFG_SCALE = 4.0
 # Images per sampler call in `generate`: memory is that of one batch (x2 with guidance), whatever the
 # number of labels. sample-ddp's default per-process batch too.
 GENERATE_BATCH_SIZE = 32
-# The time shift t' = t / (t + s (1 - t)) sends the middle of the grid to 1 / (1 + s): at s = 100 half
-# the steps fall within the first 1% of flow time, at 1/100 within the last 1%. Published shifts are
-# 1 to about 6 (SD3 uses 3); beyond [1/100, 100] the grid is a few steps and a sliver, and near 1e±38
-# float32's s (1 - t) overflows or vanishes, making t' = 0/0 (the ODE samplers gave NaN images at
-# `--time-shift 1e-300` and at 1e300).
-TIME_SHIFT_RANGE = (0.01, 100.0)
-
-
-@dataclass
-class SamplingOptions:
-    sampler: str | None = None  # None: the objective's own (DDPM for DiT, SDE Euler for SiT/flow)
-    # DDPM and the grid samplers: model calls. Flow ODE/SDE samplers: grid points, as SiT counts them
-    # (Euler/Heun take num_steps − 1 steps; the SDEs stop at 1 − 0.04 and add the "Mean" last step).
-    num_steps: int = OFFICIAL_NUM_STEPS
-    cfg_scale: float = OFFICIAL_CFG_SCALE
-    # None guides every ε/velocity channel; 3 is the official DiT/SiT rule, the first three channels of
-    # the whole output for any C (paper FID 2.27 at cfg 1.5; `fastdit.sampling.guidance`).
-    guided_channels: int | None = None
-    # Guide only where the objective's time lies in [low, high] (DDPM timesteps 0..999, flow time 0..1).
-    guidance_interval: tuple[float, float] | None = None
-    eta: float = SAMPLER_OPTIONS["eta"]  # DDIM only
-    time_shift: float = 1.0  # flow time only: t' = t / (t + s (1 − t)); s > 1 spends more steps near the noise
-    # The model's forward under autocast ("bf16", "fp16"); the sampler's arithmetic stays float32.
-    precision: str = "fp32"
-
-    def resolved_sampler(self, objective: Objective) -> str:
-        return self.sampler or objective.sampling.sampler
-
-    def sampler_options(self) -> dict:
-        return {name: getattr(self, name) for name in SAMPLER_OPTIONS}
-
-    def validate(self, objective: Objective) -> None:
-        sampler = get_sampler(self.resolved_sampler(objective), objective)
-        if self.num_steps < sampler.min_steps or self.num_steps > 1000:
-            raise UserError(f"number of sampling steps must be in [{sampler.min_steps}, 1000], got {self.num_steps}")
-        for name in ("eta", "time_shift"):
-            if not math.isfinite(getattr(self, name)):
-                raise UserError(f"{name.replace('_', ' ')} must be a finite number, got {getattr(self, name)}")
-        check_cfg_scale(self.cfg_scale)
-        objective.sampling.check_guidance(self.cfg_scale, self.guidance_interval)
-        check_sampler_options(sampler, self.sampler_options())
-        if not 0.0 <= self.eta <= 1.0:
-            raise UserError(f"DDIM eta must be in [0, 1], got {self.eta}")
-        if self.time_shift != 1.0 and not objective.flow_time:
-            raise UserError(f"a time shift applies to flow models only (flow time); leave it at 1 for a {objective.name} model")
-        if not TIME_SHIFT_RANGE[0] <= self.time_shift <= TIME_SHIFT_RANGE[1]:
-            low, high = TIME_SHIFT_RANGE
-            raise UserError(f"time shift must be in [{low:g}, {high:g}] (1: no shift), got {self.time_shift:g}; "
-                            f"beyond that range the grid puts nearly every step at one end")
-        check_guidance_interval(self.guidance_interval, objective.time_range, objective.name,
-                                "flow time: 0 noise, 1 data" if objective.flow_time else "timesteps: 0 data, 999 noise")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
 
 
 def check_labels(labels, num_classes: int) -> torch.Tensor:
@@ -170,7 +114,7 @@ def guided_model(model, objective: Objective, options: SamplingOptions):
         model_fn = with_guidance_input(model_fn, options.cfg_scale)
     elif options.cfg_scale > 1.0:
         if config.class_dropout_prob <= 0:
-            raise UserError("this model has no null class (trained without label dropout); use --cfg-scale 1")
+            raise OptionError("this model has no null class (trained without label dropout); use {cfg_scale:1}", "cfg_scale")
         model_fn = ClassifierFreeGuidance(
             model_fn, options.cfg_scale, config.null_class, config.in_channels, options.guided_channels,
             interval=options.guidance_interval, time_range=objective.time_range,
@@ -231,10 +175,8 @@ def generate(
     if options is None:
         if info is None:
             raise ValueError("generate without options samples by the checkpoint's recipe: pass info=info")
-        from .recipe import recorded_options
-
         options = recorded_options(info)
-    options.validate(objective)
+    options.validate(objective)  # at once when the caller's edge checked them already
     if batch_size < 1:
         raise UserError(f"batch size must be a positive integer, got {batch_size}")
     if compile:

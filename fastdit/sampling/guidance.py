@@ -15,28 +15,27 @@ import math
 
 import torch
 
-from ..errors import UserError
+from ..errors import OptionError
 
 OFFICIAL_GUIDED_CHANNELS = 3
 # Published scales are 1.5 (FID) to about 10 (DiT's pictures use 4, Stable Diffusion 7.5). Each step
 # multiplies the conditional-minus-unconditional difference by the scale, and DDPM's x0 estimate then
-# by 1 / sqrt(alpha_bar) (about 150 at t = 999), so a large enough scale overflows float32: with tiny
-# random DiTs, 1e6 still gave finite latents (of size 1e7) and 1e30 gave NaN, i.e. black images. 100 is
-# ten times any scale in use and far below where float32 gives out.
+# by 1 / sqrt(alpha_bar) (about 150 at t = 999), so a large enough scale overflows float32 and gives
+# NaN latents, i.e. black images. 100 is ten times any scale in use and far below where float32 gives out.
 MAX_CFG_SCALE = 100.0
 
 
 def check_cfg_scale(scale: float) -> float:
     """The one rule for a guidance scale: finite, in [1, MAX_CFG_SCALE] (1 is no guidance)."""
     if not math.isfinite(scale):
-        raise UserError(f"cfg scale must be a finite number, got {scale}")
+        raise OptionError("cfg scale must be a finite number, got {scale}", "cfg_scale", scale=scale)
     if scale > MAX_CFG_SCALE:
-        raise UserError(f"cfg scale {scale:g} is above {MAX_CFG_SCALE:g}: published scales are 1.5 to about 10, and "
-                        f"far above them images saturate, then overflow float32; pick a scale in [1, {MAX_CFG_SCALE:g}]")
+        raise OptionError("cfg scale {scale:g} is above {most:g}: published scales are 1.5 to about 10, and far above "
+                          "them images saturate, then overflow float32; pick a scale in [1, {most:g}]", "cfg_scale",
+                          scale=scale, most=MAX_CFG_SCALE)
     if scale < 1.0:
-        raise UserError(
-            f"cfg scale {scale} < 1 would push samples away from their class; use 1.0 for no guidance or a value > 1"
-        )
+        raise OptionError("cfg scale {scale} < 1 would push samples away from their class; use 1.0 for no guidance "
+                          "or a value > 1", "cfg_scale", scale=scale)
     return float(scale)
 
 
@@ -49,14 +48,16 @@ def check_guidance_interval(
         return None
     low, high = (float(v) for v in interval)
     if not (math.isfinite(low) and math.isfinite(high)):
-        raise UserError(f"guidance interval ({low:g}, {high:g}) must be finite")
+        raise OptionError("guidance interval ({low:g}, {high:g}) must be finite", "guidance_interval", low=low, high=high)
     if time_range is not None and not time_range[0] <= low <= high <= time_range[1]:
-        raise UserError(
-            f"guidance interval ({low:g}, {high:g}) must lie in this {objective} model's time range "
-            f"[{time_range[0]:g}, {time_range[1]:g}] with LOW <= HIGH" + (f" ({time_name})" if time_name else "")
+        raise OptionError(
+            "guidance interval ({low:g}, {high:g}) must lie in this {objective} model's time range "
+            "[{start:g}, {end:g}] with LOW <= HIGH{time_name}", "guidance_interval", low=low, high=high,
+            objective=objective, start=time_range[0], end=time_range[1], time_name=f" ({time_name})" if time_name else "",
         )
     if low > high:
-        raise UserError(f"guidance interval ({low:g}, {high:g}) is reversed; give LOW <= HIGH")
+        raise OptionError("guidance interval ({low:g}, {high:g}) is reversed; give LOW <= HIGH", "guidance_interval",
+                          low=low, high=high)
     return low, high
 
 
@@ -64,8 +65,8 @@ def open_at_range_ends(interval: tuple[float, float] | None, time_range: tuple[f
     """`interval` with a side that reaches an end of the time range made unbounded; None when both do.
 
     An adaptive solver asks for the model at times outside the range: torchdiffeq's dopri5 steps past
-    t = 1 (t up to 1.2–1.9 seen) and interpolates back to the report time. Those evaluations are
-    points of the guided ODE too, so "guide up to the end" must guide them; the full range is plain
+    t = 1 and interpolates back to the report time. Those evaluations are points of the guided ODE
+    too, so "guide up to the end" must guide them; the full range is plain
     guidance at every t, exactly as SiT's `forward_with_cfg` (Kynkäänniemi et al. 2024 bound the
     interval inside the range, where this changes nothing)."""
     if interval is None:
@@ -112,7 +113,8 @@ class ClassifierFreeGuidance:
     ):
         check_cfg_scale(scale)
         if guided_channels is not None and guided_channels < 1:
-            raise UserError(f"guided_channels must be >= 1 (None guides all {in_channels}), got {guided_channels}")
+            raise OptionError("guided channels must be >= 1 (None guides all {channels}), got {count}", "guided_channels",
+                              channels=in_channels, count=guided_channels)
         self.model = model
         self.scale = float(scale)
         self.null_class = null_class

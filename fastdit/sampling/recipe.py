@@ -17,34 +17,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .generate import OFFICIAL_CFG_SCALE, OFFICIAL_NUM_STEPS, SamplingOptions
+from .options import OFFICIAL_CFG_SCALE, OPTIONS, RECIPE_OPTIONS, SamplingOptions
 
-# How each field of a recipe is called on the command line (the flag that overrides it).
+# The fields that say how one image is sampled: what a checkpoint may record (`fastdit.sampling.options`).
+SAMPLING_FIELDS = RECIPE_OPTIONS
+# How each field of a recipe is called on the command line (the flag that overrides it): the sampling
+# options' flags, and the job's own fields around them.
 FLAGS = {
     "model": "--model",
     "image_size": "--image-size",
-    "sampler": "--sampler",
-    "num_steps": "--num-sampling-steps",
-    "cfg_scale": "--cfg-scale",
-    "guided_channels": "--official-guidance",
-    "guidance_interval": "--guidance-interval",
-    "time_shift": "--time-shift",
+    **{name: OPTIONS[name].flag for name in SAMPLING_FIELDS},
     "label_sampling": "--label-sampling",
     "num_samples": "--num-fid-samples",
 }
 RECIPE_FIELDS = tuple(FLAGS)
-# The fields that say how one image is sampled: what a checkpoint may record.
-SAMPLING_FIELDS = ("sampler", "num_steps", "cfg_scale", "guided_channels", "guidance_interval", "time_shift")
 # random: each image's label drawn from (seed, index), as DiT's sample_ddp.py draws them; equal: every
 # class N / num_classes times (`fastdit.sampling.indexed`).
 LABEL_SAMPLINGS = ("random", "equal")
 
-# What the commands did before recipes: the objective's sampler, DiT's 250 steps, every channel
-# guided, no interval, no shift, random labels; cfg 4 for a picture (DiT's sample.py), 1.5 for FID
-# (DiT's sample_ddp.py).
-DEFAULTS = {"model": None, "image_size": None, "sampler": None, "num_steps": OFFICIAL_NUM_STEPS,
-            "cfg_scale": OFFICIAL_CFG_SCALE, "guided_channels": None, "guidance_interval": None,
-            "time_shift": 1.0, "label_sampling": "random", "num_samples": 50_000}
+# What the commands did before recipes: the options' defaults (the objective's sampler, DiT's 250
+# steps, every channel guided, no interval, no shift) and random labels; cfg 4 for a picture (DiT's
+# sample.py), 1.5 for FID (DiT's sample_ddp.py).
+DEFAULTS = {"model": None, "image_size": None, **{name: OPTIONS[name].default for name in SAMPLING_FIELDS},
+            "label_sampling": "random", "num_samples": 50_000}
 FID_CFG_SCALE = 1.5
 
 
@@ -72,15 +67,12 @@ class ResolvedRecipe:
     def preset(self) -> str | None:
         return self.source.preset if self.source else None
 
-    def options(self, *, eta: float = 0.0, precision: str = "fp32") -> SamplingOptions:
-        """The `SamplingOptions` of this recipe (eta and precision are not part of a recipe)."""
-        interval = self.values["guidance_interval"]
-        return SamplingOptions(
-            sampler=self.values["sampler"], num_steps=self.values["num_steps"], cfg_scale=self.values["cfg_scale"],
-            guided_channels=self.values["guided_channels"],
-            guidance_interval=tuple(interval) if interval is not None else None,
-            time_shift=self.values["time_shift"], eta=eta, precision=precision,
-        )
+    def options(self, **others) -> SamplingOptions:
+        """The `SamplingOptions` of this recipe; `others` are the options a recipe does not hold (eta, precision)."""
+        values = {name: self.values[name] for name in SAMPLING_FIELDS}
+        if values["guidance_interval"] is not None:
+            values["guidance_interval"] = tuple(values["guidance_interval"])
+        return SamplingOptions(**values, **others)
 
     def describe(self, fields=RECIPE_FIELDS, own_sampler: str | None = None) -> str:
         """One line: where the settings came from, which flag overrode which of the source's values, and

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import UserError
+from ..errors import OptionError, UserError
 from ..objectives import Grid, Objective, objective_names, objective_class, time_grid
 from .flow import SIT_LAST_STEP_SIZE, mean_flow_steps, ode_dopri5, ode_euler, ode_heun, sde_euler, sde_heun
 from .samplers import ddim, ddpm_sample, dpm_solver_pp_2m
@@ -80,13 +80,15 @@ def samplers_by_objective() -> dict[str, tuple[str, ...]]:
 
 
 def get_sampler(name: str, objective: Objective) -> Sampler:
-    """The sampler `name` for `objective`; an unknown name or one that does not fit is a UserError
+    """The sampler `name` for `objective`; an unknown name or one that does not fit is an OptionError
     naming the samplers that exist for it."""
-    fitting = samplers_for(objective)
+    fitting = ", ".join(samplers_for(objective))
     if name not in SAMPLERS:
-        raise UserError(f"unknown sampler {name!r}; for this {objective.name} model use one of: {', '.join(fitting)}")
-    if name not in fitting:
-        raise UserError(f"sampler {name!r} does not fit this {objective.name} model; use one of: {', '.join(fitting)}")
+        raise OptionError("unknown sampler {name!r}; for this {objective} model use one of: {fitting}", "sampler",
+                          name=name, objective=objective.name, fitting=fitting)
+    if name not in samplers_for(objective):
+        raise OptionError("sampler {name!r} does not fit this {objective} model; use one of: {fitting}", "sampler",
+                          name=name, objective=objective.name, fitting=fitting)
     return SAMPLERS[name]
 
 
@@ -97,8 +99,9 @@ def check_sampler_options(sampler: Sampler, options: dict) -> None:
             raise UserError(f"unknown sampler option {key!r}; known: {', '.join(SAMPLER_OPTIONS)}")
         if key not in sampler.options and value != SAMPLER_OPTIONS[key]:
             takers = [n for n, s in SAMPLERS.items() if key in s.options]
-            raise UserError(f"{key} is an option of the {' and '.join(takers)} sampler{'s' if len(takers) > 1 else ''} "
-                            f"only, not of {sampler.name!r}")
+            raise OptionError("{what} is an option of the {takers} sampler{plural} only, not of {sampler!r}", key,
+                              what=key.replace("_", " "), takers=" and ".join(takers), plural="s" if len(takers) > 1 else "",
+                              sampler=sampler.name)
 
 
 # ----------------------------------------------------------------------------------------------
