@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fastdit import distributed as dist  # noqa: E402
-from fastdit.cli.common import add_model_arguments, load_for_sampling  # noqa: E402
+from fastdit.cli.common import add_model_arguments, model_arguments  # noqa: E402
+from fastdit.loading import load_for_sampling  # noqa: E402
 from fastdit.errors import UserError  # noqa: E402
 from fastdit.sample_ddp import SampleJob, sample_ddp  # noqa: E402
 from fastdit.sampling import sampler_names  # noqa: E402
@@ -60,9 +61,9 @@ def main(argv=None) -> int:
     info = dist.init_from_env(args.device)
     args.device = str(info.device)
     # Once for every measurement; rank 0 first, so that official weights are downloaded only once.
-    loaded = load_for_sampling(args) if info.is_main else None
+    loaded = load_for_sampling(**model_arguments(args)) if info.is_main else None
     dist.barrier()
-    loaded = loaded or load_for_sampling(args)
+    loaded = loaded or load_for_sampling(**model_arguments(args))
     model, model_info, latent_space, device = loaded
     # Every process of one torchrun job must use the same folder: they share the run id.
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", str(os.getpid()))

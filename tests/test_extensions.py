@@ -104,8 +104,8 @@ class Recorder(TrainExtension):
     def after_backward(self):
         self.calls.append("after_backward")
 
-    def after_step(self, model, step):
-        self.calls.append(f"after_step {step}")
+    def after_step(self, model, step, taken):
+        self.calls.append(f"after_step {step} taken {float(taken):g}")
 
 
 def test_a_method_added_to_the_state_takes_part_through_its_hooks():
@@ -127,7 +127,7 @@ def test_a_method_added_to_the_state_takes_part_through_its_hooks():
     state.extensions.append(recorder)
     result = train_step(state, (torch.rand(4, 1, 8, 8), torch.arange(4)), config.build_objective())
     # 4 samples drawn, 2 micro-batches of inputs and terms, then the after-backward and after-step hooks.
-    assert recorder.calls == ["draw"] * 4 + ["inputs", "terms"] * 2 + ["after_backward", "after_step 0"]
+    assert recorder.calls == ["draw"] * 4 + ["inputs", "terms"] * 2 + ["after_backward", "after_step 0 taken 1"]
     assert set(result.terms) == {"loss", "mse", "vb", "recorded"}
     # "loss" is the objective's terms plus 2 x the recorded term (batch means, float64 sums of float32).
     expected = result.terms["mse"] + result.terms["vb"] + 2 * result.terms["recorded"]
@@ -351,3 +351,52 @@ def test_train_help_lists_every_methods_flags(capsys):
     for flag in ("--ema-decay", "--posthoc-ema", "--repa", "--route", "--disperse", "--disperse-depth",
                  "--disperse-temperature", "--disperse-group"):
         assert flag in text
+
+
+# ----------------------------------------------------------------------------------------------
+# a step reads nothing on the host (no sync on a GPU)
+# ----------------------------------------------------------------------------------------------
+
+HOST_READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy")
+
+
+@pytest.mark.parametrize("fields", [
+    {}, dict(objective="flow", time_sampling="logit-normal"), dict(objective="x-pred"),
+    dict(depth=3, route=0.5, route_blocks="1:2", disperse=0.5, disperse_group=4, posthoc_ema=True, grad_clip=0.5),
+    dict(skip_nonfinite=2, warmup_steps=3),
+], ids=["ddpm", "flow", "x-pred", "methods", "skip-nonfinite"])
+def test_a_training_step_reads_no_tensor_on_the_host(fields, monkeypatch, tiny_encoder):
+    """On a GPU every read of a device tensor's value on the host (`item`, `bool`, `float`, ...) waits
+    for the queued work: one a step stalls the pipeline. The step's decisions (skip a non-finite step,
+    clip) stay on the device; the loop reads the step's outcome a step later. Counted here by patching
+    the reads during whole steps. (MeanFlow's JVP picks its r != t rows with `nonzero`, a read of its
+    own: it is not among these objectives.)"""
+    from fastdit.distributed import DistInfo
+    from fastdit.model_info import LatentInfo
+    from fastdit.models import build_model
+    from fastdit.train.loop import build_training_state
+    from fastdit.train.step import train_step
+    from fastdit.train.training_data import TrainingData
+
+    if "route" in fields:
+        fields = {**fields, "repa": tiny_encoder, "repa_depth": 2, "repa_projector_dim": 32}
+    config = tiny_config("unused", **fields)
+    torch.manual_seed(0)
+    depth = fields.get("depth", 2)
+    model = build_model("DiT-T/2", input_size=8, in_channels=1, num_classes=10, depth=depth, hidden_size=64,
+                        num_heads=2)
+    data = TrainingData(dataset=None, latent_shape=(1, 8, 8), latent_info=LatentInfo(kind="pixels", vae=None),
+                        class_names=None, device=torch.device("cpu"))
+    state = build_training_state(config, DistInfo(0, 1, 0, torch.device("cpu")), model, data)
+    batch = (torch.rand(16, 1, 8, 8) * 2 - 1, torch.randint(0, 10, (16,)))
+    reads = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (reads.append(_n), _o(self, *a, **k))[1])
+    results = []
+    for step in range(2):
+        state.position.step = step
+        results.append(train_step(state, batch, config.build_objective()))
+    monkeypatch.undo()
+    assert reads == []
+    assert not any(bool(result.skipped) for result in results)

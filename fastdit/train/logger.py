@@ -38,28 +38,39 @@ def peak_memory_gb(device: torch.device) -> float:
 
 class StepWindow:
     """The steps since the last log line: each loss term and the gradient norm summed over the steps
-    that updated, how many were skipped (non-finite), and since when: one record of metrics.jsonl."""
+    that updated, how many were skipped (non-finite), and since when: one record of metrics.jsonl.
+    Summed on the device: adding a step reads nothing on the host (`counts` and `means` do)."""
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
-        self.running, self.updates, self.skipped = None, 0, 0
+        self.running, self.updates, self.skipped = None, None, None
         self.start = time.perf_counter()
 
     def add(self, result) -> None:
-        """A step's `StepResult` (`fastdit.train.step`)."""
-        if result.skipped:
-            self.skipped += 1
+        """A step's `StepResult` (`fastdit.train.step`): device tensors."""
+        taken = ~result.skipped
+        # A skipped step's terms are not finite: masked out, not multiplied by 0 (inf · 0 is nan).
+        update = {name: torch.where(taken, value, torch.zeros_like(value))
+                  for name, value in {**result.terms, "grad_norm": result.grad_norm}.items()}
+        if self.running is None:
+            self.running, self.updates, self.skipped = update, taken.long(), result.skipped.long()
             return
-        update = {**result.terms, "grad_norm": result.grad_norm}
-        self.running = update if self.running is None else {k: self.running[k] + v for k, v in update.items()}
-        self.updates += 1
+        self.running = {name: self.running[name] + value for name, value in update.items()}
+        self.updates, self.skipped = self.updates + taken.long(), self.skipped + result.skipped.long()
+
+    def counts(self) -> tuple[int, int]:
+        """(steps that updated, steps skipped) in the window."""
+        return (0, 0) if self.running is None else (int(self.updates), int(self.skipped))
 
     def means(self) -> dict[str, float]:
         """"loss", the other terms ("mse", "vb", "repa", ...) and "grad_norm" (before clipping), averaged
         over the window's updates; a window of skipped steps only has none."""
-        return {name: (value / self.updates).item() for name, value in (self.running or {}).items()}
+        updates, _ = self.counts()
+        if not updates:
+            return {}
+        return {name: (value / updates).item() for name, value in self.running.items()}
 
 
 class RunLogger:
@@ -105,12 +116,12 @@ class RunLogger:
                device: torch.device, progress=None) -> dict[str, float]:
         """Log the steps of `window` as step `step`'s record (and a console line, or the progress bar's
         figures), start the next window, and return the window's mean terms."""
-        means = window.means()
+        means, (updates, skipped) = window.means(), window.counts()
         elapsed = time.perf_counter() - window.start
-        steps = window.updates + window.skipped
+        steps = updates + skipped
         values = {  # the keys beside the terms are STEP_STATISTICS
             **means,
-            "skipped_steps": window.skipped,
+            "skipped_steps": skipped,
             "steps_per_sec": steps / elapsed,
             "images_per_sec": steps * global_batch / elapsed,
             "peak_memory_gb": peak_memory_gb(device),
@@ -128,7 +139,7 @@ class RunLogger:
                 f"grad norm {means['grad_norm']:.4f}  "
                 f"{values['steps_per_sec']:.2f} steps/s  {values['images_per_sec']:.1f} img/s  "
                 f"peak mem {values['peak_memory_gb']:.2f} GB"
-                + (f"  ({window.skipped} skipped)" if window.skipped else "")
+                + (f"  ({skipped} skipped)" if skipped else "")
             )
         window.reset()
         return means

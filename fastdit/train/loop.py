@@ -166,9 +166,10 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     )
 
     last_saved, last_loss = None, None
-    window, skipped_in_a_row = StepWindow(), 0  # the steps since the last log line; non-finite steps in a row
+    window = StepWindow()  # the steps since the last log line
+    outcomes = StepOutcomes(optim.skip_nonfinite, log)
     compile_checked = False
-    run_context = RunContext(run_dir, dist, model_info, log)
+    run_context = RunContext(run_dir, dist, model_info, log, outcomes.settle)
     progress = _progress_bar(config, dist, position.step, max_steps)
     while position.step < max_steps:
         data.dataset.set_epoch(position.epoch)
@@ -183,17 +184,14 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
             if run.compile and not compile_checked:  # what the first step really ran compiled
                 compile_checked = True
                 log.info(_compile_report(model))
-            skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
-            if skipped_in_a_row > optim.skip_nonfinite:  # the batch is not used up: a rerun retries it
-                raise NonFiniteLoss(non_finite_message(result, position.step + 1))
-            if result.skipped:
-                log.info(f"step {position.step + 1:07d}  {result.problem()}: skipped, no update "
-                         f"({skipped_in_a_row} in a row, --skip-nonfinite {optim.skip_nonfinite})")
+            outcomes.hold(position.step + 1, result)  # reads the step before: this one is queued already
             window.add(result)
             position.step += 1
             position.step_in_epoch += 1
             if progress is not None:
                 progress.update(1)
+            if _acts_at(config, position.step, max_steps):  # the loop acts on this step: its outcome first
+                outcomes.settle()
             if position.step % run.log_every == 0 or position.step == max_steps:
                 means = log.window(position.step, window, global_batch=optim.global_batch_size,
                                    lr=state.optimizer.param_groups[0]["lr"], epoch=position.epoch, device=device,
@@ -245,6 +243,42 @@ def build_training_state(config: TrainConfig, dist: distributed.DistInfo, model,
     return TrainingState(model=model, runnable=runnable, optimizer=make_optimizer(model, optim),
                          scaler=make_grad_scaler(dist.device, run.precision), config=config, layout=layout,
                          extensions=extensions)
+
+
+class StepOutcomes:
+    """Whether each step was skipped for a non-finite loss or gradient, read on the host one step late
+    (`hold`: while the next step runs) or when the loop acts on a step (`settle`: before it logs, saves
+    or samples). Skipped steps are logged and counted in a row; one past `limit` (--skip-nonfinite)
+    stops the run, before anything of that step is saved."""
+
+    def __init__(self, limit: int, log: RunLogger):
+        self.limit, self.log = limit, log
+        self.pending, self.in_a_row = None, 0
+
+    def hold(self, number: int, result) -> None:
+        """Keep step `number`'s result (counted from 1); settle the one held before."""
+        self.settle()
+        self.pending = (number, result)
+
+    def settle(self) -> None:
+        if self.pending is None:
+            return
+        (number, result), self.pending = self.pending, None
+        if not bool(result.skipped):  # waits for that step's all-reduce only
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        if self.in_a_row > self.limit:  # the batch is not used up: a rerun retries it
+            raise NonFiniteLoss(non_finite_message(result, number))
+        self.log.info(f"step {number:07d}  {result.problem()}: skipped, no update "
+                      f"({self.in_a_row} in a row, --skip-nonfinite {self.limit})")
+
+
+def _acts_at(config: TrainConfig, step: int, max_steps: int) -> bool:
+    """Whether the loop logs, saves, samples or evaluates after `step` (extensions settle on their own)."""
+    run, every = config.run, config.evaluation.eval_every
+    return (step == max_steps or step % run.log_every == 0 or step % run.ckpt_every == 0
+            or bool(run.sample_every and step % run.sample_every == 0) or bool(every and step % every == 0))
 
 
 def _compile_report(model) -> str:

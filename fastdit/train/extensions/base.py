@@ -34,7 +34,8 @@ Inside a step (`fastdit.train.step.train_step`), in this order
   skipped step changes nothing and the host need not wait for the decision.
 
 Around the steps
-* `at_step_end(run, step, last)`: after each step, before the step's checkpoint (snapshots);
+* `at_step_end(run, step, last)`: after each step, before the step's checkpoint (snapshots); one that
+  acts on the step calls `run.settle()` first;
 * `folders(run_dir)`: folders of the run it writes into (stale temporary files are removed there);
 * `checkpoint_key`, `state_dict(options)`, `load_state_dict(state, options)`: what it adds to a training
   checkpoint under its key, restored on resume bit for bit. Under FSDP `state_dict` is called on every
@@ -105,12 +106,14 @@ class MicroBatch:
 @dataclass(frozen=True)
 class RunContext:
     """What `TrainExtension.at_step_end` sees of the run: its folder, the process, the model's record
-    (for exports) and the logger."""
+    (for exports), the logger, and `settle()`: an extension that acts on a step calls it first (the
+    loop reads a step's outcome one step late; this reads it now, and stops the run if it must)."""
 
     run_dir: Path
     dist: DistInfo
     model_info: ModelInfo
     log: Any  # RunLogger
+    settle: Callable[[], None] = lambda: None
 
 
 class TrainExtension:

@@ -95,6 +95,7 @@ class PosthocEMA(TrainExtension):
     def at_step_end(self, run: RunContext, step: int, last: bool) -> None:
         if step % self.every and not last:
             return
+        run.settle()  # a step that stops the run writes no snapshot
         # Gathered from every process under FSDP; rank 0 writes.
         states = self.averages.state_dict(StateDictOptions(full_state_dict=True, cpu_offload=True))
         if run.dist.is_main:
