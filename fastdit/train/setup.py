@@ -74,15 +74,23 @@ def _recomputed_in_backward(cls: type) -> type:
 
 def shard_model(model: torch.nn.Module, precision: str) -> None:
     """FSDP2 in place: one unit per block plus the root (embedders, final layer), so only one block's
-    full weights live at a time. Under bf16 the gathered weights are bf16 and gradients are reduced
-    in fp32 (FSDP2's MixedPrecisionPolicy), as torchtitan trains."""
+    full weights live at a time. Under bf16 the blocks' gathered weights are bf16 and gradients are
+    reduced in fp32 (FSDP2's MixedPrecisionPolicy), as torchtitan trains.
+
+    The step runs under autocast, as it does under DDP, so FSDP must not cast the forward's inputs
+    (its default): that rounds the flow time t (129 values in [0.5, 1]), MeanFlow's gap and the residual
+    stream between blocks to bf16, where DDP's autocast keeps them float32 and rounds only what enters
+    a matmul. The root unit (embedders, the frozen position table, the final layer: small) keeps
+    float32 weights for the same reason: autocast rounds them where a matmul reads them, as under DDP."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     dtype = AUTOCAST_DTYPES[precision]
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+    reduce_dtype = torch.float32 if dtype else None
+    blocks = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    root = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     for block in model.blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mp_policy=blocks)
+    fully_shard(model, mp_policy=root)
 
 
 def prepare_model(model: torch.nn.Module, *, dist: DistInfo, gradient_checkpointing: str, compile_model: bool,
