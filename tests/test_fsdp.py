@@ -186,3 +186,73 @@ def test_fsdp_trains_in_bf16_like_ddp(tmp_path):
     # sample at most, each moving the mean loss by ~2^-8 / 10^3 ≈ 4e-6 relative; 2e-5 bounds it. FSDP's
     # default casts (bf16 times and residual stream) changed the losses by 8.5e-5 relative here.
     assert losses(fsdp) == pytest.approx(losses(ddp), rel=2e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# communication at scale: DDP's buckets and bf16 gradients, FSDP's hybrid sharding
+# ----------------------------------------------------------------------------------------------
+
+
+def test_ddp_bucket_size_changes_no_bit(tmp_path):
+    # Each gradient entry is the sum of the two processes' values whatever bucket carries it (a + b is
+    # exact in either order): the buckets change how many all-reduces run, not one bit of the result.
+    steps = ["--max-steps", "3", "--ckpt-every", "3"]
+    torchrun(tmp_path, *steps, "--results-dir", str(tmp_path / "default"))
+    small = torchrun(tmp_path, *steps, "--results-dir", str(tmp_path / "small"), "--ddp-bucket-mb", "1")
+    assert "(DDP: 1 MiB buckets)" in small.stdout
+    a, b = final_state(tmp_path / "default" / "run"), final_state(tmp_path / "small" / "run")
+    for part in ("model", "ema"):
+        assert_same_tensors(a[part], b[part])
+
+
+def test_ddp_bf16_gradients_train_like_float32_ones_within_their_rounding(tmp_path):
+    steps = ["--max-steps", "4", "--ckpt-every", "4"]
+    torchrun(tmp_path, *steps, "--results-dir", str(tmp_path / "fp32"))
+    compressed = torchrun(tmp_path, *steps, "--results-dir", str(tmp_path / "bf16"), "--ddp-bf16-grads")
+    assert "bf16 gradient all-reduce" in compressed.stdout
+    # Each process's gradient is rounded to bf16 (2^-9 relative per entry) before the sum. The first
+    # step's loss is computed before any update: equal. Adam's step m/sqrt(v) is invariant to the
+    # gradient's scale, and a 2^-9 relative error of the gradient moves each step by at most ~2^-8 of
+    # lr: after 3 updates the losses agree to ~1e-3 relative, and every weight stays within Adam's bound.
+    fp32, bf16 = losses(tmp_path / "fp32" / "run"), losses(tmp_path / "bf16" / "run")
+    assert bf16[0] == fp32[0]
+    assert bf16 == pytest.approx(fp32, rel=1e-3)
+    a, b = final_state(tmp_path / "fp32" / "run"), final_state(tmp_path / "bf16" / "run")
+    most = 2 * 4 * 1e-3 * (1 - 0.9) / (1 - 0.999) ** 0.5  # twice the most Adam moves a weight in 4 steps
+    assert all(((a["model"][k] - b["model"][k]).abs() <= most).all() for k in a["model"])
+    assert any(not torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # the option does something
+
+
+def torchrun4(tmp_path, *args):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+               "-m", "fastdit", "train", *TINY, "--device", "cpu", "--run-name", "run", "--micro-batch-size", "4", *args]
+    result = subprocess.run(command, env=torchrun_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_hybrid_sharding_trains_like_ddp(tmp_path):
+    """4 processes as 2 nodes of 2: parameters sharded within each pair, replicated across the pairs."""
+    steps = ["--max-steps", "4", "--ckpt-every", "4", "--global-batch-size", "16"]
+    torchrun4(tmp_path, *steps, "--results-dir", str(tmp_path / "ddp"))
+    hybrid = torchrun4(tmp_path, *steps, "--results-dir", str(tmp_path / "hsdp"), "--fsdp", "--fsdp-shard-size", "2")
+    assert "HSDP: sharded within groups of 2 processes, replicated across them" in hybrid.stdout
+    ddp, hsdp = tmp_path / "ddp" / "run", tmp_path / "hsdp" / "run"
+    # As FSDP against DDP above: the sums of the four processes' gradients differ in order only.
+    assert losses(hsdp) == pytest.approx(losses(ddp), rel=1e-5)
+    a, b = final_state(ddp), final_state(hsdp)
+    assert b["model"].keys() == a["model"].keys()  # plain names, gathered from the 2-D mesh
+    for key in a["model"]:
+        assert_same_after_adam(b["model"][key], a["model"][key], key, steps=4)
+        assert_same_after_adam(b["ema"][key], a["ema"][key], key, steps=4)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fsdp-shard-size", "2"], "--fsdp-shard-size sets how --fsdp shards; add --fsdp"),
+    (["--fsdp", "--ddp-bf16-grads"], "--ddp-bf16-grads reduces DDP's gradients"),
+])
+def test_communication_settings_that_do_not_fit_are_one_line(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        main(["train", *TINY, "--results-dir", str(tmp_path / "runs"), "--max-steps", "1", *flags])
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -132,6 +132,13 @@ class RunSection:
                                                 "(every block; the flag alone), mlp (each block's MLP only) or every-K "
                                                 "(blocks 0, K, 2K, ...)", flag_alone="blocks")
     fsdp: bool = option(False, "shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP")
+    fsdp_shard_size: int | None = option(None, "with --fsdp: shard within groups of this many processes (a node's GPUs) "
+                                               "and replicate across the groups (hybrid sharding, HSDP); default: shard "
+                                               "over every process", at_least=1)
+    ddp_bucket_mb: int = option(25, "DDP's gradient bucket size in MiB (PyTorch's default; larger: fewer, larger "
+                                    "all-reduces)", at_least=1)
+    ddp_bf16_grads: bool = option(False, "DDP: all-reduce the gradients in bf16 (half the bytes; each process's "
+                                         "gradient rounded to bf16 before the sum), float32 otherwise")
     compile: bool = option(False, "torch.compile each transformer block (regional: start-up compiles one block, not the model)")
     tf32: bool = option(True, "TF32 matmuls on GPUs")
     device: str = option("auto", "auto (cuda if available), cpu, cuda")
@@ -197,6 +204,7 @@ RESUMABLE_CHANGES = frozenset(
         "results_dir", "run_name", "inception_weights", "progress",
         "recipe_sampler", "recipe_steps", "recipe_cfg_scale",  # what the checkpoints recommend, not how they are made
         "skip_nonfinite",  # a run stopped by a non-finite step may go on with it: it changes nothing else
+        "ddp_bucket_mb", "fsdp_shard_size",  # how the same sums are carried and grouped
     }
 ) | {flag_name(f) for cls in EXTENSIONS.values() for f in dataclasses.fields(cls.settings) if f.metadata.get("resumable")}
 
@@ -292,6 +300,11 @@ class _TrainConfigMethods:
         if self.run.fsdp and self.run.precision == "fp16":
             raise UserError("--fsdp trains in fp32 or bf16 (fp16's gradient scaler is not supported on sharded "
                             "gradients); use --precision bf16")
+        if self.run.fsdp_shard_size is not None and not self.run.fsdp:
+            raise UserError("--fsdp-shard-size sets how --fsdp shards; add --fsdp, or leave it out")
+        if self.run.fsdp and self.run.ddp_bf16_grads:
+            raise UserError("--ddp-bf16-grads reduces DDP's gradients; under --fsdp the gradients are reduced in float32 "
+                            "(its mixed precision); leave one of them out")
         if self.run.fsdp and self.evaluation.eval_every:
             raise UserError("--fsdp does not yet compute FIDs during training; leave --eval-every at 0 and run "
                             "`fastdit evaluate` on the exported EMA checkpoints")

@@ -31,12 +31,12 @@ from ..io import NoSpaceError, atomic_write_text, check_can_create, ensure_writa
 from ..models import build_model
 from ..precision import precision_warning
 from ..run_folder import exclusive_lock_for_all_ranks
-from .config import TrainConfig
+from .config import RunSection, TrainConfig
 from .data_record import compare_with_record, describe_data, read_data_record, write_data_record
 from .data_order import StepBatchSampler, batch_split, steps_per_epoch
 from .extensions import BuildContext, RunContext, build_extensions
 from .logger import RunLogger, StepWindow
-from .setup import enable_tf32, make_grad_scaler, prepare_model
+from .setup import enable_tf32, fsdp_mesh, make_grad_scaler, prepare_model, shard_model
 from .state import (
     Position,
     StepLayout,
@@ -231,11 +231,13 @@ def build_training_state(config: TrainConfig, dist: distributed.DistInfo, model,
     needs."""
     run, optim = config.run, config.optimisation
     fsdp = run.fsdp and dist.is_distributed
+    mesh = fsdp_mesh(dist, run.fsdp_shard_size) if fsdp else None
     extensions = build_extensions(BuildContext(config, model, dist, lambda module: make_optimizer(module, optim)))
     runnable = prepare_model(model, dist=dist, gradient_checkpointing=run.gradient_checkpointing,
-                             compile_model=run.compile, fsdp=fsdp, precision=run.precision)
-    for extension in extensions:
-        extension.shard(fsdp)
+                             compile_model=run.compile, fsdp=fsdp, precision=run.precision, mesh=mesh,
+                             ddp_bucket_mb=run.ddp_bucket_mb, ddp_bf16_grads=run.ddp_bf16_grads)
+    for extension in extensions:  # averages of the weights are sharded as the model is, in float32
+        extension.shard((lambda module: shard_model(module, "fp32", mesh)) if fsdp else None)
     local_batch, micro_batch = batch_split(optim, dist.world_size)
     layout = StepLayout(rank=dist.rank, device=dist.device, local_batch=local_batch, micro_batch=micro_batch,
                         input_shape=tuple(data.latent_shape),
@@ -293,10 +295,17 @@ def _compile_report(model) -> str:
 
 
 def _parallelism(state: TrainingState) -> str:
+    run = state.config.run
     if isinstance(state.model, FSDPModule):
-        return " (FSDP2: parameters, gradients, optimizer state and EMA sharded)"
+        hybrid = run.fsdp_shard_size is not None and run.fsdp_shard_size < torch.distributed.get_world_size()
+        how = f"HSDP: sharded within groups of {run.fsdp_shard_size} processes, replicated across them" if hybrid \
+            else "FSDP2"
+        return f" ({how}: parameters, gradients, optimizer state and EMA sharded)"
     if isinstance(state.runnable, torch.nn.parallel.DistributedDataParallel):
-        return " (DDP)"
+        default = RunSection()
+        options = ([f"{run.ddp_bucket_mb} MiB buckets"] if run.ddp_bucket_mb != default.ddp_bucket_mb else []) + \
+            (["bf16 gradient all-reduce"] if run.ddp_bf16_grads else [])
+        return f" (DDP{': ' + ', '.join(options) if options else ''})"
     return ""
 
 

@@ -15,7 +15,9 @@ Settings and life cycle
   malformed value is an error even while the method is off).
 * `build(context)`: the extension for a run (or None where it would change nothing), from the plain
   model right after it is built and initialised, before any wrapping (checkpointing, compile,
-  DDP/FSDP), on the same seeded stream on every process; `shard(fsdp)` after the wrapping (averages of the weights are sharded as the model is).
+  DDP/FSDP), on the same seeded stream on every process; `shard(shard_like_model)` after the wrapping:
+  under FSDP a function that shards a copy of the model as the model is (averages of the weights use it),
+  else None.
 * `describe()`: its part of the run's start-up line ("" says nothing).
 
 Inside a step (`fastdit.train.step.train_step`), in this order
@@ -143,8 +145,9 @@ class TrainExtension:
         """The extension for this run; None when, for this model, it would change nothing."""
         raise NotImplementedError(f"{cls.__name__} must build itself")
 
-    def shard(self, fsdp: bool) -> None:
-        """After the model is wrapped; `fsdp`: it was sharded in place (FSDP2)."""
+    def shard(self, shard_like_model: Callable[[torch.nn.Module], None] | None) -> None:
+        """After the model is wrapped: under FSDP2 `shard_like_model(module)` shards a module shaped like the
+        model as the model is (same mesh, float32 weights); None without FSDP."""
 
     def describe(self) -> str:
         return ""

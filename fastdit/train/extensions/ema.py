@@ -16,7 +16,6 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 
 from ..ema import make_ema, update_ema
 from ..options import option
-from ..setup import shard_model
 from .base import BuildContext, TrainExtension, register_extension
 
 
@@ -43,9 +42,9 @@ class ExponentialMovingAverage(TrainExtension):
     def build(cls, context: BuildContext) -> "ExponentialMovingAverage":
         return cls(make_ema(context.model), context.config.ema.ema_decay)
 
-    def shard(self, fsdp: bool) -> None:
-        if fsdp:
-            shard_model(self.module, "fp32")
+    def shard(self, shard_like_model) -> None:
+        if shard_like_model is not None:
+            shard_like_model(self.module)
 
     def after_step(self, model, step, taken):
         update_ema(self.module, model, (1 - self.decay) * taken)

@@ -22,7 +22,6 @@ from ...errors import UserError
 from ...power_ema import SIGMA_REL_MAX
 from ..options import option
 from ..posthoc_ema import PowerEMAs, prune_snapshots, save_snapshots, snapshot_folder
-from ..setup import shard_model
 from .base import BuildContext, RunContext, TrainExtension, register_extension
 
 
@@ -80,10 +79,10 @@ class PosthocEMA(TrainExtension):
         settings = context.config.posthoc
         return cls(PowerEMAs(context.model, settings.posthoc_sigma_rels), settings.posthoc_every, settings.posthoc_keep)
 
-    def shard(self, fsdp: bool) -> None:
-        if fsdp:
+    def shard(self, shard_like_model) -> None:
+        if shard_like_model is not None:
             for average in self.averages.modules:
-                shard_model(average, "fp32")
+                shard_like_model(average)
 
     def describe(self) -> str:
         lengths = " and ".join(f"{s:g}" for s in self.averages.sigma_rels)
