@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from fastdit.train.loop import train
@@ -144,3 +145,55 @@ def test_posthoc_ema_under_two_processes_matches_one_process(tmp_path):
     for two_ema, one_ema in zip(two_state["posthoc_ema"], one_state["posthoc_ema"], strict=True):
         for key in one_ema:
             assert_same_after_adam(two_ema[key], one_ema[key], key, steps=4)
+
+
+READ_ON_RANK0_ONLY = '''
+import os, sys
+import pytest
+import torch
+if os.environ["RANK"] != "0":  # any other process that reads a training checkpoint fails the run
+    read = torch.load
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith(".pt"):
+            raise RuntimeError(f"rank {os.environ['RANK']} read {path}")
+        return read(path, *args, **kwargs)
+    torch.load = refuse
+from fastdit.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_a_resume_of_several_processes_reads_the_checkpoint_once(tmp_path, sharding):
+    """Rank 0 alone reads the checkpoint and broadcasts it (model, optimizer, the EMAs, REPA's projector);
+    the other processes never open it, and the resumed run is bit for bit the uninterrupted one."""
+    from fastdit.demo.encoder import DigitTokens, save_digit_encoder
+
+    torch.manual_seed(1)
+    encoder = str(save_digit_encoder(DigitTokens(), tmp_path / "tiny.ts"))
+    script = tmp_path / "rank0_reads.py"
+    script.write_text(READ_ON_RANK0_ONLY)
+    methods = ["--posthoc-ema", "--posthoc-every", "2", "--repa", encoder, "--repa-depth", "1",
+               "--repa-projector-dim", "32", *sharding, "--device", "cpu", "--micro-batch-size", "4"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+    def run(results, steps):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                   "train", *TINY, *methods, "--max-steps", str(steps), "--ckpt-every", "2", "--results-dir",
+                   str(tmp_path / results)]
+        result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    run("whole", 4)
+    run("resumed", 2)
+    assert "resuming from" in run("resumed", 4).stdout
+    (whole,), (resumed,) = (tmp_path / "whole").iterdir(), (tmp_path / "resumed").iterdir()
+    a, b = final_state(whole), final_state(resumed)
+    assert a["position"] == b["position"] == {"step": 4, "epoch": 0, "step_in_epoch": 4}
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    for x, y in zip(a["posthoc_ema"], b["posthoc_ema"]):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    assert all(torch.equal(a["alignment"]["projector"][k], b["alignment"]["projector"][k])
+               for k in a["alignment"]["projector"])

@@ -45,7 +45,7 @@ from .state import (
     checkpoint_path,
     export_path,
     list_checkpoints,
-    load_newest_training_state,
+    load_newest_for_all_ranks,
     save_training_state,
     set_rng_state,
 )
@@ -127,10 +127,11 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
             remove_stale_temporaries(folder)
     checkpoints, resume_warnings = list_checkpoints(run_dir), []
     if checkpoints:
-        newest, stored, resume_warnings = load_newest_training_state(checkpoints, is_main=dist.is_main)
+        newest, stored, resume_warnings, from_rank0 = load_newest_for_all_ranks(checkpoints, dist,
+                                                                                state.checkpoint_keys())
         checkpoints = checkpoints[: newest + 1]
         _refuse_other_run(TrainConfig.from_dict(stored["config"]), config, run_dir)
-        state.load_state_dict(stored)
+        state.load_state_dict(stored, from_rank0=from_rank0)
         set_rng_state(stored["rng"])
         if dist.is_main and not export_path(checkpoints[-1]).exists():  # killed between the two writes
             export_weights(stored["ema"], model_info, export_path(checkpoints[-1]))

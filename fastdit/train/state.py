@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
-    set_state_dict,
+    set_optimizer_state_dict,
 )
 
 from torch.distributed.fsdp import FSDPModule
@@ -127,21 +127,25 @@ class TrainingState:
         ema.load_state_dict(weights)
         return ema.to(next(self.model.parameters()).device).eval()
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore from a checkpoint's content (every process reads the whole file; FSDP keeps its shards)."""
-        options = StateDictOptions(full_state_dict=True)
+    def load_state_dict(self, state: dict, *, from_rank0: bool = False) -> None:
+        """Restore from a checkpoint's content. With `from_rank0` only rank 0 holds the tensors (the other
+        processes pass the small entries with empty "model" and "optimizer" and no extension entries,
+        `load_newest_for_all_ranks`) and they are broadcast to every process; FSDP keeps its shards."""
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0)
         if state.get("version", 1) == 1:  # optimizer state keyed by parameter index (unwrapped models only)
             set_model_state_dict(self.model, state["model"], options=options)
             self.optimizer.load_state_dict(state["optimizer"])
         else:
-            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"], options=options)
+            # In two calls: `set_state_dict` with both broadcasts the optimizer's entries from rank 0 while the
+            # other processes, holding none, skip them (torch 2.13), and the job hangs.
+            set_model_state_dict(self.model, state["model"], options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
         if self.scaler.is_enabled() and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.position = Position(**state["position"])
         for extension in self.extensions:
             if extension.checkpoint_key:
-                extension.load_state_dict(state[extension.checkpoint_key], options)
+                extension.load_state_dict(state.get(extension.checkpoint_key), options)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -235,6 +239,35 @@ def load_training_state(path: Path) -> dict:
     if missing:
         raise UserError(f"training checkpoint {str(path)!r} is incomplete (no {', '.join(missing)})")
     return state
+
+
+def load_newest_for_all_ranks(checkpoints: list[Path], dist, large: list[str]) -> tuple[int, dict, list[str], bool]:
+    """`load_newest_training_state` for a job of one or many processes: rank 0 alone reads the file (an
+    XL/2 checkpoint is 11-16 GB; 64 readers would move a terabyte) and tells the others which checkpoint
+    it chose and its small entries (position, RNG, config, scaler); the `large` entries (besides the
+    model and optimizer: the extensions') stay on rank 0 for `TrainingState.load_state_dict(...,
+    from_rank0=True)` to broadcast. Returns (index, content, warnings, from_rank0). A problem is raised
+    on every process alike. Checkpoints of format version 1 (optimizer state keyed by index) are read by
+    every process, as before."""
+    if not dist.is_distributed:
+        return (*load_newest_training_state(checkpoints, is_main=True), False)
+    import torch.distributed as torch_dist
+
+    message, stored = [None], None
+    if dist.is_main:
+        try:
+            index, stored, warnings = load_newest_training_state(checkpoints, is_main=True)
+            small = {key: value for key, value in stored.items() if key not in ("model", "optimizer", *large)}
+            message = [(index, small, warnings, stored.get("version", 1) == 1, None)]
+        except UserError as err:
+            message = [(None, None, None, None, str(err))]
+    torch_dist.broadcast_object_list(message, src=0)
+    index, small, warnings, legacy, problem = message[0]
+    if problem is not None:
+        raise UserError(problem)
+    if legacy:
+        return index, stored if dist.is_main else load_training_state(checkpoints[index]), warnings, False
+    return index, stored if dist.is_main else {**small, "model": {}, "optimizer": {}}, warnings, True
 
 
 def _extension_keys(config: dict) -> list[str]:

@@ -41,7 +41,10 @@ Around the steps
 * `folders(run_dir)`: folders of the run it writes into (stale temporary files are removed there);
 * `checkpoint_key`, `state_dict(options)`, `load_state_dict(state, options)`: what it adds to a training
   checkpoint under its key, restored on resume bit for bit. Under FSDP `state_dict` is called on every
-  process (a sharded state is gathered; only rank 0 gets the tensors).
+  process (a sharded state is gathered; only rank 0 gets the tensors). On a resume of several processes
+  only rank 0 reads the checkpoint (`options.broadcast_from_rank0`): the others get None and the state
+  must reach them (`set_model_state_dict` broadcasts with those options; `broadcast_from_rank0` for
+  anything else).
 """
 
 from __future__ import annotations
@@ -193,6 +196,18 @@ class TrainExtension:
 
     def load_state_dict(self, state, options) -> None:
         pass
+
+
+def broadcast_from_rank0(state, options):
+    """`state` as rank 0 holds it, on every process, when `options` say that only rank 0 read the
+    checkpoint (pickled: for small states; module weights go through `set_model_state_dict`)."""
+    if not getattr(options, "broadcast_from_rank0", False):
+        return state
+    import torch.distributed as torch_dist
+
+    message = [state]
+    torch_dist.broadcast_object_list(message, src=0)
+    return message[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,4 +53,4 @@ class ExponentialMovingAverage(TrainExtension):
         return get_model_state_dict(self.module, options=options)
 
     def load_state_dict(self, state, options):
-        set_model_state_dict(self.module, state, options=options)
+        set_model_state_dict(self.module, state if state is not None else {}, options=options)

@@ -111,4 +111,5 @@ class PosthocEMA(TrainExtension):
         return self.averages.state_dict(options)
 
     def load_state_dict(self, state, options):
-        self.averages.load_state_dict(state, options)
+        # Only rank 0 holds them when they are broadcast from it: the others take part with empty ones.
+        self.averages.load_state_dict(state if state is not None else [{}] * len(self.averages.modules), options)

@@ -38,7 +38,7 @@ from ... import distributed
 from ...errors import UserError
 from ...models.routing import gather_tokens
 from ..options import option
-from .base import BuildContext, MicroBatch, Term, TrainExtension, register_extension
+from .base import BuildContext, MicroBatch, Term, TrainExtension, broadcast_from_rank0, register_extension
 
 
 def paper_depth(num_blocks: int) -> int:
@@ -174,5 +174,6 @@ class RepresentationAlignment(TrainExtension):
         return {"projector": self.projector.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state, options):
+        state = broadcast_from_rank0(state, options)  # small: the projector and its AdamW moments
         self.projector.load_state_dict(state["projector"])
         self.optimizer.load_state_dict(state["optimizer"])
