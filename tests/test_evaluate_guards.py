@@ -184,3 +184,49 @@ def test_the_fid_logged_during_training_is_the_fid_of_sample_ddp_then_evaluate(t
         assert f"{row:<15}  {online[f'eval/{key}']:.4f}" in printed, key
         assert offline[key] == pytest.approx(online[f"eval/{key}"], rel=1e-9, abs=1e-12), key
     assert f"{online['eval/inception_score']:.2f}" == f"{offline['inception_score']:.2f}"
+
+
+# --- the two reference pipelines ------------------------------------------------------------------------
+
+
+def torch_fidelity_inception_score(logits):
+    """torch-fidelity's `isc_features_to_metric` with numpy: RandomState(2020) shuffle, 10 splits at i*N//10."""
+    logits = np.asarray(logits, np.float64)[np.random.RandomState(2020).permutation(len(logits))]
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    scores = []
+    for i in range(10):
+        part = probs[i * len(probs) // 10 : (i + 1) * len(probs) // 10]
+        scores.append(np.exp((part * (np.log(part) - np.log(part.mean(0, keepdims=True)))).sum(1).mean()))
+    return float(np.mean(scores))
+
+
+def test_the_jit_pipeline_is_fid_against_moments_only_and_torch_fidelitys_inception_score(
+    tmp_path, inception_weights, capsys
+):
+    rng = np.random.default_rng(2)
+    samples = rng.integers(0, 256, (12, 32, 32, 3), np.uint8)
+    np.savez(tmp_path / "samples.npz", samples)
+    ref = write_folder(tmp_path / "ref", rng.integers(0, 160, (6, 32, 32, 3), np.uint8))
+    extractor = InceptionFeatureExtractor(inception_weights, batch_size=4)
+    moments = statistics_for_path(ref, extractor, progress=False)
+    np.savez(tmp_path / "jit_in32_stats.npz", mu=moments.mu, sigma=moments.sigma)  # torch-fidelity's keys only
+
+    def evaluate(*argv):
+        out = tmp_path / "out.json"
+        assert main(["evaluate", str(tmp_path / "samples.npz"), *map(str, argv), "--inception-weights",
+                     str(inception_weights), "--batch-size", "4", "--no-progress", "--out-json", str(out)]) == 0
+        return json.loads(out.read_text())
+
+    adm = evaluate(ref)
+    jit = evaluate(tmp_path / "jit_in32_stats.npz", "--reference-pipeline", "jit")
+    assert jit["metrics"] == ["fid", "is"] and jit["reference_pipeline"] == "jit" and "sfid" not in jit
+    assert jit["fid"] == pytest.approx(adm["fid"], rel=1e-9)  # the same moments: the same FID
+    logits = extractor(samples).logits.numpy()
+    assert jit["inception_score"] == pytest.approx(torch_fidelity_inception_score(logits), rel=1e-6)
+    assert jit["inception_score"] != pytest.approx(adm["inception_score"], rel=1e-9)  # other splits
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a file of FID moments cannot give sFID: said before any network runs
+        main(["evaluate", str(tmp_path / "samples.npz"), str(tmp_path / "jit_in32_stats.npz"), "--metrics", "fid,sfid"])
+    err = capsys.readouterr().err
+    assert "no sFID moments" in err and "\n" not in err.strip()
