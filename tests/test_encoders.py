@@ -6,8 +6,6 @@ architecture (tests/tiny_encoders.py), served by an HTTP server on 127.0.0.1 (as
 passed as local copies; the rest use a plain stand-in backbone.
 """
 
-import math
-
 import pytest
 import torch
 import torch.nn as nn

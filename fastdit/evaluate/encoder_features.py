@@ -29,7 +29,8 @@ from .sources import as_uint8_nhwc
 
 
 def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) for v in (mean, std))
+    return (x - mean) / std
 
 
 def pil_bicubic(images: np.ndarray | torch.Tensor, resolution: int, mean, std, *, center_crop: bool = False,
@@ -70,12 +71,13 @@ class EncoderFeatures:
 
     `prepare` maps a uint8 batch to the encoder's input; `kind` is what `FrozenEncoder.pooled` reads
     ("pooled" or "projected"); `unit_norm` divides each feature by its Euclidean norm (CMMD's CLIP
-    embeddings). `encoder` must be built for the side `prepare` produces.
+    embeddings). `encoder` must be built for the side `prepare` produces. `prepare_on_device`: the
+    uint8 batch goes to the device before `prepare` (torch resizes; PIL's run on the CPU).
     """
 
     def __init__(self, encoder: FrozenEncoder, prepare: Callable[[torch.Tensor], torch.Tensor], *,
                  kind: str = "pooled", unit_norm: bool = False, device: str | torch.device = "cpu",
-                 batch_size: int = 64, name: str = ""):
+                 batch_size: int = 64, name: str = "", prepare_on_device: bool = False):
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
@@ -85,6 +87,7 @@ class EncoderFeatures:
         self.unit_norm = unit_norm
         self.batch_size = batch_size
         self.name = name or encoder.name
+        self.prepare_on_device = prepare_on_device
         with torch.no_grad():
             probe = self.encoder.pooled(torch.zeros(1, 3, encoder.resolution, encoder.resolution, device=self.device),
                                         kind)
@@ -96,7 +99,10 @@ class EncoderFeatures:
         features = []
         with full_float32():
             for start in range(0, len(images), self.batch_size):
-                x = self.prepare(images[start : start + self.batch_size]).to(self.device, non_blocking=True)
+                chunk = images[start : start + self.batch_size]
+                if self.prepare_on_device:
+                    chunk = chunk.to(self.device, non_blocking=True)
+                x = self.prepare(chunk).to(self.device, non_blocking=True)
                 feature = self.encoder.pooled(x, self.kind).float()  # (B, D)
                 if self.unit_norm:
                     feature = feature / feature.norm(dim=-1, keepdim=True)

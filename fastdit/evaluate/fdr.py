@@ -99,7 +99,7 @@ class FDRFeatureExtractors:
                 encoder = load_encoder(encoder, device, resolution=_padded(space), progress=progress)
             self.extractors[space.name] = EncoderFeatures(
                 encoder, partial(fdr_preprocess, space=space), device=device, batch_size=batch_size,
-                name=f"FDr6 {space.name}")
+                name=f"FDr6 {space.name}", prepare_on_device=True)
         self.device = next(iter(self.extractors.values())).device
         self.dims = {name: extractor.dim for name, extractor in self.extractors.items()}
 

@@ -14,8 +14,8 @@ distance; the factor 3d puts it on a scale comparable with FID (the authors' nor
 reports that MIND on 5K samples ranks models as FID on 50K does.
 
 What was verified and what is assumed. The definition above (unit Gaussian directions normalised to the
-sphere, sorted projections, equal set sizes, the factor 3d) is what the paper's appendix code and
-torch-fidelity's implementation (toshas/torch-fidelity `metric_mind.py`, the ADM-port authors' library)
+sphere, sorted projections, equal set sizes, the factor 3d) is what the code in the paper's appendix
+(as quoted by implementations that cite it) and torch-fidelity's (toshas/torch-fidelity `metric_mind.py`)
 compute; the full paper text could not be read here. Two choices are fastdit's, and are stated as such:
 
 * M = 1000 directions (torch-fidelity's default `mind_num_projections`); implementations that cite the
