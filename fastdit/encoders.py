@@ -1,41 +1,60 @@
-"""The frozen vision encoder that REPA aligns a DiT's hidden tokens with.
+"""Frozen pretrained vision encoders: REPA's alignment targets and the evaluation metrics' feature spaces.
 
-REPA (Yu et al. 2024, "Representation Alignment for Generation: Training Diffusion Transformers Is
-Easier Than You Think", arXiv:2410.06940) adds a loss that pulls a projection of the DiT's hidden
-tokens towards the patch features of a pretrained self-supervised encoder (DINOv2-B/14 by default),
-computed on the clean image and never trained. This module builds that encoder and computes its
-targets; it knows nothing of the DiT or the loss.
+REPA (Yu et al. 2024, "Representation Alignment for Generation", arXiv:2410.06940) pulls a projection of a
+DiT's hidden tokens towards the patch tokens of a frozen self-supervised encoder (DINOv2-B/14 by default).
+The evaluation metrics read other features of such encoders: FD-DINOv2 (Stein et al. 2023) the DINOv2
+class token, CMMD (Jayasumana et al. 2024) CLIP's projected image embedding, FDr6 (arXiv:2604.28190) one
+pooled feature in each of six spaces. This module builds those encoders; it knows nothing of the DiT,
+the loss or the metrics.
 
-* `load_encoder(spec)` turns a name, a timm model or a local file into a `FrozenEncoder`;
-* `FrozenEncoder(images)` maps images in [-1, 1], (N, C, H, W), to patch tokens (N, T, D), without
-  a gradient;
+* `load_encoder(spec)` turns a name, a Hugging Face model folder or a TorchScript file into a
+  `FrozenEncoder`;
+* `FrozenEncoder(images)` maps images in [-1, 1], (N, C, H, W), to patch tokens (N, T, D), without a
+  gradient; `FrozenEncoder.class_token(x)` and `FrozenEncoder.pooled(x)` read the features the metrics use;
 * `tokens_to_grid(features, side)` resamples (N, T, D) tokens to another square token count.
+
+Every network is built with Hugging Face `transformers` (pure PyTorch, the `encoders` extra), from the
+official model repositories' `config.json` and `model.safetensors`:
+
+  spec                        architecture (transformers class)     repository
+  dinov2-vit{s,b,l,g}14       DINOv2 (Dinov2Model)                  facebook/dinov2-{small,base,large,giant}
+  dinov2-vit{s,b,l,g}14-reg   DINOv2 + 4 registers                  facebook/dinov2-with-registers-*
+  dinov3-vit{s,s+,b,l,h+,7b}16  DINOv3 (DINOv3ViTModel)             facebook/dinov3-*-pretrain-lvd1689m
+  clip-vitl14, -336           CLIP ViT-L/14 (CLIPVisionModelWith-   openai/clip-vit-large-patch14[-336]
+                              Projection)
+  siglip2-so400m16-256        SigLIP 2 So400m/16 (SiglipVisionModel) google/siglip2-so400m-patch16-256
+  convnextv2-base             ConvNeXt V2-B (ConvNextV2Model)       facebook/convnextv2-base-22k-224
+  mae-vitl16                  MAE ViT-L/16 encoder (ViTMAEModel)    facebook/vit-mae-large
 
 What `load_encoder` accepts (`spec`):
 
-  dinov2-vitb14                  a name in `ENCODERS` (DINOv2 and DINOv3 ViTs, built with timm)
-  timm:<model>[.<tag>]           any timm model, e.g. timm:vit_small_patch14_dinov2.lvd142m
-  <name>=<file.safetensors>      a local state dict for either of the above, e.g.
-                                 dinov2-vitb14=/data/dinov2_vitb14.safetensors
-                                 (split at the first "=": names never contain one, paths may)
+  dinov2-vitb14                  a name in `ENCODERS`
+  hf:<owner>/<repo>              any Hugging Face repository of one of the architectures above
+  <name>=<folder>                a local copy: a folder with config.json and model.safetensors, e.g.
+                                 dinov2-vitb14=/data/dinov2-base (split at the first "=")
+  <name>=<file.safetensors>      the weights alone, with config.json beside them (or the name's own
+                                 config.json, fetched into the cache when it is not there yet)
   <file.pt> or <file.ts>         a TorchScript module (torch.jit.save) whose forward maps
-                                 ImageNet-normalised images (N, 3, R, R) to patch tokens (N, T, D),
-                                 behind P class/register tokens if it has an int attribute
-                                 `num_prefix_tokens` = P (the class token is what FD-DINOv2 reads)
+                                 normalised images (N, 3, R, R) to tokens (N, P + T, D), P being an
+                                 int attribute `num_prefix_tokens` (0 when absent; the class token,
+                                 which FD-DINOv2 reads, is token 0)
 
-Named and timm models take their weights from timm's safetensors file on the Hugging Face hub
-(`https://huggingface.co/timm/<model>/resolve/main/model.safetensors`), fetched once by
-`fastdit.hub.download` into `<cache>/encoders/` (progress bar, `.part` file renamed when complete,
-one-line error naming the file, the URL and where to put it when offline). Weights are read with
-safetensors, never unpickled. timm is imported only here, when an encoder is built
-(the `repa` extra).
+Named and `hf:` encoders are fetched once by `fastdit.hub.download` into `<cache>/encoders/<owner>--<repo>/`
+(progress bar, `.part` file renamed when complete, one line naming the file, the address and where to
+put it when offline). Weights are read from safetensors only, never unpickled.
+
+Position embeddings. A ViT trained at one size and used at another has its learned position grid resampled
+once, when it is built, bicubically with antialiasing (timm's `resample_abs_pos_embed`, which REPA calls in
+its `load_encoders`), not at every forward as transformers would do (without antialiasing for DINOv2).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,14 +65,21 @@ from .errors import UserError
 from .hub import download
 from .program import install_command
 
-# timm.data.IMAGENET_DEFAULT_MEAN / _STD: what DINOv2 and DINOv3 were trained with, and what REPA's
-# preprocess_raw_image normalises with (sihyun-yu/REPA train.py).
+# What DINOv2, DINOv3, ConvNeXt V2 and MAE were trained with (timm.data.IMAGENET_DEFAULT_MEAN / _STD), and
+# what REPA's preprocess_raw_image normalises with (sihyun-yu/REPA train.py).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# OpenAI CLIP's (clip/clip.py `_transform`; the `image_mean` / `image_std` of its preprocessor_config.json).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# SigLIP's: pixels mapped to [-1, 1] (big_vision `value_range(-1, 1)`; its preprocessor_config.json).
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
 
-# The file timm keeps on the hub for each pretrained model; tests point this at a local server.
+# Where a repository's files are; tests point this at a local server.
 HF_HUB_URL = "https://huggingface.co/{repo}/resolve/main/{filename}"
-HUB_FILENAME = "model.safetensors"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
 CACHE_SUBDIR = "encoders"
 TORCHSCRIPT_SUFFIXES = (".pt", ".ts")
 TORCHSCRIPT_RESOLUTION = 224  # the input side of a TorchScript encoder unless `resolution` says otherwise
@@ -61,45 +87,55 @@ TORCHSCRIPT_RESOLUTION = 224  # the input side of a TorchScript encoder unless `
 
 @dataclass(frozen=True)
 class EncoderEntry:
-    """A named encoder: the timm model (with its pretrained tag), the input side, extra timm kwargs."""
+    """A named encoder: its Hugging Face repository, default input side and pixel normalisation."""
 
-    timm_name: str
+    repo: str
     resolution: int
-    model_kwargs: dict = field(default_factory=dict)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
-    @property
-    def hub_repo(self) -> str:
-        return f"timm/{self.timm_name}"
+
+def _dinov3(size: str) -> EncoderEntry:
+    return EncoderEntry(f"facebook/dinov3-vit{size}16-pretrain-lvd1689m", 256)
 
 
 # DINOv2 (Oquab et al. 2023) at 224 px: REPA resizes 256-px images to 224 for DINOv2 (train.py,
-# preprocess_raw_image) and resamples the 37x37 position embedding to 16x16 (utils.py,
-# load_encoders), so its 256 patch tokens match SiT/DiT-XL/2's 16x16 tokens at 256 px. timm's
-# checkpoint filter does the same resampling (bicubic, antialiased) when the model is built with
-# img_size=224. The "-reg" models are DINOv2 with 4 register tokens (Darcet et al. 2024), which REPA
-# also offers ("dinov2-reg").
-#
-# DINOv3 (Siméoni et al. 2025) at 256 px: patch 16 gives the same 16x16 grid; it is also timm's input
-# size for these weights. DINOv3 uses RoPE, so no position embedding is resampled. Its weights are
-# published under the DINOv3 licence; where the hub asks for it to be accepted first, the download
-# fails with HTTP 401/403 and the message says where to put a copy fetched by hand.
+# preprocess_raw_image) and resamples the 37x37 position grid to 16x16 (utils.py, load_encoders), so its
+# 256 patch tokens match DiT-XL/2's 16x16 tokens at 256 px. "-reg": with 4 registers (Darcet et al. 2024),
+# REPA's "dinov2-reg". DINOv3 (Siméoni et al. 2025) at 256 px: patch 16 gives the same 16x16 grid; RoPE,
+# so nothing is resampled; its weights are gated by the DINOv3 licence (HTTP 401/403 until accepted: the
+# message then says where to put a copy fetched by hand).
 ENCODERS: dict[str, EncoderEntry] = {
-    "dinov2-vits14": EncoderEntry("vit_small_patch14_dinov2.lvd142m", 224),
-    "dinov2-vitb14": EncoderEntry("vit_base_patch14_dinov2.lvd142m", 224),
-    "dinov2-vitl14": EncoderEntry("vit_large_patch14_dinov2.lvd142m", 224),
-    "dinov2-vitg14": EncoderEntry("vit_giant_patch14_dinov2.lvd142m", 224),
-    "dinov2-vits14-reg": EncoderEntry("vit_small_patch14_reg4_dinov2.lvd142m", 224),
-    "dinov2-vitb14-reg": EncoderEntry("vit_base_patch14_reg4_dinov2.lvd142m", 224),
-    "dinov2-vitl14-reg": EncoderEntry("vit_large_patch14_reg4_dinov2.lvd142m", 224),
-    "dinov2-vitg14-reg": EncoderEntry("vit_giant_patch14_reg4_dinov2.lvd142m", 224),
-    "dinov3-vits16": EncoderEntry("vit_small_patch16_dinov3.lvd1689m", 256),
-    "dinov3-vits16plus": EncoderEntry("vit_small_plus_patch16_dinov3.lvd1689m", 256),
-    "dinov3-vitb16": EncoderEntry("vit_base_patch16_dinov3.lvd1689m", 256),
-    "dinov3-vitl16": EncoderEntry("vit_large_patch16_dinov3.lvd1689m", 256),
-    "dinov3-vith16plus": EncoderEntry("vit_huge_plus_patch16_dinov3.lvd1689m", 256),
-    "dinov3-vit7b16": EncoderEntry("vit_7b_patch16_dinov3.lvd1689m", 256),
+    "dinov2-vits14": EncoderEntry("facebook/dinov2-small", 224),
+    "dinov2-vitb14": EncoderEntry("facebook/dinov2-base", 224),
+    "dinov2-vitl14": EncoderEntry("facebook/dinov2-large", 224),
+    "dinov2-vitg14": EncoderEntry("facebook/dinov2-giant", 224),
+    "dinov2-vits14-reg": EncoderEntry("facebook/dinov2-with-registers-small", 224),
+    "dinov2-vitb14-reg": EncoderEntry("facebook/dinov2-with-registers-base", 224),
+    "dinov2-vitl14-reg": EncoderEntry("facebook/dinov2-with-registers-large", 224),
+    "dinov2-vitg14-reg": EncoderEntry("facebook/dinov2-with-registers-giant", 224),
+    "dinov3-vits16": _dinov3("s"),
+    "dinov3-vits16plus": _dinov3("splus"),
+    "dinov3-vitb16": _dinov3("b"),
+    "dinov3-vitl16": _dinov3("l"),
+    "dinov3-vith16plus": _dinov3("hplus"),
+    "dinov3-vit7b16": _dinov3("7b"),
+    # OpenAI CLIP ViT-L/14 (Radford et al. 2021) at 224 px, and its 336-px fine-tune, CMMD's encoder
+    # (google-research/cmmd embedding.py: scenic's `vit_l14_336px`).
+    "clip-vitl14": EncoderEntry("openai/clip-vit-large-patch14", 224, CLIP_MEAN, CLIP_STD),
+    "clip-vitl14-336": EncoderEntry("openai/clip-vit-large-patch14-336", 336, CLIP_MEAN, CLIP_STD),
+    # FDr6's other spaces (arXiv:2604.28190; its code names timm's vit_so400m_patch16_siglip_256.v2_webli,
+    # convnextv2_base.fcmae_ft_in22k_in1k and vit_large_patch16_224.mae: these are the same releases).
+    "siglip2-so400m16-256": EncoderEntry("google/siglip2-so400m-patch16-256", 256, SIGLIP_MEAN, SIGLIP_STD),
+    "convnextv2-base": EncoderEntry("facebook/convnextv2-base-22k-224", 224),
+    "mae-vitl16": EncoderEntry("facebook/vit-mae-large", 224),
 }
 DEFAULT_ENCODER = "dinov2-vitb14"  # REPA's default (its --enc-type dinov2-vit-b)
+
+_CHOICES = (
+    f"choose one of {', '.join(ENCODERS)}, hf:<owner>/<repo>, NAME=FOLDER (config.json + model.safetensors), "
+    "NAME=FILE.safetensors or a TorchScript file (.pt/.ts)"
+)
 
 
 class FrozenEncoder(nn.Module):
@@ -169,8 +205,8 @@ class FrozenEncoder(nn.Module):
     def class_token(self, x: torch.Tensor) -> torch.Tensor:
         """Images already prepared for the backbone, (N, 3, R, R) -> the class token (N, D).
 
-        For timm's ViTs this is the first token after the final norm: DINOv2's `x_norm_clstoken`,
-        which its torch.hub model's forward returns (the head is an identity) and FD-DINOv2 reads.
+        For ViTs this is the first token after the final norm: DINOv2's `x_norm_clstoken`, which its
+        torch.hub model's forward returns (the head is an identity) and FD-DINOv2 reads.
         """
         if self.num_prefix_tokens < 1:
             raise UserError(
@@ -178,6 +214,22 @@ class FrozenEncoder(nn.Module):
                 "dinov2-vitl14, or a TorchScript file with the attribute num_prefix_tokens >= 1"
             )
         return self.backbone(x.to(self._dtype))[:, 0]
+
+    @torch.no_grad()
+    def pooled(self, x: torch.Tensor, kind: str = "pooled") -> torch.Tensor:
+        """Images already prepared for the backbone, (N, 3, R, R) -> one feature per image (N, D').
+
+        `kind` "pooled" is the network's own image feature (`_HFBackbone.pooled`: the class token after
+        the final norm for DINOv2, DINOv3, MAE and CLIP, SigLIP's attention-pool head, ConvNeXt's mean
+        over the last feature map); "projected" is CLIP's joint-space embedding (`image_embeds`, the
+        pooled feature times the visual projection, not normalised).
+        """
+        pooled = getattr(self.backbone, "pooled", None)
+        if pooled is None:
+            if kind != "pooled":
+                raise UserError(f"{self.name} is not a CLIP model; it has no {kind} embedding")
+            return self.class_token(x)
+        return pooled(x.to(self._dtype), kind)
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone(x)
@@ -247,28 +299,27 @@ def load_encoder(
     resolution: int | None = None,
     progress: bool = True,
 ) -> FrozenEncoder:
-    """A `FrozenEncoder` from a name, `timm:<model>`, `NAME=FILE.safetensors` or a TorchScript file.
+    """A `FrozenEncoder` from a name, `hf:<owner>/<repo>`, `NAME=FOLDER`, `NAME=FILE.safetensors` or a
+    TorchScript file.
 
-    `resolution` overrides the input side (the named encoder's, timm's pretrained input size, or 224
-    for TorchScript): REPA at 512 px feeds DINOv2 448-px images (32x32 tokens). Weights that are not
-    in the cache are downloaded first (see the module docstring).
+    `resolution` overrides the input side (the named encoder's, the model config's `image_size`, or 224
+    for TorchScript): REPA at 512 px feeds DINOv2 448-px images (32x32 tokens). Files that are not in
+    the cache are downloaded first (see the module docstring).
     """
     spec = str(spec).strip()
     if resolution is not None and int(resolution) < 1:
         raise UserError(f"encoder resolution must be >= 1, got {resolution}")
     name, has_file, file = spec.partition("=")
+    name = name.strip()
     if has_file:
-        path = _existing_file(file, spec)
-        if path.suffix != ".safetensors":
-            raise UserError(
-                f"{spec!r}: a local state dict must be a .safetensors file, got {str(path)!r}; "
-                "convert it with safetensors.torch.save_file (or pass a TorchScript file .pt/.ts on its own)"
-            )
-        return _timm_encoder(name.strip(), path, device, resolution, progress)
-    if spec in ENCODERS or spec.startswith("timm:"):
-        return _timm_encoder(spec, None, device, resolution, progress)
+        if name not in ENCODERS and not _is_hf_spec(name):
+            raise UserError(f"unknown encoder {name!r}; {_CHOICES}")
+        folder = _local_files(name, file, spec, progress)
+        return _transformers_encoder(name, folder, device, resolution)
+    if spec in ENCODERS or _is_hf_spec(spec):
+        return _transformers_encoder(spec, _hub_files(spec, progress), device, resolution)
     if Path(spec).suffix in TORCHSCRIPT_SUFFIXES:
-        return _torchscript_encoder(_existing_file(spec, spec), device, resolution)
+        return _torchscript_encoder(_existing(spec, spec), device, resolution)
     if Path(spec).suffix == ".safetensors":
         raise UserError(
             f"{spec!r} holds weights but no architecture; pass it as NAME={spec}, e.g. {DEFAULT_ENCODER}={spec}"
@@ -276,144 +327,277 @@ def load_encoder(
     raise UserError(f"unknown encoder {spec!r}; {_CHOICES}")
 
 
-_CHOICES = (
-    f"choose one of {', '.join(ENCODERS)}, timm:<timm model name>, NAME=FILE.safetensors "
-    "or a TorchScript file (.pt/.ts)"
-)
+def _is_hf_spec(spec: str) -> bool:
+    repo = spec[len("hf:"):] if spec.startswith("hf:") else ""
+    return repo.count("/") == 1 and all(part.strip() for part in repo.split("/"))
 
 
-def _existing_file(path: str, spec: str) -> Path:
+def _repo_of(name: str) -> str:
+    return ENCODERS[name].repo if name in ENCODERS else name[len("hf:"):]
+
+
+def _existing(path: str, spec: str, *, folder: bool = False) -> Path:
     resolved = Path(path.strip()).expanduser()
-    if not resolved.is_file():
+    if not (resolved.is_dir() if folder else resolved.is_file()):
         raise UserError(f"encoder file not found: {str(resolved)!r} (from {spec!r}); check the path")
     return resolved
 
 
-def _import_timm(spec: str):
-    try:
-        import timm
-    except (ImportError, RuntimeError) as err:
-        # RuntimeError: timm imports torchvision, which fails this way when it was built for another torch.
-        raise UserError(
-            f"the encoder {spec!r} is built with timm, which cannot be imported ({type(err).__name__}: {err}); "
-            f"{install_command('repa')}, with a torchvision that matches your torch"
-        ) from None
-    return timm
+def _cache_folder(repo: str) -> str:
+    return f"{CACHE_SUBDIR}/{repo.replace('/', '--')}"
 
 
-def _cache_filename(repo: str) -> str:
-    # timm/<model>.<tag> -> <model>.<tag>.safetensors; another owner keeps its name: owner--model.safetensors
-    owner, _, model = repo.partition("/")
-    return f"{model if owner == 'timm' else repo.replace('/', '--')}.safetensors"
-
-
-def _hub_weights(repo: str, filename: str, name: str, progress: bool) -> Path:
+def _hub_file(repo: str, filename: str, name: str, progress: bool) -> Path:
     url = HF_HUB_URL.format(repo=repo, filename=filename)
-    hint = f"pass {name}=PATH to a local copy of {repo}'s {filename}"
-    return download(url, _cache_filename(repo), subdir=CACHE_SUBDIR, progress=progress, hint=hint)
+    hint = f"pass {name}=FOLDER holding a local copy of {repo}'s {CONFIG_FILE} and {WEIGHTS_FILE}"
+    return download(url, filename, subdir=_cache_folder(repo), progress=progress, hint=hint)
 
 
-def _timm_encoder(
-    name: str, weights: Path | None, device, resolution: int | None, progress: bool
-) -> FrozenEncoder:
-    """Build a timm model by registered name or `timm:<model>`, with `weights` or its hub file."""
-    if name in ENCODERS:
-        entry = ENCODERS[name]
-        timm_name, model_kwargs = entry.timm_name, dict(entry.model_kwargs)
-        resolution = resolution or entry.resolution
-        if weights is None:
-            # The download comes first: it needs no timm, and an offline machine learns what to fetch.
-            weights = _hub_weights(entry.hub_repo, HUB_FILENAME, name, progress)
-        timm = _import_timm(name)
-    elif name.startswith("timm:") and name[len("timm:") :].strip():
-        timm_name, model_kwargs = name[len("timm:") :].strip(), {}
-        timm = _import_timm(name)
-    else:
-        raise UserError(f"unknown encoder {name!r}; {_CHOICES}")
+def _hub_files(name: str, progress: bool) -> Path:
+    """The cache folder holding `name`'s config.json and model.safetensors, fetched first if missing.
+    The config comes first: it is small, and an offline machine learns at once what to fetch."""
+    repo = _repo_of(name)
+    config = _hub_file(repo, CONFIG_FILE, name, progress)
+    _hub_file(repo, WEIGHTS_FILE, name, progress)
+    return config.parent
 
-    architecture = timm_name.split(".")[0]
-    if not timm.is_model(architecture):
-        raise UserError(
-            f"timm {timm.__version__} has no model {architecture!r} (from {name!r}); "
-            f"check the name with timm.list_models('{architecture.split('_')[0]}*') or upgrade timm"
-        )
-    try:
-        cfg = timm.get_pretrained_cfg(timm_name)
-    except RuntimeError:  # an unknown pretrained tag
-        cfg = None
-    if cfg is None:
-        raise UserError(
-            f"timm {timm.__version__} knows no pretrained weights {timm_name!r} (from {name!r}); "
-            f"list them with timm.list_pretrained('{architecture}*')"
-        )
-    if weights is None:
-        if not cfg.hf_hub_id:
-            raise UserError(f"timm has no Hugging Face hub weights for {timm_name!r}; pass {name}=FILE.safetensors")
-        filename = cfg.hf_hub_filename or HUB_FILENAME
-        if not filename.endswith(".safetensors"):
+
+def _local_files(name: str, path: str, spec: str, progress: bool) -> Path:
+    """A folder with config.json and model.safetensors for `NAME=PATH` (a folder, or a .safetensors file)."""
+    resolved = Path(path.strip()).expanduser()
+    if resolved.is_dir():
+        missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (resolved / f).is_file()]
+        if missing:
             raise UserError(
-                f"timm's weights for {timm_name!r} are {filename}, not safetensors (never unpickled here); "
-                f"convert them with safetensors.torch.save_file and pass {name}=FILE.safetensors"
+                f"{str(resolved)!r} (from {spec!r}) lacks {' and '.join(missing)}; a local encoder folder holds the "
+                f"repository's {CONFIG_FILE} and {WEIGHTS_FILE} (e.g. from `hf download {_repo_of(name)} "
+                f"{CONFIG_FILE} {WEIGHTS_FILE} --local-dir FOLDER`)"
             )
-        weights = _hub_weights(cfg.hf_hub_id, filename, name, progress)
-    resolution = int(resolution or cfg.input_size[-1])
-
-    state = _read_safetensors(weights, name)
-    # The classifier head is never used (features only): drop it, and tell timm the pretrained model
-    # has none, so that its load stays strict about every other tensor.
-    heads = (cfg.classifier,) if isinstance(cfg.classifier, str) else tuple(cfg.classifier or ())
-    state = {k: v for k, v in state.items() if not any(k.startswith(head + ".") for head in heads)}
-    if not state:
-        raise UserError(f"{str(weights)!r} holds no tensors besides a classifier head; it is not {name}'s weights")
-    # pretrained=True with the state dict in the config runs the model's own checkpoint filter: for
-    # ViTs it resamples the position embedding to img_size (bicubic, antialiased: what REPA does with
-    # timm.layers.resample_abs_pos_embed) and converts Meta's original DINOv2 key names.
-    options = dict(pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(state_dict=state, num_classes=0))
-    try:
-        try:
-            model = timm.create_model(timm_name, img_size=resolution, **options, **model_kwargs)
-        except TypeError as err:
-            if "img_size" not in str(err):
-                raise
-            model = timm.create_model(timm_name, **options, **model_kwargs)  # a convnet: any input size
-    except (RuntimeError, KeyError, ValueError) as err:
-        reason = " ".join(str(err).split())
+        return resolved
+    resolved = _existing(path, spec)
+    if resolved.suffix != ".safetensors":
         raise UserError(
-            f"{str(weights)!r} does not fit {name} ({timm_name}): {reason[:300]}; pass the weights of that model"
+            f"{spec!r}: local weights must be a .safetensors file or a folder, got {str(resolved)!r}; "
+            "convert them with safetensors.torch.save_file (or pass a TorchScript file .pt/.ts on its own)"
+        )
+    config = resolved.parent / CONFIG_FILE
+    if not config.is_file():
+        config = _hub_file(_repo_of(name), CONFIG_FILE, name, progress)
+    # transformers reads a folder: link the two files side by side in a private one (no copy of the weights).
+    folder = config.parent if config.parent == resolved.parent and resolved.name == WEIGHTS_FILE else None
+    if folder is None:
+        import hashlib
+
+        from .hub import cache_dir
+
+        key = hashlib.sha256(f"{resolved.resolve()}|{config.resolve()}".encode()).hexdigest()[:16]
+        folder = cache_dir() / CACHE_SUBDIR / "local" / key
+        folder.mkdir(parents=True, exist_ok=True)
+        for source, target in ((config, folder / CONFIG_FILE), (resolved, folder / WEIGHTS_FILE)):
+            if target.is_symlink() or target.exists():
+                target.unlink()
+            target.symlink_to(source.resolve())
+    return folder
+
+
+# --- transformers models -------------------------------------------------------------------------------
+
+
+def _import_transformers(spec: str):
+    try:
+        import transformers
+    except ImportError as err:
+        raise UserError(
+            f"the encoder {spec!r} is built with Hugging Face transformers, which cannot be imported "
+            f"({type(err).__name__}: {err}); {install_command('encoders')}"
         ) from None
-    model.to(device)
+    return transformers
+
+
+# config.json's model_type -> (transformers class, default mean, std, prefix tokens from the config)
+def _architectures(transformers) -> dict:
+    def registers(config):
+        return 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+
+    return {
+        "dinov2": (transformers.Dinov2Model, IMAGENET_MEAN, IMAGENET_STD, lambda c: 1),
+        "dinov2_with_registers": (transformers.Dinov2WithRegistersModel, IMAGENET_MEAN, IMAGENET_STD, registers),
+        "dinov3_vit": (transformers.DINOv3ViTModel, IMAGENET_MEAN, IMAGENET_STD, registers),
+        "clip": (transformers.CLIPVisionModelWithProjection, CLIP_MEAN, CLIP_STD, lambda c: 1),
+        "clip_vision_model": (transformers.CLIPVisionModelWithProjection, CLIP_MEAN, CLIP_STD, lambda c: 1),
+        "siglip": (transformers.SiglipVisionModel, SIGLIP_MEAN, SIGLIP_STD, lambda c: 0),
+        "siglip_vision_model": (transformers.SiglipVisionModel, SIGLIP_MEAN, SIGLIP_STD, lambda c: 0),
+        "convnextv2": (transformers.ConvNextV2Model, IMAGENET_MEAN, IMAGENET_STD, lambda c: 0),
+        "vit_mae": (transformers.ViTMAEModel, IMAGENET_MEAN, IMAGENET_STD, lambda c: 1),
+    }
+
+
+def _transformers_encoder(name: str, folder: Path, device, resolution: int | None) -> FrozenEncoder:
+    transformers = _import_transformers(name)
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {str(folder / CONFIG_FILE)!r} for {name} ({err}); delete it to fetch it again") from None
+    model_type = config.get("model_type")
+    architectures = _architectures(transformers)
+    if model_type not in architectures:
+        raise UserError(
+            f"{name}'s {CONFIG_FILE} describes a {model_type!r} model; fastdit's encoders are "
+            f"{', '.join(sorted(architectures))}"
+        )
+    model_class, default_mean, default_std, prefix_tokens = architectures[model_type]
+    _check_safetensors(folder / WEIGHTS_FILE, name)
+    options = {}
+    if model_type == "clip":  # a whole CLIP repository: its vision tower, with the joint space's width
+        options["config"] = transformers.CLIPVisionConfig(
+            **{**config.get("vision_config", {}), "projection_dim": config.get("projection_dim", 512)})
+    try:
+        with _quiet(transformers):
+            model, info = model_class.from_pretrained(str(folder), output_loading_info=True, dtype=torch.float32,
+                                                      **options)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        reason = " ".join(str(err).split())
+        raise UserError(f"{str(folder)!r} does not fit {name} ({model_type}): {reason[:300]}") from None
+    problems = [f"{kind} {', '.join(sorted(keys)[:2])}" for kind, keys in
+                (("missing", info.get("missing_keys")), ("misshapen", info.get("mismatched_keys"))) if keys]
+    if problems:
+        raise UserError(f"{str(folder / WEIGHTS_FILE)!r} does not fit {name} ({model_type}): {'; '.join(problems)}; "
+                        "pass the weights of that model")
+    entry = ENCODERS.get(name)
+    native = _native_side(model.config, model_type)
+    resolution = int(resolution or (entry.resolution if entry else None) or native)
+    backbone = _HFBackbone(model, model_type)
+    backbone.fit_position_grid(resolution)
+    backbone.to(device)
     return FrozenEncoder(
-        _ForwardFeatures(model),
+        backbone,
         resolution=resolution,
-        mean=tuple(cfg.mean or IMAGENET_MEAN),
-        std=tuple(cfg.std or IMAGENET_STD),
-        num_prefix_tokens=getattr(model, "num_prefix_tokens", 0),
+        mean=entry.mean if entry else default_mean,
+        std=entry.std if entry else default_std,
+        num_prefix_tokens=prefix_tokens(model.config),
         name=name,
     )
 
 
-class _ForwardFeatures(nn.Module):
-    """timm's `forward_features`: all tokens after the final norm (DINOv2's x_norm_* outputs), no head."""
+@contextlib.contextmanager
+def _quiet(transformers):
+    """No progress bar nor load report from transformers while an encoder is built (fastdit reports
+    what matters itself: a missing or misshapen tensor is an error); the caller's settings come back."""
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x)
-
-
-def _read_safetensors(path: Path, name: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _check_safetensors(path: Path, name: str) -> None:
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(
             f"cannot read {str(path)!r} as safetensors for {name} ({err}); delete it to download it again, "
             "or pass a complete file"
         ) from None
+
+
+def _native_side(config, model_type: str) -> int:
+    return int(getattr(config, "image_size", 0) or 224)
+
+
+class _HFBackbone(nn.Module):
+    """A transformers vision model as `FrozenEncoder` sees it: normalised images -> all tokens (N, P + T, D)
+    after the final norm (a feature map (N, D, h, w) for ConvNeXt), and `pooled` for the image features."""
+
+    def __init__(self, model: nn.Module, model_type: str):
+        super().__init__()
+        self.model = model.eval()
+        self.model_type = model_type
+        if model_type == "vit_mae":
+            # All patches kept (MAE's encoder on the whole image): no masking, and no shuffle either, so
+            # the tokens come back in grid order (the noise argument decides the order; see `_run`).
+            self.model.config.mask_ratio = 0.0
+
+    def _run(self, x: torch.Tensor):
+        if self.model_type == "vit_mae":
+            patch = self.model.config.patch_size
+            count = (x.shape[-2] // patch) * (x.shape[-1] // patch)
+            noise = torch.arange(count, device=x.device, dtype=x.dtype).expand(len(x), -1)  # argsort = identity
+            return self.model(pixel_values=x, noise=noise)
+        return self.model(pixel_values=x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = self._run(x)
+        if self.model_type in ("clip", "clip_vision_model"):
+            # CLIP's last_hidden_state precedes its final norm (post_layernorm), which the others include.
+            return self.model.vision_model.post_layernorm(output.last_hidden_state)
+        return output.last_hidden_state
+
+    def pooled(self, x: torch.Tensor, kind: str = "pooled") -> torch.Tensor:
+        output = self._run(x)
+        if self.model_type in ("clip", "clip_vision_model"):
+            if kind == "projected":
+                return output.image_embeds  # visual_projection(post_layernorm(class token))
+            return self.model.vision_model.post_layernorm(output.last_hidden_state[:, 0])
+        if kind != "pooled":
+            raise UserError(f"a {self.model_type} encoder has no {kind} embedding (only CLIP has one)")
+        if self.model_type in ("siglip", "siglip_vision_model"):
+            return output.pooler_output  # the attention-pool head (MAP) over the normed tokens
+        if self.model_type == "convnextv2":
+            # timm's forward_features (stages, no head norm) averaged over the map: what FDr6 reads.
+            return output.last_hidden_state.mean(dim=(2, 3))
+        return output.last_hidden_state[:, 0]  # the class token after the final norm
+
+    def fit_position_grid(self, side: int) -> None:
+        """Resample a learned position grid to `side` px once (bicubic, antialiased, as timm and REPA)."""
+        patch = getattr(self.model.config, "patch_size", None)
+        if self.model_type in ("dinov3_vit", "convnextv2") or not patch:
+            return  # RoPE / convolutions: any size
+        grid = side // patch
+        if self.model_type in ("dinov2", "dinov2_with_registers", "vit_mae"):
+            embeddings = self.model.embeddings
+            old = embeddings.position_embeddings.data  # (1, 1 + g*g, D)
+            new = torch.cat([old[:, :1], _resample_grid(old[:, 1:], grid)], dim=1)
+            if new.shape != old.shape or not torch.equal(new, old):
+                embeddings.position_embeddings = nn.Parameter(new, requires_grad=False)
+            if self.model_type == "vit_mae":  # MAE checks the input size against these
+                embeddings.image_size = embeddings.patch_embeddings.image_size = (side, side)
+                embeddings.patch_embeddings.num_patches = grid * grid
+                self.model.config.image_size = side
+            return
+        embeddings = getattr(self.model, "vision_model", self.model).embeddings
+        prefix = 1 if self.model_type in ("clip", "clip_vision_model") else 0
+        embeddings.image_size = side  # CLIP checks the input size against it
+        old = embeddings.position_embedding.weight.data[None]  # (1, P + g*g, D)
+        if old.shape[1] == prefix + grid * grid:
+            return
+        new = torch.cat([old[:, :prefix], _resample_grid(old[:, prefix:], grid)], dim=1)[0]
+        embeddings.position_embedding = nn.Embedding.from_pretrained(new, freeze=True)
+        embeddings.num_patches = grid * grid
+        embeddings.num_positions = len(new)
+        embeddings.register_buffer("position_ids", torch.arange(len(new), device=new.device)[None], persistent=False)
+
+
+def _resample_grid(tokens: torch.Tensor, side: int) -> torch.Tensor:
+    """(1, g*g, D) position embeddings -> (1, side*side, D), bicubic with antialiasing (timm's
+    `resample_abs_pos_embed` defaults), computed in float32."""
+    old = math.isqrt(tokens.shape[1])
+    if old == side:
+        return tokens
+    dim = tokens.shape[-1]
+    grid = tokens.reshape(1, old, old, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False, antialias=True)
+    return grid.permute(0, 2, 3, 1).reshape(1, side * side, dim).to(tokens.dtype)
+
+
+# --- TorchScript ----------------------------------------------------------------------------------------
 
 
 def _torchscript_encoder(path: Path, device, resolution: int | None) -> FrozenEncoder:
@@ -436,12 +620,16 @@ def _torchscript_encoder(path: Path, device, resolution: int | None) -> FrozenEn
 
 
 __all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
     "DEFAULT_ENCODER",
     "ENCODERS",
     "EncoderEntry",
     "FrozenEncoder",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "SIGLIP_MEAN",
+    "SIGLIP_STD",
     "load_encoder",
     "tokens_to_grid",
 ]

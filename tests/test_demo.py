@@ -151,7 +151,7 @@ def test_the_printed_sample_command_runs_as_printed_and_writes_the_digits(demo_r
 
 
 # What `make demo` does not install: the other extras' top-level packages (scipy comes with scikit-learn)
-NOT_IN_THE_DEMO_EXTRA = ("diffusers", "huggingface_hub", "tensorboard", "accelerate", "gradio", "torchdiffeq", "timm",
+NOT_IN_THE_DEMO_EXTRA = ("diffusers", "huggingface_hub", "tensorboard", "accelerate", "gradio", "torchdiffeq", "timm", "transformers",
                          "wandb", "IPython", "pytest")
 
 

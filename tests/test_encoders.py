@@ -1,26 +1,23 @@
-"""The frozen REPA encoder: preprocessing, freezing, every way to name one, and the download path.
+"""The frozen encoders (REPA's and the metrics'): preprocessing, freezing, every architecture, every way to
+name one, and the download path.
 
-Nothing is downloaded: pretrained files are tiny randomly initialised models saved here, served by an
-HTTP server on 127.0.0.1 (as in tests/test_hub.py) or passed as local files. Tests that build timm
-models skip where timm cannot be imported; the rest use a plain stand-in backbone.
+Nothing is downloaded: pretrained files are tiny randomly initialised transformers models of each
+architecture (tests/tiny_encoders.py), served by an HTTP server on 127.0.0.1 (as in tests/test_hub.py) or
+passed as local copies; the rest use a plain stand-in backbone.
 """
-
-import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from fastdit import encoders, hub
-from fastdit.encoders import EncoderEntry, FrozenEncoder, load_encoder, tokens_to_grid
+from fastdit.encoders import FrozenEncoder, load_encoder, tokens_to_grid
 from fastdit.errors import DownloadError, UserError
+from tiny_encoders import save_tiny, serve
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-# Tiny DINOv2-shaped ViTs: patch 14, layer scale, 2 blocks of width 48 (timm kwargs).
-TINY_VIT = dict(depth=2, embed_dim=48, num_heads=3)
 REFUSED = "http://127.0.0.1:9/{repo}/resolve/main/{filename}"  # port 9 (discard) refuses connections
 
 # torch 2.14 marks torch.jit.script and torch.jit.load as deprecated; TorchScript files still load, and
@@ -182,14 +179,14 @@ def test_a_pickle_named_pt_is_not_loaded_as_torchscript(tmp_path):
 
 
 def test_spec_errors_name_the_value_and_the_choices(tmp_path):
-    with pytest.raises(UserError, match="unknown encoder 'dinov9'.*dinov2-vitb14.*timm:<timm model name>") as info:
+    with pytest.raises(UserError, match="unknown encoder 'dinov9'.*dinov2-vitb14.*hf:<owner>/<repo>") as info:
         load_encoder("dinov9")
     assert "\n" not in str(info.value)
     with pytest.raises(UserError, match="unknown encoder 'dinov9'"):
         load_encoder(f"dinov9={_touch(tmp_path / 'w.safetensors')}")
     with pytest.raises(UserError, match="encoder file not found"):
         load_encoder(f"dinov2-vitb14={tmp_path / 'absent.safetensors'}")
-    with pytest.raises(UserError, match="must be a .safetensors file"):
+    with pytest.raises(UserError, match="must be a .safetensors file or a folder"):
         load_encoder(f"dinov2-vitb14={_touch(tmp_path / 'w.bin')}")
     with pytest.raises(UserError, match="no architecture; pass it as NAME="):
         load_encoder(str(_touch(tmp_path / "w.safetensors")))
@@ -197,6 +194,9 @@ def test_spec_errors_name_the_value_and_the_choices(tmp_path):
         load_encoder(str(tmp_path / "absent.pt"))
     with pytest.raises(UserError, match="resolution must be >= 1"):
         load_encoder("dinov2-vitb14", resolution=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="lacks config.json and model.safetensors.*hf download facebook/dinov2-base"):
+        load_encoder(f"dinov2-vitb14={tmp_path / 'empty'}")
 
 
 def _touch(path):
@@ -209,140 +209,196 @@ def test_offline_message_is_one_line_naming_file_url_and_place(monkeypatch):
     with pytest.raises(DownloadError) as info:
         load_encoder("dinov2-vitb14", progress=False)
     message = str(info.value)
-    target = hub.cache_dir() / "encoders" / "vit_base_patch14_dinov2.lvd142m.safetensors"
+    target = hub.cache_dir() / "encoders" / "facebook--dinov2-base" / "config.json"
     assert "\n" not in message
-    assert "could not download vit_base_patch14_dinov2.lvd142m.safetensors" in message
-    assert "http://127.0.0.1:9/timm/vit_base_patch14_dinov2.lvd142m/resolve/main/model.safetensors" in message
+    assert "could not download config.json" in message  # the small file first: offline is known at once
+    assert "http://127.0.0.1:9/facebook/dinov2-base/resolve/main/config.json" in message
     assert f"put it at {target}" in message
-    assert "pass dinov2-vitb14=PATH" in message
-    assert not target.exists() and not list(target.parent.glob("*.part"))
+    assert "pass dinov2-vitb14=FOLDER" in message
+    assert not list(target.parent.glob("*")) if target.parent.exists() else True
 
 
-def test_the_hub_url_is_timms_safetensors_file():
-    entry = encoders.ENCODERS["dinov2-vitb14"]
-    url = encoders.HF_HUB_URL.format(repo=entry.hub_repo, filename=encoders.HUB_FILENAME)
-    assert url == "https://huggingface.co/timm/vit_base_patch14_dinov2.lvd142m/resolve/main/model.safetensors"
+def test_every_registered_encoder_is_an_official_repository_with_its_statistics():
+    url = encoders.HF_HUB_URL.format(repo=encoders.ENCODERS["dinov2-vitb14"].repo, filename=encoders.WEIGHTS_FILE)
+    assert url == "https://huggingface.co/facebook/dinov2-base/resolve/main/model.safetensors"
     assert encoders.DEFAULT_ENCODER == "dinov2-vitb14"
-
-
-# --- timm models: the registry, the download, local files -------------------------------------
-
-
-@pytest.fixture
-def timm():
-    try:
-        import timm
-    except (ImportError, RuntimeError) as err:  # RuntimeError: a torchvision built for another torch
-        pytest.skip(f"timm cannot be imported here ({type(err).__name__}: {err})")
-    return timm
-
-
-def test_every_registered_encoder_is_a_timm_model_with_imagenet_statistics_and_16x16_tokens(timm):
     for name, entry in encoders.ENCODERS.items():
-        cfg = timm.get_pretrained_cfg(entry.timm_name)
-        assert cfg is not None and cfg.hf_hub_id == entry.hub_repo, name
-        assert tuple(cfg.mean) == encoders.IMAGENET_MEAN and tuple(cfg.std) == encoders.IMAGENET_STD, name
-        patch = 14 if name.startswith("dinov2") else 16
-        assert f"patch{patch}" in entry.timm_name and entry.resolution // patch == 16, name
+        owner = entry.repo.split("/")[0]
+        assert owner in ("facebook", "openai", "google"), name
+        if name.startswith(("dinov2", "dinov3")):
+            patch = 14 if name.startswith("dinov2") else 16
+            assert entry.resolution // patch == 16, name  # 16 x 16 tokens: DiT-XL/2's grid at 256 px
+        expected = {"openai": encoders.CLIP_MEAN, "google": encoders.SIGLIP_MEAN}.get(owner, encoders.IMAGENET_MEAN)
+        assert entry.mean == expected, name
 
 
-def _save_tiny(timm, path, architecture, seed=0, **kwargs):
-    torch.manual_seed(seed)
-    model = timm.create_model(architecture, pretrained=False, **kwargs)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
-    return state
+# --- transformers models: every architecture, the download, local copies ----------------------
 
 
-def test_registered_encoder_downloads_once_and_drops_register_tokens(timm, file_server, monkeypatch, tmp_path):
-    # A DINOv2-with-registers stand-in saved at 56 px (4x4 patches of 14), used at 28 px (2x2).
-    state = _save_tiny(timm, tmp_path / "model.safetensors", "vit_small_patch14_reg4_dinov2",
-                       img_size=56, num_classes=0, **TINY_VIT)
-    timm_name = "vit_small_patch14_reg4_dinov2.lvd142m"
-    file_server.files[f"/timm/{timm_name}/resolve/main/model.safetensors"] = (tmp_path / "model.safetensors").read_bytes()
-    monkeypatch.setitem(encoders.ENCODERS, "test-dinov2-reg", EncoderEntry(timm_name, 28, TINY_VIT))
+def _hf(kind, folder, resolution=None):
+    """The transformers model of `folder` loaded directly (no fastdit), for independent references."""
+    import transformers as T
+
+    classes = {"dinov2": T.Dinov2Model, "dinov2_with_registers": T.Dinov2WithRegistersModel,
+               "dinov3_vit": T.DINOv3ViTModel, "clip": T.CLIPVisionModelWithProjection,
+               "siglip": T.SiglipVisionModel, "convnextv2": T.ConvNextV2Model, "vit_mae": T.ViTMAEModel}
+    T.utils.logging.set_verbosity_error()
+    T.utils.logging.disable_progress_bar()
+    model = classes[kind].from_pretrained(str(folder)).eval()
+    if kind == "vit_mae":
+        model.config.mask_ratio = 0.0  # MAE's encoder on the whole image
+    return model
+
+
+ARCHITECTURES = {  # name used for the spec, model_type, native side, prefix tokens
+    "dinov2-vitb14": ("dinov2", 56, 1),
+    "dinov2-vitb14-reg": ("dinov2_with_registers", 56, 5),
+    "dinov3-vitb16": ("dinov3_vit", 32, 5),
+    "clip-vitl14": ("clip", 28, 1),
+    "siglip2-so400m16-256": ("siglip", 32, 0),
+    "convnextv2-base": ("convnextv2", 32, 0),
+    "mae-vitl16": ("vit_mae", 32, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_each_architecture_at_its_own_size_gives_the_models_own_features(name, tmp_path):
+    kind, side, prefix = ARCHITECTURES[name]
+    folder = save_tiny(kind, tmp_path / kind)
+    encoder = load_encoder(f"{name}={folder}", resolution=side)
+    assert (encoder.resolution, encoder.num_prefix_tokens) == (side, prefix)
+    model = _hf(kind, folder)
+    x = encoder.preprocess(images(side=side))  # already at the side: no resize, nothing resampled
+    with torch.no_grad():
+        if kind == "vit_mae":
+            patches = (side // 16) ** 2
+            out = model(pixel_values=x, noise=torch.arange(patches).float().expand(2, -1))
+        else:
+            out = model(pixel_values=x)
+    if kind == "convnextv2":
+        expected_tokens = out.last_hidden_state.flatten(2).transpose(1, 2)
+        expected_pooled = out.last_hidden_state.mean(dim=(2, 3))
+    elif kind == "clip":
+        normed = model.vision_model.post_layernorm(out.last_hidden_state)
+        expected_tokens, expected_pooled = normed[:, prefix:], normed[:, 0]
+        torch.testing.assert_close(encoder.pooled(x, "projected"), out.image_embeds)
+    elif kind == "siglip":
+        expected_tokens, expected_pooled = out.last_hidden_state, out.pooler_output
+    else:
+        expected_tokens, expected_pooled = out.last_hidden_state[:, prefix:], out.last_hidden_state[:, 0]
+    torch.testing.assert_close(encoder(images(side=side)), expected_tokens)
+    torch.testing.assert_close(encoder.pooled(x), expected_pooled)
+    if prefix:
+        torch.testing.assert_close(encoder.class_token(x), encoder.backbone(x)[:, 0])
+    if kind != "clip":
+        with pytest.raises(UserError, match="no projected embedding"):
+            encoder.pooled(x, "projected")
+
+
+def test_mae_keeps_every_patch_in_grid_order(tmp_path):
+    folder = save_tiny("vit_mae", tmp_path / "mae")
+    encoder = load_encoder(f"mae-vitl16={folder}", resolution=32)
+    x = encoder.preprocess(images(side=32))
+    model = _hf("vit_mae", folder)
+    model.config.mask_ratio = 0.0
+    with torch.no_grad():  # MAE's random shuffle with every patch kept: the class token cannot tell
+        shuffled = model(pixel_values=x, noise=torch.rand(2, 4, generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(encoder.pooled(x), shuffled.last_hidden_state[:, 0], rtol=1e-5, atol=1e-5)
+    assert encoder(images(side=32)).shape == (2, 4, 32)  # all 4 patches, none masked
+
+
+@pytest.mark.parametrize("name", ["dinov2-vitb14", "dinov2-vitb14-reg", "clip-vitl14", "siglip2-so400m16-256"])
+def test_position_grid_is_resampled_once_bicubic_antialiased_like_timm_and_repa(name, tmp_path):
+    kind, side, prefix = ARCHITECTURES[name]
+    folder = save_tiny(kind, tmp_path / kind)
+    model = _hf(kind, folder)
+    patch = model.config.patch_size
+    small = (side // patch - 1) * patch  # one patch fewer per side: the grid shrinks by one
+    encoder = load_encoder(f"{name}={folder}", resolution=small)
+    if kind.startswith("dinov2"):
+        old, new = model.embeddings.position_embeddings, encoder.backbone.model.embeddings.position_embeddings
+        keep = 1
+    else:
+        embeddings = getattr(model, "vision_model", model).embeddings
+        new_embeddings = getattr(encoder.backbone.model, "vision_model", encoder.backbone.model).embeddings
+        old, new = embeddings.position_embedding.weight[None], new_embeddings.position_embedding.weight[None]
+        keep = 1 if kind == "clip" else 0
+    g_old, g_new = side // patch, small // patch
+    grid = old[:, keep:].reshape(1, g_old, g_old, -1).permute(0, 3, 1, 2)
+    # timm.layers.resample_abs_pos_embed's defaults (what REPA calls): bicubic, antialias=True.
+    expected = F.interpolate(grid, size=(g_new, g_new), mode="bicubic", align_corners=False, antialias=True)
+    expected = torch.cat([old[:, :keep], expected.permute(0, 2, 3, 1).reshape(1, g_new * g_new, -1)], dim=1)
+    torch.testing.assert_close(new, expected)
+    assert encoder.grid == g_new and encoder(images(side=40)).shape == (2, g_new * g_new, 32)
+
+
+def test_registered_encoder_downloads_once_and_drops_register_tokens(file_server, monkeypatch, tmp_path):
+    folder = save_tiny("dinov2_with_registers", tmp_path / "reg")
+    serve(file_server, "facebook/dinov2-with-registers-base", folder)
     port = file_server.server_address[1]
     monkeypatch.setattr(encoders, "HF_HUB_URL", f"http://127.0.0.1:{port}/{{repo}}/resolve/main/{{filename}}")
 
-    encoder = load_encoder("test-dinov2-reg", progress=False)
-    cached = hub.cache_dir() / "encoders" / f"{timm_name}.safetensors"
-    assert cached.read_bytes() == (tmp_path / "model.safetensors").read_bytes()
-    assert file_server.requests == [f"/timm/{timm_name}/resolve/main/model.safetensors"]
-    assert (encoder.resolution, encoder.grid, encoder.dim, encoder.num_prefix_tokens) == (28, 2, 48, 5)
-    model = encoder.backbone.model
-    # Registers (no_embed_class): the 4x4 position grid is resampled to 2x2 as REPA does.
-    resampled = timm.layers.resample_abs_pos_embed(state["pos_embed"], [2, 2], num_prefix_tokens=0)
-    torch.testing.assert_close(model.pos_embed, resampled)
-    torch.testing.assert_close(model.blocks[1].mlp.fc2.weight, state["blocks.1.mlp.fc2.weight"])
+    encoder = load_encoder("dinov2-vitb14-reg", progress=False, resolution=28)
+    cached = hub.cache_dir() / "encoders" / "facebook--dinov2-with-registers-base"
+    assert sorted(p.name for p in cached.iterdir()) == ["config.json", "model.safetensors"]  # no .part left
+    assert (cached / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+    assert file_server.requests == [f"/facebook/dinov2-with-registers-base/resolve/main/{name}"
+                                    for name in ("config.json", "model.safetensors")]
+    assert (encoder.resolution, encoder.grid, encoder.dim, encoder.num_prefix_tokens) == (28, 2, 32, 5)
     x = images(side=64)
     with torch.no_grad():
-        tokens = model.forward_features(encoder.preprocess(x))  # (N, 1 + 4 + 4, D)
-    assert tokens.shape == (2, 9, 48)
+        tokens = encoder.backbone(encoder.preprocess(x))  # (N, 1 + 4 + 4, D)
+    assert tokens.shape == (2, 9, 32)
     torch.testing.assert_close(encoder(x), tokens[:, 5:])
 
     # Cached: the second load needs no server.
     monkeypatch.setattr(encoders, "HF_HUB_URL", REFUSED)
-    again = load_encoder("test-dinov2-reg", progress=False)
+    again = load_encoder("dinov2-vitb14-reg", progress=False, resolution=28)
     torch.testing.assert_close(again(x), encoder(x))
 
 
-def test_local_safetensors_for_a_registered_name_resamples_like_repa(timm, monkeypatch, tmp_path):
-    path = tmp_path / "dinov2 tiny=v1.safetensors"  # a space and an "=" in the path: split at the first "="
-    state = _save_tiny(timm, path, "vit_small_patch14_dinov2", img_size=56, num_classes=0, **TINY_VIT)
-    monkeypatch.setitem(encoders.ENCODERS, "test-dinov2", EncoderEntry("vit_small_patch14_dinov2.lvd142m", 28, TINY_VIT))
-    monkeypatch.setattr(encoders, "HF_HUB_URL", REFUSED)  # a local file never touches the network
-
-    encoder = load_encoder(f"test-dinov2={path}")
-    assert (encoder.grid, encoder.num_prefix_tokens) == (2, 1)
-    # REPA (utils.py, load_encoders): resample_abs_pos_embed(pos_embed, [16, 16]) with its defaults,
-    # the class token's position kept; here [2, 2] for the 28-px stand-in.
-    repa = timm.layers.resample_abs_pos_embed(state["pos_embed"], [2, 2])
-    torch.testing.assert_close(encoder.backbone.model.pos_embed, repa)
-    assert load_encoder(f"test-dinov2={path}", resolution=42).grid == 3  # 512-px style override
-
-    wrong = tmp_path / "deeper.safetensors"
-    _save_tiny(timm, wrong, "vit_small_patch14_dinov2", img_size=56, num_classes=0, depth=3, embed_dim=48, num_heads=3)
-    with pytest.raises(UserError, match=r"does not fit test-dinov2 .*blocks\.2\.") as info:
-        load_encoder(f"test-dinov2={wrong}")
-    assert "\n" not in str(info.value)
-
-
-def test_timm_prefix_downloads_from_the_model_hub_id_and_uses_its_statistics(timm, file_server, monkeypatch, tmp_path):
-    # timm's own test model (371k parameters, mean/std 0.5): weights saved with their classifier head.
-    _save_tiny(timm, tmp_path / "model.safetensors", "test_vit")
-    file_server.files["/timm/test_vit.r160_in1k/resolve/main/model.safetensors"] = (
-        tmp_path / "model.safetensors"
-    ).read_bytes()
+def test_hf_prefix_takes_any_repository_of_a_known_architecture(file_server, monkeypatch, tmp_path):
+    folder = save_tiny("dinov2", tmp_path / "any")
+    serve(file_server, "someone/my-dinov2", folder)
     port = file_server.server_address[1]
     monkeypatch.setattr(encoders, "HF_HUB_URL", f"http://127.0.0.1:{port}/{{repo}}/resolve/main/{{filename}}")
-    encoder = load_encoder("timm:test_vit", progress=False)  # no tag: timm's default one
-    assert (hub.cache_dir() / "encoders" / "test_vit.r160_in1k.safetensors").is_file()
-    assert encoder.resolution == 160 and encoder.num_prefix_tokens == 1
-    torch.testing.assert_close(encoder.mean, torch.full((1, 3, 1, 1), 0.5))
-    torch.testing.assert_close(encoder.std, torch.full((1, 3, 1, 1), 0.5))
-    assert encoder(images(side=40)).shape == (2, encoder.grid**2, encoder.dim)
+    encoder = load_encoder("hf:someone/my-dinov2", progress=False)
+    assert encoder.resolution == 56 and encoder.grid == 4  # the config's own image_size
+    assert (hub.cache_dir() / "encoders" / "someone--my-dinov2" / "model.safetensors").is_file()
+    torch.testing.assert_close(encoder.mean, torch.tensor(encoders.IMAGENET_MEAN).view(1, 3, 1, 1))
 
 
-def test_timm_convnet_feature_map_becomes_tokens(timm, tmp_path):
-    path = tmp_path / "convnext.safetensors"
-    _save_tiny(timm, path, "test_convnext")
-    encoder = load_encoder(f"timm:test_convnext.r160_in1k={path}", resolution=64)
-    assert encoder.num_prefix_tokens == 0
-    x = images(side=64)
-    with torch.no_grad():
-        feature_map = encoder.backbone.model.forward_features(encoder.preprocess(x))  # (N, D, h, w)
-    assert encoder(x).shape == (2, math.prod(feature_map.shape[2:]), feature_map.shape[1])
-    torch.testing.assert_close(encoder(x), feature_map.flatten(2).transpose(1, 2))
+def test_local_copies_as_a_folder_or_a_weights_file(monkeypatch, tmp_path):
+    monkeypatch.setattr(encoders, "HF_HUB_URL", REFUSED)  # a local copy never touches the network
+    folder = save_tiny("dinov2", tmp_path / "dinov2 tiny=v1")  # a space and an "=" in the path
+    from_folder = load_encoder(f"dinov2-vitb14={folder}", resolution=28)
+    from_file = load_encoder(f"dinov2-vitb14={folder / 'model.safetensors'}", resolution=28)  # config beside it
+    x = images(side=40)
+    torch.testing.assert_close(from_file(x), from_folder(x))
+    assert load_encoder(f"dinov2-vitb14={folder}", resolution=42).grid == 3  # 512-px style override
+
+    renamed = tmp_path / "weights" / "dinov2.safetensors"  # another name, config.json beside it
+    renamed.parent.mkdir()
+    renamed.write_bytes((folder / "model.safetensors").read_bytes())
+    (renamed.parent / "config.json").write_bytes((folder / "config.json").read_bytes())
+    torch.testing.assert_close(load_encoder(f"dinov2-vitb14={renamed}", resolution=28)(x), from_folder(x))
 
 
-def test_timm_name_errors(timm, tmp_path):
-    with pytest.raises(UserError, match="has no model 'vit_nonexistent_patch14'"):
-        load_encoder("timm:vit_nonexistent_patch14")
-    with pytest.raises(UserError, match="knows no pretrained weights 'test_vit.nonexistent_tag'"):
-        load_encoder("timm:test_vit.nonexistent_tag")
-    with pytest.raises(UserError, match="unknown encoder 'timm:'"):
-        load_encoder("timm:")
-    broken = tmp_path / "broken.safetensors"
-    broken.write_bytes(b"not a safetensors file")
-    with pytest.raises(UserError, match="cannot read .*broken.safetensors.* as safetensors"):
-        load_encoder(f"timm:test_vit={broken}")
+def test_weights_of_another_model_and_broken_files_are_one_line_errors(tmp_path):
+    # A config of three blocks beside the weights of two: the third block's tensors are missing (transformers
+    # alone would initialise them at random and go on).
+    wrong = save_tiny("dinov2", tmp_path / "wrong", depth=2)
+    config = (wrong / "config.json").read_text()
+    assert '"num_hidden_layers": 2' in config
+    (wrong / "config.json").write_text(config.replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))
+    with pytest.raises(UserError, match=r"does not fit dinov2-vitb14 \(dinov2\): missing .*layer\.2\.") as info:
+        load_encoder(f"dinov2-vitb14={wrong}")
+    assert "\n" not in str(info.value)
+    broken = save_tiny("dinov2", tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="cannot read .*model.safetensors.* as safetensors"):
+        load_encoder(f"dinov2-vitb14={broken}")
+    other = save_tiny("dinov2", tmp_path / "other")
+    (other / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(UserError, match="describes a 'bert' model"):
+        load_encoder(f"dinov2-vitb14={other}")

@@ -276,8 +276,8 @@ def test_offline_or_missing_encoder_is_a_one_line_message(tmp_path, monkeypatch,
     np.savez(tmp_path / "s.npz", random_images(2, seed=7))
     samples = str(tmp_path / "s.npz")
     err = run_cli_error(["evaluate", samples, samples, "--metrics", "fd-dinov2", "--no-progress"], capsys)
-    assert "could not download vit_large_patch14_dinov2.lvd142m.safetensors" in err
-    assert "pass dinov2-vitl14=PATH" in err
+    assert "could not download config.json from http://127.0.0.1:9/facebook/dinov2-large/resolve/main/config.json" in err
+    assert "pass dinov2-vitl14=FOLDER" in err
 
     missing = f"dinov2-vitl14={tmp_path / 'absent.safetensors'}"
     err = run_cli_error(["evaluate", samples, samples, "--metrics", "fd-dinov2", "--fd-dinov2-encoder", missing], capsys)

@@ -1,5 +1,6 @@
 """Built-in evaluation with the ADM suite's definitions: FID, sFID, Inception Score, precision, recall;
-and FD-DINOv2 as Stein et al. 2023 define it (`fastdit.evaluate.dinov2`).
+FD-DINOv2 as Stein et al. 2023 define it (`fastdit.evaluate.dinov2`), MIND (`.mind`), CMMD (`.cmmd`) and
+FDr6 (`.fdr`) as their papers do.
 
 The numbers are those of openai/guided-diffusion's `evaluations/evaluator.py` (the evaluator behind
 DiT's and most ImageNet papers' tables), computed in plain PyTorch with the TF-converted
@@ -18,7 +19,9 @@ Inception-v3 of 2015-12-05:
     print(compare(stats, ref, metrics=METRICS))                 # ... and 'fd_dinov2'
 """
 
+from .cmmd import CMMD_ENCODER, CMMDFeatureExtractor, cmmd_preprocess, mmd_rbf
 from .dinov2 import FD_DINOV2_ENCODER, DinoV2FeatureExtractor, stein_preprocess
+from .fdr import FDR6_SPACES, FDRFeatureExtractors, fdr6
 from .features import (
     IS_SPLIT_SIZE,
     InceptionFeatureExtractor,
@@ -29,10 +32,29 @@ from .features import (
 )
 from .inception import InceptionV3, load_inception, resize_bilinear_tf1
 from .metrics import PR_DISTANCES, frechet_distance, inception_score, precision_recall
-from .statistics import ADM_METRICS, METRICS, EvalStatistics, compare, load_statistics, save_statistics
+from .mind import MIND_PROJECTIONS, monge_inception_distance
+from .statistics import (
+    ADM_METRICS,
+    METRICS,
+    REFERENCE_PIPELINES,
+    EvalStatistics,
+    compare,
+    load_statistics,
+    save_statistics,
+)
 
 __all__ = [
     "ADM_METRICS",
+    "CMMD_ENCODER",
+    "CMMDFeatureExtractor",
+    "FDR6_SPACES",
+    "FDRFeatureExtractors",
+    "MIND_PROJECTIONS",
+    "REFERENCE_PIPELINES",
+    "cmmd_preprocess",
+    "fdr6",
+    "mmd_rbf",
+    "monge_inception_distance",
     "DinoV2FeatureExtractor",
     "FD_DINOV2_ENCODER",
     "IS_SPLIT_SIZE",

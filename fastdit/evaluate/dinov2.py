@@ -17,13 +17,13 @@ Fréchet distance. Their code (layer6ai-labs/dgm-eval, `dgm_eval/models/dinov2.p
 FD-DINOv2 is then the Fréchet distance of Heusel et al. between Gaussians fitted to these features,
 computed here with the same float64 moments and the same `frechet_distance` as FID.
 
-The encoder comes from `fastdit.encoders.load_encoder` (`dinov2-vitl14`: timm's copy of Meta's
-weights, downloaded once; `dinov2-vitl14=FILE.safetensors` for a local copy; or a TorchScript file).
-One known difference from the torch.hub model: the 37 x 37 position embedding of the released
-weights is resampled to the 16 x 16 grid of a 224-px input by timm's loader (bicubic, antialiased,
-to the size 16), where DINOv2's own `interpolate_pos_encoding` does it at each forward (bicubic, not
-antialiased, scale factor (16 + 0.1) / 37); the features differ by that resampling, so FD-DINOv2 here
-is close to, not bit-identical with, dgm-eval's.
+The encoder comes from `fastdit.encoders.load_encoder` (`dinov2-vitl14`: Meta's facebook/dinov2-large
+through transformers, downloaded once; `dinov2-vitl14=FOLDER` for a local copy; or a TorchScript file).
+One known difference from the torch.hub model: the 37 x 37 position embedding of the released weights is
+resampled to the 16 x 16 grid of a 224-px input once, when the encoder is built (bicubic, antialiased, to
+the size 16, as timm and REPA do), where DINOv2's own `interpolate_pos_encoding` does it at each forward
+(bicubic, not antialiased, scale factor (16 + 0.1) / 37); the features differ by that resampling, so
+FD-DINOv2 here is close to, not bit-identical with, dgm-eval's.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class DinoV2FeatureExtractor:
         if encoder.num_prefix_tokens < 1:
             raise UserError(
                 f"FD-DINOv2 reads the class token, and the encoder {encoder.name} has none; "
-                f"use {FD_DINOV2_ENCODER} (or a local copy: {FD_DINOV2_ENCODER}=FILE.safetensors)"
+                f"use {FD_DINOV2_ENCODER} (or a local copy: {FD_DINOV2_ENCODER}=FOLDER)"
             )
         self.encoder = encoder.to(self.device)
         self.dim = encoder.dim

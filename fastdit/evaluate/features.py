@@ -19,12 +19,14 @@ import torch
 
 from ..errors import UserError
 from ..sampling.generate import to_uint8
+from .cmmd import CMMDFeatureExtractor
 from .dinov2 import DinoV2FeatureExtractor
+from .fdr import FDRFeatureExtractors
 from .float32 import full_float32
 from .inception import POOL_DIM, SPATIAL_DIM, InceptionOutputs, InceptionV3, load_inception
-from .metrics import InceptionScoreAccumulator, RunningMoments
-from .sources import NpzImages, as_uint8_nhwc, is_statistics_file, open_images, read_adm_statistics
-from .statistics import EvalStatistics, load_statistics
+from .metrics import InceptionScoreAccumulator, RunningMoments, TorchFidelityInceptionScore
+from .sources import NpzImages, as_uint8_nhwc, is_statistics_file, open_images, read_adm_statistics, read_fid_moments
+from .statistics import REFERENCE_PIPELINES, EvalStatistics, load_statistics
 
 IS_SPLIT_SIZE = 5_000  # ADM's `compute_inception_score(split_size=5000)`: 10 splits of the usual 50K samples
 
@@ -80,23 +82,30 @@ def compute_statistics(
     progress_total: int | None = None,
     source: str = "",
     dinov2: DinoV2FeatureExtractor | None = None,
+    cmmd: CMMDFeatureExtractor | None = None,
+    fdr: FDRFeatureExtractors | None = None,
+    pipeline: str = "adm",
 ) -> EvalStatistics:
     """Stream uint8 NHWC batches through Inception into `EvalStatistics` (float64 moments).
 
-    Every pool_3 vector is kept for precision/recall (as ADM, which feeds all sample activations:
+    Every pool_3 vector is kept for precision/recall and MIND (as ADM, which feeds all sample activations:
     8 KB per image), or only the first `pr_subset`; everything else is accumulated, so the rest of
-    memory does not grow with the number of images. With a `dinov2` extractor, the same batches also
-    go through DINOv2 and its class-token moments are accumulated alongside (FD-DINOv2), in float64
-    with the same `RunningMoments`.
+    memory does not grow with the number of images. The same batches also go through each encoder given:
+    `dinov2` (FD-DINOv2: class-token moments), `cmmd` (CMMD: every CLIP embedding is kept, 3 KB per image)
+    and `fdr` (FDr6: moments in its five encoder spaces), all in float64 with the same `RunningMoments`.
+    `pipeline` "jit" computes the Inception Score as torch-fidelity does (see `REFERENCE_PIPELINES`).
     `progress_total` (number of images) turns on a progress bar.
     """
     image_size = []
     dinov2_moments = RunningMoments(dinov2.dim, device=dinov2.device) if dinov2 is not None else None
+    fdr_moments = {name: RunningMoments(dim, device=fdr.device) for name, dim in fdr.dims.items()} if fdr else None
+    cmmd_features: list[np.ndarray] = []
     bar = None
     if progress_total is not None:
         from ..progress import tqdm
 
-        networks = "Inception + DINOv2" if dinov2 is not None else "Inception"
+        networks = " + ".join(["Inception"] + [name for name, used in (("DINOv2", dinov2), ("CLIP", cmmd),
+                                                                        ("FDr6", fdr)) if used is not None])
         bar = tqdm(total=progress_total, unit="img", desc=f"{networks} {Path(source).name or 'features'}")
 
     def features():
@@ -111,13 +120,19 @@ def compute_statistics(
             image_size[:] = [size]
             if dinov2_moments is not None:
                 dinov2_moments.update(dinov2(batch))
+            if cmmd is not None:
+                cmmd_features.append(cmmd(batch).cpu().numpy())
+            if fdr_moments is not None:
+                for name, values in fdr(batch).items():
+                    fdr_moments[name].update(values)
             yield extractor(batch)
             if bar is not None:
                 bar.update(len(batch))
 
     try:
         stats = statistics_from_features(
-            features(), device=extractor.device, pr_subset=pr_subset, is_split_size=is_split_size, source=source
+            features(), device=extractor.device, pr_subset=pr_subset, is_split_size=is_split_size, source=source,
+            pipeline=pipeline,
         )
     finally:
         if bar is not None:
@@ -125,6 +140,10 @@ def compute_statistics(
     stats.image_size = image_size[0]
     if dinov2_moments is not None:
         stats.mu_dinov2, stats.sigma_dinov2 = dinov2_moments.mean, dinov2_moments.covariance()
+    if cmmd is not None:
+        stats.cmmd_features = np.concatenate(cmmd_features).astype(np.float32)
+    if fdr_moments is not None:
+        stats.fdr_moments = {name: (moments.mean, moments.covariance()) for name, moments in fdr_moments.items()}
     return stats
 
 
@@ -136,12 +155,15 @@ def statistics_from_features(
     is_split_size: int = IS_SPLIT_SIZE,
     image_size: tuple[int, int] | None = None,
     source: str = "",
+    pipeline: str = "adm",
 ) -> EvalStatistics:
     """`EvalStatistics` from batches of Inception outputs (e.g. gathered from several processes)."""
+    if pipeline not in REFERENCE_PIPELINES:
+        raise UserError(f"unknown reference pipeline {pipeline!r}; choose one of {', '.join(REFERENCE_PIPELINES)}")
     # The float64 moments live on the network's device: on a GPU, their updates are not a CPU bottleneck.
     pool_moments = RunningMoments(POOL_DIM, device=device)
     spatial_moments = RunningMoments(SPATIAL_DIM, device=device)
-    inception_score = InceptionScoreAccumulator(is_split_size)
+    inception_score = InceptionScoreAccumulator(is_split_size) if pipeline == "adm" else TorchFidelityInceptionScore()
     kept: list[np.ndarray] = []
     num_kept = 0
     for features in outputs:
@@ -175,24 +197,34 @@ def statistics_for_path(
     reference: bool = False,
     progress: bool = True,
     dinov2: DinoV2FeatureExtractor | None = None,
+    cmmd: CMMDFeatureExtractor | None = None,
+    fdr: FDRFeatureExtractors | None = None,
+    pipeline: str = "adm",
 ) -> EvalStatistics:
-    """`EvalStatistics` of a statistics file, an ADM `.npz` batch or an image folder.
+    """`EvalStatistics` of a statistics file, an ADM `.npz` batch, an `.npz` of FID moments only
+    (`mu`, `sigma`: torch-fidelity's and JiT's `jit_in256_stats.npz`) or an image folder.
 
     Precomputed `mu`, `sigma`, `mu_s`, `sigma_s` in an `.npz` are used as they are (as ADM's
-    `read_statistics` does). For a `reference`, its images are then only needed for precision/recall,
-    so only those (all, or the first `pr_subset`) go through Inception; with a subset, no IS is kept.
-    With a `dinov2` extractor every image is read (ADM batches carry no DINOv2 moments) and the
-    DINOv2 moments are added. `extractor` may be None for statistics files, which are returned as
-    stored (with or without DINOv2 moments).
+    `read_statistics` does). For a `reference`, its images are then only needed for precision/recall
+    and MIND, so only those (all, or the first `pr_subset`) go through Inception; with a subset, no IS is
+    kept. With an encoder (`dinov2`, `cmmd`, `fdr`) every image is read (ADM batches carry none of their
+    features), and its statistics are added. `extractor` may be None for statistics files, which are
+    returned as stored (with whatever optional statistics they hold).
     """
     path = Path(path).expanduser()
     if is_statistics_file(path):
         return load_statistics(path)
+    moments = read_fid_moments(path)
+    if moments is not None:  # FID's moments and nothing else: no images to run
+        return EvalStatistics(mu=moments["mu"], sigma=moments["sigma"], mu_s=moments.get("mu_s"),
+                              sigma_s=moments.get("sigma_s"),
+                              num_images=0, source=str(path))
     images = open_images(path)
     if extractor is None:
         raise ValueError("an InceptionFeatureExtractor is needed for images")
     precomputed = read_adm_statistics(path) if isinstance(images, NpzImages) else None
-    limit = pr_subset if precomputed is not None and reference and dinov2 is None else None
+    every_image = dinov2 is not None or cmmd is not None or fdr is not None
+    limit = pr_subset if precomputed is not None and reference and not every_image else None
     count = images.num_images if limit is None else min(limit, images.num_images)
     stats = compute_statistics(
         images.batches(extractor.batch_size, limit=limit),
@@ -201,6 +233,9 @@ def statistics_for_path(
         progress_total=count if progress else None,
         source=str(path),
         dinov2=dinov2,
+        cmmd=cmmd,
+        fdr=fdr,
+        pipeline=pipeline,
     )
     if precomputed is not None:
         stats.mu, stats.sigma = precomputed["mu"], precomputed["sigma"]

@@ -173,6 +173,39 @@ class InceptionScoreAccumulator:
         return float(np.mean(scores))
 
 
+class TorchFidelityInceptionScore:
+    """The Inception Score as torch-fidelity computes it (`metric_isc.py`, the IS that JiT and MAR report):
+    all logits are kept, shuffled by numpy's `RandomState(2020).permutation`, and cut into 10 splits at
+    i * N // 10; per split exp(E_x KL(p(y|x) || p(y))), averaged. Same formula as ADM's, other splits:
+    ADM takes consecutive splits of 5000 images, so the two differ by the split noise (a few tenths)."""
+
+    SPLITS = 10  # torch-fidelity's isc_splits
+    SEED = 2020  # torch-fidelity's rng_seed
+
+    def __init__(self):
+        self._logits: list[np.ndarray] = []
+
+    def update(self, logits: np.ndarray | torch.Tensor) -> None:
+        self._logits.append(torch.as_tensor(logits).detach().to("cpu", torch.float32).numpy())
+
+    def score(self) -> float:
+        if not self._logits:
+            raise UserError("the Inception Score needs at least one image")
+        logits = np.concatenate(self._logits)
+        logits = torch.from_numpy(logits[np.random.RandomState(self.SEED).permutation(len(logits))]).double()
+        log_probs = torch.log_softmax(logits, dim=1)
+        probs = log_probs.exp()
+        n, scores = len(logits), []
+        for i in range(self.SPLITS):
+            part, log_part = probs[i * n // self.SPLITS : (i + 1) * n // self.SPLITS], \
+                log_probs[i * n // self.SPLITS : (i + 1) * n // self.SPLITS]
+            if len(part) == 0:
+                continue
+            marginal = part.mean(0, keepdim=True)
+            scores.append(float((part * (log_part - marginal.log())).sum(1).mean().exp()))
+        return float(np.mean(scores))
+
+
 def inception_score(logits: np.ndarray | torch.Tensor, split_size: int = 5000) -> float:
     """Inception Score of all `logits` (N, C) at once; see `InceptionScoreAccumulator`."""
     accumulator = InceptionScoreAccumulator(split_size)

@@ -188,6 +188,21 @@ def read_adm_statistics(path: Path) -> dict[str, np.ndarray] | None:
         raise UserError(f"cannot read {str(path)!r} as an .npz archive ({err})") from None
 
 
+def read_fid_moments(path: Path) -> dict[str, np.ndarray] | None:
+    """The moments of an `.npz` that holds statistics but no images: torch-fidelity's and JiT's
+    (`jit_in256_stats.npz`: `mu`, `sigma`), or ADM's four without `arr_0`. None for anything else."""
+    path = Path(path)
+    if path.suffix != ".npz" or not path.is_file() or is_statistics_file(path):
+        return None
+    try:
+        with np.load(path) as archive:
+            if "arr_0" in archive.files or "mu" not in archive.files or "sigma" not in archive.files:
+                return None
+            return {key: archive[key].astype(np.float64) for key in ADM_STAT_KEYS if key in archive.files}
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+
+
 def is_statistics_file(path: Path) -> bool:
     """Whether `path` is a statistics file written by `fastdit evaluate --make-ref`."""
     if path.suffix != ".npz" or not path.is_file():
