@@ -50,7 +50,8 @@ def paper_depth(num_blocks: int) -> int:
 class AlignmentSettings:
     # The paper's defaults: λ 0.5, projector width 2048, block 8 of XL.
     repa: str | None = option(None, "align block --repa-depth's tokens with this frozen encoder (REPA): dinov2-vitb14 "
-                                    "(REPA's), another DINOv2/DINOv3 size, timm:NAME, or a local file (default: off)")
+                                    "(REPA's), another DINOv2/DINOv3 size, hf:OWNER/REPO, NAME=FOLDER (a local copy) "
+                                    "or a TorchScript file (default: off)")
     repa_depth: int = option(paper_depth(28), f"the block whose output tokens are aligned, counted from 1 (REPA: "
                                               f"{paper_depth(28)} for L and XL, {paper_depth(12)} for B)", at_least=1)
     repa_weight: float = option(0.5, "weight λ of the alignment term in the loss", at_least=0)
