@@ -487,3 +487,44 @@ def test_a_checkpoint_from_more_gpus_resumes_where_fewer_are_visible(tmp_path, m
     state_module.set_rng_state(content["rng"])
     monkeypatch.undo()
     assert train(tiny_config(tmp_path, max_steps=4, ckpt_every=2)).step == 4
+
+
+def test_a_run_whose_every_step_was_skipped_saves_nothing(tmp_path, monkeypatch):
+    # Every step non-finite, but --skip-nonfinite lets the run reach its end: its export would be the
+    # initial weights under the run's name. It stops instead, and writes no checkpoint or export.
+    import nonfinite_steps
+
+    nonfinite_steps.install(monkeypatch.setattr, set(range(1, 5)))
+    with pytest.raises(NonFiniteLoss, match="every one of the 4 steps this run took was skipped"):
+        train(tiny_config(tmp_path, max_steps=4, ckpt_every=4, skip_nonfinite=10))
+    assert not list((tmp_path / "DiT-T-2-8px-digits" / "checkpoints").glob("*"))
+
+
+def test_the_non_finite_message_names_the_method_and_only_a_checkpoint_that_exists(tmp_path, monkeypatch):
+    # REPA's encoder gives NaN tokens: the repa term is not finite while the objective's loss is. The message
+    # says so instead of blaming the learning rate, and does not promise a checkpoint the run never wrote.
+    from fastdit.demo.encoder import DigitTokens, save_digit_encoder
+    from fastdit.train.extensions.repa import RepresentationAlignment
+
+    torch.manual_seed(1)
+    encoder = str(save_digit_encoder(DigitTokens(), tmp_path / "tiny.ts"))
+    monkeypatch.setattr(RepresentationAlignment, "targets", lambda self, images: torch.full(
+        (len(images), 16, self.encoder.dim), float("nan")))
+    with pytest.raises(NonFiniteLoss) as stopped:
+        train(tiny_config(tmp_path / "runs", repa=encoder, repa_depth=1, repa_projector_dim=32, max_steps=4))
+    message = str(stopped.value)
+    assert "the loss became nan through its repa term (from the repa training method" in message
+    assert "the learning rate is not the cause" in message and "--lr" not in message
+    assert "No checkpoint was written yet" in message and "intact" not in message
+
+
+def test_a_failed_sample_grid_saves_the_steps_before_it_stops(tmp_path, monkeypatch):
+    from fastdit import sampling
+
+    def non_finite(*args, **kwargs):
+        raise UserError("sampling gave non-finite latents (NaN or inf) for 40 of 40 image(s)")
+
+    monkeypatch.setattr(sampling, "generate", non_finite)
+    with pytest.raises(UserError, match="the sample grid of step 3 failed .*after saving 0000003.pt"):
+        train(tiny_config(tmp_path, max_steps=6, ckpt_every=4, sample_every=3, sample_steps=2))
+    assert (tmp_path / "DiT-T-2-8px-digits" / "checkpoints" / "0000003.pt").is_file()

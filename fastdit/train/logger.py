@@ -52,8 +52,9 @@ class StepWindow:
         """A step's `StepResult` (`fastdit.train.step`): device tensors."""
         taken = ~result.skipped
         # A skipped step's terms are not finite: masked out, not multiplied by 0 (inf · 0 is nan).
+        own = {} if result.objective_loss is None else {"objective_loss": result.objective_loss}
         update = {name: torch.where(taken, value, torch.zeros_like(value))
-                  for name, value in {**result.terms, "grad_norm": result.grad_norm}.items()}
+                  for name, value in {**result.terms, **own, "grad_norm": result.grad_norm}.items()}
         if self.running is None:
             self.running, self.updates, self.skipped = update, taken.long(), result.skipped.long()
             return

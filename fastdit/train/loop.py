@@ -168,7 +168,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
 
     last_saved, last_loss = None, None
     window = StepWindow()  # the steps since the last log line
-    outcomes = StepOutcomes(optim.skip_nonfinite, log)
+    outcomes = StepOutcomes(optim.skip_nonfinite, log, saved=lambda: bool(list_checkpoints(run_dir)))
     compile_checked = False
     run_context = RunContext(run_dir, dist, model_info, log, outcomes.settle)
     progress = _progress_bar(config, dist, position.step, max_steps)
@@ -202,14 +202,22 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
             # there when a run resumed from that checkpoint does not pass the step again.
             for extension in state.extensions:
                 extension.at_step_end(run_context, position.step, last=position.step == max_steps)
+            if position.step == max_steps:
+                outcomes.refuse_if_nothing_was_learned()
             if position.step % run.ckpt_every == 0 or position.step == max_steps:
                 if position.step_in_epoch == per_epoch:  # store a finished epoch as the next one's start
                     position = state.position = Position(position.step, position.epoch + 1, 0)
                 last_saved = _save(config, run_dir, dist, state, model_info, log)
             if run.sample_every and position.step % run.sample_every == 0:
                 ema = state.gathered_ema()  # every process: FSDP gathers the EMA to rank 0
-                if dist.is_main:
-                    _sample_grid(config, objective, run_dir, ema, data, position.step, log)
+                problem = _sample_grid(config, objective, run_dir, ema, data, position.step, log) if dist.is_main else None
+                problem = _from_main(problem)
+                if problem is not None:  # the steps since the last checkpoint are saved before the run stops
+                    if last_saved is None or last_saved != checkpoint_path(run_dir, position.step):
+                        last_saved = _save(config, run_dir, dist, state, model_info, log)
+                    raise UserError(f"the sample grid of step {position.step} failed ({problem}); the run stopped "
+                                    f"after saving {last_saved.name}. Lower the learning rate or look at the "
+                                    f"samples' settings (--sample-steps), then run the same command to resume")
             if config.evaluation.eval_every and position.step % config.evaluation.eval_every == 0:
                 _evaluate(config, objective, state.ema, data, position.step, dist, log)
             if position.step >= max_steps:
@@ -252,11 +260,13 @@ class StepOutcomes:
     """Whether each step was skipped for a non-finite loss or gradient, read on the host one step late
     (`hold`: while the next step runs) or when the loop acts on a step (`settle`: before it logs, saves
     or samples). Skipped steps are logged and counted in a row; one past `limit` (--skip-nonfinite)
-    stops the run, before anything of that step is saved."""
+    stops the run, before anything of that step is saved. `saved()`: whether a checkpoint exists, for
+    the message."""
 
-    def __init__(self, limit: int, log: RunLogger):
-        self.limit, self.log = limit, log
+    def __init__(self, limit: int, log: RunLogger, saved=lambda: True):
+        self.limit, self.log, self.saved = limit, log, saved
         self.pending, self.in_a_row = None, 0
+        self.steps, self.updates = 0, 0  # of this run (this command), for `refuse_if_nothing_was_learned`
 
     def hold(self, number: int, result) -> None:
         """Keep step `number`'s result (counted from 1); settle the one held before."""
@@ -267,14 +277,35 @@ class StepOutcomes:
         if self.pending is None:
             return
         (number, result), self.pending = self.pending, None
+        self.steps += 1
         if not bool(result.skipped):  # waits for that step's all-reduce only
-            self.in_a_row = 0
+            self.in_a_row, self.updates = 0, self.updates + 1
             return
         self.in_a_row += 1
         if self.in_a_row > self.limit:  # the batch is not used up: a rerun retries it
-            raise NonFiniteLoss(non_finite_message(result, number))
+            raise NonFiniteLoss(non_finite_message(result, number, saved=self.saved()))
         self.log.info(f"step {number:07d}  {result.problem()}: skipped, no update "
                       f"({self.in_a_row} in a row, --skip-nonfinite {self.limit})")
+
+
+    def refuse_if_nothing_was_learned(self) -> None:
+        """At the run's end: when every step it took was skipped, it saves nothing (its export would be the
+        weights it started from, presented as the run's result)."""
+        self.settle()
+        if self.steps and not self.updates:
+            raise NonFiniteLoss(
+                f"every one of the {self.steps} steps this run took was skipped (not finite), so nothing was learned "
+                f"and nothing is saved; lower --lr, add --grad-clip 1.0 or --warmup-steps, and check the data"
+            )
+
+
+def _from_main(value):
+    """`value` as the main process has it, on every process (a small picklable object)."""
+    if not distributed.is_initialized():
+        return value
+    message = [value]
+    torch.distributed.broadcast_object_list(message, src=0)
+    return message[0]
 
 
 def _acts_at(config: TrainConfig, step: int, max_steps: int) -> bool:
@@ -339,7 +370,16 @@ def _save(config, run_dir, dist, state: TrainingState, model_info, log):
     return path if path is not None else checkpoint_path(run_dir, position.step)
 
 
-def _sample_grid(config, objective, run_dir, ema, data, step, log):
+def _sample_grid(config, objective, run_dir, ema, data, step, log) -> str | None:
+    """Write the EMA's sample grid of `step`; a UserError (non-finite samples) is returned as its message."""
+    try:
+        _write_sample_grid(config, objective, run_dir, ema, data, step, log)
+    except UserError as err:
+        return str(err)
+    return None
+
+
+def _write_sample_grid(config, objective, run_dir, ema, data, step, log):
     from ..image_grid import make_grid
     from ..io import atomic_save_png
     from ..sampling import SamplingOptions, generate

@@ -23,7 +23,7 @@ when it logs or saves. Under fp16 the gradient scaler decides on the host, as it
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,19 +50,39 @@ class StepResult:
     terms: dict[str, torch.Tensor]  # each loss term's mean over the global batch (float64 scalars), "loss" first
     grad_norm: torch.Tensor  # the global L2 norm of the gradient before clipping (float64 scalar)
     skipped: torch.Tensor  # bool scalar: the loss or the gradient was not finite (on some process): no update
+    # The objective's own loss ("loss" before the extensions' terms are added), when extensions add any.
+    objective_loss: torch.Tensor | None = None
+    methods: dict[str, str] = field(default_factory=dict)  # an extension's term -> the extension's name
 
     def problem(self) -> str:
-        """What was not finite, in words: "the loss became nan" or "the gradient norm became inf"."""
+        """What was not finite, in words: "the loss became nan", "the loss became nan through its repa term
+        (...)" or "the gradient norm became inf"."""
         loss = self.terms["loss"]
-        if not torch.isfinite(loss):
-            return f"the loss became {loss.item()}"
-        return f"the gradient norm became {self.grad_norm.item()}"
+        if torch.isfinite(loss):
+            return f"the gradient norm became {self.grad_norm.item()}"
+        text = f"the loss became {loss.item()}"
+        bad = [name for name in self.methods if not torch.isfinite(self.terms[name])]
+        if bad and self.objective_loss is not None and torch.isfinite(self.objective_loss):
+            text += (f" through its {bad[0]} term (from the {self.methods[bad[0]]} training method; the objective's "
+                     f"own loss is finite)")
+        return text
+
+    @property
+    def method_is_the_cause(self) -> bool:
+        """Whether only an extension's term is not finite (not the objective's loss or the gradient)."""
+        return "through its" in self.problem()
 
 
-def non_finite_message(result: StepResult, step: int) -> str:
-    """The message a run stops with; `step` counted from 1."""
-    return (f"{result.problem()} at step {step}; stopping. The last good checkpoint is intact. "
-            f"Try a lower --lr, --grad-clip 1.0, --warmup-steps, or --precision bf16 instead of fp16; "
+def non_finite_message(result: StepResult, step: int, *, saved: bool = True) -> str:
+    """The message a run stops with; `step` counted from 1, `saved`: a checkpoint of the run exists."""
+    kept = ("The last good checkpoint is intact" if saved else
+            "No checkpoint was written yet (a rerun starts again from step 1)")
+    if result.method_is_the_cause:
+        advice = ("check that method's inputs and settings (for REPA: the encoder's output on your images); "
+                  "the learning rate is not the cause")
+    else:
+        advice = "try a lower --lr, --grad-clip 1.0, --warmup-steps, or --precision bf16 instead of fp16"
+    return (f"{result.problem()} at step {step}; stopping. {kept}. {advice[0].upper() + advice[1:]}; "
             f"--skip-nonfinite K skips up to K such steps in a row")
 
 
@@ -98,7 +118,7 @@ def train_step(state: TrainingState, batch, objective: Objective) -> StepResult:
         part = slice(k * layout.micro_batch, (k + 1) * layout.micro_batch)
         micro = MicroBatch(x[part], None if images is None else images[part], y[part], draws.micro(part.start, part.stop))
         with no_sync(state.runnable, k < num_micro - 1), autocast(device, config.run.precision):
-            terms = _losses(state, objective, micro)
+            terms, methods = _losses(state, objective, micro)
             means = {name: value.float().mean() / num_micro for name, value in terms.items()}
         scaler.scale(means["loss"]).backward()
         if names is None:
@@ -120,8 +140,10 @@ def train_step(state: TrainingState, batch, objective: Objective) -> StepResult:
     totals, grad_norm = summary[:-2], summary[-2]
     skipped = (summary[-1] > 0) | ~torch.isfinite(totals[0])  # on the device
     terms = dict(zip(names, totals))
+    objective_loss = terms.pop(OBJECTIVE_LOSS, None)
     if scaler.is_enabled() or not all(opt.defaults.get("fused") for opt in optimizers):
-        return _update_deciding_on_the_host(state, optimizers, terms, grad_norm, skipped)
+        return _update_deciding_on_the_host(state, optimizers,
+                                            StepResult(terms, grad_norm, skipped, objective_loss, methods))
     found_inf = skipped.to(torch.float32)
     for opt in optimizers:
         opt.found_inf = found_inf  # read by the fused kernel, as a gradient scaler hands it over
@@ -132,32 +154,37 @@ def train_step(state: TrainingState, batch, objective: Objective) -> StepResult:
     taken = (~skipped).to(torch.float32)
     for extension in extensions:
         extension.after_step(state.model, step, taken)
-    return StepResult(terms, grad_norm, skipped)
+    return StepResult(terms, grad_norm, skipped, objective_loss, methods)
 
 
-def _update_deciding_on_the_host(state: TrainingState, optimizers, terms, grad_norm, skipped) -> StepResult:
+def _update_deciding_on_the_host(state: TrainingState, optimizers, result: StepResult) -> StepResult:
     """The step's update where the decision is read on the host: under fp16 (the gradient scaler's own
     overflow check reads it too) or with an optimizer that takes no `found_inf`."""
     scaler = state.scaler
-    if bool(skipped):
+    if bool(result.skipped):
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         if scaler.is_enabled():
             scaler.update()  # unscale_ was called: the scaler must close the step (it lowers its scale)
-        return StepResult(terms, grad_norm, skipped)
+        return result
     for opt in optimizers:
         scaler.step(opt)  # a disabled scaler just steps
     scaler.update()
-    taken = torch.ones((), device=skipped.device)
+    taken = torch.ones((), device=result.skipped.device)
     for extension in state.extensions:
         extension.after_step(state.model, state.position.step, taken)
-    return StepResult(terms, grad_norm, skipped)
+    return result
 
 
-def _losses(state: TrainingState, objective: Objective, micro: MicroBatch) -> dict[str, torch.Tensor]:
+# The objective's own loss, logged beside "loss" when extensions add terms to it.
+OBJECTIVE_LOSS = "objective_loss"
+
+
+def _losses(state: TrainingState, objective: Objective, micro: MicroBatch) -> tuple[dict[str, torch.Tensor], dict]:
     """The per-sample loss terms of one micro-batch: the objective's, through the network the step runs
     (with the extensions' training inputs), then each extension's terms from what it captured; "loss"
-    is the objective's plus each extension term times its weight."""
+    is the objective's plus each extension term times its weight, and "objective_loss" the objective's
+    own when an extension added any. Also {extension term: extension name}."""
     extensions = state.extensions
     for extension in extensions:
         micro.training_inputs.update(extension.training_inputs(micro))
@@ -169,11 +196,14 @@ def _losses(state: TrainingState, objective: Objective, micro: MicroBatch) -> di
     with contextlib.ExitStack() as captures:
         captured = [captures.enter_context(extension.capture(state.model)) for extension in extensions]
         terms = objective.losses(network, micro.x, micro.draws.objective, conditions)
+    own, methods = terms["loss"], {}
     for extension, seen in zip(extensions, captured):
         for name, term in extension.loss_terms(micro, seen).items():
-            terms[name] = term.value
+            terms[name], methods[name] = term.value, extension.name
             terms["loss"] = terms["loss"] + term.weight * term.value
-    return terms
+    if methods:
+        terms[OBJECTIVE_LOSS] = own.detach()
+    return terms, methods
 
 
 def _clipped_gradient_norm(state: TrainingState) -> torch.Tensor:
