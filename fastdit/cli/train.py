@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 
 from ..program import program_words
 from ..train.config import SECTIONS, RunSection, TrainConfig, flat_fields
+from .arg_types import positive_int
 from .dataclass_args import add_dataclass_arguments
 
 HELP = "train a DiT (one process, or torchrun / accelerate launch for many GPUs and nodes)"
@@ -22,6 +24,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                default=RunSection.gradient_checkpointing, metavar="POLICY", help=argparse.SUPPRESS)
     groups["run"].add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_const",
                                const="off", help=argparse.SUPPRESS)
+    parser.add_argument("--dry-run", nargs="?", type=positive_int, const=0, default=None, metavar="PROCESSES",
+                        help="print the memory each process needs for this run (estimated on the meta device: nothing "
+                             "is allocated, trained or written) and stop; PROCESSES: for that many (default: this "
+                             "job's, 1 without torchrun)")
+
+
+def dry_run(config: TrainConfig, processes: int) -> int:
+    """Print the memory estimate of `config` on `processes` processes (`fastdit.train.memory`)."""
+    from ..train.memory import estimate_memory
+    from ..train.training_data import model_input_shape
+
+    config.validate()
+    shape = model_input_shape(config)
+    estimate = estimate_memory(config, processes, shape)
+    sharding = "FSDP, sharded over them" if config.run.fsdp and processes > 1 else "each holding a whole copy"
+    print(f"{config.model.name} on inputs {shape}, {processes} process(es) ({sharding}), global batch "
+          f"{config.optimisation.global_batch_size}, {config.run.precision}, activation checkpointing "
+          f"{config.run.gradient_checkpointing}; memory per process (an estimate):")
+    print("\n".join(estimate.lines()))
+    print("to lower it: --gradient-checkpointing (blocks, mlp, every-K), --micro-batch-size (gradient accumulation: "
+          "the same steps), --precision bf16, or --fsdp over several GPUs")
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -32,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from ..train.loop import train
 
     config = config_from_args(args)
+    if args.dry_run is not None:
+        return dry_run(config, args.dry_run or int(os.environ.get("WORLD_SIZE", "1")))
     result = train(config)
     if result.export is not None:
         # The export records its sampling recipe (MeanFlow's: one step at cfg 1): no flag is needed.

@@ -181,7 +181,10 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
             pin_memory=device.type == "cuda", persistent_workers=False,
         )
         for batch in loader:
-            result = train_step(state, batch, objective)
+            try:
+                result = train_step(state, batch, objective)
+            except torch.OutOfMemoryError:
+                raise UserError(_out_of_memory(config, dist, data, position.step + 1)) from None
             if run.compile and not compile_checked:  # what the first step really ran compiled
                 compile_checked = True
                 log.info(_compile_report(model))
@@ -297,6 +300,24 @@ class StepOutcomes:
                 f"every one of the {self.steps} steps this run took was skipped (not finite), so nothing was learned "
                 f"and nothing is saved; lower --lr, add --grad-clip 1.0 or --warmup-steps, and check the data"
             )
+
+
+def _out_of_memory(config: TrainConfig, dist, data: TrainingData, step: int) -> str:
+    """The message of a run out of GPU memory: where, the estimate for this run, and the three levers."""
+    from .memory import estimate_memory
+
+    estimate = estimate_memory(config, dist.world_size, tuple(data.latent_shape))
+    _, micro_batch = batch_split(config.optimisation, dist.world_size)
+    levers = []
+    if config.run.gradient_checkpointing != "blocks":
+        levers.append("--gradient-checkpointing blocks (recompute activations in the backward)")
+    if micro_batch > 1:
+        levers.append(f"--micro-batch-size {max(1, micro_batch // 2)} (gradient accumulation: the same steps)")
+    if config.run.precision == "fp32":
+        levers.append("--precision bf16")
+    return (f"out of memory on {dist.device} at step {step} (micro-batch {micro_batch} per process); this run needs "
+            f"about {estimate.summary()} (`fastdit train ... --dry-run` itemises it). Lower it with "
+            + ("; ".join(levers) or "more processes under --fsdp") + ", then run the same command to resume")
 
 
 def _from_main(value):

@@ -10,7 +10,7 @@ import torch
 from ..model_info import LatentInfo
 from ..data import LatentStoreDataset, open_dataset
 from ..errors import UserError
-from ..latents import SD_VAE_SCALE, check_latent_channels, load_latent_space
+from ..latents import SD_VAE_SCALE, check_latent_channels, latent_side, load_latent_space
 from .config import TrainConfig
 from .extensions import enabled_extensions
 
@@ -33,6 +33,22 @@ class TrainingData:
             if name is not None:
                 check_latent_channels(self.latent_space, self.latent_shape[0], what="the latent store")
         return self.latent_space
+
+
+def model_input_shape(config: TrainConfig) -> tuple[int, int, int]:
+    """(C, H, W) of the model's input for `config`, without loading a VAE or reading the images: a latent
+    store's recorded shape, the digits' 1 x 8 x 8, an image folder's 3 x S x S in pixel space, else the SD
+    VAE's 4 x S/8 x S/8 (for estimates: `fastdit train --dry-run`)."""
+    data, size = config.data, config.model.image_size
+    if data.features_path:
+        from ..data.latent_store import LatentStore
+
+        return tuple(LatentStore(data.features_path).latent_shape)
+    if data.data_path == "digits":
+        return (1, 8, 8)
+    if data.pixel_space:
+        return (3, size, size)
+    return (4, latent_side(size), latent_side(size))
 
 
 def open_training_data(config: TrainConfig, device: torch.device) -> TrainingData:
