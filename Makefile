@@ -56,8 +56,9 @@ notebook: $(VENV)/.installed-notebook
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/bench_train.py
 
-# One CUDA GPU, under 8 minutes: the gpu tests, the bench rows, DiT-XL/2's memory with checkpointing, a
-# compiled bf16 training run with a resume, and sample-ddp; one report (benchmarks/gpu_check.sh).
+# One CUDA GPU, under 8 minutes: the gpu tests, a compiled bf16 training run with a resume, sample-ddp, a
+# 2-process DDP run where two GPUs are visible, and the bench figures; one report, markdown and JSON
+# (benchmarks/gpu_check.sh; GPU_CHECK_ARGS="--dry-run" shows the plan).
 GPU_CHECK_REPORT ?= gpu-check-report.md
 gpu-check: install
 	bash benchmarks/gpu_check.sh --python $(PY) --out $(GPU_CHECK_REPORT) $(GPU_CHECK_ARGS)

@@ -145,3 +145,87 @@ def test_batch_zero_is_an_error_not_the_default_batch(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--batch and --steps must be at least 1" in err and "Traceback" not in err
+
+
+def test_jvp_flop_formula_counts_what_torch_counts():
+    # MeanFlow's target is a forward-mode JVP along (z, t): torch runs the primal and, for the tangent, two
+    # products per matmul (one of them with the weight's zero tangent): three forwards, as its counter says.
+    from fastdit.bench.flops import jvp_flops_per_image
+
+    model = build_model("DiT-T/2", input_size=8, num_classes=10).eval()
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0, 1, 2])
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        torch.func.jvp(lambda x_, t_: model(x_, t_, y), (x, t), (torch.ones_like(x), torch.ones_like(t)))
+    assert jvp_flops_per_image(model.config) * 3 == counter.get_total_flops()
+
+
+def test_mfu_counts_what_the_step_computes():
+    """A MeanFlow step adds its JVP on the r != t share; a REPA step its DINOv2-B/14-sized encoder
+    (46 GFLOP per 224-px image: 23 G multiply-adds) and its projector; sampling the doubled batch."""
+    from fastdit.bench.flops import jvp_flops_per_image, vit_forward_flops
+    from fastdit.bench.rows import DINOV2_B14
+    from fastdit.bench.table import step_flops
+
+    config = config_from_name("DiT-XL/2", input_size=32, num_classes=1000)
+    forward = forward_flops_per_image(config)
+    plain = step_flops("train", config, parse_row("fastdit+bf16", training=True), 32)
+    assert plain == 32 * 3 * forward
+    assert step_flops("sample", config, parse_row("fastdit", training=False), 32) == 2 * 32 * forward
+    meanflow = step_flops("train", config, parse_row("fastdit+meanflow", training=True), 32)
+    assert meanflow == pytest.approx(plain + 32 * 0.25 * jvp_flops_per_image(config))  # the paper's ratio: 1 in 4
+    encoder = vit_forward_flops(**{k: DINOV2_B14[k] for k in ("image_size", "patch", "width", "depth", "mlp")})
+    assert 45e9 < encoder < 47e9
+    repa = step_flops("train", config, parse_row("fastdit+repa", training=True), 32)
+    projector = 3 * 2 * 256 * (1152 * 2048 + 2048 * 2048 + 2048 * 768)
+    assert repa == pytest.approx(plain + 32 * (encoder + projector))
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200", 989.0),
+    ("NVIDIA H800", 989.0), ("NVIDIA H800 PCIe", 756.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100 80GB PCIe", 312.0),
+    ("NVIDIA B200", 2250.0), ("NVIDIA GeForce GTX 1080", None),
+])
+def test_peaks_of_the_data_center_gpus(name, peak):
+    assert peak_tflops(name) == peak
+
+
+def test_rows_stream_as_they_finish_with_the_reference_first(monkeypatch):
+    """Each row's line is printed when it is measured (a step stopped by its time limit keeps them), the
+    reference rows first so every ratio can be printed at once."""
+    import io
+
+    import fastdit.bench.table as table
+    from fastdit.bench.rows import Measurement
+
+    out = io.StringIO()
+    lines_when_measured = []
+
+    def measure(job, row, settings):
+        lines_when_measured.append((row.name, out.getvalue().count("\n")))
+        return Measurement(2.0 if row.reference else 3.0, 1.0, 0.0)
+
+    monkeypatch.setattr(table, "measure_isolated", measure)
+    rows = [parse_row(name, training=True) for name in ("fastdit+bf16", "reference+bf16", "fastdit")]
+    settings = dict(device="cpu", model="DiT-T/2", batch=2, latent=8, warmup=0, steps=1, cfg_scale=None)
+    table.run_table("train", rows, settings, peak=None, out=out)
+    assert lines_when_measured == [("reference+bf16", 2), ("fastdit+bf16", 3), ("fastdit", 4)]
+    body = _table(out.getvalue())
+    assert list(body) == ["reference+bf16", "fastdit+bf16", "fastdit"]
+    assert body["fastdit+bf16"][3] == "1.50x" and body["fastdit"][3] == "(no reference row)"
+
+
+def test_models_are_built_on_the_device(monkeypatch):
+    """DiT-XL/2 initialised on the CPU and then moved took longer than a row's measurement on a GPU."""
+    import fastdit.models
+    from fastdit.bench.rows import make_sample_step
+
+    devices = []
+    build = fastdit.models.build_model
+
+    def recording_build(*args, **kwargs):
+        devices.append(torch.get_default_device())
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(fastdit.models, "build_model", recording_build)
+    make_sample_step(parse_row("fastdit", training=False), "DiT-T/2", 2, 8, torch.device("meta"), 4.0)
+    assert devices == [torch.device("meta")]

@@ -486,3 +486,114 @@ def test_non_finite_samples_never_make_a_complete_npz(tmp_path, capsys):
     assert "non-finite latents (NaN or inf) for 3 of 3 image(s) (indices 0, 1, 2); nothing is written" in err
     assert not out.exists() and not out.with_suffix(".json").exists()
     assert list(tmp_path.glob("samples.parts/chunk-*")) == [] and list(tmp_path.glob("pngs/*.png")) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# many processes: balanced shares, no collective while anyone samples
+# ------------------------------------------------------------------------------------------------
+
+
+def shares_of(pending, *, num_samples, chunk_size, batch_size, world_size):
+    from fastdit.sample_ddp import shares
+    from fastdit.sample_ddp.workdir import Chunk
+
+    gaps = [Chunk(a, b) for a, b in pending] if pending is not None else [Chunk(0, num_samples)]
+    units = shares.batch_units(gaps, chunk_size=chunk_size, batch_size=batch_size)
+    return units, [shares.pieces(share, chunk_size) for share in shares.deal(units, world_size)]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 7, 8, 13, 50, 64, 100])
+def test_every_process_gets_within_one_batch_of_an_equal_share(world_size):
+    """50,000 images in chunks of 1000, batches of 32: with 8 processes round-robin chunks gave 7 and
+    6 chunks (a whole chunk's wait), with 64 left 14 processes idle; now every share is within one
+    batch of N / W, the pieces cover the images once in order, and none crosses a chunk boundary."""
+    units, dealt = shares_of(None, num_samples=50_000, chunk_size=1000, batch_size=32, world_size=world_size)
+    sizes = [sum(len(piece) for piece, _ in share) for share in dealt]
+    assert all(abs(size - 50_000 / world_size) < 32 for size in sizes), sizes
+    files = [piece for share in dealt for piece, _ in share]
+    assert [(f.start, f.stop) for f in files] == sorted((f.start, f.stop) for f in files)
+    assert files[0].start == 0 and files[-1].stop == 50_000 and all(a.stop == b.start for a, b in zip(files, files[1:]))
+    assert all(f.start // 1000 == (f.stop - 1) // 1000 for f in files)
+    # The batches are the grid one process samples: they start at chunk starts, every 32 images.
+    assert units[:33] == [type(units[0])(s, min(s + 32, 1000)) for s in range(0, 1000, 32)] + [type(units[0])(1000, 1032)]
+    assert all(unit.start % 1000 % 32 == 0 for unit in units)
+
+
+def test_a_rerun_after_a_kill_deals_what_is_missing_as_evenly():
+    """8 processes killed mid-run left each its first pieces; a rerun on 8 (or 5) deals only the rest,
+    within one batch of an equal share, on the same batch grid."""
+    _, dealt = shares_of(None, num_samples=50_000, chunk_size=1000, batch_size=32, world_size=8)
+    done = [share[0][0] for share in dealt]  # each process wrote its first file, then the job was killed
+    holes, start = [], 0
+    for chunk in sorted(done):
+        if chunk.start > start:
+            holes.append((start, chunk.start))
+        start = chunk.stop
+    holes.append((start, 50_000))
+    missing = sum(b - a for a, b in holes)
+    for world_size in (8, 5):
+        units, again = shares_of(holes, num_samples=50_000, chunk_size=1000, batch_size=32, world_size=world_size)
+        sizes = [sum(len(piece) for piece, _ in share) for share in again]
+        assert sum(sizes) == missing and all(abs(size - missing / world_size) < 32 for size in sizes), sizes
+        assert all(unit.start % 1000 % 32 == 0 for unit in units)  # the pieces on disk ended on the grid too
+
+
+SLOW_RANK_ONE = """
+import datetime, os, sys, time
+import torch.distributed
+join = torch.distributed.init_process_group
+def with_short_timeout(*args, **kwargs):  # a collective that waits longer than this fails, as NCCL's watchdog would
+    return join(*args, **{**kwargs, "timeout": datetime.timedelta(seconds=float(os.environ["GROUP_TIMEOUT"]))})
+torch.distributed.init_process_group = with_short_timeout
+import fastdit.sample_ddp.workdir as workdir
+write_chunk, rank = workdir.write_chunk, int(os.environ["RANK"])
+def slow_and_logged(paths, chunk, images, labels):
+    if rank == 1:
+        time.sleep(float(os.environ["SLOW_SECONDS"]))  # process 1 samples longer than the group's timeout
+    write_chunk(paths, chunk, images, labels)
+    print(f"rank {rank} wrote {chunk.start} {chunk.stop}", flush=True)
+workdir.write_chunk = slow_and_logged
+from fastdit import distributed
+from fastdit.cli import main
+distributed.leave_job_now(main(sys.argv[1:]))
+"""
+
+
+def test_three_processes_share_a_count_that_does_not_divide_and_none_waits_in_a_collective(tiny_ckpt, tmp_path):
+    """10 images in chunks of 4, batches of 1, on 3 gloo processes: shares of 4, 3 and 3 images (dealing
+    chunks gave 4, 4 and 2), the same bytes as one process, and while process 1 samples 12 s longer than
+    the process group's 8-s timeout the others wait on the shared folder, not in a collective."""
+    one = tmp_path / "one.npz"
+    run = ["--ckpt", tiny_ckpt, "--batch-size", "1", *RUN]
+    assert main(["sample-ddp", "--out", str(one), *run]) == 0
+    (tmp_path / "slow.py").write_text(SLOW_RANK_ONE)
+    out = tmp_path / "three.npz"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3"]
+    result = subprocess.run([*torchrun, str(tmp_path / "slow.py"), "sample-ddp", "--out", str(out), *run],
+                            env={**torchrun_env(), "GROUP_TIMEOUT": "8", "SLOW_SECONDS": "12", "OMP_NUM_THREADS": "1"},
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = [line.split() for line in result.stdout.splitlines() if line.startswith("rank ")]
+    images = {rank: sum(int(stop) - int(start) for r, start, stop in ((w[1], w[3], w[4]) for w in written) if r == rank)
+              for rank in "012"}
+    assert images == {"0": 4, "1": 3, "2": 3}, written
+    assert sorted((int(w[3]), int(w[4])) for w in written) == [(0, 4), (4, 7), (7, 8), (8, 10)]  # never across a chunk
+    assert "sampled 10 now" in result.stdout and "on 3 process(es)" in result.stdout
+    assert sha256(out) == sha256(one)
+
+
+def test_chunk_files_that_do_not_fit_the_run_are_dropped_on_resume(tmp_path):
+    """Files from another deal are kept when they fit the grid; one beyond the run's images, across a
+    chunk boundary, or overlapping a kept one is deleted and its images sampled again."""
+    from fastdit.sample_ddp.workdir import Chunk, OutputPaths, drop_damaged_chunks, pending, write_chunk
+
+    paths = OutputPaths(tmp_path / "s.npz")
+    paths.work_dir.mkdir()
+    for start, stop in [(0, 3), (3, 4), (2, 4), (4, 7), (7, 9), (8, 12)]:
+        n = stop - start
+        write_chunk(paths, Chunk(start, stop), np.zeros((n, 8, 8, 3), np.uint8), np.zeros(n, np.int64))
+    dropped = {path.name: why for path, why in drop_damaged_chunks(paths, 10, 4, (8, 8, 3))}
+    assert dropped == {"chunk-00000002-00000004.npz": "it overlaps images held by another chunk file (up to 3)",
+                       "chunk-00000007-00000009.npz": "it spans two chunks of 4 images",
+                       "chunk-00000008-00000012.npz": "images 8 to 12 are not within the run's 10"}
+    assert pending(paths, 10) == [Chunk(7, 10)]

@@ -6,16 +6,22 @@ from __future__ import annotations
 
 from ..models.dit import DiTConfig, swiglu_hidden
 
-# Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, no sparsity), matched by name.
+# Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, no sparsity), matched by the name
+# torch.cuda.get_device_name gives, most specific first ("H100 PCIe" before "H100"): the SXM parts are
+# "NVIDIA H100 80GB HBM3" and "NVIDIA H800", the NVL one "NVIDIA H100 NVL", the PCIe one "NVIDIA H100 PCIe".
 PEAK_BF16_TFLOPS = {
+    "B200": 2250.0,
     "H200": 989.0,
+    "H100 NVL": 835.0,
     "H100 PCIe": 756.0,
-    "H100": 989.0,
-    "A100": 312.0,
+    "H800 PCIe": 756.0,
+    "H100": 989.0,  # SXM5
+    "H800": 989.0,  # SXM5
+    "A100": 312.0,  # SXM and PCIe alike
+    "A800": 312.0,
     "L40S": 362.0,
     "L4": 121.0,
 }
-
 
 def forward_flops_per_image(config: DiTConfig, *, routed_span: tuple[int, int] | None = None,
                             kept_tokens: int | None = None) -> float:
@@ -52,3 +58,25 @@ def peak_tflops(device_name: str) -> float | None:
         if name in device_name:
             return tflops
     return None
+
+
+def jvp_flops_per_image(config: DiTConfig) -> float:
+    """One forward-mode JVP of the model (`torch.func.jvp`, MeanFlow's target), as torch runs it: the
+    primal forward, and for the tangent two products per matmul (the input's tangent times the weight,
+    and the input times the weight's tangent, zeros that torch multiplies all the same), attention's
+    products included: three forwards' FLOPs (tests/test_bench.py counts them with torch's counter)."""
+    return 3 * forward_flops_per_image(config)
+
+
+def vit_forward_flops(*, image_size: int, patch: int, width: int, depth: int, mlp: int, prefix_tokens: int = 1) -> float:
+    """One image through a plain ViT (patch embedding, `depth` pre-norm blocks): REPA's frozen encoder."""
+    patches = (image_size // patch) ** 2
+    T = patches + prefix_tokens
+    embed = 2 * patches * 3 * patch * patch * width
+    block = 2 * T * width * 3 * width + 2 * 2 * T * T * width + 2 * T * width * width + 2 * 2 * T * width * mlp
+    return float(embed + depth * block)
+
+
+def mlp_flops(tokens: int, widths: list[int]) -> float:
+    """A stack of linear layers widths[0] -> widths[1] -> ... on `tokens` tokens (REPA's projector)."""
+    return float(sum(2 * tokens * a * b for a, b in zip(widths, widths[1:])))

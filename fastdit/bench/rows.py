@@ -9,7 +9,11 @@ and `+route` (token routing, TREAD, at the paper's defaults: half the tokens ski
 fastdit's training rows run
 the real training step (`fastdit.train.step.train_step`:
 the setup `fastdit train` builds, its seeded draws, loss, fused AdamW and EMA); its sampling rows run the
-guided model as `fastdit sample` does, with one DDPM step."""
+guided model as `fastdit sample` does, with one DDPM step.
+
+Every row, reference or not, runs with TF32 on for float32 matmuls on a GPU, as the official train.py
+and sample_ddp.py do and as fastdit does by default: fp32 ratios compare like with like. Models are
+built on the device itself (a DiT-XL/2 initialised on the CPU first takes longer than its measurement)."""
 
 from __future__ import annotations
 
@@ -22,10 +26,13 @@ import torch
 from ..errors import UserError
 from ..host_memory import keep_freed_host_memory
 from ..objectives import build_objective, objective_names
-from ..precision import PRECISIONS
+from ..precision import PRECISIONS, use_tf32
 from ..train.extensions.routing import PAPER_RATE
 
 CHECKPOINT_OPTION = re.compile(r"ckpt(-mlp|-every-[1-9][0-9]*)?")
+# The stand-in of REPA's encoder: DINOv2-B/14's shape at 224 px (its FLOPs enter the MFU column).
+DINOV2_B14 = {"image_size": 224, "patch": 14, "width": 768, "depth": 12, "heads": 12, "mlp": 3072}
+REPA_PROJECTOR_DIM = 2048
 
 
 @dataclass(frozen=True)
@@ -112,16 +119,16 @@ def make_train_step(row: Row, model_name: str, batch: int, latent: int, device: 
     from ..train.ema import make_ema
     from ..train.loop import build_training_state
     from ..train.step import train_step
-    from ..train.setup import enable_tf32
     from ..train.training_data import TrainingData
     from .reference import reference_train_step
 
     torch.manual_seed(0)
-    enable_tf32(device, not row.reference)  # the official train.py turns TF32 on as well
+    use_tf32(device, True)  # the official train.py turns TF32 on, and so does `fastdit train`: both sides alike
     if not row.reference:
         keep_freed_host_memory()  # as `fastdit train` does; the reference runs with the allocator's defaults
     network = build_objective(row.objective).network()  # e.g. MeanFlow's second time input
-    model = build_model(model_name, input_size=latent, num_classes=1000, **network).to(device).train()
+    with torch.device(device):
+        model = build_model(model_name, input_size=latent, num_classes=1000, **network).train()
     x = torch.randn(batch, model.config.in_channels, latent, latent, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     if row.reference:
@@ -157,21 +164,26 @@ def dinov2_sized_alignment(model, config, device: torch.device):
     from ..train.extensions.repa import Projector, RepresentationAlignment, paper_depth
     from ..train.loop import make_optimizer
 
+    shape = DINOV2_B14
+    width, tokens = shape["width"], (shape["image_size"] // shape["patch"]) ** 2 + 1  # 257: the class token too
+
     class ViTB14(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.patches = torch.nn.Conv2d(3, 768, kernel_size=14, stride=14)
-            self.cls = torch.nn.Parameter(torch.zeros(1, 1, 768))
-            self.pos = torch.nn.Parameter(torch.zeros(1, 257, 768))
-            layer = torch.nn.TransformerEncoderLayer(768, 12, 3072, activation="gelu", batch_first=True, norm_first=True)
-            self.blocks = torch.nn.TransformerEncoder(layer, 12, enable_nested_tensor=False)
+            self.patches = torch.nn.Conv2d(3, width, kernel_size=shape["patch"], stride=shape["patch"])
+            self.cls = torch.nn.Parameter(torch.zeros(1, 1, width))
+            self.pos = torch.nn.Parameter(torch.zeros(1, tokens, width))
+            layer = torch.nn.TransformerEncoderLayer(width, shape["heads"], shape["mlp"], activation="gelu",
+                                                     batch_first=True, norm_first=True)
+            self.blocks = torch.nn.TransformerEncoder(layer, shape["depth"], enable_nested_tensor=False)
 
         def forward(self, x):
             tokens = self.patches(x).flatten(2).transpose(1, 2)  # (N, 256, 768)
             return self.blocks(torch.cat([self.cls.expand(len(x), -1, -1), tokens], dim=1) + self.pos)
 
-    encoder = FrozenEncoder(ViTB14().to(device), resolution=224, num_prefix_tokens=1, name="DINOv2-B/14-sized")
-    projector = Projector(model.config.hidden_size, 2048, encoder.dim).to(device)
+    with torch.device(device):
+        encoder = FrozenEncoder(ViTB14(), resolution=shape["image_size"], num_prefix_tokens=1, name="DINOv2-B/14-sized")
+        projector = Projector(model.config.hidden_size, REPA_PROJECTOR_DIM, encoder.dim)
     return RepresentationAlignment(encoder, projector, paper_depth(model.config.depth), 0.5,
                                    make_optimizer(projector, config.optimisation), grid_size=model.config.grid_size,
                                    encoder_name=encoder.name)
@@ -187,9 +199,11 @@ def make_sample_step(row: Row, model_name: str, batch: int, latent: int, device:
     from .reference import reference_sample_step
 
     torch.manual_seed(0)
+    use_tf32(device, True)  # as DiT's sample_ddp.py, and `fastdit sample` unless --no-tf32
     if not row.reference:
         keep_freed_host_memory()  # as `fastdit sample` does
-    model = build_model(model_name, input_size=latent, num_classes=1000).to(device).eval()
+    with torch.device(device):
+        model = build_model(model_name, input_size=latent, num_classes=1000).eval()
     x = torch.randn(batch, model.config.in_channels, latent, latent, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     t = torch.full((batch,), 125, device=device, dtype=torch.long)

@@ -1,7 +1,9 @@
 """Run each row in a fresh process (so its peak memory is its own and no row warms another's caches),
-then print the table: rates, peak memory, ratios to the reference row at the row's own precision
-(fp32 rows against `reference`, bf16 rows against `reference+bf16`, ...: like against like, since
-mixed precision is one `torch.autocast` line for a user of the official code too) and, on a GPU, MFU."""
+and print the table a row at a time, as each finishes (a run stopped by a time limit keeps the rows it
+measured): rates, peak memory, ratios to the reference row at the row's own precision (fp32 rows
+against `reference`, bf16 rows against `reference+bf16`, ...: like against like, since mixed precision
+is one `torch.autocast` line for a user of the official code too; the reference rows run first) and,
+on a GPU, MFU: the model FLOPs of what the step computes (`step_flops`) over the GPU's peak."""
 
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ import sys
 import torch
 
 from ..devices import cpu_flags, cpu_name
+from ..objectives import build_objective
 from ..train.logger import peak_memory_gb
-from .flops import forward_flops_per_image
-from .rows import Measurement, Row, make_sample_step, make_train_step, reference_name, time_steps
+from .flops import forward_flops_per_image, jvp_flops_per_image, mlp_flops, vit_forward_flops
+from .rows import (DINOV2_B14, REPA_PROJECTOR_DIM, Measurement, Row, make_sample_step, make_train_step, reference_name,
+                   time_steps)
 
 
 def measure_row(job: str, row: Row, settings: dict) -> Measurement:
@@ -59,28 +63,52 @@ def device_name(device: torch.device) -> str:
     return f"{name} ({torch.get_num_threads()} threads, {isa})"
 
 
-def image_forwards_per_step(job: str, batch: int) -> int:
-    """Forward passes of one image that a step costs in FLOPs: training is forward plus backward
-    (3 forwards' worth); a guided step runs the doubled batch."""
-    return 3 * batch if job == "train" else 2 * batch
-
-
 def run_table(job: str, rows: list[Row], settings: dict, *, peak: float | None, out=None) -> dict:
-    device = torch.device(settings["device"])
-    results = {}
-    for row in rows:
-        results[row.name] = measure_isolated(job, row, settings)
-        print(f"  {row.name}: done", file=sys.stderr, flush=True)
+    """Measure every row (the reference rows first) and print its line of the table as soon as it is measured."""
     from ..models import config_from_name
 
+    out = out or sys.stdout
+    device = torch.device(settings["device"])
+    peak = peak if device.type == "cuda" else None
     config = config_from_name(settings["model"], input_size=settings["latent"], num_classes=1000)
-    forwards = image_forwards_per_step(job, settings["batch"])
-    flops = {row.name: row_flops_per_image(config, row) * forwards for row in rows}
-    print_table(rows, results, settings["batch"], flops, peak if device.type == "cuda" else None, out or sys.stdout)
+    flops = {row.name: step_flops(job, config, row, settings["batch"]) for row in rows}
+    results = {}
+    print_header(peak, out)
+    for row in [row for row in rows if row.reference] + [row for row in rows if not row.reference]:
+        results[row.name] = measure_isolated(job, row, settings)
+        print_row(row, rows, results, settings["batch"], flops[row.name], peak, out)
+        out.flush()
     return results
 
 
-def row_flops_per_image(config, row: Row) -> float:
+def step_flops(job: str, config, row: Row, batch: int) -> float:
+    """The model FLOPs of one step of `row` on `batch` images: what the step computes, recomputation
+    under checkpointing not counted. Sampling: the guided forward on the doubled batch. Training: forward
+    and backward (3 forwards' worth; the routed blocks on their kept tokens), and what else the step
+    runs: MeanFlow's target (a JVP, primal and tangent, on the share of samples with r != t, and the
+    no-grad forwards of a guided target), REPA's frozen encoder (forward) and projector (forward and
+    backward)."""
+    if job != "train":
+        return 2.0 * batch * forward_flops_per_image(config)
+    per_image = 3 * row_forward_flops(config, row)
+    objective = build_objective(row.objective)
+    if row.objective == "meanflow":
+        guided = objective.trained_guidance is not None or objective.meanflow_guidance_input
+        no_grad_forwards = (2 if objective.meanflow_kappa else 1) if guided else 0
+        if objective.meanflow_v_loss:  # the tangent u(z, t, t), on the r != t samples
+            no_grad_forwards += objective.meanflow_ratio
+        per_image += objective.meanflow_ratio * jvp_flops_per_image(config)
+        per_image += no_grad_forwards * forward_flops_per_image(config)
+    if row.repa:
+        shape = DINOV2_B14
+        per_image += vit_forward_flops(image_size=shape["image_size"], patch=shape["patch"], width=shape["width"],
+                                       depth=shape["depth"], mlp=shape["mlp"])
+        widths = [config.hidden_size, REPA_PROJECTOR_DIM, REPA_PROJECTOR_DIM, shape["width"]]
+        per_image += 3 * mlp_flops(config.grid_size**2, widths)
+    return float(batch * per_image)
+
+
+def row_forward_flops(config, row: Row) -> float:
     """The model FLOPs of one image's forward in `row`: fewer where tokens are routed (TREAD's span
     and rate, as `fastdit train --route` sets them by default)."""
     if not row.route:
@@ -101,27 +129,36 @@ def same_precision_reference(row: Row, rows: list[Row], results: dict) -> Measur
     return f"(no {wanted} row)"
 
 
-def print_table(rows: list[Row], results: dict, batch: int, flops_per_step: dict, peak: float | None, out) -> None:
-    columns = ["row", "steps/s", "images/s", "peak GB", "speed vs reference (same precision)",
-               "memory vs reference (same precision)"]
-    columns += ["MFU"] if peak else []
-    columns += ["warm-up s"]
+COLUMNS = ["row", "steps/s", "images/s", "peak GB", "speed vs reference (same precision)",
+           "memory vs reference (same precision)"]
+
+
+def print_header(peak: float | None, out) -> None:
+    columns = COLUMNS + (["MFU"] if peak else []) + ["warm-up s"]
     print("| " + " | ".join(columns) + " |", file=out)
     print("|" + "---|" * len(columns), file=out)
+
+
+def print_row(row: Row, rows: list[Row], results: dict, batch: int, flops_per_step: float, peak: float | None, out) -> None:
+    result = results[row.name]
+    if not isinstance(result, Measurement):
+        print(f"| {row.name} | {result} |", file=out)
+        return
+    reference = same_precision_reference(row, rows, results)
+    if isinstance(reference, Measurement):
+        speed = f"{result.steps_per_second / reference.steps_per_second:.2f}x"
+        memory = f"{result.peak_gb / reference.peak_gb:.2f}x"
+    else:  # never a ratio across precisions: say which row is missing
+        speed = memory = reference
+    cells = [row.name, f"{result.steps_per_second:.3f}", f"{result.steps_per_second * batch:.2f}",
+             f"{result.peak_gb:.2f}", speed, memory]
+    if peak:
+        cells.append(f"{100 * result.steps_per_second * flops_per_step / (peak * 1e12):.1f}%")
+    cells.append(f"{result.compile_seconds:.1f}")
+    print("| " + " | ".join(cells) + " |", file=out)
+
+
+def print_table(rows: list[Row], results: dict, batch: int, flops_per_step: dict, peak: float | None, out) -> None:
+    print_header(peak, out)
     for row in rows:
-        result = results[row.name]
-        if not isinstance(result, Measurement):
-            print(f"| {row.name} | {result} |", file=out)
-            continue
-        reference = same_precision_reference(row, rows, results)
-        if isinstance(reference, Measurement):
-            speed = f"{result.steps_per_second / reference.steps_per_second:.2f}x"
-            memory = f"{result.peak_gb / reference.peak_gb:.2f}x"
-        else:  # never a ratio across precisions: say which row is missing
-            speed = memory = reference
-        cells = [row.name, f"{result.steps_per_second:.3f}", f"{result.steps_per_second * batch:.2f}",
-                 f"{result.peak_gb:.2f}", speed, memory]
-        if peak:
-            cells.append(f"{100 * result.steps_per_second * flops_per_step[row.name] / (peak * 1e12):.1f}%")
-        cells.append(f"{result.compile_seconds:.1f}")
-        print("| " + " | ".join(cells) + " |", file=out)
+        print_row(row, rows, results, batch, flops_per_step[row.name], peak, out)

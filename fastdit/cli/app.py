@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--demo-out", action="append", default=None, metavar="DIR",
                         help=f"folder of a `fastdit demo` run to offer as the digits model (default: {', '.join(DEMO_FOLDERS)})")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="TF32 matmuls on CUDA GPUs, as `fastdit sample` (default: on; --no-tf32 for full float32)")
     # No argparse choices: an unknown name gets get_preset's one line, the same as in the library.
     parser.add_argument("--preset", default=None, metavar="NAME",
                         help="start on a named sampling preset (`fastdit presets`: " + ", ".join(preset_names()) +
@@ -47,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from ..app.models import DEMO_FOLDERS
     from ..app.request import Limits
     from ..devices import resolve_device
+    from ..precision import use_tf32
     from ..sampling.presets import get_preset
 
     if args.port is not None and not 0 < args.port < 65536:
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--max-images", args.max_images), ("--max-image-steps", args.max_image_steps)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
-    resolve_device(args.device)  # a bad --device fails here, not in the page
+    use_tf32(resolve_device(args.device), args.tf32)  # a bad --device fails here, not in the page
     preset = get_preset(args.preset) if args.preset is not None else None
     # One folder per server for its PNGs and Gradio's copies of them, removed when it stops.
     work = tempfile.mkdtemp(prefix="fastdit-app-")

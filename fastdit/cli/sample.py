@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from ..image_grid import enlarge, make_grid, upscale_factor
     from ..io import atomic_save_png
     from ..loading import load_for_sampling
+    from ..precision import tf32
     from ..sampling import check_labels, generate
 
     out = check_output_file(args.out, (".png",))
@@ -58,10 +59,11 @@ def run(args: argparse.Namespace) -> int:
     if labels is None:
         labels = OFFICIAL_CLASS_LABELS if num_classes == 1000 else list(range(min(num_classes, 8)))
     labels = check_labels(labels, num_classes)
-    images = generate(
-        model, latent_space, labels, options=options, objective=info.objective, seed=args.seed, device=device,
-        progress=not args.no_progress, compile=args.compile, batch_size=args.batch_size,
-    )
+    with tf32(device, args.tf32):
+        images = generate(
+            model, latent_space, labels, options=options, objective=info.objective, seed=args.seed, device=device,
+            progress=not args.no_progress, compile=args.compile, batch_size=args.batch_size,
+        )
     factor = upscale_factor(info.image_size) if args.upscale else 1
     # The resolved recipe travels in the PNG (a tEXt chunk, `PIL.Image.open(out).text["fastdit-recipe"]`).
     record = json.dumps({**plan.resolved.to_dict(PICTURE_FIELDS), "seed": args.seed, "labels": labels.tolist()}, sort_keys=True)

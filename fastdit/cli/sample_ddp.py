@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         png_dir=Path(args.png_dir) if args.png_dir else None,
         progress=args.progress,
         compile=args.compile,
+        tf32=args.tf32,
     )
     resolve_device(args.device)  # a bad --device is a one-line error, before joining the process group
     info = dist.init_from_env(args.device)

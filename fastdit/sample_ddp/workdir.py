@@ -4,15 +4,17 @@
     samples.json       the settings that made it (written just before the result)
     samples.parts/     while the run is going: settings.json and chunk-<start>-<stop>.npz files
 
-A chunk is a fixed range of global image indices, written as one small `.npz` (images, labels) under
-a temporary name and renamed, so a chunk file is either complete or absent. A killed run leaves some
-chunk files; the same command finds them and samples only the rest. A chunk file damaged since (cut
+A chunk file holds a range of global image indices inside one chunk of --chunk-size images (the whole
+chunk, or the part one process sampled: `fastdit.sample_ddp.shares`), written as one small `.npz`
+(images, labels) under a temporary name and renamed, so a chunk file is either complete or absent. A
+killed run leaves some chunk files; the same command finds them and samples only the rest. A chunk file damaged since (cut
 short by a copy, overwritten, holding other arrays) is found by reading every chunk when a run resumes,
 deleted with a warning, and sampled again. A rerun whose settings differ from the recorded ones is
 refused: mixing images from two settings would silently spoil the metric. The batch size, the number
 of processes, the device and --compile are not settings: they change at most the rounding of the last
 bits (see `fastdit.sample_ddp.runner`), so a run may be resumed with another batch size or on other GPUs.
---precision is one: bf16 images differ from fp32 ones by far more than rounding of the last bits.
+--precision is one: bf16 images differ from fp32 ones by far more than rounding of the last bits; so
+is TF32 (recorded as used: on CUDA unless --no-tf32; a record from before TF32 was used reads as none).
 
 A --png-dir folder is written into only when sample-ddp made it or it was empty (`claim_png_dir`):
 a marker file records the output it belongs to, so a rerun of that output goes on writing there and
@@ -39,16 +41,16 @@ import numpy as np
 from ..errors import UserError
 from ..io import atomic_path, atomic_write_json, is_temporary
 from ..objectives import objective_from_dict
-from ..run_folder import LOCK_NAME, exclusive_lock, refuse_other_settings
+from ..run_folder import exclusive_lock, is_lock_file, refuse_other_settings
 from ..sampling import SamplingOptions
 
 FORMAT = "fastdit.sample-ddp"
 PNG_DIR_FORMAT = "fastdit.sample-ddp.png-dir"
 PNG_DIR_MARKER = ".fastdit-sample-ddp.json"  # in a --png-dir: which output's PNGs the folder holds
-_CHUNK_NAME = re.compile(r"chunk-\d{8,}-\d{8,}\.npz")
+_CHUNK_NAME = re.compile(r"chunk-(\d{8,})-(\d{8,})\.npz")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Chunk:
     """Global image indices [start, stop)."""
 
@@ -120,6 +122,8 @@ def _with_option_defaults(recorded: dict) -> dict:
         except UserError:
             pass  # not an objective this version knows: compared as written, so it is refused
         recorded = {**recorded, "model": model}
+    if "tf32" not in recorded:  # written before sampling used TF32: the images were full float32
+        recorded = {**recorded, "tf32": False}
     if not isinstance(recorded.get("sampling"), dict):
         return recorded
     return {**recorded, "sampling": {**_normalized(asdict(SamplingOptions())), **recorded["sampling"]}}
@@ -162,7 +166,7 @@ def lock(paths: OutputPaths) -> Iterator[None]:
 
 def _started(paths: OutputPaths) -> bool:
     """The work folder holds more than the lock file."""
-    return any(entry.name != LOCK_NAME for entry in paths.work_dir.iterdir())
+    return any(not is_lock_file(entry) for entry in paths.work_dir.iterdir())
 
 
 def prepare(paths: OutputPaths, settings: dict) -> None:
@@ -179,10 +183,27 @@ def prepare(paths: OutputPaths, settings: dict) -> None:
     atomic_write_json(settings, paths.work_settings)
 
 
-def pending(paths: OutputPaths, chunks: list[Chunk]) -> list[Chunk]:
-    """Chunks without a finished file (temporary files of a killed run do not count)."""
-    done = {entry.name for entry in paths.work_dir.iterdir() if _CHUNK_NAME.fullmatch(entry.name)}
-    return [chunk for chunk in chunks if chunk.name not in done]
+def chunk_files(paths: OutputPaths) -> list[Chunk]:
+    """The finished chunk files in the work folder, by their first image (temporaries do not count)."""
+    found = (_CHUNK_NAME.fullmatch(entry.name) for entry in paths.work_dir.iterdir())
+    return sorted(Chunk(int(match[1]), int(match[2])) for match in found if match)
+
+
+def pending(paths: OutputPaths, num_samples: int) -> list[Chunk]:
+    """The ranges of [0, num_samples) that no finished chunk file holds, in order."""
+    gaps, start = [], 0
+    for chunk in chunk_files(paths):
+        if chunk.start > start:
+            gaps.append(Chunk(start, min(chunk.start, num_samples)))
+        start = max(start, chunk.stop)
+    if start < num_samples:
+        gaps.append(Chunk(start, num_samples))
+    return [gap for gap in gaps if len(gap) > 0]
+
+
+def is_complete(paths: OutputPaths, expected: list[Chunk]) -> bool:
+    """Whether every file of `expected` is on disk (the other processes' too: the filesystem is shared)."""
+    return all((paths.work_dir / chunk.name).exists() for chunk in expected)
 
 
 def write_chunk(paths: OutputPaths, chunk: Chunk, images: np.ndarray, labels: np.ndarray) -> None:
@@ -219,16 +240,28 @@ def _describe(arrays: dict) -> str:
     return ", ".join(f"{name} {dtype} {shape}" for name, (shape, dtype) in sorted(arrays.items())) or "no arrays"
 
 
-def drop_damaged_chunks(paths: OutputPaths, chunks: list[Chunk], image_shape: tuple[int, int, int]) -> list[tuple[Path, str]]:
-    """Delete the chunk files of a resumed run that cannot be used, so they are sampled again;
-    returns (path, why) for each. Main process only, before any process lists the pending chunks."""
-    dropped = []
-    for chunk in chunks:
+def drop_damaged_chunks(paths: OutputPaths, num_samples: int, chunk_size: int,
+                        image_shape: tuple[int, int, int]) -> list[tuple[Path, str]]:
+    """Delete the chunk files of a resumed run that cannot be used, so their images are sampled again;
+    returns (path, why) for each: unreadable, other arrays, a range outside the run's images or across a
+    chunk boundary, or one that overlaps a file kept before it. Main process only, before the pending
+    images are listed."""
+    dropped, covered = [], 0
+    for chunk in chunk_files(paths):
         path = paths.work_dir / chunk.name
-        problem = chunk_problem(path, chunk, image_shape) if path.exists() else None
+        if not 0 <= chunk.start < chunk.stop <= num_samples:
+            problem = f"images {chunk.start} to {chunk.stop} are not within the run's {num_samples}"
+        elif chunk.start // chunk_size != (chunk.stop - 1) // chunk_size:
+            problem = f"it spans two chunks of {chunk_size} images"
+        elif chunk.start < covered:
+            problem = f"it overlaps images held by another chunk file (up to {covered})"
+        else:
+            problem = chunk_problem(path, chunk, image_shape)
         if problem is not None:
             path.unlink()
             dropped.append((path, problem))
+        else:
+            covered = chunk.stop
     return dropped
 
 
