@@ -27,7 +27,7 @@ import torch
 from ..data.digits import DIGITS_HELDOUT_FRACTION
 from ..errors import UserError
 from ..io import atomic_path, atomic_write_json, ensure_writable_dir, is_temporary
-from ..run_folder import LOCK_NAME
+from ..run_folder import is_lock_file
 from ..sampling.guidance import check_cfg_scale
 from . import report as metrics
 from .classifier import ClassifierOptions, classify, train_classifier, uint8_to_model_input
@@ -299,7 +299,7 @@ def _refuse_a_folder_of_other_files(out: Path) -> None:
         return
 
     def others(folder: Path) -> list[Path]:
-        return [entry for entry in folder.iterdir() if entry.name != LOCK_NAME and not is_temporary(entry)]
+        return [entry for entry in folder.iterdir() if not is_lock_file(entry) and not is_temporary(entry)]
 
     found = others(out)
     if found == [out / TRAIN_RUN] and found[0].is_dir() and not others(found[0]):

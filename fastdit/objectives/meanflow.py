@@ -40,8 +40,8 @@ again (`trained_guidance`).
 `torch.no_grad` through the step's target forward (`TrainingNetwork.target`: the plain module, the same
 weights, outside DDP's gradient hooks), and the trained u is one ordinary forward through the step's
 network, whose backward DDP reduces. Per step that is the JVP (a primal and a tangent pass, no
-activations kept: about 2 forwards' work) on top of a flow step's forward and backward (about 3
-forwards), plus one no-grad forward when ω ≠ 1 (two when κ ≠ 0). The released code instead
+activations kept: about 3 forwards' work, since the tangent pass also multiplies the weights' zero
+tangents) on top of a flow step's forward and backward (about 3 forwards), plus one no-grad forward when ω ≠ 1 (two when κ ≠ 0). The released code instead
 backpropagates through the JVP's primal output and saves that forward; a forward-mode transform
 through DDP's hooks (gradient-reduction bookkeeping, buffer broadcasts) is not something this code
 relies on. Scaled-dot-product attention has no forward-mode rule in any of its fused kernels (PyTorch 2.13:

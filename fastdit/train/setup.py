@@ -18,16 +18,14 @@ from torch.utils.checkpoint import checkpoint
 from ..compile import compile_blocks
 from ..distributed import DistInfo
 from ..errors import UserError
-from ..precision import AUTOCAST_DTYPES
+from ..precision import AUTOCAST_DTYPES, use_tf32
 
 CHECKPOINT_POLICIES = "off, blocks, mlp, every-K (K >= 1, e.g. every-2)"
 
 
 def enable_tf32(device: torch.device, enabled: bool) -> None:
-    """TF32 matmuls and convolutions on Ampere+ GPUs: ~2x faster fp32 training (DiT used it)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
+    """TF32 matmuls and convolutions on Ampere+ GPUs (DiT's train.py turns it on): `fastdit.precision.use_tf32`."""
+    use_tf32(device, enabled)
 
 
 def checkpoint_stride(policy: str) -> int:
