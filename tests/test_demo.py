@@ -113,8 +113,9 @@ def test_the_loss_plot_reads_the_terms_the_recipe_logged(demo_run):
 
     out, _, _ = demo_run
     steps, terms = read_loss_terms(out / "train" / "metrics.jsonl")
-    # the demo's recipe: flow matching (one term, "loss") with REPA's "repa" added to it
-    assert list(terms) == ["loss", "repa"] and steps[-1] == 24
+    # the demo's recipe: flow matching (one term) with REPA's "repa" added to it; the objective's own loss is
+    # logged beside their sum ("objective_loss"), so that a plot can show it (issue #29, item 10)
+    assert list(terms) == ["loss", "objective_loss", "repa"] and steps[-1] == 24
 
 
 def test_the_printed_sample_command_runs_as_printed_and_writes_the_digits(demo_run):

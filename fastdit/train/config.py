@@ -40,8 +40,9 @@ from .setup import checkpoint_stride
 class ModelSection:
     name: str = option("DiT-XL/2", "preset name, e.g. DiT-XL/2, DiT-B/4, DiT-T/2", flag="model")
     image_size: int = option(256, "image side in pixels", at_least=1)
-    num_classes: int = option(1000, "number of classes (1 with --class-dropout-prob 0 trains an unconditional model)",
-                              at_least=1)
+    num_classes: int | None = option(None, "number of classes (default: the data's: a folder's subfolders, a latent "
+                                            "store's record; 1 with --class-dropout-prob 0 trains an unconditional "
+                                            "model)", at_least=1)
     class_dropout_prob: float = option(0.1, "label dropout for classifier-free guidance (0: unconditional)",
                                        unit_interval=True)
     learn_sigma: bool = option(True, "predict the variance too (2C output channels; DiT's learned-range variance)")
@@ -50,16 +51,21 @@ class ModelSection:
     mlp: str = option(MLPS[0], f"{MLPS[0]} (official) or {' or '.join(MLPS[1:])} (parameter-matched)")
     rope: bool = option(False, "2-D rotary position embedding on q and k")
     qk_norm: bool = option(False, "normalise q and k of every head")
+    init_from: str | None = option(None, "start from these weights (fine-tuning): an official model (DiT-XL/2, "
+                                         "SiT-XL/2: the release at --image-size) or a checkpoint or export; the "
+                                         "class count and image size may differ, the optimizer starts afresh")
     # model-size overrides (the tiny demo model); None keeps the preset's value
     depth: int | None = option(None, "override the preset's depth", at_least=1)
     hidden_size: int | None = option(None, "override the preset's width", at_least=1)
     num_heads: int | None = option(None, "override the preset's attention heads", at_least=1)
 
     def options(self) -> dict:
-        """The DiTConfig fields this run sets beyond the preset (size overrides and block options)."""
+        """The DiTConfig fields this run sets beyond the preset (size overrides and block options). Before
+        the class count is read from the data (`num_classes` None) it is 1 here: the checks that run then
+        do not depend on it."""
         overrides = {k: getattr(self, k) for k in ("depth", "hidden_size", "num_heads") if getattr(self, k) is not None}
         blocks = {k: getattr(self, k) for k in BLOCK_OPTIONS}
-        return {**overrides, **blocks, "num_classes": self.num_classes, "class_dropout_prob": self.class_dropout_prob,
+        return {**overrides, **blocks, "num_classes": self.num_classes or 1, "class_dropout_prob": self.class_dropout_prob,
                 "learn_sigma": self.learn_sigma}
 
 

@@ -35,6 +35,7 @@ from .config import RunSection, TrainConfig
 from .data_record import compare_with_record, describe_data, read_data_record, write_data_record
 from .data_order import StepBatchSampler, batch_split, steps_per_epoch
 from .extensions import BuildContext, RunContext, build_extensions
+from .init_from import load_initial_weights
 from .logger import RunLogger, StepWindow
 from .setup import enable_tf32, fsdp_mesh, make_grad_scaler, prepare_model, shard_model
 from .state import (
@@ -96,15 +97,14 @@ def _refuse_other_run(stored: TrainConfig | None, requested: TrainConfig, run_di
 def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib.ExitStack) -> TrainResult:
     device = dist.device
     run_dir = config.run_dir()
-    # Every check first: a bad command writes nothing, not even an empty run folder.
-    _refuse_other_run(_stored_config(run_dir), config, run_dir)
-    check_can_create(run_dir)
     optim, run = config.optimisation, config.run
     _, micro_batch = batch_split(optim, dist.world_size)
     enable_tf32(device, run.tf32)
-
     objective = config.build_objective()
-    data: TrainingData = open_training_data(config, device)
+    data: TrainingData = open_training_data(config, device)  # the class count comes from the data when not given
+    # Every check first: a bad command writes nothing, not even an empty run folder.
+    _refuse_other_run(_stored_config(run_dir), config, run_dir)
+    check_can_create(run_dir)
     data_record = describe_data(data.dataset)
     # Compared only once something was trained on the recorded data (a checkpoint exists).
     data_warning = compare_with_record(read_data_record(run_dir) if list_checkpoints(run_dir) else None,
@@ -113,7 +113,11 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
     torch.manual_seed(optim.global_seed)  # the same initial weights on every process
     model = build_model(
         config.model.name, input_size=data.latent_shape[1], in_channels=data.latent_shape[0], **config.model_options()
-    ).to(device)
+    )
+    initial = None
+    if config.model.init_from and not list_checkpoints(run_dir):  # a resume takes everything from its checkpoint
+        initial = load_initial_weights(model, config.model.init_from, config.model.image_size)
+    model = model.to(device)
     model_info = ModelInfo(config=model.config, latent=data.latent_info, class_names=data.class_names,
                            objective=objective, sampling=config.sampling_recipe())
     state = build_training_state(config, dist, model, data)
@@ -148,6 +152,8 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
         log.info(f"resuming from {checkpoints[-1]} (step {position.step})")
     if data_warning:
         log.info(f"warning: {data_warning}")
+    if initial:
+        log.info(initial)
     for warning in resume_warnings:
         log.info(warning)
     warning = precision_warning(device, run.precision)

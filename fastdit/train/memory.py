@@ -125,7 +125,7 @@ def _fused_attention_on_meta():
         F.scaled_dot_product_attention = original
 
 
-def _activations(model, objective, micro_batch: int, shape, precision: str, num_classes: int) -> int:
+def _activations(model, objective, micro_batch: int, shape, precision: str) -> int:
     """Activation bytes of one micro-batch through `model` (on any device: meta for the estimate)."""
     device = next(model.parameters()).device
     if device.type == "meta" and AUTOCAST_DTYPES[precision] is not None:
@@ -174,12 +174,11 @@ def estimate_memory(config, world_size: int, input_shape: tuple[int, int, int]) 
     block_bytes = sum(p.numel() for p in model.blocks[0].parameters()) * 4
     policy = config.run.gradient_checkpointing
     checkpoint_blocks(model, policy)
-    activations = _activations(model, objective, micro_batch, input_shape, config.run.precision,
-                               config.model.num_classes)
+    activations = _activations(model, objective, micro_batch, input_shape, config.run.precision)
     with torch.device("meta"):  # one block (with the embedders and the final layer: a slight overcount)
         one_block = build_model(config.model.name, input_size=input_shape[1], in_channels=input_shape[0],
                                 **{**config.model_options(), "depth": 1})
-    block = _activations(one_block, objective, micro_batch, input_shape, config.run.precision, config.model.num_classes)
+    block = _activations(one_block, objective, micro_batch, input_shape, config.run.precision)
     recomputed = block if checkpoint_stride(policy) or policy == "mlp" else 0  # recomputed one region at a time
     averages = 1 + sum(len(config.posthoc.posthoc_sigma_rels) for cls in enabled_extensions(config)
                        if cls.name == "posthoc-ema")

@@ -35,6 +35,22 @@ class TrainingData:
         return self.latent_space
 
 
+def resolve_class_count(config: TrainConfig, data: TrainingData) -> None:
+    """The model's class count from the data when --num-classes was not given (set in `config`, which is
+    then recorded with it); a given count must be the data's: a larger one would train a label table
+    with classes that never occur (and a sampling command would draw them), a smaller one would drop
+    labels the data has."""
+    found = len(data.class_names) if data.class_names is not None else None
+    given = config.model.num_classes
+    if given is None:
+        if found is None:
+            raise UserError("the data does not say how many classes it has; pass --num-classes")
+        config.model.num_classes = found
+    elif found is not None and given != found:
+        raise UserError(f"the data has {found} classes but --num-classes is {given}; leave --num-classes out (it is "
+                        f"read from the data) or pass {found}")
+
+
 def model_input_shape(config: TrainConfig) -> tuple[int, int, int]:
     """(C, H, W) of the model's input for `config`, without loading a VAE or reading the images: a latent
     store's recorded shape, the digits' 1 x 8 x 8, an image folder's 3 x S x S in pixel space, else the SD
@@ -82,12 +98,7 @@ def open_training_data(config: TrainConfig, device: torch.device) -> TrainingDat
         info = LatentInfo(kind="vae", vae=latent_space.name, scale_factor=latent_space.scale_factor)
         data = TrainingData(dataset, (latent_space.channels, size, size), info, list(dataset.class_names),
                             encode_on_the_fly=True, latent_space=latent_space, device=device)
-    num_classes = config.model.num_classes
-    if data.class_names is not None and len(data.class_names) > num_classes:
-        raise UserError(
-            f"the data has {len(data.class_names)} classes but --num-classes is {num_classes}; "
-            f"use --num-classes {len(data.class_names)}"
-        )
+    resolve_class_count(config, data)
     expected = image_size // data.latent_info.downsample
     if data.latent_shape[1] != expected:
         raise UserError(
