@@ -55,8 +55,8 @@ class StepResult:
     methods: dict[str, str] = field(default_factory=dict)  # an extension's term -> the extension's name
 
     def problem(self) -> str:
-        """What was not finite, in words: "the loss became nan", "the loss became nan through its repa term
-        (...)" or "the gradient norm became inf"."""
+        """What was not finite, in words: "the loss became nan", "the loss became nan through its X term
+        (from the X training method; ...)" or "the gradient norm became inf"."""
         loss = self.terms["loss"]
         if torch.isfinite(loss):
             return f"the gradient norm became {self.grad_norm.item()}"
@@ -78,8 +78,8 @@ def non_finite_message(result: StepResult, step: int, *, saved: bool = True) -> 
     kept = ("The last good checkpoint is intact" if saved else
             "No checkpoint was written yet (a rerun starts again from step 1)")
     if result.method_is_the_cause:
-        advice = ("check that method's inputs and settings (for REPA: the encoder's output on your images); "
-                  "the learning rate is not the cause")
+        advice = ("check that method's inputs and settings (for a method with a frozen encoder: the encoder's "
+                  "output on your images); the learning rate is not the cause")
     else:
         advice = "try a lower --lr, --grad-clip 1.0, --warmup-steps, or --precision bf16 instead of fp16"
     return (f"{result.problem()} at step {step}; stopping. {kept}. {advice[0].upper() + advice[1:]}; "
