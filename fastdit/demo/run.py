@@ -26,6 +26,7 @@ import torch
 
 from ..data.digits import DIGITS_HELDOUT_FRACTION
 from ..errors import UserError
+from ..image_grid import as_rgb
 from ..io import atomic_path, atomic_write_json, ensure_writable_dir, is_temporary
 from ..run_folder import LOCK_NAME
 from ..sampling.guidance import check_cfg_scale
@@ -340,7 +341,8 @@ def _median_steps_per_sec(metrics_path: Path) -> float | None:
 
 
 def _save_samples(images: np.ndarray, labels: np.ndarray, path: Path) -> Path:
-    # The layout `fastdit sample-ddp` and the ADM evaluator use: arr_0 images, arr_1 labels.
+    # The layout `fastdit sample-ddp` and the ADM evaluator use: arr_0 RGB images (the gray digits'
+    # channel repeated, fastdit's rule for gray images: `as_rgb`), arr_1 labels.
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, images.astype(np.uint8), labels.astype(np.int64))
+        np.savez(handle, as_rgb(images.astype(np.uint8)), labels.astype(np.int64))
     return path
