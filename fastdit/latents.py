@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .hub import hf_download_command, hf_hub_unreachable
+from .errors import FetchError, UserError, template_text
+from .hub import hf_hub_unreachable, vae_fetch_advice
 from .program import install_command
 
 SD_VAE_SCALE = 0.18215
@@ -146,20 +146,17 @@ def load_vae(repo_or_folder: str):
         return _from_pretrained(AutoencoderKL, repo_or_folder, local_files_only=True)
     except Exception:  # noqa: BLE001 - not (or not wholly) cached: diffusers raises OSError or ValueError
         pass
-    fetch = (f"On a machine with internet access, `{hf_download_command(repo_or_folder)}` puts it into the "
-             f"Hugging Face cache ($HF_HOME, else ~/.cache/huggingface; copy that folder here), or pass a local "
-             f"diffusers AutoencoderKL folder; --vae takes {VAE_CHOICES}")
+    fetch = f"{vae_fetch_advice(repo_or_folder)}. {{vae}} takes {template_text(VAE_CHOICES)}"
     unreachable = hf_hub_unreachable()
     if unreachable is not None:
-        raise UserError(f"the VAE {repo_or_folder!r} is not in the Hugging Face cache and the hub cannot be "
-                        f"reached ({unreachable}). {fetch}")
+        raise FetchError(template_text(f"the VAE {repo_or_folder!r} is not in the Hugging Face cache and the hub cannot "
+                                       f"be reached ({unreachable}). ") + fetch, "vae")
     try:
         return _from_pretrained(AutoencoderKL, repo_or_folder)
     except Exception as err:  # noqa: BLE001 - hub errors have many types (404, auth, HTTP)
-        raise UserError(
+        raise FetchError(template_text(
             f"could not load the VAE {repo_or_folder!r} from the Hugging Face hub ({type(err).__name__}: "
-            f"{_first_line(err)}), and no local folder of that name exists. {fetch}"
-        ) from None
+            f"{_first_line(err)}), and no local folder of that name exists. ") + fetch, "vae") from None
 
 
 def _from_pretrained(cls, repo: str, **options):

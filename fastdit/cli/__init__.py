@@ -16,10 +16,13 @@ import importlib
 import sys
 
 from ..cpu_threads import configure_threads
-from ..errors import OptionError, UserError, flag_namer
+from ..errors import ArgumentError, OptionError, UserError, flag_namer
 from ..host_memory import keep_freed_host_memory
 from .arg_types import positive_int
 
+# The flags of the loading functions' arguments that an `ArgumentError` names (`fastdit.loading`): the
+# checkpoint's path is `source` in Python; --vae has the argument's name.
+ARGUMENT_FLAGS = {"source": "--ckpt"}
 # subcommand name -> module under fastdit.cli
 SUBCOMMANDS = {
     "sample": "sample",
@@ -76,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         status = args._module.run(args)
     except UserError as err:
         flags = getattr(args, "_option_flags", None)  # a subcommand with sampling flags names them
-        words = err.at_edge(flag_namer(flags)) if isinstance(err, OptionError) and flags else str(err)
+        if isinstance(err, ArgumentError):  # advice about the loading functions' arguments: their flags
+            words = err.at_edge(flag_namer({**ARGUMENT_FLAGS, **(flags or {})}))
+        else:
+            words = err.at_edge(flag_namer(flags)) if isinstance(err, OptionError) and flags else str(err)
         message = f"fastdit {args.command}: error: {words}\n"
         from .. import distributed
 
