@@ -29,6 +29,7 @@ from ..errors import UserError
 from ..image_grid import as_rgb
 from ..io import atomic_path, atomic_write_json, ensure_writable_dir, is_temporary
 from ..run_folder import LOCK_NAME
+from ..text import counted
 from ..sampling.guidance import check_cfg_scale
 from . import report as metrics
 from .classifier import ClassifierOptions, classify, train_classifier, uint8_to_model_input
@@ -191,7 +192,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     model, info = load_model(trained.export, device=device)
     labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int64), config.samples_per_class)  # class-major
     guidance = f"cfg {options.cfg_scale}" if trained_guidance is None else f"guidance {config.cfg_scale} trained in"
-    print(f"sampling {len(labels)} images ({sampler}, {sampling_steps} steps, {guidance})", flush=True)
+    print(f"sampling {counted(len(labels), 'image')} ({sampler}, {counted(sampling_steps, 'step')}, {guidance})", flush=True)
     sampling_start = time.perf_counter()
     samples = generate(model, PixelSpace(channels=1), labels, options=options, objective=info.objective, seed=config.seed, device=device,
                        progress=config.progress)

@@ -1,0 +1,87 @@
+"""Every subcommand's --help, rendered and read: each flag says its default once, a flag with choices
+lists them, no subcommand offers a flag that does nothing (--threads where no torch work runs), and
+counts in printed lines agree with their number ("1 step", not "1 steps")."""
+
+import argparse
+import re
+
+import pytest
+
+from fastdit.cli import SUBCOMMANDS, build_parser
+from fastdit.text import counted
+
+
+def subparsers() -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def options_of(parser: argparse.ArgumentParser):
+    """The optional flags of a parser, its nested subcommands' (bench train, bench sample) included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from options_of(sub)
+        elif action.option_strings and action.help != argparse.SUPPRESS and not isinstance(action, argparse._HelpAction):
+            yield action
+
+
+def says_no_default(action) -> bool:
+    """A flag whose default needs no words: a switch that is off unless given, or a value that means 'not given'."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction)):
+        return True
+    return action.default is None or action.required
+
+
+@pytest.mark.parametrize("name", list(SUBCOMMANDS))
+def test_every_flag_says_its_default_once_and_lists_its_choices(name):
+    parser = subparsers()[name]
+    text = parser.format_help()  # renders without error
+    assert text.startswith("usage: fastdit " + name)
+    for action in options_of(parser):
+        flag, help_text = action.option_strings[-1], " ".join((action.help or "").split())
+        assert help_text and not help_text.startswith("(default"), f"{name} {flag} has no help text"
+        assert len(re.findall(r"\(default\b", help_text)) <= 1, f"{name} {flag}: the default is said twice: {help_text}"
+        if not says_no_default(action):
+            assert "default" in help_text, f"{name} {flag} does not say its default ({action.default!r}): {help_text}"
+        if action.choices is not None and action.metavar is not None:  # argparse shows {a,b} unless a metavar hides them
+            missing = [c for c in action.choices if str(c) not in help_text]
+            assert not missing, f"{name} {flag} hides its choices {missing} behind {action.metavar}: {help_text}"
+
+
+def test_threads_only_where_torch_works():
+    parsers = subparsers()
+    assert "--threads" not in parsers["presets"].format_help()  # lists presets: nothing to thread
+    for name in ("sample", "train", "evaluate", "demo"):
+        assert "--threads" in parsers[name].format_help()
+
+
+def test_counts_agree_with_their_number():
+    assert counted(1, "step") == "1 step" and counted(2, "step") == "2 steps" and counted(0, "image") == "0 images"
+    assert counted(1, "process", "processes") == "1 process" and counted(3, "process", "processes") == "3 processes"
+
+
+def test_sample_help_says_which_labels_it_samples():
+    text = " ".join(subparsers()["sample"].format_help().split())
+    assert "one of each class, at most the first 16" in text
+
+
+@pytest.mark.parametrize("words", [["--help"], ["--version"], []])
+def test_top_level_help_and_version_import_no_torch(words):
+    """`fastdit --help`, `fastdit --version` and a bare `fastdit` answer without importing torch (seconds on
+    a busy machine) or any subcommand's module."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom fastdit.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('fastdit.cli.'))\n"
+            "print('LOADED', loaded)")
+    done = subprocess.run([sys.executable, "-c", code, *words], capture_output=True, text=True, timeout=120)
+    assert "LOADED ['fastdit.cli.arg_types']" in done.stdout, done.stdout + done.stderr
+    if words == ["--version"]:
+        import fastdit
+
+        assert done.stdout.startswith(f"fastdit {fastdit.__version__}\n")
+    else:  # every subcommand listed with its one line, read from its module's source
+        listed = done.stdout if words else done.stdout + done.stderr
+        assert "sample a grid of images from a DiT" in listed and "presets" in listed
