@@ -117,6 +117,11 @@ def test_the_loss_plot_reads_the_terms_the_recipe_logged(demo_run):
     steps, terms = read_loss_terms(out / "train" / "metrics.jsonl")
     # the demo's recipe: flow matching (one term, "loss") with REPA's "repa" added to it
     assert list(terms) == ["loss", "repa"] and steps[-1] == 24
+    # the demo's plot shows the flow-matching loss itself too: the sum less λ·repa (λ from the run's config)
+    weight = json.loads((out / "train" / "config.json").read_text())["alignment"]["repa_weight"]
+    _, plotted = read_loss_terms(out / "train" / "metrics.jsonl", {"repa": weight})
+    assert list(plotted) == ["loss", "objective", "repa"]
+    np.testing.assert_allclose(plotted["objective"], terms["loss"] - weight * terms["repa"])
 
 
 def test_the_printed_sample_command_runs_as_printed_and_writes_the_digits(demo_run):
