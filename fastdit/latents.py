@@ -130,7 +130,7 @@ def load_vae(repo_or_folder: str):
         raise UserError(f"the VAE needs the 'diffusers' package: {install_command('vae')}") from None
     if Path(repo_or_folder).is_dir():
         try:
-            return AutoencoderKL.from_pretrained(repo_or_folder)
+            return _from_pretrained(AutoencoderKL, repo_or_folder)
         except (OSError, ValueError) as err:
             raise UserError(
                 f"VAE folder {repo_or_folder!r} is not a diffusers AutoencoderKL folder ({err}); --vae takes "
@@ -162,6 +162,12 @@ def load_vae(repo_or_folder: str):
 def _from_pretrained(cls, repo: str, **options):
     import warnings
 
+    from diffusers.utils import is_accelerate_available
+
+    if not is_accelerate_available():
+        # What diffusers falls back to without accelerate, asked for: it then loads the same way without
+        # a multi-line tip to install accelerate before fastdit's own lines.
+        options.setdefault("low_cpu_mem_usage", False)
     with warnings.catch_warnings():
         # diffusers passes an argument that huggingface_hub >= 0.23 ignores and warns about on every load
         warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")

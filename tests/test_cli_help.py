@@ -85,3 +85,48 @@ def test_top_level_help_and_version_import_no_torch(words):
     else:  # every subcommand listed with its one line, read from its module's source
         listed = done.stdout if words else done.stdout + done.stderr
         assert "sample a grid of images from a DiT" in listed and "presets" in listed
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_the_closing_line_of_train_is_the_main_process_s(monkeypatch, capsys, tmp_path, rank, printed):
+    """Under torchrun every process finishes `fastdit train`; only RANK 0 says "done"."""
+    from types import SimpleNamespace
+
+    import fastdit.cli.train as train_command
+    import fastdit.train.loop as loop
+
+    result = SimpleNamespace(export=tmp_path / "0000001-ema.safetensors", step=1, run_dir=tmp_path)
+    monkeypatch.setattr(loop, "train", lambda config: result)
+    monkeypatch.setattr(train_command, "config_from_args", lambda args: None)
+    monkeypatch.setenv("RANK", rank)
+    assert train_command.run(argparse.Namespace()) == 0
+    assert ("done: step 1" in capsys.readouterr().out) is printed
+
+
+def test_data_workers_follow_the_cores(monkeypatch):
+    """extract's --num-workers default: a worker per usable core, at most 4 (4 workers on 2 cores made
+    PyTorch's DataLoader warn before fastdit's first line)."""
+    import fastdit.cpu_threads as cpu_threads
+
+    for cores, workers in ((1, 1), (2, 2), (4, 4), (64, 4)):
+        monkeypatch.setattr(cpu_threads, "usable_cores", lambda cores=cores: cores)
+        assert cpu_threads.data_workers() == workers
+        args = build_parser(["extract"]).parse_args(["extract", "--data-path", "d", "--features-path", "f"])
+        assert args.num_workers == workers
+
+
+def test_a_quick_command_says_nothing_about_a_busy_machine(monkeypatch, capsys):
+    """The busy-machine line belongs to jobs that run torch; `presets` lists settings and stays quiet, and
+    --help never gets that far."""
+    import fastdit.cpu_threads as cpu_threads
+    from fastdit.cli import main
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu_threads, "_configured", False)
+    monkeypatch.setattr(cpu_threads, "cores_busy_elsewhere", lambda seconds=0: 64.0)
+    assert main(["presets"]) == 0
+    assert "busy" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    assert "busy" not in "".join(capsys.readouterr())
+    assert not cpu_threads._configured

@@ -438,3 +438,24 @@ def test_velocity_model_keeps_the_first_channels():
         assert torch.equal(VelocityModel(model)(x, t, y), model(x, t, y)[:, :4])
         # Real times are embedded as they are: 0.3 and 0.31 give different outputs.
         assert not torch.equal(model(x, t, y), model(x, t + 0.01, y))
+
+
+@pytest.mark.parametrize("objective,sampler,settings", [
+    ("ddpm", "ddpm", {}), ("ddpm", "ddim", {}), ("ddpm", "dpm++2m", {}), ("flow", "euler", {}), ("flow", "heun", {}),
+    ("flow", "sde-euler", {}), ("flow", "sde-heun", {}), ("flow", "sde-euler", {"last_step": "none"}),
+    ("flow", "ddim", {"eta": 0.5}), ("flow", "dpm++2m", {}), ("flow", "dopri5", {})])
+def test_every_sampler_says_how_many_model_calls_it_makes(objective, sampler, settings):
+    """What the app's progress note counts up to: the estimates a run reports, one per model call."""
+    from fastdit.latents import PixelSpace
+    from fastdit.sampling import generate
+
+    if sampler == "dopri5":
+        pytest.importorskip("torchdiffeq")
+    trained_for = build_objective(objective)
+    options = SamplingOptions(sampler=sampler, num_steps=5, cfg_scale=1.0, **settings)
+    options.validate(trained_for)
+    calls = []
+    generate(tiny_dit(learn_sigma=objective == "ddpm"), PixelSpace(4), [1], options=options, objective=trained_for,
+             seed=0, on_estimate=lambda estimate: calls.append(1))
+    expected = get_sampler(sampler, trained_for).model_calls(5, options.sampler_options())
+    assert expected == (None if sampler == "dopri5" else len(calls))

@@ -141,3 +141,18 @@ def test_pixel_space_has_the_model_channel_count(tmp_path):
     info = ModelInfo(config=digits_like.config, latent=LatentInfo(kind="pixels", vae=None))
     path = export_weights(digits_like, info, tmp_path / "digits.safetensors")
     assert load_for_sampling(str(path), device="cpu").latent_space == PixelSpace(channels=1)
+
+
+def test_no_tip_about_accelerate_before_fastdits_lines(tmp_path, monkeypatch, capfd):
+    """Without accelerate, diffusers would print a multi-line tip to install it on every VAE load; fastdit
+    asks for what diffusers falls back to (low_cpu_mem_usage=False), which loads the same weights quietly."""
+    import diffusers.models.modeling_utils as modeling_utils
+    import diffusers.utils
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(**tiny_vae_config()).save_pretrained(tmp_path / "vae")
+    monkeypatch.setattr(diffusers.utils, "is_accelerate_available", lambda: False)
+    monkeypatch.setattr(modeling_utils, "is_accelerate_available", lambda: False)
+    capfd.readouterr()
+    space = load_latent_space(str(tmp_path / "vae"))
+    assert space.channels == 4 and "accelerate" not in "".join(capfd.readouterr())

@@ -32,6 +32,8 @@ from .request import (Limits, ModelCache, SampleRequest, Stopped, generate_grid,
 
 log = logging.getLogger(__name__)
 DEFAULT_SAMPLER = "model default"
+# A model with at most this many classes opens with every class chosen (as `fastdit sample` draws them).
+FIRST_CLASSES = 16
 # The sampling fields in the page's order, two a row: every option of `fastdit.sampling.options`
 # (tests/test_sampling_schema.py checks that none is missing).
 PAGE_FIELDS = ("sampler", "num_steps", "cfg_scale", "guidance_interval", "guided_channels", "time_shift", "eta", "precision",
@@ -165,7 +167,8 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None, 
                 info = cache.get(source, device).info
                 names, samplers = class_choices(info.config.num_classes, info.class_names), samplers_for(info.objective)
                 defaults = recorded_defaults(info, choice, samplers)
-                first = []
+                # A model of few classes (the ten digits) opens with every class chosen, a larger one with its first.
+                first = names if len(names) <= FIRST_CLASSES else names[:1]
             status = f"Model: `{source.path or source.model_name}`"
             if wanted is not None:
                 # As `fastdit sample --preset` does, the preset's values replace the model's own; a model

@@ -48,13 +48,22 @@ class Sampler:
     # At least 2: the respaced process needs a step 1 to define the clipped posterior variance, and a
     # grid of points needs two. A sampler counting steps of one call each may go down to 1.
     min_steps: int = 2
+    # The model calls of one run for (num_steps, the sampler's options); None where the sampler decides
+    # (dopri5's adaptive steps). By default one call per step.
+    calls: Callable[[int, dict], int | None] = lambda num_steps, options: num_steps
+
+    def model_calls(self, num_steps: int, options: dict | None = None) -> int | None:
+        """How many model calls (each a guided pair when guiding) a run of `num_steps` takes."""
+        return self.calls(num_steps, {**SAMPLER_OPTIONS, **(options or {})})
 
 
 SAMPLERS: dict[str, Sampler] = {}
 
 
-def register_sampler(name: str, *, needs: str, options: tuple[str, ...] = (), min_steps: int = 2):
-    """Decorator: register `run` as sampler `name` that consumes the `needs` view."""
+def register_sampler(name: str, *, needs: str, options: tuple[str, ...] = (), min_steps: int = 2,
+                     calls: Callable[[int, dict], int | None] | None = None):
+    """Decorator: register `run` as sampler `name` that consumes the `needs` view; `calls(num_steps,
+    options)` counts its model calls (default: one per step)."""
     unknown = set(options) - set(SAMPLER_OPTIONS)
     if unknown:
         raise ValueError(f"sampler {name!r} names unknown options {sorted(unknown)}; known: {sorted(SAMPLER_OPTIONS)}")
@@ -62,7 +71,7 @@ def register_sampler(name: str, *, needs: str, options: tuple[str, ...] = (), mi
     def register(run: Callable) -> Callable:
         if name in SAMPLERS:
             raise ValueError(f"a sampler named {name!r} is registered already")
-        SAMPLERS[name] = Sampler(name, needs, run, tuple(options), min_steps)
+        SAMPLERS[name] = Sampler(name, needs, run, tuple(options), min_steps, *([calls] if calls else []))
         return run
 
     return register
@@ -218,33 +227,38 @@ def _sde(sampler, view, x, num_steps, noise_fn, progress, diffusion_form, diffus
     return sampler(sde, x, times, noise_fn=noise_fn, cond=view.cond, last_step=last_step, progress=progress)
 
 
-@register_sampler("sde-euler", needs="sde", options=SDE_OPTIONS)
+def _sde_calls(per_step: int):
+    # num_steps grid points: num_steps − 1 steps of `per_step` calls, then the last step's one (none for "none").
+    return lambda num_steps, options: per_step * (num_steps - 1) + (options["last_step"] != "none")
+
+
+@register_sampler("sde-euler", needs="sde", options=SDE_OPTIONS, calls=_sde_calls(1))
 def _sde_euler(view, x, *, num_steps, noise_fn, progress, diffusion_form, diffusion_norm, last_step, last_step_size):
     """SiT's SDE, Euler–Maruyama (SiT's default), num_steps grid points"""
     return _sde(sde_euler, view, x, num_steps, noise_fn, progress, diffusion_form, diffusion_norm, last_step,
                 last_step_size)
 
 
-@register_sampler("sde-heun", needs="sde", options=SDE_OPTIONS)
+@register_sampler("sde-heun", needs="sde", options=SDE_OPTIONS, calls=_sde_calls(2))
 def _sde_heun(view, x, *, num_steps, noise_fn, progress, diffusion_form, diffusion_norm, last_step, last_step_size):
     """SiT's SDE, stochastic Heun, num_steps grid points"""
     return _sde(sde_heun, view, x, num_steps, noise_fn, progress, diffusion_form, diffusion_norm, last_step,
                 last_step_size)
 
 
-@register_sampler("euler", needs="velocity")
+@register_sampler("euler", needs="velocity", calls=lambda num_steps, options: num_steps - 1)
 def _euler(view, x, *, num_steps, noise_fn, progress):
     """the probability-flow ODE, Euler, num_steps grid points"""
     return ode_euler(view.velocity, x, view.ode_times(num_steps), cond=view.cond, progress=progress)
 
 
-@register_sampler("heun", needs="velocity")
+@register_sampler("heun", needs="velocity", calls=lambda num_steps, options: 2 * (num_steps - 1))
 def _heun(view, x, *, num_steps, noise_fn, progress):
     """the probability-flow ODE, Heun (2 calls a step), num_steps grid points"""
     return ode_heun(view.velocity, x, view.ode_times(num_steps), cond=view.cond, progress=progress)
 
 
-@register_sampler("dopri5", needs="velocity")
+@register_sampler("dopri5", needs="velocity", calls=lambda num_steps, options: None)
 def _dopri5(view, x, *, num_steps, noise_fn, progress):
     """the probability-flow ODE, adaptive Dormand–Prince (SiT's ODE default); num_steps report points"""
     return ode_dopri5(view.velocity, x, view.ode_times(num_steps), cond=view.cond)
