@@ -220,7 +220,7 @@ def _load_checked(job: SampleJob, load: Callable):
 
 
 def _image_shape(model_info) -> tuple[int, int, int]:
-    """The shape of one image in the chunks and the `.npz`: always RGB (`fastdit.image_grid.as_rgb`)."""
+    """The shape of one image in the chunks and the `.npz`: always RGB (`sampling.indexed.as_rgb`)."""
     return (model_info.image_size, model_info.image_size, 3)
 
 

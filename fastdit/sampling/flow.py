@@ -22,11 +22,14 @@ from typing import Callable
 
 import torch
 
-from ..diffusion.flow import DIFFUSION_FORMS, Interpolant, LinearPath, VelocityModel  # noqa: F401  (re-exported)
+from ..diffusion.flow import DIFFUSION_FORMS, Interpolant, LinearPath, VelocityModel
 from ..errors import UserError
-from ..objectives.views import shift_times, time_grid  # noqa: F401  (re-exported)
+from ..objectives.views import shift_times, time_grid
 from ..program import install_command
 from ..progress import tqdm
+
+__all__ = ["SIT_LAST_STEP_SIZE", "LAST_STEPS", "FlowSDE", "VelocityModel", "mean_flow_steps", "ode_dopri5", "ode_euler",
+           "ode_heun", "sde_euler", "sde_heun", "shift_times", "time_grid"]  # the last ones re-exported
 
 VelocityFn = Callable[..., torch.Tensor]
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
