@@ -130,3 +130,24 @@ def test_a_quick_command_says_nothing_about_a_busy_machine(monkeypatch, capsys):
         main(["sample", "--help"])
     assert "busy" not in "".join(capsys.readouterr())
     assert not cpu_threads._configured
+
+
+def test_a_dataclass_field_with_choices_becomes_a_flag_that_lists_them():
+    import dataclasses
+
+    from fastdit.cli.dataclass_args import add_dataclass_arguments
+
+    @dataclasses.dataclass
+    class Settings:
+        path_type: str = dataclasses.field(default="linear", metadata={"help": "the path", "choices": ("linear", "vp")})
+        depth: int | None = dataclasses.field(default=None, metadata={"help": "depth (default: the preset's)"})
+        tf32: bool = dataclasses.field(default=True, metadata={"help": "TF32 matmuls"})
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, Settings)
+    text = " ".join(parser.format_help().split())
+    assert "--path-type {linear,vp} the path (default: linear)" in text
+    assert "depth (default: the preset's)" in text and text.count("(default:") == 3  # said once each
+    assert "TF32 matmuls (default: on)" in text
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--path-type", "gvp"])

@@ -1,6 +1,7 @@
 """CLI flags generated from config dataclasses' typed fields: one source of truth for names, types,
 defaults and help texts (each field's `help` metadata; `flag` metadata names a flag that differs from
-the field's name, `flag_alone` gives the value of the flag written without one)."""
+the field's name, `flag_alone` gives the value of the flag written without one, `choices` the values
+it takes)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,9 @@ def add_dataclass_arguments(parser, cls, skip=()) -> list[str]:
                                 metavar="X", help=text)
         elif kind is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=field.default, help=text)
+        elif kind in (int, float, str) and field.metadata.get("choices"):  # argparse lists and checks them
+            parser.add_argument(flag, dest=name, type=kind, default=field.default, choices=field.metadata["choices"],
+                                help=text, **optional_value)
         elif kind in (int, float, str):
             parser.add_argument(flag, dest=name, type=finite_float if kind is float else kind, default=field.default,
                                 metavar=name.upper(), help=text, **optional_value)

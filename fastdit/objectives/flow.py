@@ -117,11 +117,11 @@ class Flow(FlowTimeObjective):
     sampling: ClassVar[SamplingPolicy] = SamplingPolicy("flow", sampler="sde-euler")  # SiT's, 250 steps
 
     path_type: str = setting("linear", f"flow: SiT's path, {', '.join(PATH_TYPES)} (x_t = α_t x1 + σ_t ε: linear t, "
-                                       "1 - t; gvp sin, cos of πt/2; vp the VP SDE's)")
+                                       "1 - t; gvp sin, cos of πt/2; vp the VP SDE's)", choices=PATH_TYPES)
     prediction: str = setting("velocity", f"flow: what the network predicts, {', '.join(PREDICTIONS)} (SiT-XL/2: "
-                                          "velocity); sampling converts it, as SiT does")
+                                          "velocity); sampling converts it, as SiT does", choices=PREDICTIONS)
     loss_weight: str = setting("none", f"flow: SiT's loss weight of noise and score prediction, "
-                                       f"{', '.join(LOSS_WEIGHTS)}")
+                                       f"{', '.join(LOSS_WEIGHTS)}", choices=LOSS_WEIGHTS)
 
     def validate(self) -> None:
         for name, value, choices in (("path-type", self.path_type, PATH_TYPES), ("prediction", self.prediction, PREDICTIONS),
