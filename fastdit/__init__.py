@@ -8,19 +8,44 @@ sampling and built-in evaluation.
     diffusion = fastdit.create_diffusion("250")                   # DiT's process; FlowMatching() is SiT's
 """
 
-from .checkpoint import export_weights, load_model
-from .diffusion import FlowMatching, GaussianDiffusion, create_diffusion
-from .errors import DownloadError, UserError
-from .latents import PixelSpace, VAELatentSpace, load_latent_space
-from .loading import load_for_sampling
-from .model_info import LatentInfo, ModelInfo
-from .models import PRESETS, DiT, DiTConfig, build_model
-from .objectives import OBJECTIVES, Objective, build_objective, register_objective
-from .sampling import SAMPLERS, ClassifierFreeGuidance, SamplingOptions, generate, register_sampler
+import importlib
+
+# The public API, imported on first use (PEP 562): `import fastdit` and `fastdit --help`/`--version` stay
+# quick, without torch; `fastdit.generate` (or `from fastdit import generate`) imports what it needs.
+_API = {
+    "export_weights": "checkpoint", "load_model": "checkpoint",
+    "FlowMatching": "diffusion", "GaussianDiffusion": "diffusion", "create_diffusion": "diffusion",
+    "DownloadError": "errors", "UserError": "errors",
+    "PixelSpace": "latents", "VAELatentSpace": "latents", "load_latent_space": "latents",
+    "load_for_sampling": "loading",
+    "LatentInfo": "model_info", "ModelInfo": "model_info",
+    "PRESETS": "models", "DiT": "models", "DiTConfig": "models", "build_model": "models",
+    "OBJECTIVES": "objectives", "Objective": "objectives", "build_objective": "objectives",
+    "register_objective": "objectives",
+    "SAMPLERS": "sampling", "ClassifierFreeGuidance": "sampling", "SamplingOptions": "sampling", "generate": "sampling",
+    "register_sampler": "sampling",
+    "make_grid": "image_grid",
+    "DemoConfig": "demo.run", "run_demo": "demo.run", "find_demo_checkpoint": "app.models",
+    "format_report": "demo.report",
+}
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+        globals()[name] = value  # once imported, an ordinary attribute
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_API])
+
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DemoConfig",
     "OBJECTIVES",
     "PRESETS",
     "SAMPLERS",
@@ -41,10 +66,14 @@ __all__ = [
     "build_objective",
     "create_diffusion",
     "export_weights",
+    "find_demo_checkpoint",
+    "format_report",
     "generate",
     "load_for_sampling",
     "load_latent_space",
     "load_model",
+    "make_grid",
     "register_objective",
     "register_sampler",
+    "run_demo",
 ]

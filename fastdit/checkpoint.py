@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import DownloadError, FetchError, UserError, template_text
 from . import hub
 from .hub import OFFICIAL_CHECKPOINTS, download, official_objective
 from .io import atomic_path
@@ -258,12 +258,18 @@ def resolve_official(name: str, vae: str | None = None) -> Path | None:
         return None
     filename = Path(name).name
     subdir = "sit" if official_objective(OFFICIAL_CHECKPOINTS[filename][0]) == "flow" else "dit"
-    hint = "pass --ckpt PATH to a local copy"
-    vae_repo = OFFICIAL_VAES.get(vae or "mse", vae)
-    if vae_repo not in PIXEL_SPACE_NAMES and not Path(vae_repo).is_dir() and not hub.hf_files_cached(vae_repo):
-        hint += (f". Sampling it also needs the VAE {vae_repo}, which is not in the Hugging Face cache either: "
-                 f"{hub.hf_download_command(vae_repo)}")
-    return download(hub.official_url(filename), filename, subdir=subdir, hint=hint)
+    try:
+        return download(hub.official_url(filename), filename, subdir=subdir)
+    except DownloadError as err:
+        # The advice names the arguments each edge words its own way: `--ckpt PATH`, the Checkpoint field,
+        # `source=PATH` in Python (`ArgumentError`).
+        template, fields = template_text(str(err)) + ", or load a local copy: {source:PATH}", ["source"]
+        vae_repo = OFFICIAL_VAES.get(vae or "mse", vae)
+        if vae_repo not in PIXEL_SPACE_NAMES and not Path(vae_repo).is_dir() and not hub.hf_files_cached(vae_repo):
+            template += template_text(f". Sampling it also needs the VAE {vae_repo}, which is not in the Hugging Face "
+                                      "cache either. ") + hub.vae_fetch_advice(vae_repo)
+            fields.append("vae")
+        raise FetchError(template, *fields) from None
 
 
 def load_model(

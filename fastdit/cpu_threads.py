@@ -33,6 +33,16 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+# Data loader workers decoding images: 4 keep a GPU fed (DiT's train.py uses 4); more processes than
+# cores only compete with each other (and PyTorch's DataLoader warns about it).
+MAX_DATA_WORKERS = 4
+
+
+def data_workers() -> int:
+    """The default number of data loader worker processes: one per usable core, at most MAX_DATA_WORKERS."""
+    return min(MAX_DATA_WORKERS, usable_cores())
+
+
 def _cpu_times() -> tuple[int, int] | None:
     """(busy, total) jiffies of all cores from Linux's /proc/stat, None elsewhere."""
     try:

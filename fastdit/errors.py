@@ -67,6 +67,35 @@ class OptionError(UserError):
         return OptionError(escaped + self.template, *self.fields, **self.values)
 
 
+def python_namer(field: str, value: str | None = None) -> str:
+    """How Python code names an argument: its keyword, set to a value as Python writes it (`vae=PATH` for a
+    placeholder, `vae='pixels'` for a name)."""
+    if value is None:
+        return field
+    literal = value.isupper() or value.replace(".", "", 1).lstrip("-").isdigit()
+    return f"{field}={value if literal else repr(value)}"
+
+
+class ArgumentError(OptionError):
+    """An error whose advice names arguments of the loading functions (`source`, the checkpoint's path;
+    `vae`) rather than sampling options: str() names them as Python does (`source=PATH`), since the
+    library's caller is Python; each edge names them in its own words (`at_edge`: `--ckpt PATH`, the
+    Checkpoint field)."""
+
+    def __init__(self, template: str, *fields: str, **values):
+        super().__init__(template, *fields, **values)
+        self.args = (self.in_words(python_namer),)
+
+
+class FetchError(DownloadError, ArgumentError):
+    """A file that is neither here nor downloadable now, with what to do about it (`ArgumentError`)."""
+
+
+def template_text(text: str) -> str:
+    """`text` as literal text inside an `OptionError` template (its braces escaped)."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 class _Option:
     """A field in a template: "{cfg_scale}" is `name(field, None)`, "{cfg_scale:1}" `name(field, "1")`."""
 

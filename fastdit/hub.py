@@ -8,11 +8,13 @@ when the transfer is complete and has the announced length: a partial file never
 from __future__ import annotations
 
 import os
+import shlex
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .errors import DownloadError
+from .errors import DownloadError, template_text
+from .program import script_words
 
 OFFICIAL_DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"
 # SiT's release (Ma et al. 2024) is served from Dropbox under the name SiT-XL-2-256.pt; it is cached as
@@ -120,10 +122,25 @@ VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 HUB_PROBE_SECONDS = 3.0
 
 
+def hf_program() -> str:
+    """huggingface_hub's `hf` CLI (which replaced `huggingface-cli` in 0.34) as this installation runs it,
+    printed so that it runs as shown (`.venv/bin/hf` when the environment is not activated)."""
+    return shlex.join(script_words("hf") or ["hf"])
+
+
 def hf_download_command(repo: str, files=VAE_FILES) -> str:
-    """The command that puts `files` of `repo` into the Hugging Face cache (huggingface_hub's `hf` CLI,
-    which replaced `huggingface-cli` in 0.34)."""
-    return " ".join(["hf", "download", repo, *files])
+    """The command that puts `files` of `repo` into the Hugging Face cache."""
+    return " ".join([hf_program(), "download", repo, *files])
+
+
+def vae_fetch_advice(repo: str) -> str:
+    """What to do about a VAE that is neither cached nor downloadable here, one message for every job
+    (`extract`, `train`, `sample`, `sample-ddp`, the app, the notebook), as an `ArgumentError` template:
+    "{vae:PATH}" is worded by the edge that shows it (--vae PATH on the command line, vae=PATH in Python)."""
+    return (f"On a machine with internet access, `{template_text(hf_download_command(repo))}` puts it into the Hugging "
+            "Face cache ($HF_HOME, else ~/.cache/huggingface; copy that folder to this machine), or pass {vae:PATH}, a "
+            "local diffusers AutoencoderKL folder; small images (such as the 8x8 digits) need no VAE: {vae:pixels} "
+            "trains and samples them in pixel space")
 
 
 def hf_files_cached(repo: str, files=VAE_FILES) -> bool:
@@ -170,6 +187,8 @@ __all__ = [
     "cache_dir",
     "download",
     "hf_download_command",
+    "hf_program",
+    "vae_fetch_advice",
     "hf_files_cached",
     "hf_hub_unreachable",
     "official_dit_name",

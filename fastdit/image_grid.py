@@ -1,9 +1,16 @@
-"""A picture grid from a batch of uint8 images (what `torchvision.utils.save_image` would do)."""
+"""Batches of uint8 images as pictures: a grid (what `torchvision.utils.save_image` would do), and the
+one rule for gray images (`as_rgb`)."""
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
+
+
+def as_rgb(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 1 or 3) -> (N, H, W, 3): fastdit's one rule for gray images wherever RGB is needed (the
+    `.npz` batches of `sample-ddp` and the demo, ADM's evaluator, Inception): the channel repeated."""
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
 def make_grid(images: np.ndarray, nrow: int, padding: int = 2, pad_value: int = 0) -> Image.Image:

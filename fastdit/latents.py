@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .hub import hf_download_command, hf_hub_unreachable
+from .errors import FetchError, UserError, template_text
+from .hub import hf_hub_unreachable, vae_fetch_advice
 from .program import install_command
 
 SD_VAE_SCALE = 0.18215
@@ -130,7 +130,7 @@ def load_vae(repo_or_folder: str):
         raise UserError(f"the VAE needs the 'diffusers' package: {install_command('vae')}") from None
     if Path(repo_or_folder).is_dir():
         try:
-            return AutoencoderKL.from_pretrained(repo_or_folder)
+            return _from_pretrained(AutoencoderKL, repo_or_folder)
         except (OSError, ValueError) as err:
             raise UserError(
                 f"VAE folder {repo_or_folder!r} is not a diffusers AutoencoderKL folder ({err}); --vae takes "
@@ -146,25 +146,28 @@ def load_vae(repo_or_folder: str):
         return _from_pretrained(AutoencoderKL, repo_or_folder, local_files_only=True)
     except Exception:  # noqa: BLE001 - not (or not wholly) cached: diffusers raises OSError or ValueError
         pass
-    fetch = (f"On a machine with internet access, `{hf_download_command(repo_or_folder)}` puts it into the "
-             f"Hugging Face cache ($HF_HOME, else ~/.cache/huggingface; copy that folder here), or pass a local "
-             f"diffusers AutoencoderKL folder; --vae takes {VAE_CHOICES}")
+    fetch = f"{vae_fetch_advice(repo_or_folder)}. {{vae}} takes {template_text(VAE_CHOICES)}"
     unreachable = hf_hub_unreachable()
     if unreachable is not None:
-        raise UserError(f"the VAE {repo_or_folder!r} is not in the Hugging Face cache and the hub cannot be "
-                        f"reached ({unreachable}). {fetch}")
+        raise FetchError(template_text(f"the VAE {repo_or_folder!r} is not in the Hugging Face cache and the hub cannot "
+                                       f"be reached ({unreachable}). ") + fetch, "vae")
     try:
         return _from_pretrained(AutoencoderKL, repo_or_folder)
     except Exception as err:  # noqa: BLE001 - hub errors have many types (404, auth, HTTP)
-        raise UserError(
+        raise FetchError(template_text(
             f"could not load the VAE {repo_or_folder!r} from the Hugging Face hub ({type(err).__name__}: "
-            f"{_first_line(err)}), and no local folder of that name exists. {fetch}"
-        ) from None
+            f"{_first_line(err)}), and no local folder of that name exists. ") + fetch, "vae") from None
 
 
 def _from_pretrained(cls, repo: str, **options):
     import warnings
 
+    from diffusers.utils import is_accelerate_available
+
+    if not is_accelerate_available():
+        # What diffusers falls back to without accelerate, asked for: it then loads the same way without
+        # a multi-line tip to install accelerate before fastdit's own lines.
+        options.setdefault("low_cpu_mem_usage", False)
     with warnings.catch_warnings():
         # diffusers passes an argument that huggingface_hub >= 0.23 ignores and warns about on every load
         warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")

@@ -16,18 +16,25 @@ import sys
 from pathlib import Path
 
 
+def script_words(name: str) -> list[str] | None:
+    """The words that run this installation's console script `name` as printed, from the current folder:
+    `name` when that name on PATH is this installation's script, else the script's path (relative when it
+    lies inside the current folder); None when this installation has no such script."""
+    script = Path(sys.executable).parent / name
+    if not script.exists():
+        return None
+    on_path = shutil.which(name)
+    if on_path is not None and os.path.samefile(on_path, script):
+        return [name]
+    try:
+        return [str(script.relative_to(Path.cwd()))]
+    except ValueError:  # not below the current folder: the absolute path
+        return [str(script)]
+
+
 def program_words() -> list[str]:
     """The words that start a fastdit command runnable as printed, from the current folder."""
-    script = Path(sys.executable).parent / "fastdit"
-    on_path = shutil.which("fastdit")
-    if on_path is not None and script.exists() and os.path.samefile(on_path, script):
-        return ["fastdit"]
-    if script.exists():
-        try:
-            return [str(script.relative_to(Path.cwd()))]
-        except ValueError:  # not below the current folder: the absolute path
-            return [str(script)]
-    return [sys.executable, "-m", "fastdit"]
+    return script_words("fastdit") or [sys.executable, "-m", "fastdit"]
 
 
 def _from_here(path: Path) -> str:

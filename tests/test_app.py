@@ -252,7 +252,7 @@ def test_stop_ends_a_generation_at_the_next_model_call(tmp_path):
 
     with pytest.raises(Stopped):
         generate_grid(request, ModelCache(), tmp_path / "stopped.png", progress=False, on_preview=press_stop, stop=stop)
-    assert previews == ["5 model calls"]  # 40 steps, a preview every 40 // 8 calls: stopped at the first
+    assert previews == ["5 of 40 model calls"]  # 40 steps, a preview every 40 // 8 calls: stopped at the first
     assert not (tmp_path / "stopped.png").exists()
 
 
@@ -429,9 +429,11 @@ def test_preset_starts_the_page_on_its_model_and_values(tmp_path):
     tiny_digits_run(tmp_path / "flow", objective="flow")
     build = lambda preset=None: page_module.build_page([tmp_path / "flow"], device="cpu", work_dir=str(tmp_path / "work"),
                                                        preset=get_preset(preset) if preset else None)
-    # Without a preset the page starts as before: the digits demo, every channel guided, no shift.
+    # Without a preset the page starts as before: the digits demo, every channel guided, no shift; every
+    # digit is chosen, so Generate draws a picture at once.
     plain = build()
     assert component(plain, "model").value == DIGITS and component(plain, "official-guidance").value is False
+    assert [label_of(name) for name in described(plain, DIGITS)["classes"]] == list(range(10))
     # dit-xl2-256: the official DiT-XL/2 at 256 (nothing is loaded to describe it), DiT's sample_ddp.py values.
     page = build("dit-xl2-256")
     choice = official_choice("DiT-XL/2", 256)

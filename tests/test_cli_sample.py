@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 
 from fastdit.checkpoint import export_weights
+from fastdit.errors import UserError
+from fastdit.loading import load_for_sampling
 from fastdit.model_info import LatentInfo, ModelInfo
 from fastdit.models import build_model
 from cli_runner import run_cli
@@ -134,10 +136,22 @@ def test_offline_official_weights_give_one_clear_message(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert "could not download DiT-XL-2-256x256.pt" in err and "--ckpt PATH" in err and "Traceback" not in err
     # The release needs the SD VAE: the message names it while it is not cached either (an empty cache here)
-    assert ("also needs the VAE stabilityai/sd-vae-ft-mse, which is not in the Hugging Face cache either: "
-            "hf download stabilityai/sd-vae-ft-mse config.json diffusion_pytorch_model.safetensors") in err
+    # with the one VAE message of every job (extract's and train's too): the download with this installation's
+    # own `hf`, where to copy the cache, a local folder, and pixels for small data.
+    advice = (f"also needs the VAE stabilityai/sd-vae-ft-mse, which is not in the Hugging Face cache either. On a "
+              f"machine with internet access, `{hub.hf_program()} download stabilityai/sd-vae-ft-mse config.json "
+              f"diffusion_pytorch_model.safetensors` puts it into the Hugging Face cache ($HF_HOME, else "
+              f"~/.cache/huggingface; copy that folder to this machine), or pass --vae PATH, a local diffusers "
+              f"AutoencoderKL folder; small images (such as the 8x8 digits) need no VAE: --vae pixels trains")
+    assert advice in err and "or load a local copy: --ckpt PATH" in err
     assert run_cli("sample", "--model", "DiT-B/4") == 2
     assert "no official weights for DiT-B/4" in capsys.readouterr().err
+    # Python (the notebook) gets the same advice in its own words: the loader's arguments, no flag.
+    with pytest.raises(UserError) as error:
+        load_for_sampling(model_name="DiT-XL/2", image_size=256)
+    words = str(error.value)
+    assert "or load a local copy: source=PATH" in words and "vae=PATH" in words and "vae='pixels'" in words
+    assert "--ckpt" not in words and "--vae" not in words
 
 
 def test_the_offline_message_leaves_out_a_vae_that_is_cached(tmp_path, capsys, monkeypatch):
@@ -278,3 +292,14 @@ def test_the_install_command_adds_an_extra_to_this_installation(monkeypatch, tmp
     assert Path(words[0]).resolve() == Path(sys.executable).resolve() and words[1:] == ["-m", "pip", "install", "-e", ".[app]"]
     monkeypatch.chdir(tmp_path)
     assert shlex.split(install_command("vae"))[-1] == f"{source}[vae]"
+
+
+@pytest.mark.parametrize("command", ["sample", "sample-ddp"])
+def test_a_preset_for_your_own_model_asks_for_the_checkpoint_before_any_download(tmp_path, capsys, monkeypatch, command):
+    import fastdit.hub as hub
+
+    monkeypatch.setattr(hub, "download", lambda *a, **k: pytest.fail("a preset without a model downloaded DiT-XL/2"))
+    out = tmp_path / ("x.png" if command == "sample" else "x.npz")
+    assert run_cli(command, "--preset", "repa-sde-250", "--out", out) == 2
+    assert ("preset repa-sde-250 is a recipe for flow models you trained (it names no released weights, so there is "
+            "nothing to download): give the checkpoint with --ckpt PATH") in capsys.readouterr().err

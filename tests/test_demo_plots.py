@@ -54,3 +54,26 @@ def test_the_plot_is_written_as_a_png(tmp_path):
     path = save_loss_plot(np.array([1, 2]), {"loss": np.array([1.0, 0.5]), "repa": np.array([-0.1, -0.4])},
                           tmp_path / "loss.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_the_objectives_own_loss_has_its_panel_beside_the_sum_and_the_repa_term(tmp_path):
+    """With REPA, "loss" is the objective's loss plus λ·repa (it goes negative as the cosine nears -1): the
+    objective's own loss is shown too, loss − λ·repa, exact for the window means (a mean is linear)."""
+    flow = np.array([1.2, 0.7, 0.5])
+    repa = np.array([-0.3, -0.8, -0.95])
+    records = [{"step": s, "loss": float(f + 1.5 * r), "repa": float(r), **statistics(s)}
+               for s, f, r in zip((1, 2, 3), flow, repa)]
+    steps, terms = read_loss_terms(write_metrics(tmp_path / "metrics.jsonl", records), {"repa": 1.5})
+    assert list(terms) == ["loss", "objective", "repa"]
+    # (f + 1.5 r) − 1.5 r in float64: within a rounding of |f| + 3|r| per value (a few ulps of 3)
+    np.testing.assert_allclose(terms["objective"], flow, rtol=0, atol=4 * 2.0**-52 * 3)
+    assert terms["loss"][-1] < 0  # the sum alone would hide that the objective's loss still falls
+    figure = loss_figure(steps, terms)
+    try:
+        assert [axes.get_title() for axes in figure.axes] == [
+            "loss (the sum that is optimised)", "the objective's own loss (the sum less the weighted terms below)", "repa"]
+    finally:
+        plt.close(figure)
+    # Without weights, or a weight of a term not logged, nothing is derived.
+    assert list(read_loss_terms(tmp_path / "metrics.jsonl")[1]) == ["loss", "repa"]
+    assert list(read_loss_terms(tmp_path / "metrics.jsonl", {"disperse": 0.5})[1]) == ["loss", "repa"]

@@ -228,3 +228,34 @@ def test_out_json_is_checked_before_inception(tmp_path, capsys):
     assert "cannot write into" in err and "a_file" in err
     (tmp_path / "m.json").mkdir()
     assert "is a folder" in run_cli(["evaluate", samples, samples, "--out-json", str(tmp_path / "m.json")], capsys)
+
+
+def test_gray_npz_batches_are_read_as_rgb_and_only_nchw_is_told_to_transpose(tmp_path):
+    """fastdit's rule for gray images (`fastdit.image_grid.as_rgb`): the channel repeated. A gray batch
+    (the digits demo's samples.npz before it wrote RGB, anyone's np.savez of gray images) is read so,
+    streamed and whole (Fortran order) alike, and the message about NCHW arrays is kept for those."""
+    gray = np.arange(2 * 5 * 4, dtype=np.uint8).reshape(2, 5, 4, 1)
+    for name, array in (("c.npz", gray), ("f.npz", np.asfortranarray(gray))):
+        np.savez(tmp_path / name, array, np.arange(2))
+        source = open_images(tmp_path / name)
+        (batch,) = list(source.batches(8))
+        assert source.image_size == (5, 4) and batch.shape == (2, 5, 4, 3)
+        assert (batch == gray).all()  # every channel is the gray one
+    np.savez(tmp_path / "two.npz", np.zeros((2, 8, 8, 2), np.uint8))
+    with pytest.raises(UserError, match=r"shape \(2, 8, 8, 2\); expected N x H x W x 3.*or gray N x H x W x 1$"):
+        open_images(tmp_path / "two.npz")
+    np.savez(tmp_path / "nchw.npz", np.zeros((2, 1, 8, 8), np.uint8))
+    with pytest.raises(UserError, match=r"transpose NCHW arrays"):
+        open_images(tmp_path / "nchw.npz")
+
+
+def test_evaluate_takes_the_digits_demos_samples(tmp_path):
+    """The demo's samples.npz, written by its own writer, is RGB as sample-ddp's is, and evaluates."""
+    from fastdit.demo.run import _save_samples
+
+    digits = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
+    path = _save_samples(digits, np.arange(6), tmp_path / "samples.npz")
+    with np.load(path) as data:
+        assert data["arr_0"].shape == (6, 8, 8, 3) and (data["arr_0"] == digits).all()
+    (batch,) = list(open_images(path).batches(8))
+    assert (batch == digits).all()

@@ -13,6 +13,8 @@ from fastdit.objectives import build_objective
 from fastdit.models import DiT
 from fastdit.sampling import (
     ClassifierFreeGuidance,
+    FlowSDE,
+    ModelView,
     SamplingOptions,
     VelocityModel,
     get_sampler,
@@ -122,8 +124,11 @@ def test_shift_is_sd3s_shift_in_sits_time():
         time_grid(1)
     with pytest.raises(UserError, match="time shift must be > 0, got 0"):
         time_grid(5, shift=0)
-    with pytest.raises(UserError, match="must end in \\(0, 1\\], got 1.5"):
+    with pytest.raises(UserError, match="must run from 0 <= start < end <= 1, got \\[0.0, 1.5\\]"):
         time_grid(5, end=1.5)
+    # A model SiT samples on a shorter interval starts later; the shift keeps the grid inside it.
+    assert time_grid(3, start=0.001, end=0.999).tolist() == torch.linspace(0.001, 0.999, 3).tolist()
+    assert 0 < time_grid(3, start=0.001, end=0.999, shift=3.0)[0] < 0.001
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,12 +318,19 @@ def test_sde_without_diffusion_is_the_ode():
     times = time_grid(6)
     ode = ode_euler(decay, z, times)
     never = lambda x: torch.full_like(x, float("nan"))  # noqa: E731  (the option checks come first)
-    sde = sde_euler(decay, z, times, noise_fn=lambda x: torch.randn_like(x), diffusion_norm=0.0, last_step=None)
+    no_noise = FlowSDE.of_velocity(decay, diffusion_norm=0.0)
+    sde = sde_euler(no_noise, z, times, noise_fn=lambda x: torch.randn_like(x), last_step=None)
     assert torch.equal(sde, ode)
     with pytest.raises(UserError, match="must end before 1"):
-        sde_euler(decay, z, times, noise_fn=never)
-    with pytest.raises(UserError, match="unknown SDE last step 'tweedie'"):
-        sde_heun(decay, z, time_grid(6, end=0.9), noise_fn=never, last_step="tweedie")
+        sde_euler(no_noise, z, times, noise_fn=never)
+    with pytest.raises(UserError, match="unknown SDE last step 'bogus'"):
+        sde_heun(no_noise, z, time_grid(6, end=0.9), noise_fn=never, last_step="bogus")
+    with pytest.raises(UserError, match="score is infinite at t = 1"):  # Heun's second call at the grid's end
+        sde_heun(no_noise, z, times, noise_fn=never, last_step="none")
+    with pytest.raises(UserError, match="unknown diffusion form 'sbmd'"):
+        FlowSDE.of_velocity(decay, diffusion_form="sbmd")
+    with pytest.raises(UserError, match="diffusion norm must be a finite number >= 0, got -1"):
+        FlowSDE.of_velocity(decay, diffusion_norm=-1.0)
 
 
 def gaussian_velocity(mean, std):
@@ -342,7 +354,7 @@ def test_sde_samplers_reach_the_data_distribution(sampler):
     z = torch.randn(n, 1, generator=generator, dtype=torch.float64)
     draws = []
     x = sampler(
-        gaussian_velocity(2.0, 0.5), z, time_grid(101, end=0.99).double(),
+        FlowSDE.of_velocity(gaussian_velocity(2.0, 0.5)), z, time_grid(101, end=0.99).double(),
         noise_fn=lambda x: draws.append(1) or torch.randn(x.shape, generator=generator, dtype=x.dtype),
     )
     assert len(draws) == 100  # one draw per step; none for the last ("mean") step
@@ -352,9 +364,64 @@ def test_sde_samplers_reach_the_data_distribution(sampler):
     assert x.std().item() == pytest.approx(0.5, abs=0.03)
 
 
+def exact_prediction(objective, mean, std):
+    """The exact network for data N(mean, std²) on the objective's path, in its prediction: with
+    x_t = α x1 + σ x0 and V = α² std² + σ², E[x1 | x] = mean + α std² (x − α mean) / V and
+    E[x0 | x] = σ (x − α mean) / V; the velocity is α̇ E[x1 | x] + σ̇ E[x0 | x], the noise E[x0 | x], the
+    score −(x − α mean) / V."""
+    path, prediction = objective.interpolant, objective.prediction
+
+    def model(x, t, y):
+        t = t.reshape(-1, *([1] * (x.ndim - 1))).double()
+        (alpha, d_alpha), (sigma, d_sigma) = path.alpha(t), path.sigma(t)
+        variance = alpha**2 * std**2 + sigma**2
+        centred = x - alpha * mean
+        if prediction == "velocity":
+            return d_alpha * (mean + alpha * std**2 * centred / variance) + d_sigma * sigma * centred / variance
+        return sigma * centred / variance if prediction == "noise" else -centred / variance
+
+    return model
+
+
+PATH_CASES = [(path, prediction, sampler, {}) for path in ("linear", "gvp", "vp")
+              for prediction in ("velocity", "noise", "score") for sampler in ("euler", "heun")]
+# SiT's SDE on the paths where its diffusion vanishes at the data end (σ_1 = 0), so that the noise-free
+# last step from 0.96 leaves a sample of the data: VP's σ is still 0.14 at t = 0.96, and a constant
+# diffusion never vanishes; there the last step (the mean of a step, or Tweedie's posterior mean) shrinks
+# the spread by design, in SiT as here.
+PATH_CASES += [(path, prediction, "sde-euler", {}) for path in ("linear", "gvp") for prediction in ("velocity", "noise", "score")]
+PATH_CASES += [("linear", "velocity", "sde-heun", {}), ("gvp", "noise", "sde-euler", {"diffusion_form": "sbdm"}),
+               ("linear", "score", "sde-euler", {"diffusion_form": "linear", "diffusion_norm": 2.0}),
+               ("gvp", "velocity", "sde-euler", {"diffusion_form": "decreasing", "last_step": "tweedie"}),
+               ("linear", "noise", "sde-euler", {"diffusion_form": "increasing-decreasing", "last_step": "euler"})]
+
+
+@pytest.mark.parametrize("path,prediction,sampler,settings", PATH_CASES)
+def test_every_path_and_prediction_samples_the_data_distribution(path, prediction, sampler, settings):
+    # The exact network of each prediction, through the objective's views (its conversions and SiT's
+    # interval) and the registered samplers: the final mean and std are those of the data only if every
+    # coefficient, sign and end of the interval is right. A wrong one moves them by far more than the
+    # tolerance (a sign: the mean to -2; a coefficient off by 1%: the std by ~0.005 per unit of drift).
+    objective = build_objective("flow", path_type=path, prediction=prediction)
+    options = SamplingOptions(sampler=sampler, num_steps=201, cfg_scale=1.0, **settings)
+    options.validate(objective)
+    chosen = get_sampler(sampler, objective)
+    n, generator = 20_000, torch.Generator().manual_seed(0)
+    z = torch.randn(n, 1, 1, 1, generator=generator, dtype=torch.float64)
+    view = ModelView(objective, exact_prediction(objective, 2.0, 0.5), torch.zeros(n, dtype=torch.long), learn_sigma=False)
+    x = chosen.run(view, z, num_steps=options.num_steps, progress=False,
+                   noise_fn=lambda like: torch.randn(like.shape, generator=generator, dtype=like.dtype),
+                   **{k: v for k, v in options.sampler_options().items() if k in chosen.options})
+    # Sample error 5·0.5/sqrt(n) = 0.018 for the mean and 5·0.5/sqrt(2n) = 0.0125 for the std (the same
+    # z for every case, so the ODEs share theirs: measured -0.012), plus the discretisation with 200 steps
+    # (O(h), h = 0.005; measured <= 0.005) and VP's ODE ending at 1 − 1e-3 (σ = 0.01): 0.03 in all.
+    assert x.mean().item() == pytest.approx(2.0, abs=0.03)
+    assert x.std().item() == pytest.approx(0.5, abs=0.03)
+
+
 def test_sampler_registry_and_options():
     flow, ddpm = build_objective("flow"), build_objective("ddpm")
-    assert get_sampler("sde-heun", flow).needs == "velocity"
+    assert get_sampler("sde-heun", flow).needs == "sde" and get_sampler("heun", flow).needs == "velocity"
     with pytest.raises(UserError, match="unknown sampler 'rk4'; for this flow model use one of: sde-euler, sde-heun, euler"):
         get_sampler("rk4", flow)
     with pytest.raises(UserError, match="sampler 'euler' does not fit this ddpm model; use one of: ddpm, ddim, dpm"):
@@ -371,3 +438,24 @@ def test_velocity_model_keeps_the_first_channels():
         assert torch.equal(VelocityModel(model)(x, t, y), model(x, t, y)[:, :4])
         # Real times are embedded as they are: 0.3 and 0.31 give different outputs.
         assert not torch.equal(model(x, t, y), model(x, t + 0.01, y))
+
+
+@pytest.mark.parametrize("objective,sampler,settings", [
+    ("ddpm", "ddpm", {}), ("ddpm", "ddim", {}), ("ddpm", "dpm++2m", {}), ("flow", "euler", {}), ("flow", "heun", {}),
+    ("flow", "sde-euler", {}), ("flow", "sde-heun", {}), ("flow", "sde-euler", {"last_step": "none"}),
+    ("flow", "ddim", {"eta": 0.5}), ("flow", "dpm++2m", {}), ("flow", "dopri5", {})])
+def test_every_sampler_says_how_many_model_calls_it_makes(objective, sampler, settings):
+    """What the app's progress note counts up to: the estimates a run reports, one per model call."""
+    from fastdit.latents import PixelSpace
+    from fastdit.sampling import generate
+
+    if sampler == "dopri5":
+        pytest.importorskip("torchdiffeq")
+    trained_for = build_objective(objective)
+    options = SamplingOptions(sampler=sampler, num_steps=5, cfg_scale=1.0, **settings)
+    options.validate(trained_for)
+    calls = []
+    generate(tiny_dit(learn_sigma=objective == "ddpm"), PixelSpace(4), [1], options=options, objective=trained_for,
+             seed=0, on_estimate=lambda estimate: calls.append(1))
+    expected = get_sampler(sampler, trained_for).model_calls(5, options.sampler_options())
+    assert expected == (None if sampler == "dopri5" else len(calls))

@@ -35,15 +35,32 @@ def test_a_folder_or_file_that_is_not_a_vae(tmp_path):
     assert vae_error(tmp_path / "notes.txt") == f"VAE {str(tmp_path / 'notes.txt')!r} is a file; --vae takes {ACCEPTED}"
 
 
-FETCH = "`hf download someone/some-vae config.json diffusion_pytorch_model.safetensors`"
+def test_a_hub_id_that_cannot_be_fetched_offline(tmp_path, monkeypatch, capsys):
+    from fastdit.cli import main
+    from fastdit.hub import hf_program
 
-
-def test_a_hub_id_that_cannot_be_fetched_offline(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no local folder of that name either
     message = vae_error("someone/some-vae")  # HF_HUB_OFFLINE=1 (conftest)
     assert message.startswith("the VAE 'someone/some-vae' is not in the Hugging Face cache and the hub cannot be "
                               "reached (HF_HUB_OFFLINE is set). ")
-    assert FETCH in message and "huggingface-cli" not in message and message.endswith(ACCEPTED)
+    # This installation's own `hf` (`.venv/bin/hf` when it is not on PATH), where the cache is to be copied,
+    # a local folder, and pixels for small data; in Python the loader's argument, vae=..., names them.
+    fetch = f"`{hf_program()} download someone/some-vae config.json diffusion_pytorch_model.safetensors`"
+    assert fetch in message and "huggingface-cli" not in message and message.endswith(f"vae takes {ACCEPTED}")
+    assert "copy that folder to this machine), or pass vae=PATH, a local diffusers" in message
+    assert "need no VAE: vae='pixels' trains and samples them in pixel space" in message
+    # The command line (here extract, as train) gives the same message with its flags.
+    from PIL import Image
+
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(tmp_path / "data" / "a" / "x.png")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["extract", "--data-path", str(tmp_path / "data"), "--features-path", str(tmp_path / "store"),
+              "--image-size", "16", "--vae", "someone/some-vae", "--no-progress"])
+    err = capsys.readouterr().err
+    assert fetch in err and "or pass --vae PATH, a local diffusers" in err and "need no VAE: --vae pixels trains" in err
+    assert err.strip().endswith(f"--vae takes {ACCEPTED}")
 
 
 
@@ -98,7 +115,8 @@ def test_an_unreachable_hub_fails_in_seconds_without_a_download_attempt(tmp_path
         started = time.perf_counter()
         message = vae_error("someone/some-vae")
         seconds = time.perf_counter() - started
-    assert f"the hub cannot be reached (no answer from {endpoint}: " in message and FETCH in message
+    assert f"the hub cannot be reached (no answer from {endpoint}: " in message
+    assert f"{hub.hf_program()} download someone/some-vae config.json" in message
     assert attempts == [{"local_files_only": True}]  # the cache only: no download was tried
     # The probe's 0.5 s plus the cache lookup; huggingface_hub's retries took ~75 s. 10 s leaves room for
     # a loaded machine without letting any retry loop through.
@@ -123,3 +141,18 @@ def test_pixel_space_has_the_model_channel_count(tmp_path):
     info = ModelInfo(config=digits_like.config, latent=LatentInfo(kind="pixels", vae=None))
     path = export_weights(digits_like, info, tmp_path / "digits.safetensors")
     assert load_for_sampling(str(path), device="cpu").latent_space == PixelSpace(channels=1)
+
+
+def test_no_tip_about_accelerate_before_fastdits_lines(tmp_path, monkeypatch, capfd):
+    """Without accelerate, diffusers would print a multi-line tip to install it on every VAE load; fastdit
+    asks for what diffusers falls back to (low_cpu_mem_usage=False), which loads the same weights quietly."""
+    import diffusers.models.modeling_utils as modeling_utils
+    import diffusers.utils
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(**tiny_vae_config()).save_pretrained(tmp_path / "vae")
+    monkeypatch.setattr(diffusers.utils, "is_accelerate_available", lambda: False)
+    monkeypatch.setattr(modeling_utils, "is_accelerate_available", lambda: False)
+    capfd.readouterr()
+    space = load_latent_space(str(tmp_path / "vae"))
+    assert space.channels == 4 and "accelerate" not in "".join(capfd.readouterr())

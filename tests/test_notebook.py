@@ -65,3 +65,22 @@ def test_the_shipped_notebook_holds_its_outputs_and_is_small():
     assert sum("image/png" in out.get("data", {}) for cell in code for out in cell["outputs"]) == 3
     assert not [out for cell in code for out in cell["outputs"] if out["output_type"] == "error"]
     assert NOTEBOOK.stat().st_size < 200_000  # small PNGs: a reviewable file, not megabytes of base64
+
+
+def test_the_notebook_uses_the_public_api_only():
+    """Its code reaches fastdit through `import fastdit` alone: no module below the package's API."""
+    import ast
+
+    notebook = json.loads(NOTEBOOK.read_text())
+    for cell in notebook["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        for node in ast.walk(ast.parse("".join(cell["source"]))):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("fastdit"), f"the notebook imports from {node.module}"
+            elif isinstance(node, ast.Import):
+                assert all(alias.name == "fastdit" or not alias.name.startswith("fastdit") for alias in node.names)
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "fastdit":
+                import fastdit
+
+                assert node.attr in fastdit.__all__, f"fastdit.{node.attr} is not in the public API"

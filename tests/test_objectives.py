@@ -278,3 +278,43 @@ def test_an_objective_registers_with_its_settings_and_gets_the_samplers_of_its_v
     with pytest.raises(ValueError, match="differs from another objective's setting"):
         register_objective(Conflicting)
     assert "conflicting" not in OBJECTIVES
+
+
+def test_sit_path_and_prediction_are_training_flags_recorded_for_sampling(tmp_path, capsys):
+    """`--path-type gvp --prediction noise --loss-weight likelihood` train SiT's GVP noise model; the
+    checkpoint records them, and `fastdit sample --ckpt` converts the noise to a velocity and a score
+    as SiT does (with SiT's SDE flags); settings that do not apply are refused at the edge."""
+    flags = ["--data-path", "digits", "--model", "DiT-T/2", "--image-size", 8, "--num-classes", 10, "--depth", 1,
+             "--hidden-size", 32, "--num-heads", 2, "--global-batch-size", 8, "--num-workers", 0, "--max-steps", 1,
+             "--ckpt-every", 1, "--no-progress", "--no-tensorboard", "--results-dir", tmp_path, "--objective", "flow"]
+    assert run_cli("train", *flags, "--path-type", "gvp", "--prediction", "noise", "--loss-weight", "likelihood") == 0
+    export = next((tmp_path).rglob("*-ema.safetensors"))
+    _, info = load_model(export)
+    assert info.objective == build_objective("flow", path_type="gvp", prediction="noise", loss_weight="likelihood")
+    assert info.objective.sample_interval() == (1e-3, 1 - 1e-3)  # SiT's eps for a noise model
+    capsys.readouterr()
+    out = tmp_path / "grid.png"
+    assert run_cli("sample", "--ckpt", export, "--num-sampling-steps", 4, "--class-labels", 1, "--out", out,
+                   "--diffusion-form", "sbdm", "--last-step", "tweedie", "--last-step-size", 0.1, "--no-progress") == 0
+    assert "sde-euler 4 steps" in capsys.readouterr().out
+    # DDIM and DPM-Solver++ run on the linear path's velocity grid only; SDE flags need an SDE sampler.
+    assert run_cli("sample", "--ckpt", export, "--sampler", "ddim", "--out", out) == 2
+    assert "sampler 'ddim' does not fit this flow model; use one of: sde-euler, sde-heun, euler, heun, dopri5" in \
+        capsys.readouterr().err
+    assert run_cli("sample", "--ckpt", export, "--sampler", "heun", "--diffusion-norm", 2, "--out", out) == 2
+    assert "diffusion norm is an option of the sde-euler and sde-heun samplers only, not of 'heun' (--diffusion-norm)" in \
+        capsys.readouterr().err
+    assert run_cli("train", *flags, "--prediction", "velocity", "--loss-weight", "velocity") == 2
+    assert "applies to noise and score prediction only" in capsys.readouterr().err
+    assert run_cli("train", *flags[:-1], "x-pred", "--path-type", "vp") == 2
+    assert "--path-type applies to the flow objective(s), not to x-pred" in capsys.readouterr().err
+
+
+def test_a_velocity_model_on_the_linear_path_refuses_sbdm_and_heun_without_a_last_step():
+    flow = build_objective("flow")
+    with pytest.raises(UserError, match="the --diffusion-form sbdm diffusion is infinite at t = 0"):
+        SamplingOptions(sampler="sde-euler", diffusion_form="sbdm").validate(flow)
+    with pytest.raises(UserError, match="ends at t = 1, where stochastic Heun would take the score"):
+        SamplingOptions(sampler="sde-heun", last_step="none").validate(flow)
+    SamplingOptions(sampler="sde-euler", last_step="none").validate(flow)  # Euler–Maruyama never evaluates at t = 1
+    SamplingOptions(sampler="sde-heun", diffusion_form="sbdm").validate(build_objective("flow", prediction="score"))

@@ -16,6 +16,7 @@ from fastdit.models import DiT
 from fastdit.objectives import build_objective
 from fastdit.sampling import (
     SIT_LAST_STEP_SIZE,
+    FlowSDE,
     ModelView,
     SamplingOptions,
     VelocityModel,
@@ -37,8 +38,8 @@ SCALE = SAMPLING["cfg_scale"]
 #   bound the DiT model parity tests hold on every CPU (float32 GEMMs may sum their ≤ 256-term dot
 #   products in another order: ~sqrt(256)·u per layer, over a few layers).
 # - ROUNDING_REL: the handful of float32 roundings of an update written in another order (x + dt·v,
-#   SiT's score form against our cancelled one, its constant dt against our per-step dt), each ≤ u of
-#   the state's scale: 1e-6 of it.
+#   its constant dt against our per-step dt, 1 − t_last against its last step size), each ≤ u of the
+#   state's scale: 1e-6 of it.
 # - A sampler step from the OFFICIAL state x_k to x_{k+1} adds the model error through the step's
 #   coefficients (first order): guidance v = u + s(c − u) multiplies it by up to s + (s − 1) = 2s − 1;
 #   the SDE drift v + norm·(t·v − x) by (1 + norm·t); the step by dt. A Heun step's second call is
@@ -188,15 +189,16 @@ def test_sde_steps(model, guided, method):
     states = torch.cat([SAMPLING["z"][None], case["steps"]])
     times = time_grid(len(states) - 1, end=1 - SIT_LAST_STEP_SIZE)  # 7 steps, then the last step
     sampler = sde_euler if method == "Euler" else sde_heun
+    sde = FlowSDE.of_velocity(guided, diffusion_norm=NORM)  # SiT's score from the velocity, the "sigma" form
     for k in range(len(states) - 1):
         last = k == len(states) - 2
         if last:  # the "Mean" step: drift only, from t = 0.96 to 1 — no noise is drawn
-            step = one_step(sampler, guided, states[k], times[-1:], noise_fn=None, last_step="mean")
+            step = one_step(sampler, sde, states[k], times[-1:], noise_fn=None, last_step="mean")
             t, dt, t_next = times[-1].item(), 1 - times[-1].item(), 1.0
         else:
             # The official noise is drawn for the doubled batch; the first half moves our two images.
             noise = case["noise_tape_full_batch"][k][:2]
-            step = one_step(sampler, guided, states[k], times[k : k + 2], noise_fn=lambda x: noise, last_step=None)
+            step = one_step(sampler, sde, states[k], times[k : k + 2], noise_fn=lambda x: noise, last_step=None)
             t, t_next = times[k].item(), times[k + 1].item()
             dt = t_next - t
         # The model runs near x_k and x_{k+1} (at x̂, x̂ + dt·k1); their outputs' scale stands in for it.

@@ -30,9 +30,9 @@ _FLAG = re.compile(r"--([a-z][a-z0-9-]*)(?: (-?\d[\w.]*|[A-Z]+)\b)?")
 
 def field_name(field: str, value: str | None = None) -> str:
     """How the page names a sampling option in a message (`OptionError.at_edge`): "the Steps field",
-    or set to a value, "Guidance scale 1"."""
+    or set to a value, "Guidance scale 1"; the loading functions' `source` is the Checkpoint field."""
     option = OPTIONS.get(field)
-    label = option.label if option is not None else field.replace("_", " ")
+    label = option.label if option is not None else {"source": "Checkpoint"}.get(field, field.replace("_", " "))
     return f"the {label} field" if value is None else f"{label} {value}"
 
 

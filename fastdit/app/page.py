@@ -32,9 +32,12 @@ from .request import (Limits, ModelCache, SampleRequest, Stopped, generate_grid,
 
 log = logging.getLogger(__name__)
 DEFAULT_SAMPLER = "model default"
+# A model with at most this many classes opens with every class chosen (as `fastdit sample` draws them).
+FIRST_CLASSES = 16
 # The sampling fields in the page's order, two a row: every option of `fastdit.sampling.options`
 # (tests/test_sampling_schema.py checks that none is missing).
-PAGE_FIELDS = ("sampler", "num_steps", "cfg_scale", "guidance_interval", "guided_channels", "time_shift", "eta", "precision")
+PAGE_FIELDS = ("sampler", "num_steps", "cfg_scale", "guidance_interval", "guided_channels", "time_shift", "eta", "precision",
+               "diffusion_form", "diffusion_norm", "last_step", "last_step_size")
 # `generate` takes the fields from eta on after the seed and the session's last picture, with defaults
 # (the fields the page had before them come first, so a call that gives only those keeps working).
 LATE_FIELDS = PAGE_FIELDS.index("eta")
@@ -164,7 +167,8 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None, 
                 info = cache.get(source, device).info
                 names, samplers = class_choices(info.config.num_classes, info.class_names), samplers_for(info.objective)
                 defaults = recorded_defaults(info, choice, samplers)
-                first = []
+                # A model of few classes (the ten digits) opens with every class chosen, a larger one with its first.
+                first = names if len(names) <= FIRST_CLASSES else names[:1]
             status = f"Model: `{source.path or source.model_name}`"
             if wanted is not None:
                 # As `fastdit sample --preset` does, the preset's values replace the model's own; a model
@@ -197,13 +201,16 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None, 
         return last[0] if last and Path(last[0]).is_file() else None
 
     def generate(choice, path, classes, per_class, sampler, steps, cfg, interval, official, shift, seed, last,
-                 eta=OPTIONS["eta"].default, precision=OPTIONS["precision"].default, request: gr.Request = None,
-                 progress=gr.Progress(track_tqdm=True)):
+                 eta=OPTIONS["eta"].default, precision=OPTIONS["precision"].default,
+                 diffusion_form=OPTIONS["diffusion_form"].default, diffusion_norm=OPTIONS["diffusion_norm"].default,
+                 last_step=OPTIONS["last_step"].default, last_step_size=OPTIONS["last_step_size"].default,
+                 request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
         """Inputs: the model, the classes, the sampling fields of PAGE_FIELDS (from LATE_FIELDS on after
         the seed and the session's last picture). Outputs: picture, PNG, command, status, last
         finished (picture, command). A generator: it streams previews, and Gradio can close it between
         two yields (Stop, a client that left)."""
-        fields = dict(zip(PAGE_FIELDS, (sampler, steps, cfg, interval, official, shift, eta, precision)))
+        fields = dict(zip(PAGE_FIELDS, (sampler, steps, cfg, interval, official, shift, eta, precision, diffusion_form,
+                                        diffusion_norm, last_step, last_step_size)))
         try:
             sample = read_request(choice, path, classes, per_class, seed, fields)
         except Exception as err:  # noqa: BLE001

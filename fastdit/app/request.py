@@ -218,7 +218,7 @@ def generate_grid(request: SampleRequest, cache: ModelCache, out: Path, progress
     `stop` is set, the run ends at the next model call by raising `Stopped`."""
     from ..image_grid import make_grid
     from ..io import atomic_save_png
-    from ..sampling import check_labels, generate, to_uint8
+    from ..sampling import check_labels, generate, get_sampler, to_uint8
 
     request.check(limits)
     if stop is not None and stop.is_set():
@@ -230,6 +230,8 @@ def generate_grid(request: SampleRequest, cache: ModelCache, out: Path, progress
     done: list[np.ndarray] = []
     num_batches = -(-len(labels) // batch_size)
     every = max(1, request.num_steps // PREVIEWS_PER_BATCH)
+    sampler = get_sampler(options.resolved_sampler(info.objective), info.objective)
+    total = sampler.model_calls(options.num_steps, options.sampler_options())  # None: adaptive (dopri5)
 
     def show(current: np.ndarray, note: str) -> None:
         images = np.concatenate([*done, current])  # (n, H, W, C) uint8, the first n images of the grid
@@ -246,7 +248,8 @@ def generate_grid(request: SampleRequest, cache: ModelCache, out: Path, progress
                 raise Stopped
             calls += 1
             if on_preview is not None and calls % every == 0:
-                note = f"batch {number} of {num_batches}, {calls} model calls" if num_batches > 1 else f"{calls} model calls"
+                of_calls = f"{calls} of {total} model calls" if total else f"{calls} model calls (adaptive steps)"
+                note = f"batch {number} of {num_batches}, {of_calls}" if num_batches > 1 else of_calls
                 show(to_uint8(latent_space.decode(estimate)), note)
 
         done.append(generate(model, latent_space, batch, options=options, objective=info.objective, seed=request.seed,

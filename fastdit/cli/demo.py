@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--blocks", action=argparse.BooleanOptionalAction, default=d.blocks,
                        help=f"LightningDiT blocks: RMSNorm, SwiGLU, 2-D RoPE, QK-norm (default: {'on' if d.blocks else 'off'})")
     group = parser.add_argument_group("sampling")
-    group.add_argument("--samples-per-class", type=int, default=d.samples_per_class, help=f"(default: {d.samples_per_class})")
+    group.add_argument("--samples-per-class", type=int, default=d.samples_per_class, help=f"images sampled of each digit, then judged (at least 2; default: {d.samples_per_class})")
     # Three sampling options under the demo's own flag names (--sampling-steps): their help from the schema.
     sampler, steps, cfg = OPTIONS["sampler"], OPTIONS["num_steps"], OPTIONS["cfg_scale"]
     group.add_argument("--sampler", choices=sampler.choices(), default=d.sampler,

@@ -25,7 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32,
                         help="images per VAE call and process, each encoded with its flip (default 32)")
     parser.add_argument("--shard-size", type=int, default=10_000, help="images per shard file (default 10000)")
-    parser.add_argument("--num-workers", type=int, default=4, help="image decoding workers per process (default 4)")
+    from ..cpu_threads import MAX_DATA_WORKERS, data_workers
+
+    parser.add_argument("--num-workers", type=int, default=data_workers(),
+                        help=f"image decoding workers per process (default: one per usable core, at most "
+                             f"{MAX_DATA_WORKERS}: {data_workers()} here)")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                         help="storage dtype of the posterior mean and std (default float16)")
     parser.add_argument("--skip-corrupt", action="store_true",

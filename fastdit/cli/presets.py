@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 HELP = "list the named sampling presets (--preset NAME of sample, sample-ddp) with their published FIDs"
+USES_TORCH = False  # a listing: no --threads, no look at the machine's load
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,9 @@ import argparse
 import json
 
 from ..errors import UserError
+from ..text import counted
 from ..sampling.generate import GENERATE_BATCH_SIZE
+from ..sampling.presets import check_preset_model
 from ..sampling.recipe import SAMPLING_FIELDS
 from .common import (
     OFFICIAL_CLASS_LABELS,
@@ -19,6 +21,8 @@ from .common import (
 )
 
 PICTURE_FIELDS = ("model", "image_size", *SAMPLING_FIELDS)
+# Without --class-labels, a model of few classes shows each (the ten digits), a larger one its first 16.
+MAX_DEFAULT_LABELS = 16
 HELP = "sample a grid of images from a DiT (official weights or your checkpoint)"
 
 
@@ -26,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_sampling_arguments(parser)
     parser.add_argument("--class-labels", type=int, nargs="+", default=None,
-                        help=f"labels to sample (default: {' '.join(map(str, OFFICIAL_CLASS_LABELS))} for 1000 classes, else 0..K-1)")
+                        help=f"labels to sample (default: {' '.join(map(str, OFFICIAL_CLASS_LABELS))} for 1000 classes "
+                             f"(DiT's sample.py), else one of each class, at most the first {MAX_DEFAULT_LABELS}: "
+                             f"0..K-1)")
     parser.add_argument("--out", default="sample.png", help="grid PNG to write (default: sample.png)")
     parser.add_argument("--nrow", type=int, default=4, help="images per grid row (default: 4)")
     parser.add_argument("--batch-size", type=int, default=GENERATE_BATCH_SIZE,
@@ -48,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_file(args.out, (".png",))
     # A picture: the sample count and label sampling of a preset do not apply (--class-labels does).
     plan = RecipePlan(args, fields=PICTURE_FIELDS)
+    check_preset_model(plan.preset, args.ckpt, plan.model_name)
     for flag, value in (("--nrow", args.nrow), ("--batch-size", args.batch_size)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
@@ -57,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     num_classes = info.config.num_classes
     labels = args.class_labels
     if labels is None:
-        labels = OFFICIAL_CLASS_LABELS if num_classes == 1000 else list(range(min(num_classes, 8)))
+        labels = OFFICIAL_CLASS_LABELS if num_classes == 1000 else list(range(min(num_classes, MAX_DEFAULT_LABELS)))
     labels = check_labels(labels, num_classes)
     with tf32(device, args.tf32):
         images = generate(
@@ -70,5 +77,5 @@ def run(args: argparse.Namespace) -> int:
     atomic_save_png(enlarge(make_grid(images, nrow=args.nrow), factor), out, text={"fastdit-recipe": record})
     shown = f", shown {factor}x larger (--no-upscale: as sampled)" if factor > 1 else ""
     print(f"wrote {out} ({len(labels)} images, {info.image_size}x{info.image_size}{shown}, "
-          f"{options.resolved_sampler(info.objective)} {options.num_steps} steps, cfg {options.cfg_scale})")
+          f"{options.resolved_sampler(info.objective)} {counted(options.num_steps, 'step')}, cfg {options.cfg_scale})")
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..sampling.presets import check_preset_model
 from ..sampling.recipe import LABEL_SAMPLINGS
 from .common import RecipePlan, add_model_arguments, add_sampling_arguments, check_output_file, model_arguments, warn_if_slow
 
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import UserError
 
     plan = RecipePlan(args)
+    check_preset_model(plan.preset, args.ckpt, plan.model_name)
     if args.class_labels is not None and args.label_sampling is not None:
         raise UserError("--class-labels and --label-sampling exclude each other: give the labels, or how to draw them")
     job = SampleJob(

@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run is not None:
         return dry_run(config, args.dry_run or int(os.environ.get("WORLD_SIZE", "1")))
     result = train(config)
-    if result.export is not None:
+    # Under torchrun every process returns here: the closing line is the main process's (RANK 0) alone.
+    if result.export is not None and int(os.environ.get("RANK", "0")) == 0:
         # The export records its sampling recipe (MeanFlow's: one step at cfg 1): no flag is needed.
         sample = shlex.join([*program_words(), "sample", "--ckpt", str(result.export)])
         print(f"done: step {result.step}, run folder {result.run_dir}; sample with: {sample}")

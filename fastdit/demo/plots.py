@@ -28,9 +28,18 @@ def save_class_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, co
     return path
 
 
-def read_loss_terms(metrics_path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(steps, {term name: values}) from a run's metrics.jsonl: every loss term the objective logged by
-    name ("loss", the one optimised, first). A step logged twice (a resumed run) keeps its last values."""
+OBJECTIVE_TERM = "objective"  # the objective's own loss, when extensions add weighted terms to "loss"
+LOGGED_OBJECTIVE = "objective_loss"  # how `fastdit.train.step` logs it (OBJECTIVE_LOSS there)
+
+
+def read_loss_terms(metrics_path: Path, weights: dict[str, float] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(steps, {term name: values}) from a run's metrics.jsonl: every loss term logged by name ("loss",
+    the one optimised, first). A step logged twice (a resumed run) keeps its last values.
+
+    The objective's own loss, which training logs as "objective_loss" when a method adds terms to "loss",
+    comes back as "objective" after "loss". For runs logged before that, `weights` (the methods' terms and
+    their weights in "loss", REPA's {"repa": λ}) derive it: loss − Σ λ·term, exact for the window means
+    logged (a mean is linear)."""
     by_step: dict[int, dict[str, float]] = {}
     for line in Path(metrics_path).read_text().splitlines():
         if line.strip():
@@ -40,7 +49,15 @@ def read_loss_terms(metrics_path: Path) -> tuple[np.ndarray, dict[str, np.ndarra
                 by_step[int(record["step"])] = terms
     steps = np.array(sorted(by_step), dtype=np.int64)
     names = sorted({name for terms in by_step.values() for name in terms}, key=lambda name: (name != "loss", name))
-    return steps, {name: np.array([by_step[s].get(name, np.nan) for s in steps], dtype=np.float64) for name in names}
+    terms = {name: np.array([by_step[s].get(name, np.nan) for s in steps], dtype=np.float64) for name in names}
+    if LOGGED_OBJECTIVE in terms:  # the step logs the objective's own loss when methods add terms to it
+        objective = terms.pop(LOGGED_OBJECTIVE)
+        return steps, {"loss": terms["loss"], OBJECTIVE_TERM: objective, **{k: v for k, v in terms.items() if k != "loss"}}
+    weighted = {name: weight for name, weight in (weights or {}).items() if name in terms and weight}
+    if weighted and "loss" in terms:  # runs from before it was logged: derived
+        objective = terms["loss"] - sum(weight * terms[name] for name, weight in weighted.items())
+        terms = {"loss": terms["loss"], OBJECTIVE_TERM: objective, **{k: v for k, v in terms.items() if k != "loss"}}
+    return steps, terms
 
 
 def loss_figure(steps: np.ndarray, terms: dict[str, np.ndarray], title: str = "training loss"):
@@ -54,6 +71,8 @@ def loss_figure(steps: np.ndarray, terms: dict[str, np.ndarray], title: str = "t
                                   squeeze=False)
     for axes, (name, values) in zip(panels[:, 0], terms.items()):
         label = name if name != "loss" or len(terms) == 1 else "loss (the sum that is optimised)"
+        if name == OBJECTIVE_TERM:
+            label = "the objective's own loss (the sum less the weighted terms below)"
         axes.plot(steps, values, linewidth=1.0, label=label)
         axes.set_title(label, fontsize=10)
         axes.set_ylabel("mean over the\nlogging window", fontsize=8)

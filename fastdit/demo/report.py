@@ -11,6 +11,7 @@ import numpy as np
 
 # The same Frechet distance as the Inception-based FID of `fastdit evaluate`.
 from ..evaluate.metrics import frechet_distance
+from ..text import counted
 
 
 def accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
@@ -52,7 +53,7 @@ def format_report(report: dict) -> str:
         f"classifier (judge): {report['classifier']['test_accuracy']:.2%} accuracy on "
         f"{report['classifier']['num_test']} real test digits (trained on {report['classifier']['num_train']} others)",
         f"samples classified as their class: {report['class_match']:.2%} of {report['num_samples']} "
-        f"({guidance}, {report['sampling']['sampler']} {report['sampling']['num_steps']} steps)",
+        f"({guidance}, {report['sampling']['sampler']} {counted(report['sampling']['num_steps'], 'step')})",
         f"Frechet distance in classifier features: samples vs real {fd['samples_vs_real']:.3f}, "
         f"real vs real {fd['real_vs_real']:.3f} ({fd['num_samples']} samples and {fd['num_real_compared']} real digits, "
         f"each against the same {fd['num_reference']} real digits)",

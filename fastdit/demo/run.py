@@ -26,8 +26,10 @@ import torch
 
 from ..data.digits import DIGITS_HELDOUT_FRACTION
 from ..errors import UserError
+from ..image_grid import as_rgb
 from ..io import atomic_path, atomic_write_json, ensure_writable_dir, is_temporary
 from ..run_folder import is_lock_file
+from ..text import counted
 from ..sampling.guidance import check_cfg_scale
 from . import report as metrics
 from .classifier import ClassifierOptions, classify, train_classifier, uint8_to_model_input
@@ -184,13 +186,15 @@ def run_demo(config: DemoConfig) -> DemoResult:
         from .encoder import digit_encoder_file
 
         digit_encoder_file(out, config.seed)  # seconds, once per output folder
-    trained = train(train_config(config))
+    run_config = train_config(config)
+    trained = train(run_config)
     train_seconds = time.perf_counter() - started
+    loss_weights = {"repa": run_config.alignment.repa_weight} if run_config.alignment.repa else {}
 
     model, info = load_model(trained.export, device=device)
     labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int64), config.samples_per_class)  # class-major
     guidance = f"cfg {options.cfg_scale}" if trained_guidance is None else f"guidance {config.cfg_scale} trained in"
-    print(f"sampling {len(labels)} images ({sampler}, {sampling_steps} steps, {guidance})", flush=True)
+    print(f"sampling {counted(len(labels), 'image')} ({sampler}, {counted(sampling_steps, 'step')}, {guidance})", flush=True)
     sampling_start = time.perf_counter()
     samples = generate(model, PixelSpace(channels=1), labels, options=options, objective=info.objective, seed=config.seed, device=device,
                        progress=config.progress)
@@ -199,8 +203,9 @@ def run_demo(config: DemoConfig) -> DemoResult:
     files = {
         "samples": _save_samples(samples, labels, out / "samples.npz"),
         "grid": save_class_grid(samples, labels, NUM_CLASSES, min(GRID_COLUMNS, config.samples_per_class), out / "grid.png"),
-        "loss_plot": save_loss_plot(*read_loss_terms(trained.run_dir / "metrics.jsonl"), out / "loss.png",
-                                    title=f"{config.model} on 8x8 digits"),
+        # REPA adds λ·repa to the objective's loss: the plot shows the objective's own loss beside the sum.
+        "loss_plot": save_loss_plot(*read_loss_terms(trained.run_dir / "metrics.jsonl", loss_weights),
+                                    out / "loss.png", title=f"{config.model} on 8x8 digits"),
         "checkpoint": trained.export,
     }
 
@@ -340,7 +345,8 @@ def _median_steps_per_sec(metrics_path: Path) -> float | None:
 
 
 def _save_samples(images: np.ndarray, labels: np.ndarray, path: Path) -> Path:
-    # The layout `fastdit sample-ddp` and the ADM evaluator use: arr_0 images, arr_1 labels.
+    # The layout `fastdit sample-ddp` and the ADM evaluator use: arr_0 RGB images (the gray digits'
+    # channel repeated, fastdit's rule for gray images: `as_rgb`), arr_1 labels.
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, images.astype(np.uint8), labels.astype(np.int64))
+        np.savez(handle, as_rgb(images.astype(np.uint8)), labels.astype(np.int64))
     return path

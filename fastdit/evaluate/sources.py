@@ -3,6 +3,12 @@
 Every image source yields uint8 (N, H, W, 3) numpy batches (ADM's `arr_0` layout) and checks its
 input once, at the edge, with a message that names the file and the fix. `.npz` batches are streamed
 straight out of the zip archive, so a 50K x 256 x 256 sample batch (9.8 GB) is never held in memory.
+
+Gray images follow fastdit's one rule (`fastdit.image_grid.as_rgb`): where RGB is needed, a gray
+image is its channel repeated three times. fastdit writes its `.npz` batches so (`sample-ddp`, the
+digits demo), and the readers here take gray batches, N x H x W x 1, the same way (a file written by an
+older demo, or by anyone's np.savez of gray images; a 3-D array could be one H x W x 3 image, so gray
+needs its channel axis).
 """
 
 from __future__ import annotations
@@ -18,22 +24,24 @@ import torch
 
 from ..data.images import IMAGE_EXTENSIONS, UnsupportedImageMode, to_rgb
 from ..errors import UserError
+from ..image_grid import as_rgb
 
 ADM_STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 STATS_FORMAT_KEY = "fastdit_eval_stats"  # marks a statistics file written by `fastdit evaluate --make-ref`
 
 
 def as_uint8_nhwc(images: np.ndarray | torch.Tensor, who: str) -> torch.Tensor:
-    """Check that `images` are uint8 N x H x W x 3 (numpy or torch) and return them as a tensor."""
+    """Check that `images` are uint8 N x H x W x 3, or gray N x H x W x 1 (numpy or torch), and return
+    them as an RGB tensor (gray repeated, the module's rule)."""
     if isinstance(images, np.ndarray) and not images.flags.writeable:
         images = images.copy()  # batches streamed from an .npz are read-only views
     images = torch.as_tensor(images)
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise UserError(
-            f"{who} takes uint8 N x H x W x 3 images, got {images.dtype} of shape {tuple(images.shape)}; "
-            "convert [-1, 1] tensors with float_images_to_uint8"
+            f"{who} takes uint8 N x H x W x 3 (or gray N x H x W x 1) images, got {images.dtype} of shape "
+            f"{tuple(images.shape)}; convert [-1, 1] tensors with float_images_to_uint8"
         )
-    return images
+    return images.expand(*images.shape[:3], 3) if images.shape[-1] == 1 else images
 
 
 def _read_npy_header(handle) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -47,7 +55,8 @@ def _read_npy_header(handle) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 
 class NpzImages:
-    """`arr_0` of an ADM `.npz` batch: uint8 N x H x W x 3, read batch by batch."""
+    """`arr_0` of an ADM `.npz` batch: uint8 N x H x W x 3, or gray N x H x W x 1 yielded as RGB, read
+    batch by batch."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -66,10 +75,13 @@ class NpzImages:
             if isinstance(err, UserError):
                 raise
             raise UserError(f"cannot read {str(path)!r} as an .npz archive ({err})") from None
-        if len(shape) != 4 or shape[3] != 3:
+        if len(shape) != 4 or shape[3] not in (1, 3):
+            # An NCHW array has its channels second: say how to transpose it; anything else is not images.
+            channels_first = len(shape) == 4 and shape[1] in (1, 3)
             raise UserError(
-                f"'arr_0' in {str(path)!r} has shape {shape}; expected N x H x W x 3 (NHWC RGB images, "
-                "as ADM's sample batches); transpose NCHW arrays with x.transpose(0, 2, 3, 1)"
+                f"'arr_0' in {str(path)!r} has shape {shape}; expected N x H x W x 3 (NHWC RGB images, as ADM's "
+                "sample batches) or gray N x H x W x 1" + ("; transpose NCHW arrays with x.transpose(0, 2, 3, 1)"
+                                                          if channels_first else "")
             )
         if dtype.kind == "f":
             raise UserError(
@@ -82,16 +94,17 @@ class NpzImages:
             raise UserError(f"{str(path)!r} contains no images ('arr_0' has shape {shape})")
         self.num_images = int(shape[0])
         self.image_size = (int(shape[1]), int(shape[2]))
+        self.channels = int(shape[3])
         self._dtype = dtype
         self._fortran_order = fortran_order
 
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
         total = self.num_images if limit is None else min(limit, self.num_images)
-        image_bytes = int(np.prod(self.image_size)) * 3 * self._dtype.itemsize
+        image_bytes = int(np.prod(self.image_size)) * self.channels * self._dtype.itemsize
         with zipfile.ZipFile(self.path) as archive, archive.open("arr_0.npy") as handle:
             _read_npy_header(handle)
             if self._fortran_order:  # rare (np.asfortranarray); fall back to loading it whole
-                images = np.load(self.path)["arr_0"]
+                images = np.load(self.path)["arr_0"].reshape(self.num_images, *self.image_size, self.channels)
                 for start in range(0, total, batch_size):
                     yield self._checked(np.ascontiguousarray(images[start : min(start + batch_size, total)]), start)
                 return
@@ -100,10 +113,12 @@ class NpzImages:
                 data = handle.read(count * image_bytes)
                 if len(data) != count * image_bytes:
                     raise UserError(f"{str(self.path)!r} is truncated: 'arr_0' ends before image {start + count}")
-                batch = np.frombuffer(data, dtype=self._dtype).reshape(count, *self.image_size, 3)
+                batch = np.frombuffer(data, dtype=self._dtype).reshape(count, *self.image_size, self.channels)
                 yield self._checked(batch, start)
 
     def _checked(self, batch: np.ndarray, start: int) -> np.ndarray:
+        if batch.shape[-1] == 1:
+            batch = as_rgb(batch)
         if batch.dtype == np.uint8:
             return batch
         low, high = int(batch.min()), int(batch.max())

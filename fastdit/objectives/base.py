@@ -16,7 +16,8 @@ An objective owns
   where a time shift of the sampling grid applies) and the **denoiser views** samplers consume
   (`views`): "velocity" (dx/dt on the flow path), "grid" (x̂0 and ε̂ on a grid of (α, σ)), "gaussian"
   (the respaced IDDPM process with its learned variances), "average-velocity" (MeanFlow's u: the mean
-  of dx/dt over an interval, for jumps in one call). `fastdit.sampling.registry` offers an objective
+  of dx/dt over an interval, for jumps in one call), "sde" (the velocity and the score from one call,
+  with the path they live on, for SiT's sampling SDE). `fastdit.sampling.registry` offers an objective
   every sampler whose view it provides;
 * its **sampling policy** (`sampling`, `fastdit.objectives.policy.SamplingPolicy`): the sampler and
   steps used when nothing says otherwise, and the guidance the trained network admits (trained in,
@@ -40,7 +41,7 @@ from .policy import SamplingPolicy
 from .views import Grid
 
 ModelFn = Callable[..., torch.Tensor]
-VIEWS = ("velocity", "grid", "gaussian", "average-velocity")
+VIEWS = ("velocity", "grid", "gaussian", "average-velocity", "sde")
 
 
 def setting(default, help: str, **kwargs):
@@ -117,6 +118,21 @@ class Objective(ABC):
         """`u(x, t, t_next, y)`: the average of dx/dt over [t, t_next] in flow time (0 = noise), so that
         x(t_next) = x + (t_next − t) u exactly for the true u (MeanFlow)."""
         raise self._no_view("average-velocity")
+
+    def velocity_and_score(self, model_fn: ModelFn) -> ModelFn:
+        """`(v, s)(x, t, y)`: the velocity and the score ∇log p_t(x) from one model call, for SiT's
+        sampling SDE; `interpolant` is the path (α_t, σ_t) they belong to."""
+        raise self._no_view("sde")
+
+    def sample_interval(self, *, sde: bool = False, diffusion_form: str = "sigma",
+                        last_step_size: float = 0.0) -> tuple[float, float]:
+        """The flow times (t0, t1) a sampler integrates over: all of [0, 1], an SDE up to its last step."""
+        return 0.0, (1.0 - last_step_size if sde else 1.0)
+
+    def estimate_data(self, x: torch.Tensor, t: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+        """E[x1 | x_t = x] from the velocity on the linear path, x + (1 − t) v (t of shape (N,) or a
+        scalar): what a preview shows of a flow model's sample after each model call."""
+        return x + (1 - t).reshape(-1, *([1] * (x.ndim - 1))) * velocity
 
     def _no_view(self, view: str) -> Exception:
         return NotImplementedError(f"the {self.name} objective provides no {view} view (it provides: {', '.join(sorted(self.views))})")

@@ -70,15 +70,16 @@ def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def time_grid(
-    num_points: int, *, end: float = 1.0, shift: float = 1.0, device: torch.device | str = "cpu"
+    num_points: int, *, start: float = 0.0, end: float = 1.0, shift: float = 1.0, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """`num_points` float32 times from 0 (noise) to `end`, evenly spaced (SiT's `linspace`), then
-    shifted. ODEs use end = 1; SDEs end at 1 − last step size (SiT: `1 - SIT_LAST_STEP_SIZE`)."""
+    """`num_points` float32 times from `start` (0: noise) to `end`, evenly spaced (SiT's `linspace`),
+    then shifted (the shift moves the ends too, except 0 and 1). ODEs use [0, 1]; SDEs end at 1 − last
+    step size (SiT: `1 - SIT_LAST_STEP_SIZE`); models SiT samples on a shorter interval start later."""
     if num_points < 2:
         raise UserError(f"a time grid needs at least 2 points, got {num_points}")
-    if not 0.0 < end <= 1.0:
-        raise UserError(f"the time grid must end in (0, 1], got {end}")
+    if not 0.0 <= start < end <= 1.0:
+        raise UserError(f"the time grid must run from 0 <= start < end <= 1, got [{start}, {end}]")
     if not shift > 0:
         raise UserError(f"time shift must be > 0, got {shift}")
-    times = torch.linspace(0.0, end, num_points, device=device)
+    times = torch.linspace(start, end, num_points, device=device)
     return times if shift == 1.0 else shift_times(times, shift)

@@ -1,5 +1,6 @@
 from .flow import (
     SIT_LAST_STEP_SIZE,
+    FlowSDE,
     VelocityModel,
     mean_flow_steps,
     ode_dopri5,
@@ -24,6 +25,7 @@ __all__ = [
     "SAMPLERS",
     "SIT_LAST_STEP_SIZE",
     "ClassifierFreeGuidance",
+    "FlowSDE",
     "Grid",
     "ModelView",
     "OPTIONS",

@@ -1,28 +1,35 @@
 """Samplers for flow-matching models (SiT), as pure functions over a time grid.
 
 Contract: `velocity_fn(x, t, **cond) -> v` with t of shape (N,) in [0, 1], t = 0 noise, t = 1 data
-(`fastdit.diffusion.flow`). Every sampler takes the start noise `x` (at times[0]) and an increasing
-`times` grid (`time_grid`), and returns the state at times[-1] (after the SDE's last step, at 1).
+(`fastdit.diffusion.flow`); the SDE samplers take a `FlowSDE`, SiT's sampling SDE of a model (its
+velocity and score from one call, the path, the diffusion). Every sampler takes the start noise `x`
+(at times[0]) and an increasing `times` grid (`time_grid`), and returns the state at times[-1] (after
+the SDE's last step, at 1).
 `callback(i, x)` receives the state after step i. Fresh noise comes from `noise_fn(x)`, so that the
 caller can seed it per image (`fastdit.sampling.noise.PerImageNoise`). `mean_flow_steps` takes
 MeanFlow's average velocity `u(x, t, t', **cond)` instead of v.
 
 The conventions are those of SiT's `transport` package (Ma et al. 2024): ODE grids are
-`linspace(0, 1, num_points)` (SiT's `num_steps` is the number of points); SDE grids stop at
-1 − last_step_size and a drift-only "Mean" step goes the rest of the way to 1.
+`linspace(t0, t1, num_points)` (SiT's `num_steps` is the number of points; [t0, t1] is [0, 1] for
+velocity models on the linear and GVP paths, SiT's slightly shorter interval for the others); SDE
+grids stop at 1 − last_step_size and a last step ("mean": the drift alone) goes the rest of the way to 1.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
-from ..diffusion.flow import VelocityModel  # noqa: F401  (re-exported)
+from ..diffusion.flow import DIFFUSION_FORMS, Interpolant, LinearPath, VelocityModel
 from ..errors import UserError
-from ..objectives.views import shift_times, time_grid  # noqa: F401  (re-exported)
+from ..objectives.views import shift_times, time_grid
 from ..program import install_command
 from ..progress import tqdm
+
+__all__ = ["SIT_LAST_STEP_SIZE", "LAST_STEPS", "FlowSDE", "VelocityModel", "mean_flow_steps", "ode_dopri5", "ode_euler",
+           "ode_heun", "sde_euler", "sde_heun", "shift_times", "time_grid"]  # the last ones re-exported
 
 VelocityFn = Callable[..., torch.Tensor]
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
@@ -30,7 +37,7 @@ Callback = Callable[[int, torch.Tensor], None]
 
 # SiT's default SDE last step: the grid ends at 1 − 0.04 and the "Mean" step covers the rest.
 SIT_LAST_STEP_SIZE = 0.04
-LAST_STEPS = ("mean", None)
+LAST_STEPS = ("mean", "tweedie", "euler", "none")
 
 
 def _steps(times: torch.Tensor, progress: bool, desc: str):
@@ -134,82 +141,121 @@ def ode_dopri5(
 # ----------------------------------------------------------------------------------------------
 
 
-def _diffusion(t: torch.Tensor, diffusion_norm: float) -> torch.Tensor:
-    # SiT's "sigma" diffusion form: w(t) = norm · σ_t = norm · (1 − t).
-    return diffusion_norm * (1 - t)
+class FlowSDE:
+    """SiT's sampling SDE of one model (Ma et al. 2024, section 3.3; its `Sampler.sample_sde`):
+
+        dx = [v(x, t) + w(t) s(x, t)] dt + sqrt(2 w(t)) dW,
+
+    whose marginals are the probability-flow ODE's for every diffusion w(t) >= 0 (w only trades drift
+    for noise). `velocity_and_score(x, t, **cond) -> (v, s)` gives the velocity and the score from one
+    model call (the objective's "sde" view); `interpolant` is the path they live on, which the diffusion
+    forms and the Tweedie last step read (`fastdit.diffusion.flow`). `diffusion_form` and
+    `diffusion_norm` choose w (SiT's `--diffusion-form`, `--diffusion-norm`)."""
+
+    def __init__(self, velocity_and_score: Callable, interpolant: Interpolant = LinearPath(), *,
+                 diffusion_form: str = "sigma", diffusion_norm: float = 1.0):
+        if diffusion_form not in DIFFUSION_FORMS:
+            raise UserError(f"unknown diffusion form {diffusion_form!r}; choose one of: {', '.join(DIFFUSION_FORMS)}")
+        if not (math.isfinite(diffusion_norm) and diffusion_norm >= 0):
+            raise UserError(f"diffusion norm must be a finite number >= 0, got {diffusion_norm}")
+        self.velocity_and_score, self.interpolant = velocity_and_score, interpolant
+        self.diffusion_form, self.diffusion_norm = diffusion_form, float(diffusion_norm)
+
+    @classmethod
+    def of_velocity(cls, velocity_fn: VelocityFn, interpolant: Interpolant = LinearPath(), **settings) -> "FlowSDE":
+        """The SDE of a velocity function on `interpolant`, its score from the velocity (SiT's conversion)."""
+
+        def both(x, t, **cond):
+            velocity = velocity_fn(x, t, **cond)
+            return velocity, interpolant.score_from_velocity(velocity, x, t)
+
+        return cls(both, interpolant, **settings)
+
+    def diffusion(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """w(t) shaped to broadcast over x; t of shape (N,)."""
+        return self.interpolant.diffusion(t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype), self.diffusion_form,
+                                          self.diffusion_norm)
+
+    def drift(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        velocity, score = self.velocity_and_score(x, t, **cond)
+        return velocity + self.diffusion(t, x) * score
+
+    def last_step(self, kind: str, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, **cond) -> torch.Tensor:
+        """SiT's last steps from the grid's last time t to 1, no noise drawn: "mean" the drift alone (the
+        mean of an Euler–Maruyama step), "euler" the velocity alone (an ODE step), "tweedie" the
+        posterior mean of the data, E[x1 | x_t] = (x + σ² s) / α; "none" leaves x where the grid ended."""
+        if kind == "mean":
+            return x + self.drift(x, t, **cond) * dt
+        if kind == "euler":
+            return x + self.velocity_and_score(x, t, **cond)[0] * dt
+        if kind == "tweedie":
+            return self.interpolant.data_from_score(self.velocity_and_score(x, t, **cond)[1], x, t)
+        return x
 
 
-def _sde_drift(velocity: torch.Tensor, x: torch.Tensor, t: torch.Tensor, diffusion_norm: float) -> torch.Tensor:
-    # v + w(t) · score. For x_t = α_t x1 + σ_t x0 both v and the score are affine in E[x0 | x_t], so
-    # score = (α_t/α̇_t · v − x) / (σ_t² − α_t/α̇_t · σ̇_t σ_t) (SiT's conversion); on the linear path
-    # (α_t = t, σ_t = 1 − t) that is (t v − x) / (1 − t). The (1 − t) of the "sigma" form cancels,
-    # leaving v + norm · (t v − x), which stays finite at t = 1.
-    return velocity + diffusion_norm * (t * velocity - x)
-
-
-def _check_sde_options(times: torch.Tensor, diffusion_norm: float, last_step: str | None) -> None:
-    if diffusion_norm < 0:
-        raise UserError(f"diffusion_norm must be >= 0, got {diffusion_norm}")
+def _check_last_step(times: torch.Tensor, last_step: str) -> None:
     if last_step not in LAST_STEPS:
-        raise UserError(f"unknown SDE last step {last_step!r}; choose 'mean' or None")
-    if last_step == "mean" and times[-1] >= 1:
+        raise UserError(f"unknown SDE last step {last_step!r}; choose one of: {', '.join(LAST_STEPS)}")
+    if last_step != "none" and times[-1] >= 1:
         raise UserError(
-            f"an SDE grid for the 'mean' last step must end before 1 (it covers the rest); "
-            f"use time_grid(n, end={1 - SIT_LAST_STEP_SIZE}) or last_step=None"
+            f"an SDE grid for the {last_step!r} last step must end before 1 (the step covers the rest); "
+            f"use time_grid(n, end={1 - SIT_LAST_STEP_SIZE}) or last_step='none'"
         )
 
 
-def _mean_last_step(velocity_fn, x, times, cond, diffusion_norm):
-    # SiT's "Mean" last step: the drift alone, from the grid's last time to 1 (no noise added).
+def _last_step(sde: FlowSDE, last_step: str, x, times, cond, callback):
+    if last_step == "none":
+        return x
     t = times[-1]
-    return x + _sde_drift(velocity_fn(x, _batch(t, x), **cond), x, t, diffusion_norm) * (1 - t)
+    x = sde.last_step(last_step, x, _batch(t, x), 1 - t, **cond)
+    if callback is not None:
+        callback(len(times) - 1, x)
+    return x
 
 
 @torch.no_grad()
 def sde_euler(
-    velocity_fn: VelocityFn, x: torch.Tensor, times: torch.Tensor, *, noise_fn: NoiseFn, cond: dict | None = None,
-    diffusion_norm: float = 1.0, last_step: str | None = "mean", callback: Callback | None = None,
-    progress: bool = False,
+    sde: FlowSDE, x: torch.Tensor, times: torch.Tensor, *, noise_fn: NoiseFn, cond: dict | None = None,
+    last_step: str | None = "mean", callback: Callback | None = None, progress: bool = False,
 ) -> torch.Tensor:
-    """Euler–Maruyama: x ← x + drift(x, t) dt + sqrt(2 w(t) dt) ξ, ξ = noise_fn(x); then the last step."""
-    _check_sde_options(times, diffusion_norm, last_step)
+    """Euler–Maruyama: x ← x + drift(x, t) dt + sqrt(2 w(t) dt) ξ, ξ = noise_fn(x); then the last step
+    from times[-1] to 1 (None is "none")."""
+    last_step = last_step or "none"
+    _check_last_step(times, last_step)
     cond = cond or {}
     for i, (t, t_next) in _steps(times, progress, "SDE Euler"):
         dt = t_next - t
         noise = noise_fn(x)
-        drift = _sde_drift(velocity_fn(x, _batch(t, x), **cond), x, t, diffusion_norm)
-        x = x + drift * dt + torch.sqrt(2 * _diffusion(t, diffusion_norm)) * (noise * torch.sqrt(dt))
+        t_batch = _batch(t, x)
+        x = x + sde.drift(x, t_batch, **cond) * dt + torch.sqrt(2 * sde.diffusion(t_batch, x)) * (noise * torch.sqrt(dt))
         if callback is not None:
             callback(i, x)
-    if last_step == "mean":
-        x = _mean_last_step(velocity_fn, x, times, cond, diffusion_norm)
-        if callback is not None:
-            callback(len(times) - 1, x)
-    return x
+    return _last_step(sde, last_step, x, times, cond, callback)
 
 
 @torch.no_grad()
 def sde_heun(
-    velocity_fn: VelocityFn, x: torch.Tensor, times: torch.Tensor, *, noise_fn: NoiseFn, cond: dict | None = None,
-    diffusion_norm: float = 1.0, last_step: str | None = "mean", callback: Callback | None = None,
-    progress: bool = False,
+    sde: FlowSDE, x: torch.Tensor, times: torch.Tensor, *, noise_fn: NoiseFn, cond: dict | None = None,
+    last_step: str | None = "mean", callback: Callback | None = None, progress: bool = False,
 ) -> torch.Tensor:
     """SiT's stochastic Heun: add the step's noise first, x̂ = x + sqrt(2 w(t) dt) ξ, then a Heun step
-    of the drift from x̂ over [t, t'] (both drifts of the step use x̂'s noise); then the last step."""
-    _check_sde_options(times, diffusion_norm, last_step)
+    of the drift from x̂ over [t, t'] (both drifts of the step use x̂'s noise); then the last step. The
+    second drift is taken at t', so the grid must end before 1, where no path has a finite score."""
+    last_step = last_step or "none"
+    _check_last_step(times, last_step)
+    if times[-1] >= 1:
+        raise UserError("stochastic Heun evaluates the score at the grid's last time, and the score is infinite "
+                        "at t = 1: end the grid before 1 (a last step covers the rest)")
     cond = cond or {}
     for i, (t, t_next) in _steps(times, progress, "SDE Heun"):
         dt = t_next - t
         noise = noise_fn(x)
-        x_hat = x + torch.sqrt(2 * _diffusion(t, diffusion_norm)) * (noise * torch.sqrt(dt))
-        k1 = _sde_drift(velocity_fn(x_hat, _batch(t, x), **cond), x_hat, t, diffusion_norm)
+        t_batch, t_next_batch = _batch(t, x), _batch(t_next, x)
+        x_hat = x + torch.sqrt(2 * sde.diffusion(t_batch, x)) * (noise * torch.sqrt(dt))
+        k1 = sde.drift(x_hat, t_batch, **cond)
         x_pred = x_hat + dt * k1
-        k2 = _sde_drift(velocity_fn(x_pred, _batch(t_next, x), **cond), x_pred, t_next, diffusion_norm)
+        k2 = sde.drift(x_pred, t_next_batch, **cond)
         x = x_hat + 0.5 * dt * (k1 + k2)
         if callback is not None:
             callback(i, x)
-    if last_step == "mean":
-        x = _mean_last_step(velocity_fn, x, times, cond, diffusion_norm)
-        if callback is not None:
-            callback(len(times) - 1, x)
-    return x
+    return _last_step(sde, last_step, x, times, cond, callback)

@@ -32,6 +32,7 @@ import torch
 
 from ..objectives import Objective
 from ..errors import UserError
+from ..image_grid import as_rgb
 from ..seeding import EQUAL_LABELS, IMAGE_LABEL, derive_seed
 from .generate import SamplingOptions, generate
 from .recipe import LABEL_SAMPLINGS
@@ -77,11 +78,6 @@ def labels_for(indices: Sequence[int], *, seed: int, num_classes: int, class_lab
         ranks = _equal_ranks(seed, num_samples)
         return np.asarray([ranks[i] % num_classes for i in indices], dtype=np.int64)
     return np.asarray([uniform_label(seed, i, num_classes) for i in indices], dtype=np.int64)
-
-
-def as_rgb(images: np.ndarray) -> np.ndarray:
-    """(N, H, W, 1 or 3) -> (N, H, W, 3): ADM's evaluator and Inception take RGB; gray is repeated."""
-    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
 def sample_by_index(

@@ -15,11 +15,13 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from ..diffusion.flow import DIFFUSION_FORMS
 from ..errors import OptionError
 from ..objectives import Objective
 from ..precision import PRECISIONS
+from .flow import LAST_STEPS
 from .guidance import MAX_CFG_SCALE, OFFICIAL_GUIDED_CHANNELS, check_cfg_scale, check_guidance_interval
-from .registry import SAMPLER_OPTIONS, check_sampler_options, get_sampler, sampler_names
+from .registry import SAMPLER_OPTIONS, SDE_OPTIONS, check_sampler_options, get_sampler, sampler_names
 
 # The official DiT sampling defaults (DiT's sample.py: 250 DDPM steps, guidance scale 4.0).
 OFFICIAL_NUM_STEPS = 250
@@ -31,6 +33,10 @@ MAX_STEPS = 1000
 # 1 to about 6 (SD3 uses 3); beyond [1/100, 100] the grid is a few steps and a sliver, and near 1e±38
 # float32's s (1 - t) overflows or vanishes, making t' = 0/0 (NaN images).
 TIME_SHIFT_RANGE = (0.01, 100.0)
+# SiT's SDE: a diffusion norm scales w(t) (0: the ODE's drift, no noise; SiT's sample.py takes any value >= 0,
+# and beyond 100 the noise of one step swamps the state); the last step covers (0, 1) of flow time.
+DIFFUSION_NORM_RANGE = (0.0, 100.0)
+LAST_STEP_SIZE_RANGE = (0.0, 1.0)
 
 KINDS = ("choice", "int", "float", "switch", "pair")
 
@@ -144,6 +150,27 @@ class SamplingOptions:
         "fp32", flag="--precision", label="Precision", page_id="precision", kind="choice", choices=lambda: PRECISIONS,
         recipe=False, help="the model's forward under autocast (bf16, fp16: faster on GPUs, rounds differently); "
                            "the sampler's arithmetic stays float32")
+    # SiT's SDE settings (its sample.py's --diffusion-form, --diffusion-norm, --last-step, --last-step-size),
+    # for the sde-euler and sde-heun samplers (`fastdit.sampling.flow.FlowSDE`).
+    diffusion_form: str = _option(
+        SAMPLER_OPTIONS["diffusion_form"], flag="--diffusion-form", label="SDE diffusion", page_id="diffusion-form",
+        kind="choice", choices=lambda: DIFFUSION_FORMS, recipe=False, default_words="sigma, SiT's",
+        help="sde-euler, sde-heun: the diffusion w(t) of SiT's SDE dx = [v + w s] dt + sqrt(2 w) dW: constant, "
+             "sbdm (the score model's reverse SDE), sigma (w = sigma_t), linear (1 - t), decreasing, "
+             "increasing-decreasing; each times the norm")
+    diffusion_norm: float = _option(
+        SAMPLER_OPTIONS["diffusion_norm"], flag="--diffusion-norm", label="SDE diffusion norm", hint="(0: no noise)",
+        page_id="diffusion-norm", kind="float", bounds=DIFFUSION_NORM_RANGE, recipe=False,
+        help="sde-euler, sde-heun: the scale of w(t), 0 to 100 (0 integrates the ODE's drift without noise)")
+    last_step: str = _option(
+        SAMPLER_OPTIONS["last_step"], flag="--last-step", label="SDE last step", page_id="last-step", kind="choice",
+        choices=lambda: LAST_STEPS, recipe=False, default_words="mean, SiT's",
+        help="sde-euler, sde-heun: the noise-free step that ends the SDE at t = 1: mean (the drift), tweedie (the "
+             "posterior mean of the data), euler (the velocity), none (the grid ends at 1 minus SiT's eps)")
+    last_step_size: float = _option(
+        SAMPLER_OPTIONS["last_step_size"], flag="--last-step-size", label="SDE last step size",
+        page_id="last-step-size", kind="float", bounds=LAST_STEP_SIZE_RANGE, recipe=False,
+        help="sde-euler, sde-heun: the flow time the last step covers, between 0 and 1; the grid ends at 1 minus it")
 
     def resolved_sampler(self, objective: Objective) -> str:
         return self.sampler or objective.sampling.sampler
@@ -163,7 +190,7 @@ class SamplingOptions:
         if not sampler.min_steps <= self.num_steps <= OPTIONS["num_steps"].bounds[1]:
             raise OptionError("number of sampling steps must be in [{low}, {high}], got {steps}", "num_steps",
                               low=sampler.min_steps, high=OPTIONS["num_steps"].bounds[1], steps=self.num_steps)
-        for name in ("eta", "time_shift"):
+        for name in ("eta", "time_shift", "diffusion_norm", "last_step_size"):
             if not math.isfinite(getattr(self, name)):
                 raise OptionError("{what} must be a finite number, got {value}", name, what=name.replace("_", " "),
                                   value=getattr(self, name))
@@ -186,7 +213,30 @@ class SamplingOptions:
         if self.precision not in PRECISIONS:
             raise OptionError("unknown precision {value!r}; choose one of {known}", "precision",
                               value=self.precision, known=", ".join(PRECISIONS))
+        if set(SDE_OPTIONS) <= set(sampler.options):
+            self._check_sde(sampler.name, objective)
         self.__dict__["_checked"] = (objective, values)  # not a field: asdict, == and repr leave it out
+
+    def _check_sde(self, sampler: str, objective: Objective) -> None:
+        """SiT's SDE settings, and the grid they give this model (`Objective.sample_interval`)."""
+        for name, known in (("diffusion_form", DIFFUSION_FORMS), ("last_step", LAST_STEPS)):
+            if getattr(self, name) not in known:
+                raise OptionError("unknown {what} {value!r}; choose one of: {known}", name, what=name.replace("_", " "),
+                                  value=getattr(self, name), known=", ".join(known))
+        low, high = OPTIONS["diffusion_norm"].bounds
+        if not low <= self.diffusion_norm <= high:
+            raise OptionError("diffusion norm must be in [{low:g}, {high:g}], got {value:g}", "diffusion_norm",
+                              low=low, high=high, value=self.diffusion_norm)
+        low, high = OPTIONS["last_step_size"].bounds
+        if not low < self.last_step_size < high:
+            raise OptionError("the last step size must be between {low:g} and {high:g}, got {value:g}", "last_step_size",
+                              low=low, high=high, value=self.last_step_size)
+        size = 0.0 if self.last_step == "none" else self.last_step_size
+        _, end = objective.sample_interval(sde=True, diffusion_form=self.diffusion_form, last_step_size=size)
+        if sampler == "sde-heun" and end >= 1:
+            raise OptionError("without a last step the SDE of this {objective} model ends at t = 1, where stochastic "
+                              "Heun would take the score, which is infinite there: choose a last step", "last_step",
+                              objective=objective.name)
 
 
 # The schema: each field's Option, with its name and default, in the order of the fields.

@@ -62,6 +62,16 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 )}
 
 
+def check_preset_model(preset: Preset | None, checkpoint: str | None, model: str | None) -> None:
+    """A preset that names no model (`repa-sde-250`) is a recipe for a checkpoint of your own: without one
+    (and without a model to download) there is nothing it can sample, and the official default, DiT-XL/2,
+    is no model it fits."""
+    if preset is None or checkpoint is not None or model is not None or preset.recipe.get("model") is not None:
+        return
+    raise UserError(f"preset {preset.name} is a recipe for {preset.objective} models you trained (it names no released "
+                    f"weights, so there is nothing to download): give the checkpoint with --ckpt PATH")
+
+
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; `fastdit presets` lists them: {', '.join(PRESETS)}")

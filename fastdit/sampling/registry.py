@@ -29,11 +29,14 @@ import torch
 
 from ..errors import OptionError, UserError
 from ..objectives import Grid, Objective, objective_names, objective_class, time_grid
-from .flow import SIT_LAST_STEP_SIZE, mean_flow_steps, ode_dopri5, ode_euler, ode_heun, sde_euler, sde_heun
+from .flow import SIT_LAST_STEP_SIZE, FlowSDE, mean_flow_steps, ode_dopri5, ode_euler, ode_heun, sde_euler, sde_heun
 from .samplers import ddim, ddpm_sample, dpm_solver_pp_2m
 
-# Options a sampler may take beyond the common ones, with the value that means "not set".
-SAMPLER_OPTIONS = {"eta": 0.0}
+# Options a sampler may take beyond the common ones, with the value that means "not set": DDIM's eta, and
+# SiT's SDE settings (its sample.py's defaults: the "sigma" diffusion of norm 1, the "mean" last step of 0.04).
+SAMPLER_OPTIONS = {"eta": 0.0, "diffusion_form": "sigma", "diffusion_norm": 1.0, "last_step": "mean",
+                   "last_step_size": SIT_LAST_STEP_SIZE}
+SDE_OPTIONS = ("diffusion_form", "diffusion_norm", "last_step", "last_step_size")
 
 
 @dataclass(frozen=True)
@@ -45,13 +48,22 @@ class Sampler:
     # At least 2: the respaced process needs a step 1 to define the clipped posterior variance, and a
     # grid of points needs two. A sampler counting steps of one call each may go down to 1.
     min_steps: int = 2
+    # The model calls of one run for (num_steps, the sampler's options); None where the sampler decides
+    # (dopri5's adaptive steps). By default one call per step.
+    calls: Callable[[int, dict], int | None] = lambda num_steps, options: num_steps
+
+    def model_calls(self, num_steps: int, options: dict | None = None) -> int | None:
+        """How many model calls (each a guided pair when guiding) a run of `num_steps` takes."""
+        return self.calls(num_steps, {**SAMPLER_OPTIONS, **(options or {})})
 
 
 SAMPLERS: dict[str, Sampler] = {}
 
 
-def register_sampler(name: str, *, needs: str, options: tuple[str, ...] = (), min_steps: int = 2):
-    """Decorator: register `run` as sampler `name` that consumes the `needs` view."""
+def register_sampler(name: str, *, needs: str, options: tuple[str, ...] = (), min_steps: int = 2,
+                     calls: Callable[[int, dict], int | None] | None = None):
+    """Decorator: register `run` as sampler `name` that consumes the `needs` view; `calls(num_steps,
+    options)` counts its model calls (default: one per step)."""
     unknown = set(options) - set(SAMPLER_OPTIONS)
     if unknown:
         raise ValueError(f"sampler {name!r} names unknown options {sorted(unknown)}; known: {sorted(SAMPLER_OPTIONS)}")
@@ -59,7 +71,7 @@ def register_sampler(name: str, *, needs: str, options: tuple[str, ...] = (), mi
     def register(run: Callable) -> Callable:
         if name in SAMPLERS:
             raise ValueError(f"a sampler named {name!r} is registered already")
-        SAMPLERS[name] = Sampler(name, needs, run, tuple(options), min_steps)
+        SAMPLERS[name] = Sampler(name, needs, run, tuple(options), min_steps, *([calls] if calls else []))
         return run
 
     return register
@@ -112,12 +124,6 @@ def check_sampler_options(sampler: Sampler, options: dict) -> None:
 EstimateFn = Callable[[torch.Tensor], None]
 
 
-def _to_data_end(x: torch.Tensor, t: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
-    """x̂1 = x + (1 − t) v: on the linear path x_t = t x1 + (1 − t) ε the velocity is x1 − ε, so this
-    is E[x1 | x_t] for the true velocity (the x̂1 of `flow_grid`); t is (N,) or a scalar."""
-    return x + (1 - t).reshape(-1, *([1] * (x.ndim - 1))) * velocity
-
-
 class ModelView:
     """`model_fn(x, t, y)` (guided, in its precision) as `objective` presents it to samplers, for the
     labels `y`; `time_shift` warps flow-time grids; `on_estimate(x̂)`, when given, is called with the
@@ -138,10 +144,23 @@ class ModelView:
 
         def reporting(x, t, *args, **kwargs):
             velocity = velocity_fn(x, t, *args, **kwargs)
-            self.on_estimate(_to_data_end(x, t, velocity))
+            self.on_estimate(self.objective.estimate_data(x, t, velocity))
             return velocity
 
         return reporting
+
+    def sde(self, diffusion_form: str, diffusion_norm: float) -> FlowSDE:
+        """SiT's sampling SDE of the model (the objective's "sde" view: velocity and score, its path)."""
+        both = self.objective.velocity_and_score(self.model_fn)
+        if self.on_estimate is not None:
+            unreported = both
+
+            def both(x, t, *args, **kwargs):
+                velocity, score = unreported(x, t, *args, **kwargs)
+                self.on_estimate(self.objective.estimate_data(x, t, velocity))
+                return velocity, score
+
+        return FlowSDE(both, self.objective.interpolant, diffusion_form=diffusion_form, diffusion_norm=diffusion_norm)
 
     @property
     def average_velocity(self) -> Callable:
@@ -153,14 +172,25 @@ class ModelView:
             # The average velocity over [t, t'] carried on to t = 1: exact for one step to t' = 1 (MeanFlow's
             # one-step sample), a straight-line guess of x̂1 for the earlier steps of a few-step run.
             velocity = average_fn(x, t, t_next, *args, **kwargs)
-            self.on_estimate(_to_data_end(x, t, velocity))
+            self.on_estimate(self.objective.estimate_data(x, t, velocity))
             return velocity
 
         return reporting
 
-    def times(self, num_points: int, end: float = 1.0) -> torch.Tensor:
-        """Flow times from 0 (noise) to `end`, shifted by the view's time shift."""
-        return time_grid(num_points, end=end, shift=self.time_shift, device=self.y.device)
+    def times(self, num_points: int, start: float = 0.0, end: float = 1.0) -> torch.Tensor:
+        """Flow times from `start` (0: noise) to `end`, shifted by the view's time shift."""
+        return time_grid(num_points, start=start, end=end, shift=self.time_shift, device=self.y.device)
+
+    def ode_times(self, num_points: int) -> torch.Tensor:
+        """The probability-flow ODE's grid over the objective's sampling interval (SiT's: [0, 1] for a
+        velocity model on the linear or GVP path)."""
+        return self.times(num_points, *self.objective.sample_interval())
+
+    def sde_times(self, num_points: int, diffusion_form: str, last_step: str, last_step_size: float) -> torch.Tensor:
+        """The SDE's grid: up to 1 − last_step_size (the last step covers the rest), or SiT's end without one."""
+        size = 0.0 if last_step == "none" else last_step_size
+        return self.times(num_points, *self.objective.sample_interval(sde=True, diffusion_form=diffusion_form,
+                                                                      last_step_size=size))
 
     def grid(self, num_calls: int):
         grid = self.objective.grid(self.model_fn, self.y, num_calls, learn_sigma=self.learn_sigma,
@@ -191,36 +221,47 @@ def _ddpm(view, x, *, num_steps, noise_fn, progress):
                        on_estimate=view.on_estimate)
 
 
-@register_sampler("sde-euler", needs="velocity")
-def _sde_euler(view, x, *, num_steps, noise_fn, progress):
+def _sde(sampler, view, x, num_steps, noise_fn, progress, diffusion_form, diffusion_norm, last_step, last_step_size):
+    sde = view.sde(diffusion_form, diffusion_norm)
+    times = view.sde_times(num_steps, diffusion_form, last_step, last_step_size)
+    return sampler(sde, x, times, noise_fn=noise_fn, cond=view.cond, last_step=last_step, progress=progress)
+
+
+def _sde_calls(per_step: int):
+    # num_steps grid points: num_steps − 1 steps of `per_step` calls, then the last step's one (none for "none").
+    return lambda num_steps, options: per_step * (num_steps - 1) + (options["last_step"] != "none")
+
+
+@register_sampler("sde-euler", needs="sde", options=SDE_OPTIONS, calls=_sde_calls(1))
+def _sde_euler(view, x, *, num_steps, noise_fn, progress, diffusion_form, diffusion_norm, last_step, last_step_size):
     """SiT's SDE, Euler–Maruyama (SiT's default), num_steps grid points"""
-    return sde_euler(view.velocity, x, view.times(num_steps, end=1 - SIT_LAST_STEP_SIZE), noise_fn=noise_fn,
-                     cond=view.cond, progress=progress)
+    return _sde(sde_euler, view, x, num_steps, noise_fn, progress, diffusion_form, diffusion_norm, last_step,
+                last_step_size)
 
 
-@register_sampler("sde-heun", needs="velocity")
-def _sde_heun(view, x, *, num_steps, noise_fn, progress):
+@register_sampler("sde-heun", needs="sde", options=SDE_OPTIONS, calls=_sde_calls(2))
+def _sde_heun(view, x, *, num_steps, noise_fn, progress, diffusion_form, diffusion_norm, last_step, last_step_size):
     """SiT's SDE, stochastic Heun, num_steps grid points"""
-    return sde_heun(view.velocity, x, view.times(num_steps, end=1 - SIT_LAST_STEP_SIZE), noise_fn=noise_fn,
-                    cond=view.cond, progress=progress)
+    return _sde(sde_heun, view, x, num_steps, noise_fn, progress, diffusion_form, diffusion_norm, last_step,
+                last_step_size)
 
 
-@register_sampler("euler", needs="velocity")
+@register_sampler("euler", needs="velocity", calls=lambda num_steps, options: num_steps - 1)
 def _euler(view, x, *, num_steps, noise_fn, progress):
     """the probability-flow ODE, Euler, num_steps grid points"""
-    return ode_euler(view.velocity, x, view.times(num_steps), cond=view.cond, progress=progress)
+    return ode_euler(view.velocity, x, view.ode_times(num_steps), cond=view.cond, progress=progress)
 
 
-@register_sampler("heun", needs="velocity")
+@register_sampler("heun", needs="velocity", calls=lambda num_steps, options: 2 * (num_steps - 1))
 def _heun(view, x, *, num_steps, noise_fn, progress):
     """the probability-flow ODE, Heun (2 calls a step), num_steps grid points"""
-    return ode_heun(view.velocity, x, view.times(num_steps), cond=view.cond, progress=progress)
+    return ode_heun(view.velocity, x, view.ode_times(num_steps), cond=view.cond, progress=progress)
 
 
-@register_sampler("dopri5", needs="velocity")
+@register_sampler("dopri5", needs="velocity", calls=lambda num_steps, options: None)
 def _dopri5(view, x, *, num_steps, noise_fn, progress):
     """the probability-flow ODE, adaptive Dormand–Prince (SiT's ODE default); num_steps report points"""
-    return ode_dopri5(view.velocity, x, view.times(num_steps), cond=view.cond)
+    return ode_dopri5(view.velocity, x, view.ode_times(num_steps), cond=view.cond)
 
 
 @register_sampler("ddim", needs="grid", options=("eta",))
