@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train.loop import train
 
     config = config_from_args(args)
-    if args.dry_run is not None:
+    if getattr(args, "dry_run", None) is not None:
         return dry_run(config, args.dry_run or int(os.environ.get("WORLD_SIZE", "1")))
     result = train(config)
     # Under torchrun every process returns here: the closing line is the main process's (RANK 0) alone.

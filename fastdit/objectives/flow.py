@@ -39,7 +39,7 @@ class FlowTimeObjective(Objective):
     views: ClassVar[frozenset[str]] = frozenset({"velocity", "grid", "sde"})
 
     time_sampling: str = setting("uniform", f"how training draws the flow time t: {' or '.join(TIME_SAMPLINGS)} "
-                                            "(SiT: uniform; SD3 and JiT: logit-normal)")
+                                            "(SiT: uniform; SD3 and JiT: logit-normal)", choices=TIME_SAMPLINGS)
     logit_normal_mean: float = setting(0.0, "logit-normal time: mean m of t = sigmoid(m + s n), in flow time "
                                             "(0 noise, 1 data; JiT: -0.8)")
     logit_normal_std: float = setting(1.0, "logit-normal time: std s (JiT: 0.8)")

@@ -23,6 +23,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cpu_threads import MAX_DATA_WORKERS, data_workers
 from ..errors import UserError
 from ..latents import PIXEL_SPACE_NAMES, latent_side
 from ..models import BLOCK_OPTIONS, MLPS, NORMS, config_from_name
@@ -47,8 +48,8 @@ class ModelSection:
                                        unit_interval=True)
     learn_sigma: bool = option(True, "predict the variance too (2C output channels; DiT's learned-range variance)")
     # block options (LightningDiT); the official DiT blocks when off
-    norm: str = option(NORMS[0], f"{NORMS[0]} (official) or {' or '.join(NORMS[1:])}")
-    mlp: str = option(MLPS[0], f"{MLPS[0]} (official) or {' or '.join(MLPS[1:])} (parameter-matched)")
+    norm: str = option(NORMS[0], f"{NORMS[0]} (official) or {' or '.join(NORMS[1:])}", choices=NORMS)
+    mlp: str = option(MLPS[0], f"{MLPS[0]} (official) or {' or '.join(MLPS[1:])} (parameter-matched)", choices=MLPS)
     rope: bool = option(False, "2-D rotary position embedding on q and k")
     qk_norm: bool = option(False, "normalise q and k of every head")
     init_from: str | None = option(None, "start from these weights (fine-tuning): an official model (DiT-XL/2, "
@@ -74,9 +75,10 @@ def _objective_section() -> type:
     flag each, with the objective module's own help text)."""
     trained_for = "; ".join(f"{name} ({OBJECTIVES[name].summary})" for name in objective_names())
     fields = [("name", str, option("ddpm", f"what the network is trained for: {trained_for}; recorded in checkpoints",
-                                   flag="objective"))]
+                                   flag="objective", choices=objective_names()))]
     for name, setting in all_settings().items():
-        fields.append((name, setting.type, option(setting.default, setting.metadata["help"])))
+        fields.append((name, setting.type, option(setting.default, setting.metadata["help"],
+                                                  choices=setting.metadata.get("choices"))))
 
     def build(self) -> Objective:
         return build_objective(self.name, **{k: v for k, v in dataclasses.asdict(self).items() if k != "name"})
@@ -95,7 +97,8 @@ class DataSection:
     # store, pixels for the digits, "ema" (as DiT trains) for an image folder.
     vae: str | None = option(None, "ema, mse, a diffusers AutoencoderKL folder, or pixels (default: the store's VAE; "
                                    "ema for images; pixels for digits)")
-    num_workers: int = option(4, "data loader worker processes", at_least=0)
+    num_workers: int = option(data_workers(), "data loader worker processes (default: one per usable core, at most "
+                                              f"{MAX_DATA_WORKERS})", at_least=0)
 
     @property
     def source(self) -> str:
@@ -133,7 +136,7 @@ class OptimisationSection:
 @dataclass
 class RunSection:
     # systems
-    precision: str = option("fp32", "fp32, bf16 or fp16 (with a gradient scaler)")
+    precision: str = option("fp32", "fp32, bf16 or fp16 (with a gradient scaler)", choices=PRECISIONS)
     gradient_checkpointing: str = option("off", "recompute activations in backward to save memory: off, blocks "
                                                 "(every block; the flag alone), mlp (each block's MLP only) or every-K "
                                                 "(blocks 0, K, 2K, ...)", flag_alone="blocks")
