@@ -14,26 +14,39 @@ from .arg_types import finite_float, seed
 HELP = "train a tiny DiT on the 8x8 digits (no download, minutes on a CPU), sample every class, and judge the samples"
 
 
+def recipe_defaults(name: str) -> str:
+    """"flow 400, x-pred 500, ..." for one field of every objective's demo recipe."""
+    from ..demo.run import RECIPES
+
+    def shown(value):
+        return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+    return ", ".join(f"{objective} {shown(getattr(recipe, name))}" for objective, recipe in RECIPES.items())
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..demo.run import DemoConfig
 
     d = DemoConfig()
     parser.add_argument("--out", default=d.out, help=f"output folder; running again with the same folder reuses its training (more --steps continue it) (default: {d.out})")
     group = parser.add_argument_group("training")
-    group.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default: {d.steps})")
+    group.add_argument("--steps", type=int, default=None,
+                       help="training steps (default: the objective's recipe's: " + recipe_defaults("steps") + ")")
     group.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step (default: {d.batch_size})")
     group.add_argument("--lr", type=finite_float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
     group.add_argument("--ema-decay", type=finite_float, default=d.ema_decay, help=f"EMA decay per step; the samples come from the EMA (default: {d.ema_decay})")
     group.add_argument("--objective", choices=objective_names(), default=d.objective,
                        help=f"ddpm (DiT's process), flow (SiT's), x-pred (JiT's) or meanflow (one-step, Geng et al. "
                             f"2025) (default: {d.objective})")
-    group.add_argument("--time-sampling", choices=TIME_SAMPLINGS, default=d.time_sampling,
-                       help=f"flow and x-pred: how training draws t (default: {d.time_sampling})")
+    group.add_argument("--time-sampling", choices=TIME_SAMPLINGS, default=None,
+                       help="flow and x-pred: how training draws t (default: logit-normal; x-pred with JiT's mean -0.8 "
+                            "and std 0.8)")
     group.add_argument("--repa", action=argparse.BooleanOptionalAction, default=None,
                        help="representation alignment (REPA) with a frozen digit encoder the demo trains in seconds "
-                            "(default: on, off for meanflow, where it measured worse)")
-    group.add_argument("--blocks", action=argparse.BooleanOptionalAction, default=d.blocks,
-                       help=f"LightningDiT blocks: RMSNorm, SwiGLU, 2-D RoPE, QK-norm (default: {'on' if d.blocks else 'off'})")
+                            "(default: the objective's recipe's: " + recipe_defaults("repa") + ")")
+    group.add_argument("--blocks", action=argparse.BooleanOptionalAction, default=None,
+                       help="LightningDiT blocks: RMSNorm, SwiGLU, 2-D RoPE, QK-norm (default: the objective's recipe's: "
+                            + recipe_defaults("blocks") + ")")
     group = parser.add_argument_group("sampling")
     group.add_argument("--samples-per-class", type=int, default=d.samples_per_class, help=f"images sampled of each digit, then judged (at least 2; default: {d.samples_per_class})")
     # Three sampling options under the demo's own flag names (--sampling-steps): their help from the schema.

@@ -18,7 +18,7 @@ Which real digits are used where (the split is `split_digits(labels, DIGITS_HELD
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +38,36 @@ from .plots import read_loss_terms, save_class_grid, save_loss_plot
 NUM_CLASSES = 10
 GRID_COLUMNS = 20
 TRAIN_RUN = "train"  # the training's run folder inside --out (`fastdit app` looks for the weights there)
+@dataclass(frozen=True)
+class ObjectiveRecipe:
+    """An objective's best measured recipe on the digits (benchmarks/bench_convergence.py; the figures are
+    in the README, "The digits demo's recipe"): what `fastdit demo --objective NAME` trains unless a flag
+    says otherwise."""
+
+    steps: int
+    blocks: bool  # the LightningDiT blocks
+    repa: bool
+    sampler: str
+    sampling_steps: int
+    time_sampling: str = "logit-normal"  # flow and x-pred
+    settings: dict = field(default_factory=dict)  # the objective's other settings
+
+
+RECIPES = {
+    # REPA at block 2 on flow matching with the blocks: 99.4% class match, Frechet 13.3 at 400 steps.
+    "flow": ObjectiveRecipe(400, blocks=True, repa=True, sampler="heun", sampling_steps=9),
+    # JiT's times (logit-normal, mean -0.8, std 0.8): 99.8% at 500 steps, where uniform-like times gave 88%.
+    "x-pred": ObjectiveRecipe(500, blocks=True, repa=False, sampler="heun", sampling_steps=9,
+                              settings={"logit_normal_mean": -0.8, "logit_normal_std": 0.8}),
+    # DiT's IDDPM recipe with the official blocks: 99.2% at 1,000 steps, sampled with DDPM-25.
+    "ddpm": ObjectiveRecipe(1000, blocks=False, repa=False, sampler="ddpm", sampling_steps=25),
+    # MeanFlow, one model call: without REPA (with it the one-call samples were less varied: Frechet 32.1
+    # against 21.7, class match 99.6% and 97.4%; README "MeanFlow").
+    "meanflow": ObjectiveRecipe(400, blocks=True, repa=False, sampler="meanflow", sampling_steps=1),
+}
 # The sampler and steps each objective's recipe samples with, unless --sampler / --sampling-steps say otherwise.
 # MeanFlow samples in one step: one model call, its guidance trained in (`train_config`).
-RECIPE_SAMPLING = {"flow": ("heun", 9), "x-pred": ("heun", 9), "ddpm": ("ddpm", 25), "meanflow": ("meanflow", 1)}
-RECIPE_WITHOUT_REPA = ("meanflow",)  # the objectives whose demo trains without REPA (DemoConfig.repa)
+RECIPE_SAMPLING = {name: (recipe.sampler, recipe.sampling_steps) for name, recipe in RECIPES.items()}
 
 
 @dataclass
@@ -53,7 +79,7 @@ class DemoConfig:
     # README, "The demo"): flow matching with logit-normal times and the LightningDiT blocks reaches the
     # class sooner than DiT's IDDPM recipe, Heun at 16 model calls samples cheaper than DDPM-25 with
     # guidance, and representation alignment (below) takes the same recipe there in fewer steps.
-    steps: int = 400
+    steps: int | None = None  # None: the objective's recipe's (RECIPES)
     batch_size: int = 128
     lr: float = 1e-3
     # A short run needs a short EMA: with 0.9999 the average would still be mostly the random
@@ -62,14 +88,14 @@ class DemoConfig:
     ema_decay: float = 0.99
     # the process and blocks (recorded in the checkpoint; see `fastdit train --objective`, `--rope`, ...)
     objective: str = "flow"
-    time_sampling: str = "logit-normal"
-    blocks: bool = True  # the LightningDiT blocks: RMSNorm, SwiGLU, 2-D RoPE, QK-norm
+    time_sampling: str | None = None  # None: the objective's recipe's
+    blocks: bool | None = None  # the LightningDiT blocks: RMSNorm, SwiGLU, 2-D RoPE, QK-norm; None: the recipe's
+    objective_settings: dict | None = None  # the objective's other settings; None: the recipe's (x-pred: JiT's times)
     # REPA with the digits' own frozen encoder (fastdit.demo.encoder, trained in seconds on the DiT's
     # training split, never the judge), at block 2 of 6 with weight 1.0 and a projector of width 256
     # (REPA's 2048 is sized for XL and would cost more than this DiT); chosen against 0.5 and block 3 by
     # benchmarks/bench_convergence.py.
-    # None: on, except for MeanFlow, whose one-call samples it left less varied on the digits (400 steps:
-    # Frechet 32.1 with it, 21.7 without, class match 99.6% and 97.4%; README "MeanFlow").
+    # None: the objective's recipe's (on for flow; off for MeanFlow, whose one-call samples it left less varied).
     repa: bool | None = None
     repa_depth: int = 2
     repa_weight: float = 1.0
@@ -94,8 +120,12 @@ class DemoConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.repa is None:
-            self.repa = self.objective not in RECIPE_WITHOUT_REPA
+        recipe = RECIPES.get(self.objective, RECIPES["flow"])
+        for name in ("steps", "blocks", "repa", "time_sampling"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(recipe, name))
+        if self.objective_settings is None:
+            self.objective_settings = dict(recipe.settings)
 
     def sampling(self) -> tuple[str, int]:
         """(sampler, sampling steps): the ones given, else the objective's own."""
@@ -142,7 +172,7 @@ def train_config(config: DemoConfig):
     # The recipe's objective settings, each passed only to an objective that has it (the others refuse
     # a setting of another objective): the time sampling of flow and x-pred, MeanFlow's trained-in guidance.
     own = {field.name for field in dataclasses.fields(objective_class(config.objective))}
-    recipe = {"time_sampling": config.time_sampling, "meanflow_omega": config.cfg_scale}
+    recipe = {"time_sampling": config.time_sampling, "meanflow_omega": config.cfg_scale, **config.objective_settings}
     settings = {name: value for name, value in recipe.items() if name in own}
     # The sampling the demo judges the model with, recorded in its checkpoints (`fastdit sample --ckpt`
     # on the export samples as the demo did); MeanFlow's guidance is trained in, so it samples at cfg 1.
