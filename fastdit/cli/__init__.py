@@ -29,6 +29,7 @@ SUBCOMMANDS = {
     "demo": "demo",
     "sample-ddp": "sample_ddp",
     "evaluate": "evaluate",
+    "sweep": "sweep",
     "presets": "presets",
     "app": "app",
     "bench": "bench",

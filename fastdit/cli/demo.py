@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default: on, off for meanflow, where it measured worse)")
     group.add_argument("--blocks", action=argparse.BooleanOptionalAction, default=d.blocks,
                        help=f"LightningDiT blocks: RMSNorm, SwiGLU, 2-D RoPE, QK-norm (default: {'on' if d.blocks else 'off'})")
+    group.add_argument("--posthoc-ema", action=argparse.BooleanOptionalAction, default=d.posthoc_ema,
+                       help="also store post-hoc EMA snapshots (EDM2), so that `fastdit sweep` can try any EMA length "
+                            "beside the guidance scale (default: off)")
     group = parser.add_argument_group("sampling")
     group.add_argument("--samples-per-class", type=int, default=d.samples_per_class, help=f"(default: {d.samples_per_class})")
     # Three sampling options under the demo's own flag names (--sampling-steps): their help from the schema.
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
         samples_per_class=args.samples_per_class, sampler=args.sampler, sampling_steps=args.sampling_steps,
         cfg_scale=args.cfg_scale, objective=args.objective, time_sampling=args.time_sampling, blocks=args.blocks,
-        repa=args.repa,
+        repa=args.repa, posthoc_ema=args.posthoc_ema,
         classifier_epochs=args.classifier_epochs, seed=args.seed, device=args.device, progress=args.progress,
     )
     result = run_demo(config)
