@@ -81,4 +81,12 @@ def run(args: argparse.Namespace) -> int:
                "--num-sampling-steps", str(sampling["num_steps"]), "--cfg-scale", str(sampling["cfg_scale"]),
                "--class-labels", *map(str, range(10)), "--nrow", "10", "--out", "digits.png"]
     print(f"sample more with: {shlex.join(command)}")
+    if config.posthoc_ema:  # the snapshots are there: the guidance scale and the EMA length can be chosen now
+        from ..demo.run import TRAIN_RUN
+
+        sweep = [*program_words(), "sweep", "--run-dir", str(result.out_dir / TRAIN_RUN), "--metric", "digits",
+                 "--ema", "last", "0.05", "0.1", "0.15", "0.2", "--cfg-scale", "1.25", "1.5", "2", "3", "4",
+                 "--num-samples", "200", "--confirm", "3", "--confirm-samples", "1000", "--label-sampling", "equal",
+                 "--out", str(result.out_dir / "sweep")]
+        print(f"choose the guidance scale and EMA length with: {shlex.join(sweep)}")
     return 0

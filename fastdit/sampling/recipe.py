@@ -3,8 +3,9 @@
 The layers, lowest first:
 
 1. the command's defaults (what `fastdit sample` and `sample-ddp` did before recipes existed);
-2. one source: a named preset (`fastdit.sampling.presets`), or else the recipe the checkpoint records
-   (training writes one into every checkpoint and export, `training_recipe`);
+2. one source: a named preset (`fastdit.sampling.presets`) or a recipe file (`--recipe FILE`, below:
+   what `fastdit sweep` writes), or else the recipe the checkpoint records (training writes one into
+   every checkpoint and export, `training_recipe`);
 3. the flags the user gave, one field each.
 
 A layer sets only the fields it names (a dict of field -> value), so "unset" is "absent", and None

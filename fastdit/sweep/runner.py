@@ -17,6 +17,7 @@ point. So the recipe file written for the winner makes `sample-ddp --recipe FILE
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Callable
 
 from .. import distributed as dist
 from ..errors import UserError
-from ..io import ensure_writable_dir
+from ..io import atomic_write_text, ensure_writable_dir
 from ..sampling.recipe import FID_CFG_SCALE, SAMPLING_FIELDS, RecipeSource, checkpoint_source, resolve, write_recipe_file
 from .report import Row, ranked, save_plot, table_lines
 from .scoring import check_metric, make_scorer, scorer_columns, scorer_identity
@@ -278,19 +279,18 @@ def _finish(job: SweepJob, state: SweepState, points: list[Point], confirmed: li
              + (f"; fixed: {job.space.describe_fixed()}" if job.space.describe_fixed() else ""), ""]
     table += table_lines(rows, job.space.swept, columns, (job.num_samples, job.confirm_samples if full else None), winner)
     files = {"table": job.out / TABLE_FILE, "state": state.path}
-    from ..io import atomic_write_text
-
     atomic_write_text("\n".join(table) + "\n", files["table"])
-    try:
+    if importlib.util.find_spec("matplotlib") is not None:
         files["plot"] = save_plot(rows, job.space.swept, columns, job.num_samples, winner, job.out / PLOT_FILE)
-    except ImportError:
+    else:
         print("warning: no plot: it needs matplotlib (pip install 'fastdit[demo]')", file=sys.stderr)
     recipe = {**state.points[winner.point.name]["recipe"], "num_samples": count}
+    samples = sample_path(job, winner.point, count)  # kept: a confirmation's, or every point's with --keep-samples
     files["recipe"] = write_recipe_file(
         job.out / RECIPE_FILE, winner.point.name, recipe, ckpt=weights_path(winner.point.weights, job.source, job.out),
         job={"seed": job.seed, "batch_size": job.batch_size, "chunk_size": job.chunk_size},
         record={"sweep": str(job.out), "metric": job.metric, "scores": scores, "num_samples": count,
-                "samples": str(sample_path(job, winner.point, count))})
+                "samples": str(samples) if samples.is_file() else None})
     return SweepResult(rows=rows, winner=winner, files=files, table=table, sampled=sampled, before=before)
 
 
