@@ -81,17 +81,18 @@ def run_table(job: str, rows: list[Row], settings: dict, *, peak: float | None, 
     return results
 
 
-def step_flops(job: str, config, row: Row, batch: int) -> float:
+def step_flops(job: str, config, row: Row, batch: int, objective=None) -> float:
     """The model FLOPs of one step of `row` on `batch` images: what the step computes, recomputation
     under checkpointing not counted. Sampling: the guided forward on the doubled batch. Training: forward
     and backward (3 forwards' worth; the routed blocks on their kept tokens), and what else the step
     runs: MeanFlow's target (a JVP, primal and tangent, on the share of samples with r != t, and the
     no-grad forwards of a guided target), REPA's frozen encoder (forward) and projector (forward and
-    backward)."""
+    backward). `objective`: the row's objective with its settings (default: the objective's defaults; a
+    training preset's MeanFlow guides its target, which costs forwards)."""
     if job != "train":
         return 2.0 * batch * forward_flops_per_image(config)
     per_image = 3 * row_forward_flops(config, row)
-    objective = build_objective(row.objective)
+    objective = objective if objective is not None else build_objective(row.objective)
     if row.objective == "meanflow":
         guided = objective.trained_guidance is not None or objective.meanflow_guidance_input
         no_grad_forwards = (2 if objective.meanflow_kappa else 1) if guided else 0

@@ -35,6 +35,7 @@ SUBCOMMANDS = {
     "demo": "demo",
     "sample-ddp": "sample_ddp",
     "evaluate": "evaluate",
+    "sweep": "sweep",
     "presets": "presets",
     "app": "app",
     "bench": "bench",

@@ -13,7 +13,7 @@ from .arg_types import finite_float, seed
 from ..objectives import objective_names
 from ..sampling import OFFICIAL_CFG_SCALE, OPTIONS, Option, SamplingOptions, samplers_by_objective
 from ..sampling.presets import get_preset, preset_names
-from ..sampling.recipe import FID_CFG_SCALE, RECIPE_FIELDS, RecipeSource, checkpoint_source, resolve
+from ..sampling.recipe import FID_CFG_SCALE, RECIPE_FIELDS, RecipeSource, checkpoint_source, read_recipe_file, resolve
 
 OFFICIAL_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 
@@ -46,6 +46,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, fid: bool = False
     group.add_argument("--preset", choices=preset_names(), default=None, metavar="NAME",
                        help="named settings behind a published FID (`fastdit presets` lists them: "
                             f"{', '.join(preset_names())}); any flag below overrides one of its values")
+    group.add_argument("--recipe", default=None, metavar="FILE",
+                       help="settings written in a recipe file (the one `fastdit sweep` writes for its best point), in "
+                            "place of a preset: its values, its weights when --ckpt is not given and, for sample-ddp, "
+                            "its seed, batch and chunk size, so that it writes the images the recipe was measured on; "
+                            "any flag overrides one of them")
     by_objective = "; ".join(f"{k} models: {', '.join(v)}" for k, v in samplers_by_objective().items())
     for option in OPTIONS.values():
         default = cfg_default if option.name == "cfg_scale" else option.default
@@ -118,18 +123,27 @@ class RecipePlan:
     are the recipe fields the command uses (`fastdit sample` has no sample count or label sampling)."""
 
     def __init__(self, args: argparse.Namespace, fields=RECIPE_FIELDS):
+        if args.preset and getattr(args, "recipe", None):
+            raise UserError("--preset and --recipe are both a source of settings: give one of them")
         self.preset = get_preset(args.preset) if args.preset else None
+        # A recipe file stands where a preset would; its weights are the job's unless --ckpt names others.
+        self.recipe_file = read_recipe_file(args.recipe) if getattr(args, "recipe", None) else None
+        self.ckpt = args.ckpt if args.ckpt is not None or self.recipe_file is None else self.recipe_file.ckpt
+        if self.ckpt is not None:
+            self.ckpt = str(self.ckpt)
         self.flags = recipe_flags(args)
         self.fields = fields
         self.defaults = dict(args._recipe_defaults)
         # The options a recipe does not hold (eta, precision): their flags' values, defaults included.
         self.others = {name: getattr(args, option.dest) for name, option in OPTIONS.items() if not option.recipe}
-        self.from_checkpoint = args.ckpt is not None
+        self.from_checkpoint = self.ckpt is not None
         self.announce = True  # print the first line (sample-ddp: the main process only)
         self.resolved = resolve(self.defaults, self._preset_source(), self.flags)
         self.options = self.resolved.options(**self.others)
 
     def _preset_source(self) -> RecipeSource | None:
+        if self.recipe_file is not None:
+            return self.recipe_file.as_source()
         if self.preset is None:
             return None
         source = self.preset.as_source()
@@ -156,9 +170,10 @@ class RecipePlan:
         try:
             self.options.validate(info.objective)
         except UserError as err:
-            if self.preset is None:
+            if self.preset is None and self.recipe_file is None:
                 raise
-            context = f"preset {self.preset.name} (for {self.preset.objective} models): "
+            context = (f"preset {self.preset.name} (for {self.preset.objective} models): " if self.preset else
+                       f"recipe file {str(self.recipe_file.path)!r}: ")
             raise (err.within(context) if isinstance(err, OptionError) else UserError(f"{context}{err}")) from None
         if self.announce:
             print(self.resolved.describe(self.fields, own_sampler=self.options.resolved_sampler(info.objective)), flush=True)
@@ -189,8 +204,9 @@ def model_arguments(args: argparse.Namespace, plan: RecipePlan | None = None) ->
     checkpoint's recipe and checks them against the model's objective before the VAE is loaded."""
     model_name = plan.model_name if plan is not None else args.model
     image_size = plan.image_size if plan is not None else args.image_size
-    if args.ckpt is not None:  # a preset's model does not apply to a checkpoint (it records its own)
+    ckpt = plan.ckpt if plan is not None else args.ckpt  # --ckpt, else a recipe file's weights
+    if ckpt is not None:  # a preset's model does not apply to a checkpoint (it records its own)
         model_name, image_size = args.model, args.image_size
-    return dict(source=args.ckpt, model_name=model_name, image_size=image_size, num_classes=args.num_classes,
+    return dict(source=ckpt, model_name=model_name, image_size=image_size, num_classes=args.num_classes,
                 vae=args.vae, objective=args.objective, device=args.device,
                 options=plan.options_for if plan is not None else None)

@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--blocks", action=argparse.BooleanOptionalAction, default=None,
                        help="LightningDiT blocks: RMSNorm, SwiGLU, 2-D RoPE, QK-norm (default: the objective's recipe's: "
                             + recipe_defaults("blocks") + ")")
+    group.add_argument("--posthoc-ema", action=argparse.BooleanOptionalAction, default=d.posthoc_ema,
+                       help="also store post-hoc EMA snapshots (EDM2), so that `fastdit sweep` can try any EMA length "
+                            "beside the guidance scale (default: off)")
     group = parser.add_argument_group("sampling")
     group.add_argument("--samples-per-class", type=int, default=d.samples_per_class, help=f"images sampled of each digit, then judged (at least 2; default: {d.samples_per_class})")
     # Three sampling options under the demo's own flag names (--sampling-steps): their help from the schema.
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
         samples_per_class=args.samples_per_class, sampler=args.sampler, sampling_steps=args.sampling_steps,
         cfg_scale=args.cfg_scale, objective=args.objective, time_sampling=args.time_sampling, blocks=args.blocks,
-        repa=args.repa,
+        repa=args.repa, posthoc_ema=args.posthoc_ema,
         classifier_epochs=args.classifier_epochs, seed=args.seed, device=args.device, progress=args.progress,
     )
     result = run_demo(config)
@@ -91,4 +94,12 @@ def run(args: argparse.Namespace) -> int:
                "--num-sampling-steps", str(sampling["num_steps"]), "--cfg-scale", str(sampling["cfg_scale"]),
                "--class-labels", *map(str, range(10)), "--nrow", "10", "--out", "digits.png"]
     print(f"sample more with: {shlex.join(command)}")
+    if config.posthoc_ema:  # the snapshots are there: the guidance scale and the EMA length can be chosen now
+        from ..demo.run import TRAIN_RUN
+
+        sweep = [*program_words(), "sweep", "--run-dir", str(result.out_dir / TRAIN_RUN), "--metric", "digits",
+                 "--ema", "last", "0.05", "0.1", "0.15", "0.2", "--cfg-scale", "1.25", "1.5", "2", "3", "4",
+                 "--num-samples", "200", "--confirm", "3", "--confirm-samples", "1000", "--label-sampling", "equal",
+                 "--out", str(result.out_dir / "sweep")]
+        print(f"choose the guidance scale and EMA length with: {shlex.join(sweep)}")
     return 0

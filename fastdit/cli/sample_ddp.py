@@ -38,12 +38,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="labels to cycle over the images (default: --label-sampling over all classes)")
     group.add_argument("--png-dir", default=None, help="also write every image as <png-dir>/<index:06d>.png; a new or "
                             "empty folder, or the one an earlier run of this --out made")
-    group.add_argument("--batch-size", type=int, default=32,
-                       help="images per batch and process (default: 32). With the same batch and chunk size, any number of "
-                            "processes writes the same bytes; another batch size may round the last bits differently")
-    group.add_argument("--chunk-size", type=int, default=1000,
-                       help="images per chunk: the unit of work sharing and resuming (default: 1000)")
+    group.add_argument("--batch-size", type=int, default=None,
+                       help=f"images per batch and process (default: --recipe's, else {JOB_DEFAULTS['batch_size']}). With "
+                            "the same batch and chunk size, any number of processes writes the same bytes; another batch "
+                            "size may round the last bits differently")
+    group.add_argument("--chunk-size", type=int, default=None,
+                       help=f"images per chunk: the unit of work sharing and resuming (default: --recipe's, else "
+                            f"{JOB_DEFAULTS['chunk_size']})")
     group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.set_defaults(seed=None)  # not given: --recipe's seed, else 0
+
+
+# The job's settings a recipe file may set (`fastdit.sampling.recipe.JOB_FIELDS`), when no flag does.
+JOB_DEFAULTS = {"seed": 0, "batch_size": 32, "chunk_size": 1000}
+
+
+def job_settings(args: argparse.Namespace, recipe_file) -> dict:
+    """--seed, --batch-size and --chunk-size: the flag, else the recipe file's, else the default."""
+    recorded = recipe_file.job if recipe_file is not None else {}
+    return {name: getattr(args, name) if getattr(args, name) is not None else recorded.get(name, default)
+            for name, default in JOB_DEFAULTS.items()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,14 +72,15 @@ def run(args: argparse.Namespace) -> int:
     check_preset_model(plan.preset, args.ckpt, plan.model_name)
     if args.class_labels is not None and args.label_sampling is not None:
         raise UserError("--class-labels and --label-sampling exclude each other: give the labels, or how to draw them")
+    settings = job_settings(args, plan.recipe_file)
     job = SampleJob(
         out=check_output_file(args.out, (".npz",)),
         num_samples=plan.resolved["num_samples"],  # a checkpoint's recipe never sets it: known before loading
         options=plan.options,
-        seed=args.seed,
+        seed=settings["seed"],
         label_sampling=plan.resolved["label_sampling"],
-        batch_size=args.batch_size,
-        chunk_size=args.chunk_size,
+        batch_size=settings["batch_size"],
+        chunk_size=settings["chunk_size"],
         class_labels=args.class_labels,
         png_dir=Path(args.png_dir) if args.png_dir else None,
         progress=args.progress,

@@ -24,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                default=RunSection.gradient_checkpointing, metavar="POLICY", help=argparse.SUPPRESS)
     groups["run"].add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_const",
                                const="off", help=argparse.SUPPRESS)
+    # A flag not given leaves no attribute (SUPPRESS): `config_from_args` tells the flags given from the
+    # defaults, so that over a --preset each flag given overrides one field and nothing else does.
+    for action in parser._actions:
+        if action.dest in flat_fields():
+            action.default = argparse.SUPPRESS
     parser.add_argument("--dry-run", nargs="?", type=positive_int, const=0, default=None, metavar="PROCESSES",
                         help="print the memory each process needs for this run (estimated on the meta device: nothing "
                              "is allocated, trained or written) and stop; PROCESSES: for that many (default: this "
@@ -49,7 +54,13 @@ def dry_run(config: TrainConfig, processes: int) -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig.create(**{name: getattr(args, name) for name in flat_fields() if hasattr(args, name)})
+    """The run's config: the flags given over the fields' defaults, or over a --preset's fields."""
+    given = {name: getattr(args, name) for name in flat_fields() if hasattr(args, name)}
+    if given.get("preset") is not None:
+        from ..train.presets import get_train_preset
+
+        given = get_train_preset(given["preset"]).flags(given)
+    return TrainConfig.create(**given)
 
 
 def run(args: argparse.Namespace) -> int:

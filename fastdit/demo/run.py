@@ -68,6 +68,9 @@ RECIPES = {
 # The sampler and steps each objective's recipe samples with, unless --sampler / --sampling-steps say otherwise.
 # MeanFlow samples in one step: one model call, its guidance trained in (`train_config`).
 RECIPE_SAMPLING = {name: (recipe.sampler, recipe.sampling_steps) for name, recipe in RECIPES.items()}
+# With --posthoc-ema, snapshot steps over the run (every steps // 16 steps): enough for `fastdit ema` and
+# `fastdit sweep` to make any EMA length from them (EDM2 spreads its snapshots evenly the same way).
+POSTHOC_SNAPSHOTS = 16
 
 
 @dataclass
@@ -100,6 +103,9 @@ class DemoConfig:
     repa_depth: int = 2
     repa_weight: float = 1.0
     repa_projector_dim: int = 256
+    # EDM2's post-hoc EMA (`fastdit train --posthoc-ema`): snapshots from which `fastdit sweep` (or `fastdit
+    # ema`) makes the EMA of any length after training; off by default, it changes nothing the demo judges.
+    posthoc_ema: bool = False
     # sampling
     samples_per_class: int = 50
     # None: the objective's own (RECIPE_SAMPLING): ODE Heun on 9 grid points = 8 steps of 2 model calls
@@ -166,8 +172,10 @@ def train_config(config: DemoConfig):
     from .encoder import digit_encoder_path
 
     alignment = {}
+    if config.posthoc_ema:
+        alignment.update(posthoc_ema=True, posthoc_every=max(1, config.steps // POSTHOC_SNAPSHOTS))
     if config.repa:
-        alignment = dict(repa=str(digit_encoder_path(config.out, config.seed)), repa_depth=config.repa_depth,
+        alignment.update(repa=str(digit_encoder_path(config.out, config.seed)), repa_depth=config.repa_depth,
                          repa_weight=config.repa_weight, repa_projector_dim=config.repa_projector_dim)
     # The recipe's objective settings, each passed only to an objective that has it (the others refuse
     # a setting of another objective): the time sampling of flow and x-pred, MeanFlow's trained-in guidance.
@@ -193,10 +201,9 @@ def train_config(config: DemoConfig):
 
 def run_demo(config: DemoConfig) -> DemoResult:
     from ..checkpoint import load_model
-    from ..data import load_digits_tensors, split_digits
     from ..devices import resolve_device
     from ..latents import PixelSpace
-    from ..sampling import SamplingOptions, generate, to_uint8
+    from ..sampling import SamplingOptions, generate
     from ..train.loop import train
 
     config.validate()
@@ -241,12 +248,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     print("evaluating with a digit classifier trained on held-out real digits", flush=True)
     evaluation_start = time.perf_counter()
-    images, real_labels = load_digits_tensors()
-    real = uint8_to_model_input(to_uint8(images))  # the same uint8 rounding as the samples
-    dit_train, heldout = split_digits(real_labels, DIGITS_HELDOUT_FRACTION, config.seed)
-    result = evaluate_samples(samples, labels, real, real_labels.numpy(), judge_train=heldout.numpy(),
-                              judge_test=dit_train.numpy(), seed=config.seed,
-                              classifier_options=ClassifierOptions(epochs=config.classifier_epochs, seed=config.seed))
+    result = digits_judge(config.seed, config.classifier_epochs).report(samples, labels)
     evaluation_seconds = time.perf_counter() - evaluation_start
 
     result.update(
@@ -267,6 +269,19 @@ def run_demo(config: DemoConfig) -> DemoResult:
     result["files"]["report"] = str(files["report"])
     atomic_write_json(result, files["report"])
     return DemoResult(out_dir=out, files=files, report=result)
+
+
+def digits_judge(seed: int = 0, classifier_epochs: int = ClassifierOptions.epochs) -> "Judge":
+    """The demo's judge: trained on the held-out digits of the split of `seed`, tested on the DiT's
+    training digits (the module docstring); `fastdit sweep --metric digits` scores with it too."""
+    from ..data import load_digits_tensors, split_digits
+    from ..sampling import to_uint8
+
+    images, real_labels = load_digits_tensors()
+    real = uint8_to_model_input(to_uint8(images))  # the same uint8 rounding as the samples
+    dit_train, heldout = split_digits(real_labels, DIGITS_HELDOUT_FRACTION, seed)
+    return Judge(real, real_labels.numpy(), judge_train=heldout.numpy(), judge_test=dit_train.numpy(), seed=seed,
+                 classifier_options=ClassifierOptions(epochs=classifier_epochs, seed=seed))
 
 
 def evaluate_samples(samples: np.ndarray, sample_labels: np.ndarray, real: torch.Tensor, real_labels: np.ndarray, *,

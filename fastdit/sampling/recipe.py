@@ -3,8 +3,9 @@
 The layers, lowest first:
 
 1. the command's defaults (what `fastdit sample` and `sample-ddp` did before recipes existed);
-2. one source: a named preset (`fastdit.sampling.presets`), or else the recipe the checkpoint records
-   (training writes one into every checkpoint and export, `training_recipe`);
+2. one source: a named preset (`fastdit.sampling.presets`) or a recipe file (`--recipe FILE`, below:
+   what `fastdit sweep` writes), or else the recipe the checkpoint records (training writes one into
+   every checkpoint and export, `training_recipe`);
 3. the flags the user gave, one field each.
 
 A layer sets only the fields it names (a dict of field -> value), so "unset" is "absent", and None
@@ -15,8 +16,12 @@ remembers which layer set each field, for the job's first line ("settings: prese
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from ..errors import UserError
 from .options import OFFICIAL_CFG_SCALE, OPTIONS, RECIPE_OPTIONS, SamplingOptions
 
 # The fields that say how one image is sampled: what a checkpoint may record (`fastdit.sampling.options`).
@@ -158,6 +163,95 @@ def recorded_options(info, defaults: dict | None = None) -> SamplingOptions:
 
 def _plain(value):
     return list(value) if isinstance(value, tuple) else value
+
+
+# ------------------------------------------------------------------------------------------------
+# Recipe files: settings written down (the winner of `fastdit sweep`, or by hand), read by
+# `fastdit sample-ddp --recipe FILE` and `fastdit sample --recipe FILE` as the source layer, in place
+# of a preset or the checkpoint's recipe. Besides the recipe's values a file may name the weights
+# ("ckpt", used when --ckpt is not given; a relative path is read from the file's folder) and the
+# job's settings that decide the bytes of a sample set: image i's noise and label depend on (seed, i),
+# and which images share a batch (batch and chunk size) may move their last bits (`fastdit.sample_ddp`).
+# So `sample-ddp --recipe FILE` with no other flag writes the very `.npz` the recipe was measured on.
+# ------------------------------------------------------------------------------------------------
+
+RECIPE_FILE_FORMAT = "fastdit.recipe"
+RECIPE_FILE_VERSION = 1
+JOB_FIELDS = ("seed", "batch_size", "chunk_size")  # sample-ddp's --seed, --batch-size, --chunk-size
+
+
+@dataclass(frozen=True)
+class RecipeFile:
+    path: Path
+    name: str  # how messages and records call it ("recipe <name>"): written in the file, so a copy reads the same
+    values: dict  # recipe fields (RECIPE_FIELDS) it sets
+    ckpt: Path | None  # the weights it was measured with
+    job: dict  # the JOB_FIELDS it sets
+    record: dict  # the rest: where it came from (a sweep's metric and scores)
+
+    def as_source(self) -> RecipeSource:
+        return RecipeSource(f"recipe {self.name}", dict(self.values))
+
+
+def write_recipe_file(path: str | os.PathLike, name: str, values: dict, *, ckpt: str | os.PathLike | None = None,
+                      job: dict | None = None, record: dict | None = None) -> Path:
+    """Write a recipe file (atomically). `values`: recipe fields; `ckpt` is stored relative to the
+    file's folder when it lies inside it (the folder can move), else as given."""
+    from ..io import atomic_write_json
+
+    path = Path(path)
+    unknown = sorted(set(values) - set(RECIPE_FIELDS)) + sorted(set(job or {}) - set(JOB_FIELDS))
+    if unknown:
+        raise ValueError(f"not recipe fields: {unknown}")
+    data = {"format": RECIPE_FILE_FORMAT, "version": RECIPE_FILE_VERSION, "name": name,
+            "values": {key: _plain(value) for key, value in values.items()}, **(job or {}),
+            **({"record": record} if record else {})}
+    if ckpt is not None:
+        ckpt = Path(ckpt).resolve()
+        folder = path.parent.resolve()
+        data["ckpt"] = str(ckpt.relative_to(folder)) if ckpt.is_relative_to(folder) else str(ckpt)
+    atomic_write_json(data, path)
+    return path
+
+
+def read_recipe_file(path: str | os.PathLike) -> RecipeFile:
+    """A recipe file, checked for its form (the values are checked against the model once it is loaded)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"recipe file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"cannot read recipe file {str(path)!r}: {err}") from None
+    if not isinstance(data, dict) or data.get("format") != RECIPE_FILE_FORMAT or not isinstance(data.get("values"), dict):
+        raise UserError(f"{str(path)!r} is not a fastdit recipe file (a JSON object with \"format\": "
+                        f"\"{RECIPE_FILE_FORMAT}\" and \"values\"); `fastdit sweep` writes them")
+    if data.get("version", RECIPE_FILE_VERSION) > RECIPE_FILE_VERSION:
+        raise UserError(f"recipe file {str(path)!r} is of version {data['version']}, newer than this fastdit reads "
+                        f"({RECIPE_FILE_VERSION}); update fastdit")
+    values = dict(data["values"])
+    unknown = sorted(set(values) - set(RECIPE_FIELDS))
+    if unknown:
+        raise UserError(f"recipe file {str(path)!r} sets unknown field(s) {', '.join(unknown)}; known: "
+                        f"{', '.join(RECIPE_FIELDS)}")
+    if values.get("guidance_interval") is not None:
+        values["guidance_interval"] = tuple(values["guidance_interval"])
+    if "label_sampling" in values and values["label_sampling"] not in LABEL_SAMPLINGS:
+        raise UserError(f"recipe file {str(path)!r}: unknown label sampling {values['label_sampling']!r}; "
+                        f"choose one of {', '.join(LABEL_SAMPLINGS)}")
+    job = {}
+    for key in JOB_FIELDS:
+        if key in data:
+            if isinstance(data[key], bool) or not isinstance(data[key], int) or data[key] < (0 if key == "seed" else 1):
+                raise UserError(f"recipe file {str(path)!r}: {key} must be a {'non-negative' if key == 'seed' else 'positive'} "
+                                f"integer, got {data[key]!r}")
+            job[key] = data[key]
+    ckpt = data.get("ckpt")
+    if ckpt is not None:
+        ckpt = Path(ckpt).expanduser()
+        ckpt = ckpt if ckpt.is_absolute() else path.parent / ckpt
+    return RecipeFile(path=path, name=str(data.get("name") or path.stem), values=values, ckpt=ckpt, job=job,
+                      record=data.get("record") or {})
 
 
 def show_value(value, name: str = "") -> str:

@@ -34,6 +34,7 @@ from ..sampling import SamplingOptions
 from ..seeding import MAX_SEED
 from .extensions import EXTENSIONS
 from .options import flag_name, option
+from .presets import train_preset_names
 from .setup import checkpoint_stride
 
 
@@ -162,6 +163,10 @@ class RunSection:
     tensorboard: bool = option(True, "write TensorBoard event files")
     wandb: bool = option(False, "log to Weights & Biases")
     progress: bool = option(True, "show a progress bar")
+    # The training preset the run started from (`fastdit.train.presets`): a record of where its settings
+    # came from; the settings themselves are the fields, so a preset changed later does not change a run.
+    preset: str | None = option(None, "start from a published recipe (every field of it; each flag given overrides "
+                                      f"one): {', '.join(train_preset_names())}; `fastdit presets` lists them")
 
     def __post_init__(self):
         # Run folders and checkpoints written before the policies record a bool: on meant every block.
@@ -214,6 +219,7 @@ RESUMABLE_CHANGES = frozenset(
         "recipe_sampler", "recipe_steps", "recipe_cfg_scale",  # what the checkpoints recommend, not how they are made
         "skip_nonfinite",  # a run stopped by a non-finite step may go on with it: it changes nothing else
         "ddp_bucket_mb", "fsdp_shard_size",  # how the same sums are carried and grouped
+        "preset",  # a record of where the settings came from; the settings are compared themselves
     }
 ) | {flag_name(f) for cls in EXTENSIONS.values() for f in dataclasses.fields(cls.settings) if f.metadata.get("resumable")}
 
