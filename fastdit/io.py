@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,6 +30,26 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
         raise UserError(f"cannot create folder {str(path)!r}: {err.strerror}; choose a writable location") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"folder {str(path)!r} is not writable; choose a writable location")
+    return path
+
+
+def check_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """`path` if it is a regular file (links followed); else a UserError naming it. The one check before
+    fastdit opens a file it did not write in this process (checkpoints, snapshots, store shards, encoder
+    weights, records): opening a named pipe waits for a writer forever and a device never ends, so
+    anything else would hang, or read without end, instead of being refused."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"{what} {str(path)!r} does not exist; check the path") from None
+    except OSError as err:
+        raise UserError(f"cannot read {what} {str(path)!r}: {err.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{what} {str(path)!r} is a folder; pass a file")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{what} {str(path)!r} is not a regular file (a named pipe, socket or device, which could "
+                        f"block or never end); pass a file")
     return path
 
 

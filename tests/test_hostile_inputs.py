@@ -1,0 +1,351 @@
+"""Issue #28: nothing a user feeds the new methods breaks them. Each class of input is refused with one
+line naming the value and the fix (a UserError, which the CLI prints as one line with exit status 2), at
+the place it enters, before any expensive work, and nothing on disk is lost or replaced.
+
+The tests are grouped by the issue's classes (1-14); each failed before its fix.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fastdit.encoders import FrozenEncoder, load_encoder
+from fastdit.errors import UserError
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated"),
+]
+
+
+def one_line(error) -> str:
+    message = str(error.value)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. A TorchScript encoder is checked against what it takes and returns before training starts
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Tokens(nn.Module):
+    """(N, 3, R, R) -> (N, (R/4)², 8): a 4-px patch embedding."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, 4, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class GrayOnly(nn.Module):
+    """Takes one channel: fails on the RGB images every encoder is fed."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(1, 8, 4, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class BatchDependent(nn.Module):
+    """Its token count follows the batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Tokens()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.inner(x)
+        return tokens.reshape(1, -1, tokens.shape[-1]).expand(x.shape[0], -1, -1)
+
+
+class IntegerTokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Tokens()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).long()
+
+
+class HugeSide(nn.Module):
+    """Claims a 100000-px input: the probe would allocate 120 GB of pixels."""
+
+    def __init__(self):
+        super().__init__()
+        self.resolution = 100_000
+        self.inner = Tokens()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def scripted(module: nn.Module, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(module.eval()).save(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("module, message", [
+    (GrayOnly(), r"fails on a blank batch of shape \(1, 3, 16, 16\) \(RuntimeError: .*\(N, 3, R, R\)"),
+    (BatchDependent(), r"returns shape \(2, 32, 8\) for 2 image\(s\)|must not depend on the batch"),
+    (IntegerTokens(), r"returns a int64 tensor; an encoder returns floating-point tokens"),
+    (HugeSide(), r"attribute `resolution`: encoder resolution 100000 is not an int from 1 to 1024"),
+], ids=["one channel", "batch-dependent", "integer tokens", "100000 px"])
+def test_a_torchscript_encoder_that_does_not_fit_is_refused_when_loaded(tmp_path, module, message):
+    path = scripted(module, tmp_path / "encoder.pt")
+    with pytest.raises(UserError, match=message) as info:
+        load_encoder(path, resolution=None if isinstance(module, HugeSide) else 16)
+    one_line(info)
+
+
+def test_an_encoder_whose_output_changes_after_loading_is_one_line():
+    class Changing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.calls = Tokens(), 0
+
+        def forward(self, x):
+            self.calls += 1
+            tokens = self.inner(x)
+            return tokens if self.calls <= 2 else tokens[:, :4]
+
+    encoder = FrozenEncoder(Changing(), resolution=16, name="changing")
+    with pytest.raises(UserError, match=r"returned 4 tokens 8 wide, but 16 8 wide when it was loaded") as info:
+        encoder(torch.zeros(2, 3, 16, 16))
+    one_line(info)
+
+
+def test_a_torchscript_path_holding_an_equals_sign_loads(tmp_path):
+    torch.manual_seed(0)
+    path = scripted(Tokens(), tmp_path / "run=3" / "encoder.pt")
+    encoder = load_encoder(path, resolution=16)
+    assert (encoder.grid, encoder.dim) == (4, 8)
+    # and one whose part before "=" is a registered encoder's name
+    named = tmp_path / "dinov2-vitb14=x.pt"
+    named.write_bytes(Path(path).read_bytes())
+    assert load_encoder(str(named), resolution=16).dim == 8
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 14. Encoder weights in an integer dtype are refused, not cast
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_integer_encoder_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tiny_encoders import save_tiny
+
+    folder = save_tiny("dinov2", tmp_path / "dinov2")
+    weights = load_file(str(folder / "model.safetensors"))
+    key = sorted(k for k in weights if k.endswith("weight"))[0]
+    weights[key] = (weights[key] * 100).to(torch.int8)
+    save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(UserError, match=rf"holds I8 values in '{key}'.*weights are floating point") as info:
+        load_encoder(f"dinov2-vitb14={folder}")
+    one_line(info)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. A resumed REPA run refuses an encoder other than the one it was trained against
+# ---------------------------------------------------------------------------------------------------------
+
+
+def digit_encoder(path: Path, seed: int, dim: int = 64) -> str:
+    from fastdit.demo.encoder import DigitTokens, save_digit_encoder
+
+    torch.manual_seed(seed)
+    return str(save_digit_encoder(DigitTokens(dim), path))
+
+
+@pytest.mark.parametrize("dim", [64, 32], ids=["same shape, other weights", "another width"])
+def test_a_resumed_repa_run_refuses_another_encoder_at_the_same_path(tmp_path, dim):
+    from fastdit.train.loop import train
+    from test_train import final_state, tiny_config
+
+    path = tmp_path / "encoder.ts"
+    fields = dict(repa=digit_encoder(path, seed=1), repa_depth=1, repa_projector_dim=32, ckpt_every=2)
+    first = train(tiny_config(tmp_path / "runs", max_steps=2, **fields))
+    recorded = final_state(first.run_dir)["alignment"]["encoder"]
+    assert recorded["name"] == str(path) and len(recorded["sha256"]) == 64 and recorded["dim"] == 64
+    digit_encoder(path, seed=2, dim=dim)  # replaced in place: the same setting, other targets
+    with pytest.raises(UserError, match=r"records its REPA encoder with other settings \(.*sha256: \"[0-9a-f]{12}\" "
+                                        r"-> \"[0-9a-f]{12}\".*pass the encoder it was trained with") as info:
+        train(tiny_config(tmp_path / "runs", max_steps=4, **fields))
+    message = one_line(info)
+    assert ("dim: 64 -> 32" in message) == (dim == 32)
+    assert len(list((first.run_dir / "checkpoints").glob("*.pt"))) == 1  # nothing written, nothing lost
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. Unbounded sizes: REPA's projector width
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_repa_projector_width_is_bounded(tmp_path):
+    from test_train import tiny_config
+
+    with pytest.raises(UserError, match="--repa-projector-dim") as info:
+        tiny_config(tmp_path, repa="x.ts", repa_projector_dim=10**7).validate()
+    one_line(info)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. `fastdit ema` writes no wrong or non-finite weights; 5. it never replaces a file the run owns
+# ---------------------------------------------------------------------------------------------------------
+
+
+def cli_error(argv, capsys) -> str:
+    """The one line a command prints on stderr before leaving with status 2."""
+    from fastdit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return err.strip()
+
+
+@pytest.fixture(scope="module")
+def posthoc_run(tmp_path_factory):
+    """A run with post-hoc EMA snapshots at steps 2, 4 and 6 (σ_rel 0.05 and 0.1)."""
+    from fastdit.train.loop import train
+    from test_train import tiny_config
+
+    folder = tmp_path_factory.mktemp("posthoc")
+    return train(tiny_config(folder, posthoc_ema=True, posthoc_every=2, max_steps=6, ckpt_every=6)).run_dir
+
+
+@pytest.fixture
+def run_copy(posthoc_run, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(posthoc_run, tmp_path / "run"))
+
+
+def files_of(folder: Path) -> dict:
+    return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def rewrite_snapshot(path: Path, edit_weights=None, edit_record=None, model_info=None):
+    """The snapshot at `path` written again with its weights and/or its records edited."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    weights = load_file(str(path))
+    if edit_weights:
+        edit_weights(weights)
+    if edit_record:
+        record = json.loads(metadata["posthoc_ema_snapshot"])
+        edit_record(record)
+        metadata["posthoc_ema_snapshot"] = json.dumps(record)
+    if model_info is not None:
+        metadata["model_info"] = json.dumps(model_info)
+    save_file(weights, str(path), metadata=metadata)
+
+
+def test_a_nan_snapshot_is_refused_and_nothing_is_written(run_copy, capsys):
+    snapshot = run_copy / "posthoc_ema" / "0000004-sigma0.1.safetensors"
+    rewrite_snapshot(snapshot, edit_weights=lambda w: w["pos_embed"].view(-1)[0].fill_(float("nan")))
+    before = files_of(run_copy)
+    message = cli_error(["ema", "--run", run_copy, "--sigma-rel", "0.07"], capsys)
+    assert f"snapshot {str(snapshot)!r} holds non-finite weights (1 NaN or inf value(s) in 'pos_embed')" in message
+    assert "move it out of" in message
+    assert files_of(run_copy) == before
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda r: r.update(gamma=3.0), "its record's gamma 3.0 is not the γ of σ_rel 0.1"),
+    (lambda r: r.update(step="4"), "its record's step '4' is not the step 4 its name gives"),
+    (lambda r: r.update(sigma_rel=-1), "its record's sigma_rel -1 is no EMA length"),
+], ids=["gamma", "step", "sigma_rel"])
+def test_a_snapshot_with_a_malformed_record_is_refused(run_copy, capsys, edit, problem):
+    snapshot = run_copy / "posthoc_ema" / "0000004-sigma0.1.safetensors"
+    rewrite_snapshot(snapshot, edit_record=edit)
+    message = cli_error(["ema", "--run", run_copy, "--sigma-rel", "0.07"], capsys)
+    assert f"{str(snapshot)!r} is not a post-hoc EMA snapshot fastdit wrote ({problem}); move it out of" in message
+
+
+def test_a_snapshot_of_another_model_is_refused(run_copy, capsys):
+    from fastdit.checkpoint import export_weights
+    from fastdit.model_info import LatentInfo, ModelInfo
+    from fastdit.models import build_model
+    from fastdit.train.posthoc_ema import SNAPSHOT_KEY
+
+    other = build_model("DiT-T/2", input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=32, num_heads=2)
+    info = ModelInfo(config=other.config, latent=LatentInfo(kind="pixels", vae=None, scale_factor=1.0))
+    snapshot = run_copy / "posthoc_ema" / "0000004-sigma0.1.safetensors"
+    from fastdit.power_ema import gamma_of_sigma_rel
+
+    export_weights(other, info, snapshot, extra={SNAPSHOT_KEY: {"step": 4, "sigma_rel": 0.1,
+                                                                 "gamma": gamma_of_sigma_rel(0.1)}})
+    message = cli_error(["ema", "--run", run_copy, "--sigma-rel", "0.07"], capsys)
+    assert f"snapshot {str(snapshot)!r} holds another model than" in message and "mixes runs" in message
+    # weights that do not fit their own record
+    rewrite_snapshot(snapshot, model_info=json.loads(json.dumps(
+        {**info.to_dict(), "model": {**info.to_dict()["model"], "hidden_size": 64}})))
+    message = cli_error(["ema", "--run", run_copy, "--sigma-rel", "0.07"], capsys)
+    assert "does not fit this model" in message
+
+
+def test_a_poor_fit_is_refused_unless_asked_for(run_copy, capsys):
+    from fastdit.cli import main
+
+    before = files_of(run_copy)
+    message = cli_error(["ema", "--run", run_copy, "--sigma-rel", "0.05", "--step", "3"], capsys)
+    assert "only with a 96.8% profile error (above --max-fit-error 0.1), so the export would not be that EMA" in message
+    assert "nearest: 2" in message and "--max-fit-error 0.977" in message
+    assert files_of(run_copy) == before
+    assert main(["ema", "--run", str(run_copy), "--sigma-rel", "0.05", "--step", "3", "--max-fit-error", "1"]) == 0
+    assert (run_copy / "checkpoints" / "0000003-ema-sigma0.05.safetensors").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--posthoc-sigma-rels", "1e-300", "0.1"], "--posthoc-sigma-rels must be in [0.001, 0.300]"),
+    (["--posthoc-sigma-rels", "0.0001", "0.1"], "--posthoc-sigma-rels must be in [0.001, 0.300]"),
+], ids=["1e-300", "1e-4"])
+def test_tracked_lengths_that_underflow_are_refused_where_they_are_set(tmp_path, capsys, flags, message):
+    from test_train import TINY
+
+    line = cli_error(["train", *TINY, "--posthoc-ema", "--results-dir", tmp_path / "runs", "--max-steps", "1", *flags],
+                     capsys)
+    assert message in line and "shorter profiles underflow float64" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ema_out_never_replaces_a_file_of_the_run(run_copy, capsys):
+    from fastdit.cli import main
+
+    before = files_of(run_copy)
+    other = run_copy.parent / "notes.safetensors"
+    other.write_bytes(b"mine")
+    for out, message in (
+        (run_copy / "posthoc_ema" / "0000002-sigma0.05.safetensors", "is in the run's snapshot folder"),
+        (run_copy / "posthoc_ema" / "0000009-sigma0.2.safetensors", "is in the run's snapshot folder"),
+        (run_copy / "checkpoints" / "0000006-ema.safetensors", "is a name the run gives its own checkpoints"),
+        (run_copy / "checkpoints" / "0000008-ema.safetensors", "is a name the run gives its own checkpoints"),
+        (other, "exists and is not an earlier `fastdit ema` export"),
+    ):
+        assert message in cli_error(["ema", "--run", run_copy, "--sigma-rel", "0.07", "--out", out], capsys)
+    link = run_copy / "link.safetensors"
+    link.symlink_to(run_copy / "posthoc_ema" / "0000006-sigma0.1.safetensors")
+    assert "snapshot folder" in cli_error(["ema", "--run", run_copy, "--sigma-rel", "0.07", "--out", link], capsys)
+    link.unlink()
+    assert files_of(run_copy) == before and other.read_bytes() == b"mine"
+    # An earlier `fastdit ema` export is replaced: the same command twice works, and every later one too.
+    for _ in range(2):
+        assert main(["ema", "--run", str(run_copy), "--sigma-rel", "0.07"]) == 0
+    assert main(["ema", "--run", str(run_copy), "--sigma-rel", "0.08"]) == 0
