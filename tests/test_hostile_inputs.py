@@ -349,3 +349,145 @@ def test_ema_out_never_replaces_a_file_of_the_run(run_copy, capsys):
     for _ in range(2):
         assert main(["ema", "--run", str(run_copy), "--sigma-rel", "0.07"]) == 0
     assert main(["ema", "--run", str(run_copy), "--sigma-rel", "0.08"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. A results folder at the data folder itself or at one of its classes is refused
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["data folder", "class folder", "run folder"])
+def test_a_results_folder_at_the_data_folder_or_a_class_is_refused(tmp_path, where):
+    from conftest import make_image_folder
+    from fastdit.train.loop import train
+    from test_train import tiny_config
+
+    images = make_image_folder(tmp_path / "images", classes=("cat", "dog"), per_class=2)
+    results, name = {"data folder": (images, None), "class folder": (images / "cat", None),
+                     "run folder": (tmp_path, "images")}[where]
+    before = files_of(images)
+    config = tiny_config(results, data_path=str(images), vae="pixels", image_size=8, num_classes=2,
+                         global_batch_size=4, max_steps=1, run_name=name)
+    expected = {"data folder": r"--results-dir .* is the data folder .* itself: what fastdit writes there would be "
+                               r"read as classes",
+                "class folder": r"--results-dir .* is the class folder 'cat' of the data folder .* \(it holds "
+                                r"'0.png'\): that class would be left out and the labels renumbered",
+                "run folder": r"run folder \(--run-name\) .* is the data folder"}[where]
+    with pytest.raises(UserError, match=expected) as info:
+        train(config)
+    one_line(info)
+    assert files_of(images) == before and sorted(p.name for p in images.iterdir()) == ["cat", "dog"]
+
+
+def test_extract_into_a_class_folder_is_refused(tmp_path):
+    from conftest import make_image_folder
+    from fastdit.data.extract import ExtractConfig, extract_latents
+
+    images = make_image_folder(tmp_path / "images", classes=("cat", "dog"), per_class=2)
+    with pytest.raises(UserError, match=r"--features-path .* is the class folder 'dog'") as info:
+        extract_latents(ExtractConfig(data_path=str(images), features_path=str(images / "dog"), vae="pixels",
+                                      image_size=16, num_workers=0, progress=False, device="cpu"))
+    one_line(info)
+    assert not (images / "dog" / "plan.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. A damaged crop in a --with-images store is found when the store is opened or verified
+# ---------------------------------------------------------------------------------------------------------
+
+
+def store_with_crops(folder: Path, damage=None):
+    """A finished 7-item store with 16-px crops (shards of 3); `damage(crops)` edits the PNG bytes first."""
+    from fastdit.data.latent_store import encode_png, finalize_store, open_for_writing, write_shard
+    from test_data_latent_store import make_plan
+
+    plan = make_plan(with_images=True)
+    generator = torch.Generator().manual_seed(0)
+    open_for_writing(folder, plan)
+    crops = [encode_png(torch.randint(0, 256, (3, 16, 16), generator=generator, dtype=torch.uint8))
+             for _ in range(plan.num_sources)]
+    if damage:
+        damage(crops)
+    for shard in range(plan.num_shards):
+        sources = list(plan.shard_sources(shard))
+        write_shard(folder, shard, mean=torch.randn(len(sources), 2, 4, 2, 2, generator=generator),
+                    std=torch.rand(len(sources), 2, 4, 2, 2, generator=generator),
+                    label=torch.tensor([s % 3 for s in sources]), source=torch.tensor(sources), skipped=[],
+                    images=[crops[s] for s in sources])
+    finalize_store(folder, plan, data_path=folder / "images")
+    return folder
+
+
+def small_crop(crops):
+    from fastdit.data.latent_store import encode_png
+
+    crops[4] = encode_png(torch.zeros(3, 8, 8, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (small_crop, "8x8 pixels (bit depth 8, colour type 2), not 16x16 8-bit RGB"),
+    (lambda crops: crops.__setitem__(4, b"not a png at all, just some bytes of another file"), "not a PNG"),
+    (lambda crops: crops.__setitem__(4, crops[4][:-30]), "cut short (no PNG end)"),
+    (lambda crops: crops.__setitem__(4, b""), "0 bytes, too short for a PNG"),
+], ids=["wrong size", "unreadable", "cut short", "empty"])
+def test_a_damaged_crop_is_refused_when_the_store_is_opened(tmp_path, damage, problem):
+    from fastdit.data import LatentStoreDataset
+
+    store = store_with_crops(tmp_path / "store", damage)
+    with pytest.raises(UserError, match="holds 1 damaged item") as info:
+        LatentStoreDataset(store, with_images=True)
+    message = one_line(info)
+    assert f"(item 4, in shard-00001.safetensors: {problem}); delete shard-00001.safetensors and rerun " \
+           f"`fastdit extract --data-path {store / 'images'} --features-path {store}" in message
+    assert message.endswith("--with-images` to encode them again from the images")
+    LatentStoreDataset(store)  # the latents alone are whole
+
+
+def test_a_crop_damaged_in_its_middle_is_skipped_and_counted_while_training_and_found_by_verify(tmp_path, capsys):
+    from fastdit.data import LatentStoreDataset
+    from fastdit.data.latent_store import verify_store
+
+    def overwrite_middle(crops):
+        middle = len(crops[4]) // 2
+        crops[4] = crops[4][:middle] + bytes(8) + crops[4][middle + 8:]
+
+    store = store_with_crops(tmp_path / "store", overwrite_middle)
+    dataset = LatentStoreDataset(store, seed=1, with_images=True)  # its header and end are whole
+    latent, label, image = dataset[4]  # item 5 stands in for it
+    expected = dataset[5]
+    assert torch.equal(latent, expected[0]) and label == expected[1] and torch.equal(image, expected[2])
+    dataset[4]
+    err = capsys.readouterr().err
+    assert err.count("warning: latent store") == 1 and "1 item(s) skipped so far" in err
+    with pytest.raises(UserError, match=r"holds 1 damaged item\(s\) \(item 4, in shard-00001.safetensors: not a "
+                                        r"readable PNG") as info:
+        verify_store(store, progress=False)
+    one_line(info)
+    assert verify_store(store_with_crops(tmp_path / "whole"), progress=False) == 7
+
+
+def test_extract_verify_names_the_damaged_shard_and_the_same_command_mends_it(tmp_path, capsys):
+    from conftest import make_image_folder
+    from fastdit.cli import main
+    from fastdit.data import LatentStoreDataset
+    from fastdit.data.latent_store import IMAGE_BYTES
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    images = make_image_folder(tmp_path / "images", classes=("cat", "dog"), per_class=2)
+    store = tmp_path / "store"
+    argv = ["extract", "--data-path", images, "--features-path", store, "--vae", "pixels", "--image-size", "16",
+            "--num-workers", "0", "--shard-size", "2", "--with-images", "--no-progress", "--device", "cpu"]
+    assert main([str(a) for a in [*argv, "--verify"]]) == 0
+    shard = store / "shard-00001.safetensors"
+    with safe_open(str(shard), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(shard))
+    tensors[IMAGE_BYTES][60:80] = 0  # inside the first crop's pixel data
+    save_file(tensors, str(shard), metadata=metadata)
+    message = cli_error([*argv, "--verify"], capsys)
+    assert "holds 1 damaged item(s) (item 2, in shard-00001.safetensors: not a readable PNG" in message
+    assert "delete shard-00001.safetensors and rerun `fastdit extract" in message
+    shard.unlink()
+    assert main([str(a) for a in [*argv, "--verify"]]) == 0
+    assert len(LatentStoreDataset(store, with_images=True)) == 4
