@@ -84,6 +84,26 @@ class NoSpaceError(UserError):
         )
 
 
+def check_free_space(folder: str | os.PathLike, needed: int, what: str, fix: str) -> None:
+    """Refuse, before the work, a job whose files cannot fit: a UserError saying `what` needs `needed`
+    bytes in `folder` (or its nearest existing ancestor), how much is free, and `fix`. A job that would
+    fill the disk after hours of sampling is told so at once."""
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return  # nothing to go by: the writes themselves report a full disk (`NoSpaceError`)
+    if needed > free:
+        raise UserError(f"{what} need about {_bytes_text(needed)} in {str(folder)!r}, but {_bytes_text(free)} are "
+                        f"free there; {fix}")
+
+
+def _bytes_text(amount: int) -> str:
+    return f"{amount / 1e9:.2f} GB" if amount >= 1e9 else f"{amount / 1e6:.1f} MB"
+
+
 # What a full disk or quota looks like: the OSError errno, or its text where a library wraps it in its
 # own exception (safetensors: "I/O error: No space left on device (os error 28)").
 _NO_SPACE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
@@ -112,8 +132,7 @@ def free_space_text(folder: str | os.PathLike) -> str:
         free = shutil.disk_usage(folder).free
     except OSError:
         return "free space unknown"
-    amount = f"{free / 1e9:.2f} GB" if free >= 1e9 else f"{free / 1e6:.1f} MB"
-    return f"{amount} free in {str(folder)!r}"
+    return f"{_bytes_text(free)} free in {str(folder)!r}"
 
 
 @contextlib.contextmanager

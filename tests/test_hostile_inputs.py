@@ -491,3 +491,70 @@ def test_extract_verify_names_the_damaged_shard_and_the_same_command_mends_it(tm
     shard.unlink()
     assert main([str(a) for a in [*argv, "--verify"]]) == 0
     assert len(LatentStoreDataset(store, with_images=True)) == 4
+
+
+def test_threads_beyond_the_usable_cores_are_refused(monkeypatch, capsys):
+    from fastdit import cpu_threads
+
+    monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 2)
+    for huge in (3, 2**40):
+        with pytest.raises(UserError, match=rf"--threads {huge} is more than the 2 cores.*pass --threads 2 or fewer"):
+            cpu_threads.configure_threads(huge)
+    message = cli_error(["ema", "--threads", "4096", "--run", "x", "--sigma-rel", "0.1"], capsys)
+    assert "--threads 4096 is more than the" in message
+
+
+def test_a_job_whose_files_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
+    import shutil
+
+    from fastdit.io import check_free_space
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**9, 10**9))
+    check_free_space(tmp_path / "not yet", 10**8, "50000 samples", "ask for fewer")
+    with pytest.raises(UserError, match=r"10000000 samples at 256 px need about 3932.16 GB in '.*/out', but 1.00 GB "
+                                        r"are free there; choose another --out or ask for fewer") as info:
+        check_free_space(tmp_path / "out", 10**7 * 256 * 256 * 3 * 2, "10000000 samples at 256 px",
+                         "choose another --out or ask for fewer")
+    one_line(info)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 11. Settings that would silently do nothing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_routing_rate_that_routes_no_token_is_refused_before_training(tmp_path):
+    from fastdit.train.loop import train
+    from test_train import tiny_config
+
+    # DiT-T/2 at 8 px: 4x4 = 16 tokens; 0.05 x 16 < 1
+    with pytest.raises(UserError, match=r"--route 0.05 routes no token of this model's 16 tokens per sample "
+                                        r"\(floor\(0.05 x 16\) = 0\), so it would change nothing; pass --route 0.063") as info:
+        train(tiny_config(tmp_path, route=0.05, route_blocks="0:1", max_steps=1))
+    one_line(info)
+    assert not any(tmp_path.rglob("*.pt")) and not any(tmp_path.rglob("config.json"))
+    assert train(tiny_config(tmp_path, route=0.0625, route_blocks="0:1", max_steps=1)).step == 1
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(meanflow_omega_max=3.0), "--meanflow-omega-max 3 sets the range of guidance scales that "
+                                   "--meanflow-guidance-input trains; pass --meanflow-guidance-input too"),
+    (dict(meanflow_guidance_input=True, meanflow_omega_max=1.0), "with --meanflow-omega-max 1 trains the one scale 1"),
+    (dict(meanflow_p=0.0, meanflow_c=0.1), "--meanflow-c 0.1 is the constant of the adaptive weight"),
+    (dict(meanflow_v_loss=True, meanflow_ratio=0.0), "--meanflow-v-loss changes the target of the samples with r != t"),
+], ids=["omega-max alone", "omega-max 1", "c with p 0", "v-loss with ratio 0"])
+def test_meanflow_options_without_the_option_they_modify_are_refused(settings, message):
+    from fastdit.objectives import build_objective
+
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
+        build_objective("meanflow", **settings)
+    one_line(info)
+
+
+@pytest.mark.parametrize("eps", [1e-50, 1e-39, 1e-9])
+def test_x_pred_epsilon_below_float32s_resolution_is_refused(eps):
+    from fastdit.objectives import build_objective
+
+    with pytest.raises(UserError, match=r"--x-pred-t-eps must be in \[1.19e-07, 1\]") as info:
+        build_objective("x-pred", x_pred_t_eps=eps)
+    one_line(info)
