@@ -558,3 +558,112 @@ def test_x_pred_epsilon_below_float32s_resolution_is_refused(eps):
     with pytest.raises(UserError, match=r"--x-pred-t-eps must be in \[1.19e-07, 1\]") as info:
         build_objective("x-pred", x_pred_t_eps=eps)
     one_line(info)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 9. A named pipe (or any non-file) where fastdit reads a file is refused, never waited on
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Watchdog:
+    """Plays the writer of `fifo` after `seconds`, so that a reader that waits on it fails the test (the
+    `released` flag) instead of hanging the suite."""
+
+    def __init__(self, fifo: Path, seconds: float = 5):
+        import threading
+
+        self.fifo, self.seconds, self.released, self.done = fifo, seconds, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        if self.done.wait(self.seconds):
+            return
+        while not self.done.is_set():
+            try:
+                os.close(os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK))
+                self.released.append(True)
+            except OSError:
+                pass
+            self.done.wait(0.1)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        assert not self.released, f"{self.fifo} was waited on"
+
+
+def make_fifo(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.unlink()
+    os.mkfifo(path)
+    return path
+
+
+fifos = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+
+
+@fifos
+def test_a_named_pipe_as_a_snapshot_is_refused(run_copy, capsys):
+    fifo = make_fifo(run_copy / "posthoc_ema" / "0000004-sigma0.1.safetensors")
+    with Watchdog(fifo):
+        message = cli_error(["ema", "--run", run_copy, "--sigma-rel", "0.07"], capsys)
+    assert "is not a regular file (a named pipe, socket or device" in message
+
+
+@fifos
+def test_a_named_pipe_as_a_checkpoint_or_an_encoder_is_refused(tmp_path, capsys):
+    fifo = make_fifo(tmp_path / "model.safetensors")
+    with Watchdog(fifo):
+        message = cli_error(["sample", "--ckpt", fifo, "--out", tmp_path / "x.png"], capsys)
+        assert f"checkpoint {str(fifo)!r} is not a regular file" in message
+        with pytest.raises(UserError, match="encoder file .* is not a regular file"):
+            load_encoder(str(make_fifo(tmp_path / "encoder.pt")))
+        weights = make_fifo(tmp_path / "dinov2" / "weights.safetensors")
+        (weights.parent / "config.json").write_text("{}")
+        with pytest.raises(UserError, match="is not a regular file"):
+            load_encoder(f"dinov2-vitb14={weights}")
+
+
+@fifos
+def test_a_named_pipe_as_a_store_shard_or_record_is_refused(tmp_path):
+    from fastdit.data import LatentStore
+
+    store = store_with_crops(tmp_path / "store")
+    shard = make_fifo(store / "shard-00001.safetensors")
+    with Watchdog(shard), pytest.raises(UserError, match="shard .*shard-00001.safetensors' is not a regular file"):
+        LatentStore(store)
+    meta = make_fifo(store / "meta.json")
+    with Watchdog(meta), pytest.raises(UserError, match="latent store record .*meta.json' is not a regular file"):
+        LatentStore(store)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. Damaged or foreign files
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["folder", "pipe"])
+def test_a_data_record_that_is_no_file_is_refused_not_replaced(tmp_path, kind):
+    from fastdit.train.data_record import DATA_RECORD
+    from fastdit.train.loop import train
+    from test_train import tiny_config
+
+    config = tiny_config(tmp_path, max_steps=2, ckpt_every=2)
+    run_dir = train(config).run_dir
+    record = run_dir / DATA_RECORD
+    record.unlink()
+    if kind == "folder":
+        record.mkdir()
+        (record / "mine.txt").write_text("kept")
+    else:
+        make_fifo(record)
+    with Watchdog(record):
+        with pytest.raises(UserError, match=r"data record .*data.json' is (a folder|not a regular file).*remove it") as info:
+            train(tiny_config(tmp_path, max_steps=4, ckpt_every=2))
+    one_line(info)
+    assert kind == "pipe" or (record / "mine.txt").read_text() == "kept"
