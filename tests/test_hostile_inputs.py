@@ -667,3 +667,83 @@ def test_a_data_record_that_is_no_file_is_refused_not_replaced(tmp_path, kind):
             train(tiny_config(tmp_path, max_steps=4, ckpt_every=2))
     one_line(info)
     assert kind == "pipe" or (record / "mine.txt").read_text() == "kept"
+
+
+@pytest.mark.parametrize("recipe, field", [
+    ({"num_steps": "many"}, "num_steps = \"many\""),
+    ({"guidance_interval": 5}, "guidance_interval = 5"),
+    ({"cfg_scale": True}, "cfg_scale = true"),
+    ({"guided_channels": [1, 2]}, "guided_channels = [1, 2]"),
+], ids=["steps", "interval", "cfg", "channels"])
+def test_a_malformed_sampling_recipe_in_a_model_record_is_one_line(tmp_path, capsys, recipe, field):
+    from fastdit.checkpoint import export_weights
+    from fastdit.model_info import LatentInfo, ModelInfo
+    from fastdit.models import build_model
+
+    model = build_model("DiT-T/4", input_size=16, num_classes=10)
+    info = ModelInfo(config=model.config, latent=LatentInfo(kind="pixels", vae=None, scale_factor=1.0), sampling=recipe)
+    path = export_weights(model, info, tmp_path / "tiny.safetensors")
+    message = cli_error(["sample", "--ckpt", path, "--out", tmp_path / "x.png", "--no-progress"], capsys)
+    assert f"the checkpoint's sampling recipe has {field}, which is no value of --" in message
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_crafted_settings_entry_is_read_before_the_feature_pass(tmp_path, capsys):
+    import io
+    import zipfile
+
+    import numpy as np
+
+    from fastdit.cli import evaluate, main
+
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, np.zeros((4, 8, 8, 3), np.uint8))
+    crafted = json.dumps({"recipe": {"preset": ["dit-xl2-256"], "overridden": 3}}).encode()
+    buffer = io.BytesIO()
+    np.save(buffer, np.frombuffer(crafted, np.uint8))
+    with zipfile.ZipFile(samples, "a") as archive:
+        archive.writestr("fastdit_settings.npy", buffer.getvalue())
+    # Before the features: the warning comes first, then the missing Inception weights (the test cache is
+    # empty and offline) end the run where the feature pass would start.
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(samples), str(samples)])
+    err = capsys.readouterr().err
+    assert "records fastdit settings that do not parse (its preset is not a name)" in err
+    assert err.index("warning:") < err.index("error:")
+    assert evaluate.published_line(samples, {"fid": 1.0}) is None
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("section, content, message", [
+    ("alignment", {}, "the checkpoint's REPA section \\(alignment\\) is malformed"),
+    ("alignment", {"projector": {}, "optimizer": {}}, "the checkpoint's REPA projector does not fit"),
+], ids=["empty", "no weights"])
+def test_a_checkpoint_with_a_malformed_extension_section_is_one_line(tmp_path, section, content, message):
+    from fastdit.train.loop import train
+    from test_train import tiny_config
+
+    fields = dict(repa=digit_encoder(tmp_path / "encoder.ts", seed=1), repa_depth=1, repa_projector_dim=32,
+                  ckpt_every=2)
+    run = train(tiny_config(tmp_path / "runs", max_steps=2, **fields)).run_dir
+    checkpoint = run / "checkpoints" / "0000002.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    state[section] = content
+    torch.save(state, checkpoint)
+    with pytest.raises(UserError, match=message) as info:
+        train(tiny_config(tmp_path / "runs", max_steps=4, **fields))
+    one_line(info)
+
+
+def test_a_checkpoint_with_malformed_posthoc_averages_is_one_line(tmp_path):
+    from fastdit.train.loop import train
+    from test_train import tiny_config
+
+    fields = dict(posthoc_ema=True, posthoc_every=2, ckpt_every=2)
+    run = train(tiny_config(tmp_path, max_steps=2, **fields)).run_dir
+    checkpoint = run / "checkpoints" / "0000002.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    state["posthoc_ema"][1] = {"pos_embed": torch.zeros(3)}
+    torch.save(state, checkpoint)
+    with pytest.raises(UserError, match="the checkpoint's post-hoc EMAs do not fit the model") as info:
+        train(tiny_config(tmp_path, max_steps=4, **fields))
+    one_line(info)

@@ -15,8 +15,10 @@ remembers which layer set each field, for the job's first line ("settings: prese
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
+from ..errors import UserError
 from .options import OFFICIAL_CFG_SCALE, OPTIONS, RECIPE_OPTIONS, SamplingOptions
 
 # The fields that say how one image is sampled: what a checkpoint may record (`fastdit.sampling.options`).
@@ -145,9 +147,30 @@ def checkpoint_source(recorded: dict | None) -> RecipeSource | None:
     if not recorded:
         return None
     values = {name: recorded[name] for name in SAMPLING_FIELDS if name in recorded}
+    for name, value in values.items():
+        if not _fits_kind(OPTIONS[name], value):
+            raise UserError(f"the checkpoint's sampling recipe has {name} = {json.dumps(value, default=str)[:40]}, "
+                            f"which is no value of {OPTIONS[name].flag}: the file is damaged or its record was edited; "
+                            f"export the model again")
     if values.get("guidance_interval") is not None:
         values["guidance_interval"] = tuple(values["guidance_interval"])
     return RecipeSource("the checkpoint's recipe", values) if values else None
+
+
+def _fits_kind(option, value) -> bool:
+    """Whether a recorded `value` has the type of `option`'s values (its range is the options' own check)."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if option.kind == "choice":
+        return value is None or isinstance(value, str)
+    if option.kind == "int":
+        return type(value) is int
+    if option.kind == "float":
+        return number(value)
+    if option.kind == "switch":
+        return value is None or value == option.switch and type(value) is type(option.switch)
+    return value is None or (isinstance(value, (list, tuple)) and len(value) == 2 and all(map(number, value)))
 
 
 def recorded_options(info, defaults: dict | None = None) -> SamplingOptions:

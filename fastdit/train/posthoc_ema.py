@@ -67,9 +67,22 @@ class PowerEMAs:
         return [get_model_state_dict(ema, options=options) for ema in self.modules]
 
     def load_state_dict(self, states: list[dict], options: StateDictOptions) -> None:
+        from ..state_dicts import describe_mismatch
+
+        if not isinstance(states, list) or not all(isinstance(state, dict) for state in states):
+            raise UserError("the checkpoint's post-hoc EMA section (posthoc_ema) is not a list of weights; restore "
+                            "the checkpoint, or pass another --run-name")
         if len(states) != len(self.modules):
             raise UserError(f"the checkpoint holds {len(states)} post-hoc EMAs, this run keeps {len(self.modules)}")
         for ema, state in zip(self.modules, states):
+            # Empty on the processes that get the weights broadcast from rank 0; checked where they are.
+            if not all(isinstance(value, torch.Tensor) for value in state.values()):
+                raise UserError("the checkpoint's post-hoc EMAs hold entries that are not weights; restore the "
+                                "checkpoint, or pass another --run-name")
+            problem = state and describe_mismatch(ema.state_dict(), state)
+            if problem:
+                raise UserError(f"the checkpoint's post-hoc EMAs do not fit the model ({problem}); restore the "
+                                f"checkpoint, or pass another --run-name")
             set_model_state_dict(ema, state, options=options)
 
 

@@ -185,13 +185,22 @@ class RepresentationAlignment(TrainExtension):
 
     def load_state_dict(self, state, options):
         state = broadcast_from_rank0(state, options)  # small: the projector and its AdamW moments
+        if not (isinstance(state, dict) and isinstance(state.get("projector"), dict)
+                and isinstance(state.get("optimizer"), dict) and isinstance(state.get("encoder", {}), dict)
+                and all(isinstance(v, torch.Tensor) for v in state["projector"].values())):
+            raise UserError("the checkpoint's REPA section (alignment) is malformed (no projector weights and "
+                            "optimizer state); restore the checkpoint, or pass another --run-name")
         self.refuse_other_encoder(state.get("encoder"))
         problem = describe_mismatch(self.projector.state_dict(), state["projector"])
         if problem:  # a checkpoint from before the encoder was recorded, of another width
             raise UserError(f"the checkpoint's REPA projector does not fit encoder {self.encoder_name} ({problem}); "
                             "resume with the encoder the run was trained with, or pass another --run-name")
         self.projector.load_state_dict(state["projector"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise UserError(f"the checkpoint's REPA optimizer state does not fit the projector ({type(err).__name__}: "
+                            f"{str(err)[:120]}); restore the checkpoint, or pass another --run-name") from None
 
     def refuse_other_encoder(self, recorded: dict | None) -> None:
         """A resumed run aligns with the encoder it was trained against: targets of other weights, even of
