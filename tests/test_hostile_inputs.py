@@ -747,3 +747,88 @@ def test_a_checkpoint_with_malformed_posthoc_averages_is_one_line(tmp_path):
     with pytest.raises(UserError, match="the checkpoint's post-hoc EMAs do not fit the model") as info:
         train(tiny_config(tmp_path, max_steps=4, **fields))
     one_line(info)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 10. dopri5 on a model that outputs NaN ends in fastdit's non-finite message, not torchdiffeq's assertion
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_dopri5_on_a_nan_velocity_reaches_fastdits_non_finite_message():
+    pytest.importorskip("torchdiffeq")
+    from fastdit.sampling.flow import ode_dopri5
+    from fastdit.sampling.generate import check_finite
+
+    def velocity(x, t, **_):
+        return torch.where(t.view(-1, 1) > 0.5, torch.full_like(x, float("nan")), -x)
+
+    x = torch.ones(3, 4)
+    result = ode_dopri5(velocity, x, torch.linspace(0, 1, 3, dtype=torch.float64))
+    assert result.shape == x.shape and torch.isnan(result).all()
+    with pytest.raises(UserError, match=r"sampling gave non-finite latents \(NaN or inf\) for 3 of 3 image\(s\)"):
+        check_finite(result, "latents", range(3))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 12. The app: what a page sends is a one-line message, never "unexpected ..."
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("choice", ["²", "١٢", "99999999999999999999999 x", "10000001"])
+def test_app_classes_that_are_no_class_are_one_line(choice):
+    pytest.importorskip("gradio")
+    from fastdit.app.classes import label_of
+    from fastdit.app.page import error_message
+
+    with pytest.raises(UserError, match="is not one of the model's classes; pick one from the list") as info:
+        label_of(choice)
+    assert not error_message(info.value).startswith("**Error:** unexpected")
+    assert label_of("207 golden retriever") == 207
+
+
+@pytest.mark.parametrize("path", ["a" * 5000 + ".pt", "/tmp/" + "b" * 300 + ".safetensors", "~nobody-here-x/m.pt",
+                                  "x\0y.pt"], ids=["longer than a path", "longer than a name", "no such home", "NUL"])
+def test_app_checkpoint_paths_the_file_system_refuses_are_one_line(path):
+    from fastdit.app.models import readable_checkpoint
+
+    with pytest.raises(UserError, match="no readable checkpoint at .*; check the Checkpoint field") as info:
+        readable_checkpoint(path)
+    assert len(str(info.value)) < 400
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 13. Presets: one that cannot sample the default model refuses before any download; overrides recorded
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--preset", "repa-sde-250"], "preset repa-sde-250 samples flow models you trained, but without --ckpt the "
+                                   "official DiT-XL/2 weights would be sampled, a ddpm model; pass --ckpt with a flow "
+                                   "model"),
+    (["--preset", "sit-xl2-sde", "--model", "DiT-XL/2"], "preset sit-xl2-sde samples flow models, but without --ckpt "
+                                                         "the official DiT-XL/2 weights would be sampled, a ddpm model; "
+                                                         "pass --ckpt with a flow model, or --model SiT-XL/2"),
+], ids=["repa", "sit with --model DiT"])
+def test_a_preset_that_cannot_sample_the_official_weights_refuses_before_downloading(tmp_path, capsys, monkeypatch,
+                                                                                      flags, message):
+    from fastdit import checkpoint, hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was started")
+
+    monkeypatch.setattr(hub, "download", no_download)
+    monkeypatch.setattr(checkpoint, "download", no_download)
+    line = cli_error(["sample", *flags, "--out", tmp_path / "x.png"], capsys)
+    assert message in line
+
+
+def test_a_flag_that_replaces_a_preset_field_is_recorded_as_an_override():
+    from fastdit.sampling.presets import get_preset
+    from fastdit.sampling.recipe import resolve
+
+    resolved = resolve({}, get_preset("dit-xl2-256").as_source(), {"num_samples": 4})
+    resolved.note_override("label_sampling", "--class-labels", [1, 2, 3])
+    assert resolved["label_sampling"] == "random"  # the job reads given labels; the value stays
+    assert resolved.to_dict()["overridden"]["label_sampling"] == {"flag": "--class-labels", "was": "random",
+                                                                   "now": [1, 2, 3]}
+    assert "--class-labels overrode label_sampling (random -> [1, 2, 3])" in resolved.describe()

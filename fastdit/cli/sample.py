@@ -7,6 +7,7 @@ import json
 
 from ..errors import UserError
 from ..sampling.generate import GENERATE_BATCH_SIZE
+from ..sampling.presets import check_fits_official_weights
 from ..sampling.recipe import SAMPLING_FIELDS
 from .common import (
     OFFICIAL_CLASS_LABELS,
@@ -47,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_file(args.out, (".png",))
     # A picture: the sample count and label sampling of a preset do not apply (--class-labels does).
     plan = RecipePlan(args, fields=PICTURE_FIELDS)
+    if args.ckpt is None:  # official weights: the preset must fit them, before they are downloaded
+        check_fits_official_weights(plan.preset, plan.model_name)
     for flag, value in (("--nrow", args.nrow), ("--batch-size", args.batch_size)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")

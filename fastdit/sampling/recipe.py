@@ -69,6 +69,16 @@ class ResolvedRecipe:
     def preset(self) -> str | None:
         return self.source.preset if self.source else None
 
+    def note_override(self, name: str, flag: str, value) -> None:
+        """Record that `flag` (set to `value`) overrides the source's field `name` without being that
+        field's own flag: `--class-labels` replaces a preset's label sampling ("random") with given labels.
+        The value stays (the job reads it where no flag replaces it); the record, the first line and
+        `fastdit evaluate`'s comparison with the published figure name the change."""
+        if name not in RECIPE_FIELDS:
+            raise ValueError(f"unknown recipe field {name!r}; known: {', '.join(RECIPE_FIELDS)}")
+        if self.source is not None and name in self.source.values:
+            self.overridden[name] = (flag, self.source.values[name], value)
+
     def options(self, **others) -> SamplingOptions:
         """The `SamplingOptions` of this recipe; `others` are the options a recipe does not hold (eta, precision)."""
         values = {name: self.values[name] for name in SAMPLING_FIELDS}
