@@ -37,7 +37,15 @@ What `load_encoder` accepts (`spec`):
   <file.pt> or <file.ts>         a TorchScript module (torch.jit.save) whose forward maps
                                  normalised images (N, 3, R, R) to tokens (N, P + T, D), P being an
                                  int attribute `num_prefix_tokens` (0 when absent; the class token,
-                                 which FD-DINOv2 reads, is token 0)
+                                 which FD-DINOv2 reads, is token 0); a path with "=" in it is read
+                                 as a path when it names a file or no encoder comes before the "="
+
+Every encoder is probed once when it is built (`FrozenEncoder`): a blank batch of 1 and of 2 images at
+its input side (at most MAX_RESOLUTION px) must give floating-point tokens (N, T, D) of one shape,
+finite, at most MAX_WIDTH wide; every later output is held to that shape. Weights must be floating
+point (an integer tensor in a safetensors file is refused rather than cast). `FrozenEncoder.identity`
+(name, sha256 of the files, resolution, tokens, width) is what REPA records to refuse another encoder
+on resume.
 
 Named and `hf:` encoders are fetched once by `fastdit.hub.download` into `<cache>/encoders/<owner>--<repo>/`
 (progress bar, `.part` file renamed when complete, one line naming the file, the address and where to
