@@ -180,7 +180,8 @@ class FrozenEncoder(nn.Module):
         self.resolution = int(resolution)
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.name = name
-        self.content_hash = ""  # sha256 of the files it was built from (`load_encoder` sets it)
+        self.files: tuple[Path, ...] = ()  # the files it was built from (`load_encoder` sets them)
+        self._content_hash = None
         tensors = [*backbone.parameters(), *backbone.buffers()]
         device = tensors[0].device if tensors else torch.device("cpu")
         floats = [t.dtype for t in tensors if t.is_floating_point()]
@@ -233,6 +234,22 @@ class FrozenEncoder(nn.Module):
                 f"{name} returns {self.num_tokens} patch tokens at resolution {self.resolution}, not a square grid; "
                 "REPA aligns square token grids: use an encoder (or resolution) whose patch grid is square"
             )
+
+    @property
+    def content_hash(self) -> str:
+        """The sha256 of the files it was built from, one after the other ("" when built from a module):
+        computed on first use, since only REPA's record needs it (a DINOv2-g is 4.5 GB to read)."""
+        if self._content_hash is None:
+            import hashlib
+
+            digest = hashlib.sha256()
+            for path in self.files:
+                digest.update(f"{path.stat().st_size}\n".encode())  # where one file ends and the next begins
+                with open(path, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+            self._content_hash = digest.hexdigest() if self.files else ""
+        return self._content_hash
 
     @property
     def identity(self) -> dict:
@@ -408,16 +425,8 @@ def load_encoder(
 
 
 def _with_hash(encoder: FrozenEncoder, *files: Path) -> FrozenEncoder:
-    """`encoder` with `content_hash` set: the sha256 of `files`' bytes (links followed), one after the other."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    encoder.content_hash = digest.hexdigest()
+    """`encoder` with the files it was built from (links followed), whose bytes are its `content_hash`."""
+    encoder.files = tuple(Path(os.path.realpath(path)) for path in files)
     return encoder
 
 
