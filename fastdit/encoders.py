@@ -740,7 +740,7 @@ def _torchscript_encoder(path: Path, device, resolution: int | None) -> FrozenEn
     resolution = resolution or recorded or TORCHSCRIPT_RESOLUTION
     prefix = getattr(module, "num_prefix_tokens", 0)
     if isinstance(prefix, bool) or not isinstance(prefix, int) or not 0 <= prefix <= 4096:
-        raise UserError(f"{str(path)!r} has num_prefix_tokens = {prefix!r}; it must be an int from 0 to 4096")
+        raise UserError(f"{str(path)!r} has num_prefix_tokens = {prefix!r}; it must be an int >= 0 (at most 4096)")
     # A scripted module runs its weights as they are: an integer one (a quantised copy) would meet float
     # images in the probe, or compute other numbers; refused as in safetensors files.
     for key, tensor in module.named_parameters():
