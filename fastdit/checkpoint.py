@@ -24,7 +24,7 @@ import torch
 from .errors import DownloadError, FetchError, UserError, template_text
 from . import hub
 from .hub import OFFICIAL_CHECKPOINTS, download, official_objective
-from .io import atomic_path
+from .io import atomic_path, check_regular_file
 from .latents import OFFICIAL_VAES, PIXEL_SPACE_NAMES, latent_side
 from .state_dicts import check_weight_values, describe_mismatch
 from .model_info import LatentInfo, ModelInfo, parse_recorded_json
@@ -60,6 +60,7 @@ def read_checkpoint(path: str | os.PathLike, use_ema: bool = True) -> tuple[dict
         raise UserError(f"checkpoint {str(path)!r} does not exist; check the path (or pass an official name such as DiT-XL-2-256x256.pt)")
     if path.is_dir():
         raise UserError(f"checkpoint {str(path)!r} is a folder; pass a .pt or .safetensors file")
+    check_regular_file(path, "checkpoint")  # a named pipe would block the read below forever
     if path.suffix == ".safetensors" or _is_safetensors(path):
         return _read_safetensors(path)
     try:

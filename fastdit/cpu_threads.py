@@ -15,7 +15,6 @@ import math
 import os
 import sys
 import time
-import warnings
 
 import torch
 
@@ -86,6 +85,11 @@ def configure_threads(requested: int | None) -> None:
     global _configured
     if requested is not None and requested < 1:
         raise UserError(f"--threads must be >= 1, got {requested}")
+    if requested is not None and requested > usable_cores():
+        # More threads than cores spin at every parallel region's barrier (the module docstring): a step
+        # runs many times slower, and a huge count overflows OpenMP's or allocates a stack per thread.
+        raise UserError(f"--threads {requested} is more than the {usable_cores()} cores this process may use, which "
+                        f"only slows every step; pass --threads {usable_cores()} or fewer")
     if _configured:
         return
     _configured = True
@@ -98,5 +102,3 @@ def configure_threads(requested: int | None) -> None:
     if requested is None and threads < usable:
         print(f"fastdit: the machine is busy ({why}); running on {threads} thread{'s' * (threads > 1)} "
               f"(--threads N to choose)", file=sys.stderr, flush=True)
-    elif requested is not None and threads > usable:
-        warnings.warn(f"--threads {threads} is more than the {usable} cores this process may use", stacklevel=2)

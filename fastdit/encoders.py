@@ -37,7 +37,15 @@ What `load_encoder` accepts (`spec`):
   <file.pt> or <file.ts>         a TorchScript module (torch.jit.save) whose forward maps
                                  normalised images (N, 3, R, R) to tokens (N, P + T, D), P being an
                                  int attribute `num_prefix_tokens` (0 when absent; the class token,
-                                 which FD-DINOv2 reads, is token 0)
+                                 which FD-DINOv2 reads, is token 0); a path with "=" in it is read
+                                 as a path when it names a file or no encoder comes before the "="
+
+Every encoder is probed once when it is built (`FrozenEncoder`): a blank batch of 1 and of 2 images at
+its input side (at most MAX_RESOLUTION px) must give floating-point tokens (N, T, D) of one shape,
+finite, at most MAX_WIDTH wide; every later output is held to that shape. Weights must be floating
+point (an integer tensor in a safetensors file is refused rather than cast). `FrozenEncoder.identity`
+(name, sha256 of the files, resolution, tokens, width) is what REPA records to refuse another encoder
+on resume.
 
 Named and `hf:` encoders are fetched once by `fastdit.hub.download` into `<cache>/encoders/<owner>--<repo>/`
 (progress bar, `.part` file renamed when complete, one line naming the file, the address and where to
@@ -83,6 +91,12 @@ WEIGHTS_FILE = "model.safetensors"
 CACHE_SUBDIR = "encoders"
 TORCHSCRIPT_SUFFIXES = (".pt", ".ts")
 TORCHSCRIPT_RESOLUTION = 224  # the input side of a TorchScript encoder unless `resolution` says otherwise
+# Bounds on what an encoder may ask for: the probe runs one forward at the input side before anything
+# else, so a file that claims a 100000-px input (120 GB of pixels) must be refused before it. The metrics
+# and REPA use 224 to 518 px (DINOv2's native side, 448 for REPA at 512 px) and widths up to 4096 (DINOv3 7B).
+MAX_RESOLUTION = 1024
+MAX_WIDTH = 16384
+PROBE_BATCH = 2  # images in the probe: a backbone whose output does not follow the batch is refused
 
 
 @dataclass(frozen=True)
@@ -161,12 +175,13 @@ class FrozenEncoder(nn.Module):
         name: str = "encoder",
     ):
         super().__init__()
-        if resolution < 1:
-            raise UserError(f"encoder resolution must be >= 1, got {resolution}")
+        check_resolution(resolution, name)
         self.backbone = backbone
         self.resolution = int(resolution)
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.name = name
+        self.files: tuple[Path, ...] = ()  # the files it was built from (`load_encoder` sets them)
+        self._content_hash = None
         tensors = [*backbone.parameters(), *backbone.buffers()]
         device = tensors[0].device if tensors else torch.device("cpu")
         floats = [t.dtype for t in tensors if t.is_floating_point()]
@@ -176,14 +191,41 @@ class FrozenEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(std, device=device).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
-        # One forward of a blank image tells the token count and width, whatever the backbone is.
-        with torch.no_grad():
-            probe = self._tokens(torch.zeros(1, 3, self.resolution, self.resolution, device=device, dtype=self._dtype))
-        if probe.ndim != 3 or probe.shape[1] < 1:
+        self.num_tokens = self.dim = None  # `_tokens` checks every output against the probe's once set
+        # Forwards of a blank batch tell the token count and width, whatever the backbone is; a batch of
+        # one and one of PROBE_BATCH, so that an output that does not follow the batch is refused here,
+        # before training starts, rather than at some step.
+        probes = []
+        for batch in (1, PROBE_BATCH):
+            blank = torch.zeros(batch, 3, self.resolution, self.resolution, device=device, dtype=self._dtype)
+            try:
+                with torch.no_grad():
+                    probes.append(self._tokens(blank))
+            except UserError:
+                raise
+            except Exception as err:  # noqa: BLE001 - whatever a foreign module raises: say what it was given
+                # the last line: TorchScript puts its own traceback before the error itself
+                lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
+                reason = lines[-1][:300]
+                raise UserError(
+                    f"{name} fails on a blank batch of shape {tuple(blank.shape)} ({type(err).__name__}: {reason}); "
+                    "an encoder maps normalised RGB images (N, 3, R, R) at its resolution R to tokens (N, T, D)"
+                ) from None
+        probe = probes[-1]
+        if probes[0].shape[1:] != probe.shape[1:]:
             raise UserError(
-                f"{name} returns shape {tuple(probe.shape)} after dropping {num_prefix_tokens} prefix tokens; "
-                "an encoder must return patch tokens (N, T, D)"
+                f"{name} returns tokens of shape {tuple(probes[0].shape)} for 1 image and {tuple(probe.shape)} for "
+                f"{PROBE_BATCH}; an encoder's tokens (N, T, D) must not depend on the batch"
             )
+        if probe.shape[1] < 1:
+            raise UserError(f"{name} returns no patch tokens after dropping {num_prefix_tokens} prefix tokens "
+                            f"(shape {tuple(probe.shape)}); an encoder must return patch tokens (N, T, D)")
+        if not 1 <= probe.shape[2] <= MAX_WIDTH:
+            raise UserError(f"{name} returns tokens {probe.shape[2]} wide; fastdit takes encoder widths 1 to "
+                            f"{MAX_WIDTH} (DINOv2-g: 1536)")
+        if not torch.isfinite(probe).all():
+            raise UserError(f"{name} returns non-finite tokens for a blank image; its weights are damaged or it "
+                            "was saved wrongly: use another copy")
         self.num_tokens = int(probe.shape[1])
         self.dim = int(probe.shape[2])
         self.grid = math.isqrt(self.num_tokens)
@@ -192,6 +234,29 @@ class FrozenEncoder(nn.Module):
                 f"{name} returns {self.num_tokens} patch tokens at resolution {self.resolution}, not a square grid; "
                 "REPA aligns square token grids: use an encoder (or resolution) whose patch grid is square"
             )
+
+    @property
+    def content_hash(self) -> str:
+        """The sha256 of the files it was built from, one after the other ("" when built from a module):
+        computed on first use, since only REPA's record needs it (a DINOv2-g is 4.5 GB to read)."""
+        if self._content_hash is None:
+            import hashlib
+
+            digest = hashlib.sha256()
+            for path in self.files:
+                digest.update(f"{path.stat().st_size}\n".encode())  # where one file ends and the next begins
+                with open(path, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+            self._content_hash = digest.hexdigest() if self.files else ""
+        return self._content_hash
+
+    @property
+    def identity(self) -> dict:
+        """What tells this encoder from another: its name, the hash of its files, and what it returns
+        (REPA records it in its checkpoints and refuses to resume with another)."""
+        return {"name": self.name, "sha256": self.content_hash, "resolution": self.resolution,
+                "tokens": self.num_tokens, "dim": self.dim}
 
     def train(self, mode: bool = True) -> "FrozenEncoder":
         # Frozen means frozen: a parent's .train() must not switch on dropout or drop-path in here.
@@ -232,10 +297,27 @@ class FrozenEncoder(nn.Module):
         return pooled(x.to(self._dtype), kind)
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's patch tokens (N, T, D), checked: the one place every output passes through."""
         features = self.backbone(x)
+        if not isinstance(features, torch.Tensor) or not features.is_floating_point():
+            what = (f"{str(features.dtype).replace('torch.', '')} tensor" if isinstance(features, torch.Tensor)
+                    else type(features).__name__)
+            raise UserError(f"{self.name} returns a {what}; an encoder returns floating-point tokens (N, T, D) "
+                            "or a feature map (N, D, h, w)")
         if features.ndim == 4:  # a convolutional feature map (N, D, h, w): its pixels are the tokens
             features = features.flatten(2).transpose(1, 2)
-        return features[:, self.num_prefix_tokens :]
+        if features.ndim != 3 or features.shape[0] != x.shape[0]:
+            raise UserError(
+                f"{self.name} returns shape {tuple(features.shape)} for {x.shape[0]} image(s); an encoder must "
+                "return tokens (N, T, D), one row per image"
+            )
+        features = features[:, self.num_prefix_tokens :]
+        if self.num_tokens is not None and features.shape[1:] != (self.num_tokens, self.dim):
+            raise UserError(
+                f"{self.name} returned {features.shape[1]} tokens {features.shape[2]} wide, but {self.num_tokens} "
+                f"{self.dim} wide when it was loaded; an encoder's tokens must not change from call to call"
+            )
+        return features
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -244,6 +326,13 @@ class FrozenEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, resolution={self.resolution}, tokens={self.grid}x{self.grid}, dim={self.dim}"
+
+
+def check_resolution(resolution, name: str = "the encoder") -> None:
+    """An encoder's input side: an int from 1 to MAX_RESOLUTION (the probe allocates a batch of it)."""
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or not 1 <= resolution <= MAX_RESOLUTION:
+        raise UserError(f"{name}: encoder resolution {resolution!r} is not an int from 1 to {MAX_RESOLUTION} px; "
+                        "DINOv2 takes 224 (448 for REPA at 512 px)")
 
 
 def encoder_input(images: torch.Tensor, resolution: int, mean: torch.Tensor, std: torch.Tensor,
@@ -307,24 +396,38 @@ def load_encoder(
     the cache are downloaded first (see the module docstring).
     """
     spec = str(spec).strip()
-    if resolution is not None and int(resolution) < 1:
-        raise UserError(f"encoder resolution must be >= 1, got {resolution}")
+    if resolution is not None:
+        check_resolution(resolution, spec)
     name, has_file, file = spec.partition("=")
     name = name.strip()
-    if has_file:
+    # A TorchScript file is a path, and a path may hold "=" (run=3/encoder.pt): one that names a file, or
+    # whose part before the first "=" names no encoder, is read as a path.
+    torchscript = Path(spec).suffix in TORCHSCRIPT_SUFFIXES
+    if has_file and not (torchscript and (Path(spec).expanduser().is_file()
+                                          or (name not in ENCODERS and not _is_hf_spec(name)))):
         if name not in ENCODERS and not _is_hf_spec(name):
             raise UserError(f"unknown encoder {name!r}; {_CHOICES}")
         folder = _local_files(name, file, spec, progress)
-        return _transformers_encoder(name, folder, device, resolution)
+        return _with_hash(_transformers_encoder(name, folder, device, resolution), folder / CONFIG_FILE,
+                          folder / WEIGHTS_FILE)
     if spec in ENCODERS or _is_hf_spec(spec):
-        return _transformers_encoder(spec, _hub_files(spec, progress), device, resolution)
-    if Path(spec).suffix in TORCHSCRIPT_SUFFIXES:
-        return _torchscript_encoder(_existing(spec, spec), device, resolution)
+        folder = _hub_files(spec, progress)
+        return _with_hash(_transformers_encoder(spec, folder, device, resolution), folder / CONFIG_FILE,
+                          folder / WEIGHTS_FILE)
+    if torchscript:
+        path = _existing(spec, spec)
+        return _with_hash(_torchscript_encoder(path, device, resolution), path)
     if Path(spec).suffix == ".safetensors":
         raise UserError(
             f"{spec!r} holds weights but no architecture; pass it as NAME={spec}, e.g. {DEFAULT_ENCODER}={spec}"
         )
     raise UserError(f"unknown encoder {spec!r}; {_CHOICES}")
+
+
+def _with_hash(encoder: FrozenEncoder, *files: Path) -> FrozenEncoder:
+    """`encoder` with the files it was built from (links followed), whose bytes are its `content_hash`."""
+    encoder.files = tuple(Path(os.path.realpath(path)) for path in files)
+    return encoder
 
 
 def _is_hf_spec(spec: str) -> bool:
@@ -336,11 +439,13 @@ def _repo_of(name: str) -> str:
     return ENCODERS[name].repo if name in ENCODERS else name[len("hf:"):]
 
 
-def _existing(path: str, spec: str, *, folder: bool = False) -> Path:
+def _existing(path: str, spec: str) -> Path:
+    from .io import check_regular_file
+
     resolved = Path(path.strip()).expanduser()
-    if not (resolved.is_dir() if folder else resolved.is_file()):
+    if not resolved.exists():
         raise UserError(f"encoder file not found: {str(resolved)!r} (from {spec!r}); check the path")
-    return resolved
+    return check_regular_file(resolved, "encoder file")
 
 
 def _cache_folder(repo: str) -> str:
@@ -495,17 +600,35 @@ def _quiet(transformers):
             logging.enable_progress_bar()
 
 
+# Integer tensors a vision model may hold (index tables, counters), which are no weights.
+_INDEX_TENSORS = ("position_ids", "num_batches_tracked")
+
+
 def _check_safetensors(path: Path, name: str) -> None:
+    """A readable safetensors file whose weights are floating point: transformers casts whatever the file
+    holds to the model's float32, so integer weights (a quantised or converted file) would load silently
+    as other numbers (`fastdit.state_dicts.check_weight_values` refuses them in checkpoints alike)."""
     from safetensors import SafetensorError, safe_open
 
+    from .io import check_regular_file
+
+    check_regular_file(path, f"the weights of {name}")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            handle.keys()
+            dtypes = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(
             f"cannot read {str(path)!r} as safetensors for {name} ({err}); delete it to download it again, "
             "or pass a complete file"
         ) from None
+    floats = ("F16", "BF16", "F32", "F64")
+    wrong = sorted(key for key, dtype in dtypes.items() if dtype not in floats and not key.endswith(_INDEX_TENSORS))
+    if wrong:
+        raise UserError(
+            f"{str(path)!r} holds {dtypes[wrong[0]]} values in {wrong[0]!r}"
+            + (f" and {len(wrong) - 1} more tensor(s)" if len(wrong) > 1 else "")
+            + f"; {name}'s weights are floating point: pass the original (unquantised) weights"
+        )
 
 
 def _native_side(config, model_type: str) -> int:
@@ -612,10 +735,18 @@ def _torchscript_encoder(path: Path, device, resolution: int | None) -> FrozenEn
     # encoder does: 8 px); else 224, DINOv2's at 256 px. Likewise `num_prefix_tokens`: the class and
     # register tokens in front of the patch tokens (0 when absent: patch tokens only).
     recorded = getattr(module, "resolution", None)
-    resolution = resolution or (recorded if isinstance(recorded, int) else None) or TORCHSCRIPT_RESOLUTION
+    if recorded is not None:
+        check_resolution(recorded, f"{str(path)!r}'s attribute `resolution`")
+    resolution = resolution or recorded or TORCHSCRIPT_RESOLUTION
     prefix = getattr(module, "num_prefix_tokens", 0)
-    if not isinstance(prefix, int) or prefix < 0:
-        raise UserError(f"{str(path)!r} has num_prefix_tokens = {prefix!r}; it must be an int >= 0")
+    if isinstance(prefix, bool) or not isinstance(prefix, int) or not 0 <= prefix <= 4096:
+        raise UserError(f"{str(path)!r} has num_prefix_tokens = {prefix!r}; it must be an int >= 0 (at most 4096)")
+    # A scripted module runs its weights as they are: an integer one (a quantised copy) would meet float
+    # images in the probe, or compute other numbers; refused as in safetensors files.
+    for key, tensor in module.named_parameters():
+        if not tensor.is_floating_point():
+            raise UserError(f"{str(path)!r} holds {str(tensor.dtype).replace('torch.', '')} weights in {key!r}; an "
+                            "encoder's weights are floating point: save the original (unquantised) module")
     return FrozenEncoder(module, resolution=resolution, num_prefix_tokens=prefix, name=os.fspath(path))
 
 

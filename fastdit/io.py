@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,6 +30,26 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
         raise UserError(f"cannot create folder {str(path)!r}: {err.strerror}; choose a writable location") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"folder {str(path)!r} is not writable; choose a writable location")
+    return path
+
+
+def check_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """`path` if it is a regular file (links followed); else a UserError naming it. The one check before
+    fastdit opens a file it did not write in this process (checkpoints, snapshots, store shards, encoder
+    weights, records): opening a named pipe waits for a writer forever and a device never ends, so
+    anything else would hang, or read without end, instead of being refused."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"{what} {str(path)!r} does not exist; check the path") from None
+    except OSError as err:
+        raise UserError(f"cannot read {what} {str(path)!r}: {err.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{what} {str(path)!r} is a folder; pass a file")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{what} {str(path)!r} is not a regular file (a named pipe, socket or device, which could "
+                        f"block or never end); pass a file")
     return path
 
 
@@ -63,6 +84,26 @@ class NoSpaceError(UserError):
         )
 
 
+def check_free_space(folder: str | os.PathLike, needed: int, what: str, fix: str) -> None:
+    """Refuse, before the work, a job whose files cannot fit: a UserError saying `what` needs `needed`
+    bytes in `folder` (or its nearest existing ancestor), how much is free, and `fix`. A job that would
+    fill the disk after hours of sampling is told so at once."""
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return  # nothing to go by: the writes themselves report a full disk (`NoSpaceError`)
+    if needed > free:
+        raise UserError(f"{what} need about {_bytes_text(needed)} in {str(folder)!r}, but {_bytes_text(free)} are "
+                        f"free there; {fix}")
+
+
+def _bytes_text(amount: int) -> str:
+    return f"{amount / 1e9:.2f} GB" if amount >= 1e9 else f"{amount / 1e6:.1f} MB"
+
+
 # What a full disk or quota looks like: the OSError errno, or its text where a library wraps it in its
 # own exception (safetensors: "I/O error: No space left on device (os error 28)").
 _NO_SPACE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
@@ -91,8 +132,7 @@ def free_space_text(folder: str | os.PathLike) -> str:
         free = shutil.disk_usage(folder).free
     except OSError:
         return "free space unknown"
-    amount = f"{free / 1e9:.2f} GB" if free >= 1e9 else f"{free / 1e6:.1f} MB"
-    return f"{amount} free in {str(folder)!r}"
+    return f"{_bytes_text(free)} free in {str(folder)!r}"
 
 
 @contextlib.contextmanager

@@ -301,5 +301,5 @@ def test_a_preset_for_your_own_model_asks_for_the_checkpoint_before_any_download
     monkeypatch.setattr(hub, "download", lambda *a, **k: pytest.fail("a preset without a model downloaded DiT-XL/2"))
     out = tmp_path / ("x.png" if command == "sample" else "x.npz")
     assert run_cli(command, "--preset", "repa-sde-250", "--out", out) == 2
-    assert ("preset repa-sde-250 is a recipe for flow models you trained (it names no released weights, so there is "
-            "nothing to download): give the checkpoint with --ckpt PATH") in capsys.readouterr().err
+    assert ("preset repa-sde-250 samples flow models you trained, but without --ckpt the official DiT-XL/2 weights "
+            "would be sampled, a ddpm model; pass --ckpt with a flow model") in capsys.readouterr().err

@@ -192,7 +192,7 @@ def test_spec_errors_name_the_value_and_the_choices(tmp_path):
         load_encoder(str(_touch(tmp_path / "w.safetensors")))
     with pytest.raises(UserError, match="encoder file not found"):
         load_encoder(str(tmp_path / "absent.pt"))
-    with pytest.raises(UserError, match="resolution must be >= 1"):
+    with pytest.raises(UserError, match="resolution 0 is not an int from 1 to 1024"):
         load_encoder("dinov2-vitb14", resolution=0)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="lacks config.json and model.safetensors.*hf download facebook/dinov2-base"):

@@ -192,7 +192,7 @@ def test_x_prediction_offers_every_flow_sampler_and_records_its_settings():
     assert objective_from_dict(jit.to_dict()) == jit
     assert jit.to_dict() == {"objective": "x-pred", "time_sampling": "logit-normal", "logit_normal_mean": -0.8,
                              "logit_normal_std": 0.8, "x_pred_t_eps": 0.05}
-    with pytest.raises(UserError, match="--x-pred-t-eps must be in \\(0, 1\\], got 0"):
+    with pytest.raises(UserError, match=r"--x-pred-t-eps must be in \[1.19e-07, 1\] .*, got 0.0; JiT uses 0.05"):
         build_objective("x-pred", x_pred_t_eps=0.0)
     with pytest.raises(UserError, match="--x-pred-t-eps applies to the x-pred objective"):
         build_objective("flow", x_pred_t_eps=0.1)

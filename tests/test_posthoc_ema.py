@@ -196,7 +196,7 @@ def test_fastdit_ema_writes_an_export_that_samples(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--sigma-rel", "0.5"], "--sigma-rel must be in (0, 0.300]"),
+    (["--sigma-rel", "0.5"], "--sigma-rel must be in [0.001, 0.300]"),
     (["--sigma-rel", "0.1", "--step", "7"], "--step 7 is outside the stored snapshots (steps 1..2)"),
     (["--sigma-rel", "0.1", "--out", "x.png"], "should end in .safetensors"),
 ])
@@ -214,7 +214,7 @@ def test_fastdit_ema_without_snapshots_and_bad_training_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["ema", "--run", str(plain), "--sigma-rel", "0.1"])
     assert "holds no post-hoc EMA snapshots (posthoc_ema/); train with --posthoc-ema" in capsys.readouterr().err
-    for flags, message in ((["--posthoc-sigma-rels", "0.05", "0.4"], "--posthoc-sigma-rels must be in (0, 0.300]"),
+    for flags, message in ((["--posthoc-sigma-rels", "0.05", "0.4"], "--posthoc-sigma-rels must be in [0.001, 0.300]"),
                            (["--posthoc-sigma-rels", "0.1", "0.1"], "needs two different lengths"),
                            (["--posthoc-every", "0"], "--posthoc-every must be >= 1")):
         with pytest.raises(SystemExit):

@@ -597,3 +597,19 @@ def test_chunk_files_that_do_not_fit_the_run_are_dropped_on_resume(tmp_path):
                        "chunk-00000007-00000009.npz": "it spans two chunks of 4 images",
                        "chunk-00000008-00000012.npz": "images 8 to 12 are not within the run's 10"}
     assert pending(paths, 10) == [Chunk(7, 10)]
+
+
+def test_a_job_whose_images_cannot_fit_on_the_disk_is_refused_before_sampling(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from fastdit.sample_ddp import runner
+
+    free = 1000  # bytes: fewer than the chunks and the .npz of RUN's images at 8x8x3 = 192 bytes each
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+    monkeypatch.setattr(runner, "_sample_pieces", lambda *a, **k: pytest.fail("sampling started"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample-ddp", "--ckpt", tiny_ckpt, "--out", str(tmp_path / "s.npz"), *RUN])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "images at 8 px (chunks, then the .npz) need about" in err
+    assert "choose another --out or ask for fewer with --num-fid-samples" in err and "Traceback" not in err

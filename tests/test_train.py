@@ -319,7 +319,7 @@ def test_bad_input_messages(tmp_path, capsys):
     assert cli("--data-path", str(tmp_path / "empty"), "--vae", "pixels") == 2
     assert "empty" in capsys.readouterr().err
     assert cli("--precision", "fp8") == 2
-    assert "unknown precision 'fp8'" in capsys.readouterr().err
+    assert "argument --precision: invalid choice: 'fp8' (choose from 'fp32', 'bf16', 'fp16')" in capsys.readouterr().err
     assert cli("--global-batch-size", "4000") == 2
     assert "fewer than the global batch size 4000" in capsys.readouterr().err
     assert cli("--micro-batch-size", "5") == 2
@@ -389,11 +389,11 @@ def test_fid_of_the_ema_model_during_training(tmp_path):
     (["--num-workers", "-1"], "--num-workers must be >= 0, got -1"),
     (["--global-seed", "-3"], "--global-seed must be >= 0, got -3"),
     (["--sample-every", "2", "--sample-steps", "1"], "--sample-steps: number of sampling steps must be in [2, 1000], got 1"),
-    (["--objective", "score"], "unknown objective 'score'; choose one of: ddpm, flow"),
-    (["--objective", "flow", "--time-sampling", "beta"], "unknown time sampling 'beta'; choose one of: uniform, logit-normal"),
+    (["--objective", "score"], "argument --objective: invalid choice: 'score' (choose from 'ddpm', 'flow', "),
+    (["--objective", "flow", "--time-sampling", "beta"], "argument --time-sampling: invalid choice: 'beta' (choose from 'uniform', 'logit-normal')"),
     (["--objective", "flow", "--logit-normal-std", "0"], "logit-normal std must be finite and > 0, got 0.0"),
     (["--rope", "--hidden-size", "24", "--num-heads", "4"], "rope needs a head dimension (hidden_size / num_heads = 24 / 4 = 6) divisible by 4"),
-    (["--mlp", "relu"], "mlp must be one of gelu, swiglu, got 'relu'"),
+    (["--mlp", "relu"], "argument --mlp: invalid choice: 'relu' (choose from 'gelu', 'swiglu')"),
 ])
 def test_bad_optimizer_and_number_settings_write_nothing(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_:

@@ -30,9 +30,15 @@ def class_choices(num_classes: int, class_names: list[str] | None = None) -> lis
     return [str(k) if name == str(k) else f"{k} {name}" for k, name in enumerate(class_names)]
 
 
+# The most classes a model may have here: past it a number is no class of any model, and a label that
+# large would overflow the int64 tensor it is sampled with.
+MAX_CLASS_INDEX = 10**7
+
+
 def label_of(choice: str) -> int:
-    """The class index of a choice ("207 golden retriever" -> 207)."""
+    """The class index of a choice ("207 golden retriever" -> 207); a UserError for anything that is not
+    a choice of the page's (a head of other digits than 0-9, "²", or a number no model has)."""
     head = str(choice).split(" ", 1)[0]
-    if not head.isdigit():
-        raise UserError(f"class {choice!r} is not one of the model's classes; pick one from the list")
+    if not (head.isascii() and head.isdigit()) or len(head) > len(str(MAX_CLASS_INDEX)) or int(head) > MAX_CLASS_INDEX:
+        raise UserError(f"class {str(choice)[:40]!r} is not one of the model's classes; pick one from the list")
     return int(head)

@@ -84,9 +84,17 @@ def readable_checkpoint(path: str) -> str:
     field must not tell which files the server has: a name without a checkpoint suffix is
     refused before the disk is touched, and a missing file, a folder and a file the server may not read
     get one and the same message."""
-    candidate = Path(path).expanduser()
+    shown = path if len(path) <= 200 else path[:100] + "..." + path[-40:]
+    try:
+        candidate = Path(path).expanduser()  # "~nobody/x": no such home folder
+    except RuntimeError:
+        candidate = Path(path)
     if candidate.suffix.lower() not in CHECKPOINT_SUFFIXES:
-        raise UserError(f"the Checkpoint field takes a .pt, .pth or .safetensors file, not {path!r}")
-    if not (candidate.is_file() and os.access(candidate, os.R_OK)):
-        raise UserError(f"no readable checkpoint at {path!r}; check the Checkpoint field")
+        raise UserError(f"the Checkpoint field takes a .pt, .pth or .safetensors file, not {shown!r}")
+    try:
+        readable = candidate.is_file() and os.access(candidate, os.R_OK)
+    except (OSError, ValueError):  # a name longer than the file system allows, a NUL byte
+        readable = False
+    if not readable:
+        raise UserError(f"no readable checkpoint at {shown!r}; check the Checkpoint field")
     return str(candidate)

@@ -12,7 +12,7 @@ from ..precision import precision_warning
 from .arg_types import finite_float, seed
 from ..objectives import objective_names
 from ..sampling import OFFICIAL_CFG_SCALE, OPTIONS, Option, SamplingOptions, samplers_by_objective
-from ..sampling.presets import get_preset, preset_names
+from ..sampling.presets import check_fits_official_weights, get_preset, preset_names
 from ..sampling.recipe import FID_CFG_SCALE, RECIPE_FIELDS, RecipeSource, checkpoint_source, read_recipe_file, resolve
 
 OFFICIAL_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -140,6 +140,8 @@ class RecipePlan:
         self.announce = True  # print the first line (sample-ddp: the main process only)
         self.resolved = resolve(self.defaults, self._preset_source(), self.flags)
         self.options = self.resolved.options(**self.others)
+        if self.ckpt is None:  # official weights: the preset must fit them, before they are downloaded
+            check_fits_official_weights(self.preset, self.model_name)
 
     def _preset_source(self) -> RecipeSource | None:
         if self.recipe_file is not None:

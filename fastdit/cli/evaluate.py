@@ -198,21 +198,46 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def published_line(samples: Path, metrics: dict) -> str | None:
-    """When the samples' `.npz` records a preset (`fastdit sample-ddp --preset`): its published figure
-    beside the measured one, with any setting the run changed from the preset."""
+_NO_RECORD = object()
+
+
+def recorded_preset(samples: Path):
+    """(preset, the fields the run changed) that the samples' `.npz` records (`fastdit sample-ddp
+    --preset`), or None. Read before the feature pass: a record that does not parse (an edited or foreign
+    entry) is named in a warning and left out, rather than ending the evaluation after minutes of features."""
+    import sys
+
     from ..sample_ddp.npz import read_settings
     from ..sampling.presets import PRESETS
 
     if samples.suffix.lower() != ".npz":
         return None
-    recipe = (read_settings(samples) or {}).get("recipe") or {}
-    preset = PRESETS.get(recipe.get("preset"))
-    if preset is None:
+    settings = read_settings(samples) or {}
+    recipe = settings.get("recipe") or {}
+    name = recipe.get("preset") if isinstance(recipe, dict) else None
+    overridden = recipe.get("overridden") or {} if isinstance(recipe, dict) else {}
+    problem = ("its recipe is not an object" if not isinstance(recipe, dict)
+               else "its preset is not a name" if name is not None and not isinstance(name, str)
+               else "its overridden settings are not an object" if not isinstance(overridden, dict)
+               else "")
+    if problem:
+        print(f"warning: {str(samples)!r} records fastdit settings that do not parse ({problem}); its preset is not "
+              f"compared with published figures", file=sys.stderr)
         return None
+    preset = PRESETS.get(name) if name is not None else None
+    return None if preset is None else (preset, sorted(str(key) for key in overridden))
+
+
+def published_line(samples: Path, metrics: dict, recorded=_NO_RECORD) -> str | None:
+    """When the samples' `.npz` records a preset (`fastdit sample-ddp --preset`): its published figure
+    beside the measured one, with any setting the run changed from the preset (`recorded`: what
+    `recorded_preset(samples)` returned, read before the features)."""
+    recorded = recorded_preset(samples) if recorded is _NO_RECORD else recorded
+    if recorded is None:
+        return None
+    preset, changed = recorded
     figures = [f"{name.upper()} {metrics[name]:.2f} measured, {value:g} published" for name, value in preset.published.items()
                if metrics.get(name) is not None]
-    changed = sorted(recipe.get("overridden") or {})
     note = f"; this run changed {', '.join(changed)}, so the figures need not agree" if changed else ""
     return f"preset {preset.name}: {'; '.join(figures) or 'no figure to compare'} ({preset.source}){note}"
 
@@ -261,6 +286,7 @@ def run(args: argparse.Namespace) -> int | None:
         check_same_resolution(sample_size, _image_size(second, "reference", metrics_asked), str(second))
         if args.out_json:
             check_output_file(args.out_json, (".json",))
+        recorded = recorded_preset(first)  # what the samples record, read now: the features take minutes
 
     def stored(path: Path) -> bool:
         return is_statistics_file(path) or read_fid_moments(path) is not None
@@ -302,7 +328,7 @@ def run(args: argparse.Namespace) -> int | None:
     print(f"samples:   {first} ({sample_stats.num_images} images)")
     print(f"reference: {second} ({ref_stats.num_images or 'moments of'} images)")
     print(format_table(metrics))
-    published = published_line(first, metrics)
+    published = published_line(first, metrics, recorded)
     if published:
         print(published)
     if args.out_json:
@@ -322,7 +348,7 @@ def run(args: argparse.Namespace) -> int | None:
                 **({"fdr6_encoders": {space.name: fdr6_encoders.get(space.name, space.encoder)
                                       for space in ENCODER_SPACES}} if "fdr6" in metrics_asked else {}),
                 "device": str(device),
-                "published": published_line(first, metrics),
+                "published": published,
             },
             args.out_json,
         )

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also store each image's centre crop (PNG, lossless) for encoders that must see the "
                              "trained image (REPA); 60-75%% of the raw pixels' size. On a store without images, "
                              "encodes it again with them")
+    parser.add_argument("--verify", action="store_true",
+                        help="then read every item of the store whole (each stored crop decoded): the damaged ones "
+                             "are named with the shards to delete, which the same command then encodes again")
     parser.add_argument("--device", default="auto",
                         help="auto (this process's GPU if any, else the CPU), cpu, cuda or cuda:N")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -8,7 +8,6 @@ import json
 from ..errors import UserError
 from ..text import counted
 from ..sampling.generate import GENERATE_BATCH_SIZE
-from ..sampling.presets import check_preset_model
 from ..sampling.recipe import SAMPLING_FIELDS
 from .common import (
     OFFICIAL_CLASS_LABELS,
@@ -54,7 +53,6 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_file(args.out, (".png",))
     # A picture: the sample count and label sampling of a preset do not apply (--class-labels does).
     plan = RecipePlan(args, fields=PICTURE_FIELDS)
-    check_preset_model(plan.preset, args.ckpt, plan.model_name)
     for flag, value in (("--nrow", args.nrow), ("--batch-size", args.batch_size)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")

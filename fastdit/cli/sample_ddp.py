@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..sampling.presets import check_preset_model
 from ..sampling.recipe import LABEL_SAMPLINGS
 from .common import RecipePlan, add_model_arguments, add_sampling_arguments, check_output_file, model_arguments, warn_if_slow
 
@@ -69,9 +68,10 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import UserError
 
     plan = RecipePlan(args)
-    check_preset_model(plan.preset, args.ckpt, plan.model_name)
     if args.class_labels is not None and args.label_sampling is not None:
         raise UserError("--class-labels and --label-sampling exclude each other: give the labels, or how to draw them")
+    if args.class_labels is not None:  # given labels replace the recipe's label sampling: recorded as a change
+        plan.resolved.note_override("label_sampling", "--class-labels", args.class_labels)
     settings = job_settings(args, plan.recipe_file)
     job = SampleJob(
         out=check_output_file(args.out, (".npz",)),

@@ -27,6 +27,7 @@ class ExtractConfig:
     dtype: str = DEFAULT_DTYPE
     skip_corrupt: bool = False
     with_images: bool = False  # also store each crop the VAE encoded (PNG), for REPA-style encoders
+    verify: bool = False  # read every item of the finished store whole (`latent_store.verify_store`)
     device: str = "auto"
     progress: bool = True
 
@@ -70,7 +71,7 @@ def _extract(config: ExtractConfig, info) -> dict | None:
     )
     from ..latents import load_latent_space
 
-    index = list_image_folder(config.data_path, exclude=[config.features_path])  # a store inside is no class
+    index = list_image_folder(config.data_path, exclude={config.features_path: "--features-path"})  # no class
     space = load_latent_space(config.vae, channels=3, device=info.device)  # the crops are RGB (load_crop)
     latent_size = space.latent_size(config.image_size)
     plan = StorePlan(
@@ -105,8 +106,13 @@ def _extract(config: ExtractConfig, info) -> dict | None:
     if not info.is_main:
         return None
     meta = finalize_store(config.features_path, plan, data_path=config.data_path)
+    if config.verify:
+        from .latent_store import verify_store
+
+        verify_store(config.features_path, progress=config.progress)
     skipped = f", {len(meta['skipped'])} corrupt image(s) skipped" if meta["skipped"] else ""
     images = ", crops stored" if plan.with_images else ""
+    images += ", every item verified" if config.verify else ""
     total = int(totals[0])
     speed = f"{total} encoded in {elapsed:.1f} s, {total / max(elapsed, 1e-9):.1f} images/s"
     print(

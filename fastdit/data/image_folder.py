@@ -45,13 +45,18 @@ def list_image_folder(root: str | os.PathLike, *, exclude: Iterable[str | os.Pat
     Symbolic links to folders are followed, but every real folder is listed once: a link back to a
     folder already listed (`s -> .`, or two folders linking to each other) is skipped, so a loop can
     neither repeat images nor hang the listing. Folders in `exclude` (a run's results folder inside the
-    data folder, a latent store being written there) are neither classes nor walked.
+    data folder, a latent store being written there) are neither classes nor walked; `exclude` may map
+    each folder to the option that named it ({"results": "--results-dir"}), for the messages.
+    Such an output folder may not be the data folder itself (what fastdit writes there would be read as
+    classes on the next start) nor a folder of images at a class's place (that class would be left out
+    and the labels renumbered): both are refused (`check_outputs_outside_data`).
     """
     root = Path(root)
     if not root.exists():
         raise UserError(f"data folder {str(root)!r} does not exist; pass --data-path to a folder of class subfolders")
     if not root.is_dir():
         raise UserError(f"data path {str(root)!r} is a file; pass a folder of class subfolders (ROOT/<class>/<image>)")
+    check_outputs_outside_data(root, exclude)
     # Real paths of the folders listed so far: the root, the excluded folders (never walked) and
     # every class folder, so that no class walks into the root or into another class.
     seen = {os.path.realpath(root)} | {os.path.realpath(path) for path in exclude}
@@ -84,6 +89,47 @@ def list_image_folder(root: str | os.PathLike, *, exclude: Iterable[str | os.Pat
             f"so that class indices match the classes that exist"
         )
     return ImageFolderIndex(root=root, files=files, labels=labels, class_names=class_names)
+
+
+# A folder holding this file is a training run's folder (`fastdit train` writes it before any image).
+RUN_CONFIG = "config.json"
+
+
+def check_outputs_outside_data(root: str | os.PathLike, outputs) -> None:
+    """Refuse an output folder (`outputs`: paths, or a mapping of path -> the option that named it) that is
+    the data folder `root` itself or stands at a class's place in it holding images of its own (images
+    outside the run folders fastdit wrote there). The first would make fastdit's own files classes of the
+    next start (a resume then finds other classes); the second would drop a class and renumber the labels.
+    An output folder elsewhere inside the data folder (a new `root/results`) is fine: it is left out of
+    the listing. Call it before anything is written into the output folders."""
+    root = Path(root)
+    real_root = os.path.realpath(root)
+    named = outputs.items() if isinstance(outputs, dict) else ((path, "the output folder") for path in outputs)
+    for path, option in named:
+        real = os.path.realpath(path)
+        fix = f"choose a {option} outside the data folder (or a new subfolder of it)"
+        if real == real_root:
+            raise UserError(f"{option} {str(path)!r} is the data folder {str(root)!r} itself: what fastdit writes there "
+                            f"would be read as classes when the run starts again; {fix}")
+        if os.path.dirname(real) == real_root and os.path.isdir(real) and not os.path.basename(real).startswith("."):
+            images = _images_outside_runs(Path(real))
+            if images:
+                raise UserError(f"{option} {str(path)!r} is the class folder {os.path.basename(real)!r} of the data "
+                                f"folder {str(root)!r} (it holds {images[0]!r}): that class would be left out and the "
+                                f"labels renumbered; {fix}")
+
+
+def _images_outside_runs(folder: Path) -> list[str]:
+    """An image under `folder` that is not inside a run folder (one holding RUN_CONFIG), or []."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        if RUN_CONFIG in filenames and dirpath != str(folder):
+            dirnames[:] = []
+            continue
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for filename in filenames:
+            if filename.lower().endswith(IMAGE_EXTENSIONS) and not filename.startswith("."):
+                return [str(Path(dirpath, filename).relative_to(folder))]
+    return []
 
 
 def _images_under(folder: Path, root: Path, seen: set[str]) -> list[str]:

@@ -41,6 +41,7 @@ import itertools
 import json
 import os
 import shlex
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -48,7 +49,14 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..io import atomic_path, atomic_write_json, ensure_writable_dir, is_temporary, remove_stale_temporaries
+from ..io import (
+    atomic_path,
+    atomic_write_json,
+    check_regular_file,
+    ensure_writable_dir,
+    is_temporary,
+    remove_stale_temporaries,
+)
 from ..latents import OFFICIAL_VAES, PIXEL_SPACE_NAMES
 from ..run_folder import refuse_other_settings
 from .image_folder import ImageFolderIndex, item_generator, pixels_to_unit_range
@@ -122,6 +130,7 @@ class StorePlan:
 
 
 def _read_json(path: Path) -> dict:
+    check_regular_file(path, "latent store record")
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -171,6 +180,7 @@ def open_for_writing(folder: str | os.PathLike, plan: StorePlan, *, is_main: boo
 def _shard_is_written(path: Path, plan: StorePlan) -> bool:
     if not path.exists():
         return False
+    check_regular_file(path, "shard")
     if not plan.with_images:
         return True
     from safetensors import safe_open
@@ -234,12 +244,82 @@ def encode_png(pixels: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def decode_png(data: bytes) -> torch.Tensor:
-    """The bytes of a PNG file -> (3, H, W) uint8 RGB."""
+class DamagedCropError(UserError):
+    """A stored crop that does not decode to the (3, S, S) RGB pixels of its store."""
+
+
+def decode_png(data: bytes, side: int | None = None) -> torch.Tensor:
+    """The bytes of a PNG file -> (3, H, W) uint8 RGB; a `DamagedCropError` for bytes that are no PNG, or
+    whose image is not `side` x `side` RGB when `side` is given."""
+    import zlib
+
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
-        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.mode != "RGB":
+                raise DamagedCropError(f"a {image.mode} image, not RGB")
+            pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    except (OSError, ValueError, SyntaxError, zlib.error, Image.DecompressionBombError) as err:
+        raise DamagedCropError(f"not a readable PNG ({type(err).__name__}: {err})") from None
+    if side is not None and pixels.shape != (3, side, side):
+        raise DamagedCropError(f"{pixels.shape[2]}x{pixels.shape[1]} pixels, not {side}x{side}")
+    return pixels
+
+
+# What every stored crop starts and ends with (`encode_png` of (3, S, S) uint8 RGB): the PNG signature,
+# the IHDR chunk (length 13, width, height, bit depth 8, colour type 2 = RGB), and the IEND chunk.
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_PNG_HEAD = len(_PNG_SIGNATURE) + 10  # + width, height, bit depth, colour type
+
+
+def damaged_crops(path: Path, image_size: int) -> list[tuple[int, str]]:
+    """(item in the shard, what is wrong) of each crop of a shard with images that is not a whole PNG of
+    image_size x image_size RGB pixels, read from the offsets, each crop's first 28 and last 12 bytes
+    (a memory map: a few pages per crop, never the pixel data), so that a store can be checked when it is
+    opened. A crop cut or overwritten in its middle is found by decoding it (`verify_store`)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        offsets = handle.get_slice(IMAGE_OFFSETS)[:].numpy()
+    data = _tensor_bytes(path, IMAGE_BYTES)
+    problems = []
+    if len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(data) or (np.diff(offsets) < 0).any():
+        return [(0, f"its {IMAGE_OFFSETS} do not run from 0 to the {len(data)} image bytes")]
+    starts, ends = offsets[:-1], offsets[1:]
+    short = ends - starts < _PNG_HEAD + len(_PNG_END)
+    whole = np.flatnonzero(~short)
+    heads = data[starts[whole, None] + np.arange(_PNG_HEAD)] if len(whole) else np.zeros((0, _PNG_HEAD), np.uint8)
+    tails = data[ends[whole, None] - len(_PNG_END) + np.arange(len(_PNG_END))] if len(whole) else heads[:, :0]
+    signature = np.frombuffer(_PNG_SIGNATURE, np.uint8)
+    size = np.frombuffer(int(image_size).to_bytes(4, "big") * 2 + b"\x08\x02", np.uint8)
+    end = np.frombuffer(_PNG_END, np.uint8)
+    for item in np.flatnonzero(short):
+        problems.append((int(item), f"{int(ends[item] - starts[item])} bytes, too short for a PNG"))
+    for row, item in enumerate(whole):
+        head = heads[row]
+        if not np.array_equal(head[: len(signature)], signature):
+            problems.append((int(item), "not a PNG"))
+        elif not np.array_equal(head[len(signature):], size):
+            width, height = (int.from_bytes(head[i: i + 4].tobytes(), "big") for i in (16, 20))
+            problems.append((int(item), f"{width}x{height} pixels (bit depth {head[24]}, colour type {head[25]}), "
+                                        f"not {image_size}x{image_size} 8-bit RGB"))
+        elif not np.array_equal(tails[row], end):
+            problems.append((int(item), "cut short (no PNG end)"))
+    return sorted(problems)
+
+
+def _tensor_bytes(path: Path, key: str) -> np.ndarray:
+    """A memory map of tensor `key`'s bytes in a safetensors file (header: an 8-byte length, then JSON
+    whose entries give each tensor's byte range after it)."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    begin, end = header[key]["data_offsets"]
+    if end == begin:
+        return np.zeros(0, np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=8 + length + begin, shape=(end - begin,))
 
 
 def size_on_disk(folder: str | os.PathLike) -> int:
@@ -285,6 +365,7 @@ def _read_shard_header(path: Path, plan: StorePlan) -> dict:
 
     if not path.exists():
         raise UserError(f"shard {str(path)!r} is missing; rerun the fastdit extract command to write it")
+    check_regular_file(path, "shard")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -455,6 +536,27 @@ class LatentStore:
                 f"image beside its latents"
             )
 
+    def check_images(self) -> None:
+        """Raise a UserError naming the damaged crops (`damaged_crops`: cut, overwritten, of another size)
+        and the command that encodes their shards again; before training rather than at some step."""
+        self.require_images()
+        damaged = {}
+        for k in range(len(self.meta["shards"])):
+            problems = damaged_crops(self.path / shard_name(k), self.plan.image_size)
+            if problems:
+                damaged[k] = problems
+        if damaged:
+            raise UserError(self._damaged_message(damaged))
+
+    def _damaged_message(self, damaged: dict[int, list[tuple[int, str]]]) -> str:
+        count = sum(map(len, damaged.values()))
+        shard, problems = next(iter(damaged.items()))
+        item, problem = sorted(problems)[0]
+        names = " ".join(shard_name(k) for k in damaged)
+        return (f"latent store {str(self.path)!r} holds {count} damaged item(s) (item {self._offsets[shard] + item}, "
+                f"in {shard_name(shard)}: {problem}); delete {names} and rerun "
+                f"`{self.extract_command(with_images=self.has_images)}` to encode them again from the images")
+
     def _handle(self, shard: int):
         from safetensors import safe_open
 
@@ -481,11 +583,48 @@ class LatentStore:
         shard, j = self._locate(i)
         handle = self._handle(shard)
         start, end = handle.get_slice(IMAGE_OFFSETS)[j : j + 2].tolist()
-        return decode_png(handle.get_slice(IMAGE_BYTES)[start:end].numpy().tobytes())
+        try:
+            return decode_png(handle.get_slice(IMAGE_BYTES)[start:end].numpy().tobytes(), self.plan.image_size)
+        except DamagedCropError as err:
+            raise DamagedCropError(self._damaged_message({shard: [(j, str(err))]})) from None
 
     def __getstate__(self) -> dict:
         # Open handles are per process: DataLoader workers reopen the shards they read.
         return {**self.__dict__, "_handles": {}}
+
+
+def verify_store(path: str | os.PathLike, progress: bool = True) -> int:
+    """Read every item of a finished store whole: finite posterior moments, and, in a store with images,
+    each crop decoded to its (3, S, S) RGB pixels; returns the number of items. A UserError names the
+    damaged items and the shards to encode again (`fastdit extract --verify`)."""
+    from tqdm import tqdm
+
+    store = LatentStore(path)
+    damaged: dict[int, list[tuple[int, str]]] = {}
+    bar = tqdm(total=len(store), unit="item", desc="verify", disable=not progress, dynamic_ncols=True)
+    for k, shard in enumerate(store.meta["shards"]):
+        handle = store._handle(k)
+        for key in ("mean", "std"):
+            values = handle.get_tensor(key)
+            bad = (~torch.isfinite(values)).flatten(1).any(dim=1)
+            damaged.setdefault(k, []).extend((int(j), f"non-finite {key}") for j in bad.nonzero()[:, 0])
+        if store.has_images:
+            offsets = handle.get_tensor(IMAGE_OFFSETS).tolist()
+            data = handle.get_slice(IMAGE_BYTES)
+            for j in range(shard["count"]):
+                try:
+                    decode_png(data[offsets[j]: offsets[j + 1]].numpy().tobytes(), store.plan.image_size)
+                except DamagedCropError as err:
+                    damaged[k].append((j, str(err)))
+                bar.update(1)
+        else:
+            bar.update(shard["count"])
+        if not damaged[k]:
+            del damaged[k]
+    bar.close()
+    if damaged:
+        raise UserError(store._damaged_message(damaged))
+    return len(store)
 
 
 class LatentStoreDataset(torch.utils.data.Dataset):
@@ -518,8 +657,9 @@ class LatentStoreDataset(torch.utils.data.Dataset):
         self.store = LatentStore(path)
         self.store.check_compatible(vae=vae, image_size=image_size)
         if with_images:
-            self.store.require_images()
+            self.store.check_images()
         self.with_images = with_images
+        self.replaced: set[int] = set()  # items whose crop failed to decode, read in this process
         self.seed = seed
         self.flip = flip
         self.sample_posterior = sample_posterior
@@ -544,6 +684,23 @@ class LatentStoreDataset(torch.utils.data.Dataset):
         return len(self.store)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, torch.Tensor]:
+        if not self.with_images:
+            return self._item(i)
+        # A crop damaged past what opening checks (its middle overwritten) is skipped as extraction's
+        # --skip-corrupt would have: the next item whose crop reads stands in for it, and it is counted and
+        # named once per process, so that training goes on and the store can be mended after.
+        for offset in range(len(self)):
+            j = (i + offset) % len(self)
+            try:
+                return self._item(j)
+            except DamagedCropError as err:
+                if j not in self.replaced:
+                    self.replaced.add(j)
+                    print(f"warning: {err}; {len(self.replaced)} item(s) skipped so far, each replaced by the next",
+                          file=sys.stderr, flush=True)
+        raise UserError(f"no crop of latent store {str(self.store.path)!r} can be read; extract it again")
+
+    def _item(self, i: int):
         mean, std, label = self.store.read(i)
         generator = item_generator(self.seed, self.epoch, i)
         side = int(torch.randint(2, (), generator=generator)) if self.flip else 0  # 1: the mirrored image

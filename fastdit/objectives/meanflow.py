@@ -148,6 +148,7 @@ class MeanFlow(Objective):
         for flag, value, ok, rule in checks:
             if not (math.isfinite(value) and ok):
                 raise UserError(f"{flag} must be {rule}, got {value}")
+        self._refuse_settings_that_do_nothing()
         if self.meanflow_guidance_input and (self.meanflow_omega != 1 or self.meanflow_kappa != 0):
             raise UserError(f"--meanflow-guidance-input draws the guidance scale per sample, up to --meanflow-omega-max; "
                             f"leave --meanflow-omega at 1 and --meanflow-kappa at 0 (got {self.meanflow_omega:g} "
@@ -157,6 +158,24 @@ class MeanFlow(Objective):
             raise UserError(f"--meanflow-omega {self.meanflow_omega:g} with --meanflow-kappa {self.meanflow_kappa:g} "
                             f"guides with scale omega / (1 - kappa) = {scale:g} < 1, away from the class; "
                             f"raise omega to at least 1 - kappa = {1 - self.meanflow_kappa:g}")
+
+    def _refuse_settings_that_do_nothing(self) -> None:
+        """A setting that modifies another must come with it, as another objective's settings are refused:
+        given alone it would change nothing, silently."""
+        defaults = {f.name: f.default for f in self.__dataclass_fields__.values()}
+        if self.meanflow_omega_max != defaults["meanflow_omega_max"] and not self.meanflow_guidance_input:
+            raise UserError(f"--meanflow-omega-max {self.meanflow_omega_max:g} sets the range of guidance scales that "
+                            f"--meanflow-guidance-input trains; pass --meanflow-guidance-input too, or leave it out")
+        if self.meanflow_guidance_input and self.meanflow_omega_max == 1:
+            raise UserError("--meanflow-guidance-input with --meanflow-omega-max 1 trains the one scale 1 (no guidance), "
+                            "so the input would change nothing; pass --meanflow-omega-max > 1 (e.g. 4)")
+        if self.meanflow_c != defaults["meanflow_c"] and self.meanflow_p == 0:
+            raise UserError(f"--meanflow-c {self.meanflow_c:g} is the constant of the adaptive weight "
+                            f"1 / (|delta|^2 + c)^p, which --meanflow-p 0 turns off; pass --meanflow-p > 0, or leave "
+                            f"--meanflow-c out")
+        if self.meanflow_v_loss and self.meanflow_ratio == 0:
+            raise UserError("--meanflow-v-loss changes the target of the samples with r != t, which --meanflow-ratio 0 "
+                            "leaves none of; pass --meanflow-ratio > 0 (the paper: 0.25), or leave --meanflow-v-loss out")
 
     @property
     def trained_guidance(self) -> float | None:

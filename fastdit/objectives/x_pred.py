@@ -41,8 +41,12 @@ class XPrediction(FlowTimeObjective):
 
     def validate(self) -> None:
         super().validate()
-        if not 0 < self.x_pred_t_eps <= 1:
-            raise UserError(f"--x-pred-t-eps must be in (0, 1], got {self.x_pred_t_eps}")
+        # Below float32's spacing at 1 (2^-23), the clip changes nothing but at t = 1 exactly, and there it
+        # divides by a number so small that the velocity, or its square in the loss, overflows.
+        smallest = torch.finfo(torch.float32).eps
+        if not smallest <= self.x_pred_t_eps <= 1:
+            raise UserError(f"--x-pred-t-eps must be in [{smallest:.3g}, 1] (below float32's resolution of 1 - t it "
+                            f"would only divide by almost 0 at t = 1), got {self.x_pred_t_eps}; JiT uses 0.05")
 
     def derived_velocity(self, x1_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v̂ = (x̂1 − x_t) / max(1 − t, t_eps), t of shape (N,)."""

@@ -42,7 +42,7 @@ import numpy as np
 
 from .. import distributed as dist
 from ..errors import UserError
-from ..io import ensure_writable_dir
+from ..io import check_free_space, ensure_writable_dir
 from ..precision import tf32, tf32_in_effect
 from ..sampling import SamplingOptions, check_labels
 from ..sampling.indexed import check_equal_labels, sample_by_index
@@ -152,6 +152,7 @@ def _run(job: SampleJob, load: Callable, info: dist.DistInfo, held: contextlib.E
         for path, problem in workdir.drop_damaged_chunks(paths, job.num_samples, job.chunk_size, _image_shape(loaded[1])):
             print(f"warning: chunk {str(path)!r} is damaged ({problem}); deleted it, its images are sampled again",
                   file=sys.stderr)
+        _check_room(job, paths, loaded[1])
         # What is left, and the files on disk (whose PNGs a rerun that adds --png-dir writes): listed once.
         return loaded, {"pending": [(gap.start, gap.stop) for gap in workdir.pending(paths, job.num_samples)],
                         "done": [(chunk.start, chunk.stop) for chunk in workdir.chunk_files(paths)]}
@@ -252,6 +253,21 @@ def _load_checked(job: SampleJob, load: Callable):
         raise UserError(f"a pixel-space model with {model_info.config.in_channels} channels does not make RGB images; "
                         "sample-ddp writes images for FID (1 or 3 channels)")
     return model, model_info, latent_space, device
+
+
+def _check_room(job: SampleJob, paths: workdir.OutputPaths, model_info) -> None:
+    """Refuse, before sampling, a job whose files cannot fit: the chunks still to write plus the final
+    `.npz` (the chunks stay on disk until it is whole), plus as many PNGs where --png-dir is given (their
+    uncompressed size bounds them). 50K images at 512 px are 39 GB twice over; better said now than after
+    hours of sampling."""
+    image_bytes = int(np.prod(_image_shape(model_info)))
+    left = sum(len(gap) for gap in workdir.pending(paths, job.num_samples))
+    check_free_space(paths.npz.parent, (left + job.num_samples) * image_bytes,
+                     f"{job.num_samples} images at {model_info.image_size} px (chunks, then the .npz)",
+                     "free space, choose another --out or ask for fewer with --num-fid-samples")
+    if job.png_dir is not None:
+        check_free_space(job.png_dir, left * image_bytes, f"the PNGs of {left} images",
+                         "free space or choose another --png-dir")
 
 
 def _image_shape(model_info) -> tuple[int, int, int]:

@@ -107,6 +107,10 @@ def ode_heun(
     return x
 
 
+class _NonFiniteVelocity(Exception):
+    """The model gave a NaN or inf velocity inside dopri5's solve."""
+
+
 @torch.no_grad()
 def ode_dopri5(
     velocity_fn: VelocityFn, x: torch.Tensor, times: torch.Tensor, *, cond: dict | None = None,
@@ -123,13 +127,25 @@ def ode_dopri5(
     except ImportError as error:
         raise UserError(f"the dopri5 sampler needs torchdiffeq; install it with: {install_command('ode')}") from error
     cond = cond or {}
-    states = odeint(
-        lambda t, y: velocity_fn(y, _batch(t.to(times.dtype), y), **cond),
-        # One-element lists, as SiT passes them: torchdiffeq then holds them as 1-D float64 tensors,
-        # which win type promotion against the float32 state, so the error control runs in float64
-        # (0-d tensors, from floats, would not: the step choices would follow float32 roundings).
-        x, times, method="dopri5", atol=[atol], rtol=[rtol],
-    )
+
+    def field(t, y):
+        velocity = velocity_fn(y, _batch(t.to(times.dtype), y), **cond)
+        if not torch.isfinite(velocity).all():  # the step control would shrink dt to 0 and assert
+            raise _NonFiniteVelocity
+        return velocity
+
+    try:
+        states = odeint(
+            field,
+            # One-element lists, as SiT passes them: torchdiffeq then holds them as 1-D float64 tensors,
+            # which win type promotion against the float32 state, so the error control runs in float64
+            # (0-d tensors, from floats, would not: the step choices would follow float32 roundings).
+            x, times, method="dopri5", atol=[atol], rtol=[rtol],
+        )
+    except _NonFiniteVelocity:
+        # The steps follow one error norm over the batch: no image has a result. NaN says so to the
+        # caller's non-finite check (`fastdit.sampling.generate.check_finite`), which names the fix.
+        return torch.full_like(x, float("nan"))
     if callback is not None:
         for i, state in enumerate(states[1:]):
             callback(i, state)

@@ -62,14 +62,27 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 )}
 
 
-def check_preset_model(preset: Preset | None, checkpoint: str | None, model: str | None) -> None:
-    """A preset that names no model (`repa-sde-250`) is a recipe for a checkpoint of your own: without one
-    (and without a model to download) there is nothing it can sample, and the official default, DiT-XL/2,
-    is no model it fits."""
-    if preset is None or checkpoint is not None or model is not None or preset.recipe.get("model") is not None:
+def check_fits_official_weights(preset: Preset | None, model_name: str | None) -> None:
+    """Refuse, before anything is downloaded, a preset given without --ckpt whose sampler the official
+    weights it would sample cannot run: those of `model_name` (the preset's, a --model flag's, else
+    DiT-XL/2, `fastdit.loading.official_checkpoint_name`), trained for another objective than the preset's
+    (repa-sde-250, a flow recipe that names no model, would otherwise fetch DiT-XL/2 and then refuse it)."""
+    from ..hub import official_objective
+
+    if preset is None:
         return
-    raise UserError(f"preset {preset.name} is a recipe for {preset.objective} models you trained (it names no released "
-                    f"weights, so there is nothing to download): give the checkpoint with --ckpt PATH")
+    model = model_name or DEFAULT_OFFICIAL_MODEL
+    objective = official_objective(model)
+    if objective != preset.objective:
+        mine = " you trained" if "model" not in preset.recipe else ""
+        raise UserError(f"preset {preset.name} samples {preset.objective} models{mine}, but without --ckpt the "
+                        f"official {model} weights would be sampled, a {objective} model; pass --ckpt with a "
+                        f"{preset.objective} model" + (f", or --model {_OFFICIAL_OF[preset.objective]}"
+                                                      if preset.objective in _OFFICIAL_OF and not mine else ""))
+
+
+DEFAULT_OFFICIAL_MODEL = "DiT-XL/2"  # what fastdit samples when neither --ckpt nor --model says
+_OFFICIAL_OF = {"ddpm": "DiT-XL/2", "flow": "SiT-XL/2"}  # a released model of each objective
 
 
 def get_preset(name: str) -> Preset:

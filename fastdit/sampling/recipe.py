@@ -72,6 +72,16 @@ class ResolvedRecipe:
     def preset(self) -> str | None:
         return self.source.preset if self.source else None
 
+    def note_override(self, name: str, flag: str, value) -> None:
+        """Record that `flag` (set to `value`) overrides the source's field `name` without being that
+        field's own flag: `--class-labels` replaces a preset's label sampling ("random") with given labels.
+        The value stays (the job reads it where no flag replaces it); the record, the first line and
+        `fastdit evaluate`'s comparison with the published figure name the change."""
+        if name not in RECIPE_FIELDS:
+            raise ValueError(f"unknown recipe field {name!r}; known: {', '.join(RECIPE_FIELDS)}")
+        if self.source is not None and name in self.source.values:
+            self.overridden[name] = (flag, self.source.values[name], value)
+
     def options(self, **others) -> SamplingOptions:
         """The `SamplingOptions` of this recipe; `others` are the options a recipe does not hold (eta, precision)."""
         values = {name: self.values[name] for name in SAMPLING_FIELDS}
@@ -150,9 +160,30 @@ def checkpoint_source(recorded: dict | None) -> RecipeSource | None:
     if not recorded:
         return None
     values = {name: recorded[name] for name in SAMPLING_FIELDS if name in recorded}
+    for name, value in values.items():
+        if not _fits_kind(OPTIONS[name], value):
+            raise UserError(f"the checkpoint's sampling recipe has {name} = {json.dumps(value, default=str)[:40]}, "
+                            f"which is no value of {OPTIONS[name].flag}: the file is damaged or its record was edited; "
+                            f"export the model again")
     if values.get("guidance_interval") is not None:
         values["guidance_interval"] = tuple(values["guidance_interval"])
     return RecipeSource("the checkpoint's recipe", values) if values else None
+
+
+def _fits_kind(option, value) -> bool:
+    """Whether a recorded `value` has the type of `option`'s values (its range is the options' own check)."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if option.kind == "choice":
+        return value is None or isinstance(value, str)
+    if option.kind == "int":
+        return type(value) is int
+    if option.kind == "float":
+        return number(value)
+    if option.kind == "switch":
+        return value is None or value == option.switch and type(value) is type(option.switch)
+    return value is None or (isinstance(value, (list, tuple)) and len(value) == 2 and all(map(number, value)))
 
 
 def recorded_options(info, defaults: dict | None = None) -> SamplingOptions:

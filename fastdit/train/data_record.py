@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, check_regular_file
 
 DATA_RECORD = "data.json"
 _MAX_NAMED = 10
@@ -62,8 +62,12 @@ def read_data_record(run_dir: Path) -> dict | None:
     """The recorded data of a run folder; None when it has none (a new run, or one from before the
     record existed); a UserError when the file is damaged."""
     path = run_dir / DATA_RECORD
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
+    try:
+        check_regular_file(path, "data record")  # a folder, pipe or dangling link there: refused, not replaced
+    except UserError as err:
+        raise UserError(f"{err}; remove it to resume without the data check, or pass another --run-name") from None
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -99,7 +103,13 @@ def compare_with_record(recorded: dict | None, current: dict, run_dir: Path) -> 
 
 
 def write_data_record(run_dir: Path, record: dict) -> None:
-    atomic_write_json(record, run_dir / DATA_RECORD)
+    path = run_dir / DATA_RECORD
+    if os.path.lexists(path):  # a folder or a pipe there is refused, not replaced
+        try:
+            check_regular_file(path, "data record")
+        except UserError as err:
+            raise UserError(f"{err}; remove it, or pass another --run-name") from None
+    atomic_write_json(record, path)
 
 
 def _named(names: list[str]) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,9 @@ from ..checkpoint import export_weights
 from ..model_info import ModelInfo
 from ..errors import UserError
 from ..host_memory import keep_freed_host_memory
-from ..io import NoSpaceError, atomic_write_text, check_can_create, ensure_writable_dir, remove_stale_temporaries
+from ..io import (
+    NoSpaceError, atomic_write_text, check_can_create, check_regular_file, ensure_writable_dir, remove_stale_temporaries,
+)
 from ..models import build_model
 from ..precision import precision_warning
 from ..run_folder import exclusive_lock_for_all_ranks
@@ -77,8 +80,9 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _stored_config(run_dir: Path) -> TrainConfig | None:
     path = run_dir / "config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
+    check_regular_file(path, "run config")  # a named pipe would block the read; a folder is no config
     try:
         return TrainConfig.from_dict(json.loads(path.read_text()))
     except (ValueError, TypeError) as err:

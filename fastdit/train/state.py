@@ -32,7 +32,7 @@ from torch.distributed.fsdp import FSDPModule
 from ..checkpoint import TRAIN_FORMAT, export_weights
 from ..model_info import ModelInfo
 from ..errors import UserError
-from ..io import atomic_torch_save
+from ..io import atomic_torch_save, check_regular_file
 from ..models import DiT
 
 if TYPE_CHECKING:
@@ -222,6 +222,7 @@ def save_training_state(
 def load_training_state(path: Path) -> dict:
     """A training checkpoint's content, read without running pickled code, with every entry its run's
     config says it holds (an entry per training extension the run used)."""
+    check_regular_file(path, "training checkpoint")  # a named pipe would block torch.load forever
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any read failure means the file is not a whole checkpoint

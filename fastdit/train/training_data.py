@@ -70,6 +70,9 @@ def model_input_shape(config: TrainConfig) -> tuple[int, int, int]:
 def open_training_data(config: TrainConfig, device: torch.device) -> TrainingData:
     data_config, image_size, seed = config.data, config.model.image_size, config.optimisation.global_seed
     source = data_config.source
+    # The folders this run writes into: left out of an image folder's listing, and refused where they
+    # would change it (`fastdit.data.image_folder.check_outputs_outside_data`).
+    outputs = {config.run.results_dir: "--results-dir", str(config.run_dir()): "run folder (--run-name)"}
     if data_config.features_path:
         # Opened as a store whatever the folder holds, so that a wrong path is reported as a wrong store.
         # An extension's encoder (REPA's) must see the image each latent was encoded from: the store keeps
@@ -84,14 +87,14 @@ def open_training_data(config: TrainConfig, device: torch.device) -> TrainingDat
             info = LatentInfo(kind="vae", vae=meta["vae"], scale_factor=float(meta.get("scale_factor", SD_VAE_SCALE)))
         data = TrainingData(dataset, tuple(dataset.store.latent_shape), info, list(dataset.class_names), device=device)
     elif data_config.pixel_space:
-        dataset = open_dataset(source, image_size=image_size, seed=seed, exclude=[config.run.results_dir])
+        dataset = open_dataset(source, image_size=image_size, seed=seed, exclude=outputs)
         shape = tuple(dataset.sample_shape)
         data = TrainingData(dataset, shape, LatentInfo(kind="pixels", vae=None, scale_factor=1.0),
                             list(dataset.class_names), device=device)
     else:
         if source == "digits":
             raise UserError("the digits are 8x8 pixels: train them in pixel space (--vae pixels)")
-        dataset = open_dataset(source, image_size=image_size, seed=seed, exclude=[config.run.results_dir])
+        dataset = open_dataset(source, image_size=image_size, seed=seed, exclude=outputs)
         vae_name = data_config.vae or "ema"
         latent_space = load_latent_space(vae_name, channels=3, device=device)  # image folders are read as RGB
         size = latent_space.latent_size(image_size)

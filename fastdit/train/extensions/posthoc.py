@@ -10,7 +10,6 @@ that checkpoint does not pass the step again, so its snapshots must already be t
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from typing import ClassVar
@@ -19,9 +18,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 from ... import distributed
 from ...errors import UserError
-from ...power_ema import SIGMA_REL_MAX
 from ..options import option
-from ..posthoc_ema import PowerEMAs, prune_snapshots, save_snapshots, snapshot_folder
+from ..posthoc_ema import PowerEMAs, check_sigma_rel, prune_snapshots, save_snapshots, snapshot_folder
 from .base import BuildContext, RunContext, TrainExtension, register_extension
 
 
@@ -67,9 +65,8 @@ class PosthocEMA(TrainExtension):
         if not (isinstance(sigma_rels, tuple) and len(sigma_rels) == 2
                 and all(isinstance(s, numbers.Real) and not isinstance(s, bool) for s in sigma_rels)):
             raise UserError(f"--posthoc-sigma-rels takes two numbers, got {sigma_rels!r}; e.g. 0.05 0.10")
-        if not all(math.isfinite(s) and 0 < s <= SIGMA_REL_MAX for s in sigma_rels):
-            raise UserError(f"--posthoc-sigma-rels must be in (0, {SIGMA_REL_MAX:.3f}] (the longest power-function "
-                            f"EMA), got {' '.join(f'{s:g}' for s in sigma_rels)}; EDM2 uses 0.05 0.10")
+        for sigma_rel in sigma_rels:
+            check_sigma_rel(sigma_rel, "--posthoc-sigma-rels")
         if f"{sigma_rels[0]:g}" == f"{sigma_rels[1]:g}":
             raise UserError(f"--posthoc-sigma-rels needs two different lengths, got {sigma_rels[0]:g} twice; "
                             f"e.g. 0.05 0.10")

@@ -37,8 +37,14 @@ import torch.nn.functional as F
 from ... import distributed
 from ...errors import UserError
 from ...models.routing import gather_tokens
+from ...state_dicts import describe_mismatch
 from ..options import option
 from .base import BuildContext, MicroBatch, Term, TrainExtension, broadcast_from_rank0, register_extension
+
+
+# The projector holds two projector_dim² matrices and AdamW two moments of each: 2048 (REPA's) is 67 MB;
+# 16384 is 4.3 GB, past any width the paper considers; beyond it a typo would allocate terabytes.
+MAX_PROJECTOR_DIM = 16384
 
 
 def paper_depth(num_blocks: int) -> int:
@@ -55,7 +61,8 @@ class AlignmentSettings:
     repa_depth: int = option(paper_depth(28), f"the block whose output tokens are aligned, counted from 1 (REPA: "
                                               f"{paper_depth(28)} for L and XL, {paper_depth(12)} for B)", at_least=1)
     repa_weight: float = option(0.5, "weight λ of the alignment term in the loss", at_least=0)
-    repa_projector_dim: int = option(2048, "hidden width of the 3-layer projector", at_least=1)
+    repa_projector_dim: int = option(2048, "hidden width of the 3-layer projector", at_least=1,
+                                     at_most=MAX_PROJECTOR_DIM)
 
 
 class Projector(nn.Sequential):
@@ -171,10 +178,47 @@ class RepresentationAlignment(TrainExtension):
                 offset += g.numel()
 
     def state_dict(self, options):
-        # replicated on every process: any process's copy is the whole of it
-        return {"projector": self.projector.state_dict(), "optimizer": self.optimizer.state_dict()}
+        # replicated on every process: any process's copy is the whole of it. "encoder" says which encoder
+        # the projector was trained against (its name, the hash of its files, what it returns).
+        return {"projector": self.projector.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "encoder": dict(self.encoder.identity)}
 
     def load_state_dict(self, state, options):
         state = broadcast_from_rank0(state, options)  # small: the projector and its AdamW moments
+        if not (isinstance(state, dict) and isinstance(state.get("projector"), dict)
+                and isinstance(state.get("optimizer"), dict) and isinstance(state.get("encoder", {}), dict)
+                and all(isinstance(v, torch.Tensor) for v in state["projector"].values())):
+            raise UserError("the checkpoint's REPA section (alignment) is malformed (no projector weights and "
+                            "optimizer state); restore the checkpoint, or pass another --run-name")
+        self.refuse_other_encoder(state.get("encoder"))
+        problem = describe_mismatch(self.projector.state_dict(), state["projector"])
+        if problem:  # a checkpoint from before the encoder was recorded, of another width
+            raise UserError(f"the checkpoint's REPA projector does not fit encoder {self.encoder_name} ({problem}); "
+                            "resume with the encoder the run was trained with, or pass another --run-name")
         self.projector.load_state_dict(state["projector"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise UserError(f"the checkpoint's REPA optimizer state does not fit the projector ({type(err).__name__}: "
+                            f"{str(err)[:120]}); restore the checkpoint, or pass another --run-name") from None
+
+    def refuse_other_encoder(self, recorded: dict | None) -> None:
+        """A resumed run aligns with the encoder it was trained against: targets of other weights, even of
+        the same shape, would change what the projector learnt with no sign of it. Refused as the run's
+        other settings are, with the differences listed. Checkpoints written before the encoder was
+        recorded hold none: their projector's shapes are checked instead."""
+        from ...run_folder import refuse_other_settings
+
+        if recorded is None:
+            return
+        current = self.encoder.identity
+        recorded = {key: recorded.get(key) for key in current}
+        refuse_other_settings(
+            "this run's checkpoint records its REPA encoder", _short_hash(recorded), _short_hash(current),
+            "pass the encoder it was trained with (the same files) to resume it, or pass another --run-name",
+        )
+
+
+def _short_hash(identity: dict) -> dict:
+    """The identity as a message lists it: the content hash cut to 12 hex digits."""
+    return {**identity, "sha256": (identity.get("sha256") or "")[:12] or None}

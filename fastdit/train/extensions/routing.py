@@ -120,8 +120,12 @@ class TokenRouting(TrainExtension):
     @classmethod
     def build(cls, context: BuildContext) -> "TokenRouting | None":
         route = cls._settings_for(context.config, context.model.config)
-        # A rate that routes no whole token of this grid changes nothing: the step is the plain one.
-        return cls(route) if route is not None else None
+        if route is None:  # a setting that would silently do nothing; the token count is known only now
+            rate, tokens = context.config.routing.route, context.model.config.grid_size**2
+            raise UserError(f"--route {rate:g} routes no token of this model's {tokens} tokens per sample "
+                            f"(floor({rate:g} x {tokens}) = 0), so it would change nothing; pass --route "
+                            f"{math.ceil(1e3 / tokens) / 1e3:g} or more (the paper's: {PAPER_RATE}), or leave it out")
+        return cls(route)
 
     def describe(self) -> str:
         route = self.route
