@@ -166,6 +166,25 @@ def _image_size(path, role: str, metrics) -> tuple[int, int] | None:
     return stats.image_size
 
 
+def _reference_crop(path: Path, sample_size: tuple[int, int] | None) -> int | None:
+    """The side to which a reference folder of other or mixed image sizes is cropped: the samples' (square)
+    side, each image ADM-centre-cropped as ADM prepares ImageNet's reference batches, with a note saying
+    so; None when the reference is no folder, already holds only images of the samples' size, or the
+    samples are not square (then the usual resolution check speaks)."""
+    from ..evaluate.sources import FolderImages
+
+    if not path.is_dir() or not sample_size or sample_size[0] != sample_size[1]:
+        return None
+    side = int(sample_size[0])
+    sizes = FolderImages(path).stored_sizes()
+    if sizes == {(side, side)}:
+        return None
+    shown = ", ".join(f"{w}x{h}" for h, w in sorted(sizes)[:3]) + (" ..." if len(sizes) > 3 else "")
+    print(f"note: the reference images in {str(path)!r} are {shown}, not all {side}x{side} as the samples: each is "
+          f"centre-cropped to {side}x{side} as ADM prepares ImageNet's reference (short side resized, middle kept)")
+    return side
+
+
 def _fdr6_encoders(values: list[str]) -> dict[str, str]:
     names = [space.name for space in ENCODER_SPACES]
     encoders = {}
@@ -276,6 +295,7 @@ def run(args: argparse.Namespace) -> int | None:
     first, second = Path(args.samples).expanduser(), Path(args.ref).expanduser()
 
     # Check the inputs and outputs before loading the networks and minutes of features, not after.
+    reference_crop = None
     if args.make_ref:
         if is_statistics_file(first) or read_fid_moments(first) is not None:
             raise UserError(f"{str(first)!r} is already a statistics file; pass an image folder or .npz batch")
@@ -283,7 +303,9 @@ def run(args: argparse.Namespace) -> int | None:
         output = _check_make_ref_output(first, args.ref)
     else:
         sample_size = _image_size(first, "samples", metrics_asked)
-        check_same_resolution(sample_size, _image_size(second, "reference", metrics_asked), str(second))
+        reference_crop = _reference_crop(second, sample_size)
+        if reference_crop is None:
+            check_same_resolution(sample_size, _image_size(second, "reference", metrics_asked), str(second))
         if args.out_json:
             check_output_file(args.out_json, (".json",))
         recorded = recorded_preset(first)  # what the samples record, read now: the features take minutes
@@ -320,7 +342,7 @@ def run(args: argparse.Namespace) -> int | None:
 
     sample_stats = statistics_for_path(first, extractor, pr_subset=pr_subset, progress=progress, **encoders)
     ref_stats = statistics_for_path(
-        second, extractor, pr_subset=pr_subset, reference=True, progress=progress, **encoders
+        second, extractor, pr_subset=pr_subset, reference=True, progress=progress, crop_to=reference_crop, **encoders
     )
     metrics = compare(
         sample_stats, ref_stats, device=str(device), pr_distances=args.pr_distances, metrics=metrics_asked
