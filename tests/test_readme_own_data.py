@@ -25,6 +25,14 @@ def own_data_commands() -> list[str]:
     return [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
 
 
+def sweep_commands() -> list[str]:
+    """The bash block of the README's `fastdit sweep` section, which sweeps the run of "Train on your own images"."""
+    text = README.read_text()
+    section = text[text.index("### Finding the sampling settings of a run"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line.split("  #")[0] for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
 def test_the_readme_commands_exist_and_name_the_folder():
     commands = own_data_commands()
     assert [shlex.split(c)[1] for c in commands] == ["train", "sample", "sample-ddp", "evaluate"]
@@ -56,3 +64,11 @@ def test_the_readme_own_data_commands_run_as_written(tmp_path, monkeypatch, caps
     samples = np.load(tmp_path / "my-samples.npz")["arr_0"]
     assert samples.shape == (8, 16, 16, 3)
     assert re.search(r"\bfid\b\s+[0-9.]+", out, re.I)
+
+    # The sweep section's commands on that run, with 16 images a point and 32 to confirm
+    for command in sweep_commands():
+        command = command.replace("--num-samples 1000", "--num-samples 16").replace("--confirm-samples 4000",
+                                                                                    "--confirm-samples 32")
+        words = shlex.split(command)
+        assert main(words[1:] + ["--no-progress"]) == 0, command
+    assert np.load(tmp_path / "best.npz")["arr_0"].shape == (32, 16, 16, 3)

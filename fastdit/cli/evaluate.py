@@ -166,25 +166,6 @@ def _image_size(path, role: str, metrics) -> tuple[int, int] | None:
     return stats.image_size
 
 
-def _reference_crop(path: Path, sample_size: tuple[int, int] | None) -> int | None:
-    """The side to which a reference folder of other or mixed image sizes is cropped: the samples' (square)
-    side, each image ADM-centre-cropped as ADM prepares ImageNet's reference batches, with a note saying
-    so; None when the reference is no folder, already holds only images of the samples' size, or the
-    samples are not square (then the usual resolution check speaks)."""
-    from ..evaluate.sources import FolderImages
-
-    if not path.is_dir() or not sample_size or sample_size[0] != sample_size[1]:
-        return None
-    side = int(sample_size[0])
-    sizes = FolderImages(path).stored_sizes()
-    if sizes == {(side, side)}:
-        return None
-    shown = ", ".join(f"{w}x{h}" for h, w in sorted(sizes)[:3]) + (" ..." if len(sizes) > 3 else "")
-    print(f"note: the reference images in {str(path)!r} are {shown}, not all {side}x{side} as the samples: each is "
-          f"centre-cropped to {side}x{side} as ADM prepares ImageNet's reference (short side resized, middle kept)")
-    return side
-
-
 def _fdr6_encoders(values: list[str]) -> dict[str, str]:
     names = [space.name for space in ENCODER_SPACES]
     encoders = {}
@@ -272,7 +253,7 @@ def run(args: argparse.Namespace) -> int | None:
         save_statistics,
         statistics_for_path,
     )
-    from ..evaluate.sources import is_statistics_file, read_fid_moments
+    from ..evaluate.sources import is_statistics_file, read_fid_moments, reference_crop_side
     from ..evaluate.statistics import check_metric_names, check_same_resolution
     from ..io import atomic_write_json
     from .common import check_output_file
@@ -303,7 +284,7 @@ def run(args: argparse.Namespace) -> int | None:
         output = _check_make_ref_output(first, args.ref)
     else:
         sample_size = _image_size(first, "samples", metrics_asked)
-        reference_crop = _reference_crop(second, sample_size)
+        reference_crop = reference_crop_side(second, sample_size)
         if reference_crop is None:
             check_same_resolution(sample_size, _image_size(second, "reference", metrics_asked), str(second))
         if args.out_json:

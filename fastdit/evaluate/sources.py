@@ -252,6 +252,24 @@ def is_statistics_file(path: Path) -> bool:
         return False
 
 
+def reference_crop_side(path: str | Path, sample_size: tuple[int, int] | None) -> int | None:
+    """The side to which a reference folder of other or mixed image sizes is cropped: the samples' (square)
+    side, each image ADM-centre-cropped as ADM prepares ImageNet's reference batches, with a note saying
+    so; None when the reference is no folder, already holds only images of the samples' size, or the
+    samples are not square (then the usual resolution check speaks)."""
+    path = Path(path).expanduser()
+    if not path.is_dir() or not sample_size or sample_size[0] != sample_size[1]:
+        return None
+    side = int(sample_size[0])
+    sizes = FolderImages(path).stored_sizes()
+    if sizes == {(side, side)}:
+        return None
+    shown = ", ".join(f"{w}x{h}" for h, w in sorted(sizes)[:3]) + (" ..." if len(sizes) > 3 else "")
+    print(f"note: the reference images in {str(path)!r} are {shown}, not all {side}x{side} as the samples: each is "
+          f"centre-cropped to {side}x{side} as ADM prepares ImageNet's reference (short side resized, middle kept)")
+    return side
+
+
 def open_images(path: str | Path, crop_to: int | None = None) -> NpzImages | FolderImages:
     """An image folder (`crop_to`: see `FolderImages`) or an ADM `.npz` batch."""
     path = Path(path).expanduser()
