@@ -49,7 +49,6 @@ mixed precision are applied from outside, as for the DiT.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
