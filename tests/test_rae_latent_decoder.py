@@ -95,7 +95,7 @@ def test_vitb_decoder_matches_rae():
     torch.manual_seed(0)
     decoder = RAEDecoder(decoder_config("ViT-B", latent_dim=768, grid_size=MAKE.VITB_GRID)).eval()
     MAKE.fill_weights(decoder, seed=3)
-    tokens = torch.randn(1, MAKE.VITB_GRID**2, 768, generator=torch.Generator().manual_seed(4))
+    tokens = MAKE.normals(4, 1, MAKE.VITB_GRID**2, 768)
     with torch.no_grad():
         normalised = decoder.unpatchify(decoder.predict_patches(tokens))
     _close(normalised, reference["images_normalised"], VITB_REL)
