@@ -101,11 +101,10 @@ def check_free_space(folder: str | os.PathLike, needed: int, what: str, fix: str
 
 
 def _bytes_text(amount: int) -> str:
-    # TB for stores of RAE latents (a terabyte for ImageNet), bytes and kB for tiny jobs, which would
-    # otherwise read "0.0 MB are needed, 0.0 MB are free".
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    # kB and bytes for tiny jobs, which would otherwise read "0.0 MB are needed, 0.0 MB are free".
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if amount >= size:
-            return f"{amount / size:.2f} {unit}" if unit in ("TB", "GB") else f"{amount / size:.1f} {unit}"
+            return f"{amount / size:.2f} {unit}" if unit == "GB" else f"{amount / size:.1f} {unit}"
     return f"{amount} bytes"
 
 
