@@ -64,8 +64,8 @@ def test_extract_says_what_it_will_write(tiny_rae, images, tmp_path, capsys, mon
                  "--vae", tiny_rae, "--num-workers", "0", "--no-progress"]) == 0
     per_image = 2 * 16 * 4 * 4 * 2 + 16  # both sides, C x h x w, float16, no std; label and source
     out = capsys.readouterr().out
-    assert (f"9 images to encode, about {9 * per_image / 1000:.2f} kB (1.04 kB each: 16x4x4 float16 "
-            "latents of each image and its flip)") in out
+    assert (f"encoding 9 images into {str(store)!r}: about {9 * per_image / 1000:.2f} kB to write (1.04 kB each: "
+            "16x4x4 float16 latents of each image and its flip)") in out
     # A disk that cannot hold it refuses the job before anything is encoded, saying how much is needed.
     import shutil
 

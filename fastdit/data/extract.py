@@ -145,7 +145,7 @@ def _check_room(folder: str, plan, pending: list[int]) -> None:
     what = (f"{c}x{h}x{w} {plan.dtype} latents of each image and its flip"
             + (" (mean and std)" if plan.posterior_std else "") + (", and its crop" if plan.with_images else ""))
     needed = count * per_image
-    print(f"latent store {folder!r}: {count} images to encode, about {format_size(needed)} "
+    print(f"encoding {count} images into {folder!r}: about {format_size(needed)} to write "
           f"({format_size(per_image)} each: {what})", flush=True)
     fix = "free some space or choose another --features-path"
     if plan.dtype == "float32":
