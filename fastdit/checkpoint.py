@@ -25,7 +25,7 @@ from .errors import DownloadError, FetchError, UserError, template_text
 from . import hub
 from .hub import OFFICIAL_CHECKPOINTS, download, official_objective
 from .io import atomic_path, check_regular_file
-from .latents import OFFICIAL_VAES, PIXEL_SPACE_NAMES, latent_side
+from .latents import OFFICIAL_VAES, PIXEL_SPACE_NAMES, is_rae_name, latent_side
 from .state_dicts import check_weight_values, describe_mismatch
 from .model_info import LatentInfo, ModelInfo, parse_recorded_json
 from .models import DiT, DiTConfig, config_from_name, preset_of
@@ -315,8 +315,9 @@ def load_model(
     if metadata is not None:
         info = ModelInfo.from_dict(metadata, source=source)
         known_objective = info.objective.name
-        if vae is not None and pixels != (info.latent.kind == "pixels"):
-            trained_on = "pixels" if info.latent.kind == "pixels" else f"the latents of the VAE {info.latent.vae!r}"
+        if vae is not None and (pixels != (info.latent.kind == "pixels") or is_rae_name(vae) != (info.latent.kind == "rae")):
+            trained_on = {"pixels": "pixels", "rae": f"the RAE latent space {info.latent.vae!r}"}.get(
+                info.latent.kind, f"the latents of the VAE {info.latent.vae!r}")
             raise UserError(f"checkpoint {source!r} records that it works on {trained_on}; drop --vae {vae}")
         if model_name is not None:
             wanted = config_from_name(model_name)  # also rejects unknown names
@@ -327,6 +328,11 @@ def load_model(
                 )
     else:
         latent = LatentInfo(kind="pixels", vae=None, scale_factor=1.0) if pixels else LatentInfo(kind="vae", vae=vae or "mse")
+        if is_rae_name(vae):
+            from .rae.space import describe
+
+            spec = describe(vae)
+            latent = LatentInfo(kind="rae", vae=spec.name, scale_factor=1.0, downsample_factor=spec.downsample)
         if model_name is None:
             config = infer_config(state)
         else:
@@ -342,7 +348,7 @@ def load_model(
                          objective=build_objective(known_objective or objective or "ddpm"))
     if objective is not None and known_objective not in (None, objective):
         raise UserError(f"{source!r} holds a {known_objective} model, not {objective}; drop --objective")
-    if vae is not None and info.latent.kind == "vae":
+    if vae is not None and info.latent.kind in ("vae", "rae"):
         info.latent.vae = vae
     if image_size is not None and info.image_size != image_size:
         raise UserError(

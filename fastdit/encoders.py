@@ -537,7 +537,10 @@ def _architectures(transformers) -> dict:
     }
 
 
-def _transformers_encoder(name: str, folder: Path, device, resolution: int | None) -> FrozenEncoder:
+def load_pretrained_model(name: str, folder: Path) -> tuple[nn.Module, str]:
+    """The float32 transformers model in `folder` (config.json + model.safetensors) and its model_type,
+    every weight of the architecture present and of its shape (a UserError naming the file otherwise).
+    `name` is what messages call it. Also the loader of RAE's frozen encoder (`fastdit.rae.encoder`)."""
     transformers = _import_transformers(name)
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
@@ -550,7 +553,7 @@ def _transformers_encoder(name: str, folder: Path, device, resolution: int | Non
             f"{name}'s {CONFIG_FILE} describes a {model_type!r} model; fastdit's encoders are "
             f"{', '.join(sorted(architectures))}"
         )
-    model_class, default_mean, default_std, prefix_tokens = architectures[model_type]
+    model_class = architectures[model_type][0]
     _check_safetensors(folder / WEIGHTS_FILE, name)
     options = {}
     if model_type == "clip":  # a whole CLIP repository: its vision tower, with the joint space's width
@@ -568,6 +571,12 @@ def _transformers_encoder(name: str, folder: Path, device, resolution: int | Non
     if problems:
         raise UserError(f"{str(folder / WEIGHTS_FILE)!r} does not fit {name} ({model_type}): {'; '.join(problems)}; "
                         "pass the weights of that model")
+    return model.eval(), model_type
+
+
+def _transformers_encoder(name: str, folder: Path, device, resolution: int | None) -> FrozenEncoder:
+    model, model_type = load_pretrained_model(name, folder)
+    _, default_mean, default_std, prefix_tokens = _architectures(_import_transformers(name))[model_type]
     entry = ENCODERS.get(name)
     native = _native_side(model.config, model_type)
     resolution = int(resolution or (entry.resolution if entry else None) or native)
@@ -762,5 +771,6 @@ __all__ = [
     "SIGLIP_MEAN",
     "SIGLIP_STD",
     "load_encoder",
+    "load_pretrained_model",
     "tokens_to_grid",
 ]

@@ -34,6 +34,12 @@ OFFICIAL_CHECKPOINTS = {
 }
 
 
+# RAE's released decoders and latent statistics (Zheng et al. 2025; `fastdit.rae.variants` lists them), cached
+# under <cache>/rae/ with the repository's own paths, since every decoder file is called model.pt.
+RAE_FILES_URL = "https://huggingface.co/nyu-visionx/RAE-collections/resolve/main/{path}"
+RAE_CACHE_SUBDIR = "rae"
+
+
 def official_objective(model: str) -> str:
     """The process a released model was trained with: "flow" for SiT, "ddpm" for DiT."""
     return "flow" if model.startswith("SiT-") else "ddpm"
@@ -183,6 +189,8 @@ def _progress_bar(total: int | None, name: str):
 __all__ = [
     "OFFICIAL_CHECKPOINTS",
     "OFFICIAL_DIT_URL",
+    "RAE_CACHE_SUBDIR",
+    "RAE_FILES_URL",
     "VAE_FILES",
     "cache_dir",
     "download",

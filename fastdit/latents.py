@@ -4,9 +4,13 @@
   diffusers folder) used by DiT: 8x spatial downsampling, 4 channels, latents multiplied by 0.18215
   so that they have roughly unit variance (Rombach et al. 2022; DiT section 3).
 * `PixelSpace`: the identity, for small datasets trained directly on pixels (the digits demo).
+* `fastdit.rae.space.RAELatentSpace` ("rae:..." names): a frozen representation encoder's normalised
+  patch tokens, decoded by a ViT (Zheng et al. 2025, "Diffusion Transformers with Representation
+  Autoencoders"): 768 channels on a 16x16 grid at 256 px.
 
-Both map images in [-1, 1] of shape (N, C, H, W) to model inputs and back. `diffusers` is imported
-only when a VAE is actually used.
+All map images in [-1, 1] of shape (N, C, H, W) to model inputs and back, and say which `kind` of space
+they are ("vae", "pixels", "rae"). `diffusers` is imported only when a VAE is actually used, transformers
+only for an RAE.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from .errors import FetchError, UserError, template_text
 from .hub import hf_hub_unreachable, vae_fetch_advice
 from .program import install_command
+from .rae.space import is_rae_name
 
 SD_VAE_SCALE = 0.18215
 VAE_DOWNSAMPLE = 8
@@ -39,6 +44,19 @@ def latent_side(image_size: int, downsample: int = VAE_DOWNSAMPLE) -> int:
     return image_size // downsample
 
 
+def check_image_size(vae: str | None, image_size: int) -> None:
+    """Refuse, before anything is loaded, an image size the space `vae` cannot make: not a multiple of the
+    SD VAE's factor, or not the size an RAE space decodes to. Pixel space takes any size."""
+    if vae is None or vae in PIXEL_SPACE_NAMES:
+        return
+    if is_rae_name(vae):
+        from .rae.space import check_image_size as check_rae_size
+
+        check_rae_size(vae, image_size)
+    else:
+        latent_side(image_size)
+
+
 @dataclass(frozen=True)
 class PixelSpace:
     """Model directly on pixels in [-1, 1]."""
@@ -47,6 +65,8 @@ class PixelSpace:
     name: str = "pixels"
     scale_factor: float = 1.0
     downsample: int = 1
+    kind = "pixels"
+    deterministic = True
 
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return images, torch.zeros_like(images)
@@ -65,6 +85,8 @@ class VAELatentSpace:
     """The SD VAE through `diffusers.AutoencoderKL`; `scale_factor` maps posterior samples to unit variance."""
 
     downsample = VAE_DOWNSAMPLE
+    kind = "vae"
+    deterministic = False  # a posterior: mean and std are stored, a sample drawn at every read
 
     def __init__(self, vae, name: str, scale_factor: float = SD_VAE_SCALE):
         # Images in and out are RGB (the crops `extract` encodes, the uint8 images sampling writes): a
@@ -100,13 +122,14 @@ def check_latent_channels(space, model_channels: int, *, what: str = "the model"
     """The latent space makes the inputs `what` takes: a VAE with 16 latent channels (SD3's) cannot decode
     what a 4-channel DiT samples, and would fail inside its first convolution."""
     if space.channels != model_channels:
-        raise UserError(f"the VAE {space.name!r} has {space.channels} latent channels but {what} works on "
-                        f"{model_channels}; use the VAE it was trained with")
+        noun, fix = ("RAE latent space", "space") if space.kind == "rae" else ("VAE", "VAE")
+        raise UserError(f"the {noun} {space.name!r} has {space.channels} latent channels but {what} works on "
+                        f"{model_channels}; use the {fix} it was trained with")
 
 
 def load_latent_space(name: str | None, *, channels: int | None = None, device: str | torch.device = "cpu"):
-    """`None`/"pixels" -> PixelSpace of `channels` channels; "mse"/"ema" -> the official SD VAEs; else a hub
-    id or local folder.
+    """`None`/"pixels" -> PixelSpace of `channels` channels; "mse"/"ema" -> the official SD VAEs; "rae:..."
+    -> an RAE latent space (`fastdit.rae.space`); else a hub id or local folder.
 
     Pixel space has no channel count of its own: it is the model's (`info.config.in_channels`; 1 for the
     digits), so it must be given rather than guessed.
@@ -118,6 +141,10 @@ def load_latent_space(name: str | None, *, channels: int | None = None, device: 
                 "(1 for the digits, 3 for RGB)"
             )
         return PixelSpace(channels=channels)
+    if is_rae_name(name):
+        from .rae.space import load_rae_space
+
+        return load_rae_space(name, device=device)
     repo = OFFICIAL_VAES.get(name, name)
     return VAELatentSpace(load_vae(repo), name=repo).to(device)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..cpu_threads import MAX_DATA_WORKERS, data_workers
 from ..errors import UserError
-from ..latents import PIXEL_SPACE_NAMES, latent_side
+from ..latents import PIXEL_SPACE_NAMES, check_image_size
 from ..models import BLOCK_OPTIONS, MLPS, NORMS, config_from_name
 from ..objectives import OBJECTIVES, Objective, all_settings, build_objective, objective_names
 from ..precision import PRECISIONS
@@ -96,8 +96,9 @@ class DataSection:
     data_path: str | None = option(None, "image folder with one subfolder per class (encoded on the fly), or 'digits'")
     # "ema"/"mse"/a folder: the SD VAE; "pixels": pixel space; None: the store's VAE for a latent
     # store, pixels for the digits, "ema" (as DiT trains) for an image folder.
-    vae: str | None = option(None, "ema, mse, a diffusers AutoencoderKL folder, or pixels (default: the store's VAE; "
-                                   "ema for images; pixels for digits)")
+    vae: str | None = option(None, "ema, mse, a diffusers AutoencoderKL folder, an RAE space (rae:dinov2-b-reg, "
+                                   "rae:dinov2-b-reg-512, rae:FOLDER), or pixels (default: the store's VAE; ema for "
+                                   "images; pixels for digits)")
     num_workers: int = option(data_workers(), "data loader worker processes (default: one per usable core, at most "
                                               f"{MAX_DATA_WORKERS})", at_least=0)
 
@@ -349,7 +350,7 @@ class _TrainConfigMethods:
         # A latent store records its own space (VAE latents or pixels) and image size; the data check
         # (`open_training_data`) compares them, so only an image folder encoded on the fly is checked here.
         if not data.pixel_space and not data.features_path:
-            latent_side(self.model.image_size)
+            check_image_size(data.vae or "ema", self.model.image_size)
         return self
 
     def _validate_numbers(self) -> None:
