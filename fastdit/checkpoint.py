@@ -363,8 +363,9 @@ def load_model(
     objective: str | None = None,
     use_ema: bool = True,
     device: str | torch.device = "cpu",
-) -> tuple[DiT, ModelInfo]:
-    """A ready (eval-mode) model and what it is, from an official name, a local file or a checkpoint.
+) -> tuple[torch.nn.Module, ModelInfo]:
+    """A ready (eval-mode) model (a `DiT`, or a `DiTDH`) and what it is, from an official name, a local
+    file or a checkpoint.
 
     `model_name`, `image_size` and `num_classes` are needed only for plain state dicts whose config
     the file does not record (they are checked against the weights either way); the block options are

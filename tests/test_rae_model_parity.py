@@ -9,7 +9,6 @@ noise fed by a scripted noise source. RAE's clock runs the other way (σ = 1 is 
 time is t = 1 − σ, so RAE's guidance interval [a, b] is fastdit's [1 − b, 1 − a]."""
 
 import json
-import math
 from pathlib import Path
 
 import pytest
