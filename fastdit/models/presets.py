@@ -30,7 +30,8 @@ LIGHTNINGDIT_BLOCKS = dict(norm="rmsnorm", mlp="swiglu", rope=True, qk_norm=True
 
 # DiT^DH: size -> the DDT head (head_depth, head_hidden_size, head_num_heads) after that DiT size. RAE's
 # configs (configs/stage2/training/ImageNet256/DiTDH-{S,XL}_DINOv2-B.yaml) give S and XL a head of 2 blocks of
-# width 2048 with 16 heads; the paper keeps that head for every size. T is for tests and CPU demos.
+# width 2048 with 16 heads; B and L take the same head (RAE releases configs of S and XL only). T is for
+# tests and CPU demos.
 HEADS = {"S": (2, 2048, 16), "B": (2, 2048, 16), "L": (2, 2048, 16), "XL": (2, 2048, 16), "T": (2, 256, 4)}
 DITDH_PRESETS = {f"DiTDH-{size}": size for size in HEADS}
 # RAE's DiT^DH blocks (the configs' use_rmsnorm, use_swiglu, use_rope on, use_qknorm off), its velocity
