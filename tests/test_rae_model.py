@@ -372,3 +372,28 @@ def test_bf16_training_of_a_ditdh_is_finite_and_close_to_fp32(tmp_path):
     # by a few percent at most; a broken cast (fp16 overflow, a dropped autocast) would not be close.
     assert all(math.isfinite(v) for v in losses["bf16"])
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+
+
+def test_fsdp2_trains_a_ditdh_like_ddp(tmp_path):
+    """Two processes over gloo: FSDP2 shards the body's and the head's blocks as units (the embedders, the
+    frozen tables and the final layer at the root) and trains what DDP trains, within the bound of
+    tests/test_fsdp.py (the two differ only in how the gradients are summed); its export is RAE's layout."""
+    from test_fsdp import losses, torchrun_command, torchrun_env
+    from test_train import final_state
+    from test_train_distributed import assert_same_after_adam
+    import subprocess
+
+    ditdh = ["--model", "DiTDH-T", "--objective", "rae", "--time-shift-base", "16", "--max-steps", "4",
+             "--ckpt-every", "4"]
+    for name, sharding in (("ddp", []), ("fsdp", ["--fsdp"])):
+        result = subprocess.run(torchrun_command(*ditdh, "--results-dir", str(tmp_path / name), *sharding),
+                                env=torchrun_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    ddp, fsdp = tmp_path / "ddp" / "run", tmp_path / "fsdp" / "run"
+    assert losses(fsdp) == pytest.approx(losses(ddp), rel=1e-5) and len(losses(fsdp)) == 4
+    ddp_state, fsdp_state = final_state(ddp), final_state(fsdp)
+    assert fsdp_state["model"].keys() == ddp_state["model"].keys()
+    for key in ddp_state["model"]:
+        assert_same_after_adam(fsdp_state["model"][key], ddp_state["model"][key], key, steps=4)
+    model, info = load_model(fsdp / "checkpoints" / "0000004-ema.safetensors")
+    assert isinstance(model, DiTDH) and info.objective.name == "rae"

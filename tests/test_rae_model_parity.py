@@ -40,7 +40,12 @@ SHIFT = RAE.time_shift(SHAPE)
 #   x by GRID_ABS·|v| through dt, and v itself by at most LIPSCHITZ_T·GRID_ABS (|∂v/∂t| of these tiny
 #   networks is below 50 on every state of the runs: the Fourier features 2π·W·t with |W| <= 4).
 # - Whole runs from z accumulate the local errors; the end-to-end check uses the SiT fixtures' 1e-4·max|ref|.
+# - DRAW_ABS: a training σ is erf, erfinv, sigmoid and the shift of a uniform, the same float32 operations
+#   as RAE's (bit for bit on the kernels the fixture was made with); PyTorch's scalar and vector kernels
+#   of erfinv and sigmoid round differently by an ulp or two (seen: 2 ulp under ATEN_CPU_CAPABILITY=default),
+#   and the shift's slope s / (1 + (s − 1) σ)² <= s = sqrt(8) carries that on: 16 ulp of 1.
 MODEL_REL = 1e-5
+DRAW_ABS = 16 * 2**-24
 GRID_ABS = 4 * 2**-24
 LIPSCHITZ_T = 50.0
 TRAJECTORY_REL = 1e-4
@@ -139,7 +144,7 @@ def test_training_draws_are_raes(kind, mean, std):
     # RAE's logit-normal mean is of its σ; fastdit's --logit-normal-mean is in flow time, t = 1 − σ: −0.5.
     case = FIXTURE["shift"]["training_draws"][kind]
     objective = build_objective("rae", time_shift_base=FIXTURE["shift_base"], logit_normal_mean=mean, logit_normal_std=std)
-    assert torch.equal(objective.noise_levels(case["u"], SHAPE), case["t"])  # the same operations: bit for bit
+    assert_within(objective.noise_levels(case["u"], SHAPE), case["t"], DRAW_ABS, "σ")  # RAE's operations
     # The draw the training loop makes: a uniform from the sample's generator, mapped so.
     generator = torch.Generator().manual_seed(5)
     u = torch.rand(1, generator=torch.Generator().manual_seed(5))
@@ -148,7 +153,7 @@ def test_training_draws_are_raes(kind, mean, std):
 
 def test_training_loss(models):
     case = FIXTURE["training_loss"]
-    assert torch.equal(RAE.noise_levels(case["u"], SHAPE), case["sigma"])  # RAE's draws of this loss, bit for bit
+    assert_within(RAE.noise_levels(case["u"], SHAPE), case["sigma"], DRAW_ABS, "σ")  # RAE's draws of this loss
     conditions = {"y": case["y"], "force_drop_ids": torch.zeros_like(case["y"], dtype=torch.bool)}
     seen = {}
 
