@@ -397,3 +397,36 @@ def test_fsdp2_trains_a_ditdh_like_ddp(tmp_path):
         assert_same_after_adam(fsdp_state["model"][key], ddp_state["model"][key], key, steps=4)
     model, info = load_model(fsdp / "checkpoints" / "0000004-ema.safetensors")
     assert isinstance(model, DiTDH) and info.objective.name == "rae"
+
+
+def test_a_preset_with_autoguidance_can_be_turned_back_to_classifier_free():
+    from fastdit.cli import build_parser
+    from fastdit.cli.common import RecipePlan
+
+    def plan(*flags):
+        return RecipePlan(build_parser().parse_args(["sample-ddp", "--ckpt", "x.pt", "--preset", "rae-ditdh-xl-256-ag",
+                                                     *flags]))
+
+    assert plan().options.guidance_model == "DiTDH-S-256x256.pt" and plan().options.cfg_scale == 1.42
+    off = plan("--no-guidance-model")
+    assert off.options.guidance_model is None and off.options.cfg_scale == 1.42  # classifier-free at the same scale
+    assert off.resolved.overridden["guidance_model"] == ("--guidance-model", "DiTDH-S-256x256.pt", None)
+
+
+def test_the_app_samples_with_a_guidance_model(tmp_path, rae_files):
+    from fastdit.app.models import ModelSource
+    from fastdit.app.request import ModelCache, SampleRequest, generate_grid
+
+    main = random_ditdh(0)
+    main_file = export_weights(main, ModelInfo(config=main.config, latent=PIXELS, objective=build_objective("rae")),
+                               tmp_path / "main.safetensors")
+    cache = ModelCache()
+    request = SampleRequest(source=ModelSource(str(main_file)), labels=(1, 2), sampler="euler", num_steps=3,
+                            cfg_scale=1.5, guidance_model=str(rae_files["guide"]), device="cpu")
+    command = generate_grid(request, cache, tmp_path / "page.png", progress=False)
+    assert f"--guidance-model {rae_files['guide']}" in command and (tmp_path / "page.png").is_file()
+    refused = SampleRequest(source=ModelSource(str(main_file)), labels=(1,), sampler="euler", num_steps=3,
+                            cfg_scale=1.5, guidance_model=str(rae_files["classes"]), device="cpu")
+    # A plain state dict records no latent space: the page (which has no VAE field) takes it for SD-VAE latents.
+    with pytest.raises(UserError, match="it works on the latents of 'mse' .*, the model on pixels"):
+        generate_grid(refused, cache, tmp_path / "no.png", progress=False)

@@ -22,7 +22,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None,
                        help="preset name, e.g. DiT-XL/2 (default for official weights), SiT-XL/2 (the official SiT weights), "
-                            "DiT-B/4; read from --ckpt when it records it")
+                            "DiTDH-XL (RAE's official DiT^DH weights), DiT-B/4; read from --ckpt when it records it")
     group.add_argument("--image-size", type=int, default=None,
                        help="image side in pixels (official models: 256 or 512; default: 256, or what the checkpoint records)")
     group.add_argument("--num-classes", type=int, default=None, help="number of classes (default: 1000, or what the checkpoint records)")

@@ -40,7 +40,8 @@ from .setup import checkpoint_stride
 
 @dataclass
 class ModelSection:
-    name: str = option("DiT-XL/2", "preset name, e.g. DiT-XL/2, DiT-B/4, DiT-T/2", flag="model")
+    name: str = option("DiT-XL/2", "preset name, e.g. DiT-XL/2, DiT-B/4, DiT-T/2, DiTDH-XL (RAE's DiT^DH: with "
+                                   "--objective rae)", flag="model")
     image_size: int = option(256, "image side in pixels", at_least=1)
     num_classes: int | None = option(None, "number of classes (default: the data's: a folder's subfolders, a latent "
                                             "store's record; 1 with --class-dropout-prob 0 trains an unconditional "
