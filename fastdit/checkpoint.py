@@ -199,8 +199,10 @@ def _ddt_depths(state_dict: dict, hidden: int) -> tuple[int, int]:
     widths = {}
     for key, value in state_dict.items():
         parts = key.split(".")
-        if parts[0] == "blocks" and parts[2:] == ["attn", "qkv", "weight"]:
-            widths[int(parts[1])] = value.shape[1]
+        if parts[0] == "blocks" and parts[1:2] != [] and parts[1].isdigit() and parts[2:] == ["attn", "qkv", "weight"]:
+            widths[int(parts[1])] = value.shape[-1]
+    if sorted(widths) != list(range(len(widths))) or not widths:
+        raise UserError("not a DiT^DH state dict: its blocks are not numbered 0, 1, ... each with an attention")
     depth = sum(1 for width in widths.values() if width == hidden)
     if depth == len(widths) or any(widths[i] != hidden for i in range(depth)):
         raise UserError(f"cannot tell where the DDT head starts in these {len(widths)} blocks (the head is as wide as "

@@ -385,7 +385,7 @@ def test_fsdp2_trains_a_ditdh_like_ddp(tmp_path):
 
     ditdh = ["--model", "DiTDH-T", "--objective", "rae", "--time-shift-base", "16", "--max-steps", "4",
              "--ckpt-every", "4"]
-    for name, sharding in (("ddp", []), ("fsdp", ["--fsdp"])):
+    for name, sharding in (("ddp", []), ("fsdp", ["--fsdp", "--sample-every", "4", "--sample-steps", "2"])):
         result = subprocess.run(torchrun_command(*ditdh, "--results-dir", str(tmp_path / name), *sharding),
                                 env=torchrun_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -397,6 +397,7 @@ def test_fsdp2_trains_a_ditdh_like_ddp(tmp_path):
         assert_same_after_adam(fsdp_state["model"][key], ddp_state["model"][key], key, steps=4)
     model, info = load_model(fsdp / "checkpoints" / "0000004-ema.safetensors")
     assert isinstance(model, DiTDH) and info.objective.name == "rae"
+    assert (fsdp / "samples" / "0000004.png").is_file()  # rank 0 sampled from the gathered EMA, a DiTDH
 
 
 def test_a_preset_with_autoguidance_can_be_turned_back_to_classifier_free():
