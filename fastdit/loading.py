@@ -71,6 +71,10 @@ def load_for_sampling(
         options = options(info)
     if options is not None:
         options.validate(info.objective)  # at once for options the callable checked
+        if options.guidance_model is not None and options.cfg_scale > 1:  # AutoGuidance: its weaker model, checked
+            from .checkpoint import load_guidance_model
+
+            options.attach_guidance_network(load_guidance_model(options.guidance_model, info, vae=vae, device=device))
     name = None if info.latent.kind == "pixels" else (vae or info.latent.vae)
     latent_space = load_latent_space(name, channels=info.config.in_channels, device=device)
     if name is not None:
