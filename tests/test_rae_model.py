@@ -194,6 +194,20 @@ def test_sample_takes_raes_checkpoint_with_its_recipe(tmp_path, rae_files, capsy
     assert record["values"]["time_shift"] == math.sqrt(3 * 8 * 8 / 4096) and record["values"]["guidance_model"] is None
 
 
+@pytest.mark.parametrize("grid, space, image_size", [(16, "rae:dinov2-b-reg", 256), (32, "rae:dinov2-b-reg-512", 512)])
+def test_raes_release_layout_reads_as_in_raes_latent_space_of_its_grid(tmp_path, grid, space, image_size):
+    """RAE's files record no latent space: 768 channels on a 16x16 grid are RAE's DINOv2-B space at
+    256 px, 32x32 its 512-px space; the image size is then checked against that space's 16 px per token."""
+    path = tmp_path / "release.pt"
+    torch.save(random_ditdh(0, input_size=grid, in_channels=768).state_dict(), path)
+    _, info = load_model(path)
+    assert (info.latent.kind, info.latent.vae, info.image_size) == ("rae", space, image_size)
+    with pytest.raises(UserError, match=f"use --image-size {image_size}"):
+        load_model(path, image_size=image_size // 2)
+    _, other = load_model(tmp_path / "release.pt", vae="mse")  # told otherwise, it is what it is told
+    assert other.latent.kind == "vae"
+
+
 def test_autoguidance_from_the_command_line(tmp_path, rae_files, capsys):
     plain, guided, again = tmp_path / "plain.png", tmp_path / "ag.png", tmp_path / "ag2.png"
     assert sample(plain, "--ckpt", rae_files["main"], "--cfg-scale", 1.5) == 0  # classifier-free
