@@ -8,6 +8,7 @@ import pytest
 
 from cli_runner import run_cli
 from fastdit.cli.train import add_arguments, config_from_args
+from fastdit.errors import UserError
 from fastdit.sampling.presets import PRESETS
 from fastdit.train.config import TrainConfig
 from fastdit.train.presets import TRAIN_PRESETS, estimated_gpu_hours, training_flops
@@ -54,6 +55,29 @@ def test_the_papers_numbers_are_the_presets():
     config = parse("--preset", "meanflow-xl2", "--features-path", "store")
     assert config.build_objective().trained_guidance == pytest.approx(2.5)  # ω / (1 − κ) = 0.2 / 0.08
     assert meanflow.steps() == 240 * (1_281_167 // 256)
+
+
+def test_raes_preset_trains_ditdh_xl_in_raes_space_on_raes_schedule():
+    from fastdit.train.step import learning_rate
+
+    config = parse("--preset", "rae-ditdh-xl", "--features-path", "store").validate()
+    assert (config.model.name, config.data.vae, config.objective.name) == ("DiTDH-XL", "rae:dinov2-b-reg", "rae")
+    optim, per_epoch = config.optimisation, 1_281_167 // 1024
+    assert TRAIN_PRESETS["rae-ditdh-xl"].steps() == 800 * per_epoch
+    # RAE's "linear" scheduler: 2e-4 for 40 epochs, linear to 2e-5 at epoch 800, constant after.
+    assert learning_rate(optim, 0) == learning_rate(optim, 40 * per_epoch - 1) == 2e-4
+    assert learning_rate(optim, 420 * per_epoch) == pytest.approx(1.1e-4)
+    assert learning_rate(optim, 800 * per_epoch) == learning_rate(optim, 1400 * per_epoch) == pytest.approx(2e-5)
+    # Its model FLOPs read the RAE space's 768x16x16 tokens: 256 tokens as DiT-XL/2, a wider model and head.
+    per_image = training_flops(TRAIN_PRESETS["rae-ditdh-xl"]) / (800 * per_epoch * 1024)
+    assert 712e9 < per_image < 2 * 712e9
+
+
+@pytest.mark.parametrize("flags, message", [(["--final-lr", "1e-5"], "--lr-decay-end (0) must come after"),
+                                            (["--lr-decay-end", "10"], "need --final-lr")])
+def test_a_decay_without_its_ends_is_one_line(flags, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse("--data-path", "digits", *flags).validate()
 
 
 def test_gpu_hours_are_derived_from_model_flops():

@@ -143,6 +143,12 @@ class OptimisationSection:
     beta1: float = option(0.9, "AdamW beta1", unit_interval=True)
     beta2: float = option(0.999, "AdamW beta2", unit_interval=True)
     warmup_steps: int = option(0, "linear learning-rate warm-up steps", at_least=0)
+    # RAE's DiT^DH schedule (Zheng et al. 2025, configs/stage2/training: its "linear" scheduler): --lr until
+    # --lr-decay-start, then linear to --final-lr at --lr-decay-end, then --final-lr to the end.
+    final_lr: float | None = option(None, "learning rate at the end of a linear decay (default: no decay, constant --lr)",
+                                    positive=True)
+    lr_decay_start: int = option(0, "step the linear decay to --final-lr starts at", at_least=0)
+    lr_decay_end: int = option(0, "step the linear decay to --final-lr ends at (after --lr-decay-start)", at_least=0)
     grad_clip: float | None = option(None, "clip the gradient norm to this value", positive=True,
                                      hint="; leave --grad-clip out for no clipping")
     skip_nonfinite: int = option(0, "skip a step whose loss or gradient is not finite (no update; its batch and draws "
@@ -362,6 +368,12 @@ class _TrainConfigMethods:
         if evaluation.eval_every:
             _check_sampling("--eval-sampling-steps / --eval-cfg-scale", SamplingOptions(
                 num_steps=evaluation.eval_sampling_steps, cfg_scale=evaluation.eval_cfg_scale), objective)
+        optim = self.optimisation
+        if optim.final_lr is not None and optim.lr_decay_end <= optim.lr_decay_start:
+            raise UserError(f"--lr-decay-end ({optim.lr_decay_end}) must come after --lr-decay-start "
+                            f"({optim.lr_decay_start}) for a decay to --final-lr")
+        if optim.final_lr is None and (optim.lr_decay_start or optim.lr_decay_end):
+            raise UserError("--lr-decay-start / --lr-decay-end need --final-lr, the rate the decay ends at")
         recommended = self.sampling_recipe()
         _check_sampling("--recipe-sampler / --recipe-steps / --recipe-cfg-scale", SamplingOptions(**recommended),
                         objective)

@@ -245,9 +245,20 @@ def _clip_jointly(groups, max_norm: float) -> torch.Tensor:
     return total
 
 
-def _set_lr(optimizer, optim, step: int) -> None:
-    """`optim`: the config's optimisation section. Linear warm-up to the base rate, then constant (DiT
-    trains at a constant 1e-4)."""
+def learning_rate(optim, step: int) -> float:
+    """The rate of optimizer step `step` (`optim`: the config's optimisation section): a linear warm-up to
+    --lr, constant (DiT trains at a constant 1e-4), and with --final-lr a linear decay to it between
+    --lr-decay-start and --lr-decay-end (RAE's DiT^DH schedule), constant after. A function of the step
+    alone, so a resumed run follows the same rates."""
+    rate = optim.lr
+    if optim.final_lr is not None and step >= optim.lr_decay_start:
+        progress = min(1.0, (step - optim.lr_decay_start) / (optim.lr_decay_end - optim.lr_decay_start))
+        rate = optim.lr + (optim.final_lr - optim.lr) * progress
     scale = min(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0
+    return rate * scale
+
+
+def _set_lr(optimizer, optim, step: int) -> None:
+    rate = learning_rate(optim, step)
     for group in optimizer.param_groups:
-        group["lr"] = optim.lr * scale
+        group["lr"] = rate
