@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dit import DiTConfig, LabelEmbedder, Mlp, PatchEmbed, get_2d_sincos_pos_embed
+from .dit import DiTConfig, LabelEmbedder, Mlp, PatchEmbed, get_2d_sincos_pos_embed, unpatchify
 from .routing import TokenRoute
 
 # The Gaussian Fourier features of t: 256 fixed frequencies drawn from N(0, 1) (RAE's `GaussianFourierEmbedding`).
@@ -248,11 +248,7 @@ class DiTDH(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        # (N, T, p*p*C) -> (N, C, H, W); token n = i*G + j covers rows i*p.., columns j*p..
-        c, p, g = self.config.out_channels, self.config.patch_size, self.config.grid_size
-        x = x.reshape(x.shape[0], g, g, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, g * p, g * p)
+        return unpatchify(x, self.config)
 
     def forward(
         self,

@@ -378,6 +378,15 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C_out)
 
 
+def unpatchify(x: torch.Tensor, config) -> torch.Tensor:
+    """Output tokens (N, T, p*p*C) -> images (N, C, H, W) of a DiT or DiT^DH `config`; token n = i*G + j
+    covers rows i*p.., columns j*p.."""
+    c, p, g = config.out_channels, config.patch_size, config.grid_size
+    x = x.reshape(x.shape[0], g, g, p, p, c)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], c, g * p, g * p)
+
+
 class DiT(nn.Module):
     """forward(x, t, y): noisy latents (N, C, H, W), timesteps (N,) on the 0..999 scale, labels (N,)
     -> (N, C_out, H, W): the ε prediction, followed (learn_sigma) by C variance-interpolation values.
@@ -458,11 +467,7 @@ class DiT(nn.Module):
         return tuple(condition for condition in SCALAR_CONDITIONS if getattr(self.config, condition.switch))
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        # (N, T, p*p*C) -> (N, C, H, W); token n = i*G + j covers rows i*p.., columns j*p..
-        c, p, g = self.config.out_channels, self.config.patch_size, self.config.grid_size
-        x = x.reshape(x.shape[0], g, g, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, g * p, g * p)
+        return unpatchify(x, self.config)
 
     def forward(
         self,
