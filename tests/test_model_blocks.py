@@ -125,6 +125,20 @@ def test_rope_scores_depend_only_on_relative_positions():
     assert moved_cols[..., head_dim // 2 :].abs().max() > 0.1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_is_bitwise_the_pairwise_rotation(dtype):
+    """apply_rope computes x * (cos, cos) + (x2, x1) * (-sin, sin): the same products and one sum of two
+    each, so its output equals the pairwise rotation (x1 cos - x2 sin, x1 sin + x2 cos) to the bit (IEEE
+    addition commutes and negation is exact), on any kernel width."""
+    idx = torch.arange(16)
+    angles = rope_2d_angles(idx // 4, idx % 4, 32)
+    cos, sin = angles.cos().float(), angles.sin().float()
+    x = normal(3, 4, 16, 32, seed=5).to(dtype)
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    pairwise = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).to(dtype)
+    assert torch.equal(apply_rope(x, cos, sin), pairwise)
+
+
 def test_rope_tables_follow_the_grid_and_are_not_saved():
     model = tiny(rope=True)
     grid = model.config.grid_size
