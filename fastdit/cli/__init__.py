@@ -31,6 +31,7 @@ SUBCOMMANDS = {
     "sample": "sample",
     "extract": "extract",
     "train": "train",
+    "train-decoder": "train_decoder",
     "ema": "ema",
     "demo": "demo",
     "sample-ddp": "sample_ddp",
