@@ -25,13 +25,14 @@ from .errors import DownloadError, FetchError, UserError, template_text
 from . import hub
 from .hub import OFFICIAL_CHECKPOINTS, download, official_objective
 from .io import atomic_path, check_regular_file
-from .latents import OFFICIAL_VAES, PIXEL_SPACE_NAMES, latent_side
+from .latents import OFFICIAL_VAES, PIXEL_SPACE_NAMES, is_rae_name, latent_side
 from .state_dicts import check_weight_values, describe_mismatch
 from .model_info import LatentInfo, ModelInfo, parse_recorded_json
-from .models import DiT, DiTConfig, config_from_name, preset_of
+from .models import DiTConfig, build_from_config, config_from_name, preset_of
 from .models.dit import swiglu_hidden
-from .models.presets import SIZES
+from .models.presets import HEADS, SIZES
 from .objectives import OBJECTIVES, build_objective
+from .sampling.recipe import training_recipe
 
 TRAIN_FORMAT = "fastdit.train"
 EXPORT_FORMAT = "fastdit.export"
@@ -109,6 +110,11 @@ def _read_safetensors(path: Path) -> tuple[dict, dict | None]:
     return strip_wrapper_prefixes(state), metadata
 
 
+def is_ddt_layout(state_dict: dict) -> bool:
+    """Whether the weights are a DiT^DH's, in RAE's layout (a body and a head embedding of their own)."""
+    return "s_embedder.proj.weight" in state_dict
+
+
 def _shape_fields(state_dict: dict) -> dict:
     """The config fields that weight shapes and key names determine (everything but depth, width, heads).
 
@@ -116,7 +122,9 @@ def _shape_fields(state_dict: dict) -> dict:
     and qk_norm in its norms' keys, whose bias (LayerNorm has one, RMSNorm not) also tells the norm kind.
     RoPE (its tables are not saved) and rmsnorm without qk_norm (the block norms have no weights) leave
     no trace: a plain state dict reads as without them, and only a file that records its config (a fastdit
-    export or training checkpoint) restores them."""
+    export or training checkpoint) restores them. A DiT^DH (RAE's layout) shows them all: `_ddt_shape_fields`."""
+    if is_ddt_layout(state_dict):
+        return _ddt_shape_fields(state_dict)
     try:
         num_tokens, hidden = state_dict["pos_embed"].shape[1:]
         proj = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
@@ -147,6 +155,62 @@ def _shape_fields(state_dict: dict) -> dict:
     )
 
 
+def _ddt_shape_fields(state_dict: dict) -> dict:
+    """`_shape_fields` of a DiT^DH in RAE's layout (`fastdit.models.ddt`): its keys show every block option
+    (the RMSNorm gains, the QK-norms, SwiGLU's `w12`, the saved RoPE tables) and the head's width; the
+    body's depth is the blocks of the body's width (`_ddt_depths`)."""
+    try:
+        num_tokens, hidden = state_dict["pos_embed"].shape[1:]
+        proj = state_dict["s_embedder.proj.weight"]  # (D, C, p, p)
+        head_hidden = state_dict["x_embedder.proj.weight"].shape[0]
+        rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
+        final = state_dict["final_layer.linear.weight"].shape[0]
+        if "blocks.0.mlp.w12.weight" in state_dict:  # SwiGLU of width int(2/3 · ratio · D), gate and value fused
+            fused_rows = state_dict["blocks.0.mlp.w12.weight"].shape[0]
+            ratios = [r for r in (4.0, 1.5 * (fused_rows // 2) / hidden) if int(2 / 3 * int(hidden * r)) * 2 == fused_rows]
+            if not ratios:
+                raise UserError(f"blocks.0.mlp.w12.weight has {fused_rows} rows, which no mlp_ratio gives RAE's SwiGLU; "
+                                "the file is not a DiT^DH state dict")
+            mlp = dict(mlp="swiglu", mlp_ratio=ratios[0])
+        else:
+            mlp = dict(mlp="gelu", mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden)
+    except KeyError as err:
+        raise UserError(f"not a DiT^DH state dict: key {err.args[0]!r} is missing") from None
+    patch, in_channels = proj.shape[-1], proj.shape[1]
+    _, head_depth = _ddt_depths(state_dict, hidden)
+    return dict(
+        input_size=int(round(num_tokens**0.5)) * patch,
+        patch_size=patch,
+        in_channels=in_channels,
+        num_classes=rows - 1,
+        learn_sigma=final // (patch * patch) == 2 * in_channels,
+        **mlp,
+        norm="rmsnorm" if "blocks.0.norm1.weight" in state_dict else "layernorm",
+        rope=True,
+        qk_norm="blocks.0.attn.q_norm.weight" in state_dict,
+        head_depth=head_depth,
+        head_hidden_size=int(head_hidden),
+    )
+
+
+def _ddt_depths(state_dict: dict, hidden: int) -> tuple[int, int]:
+    """(body depth, head depth) of a DiT^DH state dict: RAE lists the body's blocks first, then the head's,
+    which differ in width; a head as wide as the body leaves the split unknown (a UserError)."""
+    widths = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if parts[0] == "blocks" and parts[1:2] != [] and parts[1].isdigit() and parts[2:] == ["attn", "qkv", "weight"]:
+            widths[int(parts[1])] = value.shape[-1]
+    if sorted(widths) != list(range(len(widths))) or not widths:
+        raise UserError("not a DiT^DH state dict: its blocks are not numbered 0, 1, ... each with an attention")
+    depth = sum(1 for width in widths.values() if width == hidden)
+    if depth == len(widths) or any(widths[i] != hidden for i in range(depth)):
+        raise UserError(f"cannot tell where the DDT head starts in these {len(widths)} blocks (the head is as wide as "
+                        f"the body, {hidden}): pass --model with a DiT^DH preset, or use a checkpoint that records "
+                        f"its config")
+    return depth, len(widths) - depth
+
+
 def _swiglu_mlp_ratio(fused_rows: int, hidden: int) -> float:
     """An `mlp_ratio` that gives a SwiGLU MLP `fused_rows` / 2 wide: `swiglu_hidden` rounds, so several
     do; 4.0 (every preset) when it is one of them, else the GELU width that the SwiGLU width is 2/3 of."""
@@ -161,17 +225,31 @@ def _swiglu_mlp_ratio(fused_rows: int, hidden: int) -> float:
 
 
 def infer_config(state_dict: dict) -> DiTConfig:
-    """A `DiTConfig` from weight shapes; heads come from the preset with the same depth and width."""
+    """A `DiTConfig` from weight shapes; heads come from the preset with the same depth and width (and,
+    for a DiT^DH's head, the preset head of that depth and width)."""
     fields = _shape_fields(state_dict)
     hidden = state_dict["pos_embed"].shape[-1]
-    depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
+    depth = _file_depth(state_dict, hidden)
     heads = next((h for d, w, h in SIZES.values() if d == depth and w == hidden), None)
     if heads is None:
         raise UserError(
             f"cannot tell the number of attention heads of a DiT with depth {depth} and width {hidden}; "
             f"pass --model with a preset name, or use a checkpoint that records its config"
         )
+    if fields.get("head_depth"):
+        head = (fields["head_depth"], fields["head_hidden_size"])
+        fields["head_num_heads"] = next((h for d, w, h in HEADS.values() if (d, w) == head), None)
+        if fields["head_num_heads"] is None:
+            raise UserError(f"cannot tell the number of attention heads of a DDT head of depth {head[0]} and width "
+                            f"{head[1]}; pass --model with a DiT^DH preset, or use a checkpoint that records its config")
     return DiTConfig(hidden_size=hidden, depth=depth, num_heads=heads, **fields)
+
+
+def _file_depth(state_dict: dict, hidden: int) -> int:
+    """The DiT's blocks (a DiT^DH's body's) in a state dict."""
+    if is_ddt_layout(state_dict):
+        return _ddt_depths(state_dict, hidden)[0]
+    return len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
 
 
 def _file_shape(state_dict: dict) -> tuple[dict, int, int] | None:
@@ -180,9 +258,9 @@ def _file_shape(state_dict: dict) -> tuple[dict, int, int] | None:
     try:
         found = _shape_fields(state_dict)
         width = int(state_dict["pos_embed"].shape[-1])
+        depth = _file_depth(state_dict, width)
     except (UserError, ValueError, IndexError):  # a missing key, or a tensor of the wrong rank
         return None
-    depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
     return found, width, depth
 
 
@@ -193,9 +271,11 @@ def _summary(config: DiTConfig, state_dict: dict) -> str:
     if shape is None:
         return ""
     found, width, depth = shape
+    file_head = f", a DDT head of {found['head_depth']} x {found['head_hidden_size']}" if found.get("head_depth") else ""
+    model_head = f", a DDT head of {config.head_depth} x {config.head_hidden_size}" if config.has_head else ""
     return (
-        f"the file holds patch {found['patch_size']}, width {width}, depth {depth}; "
-        f"the model has patch {config.patch_size}, width {config.hidden_size}, depth {config.depth}. "
+        f"the file holds patch {found['patch_size']}, width {width}, depth {depth}{file_head}; "
+        f"the model has patch {config.patch_size}, width {config.hidden_size}, depth {config.depth}{model_head}. "
     )
 
 
@@ -222,7 +302,9 @@ def check_fits_before_building(config: DiTConfig, state_dict: dict, source: str,
     shape = _file_shape(state_dict)
     if shape is not None:
         found, width, depth = shape
-        if (depth, width, found["input_size"]) != (config.depth, config.hidden_size, config.input_size):
+        file_head = (found.get("head_depth", 0), found.get("head_hidden_size", 0))
+        if (depth, width, found["input_size"], file_head) != (config.depth, config.hidden_size, config.input_size,
+                                                              (config.head_depth, config.head_hidden_size)):
             sizes = ("" if found["input_size"] == config.input_size else
                      f"The file's input size is {found['input_size']}, the model's {config.input_size}. ")
             why = ("The config recorded in the file disagrees with its weights: the file is damaged or its "
@@ -231,13 +313,13 @@ def check_fits_before_building(config: DiTConfig, state_dict: dict, source: str,
             raise UserError(f"checkpoint {source!r} does not fit this model ({preset_of(config) or 'custom DiT'}): "
                             f"{_summary(config, state_dict)}{sizes}{why}")
     with torch.device("meta"):
-        skeleton = DiT(config)
+        skeleton = build_from_config(config)
     error = _mismatch_error(skeleton.state_dict(), config, state_dict, source)
     if error is not None:
         raise error
 
 
-def load_state_dict_strict(model: DiT, state_dict: dict, source: str) -> None:
+def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str) -> None:
     error = _mismatch_error(model.state_dict(), model.config, state_dict, source)
     if error is not None:
         raise error
@@ -258,7 +340,7 @@ def resolve_official(name: str, vae: str | None = None) -> Path | None:
     if Path(name).name not in OFFICIAL_CHECKPOINTS or Path(name).exists():
         return None
     filename = Path(name).name
-    subdir = "sit" if official_objective(OFFICIAL_CHECKPOINTS[filename][0]) == "flow" else "dit"
+    subdir = {"flow": "sit", "rae": "rae"}.get(official_objective(OFFICIAL_CHECKPOINTS[filename][0]), "dit")
     try:
         return download(hub.official_url(filename), filename, subdir=subdir)
     except DownloadError as err:
@@ -283,8 +365,9 @@ def load_model(
     objective: str | None = None,
     use_ema: bool = True,
     device: str | torch.device = "cpu",
-) -> tuple[DiT, ModelInfo]:
-    """A ready (eval-mode) model and what it is, from an official name, a local file or a checkpoint.
+) -> tuple[torch.nn.Module, ModelInfo]:
+    """A ready (eval-mode) model (a `DiT`, or a `DiTDH`) and what it is, from an official name, a local
+    file or a checkpoint.
 
     `model_name`, `image_size` and `num_classes` are needed only for plain state dicts whose config
     the file does not record (they are checked against the weights either way); the block options are
@@ -315,8 +398,9 @@ def load_model(
     if metadata is not None:
         info = ModelInfo.from_dict(metadata, source=source)
         known_objective = info.objective.name
-        if vae is not None and pixels != (info.latent.kind == "pixels"):
-            trained_on = "pixels" if info.latent.kind == "pixels" else f"the latents of the VAE {info.latent.vae!r}"
+        if vae is not None and (pixels != (info.latent.kind == "pixels") or is_rae_name(vae) != (info.latent.kind == "rae")):
+            trained_on = {"pixels": "pixels", "rae": f"the RAE latent space {info.latent.vae!r}"}.get(
+                info.latent.kind, f"the latents of the VAE {info.latent.vae!r}")
             raise UserError(f"checkpoint {source!r} records that it works on {trained_on}; drop --vae {vae}")
         if model_name is not None:
             wanted = config_from_name(model_name)  # also rejects unknown names
@@ -327,22 +411,47 @@ def load_model(
                 )
     else:
         latent = LatentInfo(kind="pixels", vae=None, scale_factor=1.0) if pixels else LatentInfo(kind="vae", vae=vae or "mse")
+        if is_rae_name(vae):
+            from .rae.space import describe
+
+            spec = describe(vae)
+            latent = LatentInfo(kind="rae", vae=spec.name, scale_factor=1.0, downsample_factor=spec.downsample)
+        # RAE's DiT^DH (its layout): trained in RAE latents, whose tokens per side follow the representation
+        # encoder's patches, not the SD VAE's factor 8; the file's own grid is the model's.
+        rae_layout = is_ddt_layout(state) and not pixels
         if model_name is None:
             config = infer_config(state)
         else:
             fields = _shape_fields(state) if "pos_embed" in state else {}
-            fields.pop("patch_size", None)
-            fields.pop("mlp_ratio", None)
-            if image_size is not None:
+            for name in ("patch_size", "mlp_ratio", "head_depth", "head_hidden_size"):  # the preset's, compared below
+                fields.pop(name, None)
+            if image_size is not None and not rae_layout:
                 fields["input_size"] = latent_side(image_size, latent.downsample)
             if num_classes is not None:
                 fields["num_classes"] = num_classes
             config = config_from_name(model_name, **fields)
-        info = ModelInfo(config=config, latent=latent, source=source,
-                         objective=build_objective(known_objective or objective or "ddpm"))
+        # A file in RAE's layout is RAE's model (its `rae` objective) unless told otherwise; a release
+        # samples as RAE's configs do (Euler over 50 points, its time shift, unguided).
+        trained_for = build_objective(known_objective or objective or ("rae" if is_ddt_layout(state) else "ddpm"))
+        recipe = None
+        if trained_for.name == "rae":
+            recipe = training_recipe(trained_for, conditional=config.class_dropout_prob > 0, cfg_scale=1.0,
+                                     input_shape=(config.in_channels, config.input_size, config.input_size))
+        if rae_layout and vae is None:
+            # RAE's releases record no latent space; their token grid says which of RAE's DINOv2-B spaces
+            # they were trained in (16x16 at 256 px, 32x32 at 512: fastdit.rae.variants).
+            released = released_rae_space(config.input_size, config.in_channels)
+            if released is not None:
+                from .rae.space import describe
+
+                spec = describe(released)
+                latent = LatentInfo(kind="rae", vae=spec.name, scale_factor=1.0, downsample_factor=spec.downsample)
+        info = ModelInfo(config=config, latent=latent, source=source, objective=trained_for, sampling=recipe)
+        if rae_layout and latent.kind != "rae":
+            image_size = None  # its pixels per token are the latent space's, which the file does not say
     if objective is not None and known_objective not in (None, objective):
         raise UserError(f"{source!r} holds a {known_objective} model, not {objective}; drop --objective")
-    if vae is not None and info.latent.kind == "vae":
+    if vae is not None and info.latent.kind in ("vae", "rae"):
         info.latent.vae = vae
     if image_size is not None and info.image_size != image_size:
         raise UserError(
@@ -353,16 +462,71 @@ def load_model(
             f"checkpoint {source!r} has {info.config.num_classes} classes, not {num_classes}; "
             f"use --num-classes {info.config.num_classes}"
         )
-    check_network_fits(info, source)
     check_fits_before_building(info.config, state, source, recorded=metadata is not None)
-    model = DiT(info.config)
+    check_network_fits(info, source)
+    model = build_from_config(info.config)
     load_state_dict_strict(model, state, source)
     return model.to(device).eval(), info
 
 
+def released_rae_space(grid: int, channels: int) -> str | None:
+    """The released RAE latent space ("rae:<variant>") whose latents are (channels, grid, grid), if one is."""
+    from .rae.variants import RAE_VARIANTS
+
+    for name, variant in RAE_VARIANTS.items():
+        if (variant.latent_dim, variant.grid_size) == (channels, grid):
+            return "rae:" + name
+    return None
+
+
+def load_guidance_model(source: str | os.PathLike, info: ModelInfo, *, vae: str | None = None,
+                        device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The weaker model AutoGuidance guides the model described by `info` with (Karras et al. 2024), loaded
+    as `load_model` loads any (`vae` as given for the model), in eval mode; a one-line UserError when it
+    does not fit: another latent space, input shape or class count (its output would mean something
+    else), or another objective (its output is another quantity)."""
+    guide, guide_info = load_model(source, vae=vae, device=device)
+    where = f"the guidance model {str(source)!r} does not fit the model {info.source!r}"
+    fix = "AutoGuidance needs a weaker model of the same task: the same latent space, classes and objective"
+    mine, theirs = info.config, guide_info.config
+    if guide_info.latent != info.latent:
+        raise UserError(f"{where}: it works on {_latent_words(guide_info.latent)}, the model on "
+                        f"{_latent_words(info.latent)}; {fix}")
+    if (theirs.in_channels, theirs.input_size) != (mine.in_channels, mine.input_size):
+        raise UserError(f"{where}: its inputs are {theirs.in_channels}x{theirs.input_size}x{theirs.input_size}, the "
+                        f"model's {mine.in_channels}x{mine.input_size}x{mine.input_size}; {fix}")
+    if theirs.num_classes != mine.num_classes:
+        raise UserError(f"{where}: it has {theirs.num_classes} classes, the model {mine.num_classes}; {fix}")
+    if _output_kind(guide_info.objective) != _output_kind(info.objective):
+        raise UserError(f"{where}: it is a {_objective_words(guide_info.objective)} model, the model a "
+                        f"{_objective_words(info.objective)} one; {fix}")
+    return guide
+
+
+def _output_kind(objective) -> tuple:
+    """What a network's output is and on which clock: the objective, and the path and prediction of
+    those that have several (its training draws do not matter to guidance)."""
+    path = getattr(objective, "interpolant", None)
+    return objective.name, getattr(path, "name", None), getattr(objective, "prediction", None)
+
+
+def _objective_words(objective) -> str:
+    name, path, prediction = _output_kind(objective)
+    return name if path is None else f"{name} ({path} path, {prediction})"
+
+
+def _latent_words(latent: LatentInfo) -> str:
+    return "pixels" if latent.kind == "pixels" else f"the latents of {latent.vae!r} (scale {latent.scale_factor:g})"
+
+
 def check_network_fits(info: ModelInfo, source: str) -> None:
     """The network has what its objective needs (`Objective.network_options`) and nothing another
-    objective needs that this one would not feed (a MeanFlow network's gap, read as a flow model)."""
+    objective needs that this one would not feed (a MeanFlow network's gap, read as a flow model), and
+    a time embedding the objective's time fits (`Objective.check_network`)."""
+    try:
+        info.objective.check_network(info.config)
+    except UserError as err:
+        raise UserError(f"{source!r}: {err}") from None
     fields = {name for cls in OBJECTIVES.values() for name in cls.network_options}
     for name in sorted(fields):
         wanted = info.objective.network().get(name, DiTConfig.__dataclass_fields__[name].default)

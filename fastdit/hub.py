@@ -31,6 +31,20 @@ OFFICIAL_CHECKPOINTS = {
     "DiT-XL-2-256x256.pt": ("DiT-XL/2", 256),
     "DiT-XL-2-512x512.pt": ("DiT-XL/2", 512),
     "SiT-XL-2-256x256.pt": ("SiT-XL/2", 256),
+    # RAE's DiT^DH releases (Zheng et al. 2025), in RAE latents of DINOv2-B: the XL models and the DiT^DH-S
+    # models its AutoGuidance guides them by (14 epochs at 256 px, 20 at 512; its sampling configs).
+    "DiTDH-XL-256x256.pt": ("DiTDH-XL", 256),
+    "DiTDH-S-256x256.pt": ("DiTDH-S", 256),
+    "DiTDH-XL-512x512.pt": ("DiTDH-XL", 512),
+    "DiTDH-S-512x512.pt": ("DiTDH-S", 512),
+}
+# Where RAE's releases live (its README: `hf download nyu-visionx/RAE-collections`), by fastdit's name.
+RAE_COLLECTIONS_URL = "https://huggingface.co/nyu-visionx/RAE-collections/resolve/main/{path}"
+RAE_RELEASE_PATHS = {
+    "DiTDH-XL-256x256.pt": "DiTs/Dinov2/wReg_base/ImageNet256/DiTDH-XL/stage2_model.pt",
+    "DiTDH-S-256x256.pt": "DiTs/Dinov2/wReg_base/ImageNet256/DiTDH-S_ep14/stage2_model.pt",
+    "DiTDH-XL-512x512.pt": "DiTs/Dinov2/wReg_base/ImageNet512/DiTDH-XL_ep400/stage2_model.pt",
+    "DiTDH-S-512x512.pt": "DiTs/Dinov2/wReg_base/ImageNet512/DiTDH-S_ep20/stage2_model.pt",
 }
 
 
@@ -41,12 +55,16 @@ RAE_CACHE_SUBDIR = "rae"
 
 
 def official_objective(model: str) -> str:
-    """The process a released model was trained with: "flow" for SiT, "ddpm" for DiT."""
+    """The process a released model was trained with: "flow" for SiT, "rae" for RAE's DiT^DH, "ddpm" for DiT."""
+    if model.startswith("DiTDH-"):
+        return "rae"
     return "flow" if model.startswith("SiT-") else "ddpm"
 
 
 def official_url(filename: str) -> str:
     model, _ = OFFICIAL_CHECKPOINTS[filename]
+    if filename in RAE_RELEASE_PATHS:
+        return RAE_COLLECTIONS_URL.format(path=RAE_RELEASE_PATHS[filename])
     return OFFICIAL_SIT_URL if official_objective(model) == "flow" else OFFICIAL_DIT_URL.format(name=filename)
 
 _CHUNK = 1 << 20

@@ -101,7 +101,11 @@ def check_free_space(folder: str | os.PathLike, needed: int, what: str, fix: str
 
 
 def _bytes_text(amount: int) -> str:
-    return f"{amount / 1e9:.2f} GB" if amount >= 1e9 else f"{amount / 1e6:.1f} MB"
+    # kB and bytes for tiny jobs, which would otherwise read "0.0 MB are needed, 0.0 MB are free".
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if amount >= size:
+            return f"{amount / size:.2f} {unit}" if unit == "GB" else f"{amount / size:.1f} {unit}"
+    return f"{amount} bytes"
 
 
 # What a full disk or quota looks like: the OSError errno, or its text where a library wraps it in its

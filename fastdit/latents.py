@@ -24,6 +24,7 @@ import torch
 from .errors import FetchError, UserError, template_text
 from .hub import hf_hub_unreachable, vae_fetch_advice
 from .program import install_command
+from .rae.space import is_rae_name
 
 SD_VAE_SCALE = 0.18215
 VAE_DOWNSAMPLE = 8
@@ -41,11 +42,6 @@ def latent_side(image_size: int, downsample: int = VAE_DOWNSAMPLE) -> int:
             f"use a multiple of {downsample} such as {nearest}"
         )
     return image_size // downsample
-
-
-def is_rae_name(name) -> bool:
-    """Whether a --vae value names an RAE latent space ("rae:<variant>" or "rae:FOLDER")."""
-    return isinstance(name, str) and name.startswith("rae:")
 
 
 def check_image_size(vae: str | None, image_size: int) -> None:

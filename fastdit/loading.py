@@ -17,7 +17,7 @@ from .sampling import SamplingOptions
 class LoadedModel(NamedTuple):
     model: torch.nn.Module
     info: object  # model_info.ModelInfo: config, latent space, objective
-    latent_space: object  # decodes latents to pixels (latents.LatentSpace or PixelSpace)
+    latent_space: object  # decodes latents to pixels (VAELatentSpace, PixelSpace or rae.RAELatentSpace)
     device: torch.device
 
 
@@ -53,7 +53,7 @@ def load_for_sampling(
     `fastdit.cli.common.RecipePlan.options_for`). See `checkpoint.load_model` for the rest."""
     from .checkpoint import load_model
     from .devices import resolve_device
-    from .latents import PIXEL_SPACE_NAMES, check_latent_channels, latent_side, load_latent_space
+    from .latents import check_image_size, check_latent_channels, load_latent_space
 
     device = resolve_device(device) if isinstance(device, str) else device
     if image_size is not None and image_size <= 0:
@@ -62,14 +62,19 @@ def load_for_sampling(
         raise UserError(f"number of classes must be >= 1, got {num_classes}")
     if source is None:
         source = official_checkpoint_name(model_name, image_size)
-    if vae is not None and vae not in PIXEL_SPACE_NAMES and image_size is not None:
-        latent_side(image_size)  # before loading anything: the VAE's factor must divide the size
+    if vae is not None and image_size is not None:
+        check_image_size(vae, image_size)  # before loading anything: the VAE's factor must divide the size,
+        # an RAE space makes one size
     model, info = load_model(source, model_name=model_name, image_size=image_size, num_classes=num_classes,
                              vae=vae, objective=objective, device=device)
     if callable(options):
         options = options(info)
     if options is not None:
         options.validate(info.objective)  # at once for options the callable checked
+        if options.guidance_model is not None and options.cfg_scale > 1:  # AutoGuidance: its weaker model, checked
+            from .checkpoint import load_guidance_model
+
+            options.attach_guidance_network(load_guidance_model(options.guidance_model, info, vae=vae, device=device))
     name = None if info.latent.kind == "pixels" else (vae or info.latent.vae)
     latent_space = load_latent_space(name, channels=info.config.in_channels, device=device)
     if name is not None:

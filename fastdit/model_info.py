@@ -2,7 +2,7 @@
 checkpoint and export (as JSON in its metadata) and that every loader hands back with the model.
 
 `ModelInfo` holds the architecture (`DiTConfig`), the space the model's inputs live in (`LatentInfo`:
-SD-VAE latents or pixels, and the latent scale), what the weights were trained for (the objective,
+SD-VAE latents, RAE latents or pixels, and the latent scale), what the weights were trained for (the objective,
 `fastdit.objectives`), and the class names, so that a file can be sampled without being told how it was trained.
 """
 
@@ -13,22 +13,70 @@ import typing
 from dataclasses import asdict, dataclass, field
 
 from .errors import UserError
-from .latents import SD_VAE_SCALE, VAE_DOWNSAMPLE
+from .latents import SD_VAE_SCALE, VAE_DOWNSAMPLE, is_rae_name
 from .models import DiTConfig, preset_of
 from .objectives import Objective, build_objective, objective_from_dict
 
 
+LATENT_KINDS = ("vae", "pixels", "rae")
+
+
 @dataclass
 class LatentInfo:
-    """Which space a model's inputs live in: "vae" (SD VAE latents, 8x down) or "pixels"."""
+    """Which space a model's inputs live in: "vae" (SD VAE latents, 8x down), "pixels", or "rae" (an RAE's
+    normalised encoder tokens, `fastdit.rae`; `vae` then holds its name, "rae:<variant>" or "rae:<folder>",
+    and `downsample_factor` the pixels per token side, the decoder's patch: 16 for RAE's releases)."""
 
     kind: str = "vae"
     vae: str | None = "mse"
     scale_factor: float = SD_VAE_SCALE
+    downsample_factor: int | None = None  # recorded for "rae" only
 
     @property
     def downsample(self) -> int:
+        if self.kind == "rae":
+            return self.downsample_factor
         return VAE_DOWNSAMPLE if self.kind == "vae" else 1
+
+    def to_dict(self) -> dict:
+        # downsample_factor only where it is recorded, so that files of the other spaces stay readable by
+        # fastdit versions without the field.
+        record = asdict(self)
+        if record["downsample_factor"] is None:
+            del record["downsample_factor"]
+        return record
+
+    @classmethod
+    def of_space(cls, space) -> "LatentInfo":
+        """The record of a loaded latent space (`fastdit.latents.load_latent_space`)."""
+        if space.kind == "pixels":
+            return cls(kind="pixels", vae=None, scale_factor=1.0)
+        if space.kind == "rae":
+            return cls(kind="rae", vae=space.name, scale_factor=1.0, downsample_factor=space.downsample)
+        return cls(kind="vae", vae=space.name, scale_factor=float(space.scale_factor))
+
+    @classmethod
+    def of_store(cls, meta: dict) -> "LatentInfo":
+        """The record of a latent store's space, from its meta.json (`fastdit.data.latent_store`)."""
+        if meta["vae"] == "pixels":  # `extract --vae pixels`: the store holds the crops themselves
+            return cls(kind="pixels", vae=None, scale_factor=1.0)
+        if is_rae_name(meta["vae"]):
+            return cls(kind="rae", vae=meta["vae"], scale_factor=1.0,
+                       downsample_factor=int(meta["image_size"]) // int(meta["latent_shape"][1]))
+        return cls(kind="vae", vae=meta["vae"], scale_factor=float(meta.get("scale_factor", SD_VAE_SCALE)))
+
+    def check(self, where: str) -> None:
+        """A UserError unless the record is one a space can be built from."""
+        if self.kind not in LATENT_KINDS:
+            raise UserError(f"{where} has a latent kind {self.kind!r}, not one of {', '.join(map(repr, LATENT_KINDS))}")
+        if self.kind == "rae":
+            if not is_rae_name(self.vae):
+                raise UserError(f"{where} records an RAE latent space named {self.vae!r}, not 'rae:...'; the file is "
+                                "damaged")
+            factor = self.downsample_factor
+            if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+                raise UserError(f"{where} records an RAE latent space with downsample_factor {factor!r}, not a "
+                                "positive integer; the file is damaged")
 
 
 @dataclass
@@ -52,7 +100,7 @@ class ModelInfo:
     def to_dict(self) -> dict:
         return {
             "model": asdict(self.config),
-            "latent": asdict(self.latent),
+            "latent": self.latent.to_dict(),
             "class_names": self.class_names,
             "preset": preset_of(self.config),
             "objective": self.objective.to_dict(),
@@ -71,8 +119,7 @@ class ModelInfo:
             raise UserError(f"{where} has a 'latent' of type {type(latent).__name__}, not an object")
         _check_fields(DiTConfig, data["model"], f"{where}, 'model'")
         _check_fields(LatentInfo, latent, f"{where}, 'latent'")
-        if latent.get("kind", "vae") not in ("vae", "pixels"):
-            raise UserError(f"{where} has a latent kind {latent['kind']!r}, neither 'vae' nor 'pixels'")
+        LatentInfo(**latent).check(where)
         class_names = data.get("class_names")
         if class_names is not None and not (isinstance(class_names, list) and all(isinstance(n, str) for n in class_names)):
             raise UserError(f"{where} has class_names that are not a list of names")

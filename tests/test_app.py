@@ -74,7 +74,8 @@ def test_model_choices(tmp_path):
     with pytest.raises(UserError, match="no readable checkpoint at .*nope.pt"):
         model_source(LOCAL, str(tmp_path / "nope.pt"), [])
     official = {(s.model_name, s.image_size) for s in (model_source(c, "", []) for c in OFFICIAL)}
-    assert official == {("DiT-XL/2", 256), ("DiT-XL/2", 512), ("SiT-XL/2", 256)}
+    assert official == {("DiT-XL/2", 256), ("DiT-XL/2", 512), ("SiT-XL/2", 256), ("DiTDH-XL", 256), ("DiTDH-S", 256),
+                        ("DiTDH-XL", 512), ("DiTDH-S", 512)}
 
 
 def test_bad_page_values_are_refused_with_their_fix():

@@ -53,6 +53,15 @@ def app_url(tmp_path):
         server.wait(timeout=30)
 
 
+def choose_only_class(page, label):
+    """Clear the classes field (the digits page starts with all ten), then choose one class."""
+    if page.locator("#classes .remove-all").count():
+        page.locator("#classes .remove-all").click()
+    page.locator("#classes input").click()
+    page.get_by_role("option", name=label, exact=True).click()
+    page.keyboard.press("Escape")
+
+
 def test_generate_digits_and_show_errors_in_the_page(app_url, tmp_path):
     executable = chromium_executable()
     if executable is None:
@@ -65,9 +74,8 @@ def test_generate_digits_and_show_errors_in_the_page(app_url, tmp_path):
         page.goto(app_url)
         status = page.locator("#status")
         sync_api.expect(status).to_contain_text("Model:", timeout=60_000)  # the digits demo was found and read
-        page.locator("#classes input").click()
-        page.get_by_role("option", name="7", exact=True).click()
-        page.keyboard.press("Escape")
+        assert page.locator("#classes .token").count() == 10  # the digits page opens with every digit chosen
+        choose_only_class(page, "7")
         page.locator("#steps input").fill("4")
         page.locator("#per-class input").fill("3")
         page.locator("#generate").click()
@@ -123,9 +131,7 @@ def test_generate_digits_and_show_errors_in_the_page(app_url, tmp_path):
         other = browser.new_context().new_page()
         other.goto(app_url)
         sync_api.expect(other.locator("#status")).to_contain_text("Model:", timeout=60_000)
-        other.locator("#classes input").click()
-        other.get_by_role("option", name="3", exact=True).click()
-        other.keyboard.press("Escape")
+        choose_only_class(other, "3")
         other.locator("#steps input").fill("4")
         page.locator("#generate").click()
         other.locator("#generate").click()
@@ -144,9 +150,7 @@ def test_generate_digits_and_show_errors_in_the_page(app_url, tmp_path):
 
         # The largest seed `fastdit sample --seed` takes, 2^64 - 1 (beyond the integers a float holds):
         # the page samples with it, and its command says it.
-        page.locator("#classes input").click()
-        page.get_by_role("option", name="7", exact=True).click()
-        page.keyboard.press("Escape")
+        choose_only_class(page, "7")
         page.locator("#steps input").fill("4")
         page.locator("#seed input").fill(str(2**64 - 1))
         page.locator("#generate").click()

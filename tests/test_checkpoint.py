@@ -193,7 +193,7 @@ def builds(monkeypatch):
     allocation the check must prevent, and failing here keeps a broken loader from allocating it."""
     from fastdit import checkpoint
 
-    real, seen = checkpoint.DiT, []
+    real, seen = checkpoint.build_from_config, []
 
     def spy(config):
         device = torch.empty(0).device.type  # the default device: "meta" inside `with torch.device("meta")`
@@ -202,7 +202,7 @@ def builds(monkeypatch):
             pytest.fail(f"load_model built the claimed depth-{config.depth} model on {device} before checking it")
         return real(config)
 
-    monkeypatch.setattr(checkpoint, "DiT", spy)
+    monkeypatch.setattr(checkpoint, "build_from_config", spy)
     return seen
 
 

@@ -38,6 +38,7 @@ def test_every_flag_says_its_default_once_and_lists_its_choices(name):
     parser = subparsers()[name]
     text = parser.format_help()  # renders without error
     assert text.startswith("usage: fastdit " + name)
+    assert "==SUPPRESS==" not in text  # argparse's marker for "no default" is never shown as one
     for action in options_of(parser):
         flag, help_text = action.option_strings[-1], " ".join((action.help or "").split())
         assert help_text and not help_text.startswith("(default"), f"{name} {flag} has no help text"

@@ -259,3 +259,36 @@ def test_evaluate_takes_the_digits_demos_samples(tmp_path):
         assert data["arr_0"].shape == (6, 8, 8, 3) and (data["arr_0"] == digits).all()
     (batch,) = list(open_images(path).batches(8))
     assert (batch == digits).all()
+
+
+def test_a_reference_folder_of_mixed_sizes_is_centre_cropped_to_the_samples_side(tmp_path, monkeypatch, capsys):
+    """`fastdit evaluate my-samples.npz my-photos/`: a folder of photos of any sizes is the reference, each
+    ADM-centre-cropped to the samples' side (with a note); the pixels are exactly those of
+    `data.image_folder.center_crop`, and an image already of that size is kept as it is."""
+    from fastdit.data.image_folder import center_crop
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "photos").mkdir()
+    arrays = {"a.png": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
+              "b.png": rng.integers(0, 256, (40, 23, 3), dtype=np.uint8),
+              "c.png": rng.integers(0, 256, (17, 61, 3), dtype=np.uint8)}
+    for name, array in arrays.items():
+        Image.fromarray(array).save(tmp_path / "photos" / name)
+    images = open_images(tmp_path / "photos", crop_to=16)
+    (batch,) = list(images.batches(8))
+    assert images.image_size == (16, 16) and batch.shape == (3, 16, 16, 3)
+    assert np.array_equal(batch[0], arrays["a.png"])  # already 16x16: untouched
+    for index, name in ((1, "b.png"), (2, "c.png")):
+        assert np.array_equal(batch[index], np.asarray(center_crop(Image.fromarray(arrays[name]), 16)))
+
+    # Through the CLI: the note, then statistics of the cropped images (random Inception weights stand in)
+    np.savez(tmp_path / "samples.npz", rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
+    cache = tmp_path / "cache"
+    (cache / "inception").mkdir(parents=True)
+    torch.save(random_inception_state_dict(seed=0), cache / "inception" / "pt_inception-2015-12-05-6726825d.pth")
+    monkeypatch.setenv("FASTDIT_CACHE", str(cache))
+    assert main(["evaluate", str(tmp_path / "samples.npz"), str(tmp_path / "photos"), "--no-progress",
+                 "--metrics", "fid", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "are 16x16, 61x17, 23x40, not all 16x16 as the samples: each is centre-cropped to 16x16" in out
+    assert "reference: " in out and "(3 images)" in out

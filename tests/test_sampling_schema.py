@@ -28,7 +28,7 @@ OFFICIAL = ModelSource(None, "DiT-XL/2", 256)  # names no file: the command's wo
 # A value other than the default for every option (the sampler is written always).
 OTHER = {"sampler": "ddim", "num_steps": 7, "cfg_scale": 2.5, "guided_channels": 3, "guidance_interval": (0.2, 0.9),
          "eta": 0.5, "time_shift": 2.0, "precision": "bf16", "diffusion_form": "linear", "diffusion_norm": 0.5,
-         "last_step": "tweedie", "last_step_size": 0.1}
+         "last_step": "tweedie", "last_step_size": 0.1, "guidance_model": "weaker.safetensors"}
 
 
 def subcommand_parser(name: str) -> argparse.ArgumentParser:

@@ -62,11 +62,17 @@ IMPROVED_MEANFLOW_FIELDS = dict(objective="meanflow", meanflow_v_loss=True, mean
 # follow the tokens), and with MeanFlow (an unrouted target, a routed trained forward).
 ROUTE = ["--route", "0.5", "--route-blocks", "1:2"]
 ROUTE_FIELDS = dict(route=0.5, route_blocks="1:2")
+# DiT^DH (RAE's DDT head after the tiny body) with RAE's objective: its shifted logit-normal draws; routed
+# through a span of its body too.
+DITDH = ["--model", "DiTDH-T", "--objective", "rae", "--time-shift-base", "16"]
+DITDH_FIELDS = dict(model="DiTDH-T", objective="rae", time_shift_base=16)
 OBJECTIVE_RUNS = pytest.mark.parametrize(
     "flags, fields", [([], {}), (FLOW, FLOW_FIELDS), (X_PRED, X_PRED_FIELDS), (MEANFLOW, MEANFLOW_FIELDS),
                       (IMPROVED_MEANFLOW, IMPROVED_MEANFLOW_FIELDS), (FLOW + ROUTE, {**FLOW_FIELDS, **ROUTE_FIELDS}),
-                      (MEANFLOW + ROUTE, {**MEANFLOW_FIELDS, **ROUTE_FIELDS})],
-    ids=["ddpm", "flow", "x-pred", "meanflow", "improved-meanflow", "flow-route", "meanflow-route"])
+                      (MEANFLOW + ROUTE, {**MEANFLOW_FIELDS, **ROUTE_FIELDS}), (DITDH, DITDH_FIELDS),
+                      (DITDH + ROUTE, {**DITDH_FIELDS, **ROUTE_FIELDS})],
+    ids=["ddpm", "flow", "x-pred", "meanflow", "improved-meanflow", "flow-route", "meanflow-route", "ditdh",
+         "ditdh-route"])
 # The dispersive loss (groups of 4: inside a micro-batch of 2 processes' runs), with x-prediction: resumed
 # here like the objectives; its 1-vs-2-process test is in test_extensions.py (it needs its own bound).
 DISPERSE = ["--disperse", "0.5", "--disperse-group", "4"]

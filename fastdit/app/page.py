@@ -37,7 +37,7 @@ FIRST_CLASSES = 16
 # The sampling fields in the page's order, two a row: every option of `fastdit.sampling.options`
 # (tests/test_sampling_schema.py checks that none is missing).
 PAGE_FIELDS = ("sampler", "num_steps", "cfg_scale", "guidance_interval", "guided_channels", "time_shift", "eta", "precision",
-               "diffusion_form", "diffusion_norm", "last_step", "last_step_size")
+               "diffusion_form", "diffusion_norm", "last_step", "last_step_size", "guidance_model")
 # `generate` takes the fields from eta on after the seed and the session's last picture, with defaults
 # (the fields the page had before them come first, so a call that gives only those keeps working).
 LATE_FIELDS = PAGE_FIELDS.index("eta")
@@ -50,6 +50,8 @@ def field_value(option: Option, value):
         return DEFAULT_SAMPLER if value is None else value
     if option.kind == "pair":
         return "" if value is None else " ".join(repr(float(t)) for t in value)
+    if option.kind == "path":
+        return value or ""
     return request_value(option, value)
 
 
@@ -68,6 +70,8 @@ def read_field(option: Option, value):
         return real_number(value, option.label)
     if option.kind == "pair":
         return parse_interval(value)
+    if option.kind == "path":  # empty: none (classifier-free guidance)
+        return (value or "").strip() or None
     return bool(value)
 
 
@@ -79,7 +83,7 @@ def option_field(option: Option, value, choices=None, **properties):
         return gr.Dropdown(value=value, choices=choices or list(option.choices()), **properties)
     if option.kind in ("int", "float"):
         return gr.Number(value=value, **properties)
-    if option.kind == "pair":
+    if option.kind in ("pair", "path"):
         return gr.Textbox(value=value, **properties)
     return gr.Checkbox(value=value, **properties)
 
@@ -204,13 +208,14 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None, 
                  eta=OPTIONS["eta"].default, precision=OPTIONS["precision"].default,
                  diffusion_form=OPTIONS["diffusion_form"].default, diffusion_norm=OPTIONS["diffusion_norm"].default,
                  last_step=OPTIONS["last_step"].default, last_step_size=OPTIONS["last_step_size"].default,
+                 guidance_model=field_value(OPTIONS["guidance_model"], OPTIONS["guidance_model"].default),
                  request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
         """Inputs: the model, the classes, the sampling fields of PAGE_FIELDS (from LATE_FIELDS on after
         the seed and the session's last picture). Outputs: picture, PNG, command, status, last
         finished (picture, command). A generator: it streams previews, and Gradio can close it between
         two yields (Stop, a client that left)."""
         fields = dict(zip(PAGE_FIELDS, (sampler, steps, cfg, interval, official, shift, eta, precision, diffusion_form,
-                                        diffusion_norm, last_step, last_step_size)))
+                                        diffusion_norm, last_step, last_step_size, guidance_model)))
         try:
             sample = read_request(choice, path, classes, per_class, seed, fields)
         except Exception as err:  # noqa: BLE001
@@ -269,9 +274,9 @@ def build_page(demo_folders, device: str = "auto", work_dir: str | None = None, 
                                       elem_id="classes")
                 per_class = gr.Number(1, precision=0, label="Images per class", elem_id="per-class")
                 components = {}
-                for pair in zip(PAGE_FIELDS[::2], PAGE_FIELDS[1::2]):
+                for first in range(0, len(PAGE_FIELDS), 2):  # two a row (the last alone when they are odd)
                     with gr.Row():
-                        for name in pair:
+                        for name in PAGE_FIELDS[first : first + 2]:
                             option = OPTIONS[name]
                             properties = dict(label=f"{option.label} {option.hint}".strip(), elem_id=option.page_id)
                             if option.kind == "int":

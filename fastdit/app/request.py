@@ -186,12 +186,28 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
 
 
 class ModelCache:
-    """Keeps the last model loaded, so the next picture from it starts at once; loads one at a time."""
+    """Keeps the last model loaded, so the next picture from it starts at once; loads one at a time.
+    Likewise the last AutoGuidance model (`guide`), checked against the model it guides."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._key = None
         self._loaded = None
+        self._guide_key = None
+        self._guide = None
+
+    def guide(self, path: str, source: ModelSource, device: str):
+        """The guidance model `path` for the model of `source` (loaded by `get`), loaded once and checked."""
+        from ..checkpoint import load_guidance_model
+
+        loaded = self.get(source, device)
+        key = (path, source, device)
+        with self._lock:
+            if self._guide_key != key:
+                self._guide_key, self._guide = None, None
+                self._guide = load_guidance_model(path, loaded.info, device=loaded.device)
+                self._guide_key = key
+            return self._guide
 
     def get(self, source: ModelSource, device: str):
         from ..loading import load_for_sampling
@@ -226,6 +242,8 @@ def generate_grid(request: SampleRequest, cache: ModelCache, out: Path, progress
     options = request.options()
     model, info, latent_space, device = cache.get(request.source, request.device)
     options.validate(info.objective)  # the page's one check: generate() does not repeat it
+    if options.guidance_model is not None and options.cfg_scale > 1:  # AutoGuidance: its weaker model, checked
+        options.attach_guidance_network(cache.guide(options.guidance_model, request.source, request.device))
     labels = check_labels(request.all_labels, info.config.num_classes)
     done: list[np.ndarray] = []
     num_batches = -(-len(labels) // batch_size)

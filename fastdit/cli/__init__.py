@@ -111,7 +111,7 @@ def say_defaults_and_choices(parser: argparse.ArgumentParser) -> None:
             if missing:
                 action.help += f" (one of: {', '.join(map(str, action.choices))})"
         switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction))
-        if not switch and action.default is not None and "default" not in action.help:
+        if not switch and action.default not in (None, argparse.SUPPRESS) and "default" not in action.help:
             default = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
             action.help += f" (default: {default})"
 

@@ -22,14 +22,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None,
                        help="preset name, e.g. DiT-XL/2 (default for official weights), SiT-XL/2 (the official SiT weights), "
-                            "DiT-B/4; read from --ckpt when it records it")
+                            "DiTDH-XL (RAE's official DiT^DH weights), DiT-B/4; read from --ckpt when it records it")
     group.add_argument("--image-size", type=int, default=None,
                        help="image side in pixels (official models: 256 or 512; default: 256, or what the checkpoint records)")
     group.add_argument("--num-classes", type=int, default=None, help="number of classes (default: 1000, or what the checkpoint records)")
     group.add_argument("--ckpt", default=None,
                        help="a .pt/.safetensors file or training checkpoint; default: the official DiT-XL-2-<size>.pt, downloaded on first use")
-    group.add_argument("--vae", default=None, help="mse (default for official models), ema, a local diffusers AutoencoderKL folder, "
-                            "or pixels for a model trained on pixels (needed only for plain state dicts)")
+    group.add_argument("--vae", default=None, help="mse (default for official DiT/SiT models), ema, a local diffusers AutoencoderKL folder, "
+                            "an RAE latent space (rae:dinov2-b-reg, rae:dinov2-b-reg-512, rae:FOLDER; RAE's releases "
+                            "default to theirs), or pixels for a model trained on pixels (needed only for plain state dicts)")
     group.add_argument("--objective", choices=objective_names(), default=None,
                        help="what a plain state dict was trained for: ddpm (DiT), flow (SiT), ...; checkpoints and "
                             "official weights record it")
@@ -68,6 +69,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, fid: bool = False
 # How `fastdit sample` and `sample-ddp` name each sampling option in messages (`OptionError.at_edge`).
 OPTION_FLAGS = {name: option.flag for name, option in OPTIONS.items()}
 EVERY_STEP = "every-step"  # --no-guidance-interval: an explicit "no interval", unlike a flag not given
+NO_PATH = object()  # --no-guidance-model: an explicit "none" (any string could be a file's name)
 
 
 def add_option_argument(group, option: Option, *, default, more: str = "") -> None:
@@ -86,6 +88,9 @@ def add_option_argument(group, option: Option, *, default, more: str = "") -> No
         group.add_argument(option.flag, type=finite_float, default=given, help=text)
     elif option.kind == "switch":  # --official-guidance / --no-official-guidance
         group.add_argument(option.flag, action=argparse.BooleanOptionalAction, default=given, help=text)
+    elif option.kind == "path":  # --guidance-model CKPT, or --no-guidance-model
+        group.add_argument(option.flag, default=given, metavar="CKPT", help=text)
+        group.add_argument(option.off, dest=option.dest, action="store_const", const=NO_PATH, help=option.off_help)
     else:  # a pair: --guidance-interval LOW HIGH, or --no-guidance-interval
         group.add_argument(option.flag, type=finite_float, nargs=2, metavar=("LOW", "HIGH"), default=given, help=text)
         group.add_argument(option.off, dest=option.dest, action="store_const", const=EVERY_STEP, help=option.off_help)
@@ -93,20 +98,22 @@ def add_option_argument(group, option: Option, *, default, more: str = "") -> No
 
 def flag_value(option: Option, given):
     """The value an option's flag gave (`_NOT_GIVEN` for a flag not given): a switch's True is its
-    value, its --no- form None; a pair's --no- form None."""
+    value, its --no- form None; a pair's and a path's --no- form None."""
     if given is None:
         return _NOT_GIVEN
     if option.kind == "switch":
         return option.switch if given else None
     if option.kind == "pair":
         return None if given == EVERY_STEP else tuple(given)
+    if option.kind == "path":
+        return None if given is NO_PATH else given
     return given
 
 
 def recipe_flags(args: argparse.Namespace) -> dict:
     """{recipe field: value} for the recipe flags the user gave. A flag not given is None on the
-    namespace; the two that can say "none" on purpose (--no-official-guidance: every channel;
-    --no-guidance-interval: every step) give the value None."""
+    namespace; the three that can say "none" on purpose (--no-official-guidance: every channel;
+    --no-guidance-interval: every step; --no-guidance-model: classifier-free) give the value None."""
     job = {"model": args.model, "image_size": args.image_size, "label_sampling": getattr(args, "label_sampling", None),
            "num_samples": getattr(args, "num_fid_samples", None)}
     given = {name: flag_value(OPTIONS[name], getattr(args, OPTIONS[name].dest)) if name in OPTIONS

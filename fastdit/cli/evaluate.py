@@ -253,7 +253,7 @@ def run(args: argparse.Namespace) -> int | None:
         save_statistics,
         statistics_for_path,
     )
-    from ..evaluate.sources import is_statistics_file, read_fid_moments
+    from ..evaluate.sources import is_statistics_file, read_fid_moments, reference_crop_side
     from ..evaluate.statistics import check_metric_names, check_same_resolution
     from ..io import atomic_write_json
     from .common import check_output_file
@@ -276,6 +276,7 @@ def run(args: argparse.Namespace) -> int | None:
     first, second = Path(args.samples).expanduser(), Path(args.ref).expanduser()
 
     # Check the inputs and outputs before loading the networks and minutes of features, not after.
+    reference_crop = None
     if args.make_ref:
         if is_statistics_file(first) or read_fid_moments(first) is not None:
             raise UserError(f"{str(first)!r} is already a statistics file; pass an image folder or .npz batch")
@@ -283,7 +284,9 @@ def run(args: argparse.Namespace) -> int | None:
         output = _check_make_ref_output(first, args.ref)
     else:
         sample_size = _image_size(first, "samples", metrics_asked)
-        check_same_resolution(sample_size, _image_size(second, "reference", metrics_asked), str(second))
+        reference_crop = reference_crop_side(second, sample_size)
+        if reference_crop is None:
+            check_same_resolution(sample_size, _image_size(second, "reference", metrics_asked), str(second))
         if args.out_json:
             check_output_file(args.out_json, (".json",))
         recorded = recorded_preset(first)  # what the samples record, read now: the features take minutes
@@ -320,7 +323,7 @@ def run(args: argparse.Namespace) -> int | None:
 
     sample_stats = statistics_for_path(first, extractor, pr_subset=pr_subset, progress=progress, **encoders)
     ref_stats = statistics_for_path(
-        second, extractor, pr_subset=pr_subset, reference=True, progress=progress, **encoders
+        second, extractor, pr_subset=pr_subset, reference=True, progress=progress, crop_to=reference_crop, **encoders
     )
     metrics = compare(
         sample_stats, ref_stats, device=str(device), pr_distances=args.pr_distances, metrics=metrics_asked

@@ -74,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     record = json.dumps({**plan.resolved.to_dict(PICTURE_FIELDS), "seed": args.seed, "labels": labels.tolist()}, sort_keys=True)
     atomic_save_png(enlarge(make_grid(images, nrow=args.nrow), factor), out, text={"fastdit-recipe": record})
     shown = f", shown {factor}x larger (--no-upscale: as sampled)" if factor > 1 else ""
+    guidance = (f"AutoGuidance by {options.guidance_model} at {options.cfg_scale}" if options.guidance_model is not None
+                and options.cfg_scale > 1 else f"cfg {options.cfg_scale}")
     print(f"wrote {out} ({len(labels)} images, {info.image_size}x{info.image_size}{shown}, "
-          f"{options.resolved_sampler(info.objective)} {counted(options.num_steps, 'step')}, cfg {options.cfg_scale})")
+          f"{options.resolved_sampler(info.objective)} {counted(options.num_steps, 'step')}, {guidance})")
     return 0

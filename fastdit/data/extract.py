@@ -1,4 +1,5 @@
-"""Encode an image folder with the VAE into a sharded latent store, on every process of a torchrun job.
+"""Encode an image folder with the VAE (or an RAE's encoder) into a sharded latent store, on every process
+of a torchrun job.
 
 Every process encodes its share of the missing shards (r, r + W, ... of that list for rank r of W);
 shard contents depend only on the sorted file list, so any number of processes writes the same store.
@@ -20,7 +21,7 @@ class ExtractConfig:
     data_path: str
     features_path: str
     image_size: int = 256
-    vae: str = "ema"  # "ema"/"mse" (the SD VAEs DiT uses), a hub id or a local diffusers folder
+    vae: str = "ema"  # "ema"/"mse" (the SD VAEs DiT uses), a hub id, a local diffusers folder, or "rae:..."
     batch_size: int = 32  # images per VAE call and process; each is encoded together with its flip
     shard_size: int = DEFAULT_SHARD_SIZE
     num_workers: int = 4
@@ -69,9 +70,10 @@ def _extract(config: ExtractConfig, info) -> dict | None:
         open_for_writing,
         size_on_disk,
     )
-    from ..latents import load_latent_space
+    from ..latents import check_image_size, load_latent_space
 
     index = list_image_folder(config.data_path, exclude={config.features_path: "--features-path"})  # no class
+    check_image_size(config.vae, config.image_size)  # before the weights are loaded (or downloaded)
     space = load_latent_space(config.vae, channels=3, device=info.device)  # the crops are RGB (load_crop)
     latent_size = space.latent_size(config.image_size)
     plan = StorePlan(
@@ -85,11 +87,14 @@ def _extract(config: ExtractConfig, info) -> dict | None:
         class_names=index.class_names,
         files_digest=files_digest(index),
         with_images=config.with_images,
+        # A space that does not say it is deterministic is stored with its posterior std.
+        posterior_std=not getattr(space, "deterministic", False),
     )
     # The main process starts (or checks) the store first; then all list the missing shards before any
     # writes one, so that every process sees the same list and splits it the same way.
     if info.is_main:
         pending = open_for_writing(config.features_path, plan)
+        _check_room(config.features_path, plan, pending)
     dist.barrier()
     if not info.is_main:
         pending = open_for_writing(config.features_path, plan, is_main=False)
@@ -121,6 +126,31 @@ def _extract(config: ExtractConfig, info) -> dict | None:
         f"({speed if total else 'nothing left to encode'})"
     )
     return meta
+
+
+# PNG crops of photographs take 60-75% of their raw RGB bytes (the `--with-images` help): the upper end.
+PNG_SHARE = 0.75
+
+
+def _check_room(folder: str, plan, pending: list[int]) -> None:
+    """Say what the shards still to write will take, and refuse to start when the disk cannot hold it."""
+    from ..io import check_free_space
+    from .latent_store import format_size
+
+    count = sum(len(plan.shard_sources(shard)) for shard in pending)
+    if not count:
+        return
+    per_image = plan.item_bytes() + (int(PNG_SHARE * 3 * plan.image_size**2) if plan.with_images else 0)
+    c, h, w = plan.latent_shape
+    what = (f"{c}x{h}x{w} {plan.dtype} latents of each image and its flip"
+            + (" (mean and std)" if plan.posterior_std else "") + (", and its crop" if plan.with_images else ""))
+    needed = count * per_image
+    print(f"encoding {count} images into {folder!r}: about {format_size(needed)} to write "
+          f"({format_size(per_image)} each: {what})", flush=True)
+    fix = "free some space or choose another --features-path"
+    if plan.dtype == "float32":
+        fix += " (--dtype float16 halves the latents)"
+    check_free_space(folder, needed, f"the {count} images still to encode ({what})", fix)
 
 
 def _corrupt_images_error(corrupt: list[tuple[str, str]], total: int) -> UserError:
@@ -207,7 +237,7 @@ def _encode_shards(
             mean, std = space.encode_moments(torch.cat([x, x.flip(-1)]))  # (2n, C, h, w): originals, then flips
             parts.append((
                 torch.stack([mean[:n], mean[n:]], dim=1).to("cpu", dtype),  # (n, 2, C, h, w)
-                torch.stack([std[:n], std[n:]], dim=1).to("cpu", dtype),
+                torch.stack([std[:n], std[n:]], dim=1).to("cpu", dtype) if plan.posterior_std else None,
                 labels[ok],
                 sources[ok],
                 [png for png, good in zip(pngs, ok.tolist()) if good],
@@ -233,7 +263,10 @@ def _concat(parts: list[tuple], plan, dtype) -> dict:
     images = [png for part in parts for png in part[4]] if plan.with_images else None
     if not parts:
         moments = torch.zeros(0, 2, *plan.latent_shape, dtype=dtype)
-        return {"mean": moments, "std": moments, "label": torch.zeros(0, dtype=torch.int64),
-                "source": torch.zeros(0, dtype=torch.int64), "images": images}
-    mean, std, label, source = (torch.cat(column) for column in list(zip(*parts))[:4])
+        return {"mean": moments, "std": moments if plan.posterior_std else None,
+                "label": torch.zeros(0, dtype=torch.int64), "source": torch.zeros(0, dtype=torch.int64),
+                "images": images}
+    columns = list(zip(*parts))
+    mean, label, source = (torch.cat(columns[k]) for k in (0, 2, 3))
+    std = torch.cat(columns[1]) if plan.posterior_std else None
     return {"mean": mean, "std": std, "label": label, "source": source, "images": images}

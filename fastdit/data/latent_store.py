@@ -1,4 +1,4 @@
-"""The latent store: VAE posteriors of an image folder, in a few large safetensors shards.
+"""The latent store: VAE posteriors (or RAE latents) of an image folder, in a few large safetensors shards.
 
 Layout of a store folder:
 
@@ -6,7 +6,9 @@ Layout of a store folder:
                                digest); written first, so a rerun can check it continues the same job
     shard-00000.safetensors    items [0, shard_size) of the sorted file list, and so on:
         mean   (n, 2, C, h, w)  posterior mean of [image, horizontally flipped image], x scale factor
-        std    (n, 2, C, h, w)  posterior std, same layout
+        std    (n, 2, C, h, w)  posterior std, same layout; absent in a store of a deterministic space
+                                (an RAE's encoder tokens: plan key "posterior_std": false), whose latent
+                                is the mean itself
         label  (n,)             class index
         source (n,)             index of the image in the sorted file list (gaps = skipped images)
       and, in a store extracted with --with-images (plan key "with_images": true):
@@ -20,6 +22,16 @@ posterior sample and a fresh flip every time it reads an item (EDM2 does the sam
 is not frozen at extraction time. Shard i always holds the same images whatever the number of
 processes, and is written under a temporary name and renamed, so a killed extraction leaves only whole
 shards and the same command continues it.
+
+Size. A store holds 2 (flips) x C x h x w values per image, twice with the std: 4 x 32 x 32 x 2 x 2 at
+256 px with the SD VAE (32 kB in float16), but 768 x 16 x 16 x 2 with RAE's DINOv2-B tokens (786 kB in
+float16, 1.01 TB for ImageNet's 1.28M training images; twice that in float32). float16 is the default
+and suits RAE latents best of what the store holds: they have unit variance per element, where float16's
+relative rounding (2^-11) is far below the noise the diffusion model is trained with; they cannot
+overflow it (the encoder's final LayerNorm bounds each token element by sqrt(C - 1) < 28, and eps = 1e-5
+bounds the normalisation, so |z| < 56 / sqrt(1e-5) < 18,000 < 65,504); bfloat16 would round 8x more
+coarsely for range that is not needed. `fastdit extract` says how much it will write and refuses to
+start without the space.
 
 The crops (the exact RGB image the VAE encoded, unflipped: the flip is `crop.flip(-1)`, as extraction
 makes it) live in the shard of their latents rather than in shards of their own, so one rename still
@@ -57,7 +69,7 @@ from ..io import (
     is_temporary,
     remove_stale_temporaries,
 )
-from ..latents import OFFICIAL_VAES, PIXEL_SPACE_NAMES
+from ..latents import OFFICIAL_VAES, PIXEL_SPACE_NAMES, is_rae_name
 from ..run_folder import refuse_other_settings
 from .image_folder import ImageFolderIndex, item_generator, pixels_to_unit_range
 
@@ -82,6 +94,9 @@ def normalize_vae_name(vae: str) -> str:
     """"ema"/"mse" -> the hub id; a local folder -> its absolute path; anything else unchanged."""
     if vae in PIXEL_SPACE_NAMES:
         return "pixels"  # as `load_latent_space` reads these names
+    if is_rae_name(vae):  # "rae:<variant>" unchanged, "rae:FOLDER" with the folder's absolute path
+        folder = os.path.expanduser(vae[len("rae:"):])
+        return "rae:" + os.path.realpath(folder) if os.path.isdir(folder) else vae
     vae = OFFICIAL_VAES.get(vae, vae)
     return os.path.realpath(vae) if os.path.isdir(vae) else vae
 
@@ -110,10 +125,18 @@ class StorePlan:
     files_digest: str = ""
     # Plans written before images could be stored have no such key and read as False.
     with_images: bool = False
+    # False for a deterministic space (an RAE's encoder): the shards hold no std. Older plans: True.
+    posterior_std: bool = True
 
     @property
     def num_shards(self) -> int:
         return -(-self.num_sources // self.shard_size)
+
+    def item_bytes(self) -> int:
+        """Bytes of one item's tensors (crops left out): the latents of the image and its flip, their std
+        where stored, the label and the source index."""
+        values = 2 * int(np.prod(self.latent_shape)) * (2 if self.posterior_std else 1)
+        return values * DTYPES[self.dtype].itemsize + 2 * 8
 
     def shard_sources(self, shard: int) -> range:
         """Indices into the sorted file list that shard `shard` holds (before skipping corrupt images)."""
@@ -208,7 +231,7 @@ def write_shard(
     shard: int,
     *,
     mean: torch.Tensor,  # (n, 2, C, h, w)
-    std: torch.Tensor,  # (n, 2, C, h, w)
+    std: torch.Tensor | None,  # (n, 2, C, h, w); None in a store without posterior std
     label: torch.Tensor,  # (n,)
     source: torch.Tensor,  # (n,)
     skipped: list[str],
@@ -219,7 +242,7 @@ def write_shard(
 
     tensors = {
         "mean": mean.contiguous(),
-        "std": std.contiguous(),
+        **({"std": std.contiguous()} if std is not None else {}),
         "label": label.to(torch.int64).contiguous(),
         "source": source.to(torch.int64).contiguous(),
     }
@@ -377,7 +400,8 @@ def _read_shard_header(path: Path, plan: StorePlan) -> dict:
         ) from None
     count = int(metadata.get("count", -1))
     expected = [count, 2, *plan.latent_shape]
-    expected_shapes = {"mean": expected, "std": expected, "label": [count], "source": [count]}
+    moments = ("mean", "std") if plan.posterior_std else ("mean",)
+    expected_shapes = {**{key: expected for key in moments}, "label": [count], "source": [count]}
     problems = [
         f"{key} has shape {shapes.get(key)}, expected {shape}"
         for key, shape in expected_shapes.items()
@@ -385,7 +409,7 @@ def _read_shard_header(path: Path, plan: StorePlan) -> dict:
     ]
     problems += [
         f"{key} is {dtypes[key]}, expected {_SAFETENSORS_DTYPES[plan.dtype]}"
-        for key in ("mean", "std")
+        for key in moments
         if key in dtypes and dtypes[key] != _SAFETENSORS_DTYPES[plan.dtype]
     ]
     if plan.with_images:
@@ -571,11 +595,13 @@ class LatentStore:
         shard = bisect.bisect_right(self._offsets, i) - 1
         return shard, i - self._offsets[shard]
 
-    def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Item i: (mean (2, C, h, w), std (2, C, h, w), label), in the store's dtype."""
+    def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Item i: (mean (2, C, h, w), std (2, C, h, w) or None where the store holds none, label), in the
+        store's dtype."""
         shard, j = self._locate(i)
         handle = self._handle(shard)
-        return handle.get_slice("mean")[j : j + 1][0], handle.get_slice("std")[j : j + 1][0], int(self.labels[i])
+        std = handle.get_slice("std")[j : j + 1][0] if self.plan.posterior_std else None
+        return handle.get_slice("mean")[j : j + 1][0], std, int(self.labels[i])
 
     def read_image(self, i: int) -> torch.Tensor:
         """Item i's crop, unflipped: (3, S, S) uint8 RGB, the exact pixels the VAE encoded as mean[0]."""
@@ -604,7 +630,7 @@ def verify_store(path: str | os.PathLike, progress: bool = True) -> int:
     bar = tqdm(total=len(store), unit="item", desc="verify", disable=not progress, dynamic_ncols=True)
     for k, shard in enumerate(store.meta["shards"]):
         handle = store._handle(k)
-        for key in ("mean", "std"):
+        for key in ("mean", "std") if store.plan.posterior_std else ("mean",):
             values = handle.get_tensor(key)
             bad = (~torch.isfinite(values)).flatten(1).any(dim=1)
             damaged.setdefault(k, []).extend((int(j), f"non-finite {key}") for j in bad.nonzero()[:, 0])
@@ -632,7 +658,7 @@ class LatentStoreDataset(torch.utils.data.Dataset):
     `with_images=True` (latent, label, image (3, S, S) float32 in [-1, 1]).
 
     latent = mean[flip] + std[flip] * noise, where the flip (probability 1/2 when `flip=True`) and the
-    Gaussian noise come from `item_generator(seed, epoch, i)`. Call `set_epoch(epoch)` each epoch: the
+    Gaussian noise come from `item_generator(seed, epoch, i)`; mean[flip] in a store without std (RAE). Call `set_epoch(epoch)` each epoch: the
     same (seed, epoch, i) always gives the same latent, whatever the number of workers or processes,
     so training can be bit-reproducible while augmentation stays fresh every epoch.
     `sample_posterior=False` returns the posterior mean (no noise).
@@ -705,7 +731,7 @@ class LatentStoreDataset(torch.utils.data.Dataset):
         generator = item_generator(self.seed, self.epoch, i)
         side = int(torch.randint(2, (), generator=generator)) if self.flip else 0  # 1: the mirrored image
         latent = mean[side].float()
-        if self.sample_posterior:
+        if self.sample_posterior and std is not None:
             latent = latent + std[side].float() * torch.randn(latent.shape, generator=generator)
         if not self.with_images:
             return latent, label

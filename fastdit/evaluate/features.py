@@ -200,6 +200,7 @@ def statistics_for_path(
     cmmd: CMMDFeatureExtractor | None = None,
     fdr: FDRFeatureExtractors | None = None,
     pipeline: str = "adm",
+    crop_to: int | None = None,
 ) -> EvalStatistics:
     """`EvalStatistics` of a statistics file, an ADM `.npz` batch, an `.npz` of FID moments only
     (`mu`, `sigma`: torch-fidelity's and JiT's `jit_in256_stats.npz`) or an image folder.
@@ -209,7 +210,8 @@ def statistics_for_path(
     and MIND, so only those (all, or the first `pr_subset`) go through Inception; with a subset, no IS is
     kept. With an encoder (`dinov2`, `cmmd`, `fdr`) every image is read (ADM batches carry none of their
     features), and its statistics are added. `extractor` may be None for statistics files, which are
-    returned as stored (with whatever optional statistics they hold).
+    returned as stored (with whatever optional statistics they hold). `crop_to`: an image folder's images
+    are ADM-centre-cropped to that side (`sources.FolderImages`).
     """
     path = Path(path).expanduser()
     if is_statistics_file(path):
@@ -219,7 +221,7 @@ def statistics_for_path(
         return EvalStatistics(mu=moments["mu"], sigma=moments["sigma"], mu_s=moments.get("mu_s"),
                               sigma_s=moments.get("sigma_s"),
                               num_images=0, source=str(path))
-    images = open_images(path)
+    images = open_images(path, crop_to=crop_to)
     if extractor is None:
         raise ValueError("an InceptionFeatureExtractor is needed for images")
     precomputed = read_adm_statistics(path) if isinstance(images, NpzImages) else None

@@ -131,10 +131,14 @@ class NpzImages:
 
 
 class FolderImages:
-    """Every image file under a folder (recursively, sorted by path), decoded to RGB."""
+    """Every image file under a folder (recursively, sorted by path), decoded to RGB; with `crop_to`, each
+    ADM-centre-cropped to crop_to x crop_to (`fastdit.data.image_folder.center_crop`: a folder of photos of
+    many sizes as a reference, prepared as ADM prepares ImageNet's; an image of that size already is kept
+    as it is, since Pillow returns a same-size resize unchanged)."""
 
-    def __init__(self, path: Path, num_workers: int = 4):
+    def __init__(self, path: Path, num_workers: int = 4, crop_to: int | None = None):
         self.path = path
+        self.crop_to = crop_to
         self.files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not self.files:
             raise UserError(
@@ -142,8 +146,23 @@ class FolderImages:
                 "samples or an .npz batch"
             )
         self.num_images = len(self.files)
-        self.image_size = self._read(self.files[0]).shape[:2]
+        self.image_size = (crop_to, crop_to) if crop_to else self._read(self.files[0]).shape[:2]
         self.num_workers = num_workers
+
+    def stored_sizes(self) -> set[tuple[int, int]]:
+        """The (height, width) of every image as stored, read from the headers only (no pixels decoded)."""
+        from PIL import Image
+
+        sizes = set()
+        for file in self.files:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    with Image.open(file) as image:
+                        sizes.add((image.height, image.width))
+            except (OSError, Image.DecompressionBombError) as err:
+                raise UserError(f"cannot decode image {str(file)!r}: {err}") from None
+        return sizes
 
     def _read(self, file: Path) -> np.ndarray:
         from PIL import Image
@@ -158,6 +177,10 @@ class FolderImages:
             with image:
                 if image.width * image.height > Image.MAX_IMAGE_PIXELS:
                     raise Image.DecompressionBombError(image.size)
+                if self.crop_to:
+                    from ..data.image_folder import center_crop
+
+                    return np.asarray(center_crop(image, self.crop_to))
                 return np.asarray(to_rgb(image))  # by the image's real range: 16-bit is scaled, not clipped
         except Image.DecompressionBombError:
             raise UserError(
@@ -229,11 +252,29 @@ def is_statistics_file(path: Path) -> bool:
         return False
 
 
-def open_images(path: str | Path) -> NpzImages | FolderImages:
-    """An image folder or an ADM `.npz` batch."""
+def reference_crop_side(path: str | Path, sample_size: tuple[int, int] | None) -> int | None:
+    """The side to which a reference folder of other or mixed image sizes is cropped: the samples' (square)
+    side, each image ADM-centre-cropped as ADM prepares ImageNet's reference batches, with a note saying
+    so; None when the reference is no folder, already holds only images of the samples' size, or the
+    samples are not square (then the usual resolution check speaks)."""
+    path = Path(path).expanduser()
+    if not path.is_dir() or not sample_size or sample_size[0] != sample_size[1]:
+        return None
+    side = int(sample_size[0])
+    sizes = FolderImages(path).stored_sizes()
+    if sizes == {(side, side)}:
+        return None
+    shown = ", ".join(f"{w}x{h}" for h, w in sorted(sizes)[:3]) + (" ..." if len(sizes) > 3 else "")
+    print(f"note: the reference images in {str(path)!r} are {shown}, not all {side}x{side} as the samples: each is "
+          f"centre-cropped to {side}x{side} as ADM prepares ImageNet's reference (short side resized, middle kept)")
+    return side
+
+
+def open_images(path: str | Path, crop_to: int | None = None) -> NpzImages | FolderImages:
+    """An image folder (`crop_to`: see `FolderImages`) or an ADM `.npz` batch."""
     path = Path(path).expanduser()
     if path.is_dir():
-        return FolderImages(path)
+        return FolderImages(path, crop_to=crop_to)
     if path.is_file() and path.suffix == ".npz":
         return NpzImages(path)
     if not path.exists():

@@ -89,6 +89,11 @@ class DiTConfig:
     time_gap_embedding: bool = False
     # Improved MeanFlow's guidance scale as an input (module docstring); off is the official DiT.
     guidance_embedding: bool = False
+    # RAE's wide, shallow DDT head (`fastdit.models.ddt`, DiT^DH): `head_depth` blocks of width
+    # `head_hidden_size` with `head_num_heads` heads after the `depth` blocks above; 0 is no head (a DiT).
+    head_depth: int = 0
+    head_hidden_size: int = 0
+    head_num_heads: int = 0
 
     def __post_init__(self) -> None:
         if self.input_size <= 0 or self.input_size % self.patch_size:
@@ -115,6 +120,31 @@ class DiTConfig:
                 f"= {self.head_dim}) divisible by 4: rotary pairs need an even count, and 2-D RoPE gives half the "
                 f"pairs to rows and half to columns; change hidden_size or num_heads, or turn rope off"
             )
+        if self.head_depth or self.head_hidden_size or self.head_num_heads:
+            self._check_head()
+
+    def _check_head(self) -> None:
+        """The DDT head's fields (DiT^DH, `fastdit.models.ddt`): all three set, and what RAE's head needs."""
+        for name in ("head_depth", "head_hidden_size", "head_num_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"a DDT head needs {name} >= 1 (or all three head fields 0 for a DiT), got {value!r}")
+        if self.head_hidden_size % self.head_num_heads or (self.head_hidden_size // self.head_num_heads) % 4:
+            raise UserError(
+                f"the DDT head's width {self.head_hidden_size} over {self.head_num_heads} heads must give a head "
+                f"dimension divisible by 4 (2-D RoPE rotates pairs, half by rows, half by columns); change "
+                f"head_hidden_size or head_num_heads")
+        if not self.rope:
+            raise UserError("DiT^DH rotates q and k in every block (RoPE), as RAE's DDT does: leave rope on")
+        inputs = [condition.switch for condition in SCALAR_CONDITIONS if getattr(self, condition.switch)]
+        if inputs:
+            raise UserError(f"DiT^DH takes t and the label only, not {', '.join(inputs)} (MeanFlow's inputs): "
+                            f"train MeanFlow with a DiT preset")
+
+    @property
+    def has_head(self) -> bool:
+        """Whether this is a DiT^DH: a DiT with RAE's DDT head (`fastdit.models.ddt`)."""
+        return self.head_depth > 0
 
     @property
     def head_dim(self) -> int:
@@ -362,6 +392,8 @@ class DiT(nn.Module):
         config = config or DiTConfig()
         if overrides:
             config = DiTConfig(**{**config.__dict__, **overrides})
+        if config.has_head:  # a caller's bug: the layout and the forward are another module's
+            raise ValueError("a config with a DDT head is a DiT^DH: build it with fastdit.models.build_from_config")
         self.config = config
         D = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)

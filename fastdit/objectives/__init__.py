@@ -4,6 +4,7 @@
 * `flow`   SiT's flow matching (velocity on the linear path)            `flow.py`
 * `x-pred` JiT's x-prediction (clean image, loss on the velocity)        `x_pred.py`
 * `meanflow` MeanFlow's average velocity (one-step sampling)             `meanflow.py`
+* `rae`    RAE's flow matching of DiT^DH (reversed time, dimension shift) `rae.py`
 
 Adding one is a module with a registered `Objective` dataclass and one import line below.
 """
@@ -24,7 +25,7 @@ from .policy import SamplingPolicy
 from .views import Grid, flow_grid, gaussian_grid, shift_times, time_grid
 
 # The built-in objectives: importing a module registers it.
-from . import ddpm, flow, x_pred, meanflow  # noqa: E402,F401  isort: skip
+from . import ddpm, flow, x_pred, meanflow, rae  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "OBJECTIVES",

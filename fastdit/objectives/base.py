@@ -80,6 +80,13 @@ class Objective(ABC):
         setting may extend (an input the setting adds)."""
         return dict(self.network_options)
 
+    def check_network(self, config) -> None:
+        """A UserError for a network (`DiTConfig`) this objective cannot train or sample: a DiT^DH embeds
+        its time by Gaussian Fourier features of a real t in [0, 1] (RAE's), which only flow time gives."""
+        if config.has_head and not self.flow_time:
+            raise UserError(f"DiT^DH embeds a time in [0, 1] (RAE's Fourier features), not the {self.name} "
+                            f"objective's; train it with --objective rae (RAE's recipe), flow or x-pred")
+
     # ------------------------------------------------------------------------------------------
     # training
     # ------------------------------------------------------------------------------------------
@@ -133,6 +140,17 @@ class Objective(ABC):
         """E[x1 | x_t = x] from the velocity on the linear path, x + (1 − t) v (t of shape (N,) or a
         scalar): what a preview shows of a flow model's sample after each model call."""
         return x + (1 - t).reshape(-1, *([1] * (x.ndim - 1))) * velocity
+
+    def network_interval(self, interval: tuple[float, float] | None) -> tuple[float, float] | None:
+        """A span (low, high) of this objective's time as the times the network itself is called with,
+        which a guidance wrapper around the network compares: the same span, except for an objective
+        whose network runs on another clock (RAE's, where 1 is noise)."""
+        return interval
+
+    def sampling_time_shift(self, input_shape: tuple[int, ...]) -> float | None:
+        """The time shift of the sampling grid that goes with how this objective trains a network of
+        inputs `input_shape` (C, H, W), for the recipe its checkpoints record; None: the sampling default."""
+        return None
 
     def _no_view(self, view: str) -> Exception:
         return NotImplementedError(f"the {self.name} objective provides no {view} view (it provides: {', '.join(sorted(self.views))})")

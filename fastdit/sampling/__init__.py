@@ -13,7 +13,7 @@ from .flow import (
 )
 from .generate import check_labels, generate, guided_model, sample_latents, to_uint8
 from .options import OFFICIAL_CFG_SCALE, OFFICIAL_NUM_STEPS, OPTIONS, Option, SamplingOptions
-from .guidance import ClassifierFreeGuidance, check_cfg_scale, check_guidance_interval, guide, open_at_range_ends
+from .guidance import AutoGuidance, ClassifierFreeGuidance, check_cfg_scale, check_guidance_interval, guide, open_at_range_ends
 from .noise import PerImageNoise
 from .registry import SAMPLERS, ModelView, get_sampler, register_sampler, sampler_names, samplers_by_objective, samplers_for
 from .samplers import ddim, ddpm_sample, dpm_solver_pp_2m
@@ -24,6 +24,7 @@ __all__ = [
     "OFFICIAL_NUM_STEPS",
     "SAMPLERS",
     "SIT_LAST_STEP_SIZE",
+    "AutoGuidance",
     "ClassifierFreeGuidance",
     "FlowSDE",
     "Grid",

@@ -12,7 +12,7 @@ from ..compile import compile_blocks
 from ..errors import OptionError, UserError
 from ..objectives import Objective
 from ..precision import autocast
-from .guidance import ClassifierFreeGuidance
+from .guidance import AutoGuidance, ClassifierFreeGuidance
 from .noise import PerImageNoise
 from .options import SamplingOptions
 from .recipe import recorded_options
@@ -107,17 +107,28 @@ def evaluation_mode(model):
 
 def guided_model(model, objective: Objective, options: SamplingOptions):
     """`model(x, t, y)` as samplers call it: in `options.precision`, guided when cfg_scale > 1 (with
-    the interval open at the ends of the objective's time range, `open_at_range_ends`)."""
+    the interval open at the ends of the objective's time range, `open_at_range_ends`): by the
+    unconditional model (classifier-free), or by `options.guidance_model` (AutoGuidance) when it names one.
+    The wrappers compare the network's own times, so the interval is given to them on that clock."""
     config = model.config
     model_fn = in_precision(model, options.precision)
+    interval = objective.network_interval(options.guidance_interval)
+    time_range = objective.network_interval(objective.time_range)
     if objective.sampling.guidance_input is not None:  # the scale is an input: one call (improved MeanFlow)
         model_fn = with_guidance_input(model_fn, options.cfg_scale)
+    elif options.guidance_model is not None and options.cfg_scale > 1.0:
+        guide = options.guidance_network
+        if guide is None:
+            raise UserError(f"the guidance model {options.guidance_model!r} is not loaded: load the model with "
+                            f"fastdit.load_for_sampling(..., options=options), which loads it and checks that it fits")
+        model_fn = AutoGuidance(model_fn, in_precision(guide, options.precision), options.cfg_scale,
+                                config.in_channels, options.guided_channels, interval=interval, time_range=time_range)
     elif options.cfg_scale > 1.0:
         if config.class_dropout_prob <= 0:
             raise OptionError("this model has no null class (trained without label dropout); use {cfg_scale:1}", "cfg_scale")
         model_fn = ClassifierFreeGuidance(
             model_fn, options.cfg_scale, config.null_class, config.in_channels, options.guided_channels,
-            interval=options.guidance_interval, time_range=objective.time_range,
+            interval=interval, time_range=time_range,
         )
     return model_fn
 

@@ -146,3 +146,43 @@ class ClassifierFreeGuidance:
         guided = cond.clone()
         guided[inside] = guide(cond[inside], uncond, self.scale, self.guided_channels)
         return guided
+
+
+class AutoGuidance:
+    """AutoGuidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself", eq. 3):
+    `model(x, t, y)` -> D_0 + w (D_1 − D_0), with D_1 the model and D_0 `guide`, a weaker model of the
+    same task (smaller, or trained for less: RAE guides its DiT^DH-XL by a DiT^DH-S of 14 epochs), both
+    conditioned on the label. The unconditional model of classifier-free guidance is replaced by the guide,
+    so the model needs no null class, and the guidance corrects what the weaker model gets wrong rather
+    than pushing away from the unconditional.
+
+    `guided_channels`, `interval` and `time_range` as in `ClassifierFreeGuidance`: outside the interval
+    the model runs alone; the guide runs only on the rows inside it. Both functions take the same (x, t, y).
+    """
+
+    def __init__(self, model, guide, scale: float, in_channels: int, guided_channels: int | None = None,
+                 interval: tuple[float, float] | None = None, time_range: tuple[float, float] | None = None):
+        check_cfg_scale(scale)
+        self.model, self.guide = model, guide
+        self.scale = float(scale)
+        self.guided_channels = guided_channels or in_channels
+        self.interval = check_guidance_interval(interval)
+        if time_range is not None:
+            self.interval = open_at_range_ends(self.interval, time_range)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **rows) -> torch.Tensor:
+        """`rows`: further per-row model inputs (N, ...) (MeanFlow's `gap`), passed to both with their rows."""
+        good = self.model(x, t, y, **rows)
+        if self.scale == 1.0:
+            return good
+        if self.interval is None:
+            return guide(good, self.guide(x, t, y, **rows), self.scale, self.guided_channels)
+        inside = (t >= self.interval[0]) & (t <= self.interval[1])
+        if not inside.any():
+            return good
+        if inside.all():
+            return guide(good, self.guide(x, t, y, **rows), self.scale, self.guided_channels)
+        weak = self.guide(x[inside], t[inside], y[inside], **{name: value[inside] for name, value in rows.items()})
+        guided = good.clone()
+        guided[inside] = guide(good[inside], weak, self.scale, self.guided_channels)
+        return guided

@@ -38,7 +38,7 @@ TIME_SHIFT_RANGE = (0.01, 100.0)
 DIFFUSION_NORM_RANGE = (0.0, 100.0)
 LAST_STEP_SIZE_RANGE = (0.0, 1.0)
 
-KINDS = ("choice", "int", "float", "switch", "pair")
+KINDS = ("choice", "int", "float", "switch", "pair", "path")
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,9 @@ class Option:
     """One sampling option as the edges show it.
 
     `kind` says how its value is written: "choice" (a name from `choices()`), "int", "float", "switch"
-    (the flag alone sets the value `switch`, its `off` flag None: official guidance, 3 channels or all)
-    or "pair" (two numbers, LOW HIGH; the `off` flag sets None). `label` is the app's field as messages
+    (the flag alone sets the value `switch`, its `off` flag None: official guidance, 3 channels or all),
+    "pair" (two numbers, LOW HIGH; the `off` flag sets None) or "path" (a file or an official name; the
+    `off` flag sets None). `label` is the app's field as messages
     name it ("the Steps field"), `hint` the words after it in the page, `page_id` its element id.
     `bounds` are the lowest and highest value `SamplingOptions.validate` lets through (the steps' low
     end is the sampler's own). `recipe`: a field of a sampling recipe (what a checkpoint or preset may
@@ -74,8 +75,8 @@ class Option:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown option kind {self.kind!r}; known: {', '.join(KINDS)}")
-        if (self.off is None) != (self.kind not in ("switch", "pair")):
-            raise ValueError(f"{self.flag}: a switch or a pair has an off flag, no other option has one")
+        if (self.off is None) != (self.kind not in ("switch", "pair", "path")):
+            raise ValueError(f"{self.flag}: a switch, a pair or a path has an off flag, no other option has one")
 
     @property
     def dest(self) -> str:
@@ -91,6 +92,8 @@ class Option:
             return [self.flag] if value == self.switch else [self.off]
         if self.kind == "pair":
             return [self.off] if value is None else [self.flag, *(repr(float(v)) for v in value)]
+        if self.kind == "path":
+            return [self.off] if value is None else [self.flag, str(value)]
         if value is None:
             return []
         if self.kind == "float":
@@ -171,6 +174,15 @@ class SamplingOptions:
         SAMPLER_OPTIONS["last_step_size"], flag="--last-step-size", label="SDE last step size",
         page_id="last-step-size", kind="float", bounds=LAST_STEP_SIZE_RANGE, recipe=False,
         help="sde-euler, sde-heun: the flow time the last step covers, between 0 and 1; the grid ends at 1 minus it")
+    # AutoGuidance (Karras et al. 2024): a second, weaker checkpoint in place of the unconditional model
+    # (`fastdit.sampling.guidance.AutoGuidance`); the loader loads it and checks that it fits the model.
+    guidance_model: str | None = _option(
+        None, flag="--guidance-model", off="--no-guidance-model", label="Guidance model", page_id="guidance-model",
+        kind="path", hint="(a weaker checkpoint; empty: classifier-free)", default_words="none, classifier-free",
+        help="AutoGuidance: guide by this weaker model of the same latent space, classes and objective (a "
+             ".pt/.safetensors file or an official name) instead of the unconditional one; --cfg-scale is its "
+             "scale w, within --guidance-interval",
+        off_help="classifier-free guidance, whatever the preset or recipe says")
 
     def resolved_sampler(self, objective: Objective) -> str:
         return self.sampler or objective.sampling.sampler
@@ -196,6 +208,8 @@ class SamplingOptions:
                                   value=getattr(self, name))
         check_cfg_scale(self.cfg_scale)
         objective.sampling.check_guidance(self.cfg_scale, self.guidance_interval)
+        if self.guidance_model is not None:
+            self._check_guidance_model(objective)
         check_sampler_options(sampler, self.sampler_options())
         low, high = OPTIONS["eta"].bounds
         if not low <= self.eta <= high:
@@ -216,6 +230,31 @@ class SamplingOptions:
         if set(SDE_OPTIONS) <= set(sampler.options):
             self._check_sde(sampler.name, objective)
         self.__dict__["_checked"] = (objective, values)  # not a field: asdict, == and repr leave it out
+
+    def _check_guidance_model(self, objective: Objective) -> None:
+        """AutoGuidance's settings: a named model, a scale that guides, a network that guides by sampling."""
+        if not isinstance(self.guidance_model, str) or not self.guidance_model.strip():
+            raise OptionError("the guidance model must be a checkpoint path or an official name, got {value!r}",
+                              "guidance_model", value=self.guidance_model)
+        policy = objective.sampling
+        if policy.trained_guidance is not None or policy.guidance_input is not None:
+            raise OptionError("this {objective} model guides itself (its guidance is trained in or an input): "
+                              "leave {guidance_model} unset", "guidance_model", objective=objective.name)
+        if self.cfg_scale == 1.0:
+            raise OptionError("a guidance model guides at a scale above 1, but the scale is 1 (no guidance): give "
+                              "{cfg_scale} (RAE: 1.42 at 256 px), or leave {guidance_model} unset", "guidance_model",
+                              "cfg_scale")
+
+    def attach_guidance_network(self, network) -> None:
+        """Hand the loaded weights of `guidance_model` to the samplers (`fastdit.loading.load_for_sampling`
+        loads them once and checks that they fit the model). Not a field: `asdict`, == and the recorded
+        recipe hold the name, not the weights."""
+        self.__dict__["_guidance_network"] = network
+
+    @property
+    def guidance_network(self):
+        """The loaded guidance model (`attach_guidance_network`), or None."""
+        return self.__dict__.get("_guidance_network")
 
     def _check_sde(self, sampler: str, objective: Objective) -> None:
         """SiT's SDE settings, and the grid they give this model (`Objective.sample_interval`)."""

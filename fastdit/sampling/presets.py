@@ -4,11 +4,13 @@ Each preset is a recipe (`fastdit.sampling.recipe`) plus where its figure comes 
 names a model and image size samples the official weights of that model by default; one that does not
 (`repa-sde-250`) is a recipe for a model you trained, given with --ckpt. Any flag overrides one field.
 The published figures are FID-50K against ImageNet's training set with the ADM evaluator, on 50,000
-samples whose labels were drawn at random (what DiT's and SiT's sample_ddp.py do).
+samples whose labels were drawn at random (what DiT's and SiT's sample_ddp.py do), or 50 per class
+(RAE's sample_ddp.py, `--label-sampling equal`, its default).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import UserError
@@ -38,6 +40,9 @@ _DIT = {"sampler": "ddpm", "num_steps": 250, "cfg_scale": 1.5, "guided_channels"
 _SIT = {"model": "SiT-XL/2", "image_size": 256, "cfg_scale": 1.5, "guided_channels": 3, "guidance_interval": None,
         "time_shift": 1.0, "label_sampling": "random", "num_samples": FID_SAMPLES}
 
+_RAE = {"model": "DiTDH-XL", "sampler": "euler", "num_steps": 50, "cfg_scale": 1.0, "guided_channels": None,
+        "guidance_interval": None, "guidance_model": None, "label_sampling": "equal", "num_samples": FID_SAMPLES}
+
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("dit-xl2-256", "ddpm", {"model": "DiT-XL/2", "image_size": 256, **_DIT}, {"fid": 2.27},
            "DiT paper (Peebles & Xie 2023), the table 'Benchmarking class-conditional image generation on ImageNet 256x256', row DiT-XL/2-G (cfg=1.50)"),
@@ -59,6 +64,23 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                                     "label_sampling": "random", "num_samples": FID_SAMPLES},
            {"fid": 1.42}, "REPA paper (Yu et al. 2025), row SiT-XL/2 + REPA, 800 epochs, cfg 1.8 with guidance "
                           "interval; a recipe for your own flow models (the figure is REPA's model)"),
+    # RAE (Zheng et al. 2025), its configs/stage2/sampling: the Euler ODE over 50 points of RAE's interval, the
+    # time shift sqrt(768·16·16 / 4096) = sqrt(48) at 256 px and sqrt(768·32·32 / 4096) = sqrt(192) at 512, every
+    # channel guided over the whole interval (t-min 0, t-max 1), 50 images per class (its sample_ddp.py's
+    # default `--label-sampling equal`). AutoGuidance guides DiT^DH-XL by the released DiT^DH-S (14 epochs at
+    # 256 px, scale 1.42; 20 epochs at 512, scale 1.5).
+    Preset("rae-ditdh-xl-256", "rae", {**_RAE, "image_size": 256, "time_shift": math.sqrt(768 * 16 * 16 / 4096)},
+           {"fid": 1.51}, "RAE paper (Zheng et al. 2025): DiT^DH-XL on DINOv2-B RAE latents, ImageNet 256x256 without "
+                          "guidance, FID 1.51; configs/stage2/sampling/ImageNet256/DiTDHXL-DINOv2-B.yaml"),
+    Preset("rae-ditdh-xl-256-ag", "rae", {**_RAE, "image_size": 256, "time_shift": math.sqrt(768 * 16 * 16 / 4096),
+                                          "cfg_scale": 1.42, "guidance_model": "DiTDH-S-256x256.pt"},
+           {"fid": 1.13}, "RAE paper (Zheng et al. 2025): DiT^DH-XL, ImageNet 256x256 with AutoGuidance, FID 1.13; "
+                          "configs/stage2/sampling/ImageNet256/DiTDHXL-DINOv2-B_AG.yaml (guide DiT^DH-S, 14 epochs)"),
+    Preset("rae-ditdh-xl-512-ag", "rae", {**_RAE, "image_size": 512, "time_shift": math.sqrt(768 * 32 * 32 / 4096),
+                                          "cfg_scale": 1.5, "guidance_model": "DiTDH-S-512x512.pt"},
+           {"fid": 1.13}, "RAE paper (Zheng et al. 2025): DiT^DH-XL, ImageNet 512x512 with AutoGuidance, FID 1.13; "
+                          "configs/stage2/sampling/ImageNet512/DiTDH-XL_DINOv2-B_decXL_AG.yaml (XL of 400 epochs, "
+                          "guide DiT^DH-S of 20)"),
 )}
 
 
@@ -82,7 +104,7 @@ def check_fits_official_weights(preset: Preset | None, model_name: str | None) -
 
 
 DEFAULT_OFFICIAL_MODEL = "DiT-XL/2"  # what fastdit samples when neither --ckpt nor --model says
-_OFFICIAL_OF = {"ddpm": "DiT-XL/2", "flow": "SiT-XL/2"}  # a released model of each objective
+_OFFICIAL_OF = {"ddpm": "DiT-XL/2", "flow": "SiT-XL/2", "rae": "DiTDH-XL"}  # a released model of each objective
 
 
 def get_preset(name: str) -> Preset:

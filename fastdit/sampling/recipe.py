@@ -141,12 +141,16 @@ def resolve(defaults: dict, source: RecipeSource | None, flags: dict) -> Resolve
 
 
 def training_recipe(objective, *, conditional: bool, sampler: str | None = None, num_steps: int | None = None,
-                    cfg_scale: float | None = None) -> dict:
+                    cfg_scale: float | None = None, input_shape: tuple[int, ...] | None = None) -> dict:
     """The recipe a training run records in its checkpoints: the objective's sampler and step count,
-    cfg 1 where guiding is impossible (no null class) or would guide twice (trained in: MeanFlow), and
-    whatever the run set explicitly (the digits demo's Heun-9 at cfg 3)."""
+    cfg 1 where guiding is impossible (no null class) or would guide twice (trained in: MeanFlow), the
+    time shift that goes with the objective's training for a model of inputs `input_shape` (C, H, W)
+    (RAE's sqrt(C·H·W / 4096)), and whatever the run set explicitly (the digits demo's Heun-9 at cfg 3)."""
     policy = objective.sampling
     recipe = {"sampler": sampler or policy.sampler, "num_steps": num_steps or policy.num_steps}
+    shift = objective.sampling_time_shift(tuple(input_shape)) if input_shape is not None else None
+    if shift is not None:
+        recipe["time_shift"] = float(shift)
     if cfg_scale is not None:
         recipe["cfg_scale"] = float(cfg_scale)
     elif policy.cfg_scale(OFFICIAL_CFG_SCALE, conditional=conditional) == 1.0:
@@ -183,6 +187,8 @@ def _fits_kind(option, value) -> bool:
         return number(value)
     if option.kind == "switch":
         return value is None or value == option.switch and type(value) is type(option.switch)
+    if option.kind == "path":
+        return value is None or isinstance(value, str)
     return value is None or (isinstance(value, (list, tuple)) and len(value) == 2 and all(map(number, value)))
 
 
@@ -287,7 +293,8 @@ def read_recipe_file(path: str | os.PathLike) -> RecipeFile:
 
 def show_value(value, name: str = "") -> str:
     if value is None:  # what None means for each field
-        return {"guided_channels": "all", "guidance_interval": "every step", "sampler": "the model's own"}.get(name, "none")
+        return {"guided_channels": "all", "guidance_interval": "every step", "sampler": "the model's own",
+                "guidance_model": "none (classifier-free)"}.get(name, "none")
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(f"{v:g}" for v in value) + "]"
     if isinstance(value, float):

@@ -61,16 +61,20 @@ class DigitsScorer:
 
 class InceptionScorer:
     def __init__(self, metric: str, ref: str, *, inception_weights: str | None = None, device="cpu", batch_size: int = 64):
-        from ..evaluate import InceptionFeatureExtractor, statistics_for_path
+        from ..evaluate import InceptionFeatureExtractor
 
         self.device = device
         self.metrics = ("fid", "mind") if metric == "mind" else ("fid",)
         self.extractor = InceptionFeatureExtractor(inception_weights, device=device, batch_size=batch_size)
-        self.ref = statistics_for_path(ref, self.extractor, reference=True, progress=False)
+        self.ref_path, self.ref = ref, None  # read with the first samples: a folder is cropped to their side
 
     def score(self, path: Path) -> dict:
         from ..evaluate import compare, statistics_for_path
+        from ..evaluate.sources import open_images, reference_crop_side
 
+        if self.ref is None:
+            crop = reference_crop_side(self.ref_path, tuple(open_images(path).image_size))
+            self.ref = statistics_for_path(self.ref_path, self.extractor, reference=True, progress=False, crop_to=crop)
         stats = statistics_for_path(path, self.extractor, progress=False)
         results = compare(stats, self.ref, metrics=self.metrics, device=str(self.device))
         return {name: float(results[name]) for name in self.metrics}

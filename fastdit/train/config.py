@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..cpu_threads import MAX_DATA_WORKERS, data_workers
 from ..errors import UserError
-from ..latents import PIXEL_SPACE_NAMES, latent_side
+from ..latents import PIXEL_SPACE_NAMES, check_image_size
 from ..models import BLOCK_OPTIONS, MLPS, NORMS, config_from_name
 from ..objectives import OBJECTIVES, Objective, all_settings, build_objective, objective_names
 from ..precision import PRECISIONS
@@ -37,19 +37,25 @@ from .setup import checkpoint_stride
 
 @dataclass
 class ModelSection:
-    name: str = option("DiT-XL/2", "preset name, e.g. DiT-XL/2, DiT-B/4, DiT-T/2", flag="model")
+    name: str = option("DiT-XL/2", "preset name, e.g. DiT-XL/2, DiT-B/4, DiT-T/2, DiTDH-XL (RAE's DiT^DH: with "
+                                   "--objective rae)", flag="model")
     image_size: int = option(256, "image side in pixels", at_least=1)
     num_classes: int | None = option(None, "number of classes (default: the data's: a folder's subfolders, a latent "
                                             "store's record; 1 with --class-dropout-prob 0 trains an unconditional "
                                             "model)", at_least=1)
     class_dropout_prob: float = option(0.1, "label dropout for classifier-free guidance (0: unconditional)",
                                        unit_interval=True)
-    learn_sigma: bool = option(True, "predict the variance too (2C output channels; DiT's learned-range variance)")
-    # block options (LightningDiT); the official DiT blocks when off
-    norm: str = option(NORMS[0], f"{NORMS[0]} (official) or {' or '.join(NORMS[1:])}", choices=NORMS)
-    mlp: str = option(MLPS[0], f"{MLPS[0]} (official) or {' or '.join(MLPS[1:])} (parameter-matched)", choices=MLPS)
-    rope: bool = option(False, "2-D rotary position embedding on q and k")
-    qk_norm: bool = option(False, "normalise q and k of every head")
+    # The output channels and the block options (LightningDiT): unset, the preset's (a DiT's: the learned
+    # variance and the official blocks; a DiT^DH's: RAE's velocity alone, RMSNorm, SwiGLU and RoPE).
+    learn_sigma: bool | None = option(None, "predict the variance too (2C output channels; DiT's learned-range "
+                                            "variance) (default: the preset's: on for DiT, off for DiT^DH)")
+    norm: str | None = option(None, f"{NORMS[0]} (official) or {' or '.join(NORMS[1:])} (default: the preset's: "
+                                    f"{NORMS[0]} for DiT, rmsnorm for DiT^DH)", choices=NORMS)
+    mlp: str | None = option(None, f"{MLPS[0]} (official) or {' or '.join(MLPS[1:])} (parameter-matched) (default: "
+                                   f"the preset's: {MLPS[0]} for DiT, swiglu for DiT^DH)", choices=MLPS)
+    rope: bool | None = option(None, "2-D rotary position embedding on q and k (default: the preset's: off for DiT, "
+                                     "on for DiT^DH)")
+    qk_norm: bool | None = option(None, "normalise q and k of every head (default: the preset's: off)")
     init_from: str | None = option(None, "start from these weights (fine-tuning): an official model (DiT-XL/2, "
                                          "SiT-XL/2: the release at --image-size) or a checkpoint or export; the "
                                          "class count and image size may differ, the optimizer starts afresh")
@@ -58,14 +64,26 @@ class ModelSection:
     hidden_size: int | None = option(None, "override the preset's width", at_least=1)
     num_heads: int | None = option(None, "override the preset's attention heads", at_least=1)
 
+    def __post_init__(self) -> None:
+        # An unset block option or output is the preset's, resolved here so that a run records what it
+        # trains (and old run folders, which recorded the DiT's values, compare equal). An unknown name is
+        # left for `validate` to report.
+        unset = [name for name in (*BLOCK_OPTIONS, "learn_sigma") if getattr(self, name) is None]
+        if unset:
+            try:
+                preset = config_from_name(self.name)
+            except UserError:
+                return
+            for name in unset:
+                setattr(self, name, getattr(preset, name))
+
     def options(self) -> dict:
         """The DiTConfig fields this run sets beyond the preset (size overrides and block options). Before
         the class count is read from the data (`num_classes` None) it is 1 here: the checks that run then
         do not depend on it."""
         overrides = {k: getattr(self, k) for k in ("depth", "hidden_size", "num_heads") if getattr(self, k) is not None}
-        blocks = {k: getattr(self, k) for k in BLOCK_OPTIONS}
-        return {**overrides, **blocks, "num_classes": self.num_classes or 1, "class_dropout_prob": self.class_dropout_prob,
-                "learn_sigma": self.learn_sigma}
+        blocks = {k: getattr(self, k) for k in (*BLOCK_OPTIONS, "learn_sigma") if getattr(self, k) is not None}
+        return {**overrides, **blocks, "num_classes": self.num_classes or 1, "class_dropout_prob": self.class_dropout_prob}
 
 
 def _objective_section() -> type:
@@ -93,8 +111,9 @@ class DataSection:
     data_path: str | None = option(None, "image folder with one subfolder per class (encoded on the fly), or 'digits'")
     # "ema"/"mse"/a folder: the SD VAE; "pixels": pixel space; None: the store's VAE for a latent
     # store, pixels for the digits, "ema" (as DiT trains) for an image folder.
-    vae: str | None = option(None, "ema, mse, a diffusers AutoencoderKL folder, or pixels (default: the store's VAE; "
-                                   "ema for images; pixels for digits)")
+    vae: str | None = option(None, "ema, mse, a diffusers AutoencoderKL folder, an RAE space (rae:dinov2-b-reg, "
+                                   "rae:dinov2-b-reg-512, rae:FOLDER), or pixels (default: the store's VAE; ema for "
+                                   "images; pixels for digits)")
     num_workers: int = option(data_workers(), "data loader worker processes (default: one per usable core, at most "
                                               f"{MAX_DATA_WORKERS})", at_least=0)
 
@@ -289,14 +308,15 @@ class _TrainConfigMethods:
         needs (MeanFlow's time-gap embedding)."""
         return {**self.model.options(), **self.build_objective().network()}
 
-    def sampling_recipe(self) -> dict:
-        """The sampling recipe the run's checkpoints record (`fastdit.sampling.recipe.training_recipe`)."""
+    def sampling_recipe(self, input_shape: tuple[int, ...] | None = None) -> dict:
+        """The sampling recipe the run's checkpoints record (`fastdit.sampling.recipe.training_recipe`), for
+        a model of inputs `input_shape` (C, H, W) once the data says it (RAE's time shift follows it)."""
         from ..sampling.recipe import training_recipe
 
         recipe = self.recipe
         return training_recipe(self.build_objective(), conditional=self.model.class_dropout_prob > 0,
                                sampler=recipe.recipe_sampler, num_steps=recipe.recipe_steps,
-                               cfg_scale=recipe.recipe_cfg_scale)
+                               cfg_scale=recipe.recipe_cfg_scale, input_shape=input_shape)
 
     def validate(self) -> "TrainConfig":
         data = self.data
@@ -322,6 +342,7 @@ class _TrainConfigMethods:
                             "`fastdit evaluate` on the exported EMA checkpoints")
         objective = self.build_objective()  # rejects an unknown objective or a setting out of range
         architecture = config_from_name(self.model.name, **self.model_options())  # rejects options that do not fit
+        objective.check_network(architecture)  # a DiT^DH embeds a time in [0, 1]: flow-time objectives only
         trained_guidance = objective.sampling.trained_guidance
         if trained_guidance is not None and self.model.class_dropout_prob <= 0:
             raise UserError(f"the {objective.name} objective trains guidance in (scale {trained_guidance:g}), "
@@ -346,7 +367,7 @@ class _TrainConfigMethods:
         # A latent store records its own space (VAE latents or pixels) and image size; the data check
         # (`open_training_data`) compares them, so only an image folder encoded on the fly is checked here.
         if not data.pixel_space and not data.features_path:
-            latent_side(self.model.image_size)
+            check_image_size(data.vae or "ema", self.model.image_size)
         return self
 
     def _validate_numbers(self) -> None:

@@ -123,7 +123,7 @@ def _train(config: TrainConfig, dist: distributed.DistInfo, run_lock: contextlib
         initial = load_initial_weights(model, config.model.init_from, config.model.image_size)
     model = model.to(device)
     model_info = ModelInfo(config=model.config, latent=data.latent_info, class_names=data.class_names,
-                           objective=objective, sampling=config.sampling_recipe())
+                           objective=objective, sampling=config.sampling_recipe(tuple(data.latent_shape)))
     state = build_training_state(config, dist, model, data)
 
     # One run per folder: a second `train` on it stops here with a message instead of interleaving its

@@ -33,7 +33,7 @@ from ..checkpoint import TRAIN_FORMAT, export_weights
 from ..model_info import ModelInfo
 from ..errors import UserError
 from ..io import atomic_torch_save, check_regular_file
-from ..models import DiT
+from ..models import build_from_config
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -123,7 +123,7 @@ class TrainingState:
         weights = get_model_state_dict(self.ema, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not weights:  # not rank 0
             return None
-        ema = DiT(self.ema.config)
+        ema = build_from_config(self.ema.config)
         ema.load_state_dict(weights)
         return ema.to(next(self.model.parameters()).device).eval()
 

@@ -10,7 +10,7 @@ import torch
 from ..model_info import LatentInfo
 from ..data import LatentStoreDataset, open_dataset
 from ..errors import UserError
-from ..latents import SD_VAE_SCALE, check_latent_channels, latent_side, load_latent_space
+from ..latents import check_latent_channels, is_rae_name, latent_side, load_latent_space
 from .config import TrainConfig
 from .extensions import enabled_extensions
 
@@ -64,6 +64,10 @@ def model_input_shape(config: TrainConfig) -> tuple[int, int, int]:
         return (1, 8, 8)
     if data.pixel_space:
         return (3, size, size)
+    if is_rae_name(data.vae):
+        from ..rae.space import describe
+
+        return describe(data.vae).latent_shape
     return (4, latent_side(size), latent_side(size))
 
 
@@ -80,11 +84,7 @@ def open_training_data(config: TrainConfig, device: torch.device) -> TrainingDat
         with_images = any(extension.needs_images for extension in enabled_extensions(config))
         dataset = LatentStoreDataset(source, seed=seed, vae=data_config.vae, image_size=image_size,
                                      with_images=with_images)
-        meta = dataset.store.meta
-        if meta["vae"] == "pixels":  # `extract --vae pixels`: the store holds the crops themselves (1x, no VAE)
-            info = LatentInfo(kind="pixels", vae=None, scale_factor=1.0)
-        else:
-            info = LatentInfo(kind="vae", vae=meta["vae"], scale_factor=float(meta.get("scale_factor", SD_VAE_SCALE)))
+        info = LatentInfo.of_store(dataset.store.meta)  # SD-VAE or RAE latents, or pixels (`extract --vae pixels`)
         data = TrainingData(dataset, tuple(dataset.store.latent_shape), info, list(dataset.class_names), device=device)
     elif data_config.pixel_space:
         dataset = open_dataset(source, image_size=image_size, seed=seed, exclude=outputs)
@@ -98,7 +98,7 @@ def open_training_data(config: TrainConfig, device: torch.device) -> TrainingDat
         vae_name = data_config.vae or "ema"
         latent_space = load_latent_space(vae_name, channels=3, device=device)  # image folders are read as RGB
         size = latent_space.latent_size(image_size)
-        info = LatentInfo(kind="vae", vae=latent_space.name, scale_factor=latent_space.scale_factor)
+        info = LatentInfo.of_space(latent_space)
         data = TrainingData(dataset, (latent_space.channels, size, size), info, list(dataset.class_names),
                             encode_on_the_fly=True, latent_space=latent_space, device=device)
     resolve_class_count(config, data)
