@@ -36,9 +36,14 @@ DINO_DISC_FILE = "dino_vit_small_patch8_224.pth"
 DINO_DISC_SUBDIR = "rae/discs"
 
 
+# What a run can do without each file (the offline message ends with it).
+WITHOUT = {LPIPS_SUBDIR: "pass --perceptual-weight 0 to train without LPIPS",
+           DINO_DISC_SUBDIR: "pass --disc-weight 0 to train without the discriminator"}
+
+
 def fetch(url: str, filename: str, subdir: str, *, progress: bool = True) -> Path:
     """The cached copy of one of the files above, downloaded first when it is not there."""
-    return download(url, filename, subdir=subdir, progress=progress)
+    return download(url, filename, subdir=subdir, progress=progress, hint=WITHOUT.get(subdir, ""))
 
 
 def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
