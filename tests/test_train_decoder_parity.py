@@ -105,14 +105,15 @@ def tiny_decoder() -> RAEDecoder:
 
 
 # max |ours - RAE's| / max |RAE's| allowed, per dtype of the whole computation (tests/fixtures/rae-decoder/
-# README.md derives them: forward values sit near float32 rounding; gradients pass the discriminator heads'
-# per-token normalisation, whose backward amplifies rounding by up to ~1e4 in these random networks, and
-# which RAE computes in float32 even in a float64 run).
+# README.md derives them from what was measured under three CPU kernel sets: forward values sit near float32
+# rounding; gradients pass the discriminator heads' per-sample normalisation over tokens, whose backward
+# amplifies rounding ~1e4-fold in these random networks; the float64 run still carries float32 rounding:
+# RAE's DiffAug and its heads' normalisation compute in float32 whatever they are given, as fastdit's do).
 TOLERANCES = {
     torch.float32: {"recon": 2e-6, "l1": 1e-6, "lpips": 1e-5, "gan": 1e-5, "d_weight": 1e-4, "total": 1e-5,
                     "decoder_grads": 2e-2, "d_loss": 1e-6, "logits": 1e-5, "head_grads": 1e-2, "u": 1e-6},
     torch.float64: {"recon": 1e-7, "l1": 1e-7, "lpips": 1e-7, "gan": 2e-6, "d_weight": 2e-6, "total": 1e-7,
-                    "decoder_grads": 2e-5, "d_loss": 1e-5, "logits": 2e-6, "head_grads": 2e-2, "u": 1e-6},
+                    "decoder_grads": 2e-5, "d_loss": 1e-5, "logits": 2e-6, "head_grads": 1e-4, "u": 1e-6},
 }
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 
