@@ -29,6 +29,9 @@ DATA_ITEM = "data-item"  # data: the flip and posterior noise of item i in epoch
 DIGITS_SPLIT = "digits-split"  # the digits demo: which digits are held out
 DEMO_JUDGE = "demo-judge"  # the digits demo: the judge classifier's batches
 DEMO_ENCODER = "demo-encoder"  # the digits demo: the frozen encoder REPA aligns with (its batches)
+DECODER_NOISE = "decoder-noise"  # decoder training: the token noise of global sample g in step s
+DECODER_AUGMENT = "decoder-augment"  # decoder training: sample g's DiffAug parameters in step s
+DECODER_AUGMENT_SWITCHES = "decoder-augment-switches"  # decoder training: which DiffAug operations step s uses
 
 # The largest seed a user may give: torch.manual_seed takes an unsigned 64-bit integer, so a larger one
 # would fail deep inside a run (the streams above hash any size, but one scheme bounds every seed flag).

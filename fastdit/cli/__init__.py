@@ -31,6 +31,7 @@ SUBCOMMANDS = {
     "sample": "sample",
     "extract": "extract",
     "train": "train",
+    "train-decoder": "train_decoder",
     "ema": "ema",
     "demo": "demo",
     "sample-ddp": "sample_ddp",
@@ -83,7 +84,11 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
         module = _load(module_name)
         if module is None:
             continue
-        sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
+        # A module's EPILOG (examples, laid out by hand) follows the flags as written.
+        epilog = getattr(module, "EPILOG", None)
+        sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP, epilog=epilog,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter if epilog else
+                                    argparse.HelpFormatter)
         module.add_arguments(sub)
         if getattr(module, "USES_TORCH", True):
             sub.add_argument("--threads", type=positive_int, default=None,

@@ -215,6 +215,12 @@ class RAEDecoder(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(shape), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(shape), persistent=False)
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks under the name fastdit's training setup wraps from outside (activation
+        checkpointing, regional compile: `fastdit.train.setup.prepare_model`); no parameter of its own."""
+        return self.decoder_layers
+
     def _token_sequence(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, T, C) or a grid (N, C, g, g) -> (N, T, C), checked against the config."""
         c, g = self.config.latent_dim, self.config.grid_size

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import numbers
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +30,7 @@ from ..run_folder import refuse_other_settings
 from ..sampling import SamplingOptions
 from ..seeding import MAX_SEED
 from .extensions import EXTENSIONS
-from .options import flag_name, option
+from .options import check_numbers, flag_name, option
 from .presets import train_preset_names
 from .setup import checkpoint_stride
 
@@ -386,31 +383,7 @@ class _TrainConfigMethods:
         return self
 
     def _validate_numbers(self) -> None:
-        """Every number field: the right type, finite, and in its range. A NaN fails every comparison
-        (so `lr <= 0` lets it through): finiteness is checked first, on its own."""
-        for section, cls in SECTIONS.items():
-            hints = typing.get_type_hints(cls)
-            for f in dataclasses.fields(cls):
-                value, kinds = getattr(getattr(self, section), f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
-                flag, hint = "--" + flag_name(f).replace("_", "-"), f.metadata.get("hint", "")
-                if typing.get_origin(hints[f.name]) is tuple:
-                    continue  # checked by the field's own validation
-                if (int not in kinds and float not in kinds) or (value is None and type(None) in kinds):
-                    continue
-                if isinstance(value, bool) or not isinstance(value, numbers.Integral if int in kinds else numbers.Real):
-                    raise UserError(f"{flag} must be a {'whole ' if int in kinds else ''}number, got {value!r}")
-                if not math.isfinite(value):
-                    raise UserError(f"{flag} must be a finite number, got {value}{hint}")
-                if f.metadata.get("positive") and not value > 0:
-                    raise UserError(f"{flag} must be > 0, got {value}{hint}")
-                if f.metadata.get("unit_interval") and not 0 <= value < 1:
-                    raise UserError(f"{flag} must be in [0, 1), got {value}")
-                at_least = f.metadata.get("at_least")
-                if at_least is not None and value < at_least:
-                    raise UserError(f"{flag} must be >= {at_least}, got {value}")
-                at_most = f.metadata.get("at_most")
-                if at_most is not None and value > at_most:
-                    raise UserError(f"{flag} must be <= {at_most}, got {value}")
+        check_numbers({section: getattr(self, section) for section in SECTIONS})
 
     def refuse_other_run(self, requested: "TrainConfig", what: str, fix: str) -> None:
         """Raise a UserError naming the fields that define the run (not RESUMABLE_CHANGES) and differ."""

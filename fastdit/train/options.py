@@ -6,6 +6,11 @@ flags, the config's validation and the resume check read the metadata."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import typing
+
+from ..errors import UserError
 
 
 def option(default, help: str, *, flag: str | None = None, at_least=None, at_most=None, positive: bool = False,
@@ -26,3 +31,32 @@ def option(default, help: str, *, flag: str | None = None, at_least=None, at_mos
 def flag_name(field: dataclasses.Field) -> str:
     """The flat key (and `--flag`, with dashes) of a field."""
     return field.metadata.get("flag") or field.name
+
+
+def check_numbers(sections: dict) -> None:
+    """Every number field of the config `sections` ({name: dataclass instance}): the right type, finite, and
+    in the range its `option` metadata gives; a UserError naming the flag otherwise. A NaN fails every
+    comparison (so `lr <= 0` lets it through): finiteness is checked first, on its own."""
+    for section in sections.values():
+        hints = typing.get_type_hints(type(section))
+        for f in dataclasses.fields(section):
+            value, kinds = getattr(section, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
+            flag, hint = "--" + flag_name(f).replace("_", "-"), f.metadata.get("hint", "")
+            if typing.get_origin(hints[f.name]) is tuple:
+                continue  # checked by the field's own validation
+            if (int not in kinds and float not in kinds) or (value is None and type(None) in kinds):
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral if int in kinds else numbers.Real):
+                raise UserError(f"{flag} must be a {'whole ' if int in kinds else ''}number, got {value!r}")
+            if not math.isfinite(value):
+                raise UserError(f"{flag} must be a finite number, got {value}{hint}")
+            if f.metadata.get("positive") and not value > 0:
+                raise UserError(f"{flag} must be > 0, got {value}{hint}")
+            if f.metadata.get("unit_interval") and not 0 <= value < 1:
+                raise UserError(f"{flag} must be in [0, 1), got {value}")
+            at_least = f.metadata.get("at_least")
+            if at_least is not None and value < at_least:
+                raise UserError(f"{flag} must be >= {at_least}, got {value}")
+            at_most = f.metadata.get("at_most")
+            if at_most is not None and value > at_most:
+                raise UserError(f"{flag} must be <= {at_most}, got {value}")

@@ -205,11 +205,21 @@ def save_training_state(
         "rng": rng_state(),
         "config": config,
     }
-    # The checkpoint first, then its export; if the export fails, the new checkpoint goes too, so both
-    # are there or neither (a SIGKILL in between leaves the checkpoint; resuming writes its export).
-    atomic_torch_save(state, path)
+    return save_checkpoint_pair(run_dir, path, state,
+                                lambda target: export_weights(training_state[EMA_KEY], model_info, target),
+                                keep_last=keep_last)
+
+
+def save_checkpoint_pair(run_dir: Path, path: Path, content: dict, export: Callable[[Path], None], *,
+                         keep_last: int) -> Path:
+    """Write a training checkpoint's `content` to `path`, then its export (`export(export_path(path))`),
+    then drop all but the last `keep_last` checkpoints of `run_dir` with their exports.
+
+    The checkpoint first, then its export; if the export fails, the new checkpoint goes too, so both are
+    there or neither (a SIGKILL in between leaves the checkpoint; resuming writes its export)."""
+    atomic_torch_save(content, path)
     try:
-        export_weights(training_state[EMA_KEY], model_info, export_path(path))
+        export(export_path(path))
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -283,8 +293,10 @@ _REQUIRED_KEYS = ("model", EMA_KEY, "optimizer", "position", "rng", "config")
 DAMAGED_SUFFIX = ".damaged"
 
 
-def load_newest_training_state(checkpoints: list[Path], *, is_main: bool) -> tuple[int, dict, list[str]]:
-    """(index in `checkpoints`, content, warnings) of the newest checkpoint that reads whole.
+def load_newest_training_state(checkpoints: list[Path], *, is_main: bool,
+                               load: Callable[[Path], dict] = load_training_state) -> tuple[int, dict, list[str]]:
+    """(index in `checkpoints`, content, warnings) of the newest checkpoint that reads whole (`load`: a
+    checkpoint's reader, which raises a UserError for one that does not).
 
     Why fall back rather than stop: checkpoints are written atomically, so a newer file that does not
     read (a disk error, a copy cut short) is damage from outside, and the previous checkpoint is a
@@ -297,7 +309,7 @@ def load_newest_training_state(checkpoints: list[Path], *, is_main: bool) -> tup
     damaged = []
     for index in range(len(checkpoints) - 1, -1, -1):
         try:
-            state = load_training_state(checkpoints[index])
+            state = load(checkpoints[index])
         except UserError as err:
             damaged.append((checkpoints[index], str(err)))
             continue
