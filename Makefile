@@ -35,7 +35,7 @@ test: $(VENV)/.installed-test
 
 # The numerics tests again with PyTorch's scalar and AVX2 kernels forced (on x86; elsewhere the setting
 # falls back to what the CPU has): a tolerance that only this machine's vector width meets fails here.
-NUMERICS_TESTS := tests/test_model_parity.py tests/test_diffusion_parity.py tests/test_sampling.py tests/test_inception_parity.py tests/test_sit_parity.py tests/test_sit_paths.py tests/test_rae_model_parity.py tests/test_train_decoder_parity.py tests/test_flow.py tests/test_objectives.py tests/test_meanflow.py tests/test_evaluate_guards.py tests/test_evaluate_more_metrics.py
+NUMERICS_TESTS := tests/test_model_parity.py tests/test_diffusion_parity.py tests/test_sampling.py tests/test_inception_parity.py tests/test_sit_parity.py tests/test_sit_paths.py tests/test_rae_model_parity.py tests/test_train_decoder_parity.py tests/test_rae_latent_decoder.py tests/test_rae_latent_space.py tests/test_flow.py tests/test_objectives.py tests/test_meanflow.py tests/test_evaluate_guards.py tests/test_evaluate_more_metrics.py
 test-kernels: $(VENV)/.installed-test
 	@for capability in default avx2; do \
 	  echo "make test-kernels: ATEN_CPU_CAPABILITY=$$capability"; \
