@@ -67,7 +67,9 @@ RECIPES = {
 }
 # `fastdit demo --latent rae` (fastdit.demo.rae): RAE's DiT^DH-T with RAE's objective on the digit encoder's
 # tokens, its times shifted for their 1,024 values against the pixels' 64 (benchmarks/bench_convergence.py,
-# recipe "rae-latent"; the figures are in the README).
+# recipe "rae-latent"). Measured (2-core Xeon, one thread): 10% class match at 200 steps, 77% at 400, 100% at
+# 600 (Frechet 26.4, real floor 6.9), 8.4 minutes in all; unshifted (RAE's base 4096: shift 0.5 for these
+# small latents) it was still at 14% after 400 steps.
 RAE_RECIPE = ObjectiveRecipe(600, blocks=False, repa=False, sampler="euler", sampling_steps=20,
                              settings={"time_shift_base": 64})
 LATENTS = ("pixels", "rae")
