@@ -17,6 +17,9 @@ power-function EMAs, snapshots every --posthoc-every steps), and the same judge 
 length in --sigma-rels, reconstructed from the snapshots as `fastdit ema` makes it, beside the run's
 own EMA (decay 0.99): which EMA length serves the demo best.
 
+A recipe with `latent: rae` (rae-latent) diffuses in the RAE latent space of the demo's digit encoder
+(`fastdit demo --latent rae`): its decoder is trained first and its seconds are part of the training time.
+
 Wall seconds count on an otherwise idle machine only: run nothing else meanwhile (`nice` does not help
 on 2 cores). The table names the CPU.
 """
@@ -42,7 +45,7 @@ from fastdit.data.digits import DIGITS_HELDOUT_FRACTION  # noqa: E402
 from fastdit.demo.classifier import ClassifierOptions, uint8_to_model_input  # noqa: E402
 from fastdit.demo.encoder import digit_encoder_file  # noqa: E402
 from fastdit.demo.run import NUM_CLASSES, DemoConfig, Judge, train_config  # noqa: E402
-from fastdit.latents import PixelSpace  # noqa: E402
+from fastdit.latents import PixelSpace, load_latent_space  # noqa: E402
 from fastdit.sampling import SamplingOptions, generate, to_uint8  # noqa: E402
 from fastdit.train.config import flat_fields  # noqa: E402
 from fastdit.train.loop import train  # noqa: E402
@@ -93,6 +96,12 @@ RECIPES = {
     "demo-disperse-0.5": ("flow", "logit-normal", True, "heun", 9,
                           {"repa_depth": 2, "repa_weight": 1.0, "disperse": 0.5}),
     "flow-blocks-disperse": ("flow", "logit-normal", True, "heun", 9, {"disperse": 0.25}),
+    # RAE (Zheng et al. 2025) on the digits, `fastdit demo --latent rae`: the digit encoder's 64 x 4 x 4 tokens
+    # as latents, a ViT decoder trained on them by `train-decoder` first (its wall time counted in the row's
+    # training seconds: RAE's cost is both stages; the encoder, as for REPA, is trained before any timing),
+    # then DiT^DH-T with RAE's objective, its times shifted by sqrt(1024 / 64). Set beside the demo's pixel
+    # recipe (flow-blocks-repa-k2-w1) at equal wall time.
+    "rae-latent": ("rae", "logit-normal", False, "euler", 20, {"latent": "rae", "time_shift_base": 64}),
 }
 MEANFLOW_CALLS = (1, 2, 4)  # the NFE rows of a MeanFlow model: one model call a step
 # NFE rows: sampler -> grid points for a number of model calls (Euler: one call per step; Heun: two).
@@ -160,7 +169,8 @@ def main(argv=None) -> int:
         cfg_scale = info.objective.sampling.cfg_scale(args.cfg_scale, conditional=True)
         options = SamplingOptions(sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale)
         start = time.perf_counter()
-        samples = generate(model, PixelSpace(1), labels, options=options, objective=info.objective, seed=0)
+        space = PixelSpace(1) if info.latent.kind == "pixels" else load_latent_space(info.latent.vae)
+        samples = generate(model, space, labels, options=options, objective=info.objective, seed=0)
         seconds = time.perf_counter() - start
         report = judge.report(samples, labels)
         fd = report["frechet_distance"]
@@ -176,18 +186,25 @@ def main(argv=None) -> int:
     for name in args.recipes:
         objective, time_sampling, blocks, sampler, num_steps, settings = RECIPES[name]
         alignment = {key: value for key, value in settings.items() if key.startswith("repa")}
+        latent = settings.get("latent", "pixels")
         # The recipe's own settings only (objective_settings={}: not the demo's per-objective defaults).
         config = DemoConfig(out=str(work / name), objective=objective, time_sampling=time_sampling, blocks=blocks,
-                            progress=False, repa=bool(alignment), objective_settings={}, **alignment)
-        if config.repa:  # the digits' encoder, trained once (a few seconds) before any timing
+                            progress=False, repa=bool(alignment), objective_settings={}, latent=latent, **alignment)
+        if config.repa or latent == "rae":  # the digits' encoder, trained once (a few seconds) before any timing
             digit_encoder_file(config.out, config.seed)
         elapsed = 0.0
+        if latent == "rae":  # its decoder: part of the recipe's training time
+            from fastdit.demo.rae import train_digit_decoder
+
+            start = time.perf_counter()
+            train_digit_decoder(config)
+            elapsed = time.perf_counter() - start
         for steps in sorted(args.steps):
             start = time.perf_counter()
             run = train_config(replace(config, steps=steps))
             run.run.log_every = max(steps, 1)
             for key, value in settings.items():
-                if not key.startswith("repa"):  # REPA's are the DemoConfig's
+                if not key.startswith("repa") and key != "latent":  # REPA's and the latent are the DemoConfig's
                     set_setting(run, key, value)
             result = train(run)
             elapsed += time.perf_counter() - start

@@ -21,6 +21,7 @@ from fastdit.decoder_training import weights
 from fastdit.decoder_training.config import DecoderTrainConfig
 from fastdit.decoder_training.discriminator import random_dino_state_dict
 from fastdit.decoder_training.loop import train_decoder
+from fastdit.errors import UserError
 from fastdit.decoder_training.lpips import random_lin_state_dict, random_vgg16_state_dict
 from fastdit.evaluate.inception import random_inception_state_dict
 from fastdit.rae.space import describe, load_rae_space
@@ -237,6 +238,31 @@ def test_bf16_trains_with_finite_losses(stand_ins, tmp_path):
     assert all(torch.isfinite(torch.tensor([m["loss"], m["disc_loss"], m["grad_norm"]])).all() for m in metrics)
     state = final_state(result.run_dir)
     assert all(torch.isfinite(v).all() for v in state["ema"].values())
+
+
+def test_a_torchscript_encoder_on_the_digits_makes_a_gray_rae_latent_space(tmp_path):
+    """The digits demo's path (`fastdit demo --latent rae`): a TorchScript encoder (here the demo's
+    architecture, untrained), L1 alone at 8 px; the run folder keeps a copy of the encoder and is a latent
+    space of gray 8-px images that `fastdit train` reads the digits in."""
+    from fastdit.demo.encoder import DigitTokens, save_digit_encoder
+
+    torch.manual_seed(0)
+    encoder = save_digit_encoder(DigitTokens().eval(), tmp_path / "digit-encoder.ts")
+    result = train_decoder(DecoderTrainConfig.create(
+        encoder=str(encoder), data_path="digits", image_size=8, decoder_depth=1, decoder_hidden_size=32,
+        decoder_num_heads=2, decoder_mlp_size=64, perceptual_weight=0.0, disc_weight=0.0, global_batch_size=16,
+        max_steps=2, num_workers=0, progress=False, tensorboard=False, results_dir=str(tmp_path / "runs")))
+    assert (result.run_dir / "encoder.pt").read_bytes() == encoder.read_bytes()
+    space = load_rae_space(f"rae:{result.run_dir}")
+    assert space.image_channels == 1 and (space.channels, space.grid_size, space.image_size) == (64, 4, 8)
+    digits = torch.rand(3, 1, 8, 8) * 2 - 1
+    assert space.decode(space.encode(digits)).shape == digits.shape
+    with pytest.raises(UserError, match="encodes gray images"):
+        space.encode(digits.expand(-1, 3, -1, -1))
+    assert run_cli("train", "--data-path", "digits", "--vae", f"rae:{result.run_dir}", "--model", "DiTDH-T",
+                   "--depth", 1, "--hidden-size", 64, "--num-heads", 2, "--objective", "rae", "--image-size", 8,
+                   "--global-batch-size", 8, "--max-steps", 1, "--num-workers", 0, "--no-progress", "--no-tensorboard",
+                   "--results-dir", tmp_path / "dit") == 0
 
 
 @pytest.mark.parametrize("missing", list(WEIGHT_FILES))

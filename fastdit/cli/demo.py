@@ -11,7 +11,8 @@ from ..sampling import OPTIONS
 from ..program import program_words
 from .arg_types import finite_float, seed
 
-HELP = "train a tiny DiT on the 8x8 digits (no download, minutes on a CPU), sample every class, and judge the samples"
+HELP = ("train a tiny DiT on the 8x8 digits (no download, minutes on a CPU; in pixels or in an RAE latent space), "
+        "sample every class, and judge the samples")
 
 
 def recipe_defaults(name: str) -> str:
@@ -25,7 +26,8 @@ def recipe_defaults(name: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..demo.run import DemoConfig
+    from ..demo.rae import DECODER
+    from ..demo.run import LATENTS, DemoConfig
 
     d = DemoConfig()
     parser.add_argument("--out", default=d.out, help=f"output folder; running again with the same folder reuses its training (more --steps continue it) (default: {d.out})")
@@ -35,9 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step (default: {d.batch_size})")
     group.add_argument("--lr", type=finite_float, default=d.lr, help=f"AdamW learning rate (default: {d.lr})")
     group.add_argument("--ema-decay", type=finite_float, default=d.ema_decay, help=f"EMA decay per step; the samples come from the EMA (default: {d.ema_decay})")
-    group.add_argument("--objective", choices=objective_names(), default=d.objective,
-                       help=f"ddpm (DiT's process), flow (SiT's), x-pred (JiT's) or meanflow (one-step, Geng et al. "
-                            f"2025) (default: {d.objective})")
+    group.add_argument("--latent", choices=LATENTS, default=d.latent,
+                       help="where the DiT diffuses: pixels, or rae: the latent space of the digit encoder's tokens "
+                            "(RAE, Zheng et al. 2025): `train-decoder` trains its ViT decoder first (about a minute), "
+                            "then DiT^DH-T trains with RAE's objective (default: pixels)")
+    group.add_argument("--decoder-epochs", type=finite_float, default=None,
+                       help=f"--latent rae: epochs of the decoder's training (default: {DECODER.epochs:g})")
+    group.add_argument("--objective", choices=objective_names(), default=None,
+                       help="ddpm (DiT's process), flow (SiT's), x-pred (JiT's), meanflow (one-step, Geng et al. "
+                            "2025) or rae (RAE's, for --latent rae) (default: flow; rae with --latent rae)")
     group.add_argument("--time-sampling", choices=TIME_SAMPLINGS, default=None,
                        help="flow and x-pred: how training draws t (default: logit-normal; x-pred with JiT's mean -0.8 "
                             "and std 0.8)")
@@ -78,11 +86,15 @@ def run(args: argparse.Namespace) -> int:
         out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
         samples_per_class=args.samples_per_class, sampler=args.sampler, sampling_steps=args.sampling_steps,
         cfg_scale=args.cfg_scale, objective=args.objective, time_sampling=args.time_sampling, blocks=args.blocks,
-        repa=args.repa, posthoc_ema=args.posthoc_ema,
+        repa=args.repa, posthoc_ema=args.posthoc_ema, latent=args.latent, decoder_epochs=args.decoder_epochs,
         classifier_epochs=args.classifier_epochs, seed=args.seed, device=args.device, progress=args.progress,
     )
     result = run_demo(config)
     print(format_report(result.report))
+    if "latent" in result.report:
+        from ..demo.rae import format_latent_lines
+
+        print("\n".join(format_latent_lines(result.report["latent"], result.report["latent"]["pixel_reference"])))
     seconds = result.report["seconds"]
     print(f"took {seconds['total']:.0f} s (training {seconds['train']:.0f} s, sampling {seconds['sampling']:.0f} s, "
           f"evaluation {seconds['evaluation']:.0f} s)")

@@ -22,10 +22,12 @@ EPILOG = """examples:
         --data-path imagenet/train --eval-data imagenet/val --eval-images 10000 --precision bf16
   the run folder is then an RAE latent space (rae.json, the EMA decoder, the token statistics):
     fastdit extract --vae rae:results/RUN --data-path imagenet/train --features-path STORE
-  a small decoder for the digits demo's TorchScript encoder, in about a minute on a CPU:
-    fastdit train-decoder --encoder digits-encoder.ts --data-path digits --image-size 8 \\
-        --decoder ViT-B --decoder-depth 2 --decoder-hidden-size 128 --global-batch-size 64 \\
-        --perceptual-weight 0 --disc-weight 0 --noise-tau 0.5 --epochs 40
+  a small decoder for the digits demo's TorchScript encoder (what `fastdit demo --latent rae` runs), in
+  under a minute on a CPU; the run folder is then the latent space rae:results/decoder:
+    fastdit train-decoder --encoder digit-encoder-seed0.ts --data-path digits --image-size 8 \\
+        --decoder-depth 2 --decoder-hidden-size 128 --decoder-num-heads 4 --decoder-mlp-size 256 \\
+        --perceptual-weight 0 --disc-weight 0 --noise-tau 0.5 --global-batch-size 64 --epochs 40 \\
+        --lr 1e-3 --final-lr 1e-4 --ema-decay 0.99 --run-name decoder
 
 The same command resumes a stopped run. LPIPS (torchvision's VGG16 and LPIPS's heads) and the DINO
 ViT-S/8 of the discriminator are downloaded once into fastdit's cache; offline, the message says where

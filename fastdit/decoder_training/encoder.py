@@ -8,6 +8,7 @@ Two kinds, told apart by the spec:
 * anything `fastdit.encoders.load_encoder` takes (a named encoder, hf:<owner>/<repo>, NAME=FOLDER, a
   TorchScript file such as the digits demo's encoder): its patch tokens (N, T, D) laid out on their
   square grid. REPA's preprocessing, not RAE's: such a decoder reads these tokens, not the RAE space's.
+  A TorchScript encoder's run folder becomes an RAE latent space of its own (`rae:RUN_FOLDER`).
 
 `TokenEncoder(images) -> (N, D, g, g)` float32, without a gradient; `dim` (D), `grid` (g), `name`.
 """
@@ -15,6 +16,7 @@ Two kinds, told apart by the spec:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -32,6 +34,9 @@ class TokenEncoder:
     # For RAE's own encoder, the encoder an RAE folder's rae.json names (a name in fastdit.encoders.ENCODERS or
     # a folder): the RAE latent space can then pair it with the trained decoder. None for other encoders.
     rae_encoder: str | None = None
+    # A TorchScript encoder's file: the run folder keeps a copy, which its rae.json names (the RAE latent
+    # space reads TorchScript encoders too: `fastdit.rae.space`).
+    torchscript_file: Path | None = None
 
     @property
     def is_rae(self) -> bool:
@@ -75,4 +80,7 @@ def load_token_encoder(spec: str, device, *, resolution: int | None = None, prog
     if encoder.grid * encoder.grid != encoder.num_tokens:
         raise UserError(f"{spec} makes {encoder.num_tokens} tokens, not a square grid; the decoder reads a square "
                         "token grid")
-    return TokenEncoder(encoder, spec, encoder.dim, encoder.grid, encoder.resolution)
+    from ..rae.space import is_torchscript_encoder
+
+    file = Path(spec).expanduser() if is_torchscript_encoder(spec) and Path(spec).expanduser().is_file() else None
+    return TokenEncoder(encoder, spec, encoder.dim, encoder.grid, encoder.resolution, torchscript_file=file)

@@ -7,14 +7,15 @@
   the decoder's shape, the encoder and the step.
 * `latent-stats.pt`: {"mean", "var"}, each (C, h, w) float32: the per-element mean and population
   variance of the clean encoder tokens of every training image the run has seen (RAE's stat.pt).
-* `rae.json` (RAE encoders only): the encoder, its input size, the decoder's shape, and the two files
-  above, rewritten at every checkpoint to name the newest export. Then
+* `rae.json` (RAE's encoder, or a TorchScript encoder, copied into the run folder as `encoder.pt`): the
+  encoder, its input size, the images' channels, the decoder's shape, and the two files above, rewritten
+  at every checkpoint to name the newest export. Then
 
       fastdit extract --vae rae:RUN_FOLDER --data-path IMAGES ...   # latents of this space
       fastdit train --features-path STORE ...                       # a diffusion model on them
 
-  decode with the trained decoder. Other encoders (TorchScript, CLIP, ...) get the safetensors and the
-  statistics, but no rae.json: the RAE latent space is built on DINOv2 with registers.
+  decode with the trained decoder. Other encoders (named ones such as CLIP, hf:...) get the safetensors
+  and the statistics, but no rae.json: the RAE latent space reads DINOv2 with registers or TorchScript.
 """
 
 from __future__ import annotations
@@ -48,6 +49,21 @@ def export_decoder(ema_state: dict, path: Path, *, decoder_config, encoder: dict
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+TORCHSCRIPT_COPY = "encoder.pt"
+
+
+def copy_encoder(source: Path, run_dir: Path) -> str:
+    """The TorchScript encoder copied into the run folder (once: a resumed run checks it is the same
+    encoder by its token shape), so that the folder is a latent space on its own; its name there."""
+    import shutil
+
+    target = run_dir / TORCHSCRIPT_COPY
+    if not target.exists():
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+    return TORCHSCRIPT_COPY
+
+
 def write_statistics(run_dir: Path, mean: torch.Tensor, var: torch.Tensor) -> Path:
     path = run_dir / STATS_FILE
     atomic_torch_save({"mean": mean.cpu(), "var": var.cpu()}, path)
@@ -57,6 +73,7 @@ def write_statistics(run_dir: Path, mean: torch.Tensor, var: torch.Tensor) -> Pa
 def write_rae_description(run_dir: Path, export: Path, *, encoder: str, encoder_input_size: int, decoder_config) -> Path:
     """`rae.json` in the run folder, naming the newest export and the statistics (paths relative to it)."""
     record = {
+        "channels": decoder_config.channels,
         "encoder": encoder,
         "encoder_input_size": encoder_input_size,
         "decoder": {k: getattr(decoder_config, k) for k in ("hidden_size", "depth", "num_heads", "mlp_size", "patch_size")},

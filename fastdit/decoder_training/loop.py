@@ -26,7 +26,7 @@ from ..host_memory import keep_freed_host_memory
 from ..io import (NoSpaceError, atomic_write_json, atomic_write_text, check_can_create, check_regular_file,
                   ensure_writable_dir, remove_stale_temporaries)
 from ..precision import precision_warning
-from ..rae.decoder import IMAGENET_MEAN, IMAGENET_STD, RAEDecoder, RAEDecoderConfig, decoder_config
+from ..rae.decoder import RAEDecoder, RAEDecoderConfig, decoder_config, output_normalisation
 from ..run_folder import exclusive_lock_for_all_ranks
 from ..train.data_order import StepBatchSampler, steps_per_epoch
 from ..train.ema import make_ema
@@ -38,7 +38,7 @@ from .config import DecoderTrainConfig
 from .data import open_images
 from .encoder import TokenEncoder, load_token_encoder
 from .evaluation import ReconstructionEvaluator, check_eval_size
-from .export import export_decoder, write_rae_description, write_statistics
+from .export import copy_encoder, export_decoder, write_rae_description, write_statistics
 from .losses import LossSchedule
 from .state import DECODER_TRAIN_FORMAT, DecoderTrainingState, TokenStatistics, load_decoder_checkpoint
 from .step import StepSettings, train_step
@@ -75,12 +75,9 @@ def build_decoder_config(config: DecoderTrainConfig, encoder: TokenEncoder, chan
                         f"e.g. {encoder.grid * max(1, round(size / encoder.grid))}")
     overrides = {name: getattr(section, f"decoder_{name}") for name in ("depth", "hidden_size", "num_heads", "mlp_size")
                  if getattr(section, f"decoder_{name}") is not None}
-    # The output normalisation RAE undoes (ImageNet's); a gray decoder uses the channels' averages.
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (
-        (sum(IMAGENET_MEAN) / 3,) * channels, (sum(IMAGENET_STD) / 3,) * channels)
-    try:
+    try:  # the output normalisation RAE undoes: ImageNet's; a gray decoder's the channels' average
         return decoder_config(section.decoder, latent_dim=encoder.dim, grid_size=encoder.grid,
-                              patch_size=size // encoder.grid, channels=channels, pixel_mean=mean, pixel_std=std,
+                              patch_size=size // encoder.grid, channels=channels, **output_normalisation(channels),
                               **overrides)
     except ValueError as err:
         raise UserError(f"the decoder's shape does not work: {err}; change --decoder-hidden-size / "
@@ -301,9 +298,10 @@ def _save(config, run_dir: Path, dist, state: DecoderTrainingState, architecture
                                  keep_last=config.run.keep_last)
             mean, var = TokenStatistics.mean_var(content["token_stats"])
             write_statistics(run_dir, mean, var)
-            if encoder.is_rae:
-                write_rae_description(run_dir, export_path(path), encoder=encoder.rae_encoder,
-                                      encoder_input_size=encoder.input_size, decoder_config=architecture)
+            if encoder.is_rae or encoder.torchscript_file is not None:
+                name = encoder.rae_encoder if encoder.is_rae else copy_encoder(encoder.torchscript_file, run_dir)
+                write_rae_description(run_dir, export_path(path), encoder=name, encoder_input_size=encoder.input_size,
+                                      decoder_config=architecture)
         except (NoSpaceError, OSError) as err:
             previous = list_checkpoints(run_dir)
             kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"

@@ -65,9 +65,20 @@ RECIPES = {
     # against 21.7, class match 99.6% and 97.4%; README "MeanFlow").
     "meanflow": ObjectiveRecipe(400, blocks=True, repa=False, sampler="meanflow", sampling_steps=1),
 }
+# `fastdit demo --latent rae` (fastdit.demo.rae): RAE's DiT^DH-T with RAE's objective on the digit encoder's
+# tokens, its times shifted for their 1,024 values against the pixels' 64 (benchmarks/bench_convergence.py,
+# recipe "rae-latent"). Measured (2-core Xeon, one thread): 10% class match at 200 steps, 77% at 400, 100% at
+# 600 (Frechet 26.4, real floor 6.9), 8.4 minutes in all; unshifted (RAE's base 4096: shift 0.5 for these
+# small latents) it was still at 14% after 400 steps.
+RAE_RECIPE = ObjectiveRecipe(600, blocks=False, repa=False, sampler="euler", sampling_steps=20,
+                             settings={"time_shift_base": 64})
+LATENTS = ("pixels", "rae")
+# What the pixel demo's recipe measured (RECIPES["flow"] above; README), printed beside the RAE demo's figures.
+PIXEL_REFERENCE = {"steps": 400, "class_match": 0.994, "frechet": 13.3}
 # The sampler and steps each objective's recipe samples with, unless --sampler / --sampling-steps say otherwise.
 # MeanFlow samples in one step: one model call, its guidance trained in (`train_config`).
 RECIPE_SAMPLING = {name: (recipe.sampler, recipe.sampling_steps) for name, recipe in RECIPES.items()}
+RECIPE_SAMPLING["rae"] = (RAE_RECIPE.sampler, RAE_RECIPE.sampling_steps)
 # With --posthoc-ema, snapshot steps over the run (every steps // 16 steps): enough for `fastdit ema` and
 # `fastdit sweep` to make any EMA length from them (EDM2 spreads its snapshots evenly the same way).
 POSTHOC_SNAPSHOTS = 16
@@ -89,8 +100,12 @@ class DemoConfig:
     # initial weights after 1,000 steps (0.9999^1000 = 0.90). The model still improves fast at the end,
     # so a ~100-step average (0.99) lags it least; 0.995 judged worse on the digits.
     ema_decay: float = 0.99
+    # pixels, or an RAE latent space of the digit encoder's tokens (fastdit.demo.rae): then the model is
+    # DiT^DH-T, the objective RAE's, and `fastdit train-decoder` trains the decoder first
+    latent: str = "pixels"
+    decoder_epochs: float | None = None  # --latent rae: the decoder's epochs (None: fastdit.demo.rae.DECODER's)
     # the process and blocks (recorded in the checkpoint; see `fastdit train --objective`, `--rope`, ...)
-    objective: str = "flow"
+    objective: str | None = None  # None: flow in pixel space, rae in the RAE latent space
     time_sampling: str | None = None  # None: the objective's recipe's
     blocks: bool | None = None  # the LightningDiT blocks: RMSNorm, SwiGLU, 2-D RoPE, QK-norm; None: the recipe's
     objective_settings: dict | None = None  # the objective's other settings; None: the recipe's (x-pred: JiT's times)
@@ -126,7 +141,14 @@ class DemoConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        recipe = RECIPES.get(self.objective, RECIPES["flow"])
+        rae = self.latent == "rae"
+        if self.objective is None:
+            self.objective = "rae" if rae else "flow"
+        if rae and self.model == DemoConfig.model:
+            from .rae import MODEL
+
+            self.model = MODEL
+        recipe = RAE_RECIPE if rae else RECIPES.get(self.objective, RECIPES["flow"])
         for name in ("steps", "blocks", "repa", "time_sampling"):
             if getattr(self, name) is None:
                 setattr(self, name, getattr(recipe, name))
@@ -151,7 +173,28 @@ class DemoConfig:
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         check_cfg_scale(self.cfg_scale)
+        if self.latent not in LATENTS:
+            raise UserError(f"--latent {self.latent!r}: choose {' or '.join(LATENTS)}")
+        if self.latent == "rae":
+            if self.objective != "rae":
+                raise UserError(f"--latent rae trains RAE's DiT^DH with RAE's objective, not {self.objective!r}: leave "
+                                "--objective out (or pass --objective rae)")
+            if self.repa:
+                raise UserError("--repa aligns a pixel-space DiT with the digit encoder; in its RAE latent space the "
+                                "DiT diffuses that encoder's tokens themselves: leave --repa out")
+            if self.decoder_epochs is not None and not self.decoder_epochs > 0:
+                raise UserError(f"--decoder-epochs must be > 0, got {self.decoder_epochs}")
+        elif self.decoder_epochs is not None:
+            raise UserError("--decoder-epochs is for --latent rae (pixel space has no decoder)")
         return self
+
+    def space(self) -> str:
+        """The --vae of the training: pixels, or the RAE space of the demo's decoder run."""
+        if self.latent != "rae":
+            return "pixels"
+        from .rae import DECODER_RUN
+
+        return f"rae:{(Path(self.out) / DECODER_RUN).resolve()}"
 
 
 @dataclass
@@ -190,7 +233,7 @@ def train_config(config: DemoConfig):
                     recipe_cfg_scale=policy.cfg_scale(config.cfg_scale, conditional=True))
     return TrainConfig.create(**alignment, **settings, **sampling,
         objective=config.objective, **(LIGHTNINGDIT_BLOCKS if config.blocks else {}),
-        model=config.model, image_size=8, num_classes=NUM_CLASSES, data_path="digits", vae="pixels",
+        model=config.model, image_size=8, num_classes=NUM_CLASSES, data_path="digits", vae=config.space(),
         global_batch_size=config.batch_size, lr=config.lr, ema_decay=config.ema_decay, max_steps=config.steps,
         global_seed=config.seed, num_workers=0, device=config.device,
         results_dir=str(config.out), run_name=TRAIN_RUN,
@@ -202,7 +245,7 @@ def train_config(config: DemoConfig):
 def run_demo(config: DemoConfig) -> DemoResult:
     from ..checkpoint import load_model
     from ..devices import resolve_device
-    from ..latents import PixelSpace
+    from ..latents import PixelSpace, load_latent_space
     from ..sampling import SamplingOptions, generate
     from ..train.loop import train
 
@@ -219,6 +262,11 @@ def run_demo(config: DemoConfig) -> DemoResult:
     _check_earlier_run(config)
 
     started, cpu_started = time.perf_counter(), time.process_time()
+    decoder = None
+    if config.latent == "rae":
+        from .rae import train_digit_decoder
+
+        decoder = train_digit_decoder(config)  # the encoder and its decoder: the latent space
     if config.repa:
         from .encoder import digit_encoder_file
 
@@ -233,7 +281,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
     guidance = f"cfg {options.cfg_scale}" if trained_guidance is None else f"guidance {config.cfg_scale} trained in"
     print(f"sampling {counted(len(labels), 'image')} ({sampler}, {counted(sampling_steps, 'step')}, {guidance})", flush=True)
     sampling_start = time.perf_counter()
-    samples = generate(model, PixelSpace(channels=1), labels, options=options, objective=info.objective, seed=config.seed, device=device,
+    space = PixelSpace(channels=1) if config.latent == "pixels" else load_latent_space(info.latent.vae, device=device)
+    samples = generate(model, space, labels, options=options, objective=info.objective, seed=config.seed, device=device,
                        progress=config.progress)
     sampling_seconds = time.perf_counter() - sampling_start
 
@@ -248,7 +297,15 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     print("evaluating with a digit classifier trained on held-out real digits", flush=True)
     evaluation_start = time.perf_counter()
-    result = digits_judge(config.seed, config.classifier_epochs).report(samples, labels)
+    judge = digits_judge(config.seed, config.classifier_epochs)
+    result = judge.report(samples, labels)
+    if decoder is not None:
+        from .rae import reconstruction_report
+
+        result["latent"] = {"space": decoder["space"], "decoder_steps": decoder["steps"],
+                            "decoder_seconds": decoder["seconds"],
+                            "reconstruction": reconstruction_report(space, judge, config.seed),
+                            "pixel_reference": PIXEL_REFERENCE}
     evaluation_seconds = time.perf_counter() - evaluation_start
 
     result.update(

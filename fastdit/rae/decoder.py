@@ -110,6 +110,14 @@ class RAEDecoderConfig:
         return self.patch_size * self.grid_size
 
 
+def output_normalisation(channels: int) -> dict[str, tuple[float, ...]]:
+    """The `pixel_mean` / `pixel_std` a decoder of `channels` channels undoes: ImageNet's for RGB (RAE's),
+    and for gray images the average of ImageNet's three (a gray image is RGB with three equal channels)."""
+    if channels == 3:
+        return {"pixel_mean": IMAGENET_MEAN, "pixel_std": IMAGENET_STD}
+    return {"pixel_mean": (sum(IMAGENET_MEAN) / 3,) * channels, "pixel_std": (sum(IMAGENET_STD) / 3,) * channels}
+
+
 def decoder_config(name: str, *, latent_dim: int = 768, grid_size: int = 16, **overrides) -> RAEDecoderConfig:
     """`RAEDecoderConfig` of a preset in `DECODER_PRESETS` ("ViT-B", "ViT-L", "ViT-XL")."""
     if name not in DECODER_PRESETS:
@@ -275,5 +283,6 @@ __all__ = [
     "RAEDecoderConfig",
     "decoder_config",
     "noise_augment",
+    "output_normalisation",
     "sincos_position_table",
 ]

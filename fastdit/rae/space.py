@@ -24,7 +24,13 @@ A local folder's rae.json, e.g. for a decoder trained here on the released encod
                                      "num_heads", "mlp_size", "patch_size"}
    "decoder_weights": "model.pt",    RAE's key layout: torch.save'd state dict (.pt) or .safetensors
    "stats": "stat.pt",               torch.save'd {"mean": tensor, "var": tensor}, each (C, h, w)
-   "eps": 1e-5}                      optional
+   "eps": 1e-5,                      optional
+   "channels": 3}                    optional: the images' channels (1 for gray images such as the digits)
+
+The encoder may also be a TorchScript file (.pt/.ts, relative to the folder) mapping normalised images to
+patch tokens, as `fastdit.encoders.load_encoder` reads it (the digits demo's encoder): `fastdit
+train-decoder` writes such a folder for a decoder trained on its tokens. The latent space is then that
+encoder's tokens, normalised with the folder's statistics, as for DINOv2.
 
 The released files are fetched once into fastdit's cache (`fastdit.hub.download`: progress bar, `.part`
 file renamed when complete; offline, one line naming the file, its address and where to put it).
@@ -39,14 +45,14 @@ from pathlib import Path
 import torch
 
 from ..errors import DownloadError, FetchError, UserError, template_text
-from .decoder import DECODER_PRESETS, RAEDecoder, RAEDecoderConfig, decoder_config
+from .decoder import DECODER_PRESETS, RAEDecoder, RAEDecoderConfig, decoder_config, output_normalisation
 from .variants import RAE_VARIANTS, STATS_EPS
 
 RAE_PREFIX = "rae:"
 RAE_JSON = "rae.json"
 # rae.json's fields: the required ones, then the optional ones with their defaults.
 RAE_JSON_FIELDS = {"encoder": None, "encoder_input_size": None, "decoder": None,
-                   "decoder_weights": "model.pt", "stats": "stat.pt", "eps": STATS_EPS}
+                   "decoder_weights": "model.pt", "stats": "stat.pt", "eps": STATS_EPS, "channels": 3}
 _DECODER_FIELDS = ("hidden_size", "depth", "num_heads", "mlp_size", "patch_size")
 
 
@@ -64,7 +70,7 @@ class RAESpec:
     """What an RAE name describes, read without loading any weights."""
 
     name: str  # "rae:<variant>" or "rae:<absolute folder>": what checkpoints and stores record
-    encoder: str  # a name in fastdit.encoders.ENCODERS or a folder
+    encoder: str  # a name in fastdit.encoders.ENCODERS, a folder, or a TorchScript file
     encoder_input_size: int
     decoder: RAEDecoderConfig
     decoder_weights: str  # a local path, or a path in RAE's hub repository for a released variant
@@ -79,6 +85,11 @@ class RAESpec:
     @property
     def image_size(self) -> int:
         return self.decoder.image_size
+
+    @property
+    def channels(self) -> int:
+        """The images' channels (3: RGB; 1: gray)."""
+        return self.decoder.channels
 
     @property
     def downsample(self) -> int:
@@ -130,11 +141,15 @@ def _describe_folder(folder: Path) -> RAESpec:
     for key in ("encoder", "decoder_weights", "stats"):
         if not isinstance(fields[key], str) or not fields[key]:
             raise UserError(f"{str(path)!r} has {key} {fields[key]!r}; it must be a name or a file name")
+    channels = fields["channels"]
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise UserError(f"{str(path)!r} has channels {channels!r}; images have 3 (RGB) or 1 (gray)")
     encoder = _encoder_spec(fields["encoder"], folder)
-    hidden, patch = _encoder_shape(encoder, path)
+    hidden, patch = _encoder_shape(encoder, path, size)
     if size % patch:
         raise UserError(f"{str(path)!r} has encoder_input_size {size}, not a multiple of the encoder's patch {patch}")
-    decoder = _decoder_config(fields["decoder"], latent_dim=hidden, grid_size=size // patch, where=str(path))
+    decoder = _decoder_config(fields["decoder"], latent_dim=hidden, grid_size=size // patch, where=str(path),
+                              channels=channels)
     return RAESpec(name=RAE_PREFIX + str(folder), encoder=encoder, encoder_input_size=size, decoder=decoder,
                    decoder_weights=str(folder / fields["decoder_weights"]), stats=str(folder / fields["stats"]),
                    eps=float(eps))
@@ -146,10 +161,32 @@ def _encoder_spec(value: str, folder: Path) -> str:
     return value if value in ENCODERS else str((folder / value).resolve())
 
 
-def _encoder_shape(encoder: str, where: Path) -> tuple[int, int]:
-    """(width, patch) from the encoder's config.json (fetched first for a named encoder: a small file)."""
+def is_torchscript_encoder(encoder: str) -> bool:
+    """Whether an RAE folder's encoder is a TorchScript file rather than DINOv2 with registers."""
+    from ..encoders import TORCHSCRIPT_SUFFIXES
+
+    return Path(encoder).suffix in TORCHSCRIPT_SUFFIXES
+
+
+def _load_torchscript_tokens(encoder: str, input_size: int, device="cpu") -> "TokenGrid":
+    from ..encoders import load_encoder
+
+    if not Path(encoder).is_file():
+        raise UserError(f"the RAE encoder {encoder!r} does not exist; put the TorchScript file there or fix {RAE_JSON}")
+    return TokenGrid(load_encoder(encoder, device, resolution=input_size, progress=False))
+
+
+def _encoder_shape(encoder: str, where: Path, input_size: int) -> tuple[int, int]:
+    """(width, patch) from the encoder's config.json (fetched first for a named encoder: a small file); a
+    TorchScript encoder is loaded and run once on a blank batch (its token grid at `input_size`)."""
     from ..encoders import CONFIG_FILE, ENCODERS
 
+    if is_torchscript_encoder(encoder):
+        tokens = _load_torchscript_tokens(encoder, input_size)
+        if input_size % tokens.grid_size:
+            raise UserError(f"{str(where)!r}: the encoder {encoder!r} makes a {tokens.grid_size}x{tokens.grid_size} "
+                            f"token grid at {input_size} px, which does not divide the image into whole patches")
+        return tokens.dim, input_size // tokens.grid_size
     if encoder in ENCODERS:
         config_path = _encoder_file(encoder, CONFIG_FILE, progress=True)
     else:
@@ -165,15 +202,16 @@ def _encoder_shape(encoder: str, where: Path) -> tuple[int, int]:
         raise UserError(f"cannot read the encoder's width and patch from {str(config_path)!r} ({err})") from None
 
 
-def _decoder_config(value, *, latent_dim: int, grid_size: int, where: str) -> RAEDecoderConfig:
+def _decoder_config(value, *, latent_dim: int, grid_size: int, where: str, channels: int = 3) -> RAEDecoderConfig:
+    images = dict(channels=channels, **output_normalisation(channels))
     try:
         if isinstance(value, str):
             if value not in DECODER_PRESETS:
                 raise ValueError(f"unknown decoder preset {value!r}; choose one of {', '.join(DECODER_PRESETS)}")
-            return decoder_config(value, latent_dim=latent_dim, grid_size=grid_size)
+            return decoder_config(value, latent_dim=latent_dim, grid_size=grid_size, **images)
         if not isinstance(value, dict) or set(value) != set(_DECODER_FIELDS):
             raise ValueError(f"decoder must be a preset name or an object with exactly {', '.join(_DECODER_FIELDS)}")
-        return RAEDecoderConfig(latent_dim=latent_dim, grid_size=grid_size, **value)
+        return RAEDecoderConfig(latent_dim=latent_dim, grid_size=grid_size, **value, **images)
     except ValueError as err:
         raise UserError(f"{where}: {err}") from None
 
@@ -209,6 +247,21 @@ def _encoder_file(encoder: str, filename: str, progress: bool) -> Path:
     repo = encoders.ENCODERS[encoder].repo
     url = encoders.HF_HUB_URL.format(repo=repo, filename=filename)
     return _fetch(url, filename, encoders._cache_folder(repo), progress)
+
+
+class TokenGrid(torch.nn.Module):
+    """A TorchScript encoder (`fastdit.encoders.FrozenEncoder`: images in [-1, 1], gray or RGB -> patch
+    tokens (N, T, D)) read as the RAE encoder is: a token grid (N, D, g, g), row-major."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.dim, self.grid_size, self.input_size = encoder.dim, encoder.grid, encoder.resolution
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder(images).float()  # (N, T, D)
+        return tokens.transpose(1, 2).reshape(len(tokens), self.dim, self.grid_size, self.grid_size)
 
 
 def _encoder_folder(encoder: str, progress: bool) -> Path:
@@ -310,6 +363,7 @@ class RAELatentSpace:
         self.encoder = encoder
         self.decoder = decoder.eval().requires_grad_(False)
         self.channels = config.latent_dim
+        self.image_channels = config.channels  # 3: RGB; 1: gray (a TorchScript encoder's, e.g. the digits)
         self.grid_size = config.grid_size
         self.downsample = config.patch_size
         self.image_size = config.image_size
@@ -325,7 +379,7 @@ class RAELatentSpace:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] (N, 3, S, S) -> normalised latents (N, C, h, w), float32."""
+        """Images in [-1, 1] (N, 3, S, S) (gray spaces: (N, 1, S, S)) -> normalised latents (N, C, h, w), float32."""
         self._check_images(images)
         tokens = self.encoder(images)  # (N, C, h, w)
         return (tokens - self.mean) / self.std
@@ -352,8 +406,10 @@ class RAELatentSpace:
         return self.grid_size
 
     def _check_images(self, images: torch.Tensor) -> None:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise UserError(f"{self.name} encodes RGB images (N, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
+        if images.ndim != 4 or images.shape[1] != self.image_channels:
+            kind = "RGB" if self.image_channels == 3 else "gray"
+            raise UserError(f"{self.name} encodes {kind} images (N, {self.image_channels}, H, W) in [-1, 1], got "
+                            f"{tuple(images.shape)}")
 
 
 def _other_variant_hint(image_size: int) -> str:
@@ -376,7 +432,10 @@ def load_rae_space(name: str, *, device: str | torch.device = "cpu", progress: b
     from .encoder import load_rae_encoder
 
     spec = describe(name)
-    encoder = load_rae_encoder(_encoder_folder(spec.encoder, progress), spec.encoder_input_size, spec.encoder)
+    if is_torchscript_encoder(spec.encoder):
+        encoder = _load_torchscript_tokens(spec.encoder, spec.encoder_input_size)
+    else:
+        encoder = load_rae_encoder(_encoder_folder(spec.encoder, progress), spec.encoder_input_size, spec.encoder)
     if spec.released:
         stats_path = _released_file(spec.stats, progress)
         decoder_path = _released_file(spec.decoder_weights, progress)

@@ -60,7 +60,7 @@ def model_input_shape(config: TrainConfig) -> tuple[int, int, int]:
         from ..data.latent_store import LatentStore
 
         return tuple(LatentStore(data.features_path).latent_shape)
-    if data.data_path == "digits":
+    if data.data_path == "digits" and not is_rae_name(data.vae):
         return (1, 8, 8)
     if data.pixel_space:
         return (3, size, size)
@@ -92,11 +92,16 @@ def open_training_data(config: TrainConfig, device: torch.device) -> TrainingDat
         data = TrainingData(dataset, shape, LatentInfo(kind="pixels", vae=None, scale_factor=1.0),
                             list(dataset.class_names), device=device)
     else:
-        if source == "digits":
-            raise UserError("the digits are 8x8 pixels: train them in pixel space (--vae pixels)")
+        digits = source == "digits"
+        if digits and not is_rae_name(data_config.vae):
+            raise UserError("the digits are 8x8 pixels: train them in pixel space (--vae pixels), or in an RAE space "
+                            "made for them (rae:FOLDER of a `fastdit train-decoder --data-path digits` run)")
         dataset = open_dataset(source, image_size=image_size, seed=seed, exclude=outputs)
         vae_name = data_config.vae or "ema"
         latent_space = load_latent_space(vae_name, channels=3, device=device)  # image folders are read as RGB
+        if digits and latent_space.image_channels != 1:
+            raise UserError(f"the digits are gray images but {vae_name!r} encodes RGB ones; use an RAE space made "
+                            "for the digits (rae:FOLDER of a `fastdit train-decoder --data-path digits` run)")
         size = latent_space.latent_size(image_size)
         info = LatentInfo.of_space(latent_space)
         data = TrainingData(dataset, (latent_space.channels, size, size), info, list(dataset.class_names),
