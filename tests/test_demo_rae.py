@@ -11,6 +11,7 @@ import pytest
 from fastdit.checkpoint import load_model
 from fastdit.cli import main
 from fastdit.demo.run import DemoConfig, train_config
+from fastdit.errors import UserError
 from fastdit.rae.space import describe
 
 
@@ -53,3 +54,17 @@ def test_the_rae_demo_trains_ditdh_with_rae_objective_in_the_decoders_space(tmp_
     assert config.model.name == "DiTDH-T" and config.objective.name == "rae" and config.objective.time_shift_base == 64
     assert config.data.vae == f"rae:{(tmp_path / 'decoder').resolve()}" and config.data.data_path == "digits"
     assert config.alignment.repa is None
+
+
+def test_a_demo_stopped_before_its_training_began_is_taken_as_ours(tmp_path):
+    """The digit encoder and the decoder's run folder come before the DiT's run folder: a demo stopped while
+    the decoder trained is resumed, not refused as a folder of other files."""
+    from fastdit.demo.run import _refuse_a_folder_of_other_files
+
+    (tmp_path / "digit-encoder-seed0.ts").write_bytes(b"")
+    (tmp_path / "decoder").mkdir()
+    (tmp_path / "decoder" / "config.json").write_text("{}")
+    _refuse_a_folder_of_other_files(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds other files"):
+        _refuse_a_folder_of_other_files(tmp_path)

@@ -107,7 +107,7 @@ def format_latent_lines(latent: dict, pixel_reference: dict) -> list[str]:
     rec = latent["reconstruction"]
     return [
         f"RAE latent space {latent['space']}: digit encoder tokens 64x4x4, decoder trained {latent['decoder_steps']} "
-        f"steps ({latent['decoder_seconds']:.0f} s)",
+        f"steps ({latent['decoder_seconds']:.0f} s in this run)",
         f"decoder on {rec['images']} held-out digits: PSNR {rec['psnr']:.1f} dB, {rec['class_match']:.2%} classified "
         "as their class",
         f"the pixel demo for comparison (its recipe, {pixel_reference['steps']} steps; README): "

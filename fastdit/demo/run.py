@@ -406,7 +406,8 @@ def _refuse_a_folder_of_other_files(out: Path) -> None:
         return
 
     def others(folder: Path) -> list[Path]:
-        return [entry for entry in folder.iterdir() if not is_lock_file(entry) and not is_temporary(entry)]
+        return [entry for entry in folder.iterdir() if not is_lock_file(entry) and not is_temporary(entry)
+                and not _made_before_training(entry)]
 
     found = others(out)
     if found == [out / TRAIN_RUN] and found[0].is_dir() and not others(found[0]):
@@ -415,6 +416,22 @@ def _refuse_a_folder_of_other_files(out: Path) -> None:
         names = ", ".join(sorted(entry.name for entry in found)[:3]) + (", ..." if len(found) > 3 else "")
         raise UserError(f"--out {str(out)!r} holds other files ({names}) and no earlier demo; the demo would write "
                         "over them: choose a new or empty folder")
+
+
+def _made_before_training(entry: Path) -> bool:
+    """What a demo writes before its training's folder: the digit encoder (REPA's target, or the RAE space's
+    encoder: `digit_encoder_path`) and, with --latent rae, the decoder's run folder (`fastdit.demo.rae`),
+    whose config is written before its first step (one stopped earlier holds only our own leftovers)."""
+    import re
+
+    from .rae import DECODER_RUN
+
+    if entry.is_file():
+        return re.fullmatch(r"digit-encoder-seed\d+\.ts", entry.name) is not None
+    if entry.name != DECODER_RUN or not entry.is_dir():
+        return False
+    leftovers = [path for path in entry.iterdir() if not is_lock_file(path) and not is_temporary(path)]
+    return (entry / "config.json").is_file() or not leftovers
 
 
 def _check_earlier_run(config: DemoConfig) -> None:
