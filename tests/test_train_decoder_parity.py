@@ -107,10 +107,12 @@ def tiny_decoder() -> RAEDecoder:
 # max |ours - RAE's| / max |RAE's| allowed, per dtype of the whole computation (tests/fixtures/rae-decoder/
 # README.md derives them from what was measured under three CPU kernel sets: forward values sit near float32
 # rounding; gradients pass the discriminator heads' per-sample normalisation over tokens, whose backward
-# amplifies rounding ~1e4-fold in these random networks; the float64 run still carries float32 rounding:
+# amplifies rounding ~1e4-fold in these random networks (the adaptive weight's GAN-gradient norm passes it
+# too: 1.4e-4 measured under the scalar kernels, 1e-3 allowed; the total carries it times the GAN term's share
+# of the total, a quarter here: 3.4e-5 measured, 5e-4 allowed); the float64 run still carries float32 rounding:
 # RAE's DiffAug and its heads' normalisation compute in float32 whatever they are given, as fastdit's do).
 TOLERANCES = {
-    torch.float32: {"recon": 2e-6, "l1": 1e-6, "lpips": 1e-5, "gan": 1e-5, "d_weight": 1e-4, "total": 1e-5,
+    torch.float32: {"recon": 2e-6, "l1": 1e-6, "lpips": 1e-5, "gan": 1e-5, "d_weight": 1e-3, "total": 5e-4,
                     "decoder_grads": 2e-2, "d_loss": 1e-6, "logits": 1e-5, "head_grads": 1e-2, "u": 1e-6},
     torch.float64: {"recon": 1e-7, "l1": 1e-7, "lpips": 1e-7, "gan": 2e-6, "d_weight": 2e-6, "total": 1e-7,
                     "decoder_grads": 2e-5, "d_loss": 1e-5, "logits": 2e-6, "head_grads": 1e-4, "u": 1e-6},
