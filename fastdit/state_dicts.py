@@ -31,6 +31,18 @@ def describe_mismatch(expected_state: dict, given_state: dict, limit: int = 6) -
     return "; ".join(parts)
 
 
+def key_problems(expected_state: dict, given_state: dict) -> str | None:
+    """The short form of `describe_mismatch` for a released file's one-line error: "missing a, b and 3
+    more; unexpected c; misshapen d" (two keys of each kind), or None when keys and shapes all match."""
+    missing = sorted(set(expected_state) - set(given_state))
+    unexpected = sorted(set(given_state) - set(expected_state))
+    misshapen = sorted(key for key in set(expected_state) & set(given_state)
+                       if expected_state[key].shape != given_state[key].shape)
+    problems = [f"{kind} {', '.join(keys[:2])}" + (f" and {len(keys) - 2} more" if len(keys) > 2 else "")
+                for kind, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)) if keys]
+    return "; ".join(problems) or None
+
+
 def check_weight_values(state_dict: dict, source: str) -> None:
     """Refuse weights a model cannot use as they are, before they are copied into it.
 

@@ -24,6 +24,7 @@ import torch
 
 from ..errors import UserError
 from ..hub import download
+from ..state_dicts import key_problems
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 VGG16_FILE = "vgg16-397923af.pth"
@@ -63,14 +64,9 @@ def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
 def load_exactly(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
     """`module.load_state_dict(state, strict=True)`, with a one-line UserError naming the first missing,
     unexpected or misshapen key, and refusing non-finite values (a damaged file)."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    misshapen = sorted(key for key in set(own) & set(state) if own[key].shape != state[key].shape)
-    problems = [f"{kind} {', '.join(keys[:2])}" + (f" and {len(keys) - 2} more" if len(keys) > 2 else "")
-                for kind, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)) if keys]
+    problems = key_problems(module.state_dict(), state)
     if problems:
-        raise UserError(f"the {what} {str(path)!r} does not fit ({'; '.join(problems)}); delete it to download the "
+        raise UserError(f"the {what} {str(path)!r} does not fit ({problems}); delete it to download the "
                         "original file again")
     bad = [key for key, value in state.items() if not value.is_floating_point() or not torch.isfinite(value).all()]
     if bad:

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DownloadError, FetchError, UserError, template_text
+from ..state_dicts import key_problems
 from .decoder import DECODER_PRESETS, RAEDecoder, RAEDecoderConfig, decoder_config, output_normalisation
 from .variants import RAE_VARIANTS, STATS_EPS
 
@@ -303,16 +304,11 @@ def load_tensor_file(path: Path, what: str) -> dict:
 def load_decoder_weights(decoder: RAEDecoder, path: Path) -> None:
     """Load a state dict in RAE's key layout with strict=True; a UserError naming what does not fit."""
     state = load_tensor_file(path, "decoder")
-    own = decoder.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    misshapen = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    problems = [f"{kind} {', '.join(keys[:2])}" + (f" and {len(keys) - 2} more" if len(keys) > 2 else "")
-                for kind, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)) if keys]
+    problems = key_problems(decoder.state_dict(), state)
     if problems:
         raise UserError(f"{str(path)!r} does not fit the RAE decoder ({decoder.config.hidden_size} wide, "
                         f"{decoder.config.depth} layers, {decoder.config.grid_size}x{decoder.config.grid_size} tokens): "
-                        f"{'; '.join(problems)}; pass a decoder state dict in RAE's layout for this space")
+                        f"{problems}; pass a decoder state dict in RAE's layout for this space")
     bad = [k for k, v in state.items() if not v.is_floating_point() or not torch.isfinite(v).all()]
     if bad:
         raise UserError(f"{str(path)!r} holds non-finite or non-float values in {bad[0]!r}; pass the original weights")
