@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..rae.decoder import DECODER_PRESETS
 from ..run_folder import refuse_other_settings
 from ..seeding import MAX_SEED
-from ..train.options import check_numbers, flag_name, option
+from ..train.options import SectionedConfig, check_numbers, option, section_fields
 from .losses import DISC_LOSSES
 from .lpips import MIN_SIDE as LPIPS_MIN_SIDE
 
@@ -140,32 +140,14 @@ RESUMABLE_CHANGES = frozenset({
 
 def flat_fields() -> dict[str, tuple[str, dataclasses.Field]]:
     """{flat key: (section, field)} over every section."""
-    return {flag_name(f): (section, f) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    return section_fields(SECTIONS)
 
 
-class _Methods:
+class _Methods(SectionedConfig):
     """What `DecoderTrainConfig` does; its fields, one per section, are made below."""
 
-    @classmethod
-    def create(cls, **flat) -> "DecoderTrainConfig":
-        """A config from flat {flag name: value} settings (`DecoderTrainConfig.create(encoder=..., lr=1e-4)`)."""
-        fields = flat_fields()
-        unknown = sorted(set(flat) - set(fields))
-        if unknown:
-            raise UserError(f"unknown decoder-training setting(s) {', '.join(unknown)}")
-        parts: dict[str, dict] = {section: {} for section in SECTIONS}
-        for key, value in flat.items():
-            section, f = fields[key]
-            parts[section][f.name] = value
-        return cls(**{section: SECTIONS[section](**values) for section, values in parts.items()})
-
-    def to_flat(self) -> dict:
-        return {flag_name(f): getattr(getattr(self, section), f.name)
-                for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
-
-    def to_dict(self) -> dict:
-        return {section: {flag_name(f): getattr(getattr(self, section), f.name) for f in dataclasses.fields(cls)}
-                for section, cls in SECTIONS.items()}
+    SECTIONS = SECTIONS
+    KIND = "decoder-training"
 
     @classmethod
     def from_dict(cls, data: dict) -> "DecoderTrainConfig":

@@ -30,7 +30,7 @@ from ..run_folder import refuse_other_settings
 from ..sampling import SamplingOptions
 from ..seeding import MAX_SEED
 from .extensions import EXTENSIONS
-from .options import check_numbers, flag_name, option
+from .options import SectionedConfig, check_numbers, flag_name, option, section_fields
 from .presets import train_preset_names
 from .setup import checkpoint_stride
 
@@ -227,7 +227,7 @@ SECTIONS = {"model": ModelSection, "objective": ObjectiveSection, "optimisation"
 
 def flat_fields() -> dict[str, tuple[str, dataclasses.Field]]:
     """{flat key: (section, field)} over every section."""
-    return {flag_name(f): (section, f) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    return section_fields(SECTIONS)
 
 
 # Fields that may change between the first run and a resumed one: how long and how chatty the run is,
@@ -254,30 +254,11 @@ def _check_sampling(flags: str, options, objective: Objective) -> None:
         raise UserError(f"{flags}: {err}") from None
 
 
-class _TrainConfigMethods:
+class _TrainConfigMethods(SectionedConfig):
     """What `TrainConfig` does; its fields, one per section of SECTIONS, are made below."""
 
-    @classmethod
-    def create(cls, **flat) -> "TrainConfig":
-        """A config from flat {flag name: value} settings (`TrainConfig.create(model="DiT-B/2", lr=3e-4)`)."""
-        fields = flat_fields()
-        unknown = sorted(set(flat) - set(fields))
-        if unknown:
-            raise UserError(f"unknown training setting(s) {', '.join(unknown)}")
-        parts: dict[str, dict] = {section: {} for section in SECTIONS}
-        for key, value in flat.items():
-            section, f = fields[key]
-            parts[section][f.name] = value
-        return cls(**{section: SECTIONS[section](**values) for section, values in parts.items()})
-
-    def to_flat(self) -> dict:
-        """{flag name: value} over every section."""
-        return {flag_name(f): getattr(getattr(self, section), f.name)
-                for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
-
-    def to_dict(self) -> dict:
-        return {section: {flag_name(f): getattr(getattr(self, section), f.name) for f in dataclasses.fields(cls)}
-                for section, cls in SECTIONS.items()}
+    SECTIONS = SECTIONS
+    KIND = "training"
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":

@@ -60,3 +60,39 @@ def check_numbers(sections: dict) -> None:
             at_most = f.metadata.get("at_most")
             if at_most is not None and value > at_most:
                 raise UserError(f"{flag} must be <= {at_most}, got {value}")
+
+
+def section_fields(sections: dict) -> dict[str, tuple[str, dataclasses.Field]]:
+    """{flat flag name: (section, field)} over `sections` ({section name: its dataclass})."""
+    return {flag_name(f): (section, f) for section, cls in sections.items() for f in dataclasses.fields(cls)}
+
+
+class SectionedConfig:
+    """The flat side of a run config made of sections (a dataclass each, one field of the config per
+    section): built from flag names, read back as flag names or grouped by section. A config sets
+    SECTIONS and KIND (the word its unknown-setting error uses)."""
+
+    SECTIONS: typing.ClassVar[dict]
+    KIND: typing.ClassVar[str]
+
+    @classmethod
+    def create(cls, **flat):
+        """A config from flat {flag name: value} settings (`TrainConfig.create(model="DiT-B/2", lr=3e-4)`)."""
+        fields = section_fields(cls.SECTIONS)
+        unknown = sorted(set(flat) - set(fields))
+        if unknown:
+            raise UserError(f"unknown {cls.KIND} setting(s) {', '.join(unknown)}")
+        parts: dict[str, dict] = {section: {} for section in cls.SECTIONS}
+        for key, value in flat.items():
+            section, f = fields[key]
+            parts[section][f.name] = value
+        return cls(**{section: cls.SECTIONS[section](**values) for section, values in parts.items()})
+
+    def to_flat(self) -> dict:
+        """{flag name: value} over every section."""
+        return {flag_name(f): getattr(getattr(self, section), f.name)
+                for section, cls in self.SECTIONS.items() for f in dataclasses.fields(cls)}
+
+    def to_dict(self) -> dict:
+        return {section: {flag_name(f): getattr(getattr(self, section), f.name) for f in dataclasses.fields(cls)}
+                for section, cls in self.SECTIONS.items()}
